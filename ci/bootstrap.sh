@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set-up and entry point for a fresh Debian 12 machine; idempotent and quick when everything is present.
+#   ci/bootstrap.sh run    install what is missing, then boot the default guest (the main job)
+#   ci/bootstrap.sh test   install what is missing, then run the whole test suite
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+apt_packages=(
+  qemu-system-xen qemu-system-x86 qemu-utils xenstore-utils libxen-dev
+  gcc make pkg-config libvirt-dev python3-venv python3-dev iproute2 procps
+)
+
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]}" >&2
+  sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_=sudo
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv="$top/.venv"
+stamp="$venv/.installed"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+# Reinstall only when the project's dependency list changed since the last install.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "$venv/bin/pip" install -q --disable-pip-version-check -e . 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  "$venv/bin/python" -c 'import harness, qemu.qmp, yaml, libvirt, atomics' || { echo "bootstrap: python install failed" >&2; exit 1; }
+  touch "$stamp"
+fi
+
+case "${1:-}" in
+  run)  shift; exec "$venv/bin/xenpv" run "${@:-guests/default.yaml}" ;;
+  test) shift; exec "$venv/bin/python" -m pytest "$@" ;;
+  "")   ;;
+  *)    echo "usage: $0 run [GUEST.yaml] | test [PYTEST-ARGS...]" >&2; exit 2 ;;
+esac

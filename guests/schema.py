@@ -1,0 +1,335 @@
+"""Guest definitions: the YAML schema, validated on load.
+
+Every error names the file, the field (as a path such as `platform[1].device-id`) and the reason.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import yaml
+
+from harness.errors import GuestDefinitionError
+
+GUESTS_DIR = Path(__file__).resolve().parent
+
+XEN_PLATFORM_VENDOR = 0x5853
+# 0001 upstream Xen, 0002 XenServer, C000 the vendor PV device (reference windows-pv-drivers.md section 4).
+PLATFORM_DEVICE_IDS = (0x0001, 0x0002, 0xC000)
+NIC_MODELS = ("rtl8139", "e1000")
+DISK_FORMATS = ("raw", "qcow2")
+DRIVER_ERAS = ("subscriber", "current")
+DRIVER_PACKAGES = ("xenbus", "xenvif", "xennet", "xenvbd", "xeniface")
+BOOT_OPTIONS = ("BOOT_EMULATED",)
+MAX_MEMORY_MIB = 3072  # below the PC's 32-bit PCI hole, so guest-physical == RAM file offset
+
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+@dataclass(frozen=True)
+class PlatformDevice:
+    device_id: int
+    revision: int = 1
+    bar_size: int = 16 << 20  # the MMIO BAR that XENBUS carves hypervisor frames from
+
+
+@dataclass(frozen=True)
+class EmulatedDisk:
+    id: str
+    bus: int
+    unit: int
+    size: int
+    media: str = "disk"  # or "cdrom", which unplug never touches
+    image: Path | None = None
+
+
+@dataclass(frozen=True)
+class EmulatedNic:
+    id: str
+    model: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class PvDisk:
+    vdev: int
+    size: int
+    format: str = "raw"
+    image: Path | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PvNic:
+    mac: str
+    queues: int = 1
+    address: str | None = None
+    peer: str | None = None
+
+
+@dataclass(frozen=True)
+class Drivers:
+    era: str = "current"
+    packages: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GuestDefinition:
+    name: str
+    path: Path
+    memory_mib: int
+    seed: int
+    platform: tuple[PlatformDevice, ...]
+    emulated_disks: tuple[EmulatedDisk, ...]
+    emulated_nics: tuple[EmulatedNic, ...]
+    pv_disks: tuple[PvDisk, ...]
+    pv_nics: tuple[PvNic, ...]
+    drivers: Drivers
+    registry: dict[str, dict[str, Any]]
+    boot_options: tuple[str, ...]
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks the parsed YAML, keeping the field path for error messages."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, fieldpath: str, reason: str) -> GuestDefinitionError:
+        return GuestDefinitionError(self.path, fieldpath or "(top level)", reason)
+
+    def mapping(self, value: Any, fieldpath: str, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(fieldpath, f"must be a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                raise self.fail(_join(fieldpath, str(key)), f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def sequence(self, value: Any, fieldpath: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(fieldpath, f"must be a list, got {type(value).__name__}")
+        return value
+
+    def integer(self, value: Any, fieldpath: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(fieldpath, f"must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise self.fail(fieldpath, f"must be between {lo:#x} and {hi:#x}, got {value:#x}")
+        return value
+
+    def size(self, value: Any, fieldpath: str, lo: int = 1, hi: int = 1 << 62) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            n = value
+        elif isinstance(value, str) and (m := _SIZE_RE.match(value.strip())):
+            n = int(m.group(1)) * _UNITS[(m.group(2) or "")[:1].lower()]
+        else:
+            raise self.fail(fieldpath, f"must be a size such as 64M or 2G, got {value!r}")
+        if not lo <= n <= hi:
+            raise self.fail(fieldpath, f"must be between {lo} and {hi} bytes, got {n}")
+        return n
+
+    def choice(self, value: Any, fieldpath: str, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.fail(fieldpath, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def string(self, value: Any, fieldpath: str, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        if not isinstance(value, str):
+            raise self.fail(fieldpath, f"must be a string, got {value!r}")
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(fieldpath, f"must be {what}, got {value!r}")
+        return value
+
+    def required(self, mapping: dict[str, Any], key: str, fieldpath: str) -> Any:
+        if key not in mapping:
+            raise self.fail(_join(fieldpath, key), "is required")
+        return mapping[key]
+
+    def items(self, value: Any, fieldpath: str, parse: Callable[[Any, str], T]) -> tuple[T, ...]:
+        return tuple(parse(v, f"{fieldpath}[{i}]") for i, v in enumerate(self.sequence(value, fieldpath)))
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a else b
+
+
+def _vdev(r: _Reader, value: Any, fieldpath: str) -> int:
+    """A vdev is a number or a Linux-style name (xvda, hda...), encoded as xen-abi.md section 6."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return r.integer(value, fieldpath, 1, (1 << 28) | 0xFFFFFFF)
+    if isinstance(value, str):
+        m = re.match(r"^(xvd|hd|sd)([a-z])$", value)
+        if m:
+            disk = ord(m.group(2)) - ord("a")
+            if m.group(1) == "xvd":
+                return (202 << 8) | (disk << 4)
+            if m.group(1) == "sd":
+                return (8 << 8) | (disk << 4)
+            if disk < 2:
+                return (3 << 8) | (disk << 6)
+            if disk < 4:
+                return (22 << 8) | ((disk - 2) << 6)
+    raise r.fail(fieldpath, f"must be a vdev number or a name such as xvda or hda, got {value!r}")
+
+
+def load_guest(path: str | Path) -> GuestDefinition:
+    """Load and validate a guest definition; relative image paths are relative to the file."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (GUESTS_DIR / p.name).exists() and p.parent.name == "guests":
+        p = GUESTS_DIR / p.name
+    shown = str(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise GuestDefinitionError(shown, "(file)", f"cannot be read: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
+        raise GuestDefinitionError(shown, where, f"is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_guest(doc, p, shown)
+
+
+def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefinition:
+    r = _Reader(shown or str(path))
+    top = r.mapping(doc, "", {"name", "memory", "seed", "platform", "emulated", "pv", "drivers", "registry", "boot"})
+    base = path.parent
+
+    def image(value: Any, fieldpath: str) -> Path | None:
+        if value is None:
+            return None
+        s = Path(r.string(value, fieldpath))
+        return s if s.is_absolute() else (base / s)
+
+    name = r.string(top.get("name", path.stem), "name", _ID_RE, "a short identifier")
+    memory = r.size(top.get("memory", "128M"), "memory", 16 << 20, MAX_MEMORY_MIB << 20)
+    if memory % (1 << 20):
+        raise r.fail("memory", f"must be a whole number of MiB, got {memory} bytes")
+    seed = r.integer(top.get("seed", 0), "seed", 0, (1 << 64) - 1)
+
+    def platform_dev(v: Any, fp: str) -> PlatformDevice:
+        m = r.mapping(v, fp, {"device-id", "revision", "bar-size"})
+        did = r.integer(r.required(m, "device-id", fp), _join(fp, "device-id"), 0, 0xFFFF)
+        if did not in PLATFORM_DEVICE_IDS:
+            ids = ", ".join(f"{i:#06x}" for i in PLATFORM_DEVICE_IDS)
+            raise r.fail(_join(fp, "device-id"), f"must be one of {ids}, got {did:#06x}")
+        rev = r.integer(m.get("revision", 1), _join(fp, "revision"), 0, 0xFF)
+        bar = r.size(m.get("bar-size", 16 << 20), _join(fp, "bar-size"), 4096, 1 << 30)
+        if bar & (bar - 1):
+            raise r.fail(_join(fp, "bar-size"), f"must be a power of two, got {bar:#x}")
+        return PlatformDevice(did, rev, bar)
+
+    platform = r.items(top.get("platform"), "platform", platform_dev)
+    seen_ids = [d.device_id for d in platform]
+    if len(set(seen_ids)) != len(seen_ids):
+        raise r.fail("platform", "lists the same device-id twice")
+
+    emulated = r.mapping(top.get("emulated"), "emulated", {"disks", "nics"})
+
+    def emu_disk(v: Any, fp: str) -> EmulatedDisk:
+        m = r.mapping(v, fp, {"id", "bus", "unit", "size", "media", "image"})
+        return EmulatedDisk(
+            id=r.string(r.required(m, "id", fp), _join(fp, "id"), _ID_RE, "a short identifier"),
+            bus=r.integer(m.get("bus", 0), _join(fp, "bus"), 0, 1),
+            unit=r.integer(m.get("unit", 0), _join(fp, "unit"), 0, 1),
+            size=r.size(m.get("size", "16M"), _join(fp, "size"), 512, 1 << 44),
+            media=r.choice(m.get("media", "disk"), _join(fp, "media"), ("disk", "cdrom")),
+            image=image(m.get("image"), _join(fp, "image")),
+        )
+
+    def emu_nic(v: Any, fp: str) -> EmulatedNic:
+        m = r.mapping(v, fp, {"id", "model", "mac"})
+        return EmulatedNic(
+            id=r.string(r.required(m, "id", fp), _join(fp, "id"), _ID_RE, "a short identifier"),
+            model=r.choice(m.get("model", "rtl8139"), _join(fp, "model"), NIC_MODELS),
+            mac=r.string(r.required(m, "mac", fp), _join(fp, "mac"), _MAC_RE, "a MAC address like 00:16:3e:00:00:01").lower(),
+        )
+
+    emu_disks = r.items(emulated.get("disks"), "emulated.disks", emu_disk)
+    emu_nics = r.items(emulated.get("nics"), "emulated.nics", emu_nic)
+    slots = [(d.bus, d.unit) for d in emu_disks]
+    if len(set(slots)) != len(slots):
+        raise r.fail("emulated.disks", "two disks share one IDE bus and unit")
+    ids = [x.id for x in (*emu_disks, *emu_nics)]
+    if len(set(ids)) != len(ids):
+        raise r.fail("emulated", "two emulated devices share one id")
+
+    pv = r.mapping(top.get("pv"), "pv", {"disks", "nics"})
+
+    def pv_disk(v: Any, fp: str) -> PvDisk:
+        m = r.mapping(v, fp, {"vdev", "size", "format", "image", "features"})
+        return PvDisk(
+            vdev=_vdev(r, r.required(m, "vdev", fp), _join(fp, "vdev")),
+            size=r.size(m.get("size", "64M"), _join(fp, "size"), 512, 1 << 52),
+            format=r.choice(m.get("format", "raw"), _join(fp, "format"), DISK_FORMATS),
+            image=image(m.get("image"), _join(fp, "image")),
+            features=dict(r.mapping(m.get("features"), _join(fp, "features"),
+                                    {"indirect", "discard", "flush", "persistent", "ring-page-order", "queues"})),
+        )
+
+    def pv_nic(v: Any, fp: str) -> PvNic:
+        m = r.mapping(v, fp, {"mac", "queues", "address", "peer"})
+        return PvNic(
+            mac=r.string(r.required(m, "mac", fp), _join(fp, "mac"), _MAC_RE, "a MAC address like 00:16:3e:00:00:01").lower(),
+            queues=r.integer(m.get("queues", 1), _join(fp, "queues"), 1, 8),
+            address=None if m.get("address") is None else r.string(m["address"], _join(fp, "address")),
+            peer=None if m.get("peer") is None else r.string(m["peer"], _join(fp, "peer")),
+        )
+
+    pv_disks = r.items(pv.get("disks"), "pv.disks", pv_disk)
+    pv_nics = r.items(pv.get("nics"), "pv.nics", pv_nic)
+    vdevs = [d.vdev for d in pv_disks]
+    if len(set(vdevs)) != len(vdevs):
+        raise r.fail("pv.disks", "two disks share one vdev")
+
+    dm = r.mapping(top.get("drivers"), "drivers", {"era", "packages"})
+    pk = r.mapping(dm.get("packages"), "drivers.packages", set(DRIVER_PACKAGES))
+    packages = {k: r.string(str(v) if isinstance(v, (int, float)) else v, f"drivers.packages.{k}",
+                            re.compile(r"^\d+\.\d+\.\d+(\.\d+)?$"), "a version such as 9.1.0.10")
+                for k, v in pk.items()}
+    drivers = Drivers(era=r.choice(dm.get("era", "current"), "drivers.era", DRIVER_ERAS), packages=packages)
+
+    registry: dict[str, dict[str, Any]] = {}
+    for key, values in r.mapping(top.get("registry"), "registry", _AnyKeys()).items():
+        fp = f"registry[{key!r}]"
+        if not isinstance(key, str) or not key.upper().startswith("HKLM\\"):
+            raise r.fail(fp, "keys must be HKLM\\... paths")
+        vals = r.mapping(values, fp, _AnyKeys())
+        for vname, v in vals.items():
+            if not (isinstance(v, (str, int)) and not isinstance(v, bool)) and not (
+                isinstance(v, list) and all(isinstance(s, str) for s in v)
+            ):
+                raise r.fail(f"{fp}.{vname}", f"must be a DWORD, a string or a list of strings, got {v!r}")
+            if isinstance(v, int) and not 0 <= v <= 0xFFFFFFFF:
+                raise r.fail(f"{fp}.{vname}", f"a DWORD must fit in 32 bits, got {v}")
+        registry[key] = dict(vals)
+
+    boot = r.mapping(top.get("boot"), "boot", {"options"})
+    options = tuple(r.choice(o, f"boot.options[{i}]", BOOT_OPTIONS) for i, o in enumerate(r.sequence(boot.get("options"), "boot.options")))
+
+    return GuestDefinition(
+        name=name, path=path, memory_mib=memory >> 20, seed=seed, platform=platform,
+        emulated_disks=emu_disks, emulated_nics=emu_nics, pv_disks=pv_disks, pv_nics=pv_nics,
+        drivers=drivers, registry=registry, boot_options=options,
+    )
+
+
+class _AnyKeys(set[str]):
+    """An `allowed` set that admits every key (registry paths and value names are free-form)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True

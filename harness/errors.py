@@ -1,0 +1,60 @@
+"""Exceptions of the harness; each carries what a reader of a failure report needs."""
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    """Base of every error the harness raises on purpose."""
+
+
+class ProcessDied(HarnessError):
+    """A supervised process exited while something was waiting on it."""
+
+    def __init__(self, name: str, returncode: int | None, log_tail: str, during: str = "") -> None:
+        self.name = name
+        self.returncode = returncode
+        self.log_tail = log_tail
+        self.during = during
+        status = describe_status(returncode)
+        where = f" while {during}" if during else ""
+        tail = log_tail.rstrip() or "(no output)"
+        super().__init__(f"{name} died{where}: {status}\n--- last lines of its log ---\n{tail}")
+
+
+class MachineCrashed(ProcessDied):
+    """QEMU died: the machine is gone."""
+
+
+class LaunchFailure(HarnessError):
+    """A process could not be started or did not become ready in time."""
+
+
+class WaitTimeout(HarnessError):
+    """A deadline passed while the processes waited on were all still alive."""
+
+
+class QtestError(HarnessError):
+    """QEMU answered a qtest command with FAIL or ERR, or the command was refused before sending."""
+
+
+class GuestDefinitionError(HarnessError):
+    """A guest YAML file is invalid; the message names the file, the field and the reason."""
+
+    def __init__(self, path: str, field: str, reason: str) -> None:
+        self.path = path
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{path}: {field}: {reason}")
+
+
+def describe_status(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exit status {returncode}"
