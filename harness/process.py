@@ -24,6 +24,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 T = TypeVar("T")
 
+# Every process the harness started and has not reaped; the pytest plugin checks it is empty at the end.
+_running: "set[Supervised]" = set()
+
+
+def running() -> list["Supervised"]:
+    return [p for p in list(_running) if p.alive()]
+
 
 def _child_setup() -> None:
     # Dies with the harness even when the harness is SIGKILLed and no teardown runs.
@@ -42,7 +49,7 @@ def read_tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
-@dataclass
+@dataclass(eq=False)
 class Supervised:
     """A child process in its own session and process group, with stdout+stderr in `log_path`."""
 
@@ -68,6 +75,7 @@ class Supervised:
                 start_new_session=True,
                 preexec_fn=_child_setup,
             )
+        _running.add(self)
         log.debug("%s started, pid %d: %s", self.name, self.popen.pid, " ".join(self.argv))
         return self
 
@@ -119,7 +127,9 @@ class Supervised:
                 log.warning("%s did not stop within %.1fs; killing its process group", self.name, timeout)
         # Kill the group even after the leader exited: a helper it forked must not survive it.
         self.signal_group(signal.SIGKILL)
-        return self.popen.wait()
+        status = self.popen.wait()
+        _running.discard(self)
+        return status
 
 
 def wait_for(
