@@ -305,7 +305,7 @@ def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefiniti
 
     registry: dict[str, dict[str, Any]] = {}
     for key, values in r.mapping(top.get("registry"), "registry", _AnyKeys()).items():
-        fp = f"registry[{key!r}]"
+        fp = f"registry[{key}]"
         if not isinstance(key, str) or not key.upper().startswith("HKLM\\"):
             raise r.fail(fp, "keys must be HKLM\\... paths")
         vals = r.mapping(values, fp, _AnyKeys())

@@ -143,6 +143,7 @@ class Machine:
             try:
                 self.process.start()
             except OSError as exc:
+                self.shutdown()
                 raise LaunchFailure(f"cannot start {self.binary}: {exc.strerror}") from None
         finally:
             theirs.close()
@@ -226,6 +227,11 @@ class Machine:
             self._memory = None
         remove_run_dir(self.paths.run_dir)
         return status
+
+    def flush_logs(self) -> None:
+        """Make the artifacts complete on disk while the machine still runs (for a failure report)."""
+        if self._transcript is not None:
+            self._transcript.flush()
 
     def __enter__(self) -> "Machine":
         return self.launch()

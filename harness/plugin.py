@@ -28,6 +28,7 @@ MARKERS = {
 
 _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _artifacts_key = pytest.StashKey[Path]()
+_machines_key = pytest.StashKey[list[Machine]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,6 +51,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report: pytest.TestReport = yield
     item.stash.setdefault(_report_key, {})[report.when] = report
     if report.failed and _artifacts_key in item.stash:
+        for m in item.stash.get(_machines_key, []):
+            m.flush_logs()
         report.sections.append(("xenpv artifacts", _describe_artifacts(item.stash[_artifacts_key])))
     return report
 
@@ -104,6 +107,7 @@ def resolve_guest(spec: GuestSpec) -> GuestDefinition:
 def guest_factory(request: pytest.FixtureRequest, artifacts: Path) -> Iterator[Callable[..., Machine]]:
     """`guest_factory("vendor-c000")` launches a fresh machine; every one is shut down after the test."""
     machines: list[Machine] = []
+    request.node.stash[_machines_key] = machines
     binary = request.config.getoption("--qemu-binary")
 
     def launch(spec: GuestSpec = "default", *, name: str | None = None) -> Machine:

@@ -1,0 +1,131 @@
+"""The qtest client against a scripted peer: validation before sending, reply parsing, IRQ routing,
+and the -qtest-log transcript. The real QEMU is exercised in tests/integration."""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+from typing import Iterator
+
+import pytest
+
+from harness.errors import QtestError
+from stack.vcpu.qtest import Qtest, parse_transcript
+
+
+class Peer:
+    """Answers each request line with the next scripted reply lines; records what it received."""
+
+    def __init__(self, replies: list[list[str]]) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.received: list[str] = []
+        self.replies = replies
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        f = self.theirs.makefile("rwb", buffering=0)
+        for lines in self.replies:
+            req = f.readline()
+            if not req:
+                return
+            self.received.append(req.decode().rstrip("\n"))
+            f.write("".join(line + "\n" for line in lines).encode())
+
+    def close(self) -> None:
+        self.theirs.close()
+
+
+@pytest.fixture
+def make() -> Iterator:
+    peers: list[Peer] = []
+
+    def _make(*replies: list[str], **kw) -> tuple[Qtest, Peer, io.StringIO]:
+        peer = Peer(list(replies))
+        peers.append(peer)
+        log = io.StringIO()
+        return Qtest(peer.ours, transcript=log, timeout=2.0, **kw), peer, log
+
+    yield _make
+    for p in peers:
+        p.close()
+
+
+@pytest.mark.parametrize("call", [
+    lambda q: q.inb(0x10000),
+    lambda q: q.outw(-1, 0),
+    lambda q: q.outb(0x80, 0x100),
+    lambda q: q.outl(0xCF8, 1 << 32),
+    lambda q: q.read(0x1000, 0),
+    lambda q: q.readq(0xFFFFFFFFFFFFFFFC),
+    lambda q: q.write(0xFFFFFFFFFFFFFFFF, b"ab"),
+    lambda q: q.writew(0, 0x10000),
+    lambda q: q.memset(0, 1, 256),
+    lambda q: q.set_irq_in("/machine/ioapic", "two words", 0, 1),
+    lambda q: q.inb(True),
+], ids=["port>0xffff", "negative port", "outb value", "outl value", "zero-size read", "readq wraps",
+        "write wraps", "writew value", "memset value", "space in word", "bool port"])
+def test_bad_arguments_are_refused_before_sending(make, call) -> None:
+    q, peer, _ = make()
+    with pytest.raises(QtestError):
+        call(q)
+    assert peer.received == []
+
+
+def test_replies_are_parsed(make) -> None:
+    q, peer, _ = make(["OK 0x49d2"], ["OK"], ["OK 0x00000000deadbeef"], ["OK AQID"], ["OK little"])
+    assert q.inw(0x10) == 0x49D2
+    q.outw(0x10, 3)
+    assert q.readq(0x1000) == 0xDEADBEEF
+    assert q.read(0x2000, 3) == b"\x01\x02\x03"
+    assert q.endianness() == "little"
+    assert peer.received == ["inw 0x10", "outw 0x10 0x3", "readq 0x1000", "b64read 0x2000 0x3", "endianness"]
+
+
+@pytest.mark.parametrize("reply", ["FAIL Unknown command 'frob'", "ERR invalid argument size"])
+def test_fail_and_err_raise_with_qemus_words(make, reply: str) -> None:
+    q, _, _ = make([reply])
+    with pytest.raises(QtestError, match=reply.split()[1]):
+        q.command("frob")
+
+
+def test_irq_lines_are_routed_wherever_they_appear(make) -> None:
+    seen: list[tuple[int, bool]] = []
+    q, _, log = make(["IRQ raise 11", "OK 0x0001", "IRQ lower 11"], ["IRQ raise 4", "OK"],
+                     on_irq=lambda n, level: seen.append((n, level)))
+    assert q.inb(0x60) == 1
+    q.outb(0x61, 0)
+    assert seen == [(11, True), (11, False), (4, True)]
+    assert q.irq_levels == {11: False, 4: True}
+    entries = parse_transcript(log.getvalue().splitlines())
+    assert ("S", "IRQ lower 11") in entries
+
+
+def test_malformed_async_line_is_an_error(make) -> None:
+    q, _, _ = make(["IRQ sideways 3", "OK"])
+    with pytest.raises(QtestError, match="malformed"):
+        q.outb(0x80, 0)
+
+
+def test_peer_closing_is_reported_through_on_dead(make) -> None:
+    q, peer, _ = make(on_dead=lambda during, lost: RuntimeError(f"gone {during} lost={lost}"))
+    peer.close()
+    with pytest.raises(RuntimeError, match="gone .* lost=True"):
+        q.inb(0x80)
+
+
+def test_transcript_is_in_qtest_log_format(make) -> None:
+    q, _, log = make(["OK 0x0000"], ["OK"])
+    q.inb(0x80)
+    q.outb(0x80, 0x12)
+    q.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("[I 0.") and lines[0].endswith("] OPENED")
+    assert [(d, t) for d, t in parse_transcript(lines)] == [
+        ("I", "OPENED"), ("R", "inb 0x80"), ("S", "OK 0x0000"), ("R", "outb 0x80 0x12"), ("S", "OK"), ("I", "CLOSED")]
+    assert all(line.startswith(("[R +", "[S +")) for line in lines[1:-1])
+
+
+def test_transcript_parser_rejects_foreign_lines() -> None:
+    with pytest.raises(QtestError, match="line 2"):
+        parse_transcript(["[R +0.1] inb 0x80", "garbage"])
