@@ -1,0 +1,117 @@
+"""Watches: registration, matching (subtree/exact, depth), relative event paths, special events."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+from backends.xenstored.paths import depth_below, parent_of
+from backends.xenstored.perms import Access, Perms, access_for
+from xenabi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
+
+if TYPE_CHECKING:
+    from backends.xenstored.connection import Connection
+
+log = logging.getLogger("xenstored.watches")
+
+_WATCH_EVENT = int(XsdSockmsgType.WATCH_EVENT)
+
+
+@dataclass(slots=True)
+class Watch:
+    conn: "Connection"
+    path: str  # canonical
+    token: bytes
+    depth: int | None
+    relative_to: str | None  # the implicit prefix to strip from event paths, if set with a relative path
+
+
+@dataclass(slots=True)
+class Event:
+    """A change to `path`: `exact` fires only watches on the path itself (removed descendants)."""
+    path: str
+    exact: bool
+    # Unprivileged watchers get the event only if one of these grants them read: the node's permissions
+    # (before removal for RM, old and new for SET_PERMS) and its parent's.
+    visible_by: tuple[Perms, ...]
+
+
+def event_payload(watch: Watch, path: str) -> bytes | None:
+    if watch.relative_to is not None and path.startswith(watch.relative_to + "/"):
+        path = path[len(watch.relative_to) + 1:]
+    payload = path.encode("ascii") + b"\0" + watch.token + b"\0"
+    if len(payload) > XENSTORE_PAYLOAD_MAX:
+        return None  # cxenstored drops oversize events silently
+    return payload
+
+
+def deliver(watch: Watch, path: str) -> None:
+    payload = event_payload(watch, path)
+    if payload is None:
+        log.debug("dropping oversize event %s for domain %d", path[:64], watch.conn.domid)
+        return
+    watch.conn.send(XSD_SOCKMSG.pack(_WATCH_EVENT, 0, 0, len(payload)) + payload)
+
+
+class WatchTable:
+    def __init__(self) -> None:
+        self.by_path: dict[str, list[Watch]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_path)
+
+    def add(self, watch: Watch) -> None:
+        self.by_path.setdefault(watch.path, []).append(watch)
+
+    def remove(self, watch: Watch) -> None:
+        lst = self.by_path.get(watch.path)
+        if lst is None:
+            return
+        try:
+            lst.remove(watch)
+        except ValueError:
+            return
+        if not lst:
+            del self.by_path[watch.path]
+
+    def _matching(self, path: str, exact: bool) -> Iterator[Watch]:
+        by_path = self.by_path
+        lst = by_path.get(path)
+        if lst:
+            yield from list(lst)
+        if exact:
+            return
+        p = path
+        while p != "/":
+            p = parent_of(p)
+            lst = by_path.get(p)
+            if lst:
+                yield from list(lst)
+
+    def fire(self, event: Event) -> None:
+        if not self.by_path:
+            return
+        for w in self._matching(event.path, event.exact):
+            if w.depth is not None and depth_below(event.path, w.path) > w.depth:
+                continue
+            conn = w.conn
+            if not conn.privileged and not _may_see(conn, event):
+                continue
+            deliver(w, event.path)
+
+    def fire_special(self, name: str, special_perms: Perms, domid: int | None = None) -> None:
+        """@introduceDomain / @releaseDomain; a depth watch on @releaseDomain gets `@releaseDomain/<domid>`."""
+        for w in list(self.by_path.get(name, ())):
+            if not w.conn.privileged and not access_for(special_perms, w.conn.domid, w.conn.target) & Access.READ:
+                continue
+            deliver(w, f"{name}/{domid}" if domid is not None and w.depth else name)
+        if domid is not None:
+            for w in list(self.by_path.get(f"{name}/{domid}", ())):
+                deliver(w, f"{name}/{domid}")
+
+
+def _may_see(conn: "Connection", event: Event) -> bool:
+    for perms in event.visible_by:
+        if access_for(perms, conn.domid, conn.target) & Access.READ:
+            return True
+    return False
