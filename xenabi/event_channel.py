@@ -23,7 +23,6 @@ EVTCHNOP_reset = 10
 EVTCHNOP_init_control = 11
 EVTCHNOP_expand_array = 12
 EVTCHNOP_set_priority = 13
-EVTCHNOP_reset_cont = 14
 
 EVTCHNSTAT_closed = 0
 EVTCHNSTAT_unbound = 1

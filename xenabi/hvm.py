@@ -9,9 +9,6 @@ from xenabi.layout import XenStruct
 
 HVMOP_set_param = 0
 HVMOP_get_param = 1
-HVMOP_set_pci_intx_level = 2
-HVMOP_set_isa_irq_level = 3
-HVMOP_set_pci_link_route = 4
 HVMOP_flush_tlbs = 5
 HVMOP_pagetable_dying = 9
 HVMOP_get_time = 10
