@@ -183,6 +183,8 @@ _FIXED_SIZES: dict[Request, int] = {
 def _allowed_fds(req: Request, msg: Message) -> tuple[int, ...]:
     if req is Request.SET_MEM_TABLE:
         (nregions, _) = MEM_TABLE_HEADER.unpack_from(msg.payload)
+        if nregions > MAX_MEM_TABLE_REGIONS:
+            raise VhostUserProtocolError(f"{nregions} regions (limit {MAX_MEM_TABLE_REGIONS})", req)
         return (nregions,)
     if req is Request.ADD_MEM_REG:
         return (1,)
@@ -510,8 +512,6 @@ class VhostUserBackend:
     def _set_mem_table(self, s: BackendSession, msg: Message) -> None:
         nregions, _ = MEM_TABLE_HEADER.unpack_from(msg.payload)
         body = len(msg.payload) - MEM_TABLE_HEADER.size
-        if nregions > MAX_MEM_TABLE_REGIONS:
-            raise VhostUserProtocolError(f"{nregions} regions (limit {MAX_MEM_TABLE_REGIONS})", msg.request)
         # Front-ends send either exactly nregions entries or the whole array.
         if body % MEM_REGION.size or not nregions <= body // MEM_REGION.size <= MAX_MEM_TABLE_REGIONS:
             raise VhostUserProtocolError(f"payload size {len(msg.payload)} does not fit {nregions} regions", msg.request)
