@@ -130,7 +130,9 @@ class BackendSession:
         self.owner = False
         self.memory = GuestMemory(device.max_mem_slots)
         self.vrings: dict[int, Vring] = {}
-        self.requests: list[int] = []  # every request id received, in order (conformance tests read it)
+        # The request ids received, in order (conformance tests and post-mortems read it); bounded
+        # because a connection to xenhv lives as long as the domain.
+        self.requests: collections.deque[int] = collections.deque(maxlen=4096)
         self.closed_reason: str | None = None
         self._lock = threading.RLock()
 
@@ -266,6 +268,8 @@ class VhostUserBackend:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         os.write(self._wake_w, b"x")
         if self._thread is not None:

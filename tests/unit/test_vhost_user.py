@@ -350,6 +350,14 @@ HOSTILE: dict[str, tuple[bytes, int, str]] = {
 }
 
 
+def assert_dropped(sock: socket.socket) -> None:
+    """The back-end closed `sock`: EOF, or a reset when it closed with our bytes unread."""
+    try:
+        assert sock.recv(64) == b""
+    except ConnectionResetError:
+        pass
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_message_drops_only_that_connection(
     case: str, server: Server, guest_factory: Callable[[], Guest]
@@ -367,11 +375,7 @@ def test_hostile_message_drops_only_that_connection(
             socket.send_fds(hostile, [data], [fd] * nfds)
         else:
             hostile.sendall(data)
-        # Dropped: EOF (a reset is as good), within the partial-message deadline at most.
-        try:
-            assert hostile.recv(64) == b""
-        except ConnectionResetError:
-            pass
+        assert_dropped(hostile)
         logged = wait_for(
             lambda: next((line for line in server.log_since(log_start).splitlines() if "dropping connection" in line),
                          None),
@@ -384,6 +388,39 @@ def test_hostile_message_drops_only_that_connection(
     check_round_trip(bystander, 3, random.Random(case))
     fresh = ready_guest(guest_factory, channel=9)
     check_round_trip(fresh, 9, random.Random(case))
+
+
+def test_back_end_leaks_no_fds(server: Server) -> None:
+    """Every fd a peer sends is either kept for a purpose or closed, whatever the message."""
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+    def settled_at(baseline: int) -> bool:
+        return open_fds() == baseline
+
+    baseline = open_fds()
+    for case in ("fd-on-fdless-request", "too-many-fds", "region-beyond-fd", "regions-overlap", "fewer-fds-than-regions"):
+        data, nfds, _ = HOSTILE[case]
+        fd = os.memfd_create("leak")
+        os.ftruncate(fd, MiB)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(server.socket_path))
+            socket.send_fds(s, [data], [fd] * nfds)
+            assert_dropped(s)
+        os.close(fd)
+    g = Guest(server)
+    g.fe.negotiate()
+    g.fe.set_mem_table([g.region(LOW), g.region(HIGH)])
+    g.bind(3)
+    g.fe.add_mem_region(Region(0x4000_0000, 4096, g.fd))
+    # Before QEMU 7.1 REM_MEM_REG carried the region's fd: accepted, and closed.
+    g.fe.request(Request.REM_MEM_REG, SINGLE_MEM_REGION.pack(0, 0x4000_0000, 4096, 0x4000_0000, 0), [g.fd])
+    check_round_trip(g, 3, random.Random(8))
+    assert open_fds() > baseline  # the mappings' fds and the channel's eventfds are held
+    g.close()
+    wait_for(lambda: settled_at(baseline), timeout=5, what=f"the back-end back at {baseline} fds", alive=[server.proc])
 
 
 def test_reply_ack_reports_failure_without_dropping(guest_factory: Callable[[], Guest]) -> None:
