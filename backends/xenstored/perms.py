@@ -37,12 +37,23 @@ def parse_perm(raw: bytes) -> Perm:
     try:
         text = raw.decode("ascii")
         access = _LETTERS[text[0]]
-        domid = int(text[1:], 0)
+        domid = _strtol0(text[1:])
     except (UnicodeDecodeError, IndexError, KeyError, ValueError):
         raise XsError("EINVAL", f"bad permission {raw[:32]!r}") from None
     if not 0 <= domid <= 0xFFFF:
         raise XsError("EINVAL", f"permission domid out of range: {raw[:32]!r}")
     return Perm(domid, access)
+
+
+def _strtol0(text: str) -> int:
+    """C strtol(base 0) over the whole string: 0x.. hex, 0.. octal, else decimal."""
+    if text[:2] in ("0x", "0X"):
+        return int(text[2:], 16)
+    if len(text) > 1 and text[0] == "0":
+        return int(text[1:], 8)
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
 
 
 def encode_perms(perms: Perms) -> bytes:

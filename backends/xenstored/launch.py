@@ -1,0 +1,35 @@
+"""Start the daemon as a supervised process (used by the harness host services, tests and the bench)."""
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+from harness.process import Supervised, wait_for
+
+
+def _accepting(path: Path) -> bool:
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def start_xenstored(socket_path: Path, log_path: Path, ring_dir: Path | None = None,
+                    log_level: str = "INFO", timeout: float = 10.0) -> Supervised:
+    """Launch `python -m backends.xenstored` and return once its socket accepts connections."""
+    argv = [sys.executable, "-m", "backends.xenstored", "--socket", str(socket_path),
+            "--log", str(log_path), "--log-level", log_level]
+    if ring_dir is not None:
+        argv += ["--ring-dir", str(ring_dir)]
+    proc = Supervised("xenstored", argv, log_path.with_suffix(".out")).start()
+    try:
+        wait_for(lambda: _accepting(socket_path), timeout=timeout, what="xenstored to listen", alive=[proc])
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
