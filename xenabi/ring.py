@@ -28,8 +28,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import struct
+import weakref
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import atomics
 
@@ -126,6 +127,11 @@ def _sub(a: int, b: int) -> int:
     return (a - b) & _IDX_MASK
 
 
+def _release(stack: contextlib.ExitStack, view: memoryview) -> None:
+    stack.close()
+    view.release()
+
+
 class _SharedRing:
     """The shared header and slots of one ring, plus the work both ends share."""
 
@@ -144,6 +150,8 @@ class _SharedRing:
         self._req_event = self._index("req_event")
         self._rsp_prod = self._index("rsp_prod")
         self._rsp_event = self._index("rsp_event")
+        # A ring dropped without close() must still let go of the buffer, or its mmap can never be closed.
+        self._finalizer = weakref.finalize(self, _release, self._stack, self._view)
 
     def _index(self, name: str) -> Any:
         offset = getattr(SringHeader, name).offset
@@ -152,10 +160,9 @@ class _SharedRing:
 
     def close(self) -> None:
         """Release the buffer so the caller can close its mmap."""
-        self._stack.close()
-        self._view.release()
+        self._finalizer()
 
-    def __enter__(self) -> _SharedRing:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -27,19 +27,37 @@ def page() -> Iterator[mmap.mmap]:
     buffer.close()
 
 
+MakeRings = Callable[..., tuple[FrontRing, BackRing]]
+
+
+@pytest.fixture
+def rings(page: mmap.mmap) -> Iterator[MakeRings]:
+    """Makes a front/back pair on ``page``; closes them before the page is unmapped, even on failure."""
+    made: list[FrontRing | BackRing] = []
+
+    def make(start: int = 0) -> tuple[FrontRing, BackRing]:
+        pair = _pair(page, start)
+        made.extend(pair)
+        return pair
+
+    yield make
+    for ring in made:
+        ring.close()
+
+
+def _set_index(buffer: mmap.mmap, name: str, value: int) -> None:
+    """Play a peer writing a shared index (possibly a hostile one)."""
+    struct.pack_into("<I", buffer, getattr(SringHeader, name).offset, value & 0xFFFFFFFF)
+
+
 def _pair(buffer: mmap.mmap, start: int = 0) -> tuple[FrontRing, BackRing]:
     shared_ring_init(buffer)
     if start:
-        header = SringHeader.from_buffer(buffer)
-        header.req_prod = header.rsp_prod = start
-        header.req_event = header.rsp_event = (start + 1) & 0xFFFFFFFF
-        del header
+        for name in ("req_prod", "rsp_prod"):
+            _set_index(buffer, name, start)
+        for name in ("req_event", "rsp_event"):
+            _set_index(buffer, name, start + 1)
     return FrontRing(buffer, REQUEST, RESPONSE, start=start), BackRing(buffer, REQUEST, RESPONSE, start=start)
-
-
-def _close(*rings: FrontRing | BackRing) -> None:
-    for ring in rings:
-        ring.close()
 
 
 def test_round_down_pow2() -> None:
@@ -68,8 +86,8 @@ def test_shared_ring_init(page: mmap.mmap) -> None:
     assert bytes(header.pvt.pvt_pad) == bytes(4) and bytes(getattr(header, "__pad")) == bytes(44)
 
 
-def test_request_notify_decisions(page: mmap.mmap) -> None:
-    front, back = _pair(page)
+def test_request_notify_decisions(page: mmap.mmap, rings: MakeRings) -> None:
+    front, back = rings()
     assert front.nr_ents == PAGE_SLOTS and front.free_requests() == PAGE_SLOTS
     for n in range(3):
         front.put_request(n, n)
@@ -86,11 +104,10 @@ def test_request_notify_decisions(page: mmap.mmap) -> None:
     assert back.sring_req_event == back.req_cons + 1
     front.put_request(4, 4)
     assert front.push_requests_and_check_notify() is True
-    _close(front, back)
 
 
-def test_response_notify_decisions(page: mmap.mmap) -> None:
-    front, back = _pair(page)
+def test_response_notify_decisions(page: mmap.mmap, rings: MakeRings) -> None:
+    front, back = rings()
     for n in range(2):
         front.put_request(n, 0)
     front.push_requests()
@@ -104,11 +121,10 @@ def test_response_notify_decisions(page: mmap.mmap) -> None:
     back.put_response(1, -1)
     assert back.push_responses_and_check_notify() is True
     assert front.get_response() == (1, -1)
-    _close(front, back)
 
 
-def test_full_and_empty(page: mmap.mmap) -> None:
-    front, back = _pair(page)
+def test_full_and_empty(page: mmap.mmap, rings: MakeRings) -> None:
+    front, back = rings()
     with pytest.raises(RingEmptyError):
         back.get_request_bytes()
     with pytest.raises(RingFullError):
@@ -128,12 +144,11 @@ def test_full_and_empty(page: mmap.mmap) -> None:
     assert front.free_requests() == 1
     with pytest.raises(RingEmptyError):
         front.get_response_bytes()
-    _close(front, back)
 
 
 @pytest.mark.parametrize("start", [0xFFFFFFFF - 40, 0xFFFFFFFF, 0x80000000 - 3])
-def test_indexes_wrap_modulo_2_32(page: mmap.mmap, start: int) -> None:
-    front, back = _pair(page, start)
+def test_indexes_wrap_modulo_2_32(page: mmap.mmap, rings: MakeRings, start: int) -> None:
+    front, back = rings(start)
     sent = 0
     received = []
     for burst in range(10):
@@ -150,40 +165,35 @@ def test_indexes_wrap_modulo_2_32(page: mmap.mmap, start: int) -> None:
         assert front.free_requests() == PAGE_SLOTS
     assert received == [(n, 2 * n) for n in range(sent)]
     assert front.req_prod_pvt == (start + sent) & 0xFFFFFFFF == back.sring_req_prod
-    _close(front, back)
 
 
-def test_notify_decision_across_wrap(page: mmap.mmap) -> None:
-    front, back = _pair(page, 0xFFFFFFFE)
+def test_notify_decision_across_wrap(page: mmap.mmap, rings: MakeRings) -> None:
+    front, back = rings(0xFFFFFFFE)
     assert back.final_check_for_requests() is False  # req_event = 0xFFFFFFFF
     front.put_request(1, 1)
     front.put_request(2, 2)
     front.put_request(3, 3)  # req_prod goes 0xFFFFFFFE -> 1
     assert front.push_requests_and_check_notify() is True
-    _close(front, back)
 
 
 @pytest.mark.parametrize("start", [0, 0xFFFFFFF0])
-def test_request_overflow_is_detected(page: mmap.mmap, start: int) -> None:
-    front, back = _pair(page, start)
-    header = SringHeader.from_buffer(page)
-    header.req_prod = (start + PAGE_SLOTS) & 0xFFFFFFFF  # a full ring: legal
+def test_request_overflow_is_detected(page: mmap.mmap, rings: MakeRings, start: int) -> None:
+    front, back = rings(start)
+    _set_index(page, "req_prod", start + PAGE_SLOTS)  # a full ring: legal
     assert back.unconsumed_requests() == PAGE_SLOTS
     assert back.request_cons_overflow((start + PAGE_SLOTS) & 0xFFFFFFFF)
     assert not back.request_cons_overflow((start + PAGE_SLOTS - 1) & 0xFFFFFFFF)
     for hostile in (start + PAGE_SLOTS + 1, start - 1, start + 0x80000000):
-        header.req_prod = hostile & 0xFFFFFFFF
-        assert back.request_prod_overflow(header.req_prod)
+        _set_index(page, "req_prod", hostile)
+        assert back.request_prod_overflow(hostile & 0xFFFFFFFF)
         with pytest.raises(RingOverflowError):
             back.unconsumed_requests()
         with pytest.raises(RingOverflowError):
             back.get_request_bytes()
-    del header
-    _close(front, back)
 
 
-def test_consumer_cannot_outrun_its_responses(page: mmap.mmap) -> None:
-    front, back = _pair(page)
+def test_consumer_cannot_outrun_its_responses(page: mmap.mmap, rings: MakeRings) -> None:
+    front, back = rings()
     for n in range(PAGE_SLOTS):
         front.put_request(n, 0)
     front.push_requests()
@@ -191,58 +201,51 @@ def test_consumer_cannot_outrun_its_responses(page: mmap.mmap) -> None:
         back.get_request()
     # The front end cannot legally have produced more, and the back end must not read past its responses.
     assert back.unconsumed_requests() == 0
-    _close(front, back)
 
 
-def test_response_overflow_is_detected(page: mmap.mmap) -> None:
-    front, back = _pair(page)
-    header = SringHeader.from_buffer(page)
-    header.rsp_prod = PAGE_SLOTS + 1
-    assert front.response_prod_overflow(header.rsp_prod)
+def test_response_overflow_is_detected(page: mmap.mmap, rings: MakeRings) -> None:
+    front, back = rings()
+    _set_index(page, "rsp_prod", PAGE_SLOTS + 1)
+    assert front.response_prod_overflow(PAGE_SLOTS + 1)
     with pytest.raises(RingOverflowError):
         front.get_response_bytes()
-    del header
-    _close(front, back)
 
 
-def test_requests_are_copied_once(page: mmap.mmap) -> None:
-    front, back = _pair(page)
+def test_requests_are_copied_once(page: mmap.mmap, rings: MakeRings) -> None:
+    front, back = rings()
     front.put_request(7, 8)
     front.push_requests()
     data = back.get_request_bytes()
     # The front end rewrites the slot after the back end took its copy: the copy must not change.
     page[SRING_RING_OFFSET:SRING_RING_OFFSET + REQUEST.size] = REQUEST.pack(666, 666)
     assert REQUEST.unpack(data) == (7, 8)
-    _close(front, back)
 
 
 def test_multi_page_blkif_ring() -> None:
     order = 2
-    buffer = mmap.mmap(-1, ring_bytes(order))
     layouts = blkif.BLKIF_NATIVE
-    front = FrontRing(buffer, layouts.request_struct, layouts.response_struct, init=True)
-    back = BackRing(buffer, layouts.request_struct, layouts.response_struct)
-    assert front.nr_ents == 128
-    for n in range(front.nr_ents):
-        request = blkif.BlkifRequest(operation=blkif.BLKIF_OP_READ, nr_segments=1, handle=0x300, id=n,
-                                     sector_number=8 * n)
-        request.seg[0].gref = 1000 + n
-        request.seg[0].last_sect = 7
-        front.put_request_bytes(bytes(request))
-    # The last slot lives in the ring's last page.
-    assert SRING_RING_OFFSET + (front.nr_ents - 1) * 112 > 3 * 4096
-    assert front.push_requests_and_check_notify()
-    seen = []
-    while back.unconsumed_requests():
-        request = blkif.BlkifRequest.from_buffer_copy(back.get_request_bytes())
-        seen.append((request.id, request.sector_number, request.seg[0].gref))
-        back.put_response(request.id, request.operation, blkif.BLKIF_RSP_OKAY)
-    assert seen == [(n, 8 * n, 1000 + n) for n in range(128)]
-    assert back.push_responses_and_check_notify()
-    statuses = [blkif.BlkifResponse.from_buffer_copy(front.get_response_bytes()).status for _ in range(128)]
-    assert statuses == [blkif.BLKIF_RSP_OKAY] * 128
-    _close(front, back)
-    buffer.close()
+    with mmap.mmap(-1, ring_bytes(order)) as buffer, \
+            FrontRing(buffer, layouts.request_struct, layouts.response_struct, init=True) as front, \
+            BackRing(buffer, layouts.request_struct, layouts.response_struct) as back:
+        assert front.nr_ents == 128
+        for n in range(front.nr_ents):
+            request = blkif.BlkifRequest(operation=blkif.BLKIF_OP_READ, nr_segments=1, handle=0x300, id=n,
+                                         sector_number=8 * n)
+            request.seg[0].gref = 1000 + n
+            request.seg[0].last_sect = 7
+            front.put_request_bytes(bytes(request))
+        # The last slot lives in the ring's last page.
+        assert SRING_RING_OFFSET + (front.nr_ents - 1) * 112 > 3 * 4096
+        assert front.push_requests_and_check_notify()
+        seen = []
+        while back.unconsumed_requests():
+            request = blkif.BlkifRequest.from_buffer_copy(back.get_request_bytes())
+            seen.append((request.id, request.sector_number, request.seg[0].gref))
+            back.put_response(request.id, request.operation, blkif.BLKIF_RSP_OKAY)
+        assert seen == [(n, 8 * n, 1000 + n) for n in range(128)]
+        assert back.push_responses_and_check_notify()
+        statuses = [blkif.BlkifResponse.from_buffer_copy(front.get_response_bytes()).status for _ in range(128)]
+        assert statuses == [blkif.BLKIF_RSP_OKAY] * 128
 
 
 def test_ring_rejects_bad_buffers() -> None:
