@@ -19,6 +19,8 @@ import pytest
 from guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from harness.machine import Machine
 from harness.process import read_tail, running
+from harness.services import HostServices
+from harness.xendomain import XenDomain
 
 MARKERS = {
     "integration": "launches the real QEMU machine and dom0 processes",
@@ -123,6 +125,33 @@ def guest_factory(request: pytest.FixtureRequest, artifacts: Path) -> Iterator[C
     yield launch
     for m in reversed(machines):
         m.shutdown()
+
+
+@pytest.fixture(scope="session")
+def host(request: pytest.FixtureRequest) -> Iterator[HostServices]:
+    """The dom0 services (xenhv, xenstored), shared by every test of the session."""
+    logs = _artifacts_root(request.config) / "host-services"
+    services = HostServices.start(logs)
+    yield services
+    services.stop()
+    if not request.session.testsfailed and not request.config.getoption("--xenpv-keep-artifacts"):
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+@pytest.fixture
+def xen_guest_factory(host: HostServices, guest_factory: Callable[..., Machine]) -> Iterator[Callable[..., XenDomain]]:
+    """`xen_guest_factory("default")` launches a machine and makes it a domain of the session's xenhv."""
+    domains: list[XenDomain] = []
+
+    def launch(spec: GuestSpec = "default", *, name: str | None = None) -> XenDomain:
+        d = XenDomain.create(host, guest_factory(spec, name=name))
+        domains.append(d)
+        return d
+
+    yield launch
+    for d in reversed(domains):
+        d.destroy()
+    host.check_alive("after the test")
 
 
 @pytest.fixture

@@ -1,0 +1,31 @@
+"""`python -m backends.xenhv --run-dir DIR [--log FILE]`: the hypervisor model, one per host."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from backends.xenhv.hypervisor import Hypervisor
+from backends.xenhv.server import Server
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m backends.xenhv")
+    p.add_argument("--run-dir", required=True, type=Path, help="directory for xenhv.sock and the trap sockets")
+    p.add_argument("--log", type=Path, help="log file (default: stderr)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    server = Server(args.run_dir, Hypervisor())
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    logging.getLogger("xenhv").info("listening on %s", server.control_path)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The hypervisor model: every domain of one host, and the operations on them.
+
+Control operations (`control_*`) come from the toolstack over the control socket and are privileged;
+traps come from a domain's vCPU and are not. Each domain is tied to its QEMU machine's RAM file and,
+for the platform unplug model, to that machine's device-model QMP socket.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from backends.xenhv.domain import Domain, DomainConfig, RunState
+from backends.xenhv.errors import XenError
+from backends.xenhv.hypercall import Hypercalls
+from harness.qmp import QmpSession
+from xenabi import xen as X
+from xenabi.unplug import XEN_PLATFORM_VENDOR_ID
+
+log = logging.getLogger("xenhv")
+
+MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
+
+
+class Hypervisor:
+    def __init__(self) -> None:
+        self.domains: dict[int, Domain] = {}
+        self._dm: dict[int, QmpSession] = {}
+        self.hypercalls = Hypercalls(self)
+        self.on_domain_created: Callable[[int], str] | None = None
+        self.on_domain_destroyed: Callable[[int], None] | None = None
+        self.on_shutdown: Callable[[Domain, int], None] | None = None
+
+    def domain(self, domid: int) -> Domain:
+        if not isinstance(domid, int) or (dom := self.domains.get(domid)) is None:
+            raise XenError(X.XEN_ESRCH, f"no domain {domid!r}")
+        return dom
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def control_create_domain(self, domid: int, name: str, ram_path: str, ram_size: int,
+                              dm_qmp: str | None = None, max_grant_frames: int | None = None) -> dict[str, Any]:
+        if not isinstance(domid, int) or not 1 <= domid <= MAX_DOMID:
+            raise XenError(X.XEN_EINVAL, f"domid {domid!r} is not in 1..{MAX_DOMID:#x}")
+        if domid in self.domains:
+            raise XenError(X.XEN_EEXIST, f"domain {domid} exists")
+        if not isinstance(ram_size, int) or ram_size <= 0 or ram_size % 4096:
+            raise XenError(X.XEN_EINVAL, f"ram_size {ram_size!r} is not a positive multiple of 4096")
+        config = DomainConfig(domid, name, Path(ram_path), ram_size)
+        if max_grant_frames is not None:
+            config.max_grant_frames = max_grant_frames
+        dm = None
+        if dm_qmp:
+            dm = QmpSession(f"dm{domid}")
+            try:
+                dm.connect(dm_qmp)
+            except Exception:
+                dm.close()
+                raise
+            self._dm[domid] = dm
+        try:
+            dom = Domain.create(config, dm)
+        except Exception:
+            if dm is not None:
+                self._dm.pop(domid).close()
+            raise
+        dom.platform.present = dm is not None and any(
+            d["id"]["vendor"] == XEN_PLATFORM_VENDOR_ID for bus in dm.command("query-pci") for d in bus["devices"])
+        self.domains[domid] = dom
+        self.setup_domain(dom)
+        sock = self.on_domain_created(domid) if self.on_domain_created else ""
+        log.info("dom%d (%s) created: %d MiB from %s", domid, name, ram_size >> 20, ram_path)
+        return {"domid": domid, "trap_socket": sock}
+
+    def setup_domain(self, dom: Domain) -> None:
+        """Per-domain state of the event channel and grant table models."""
+
+    def control_destroy_domain(self, domid: int) -> None:
+        dom = self.domain(domid)
+        self.teardown_domain(dom)
+        del self.domains[domid]
+        if self.on_domain_destroyed:
+            self.on_domain_destroyed(domid)
+        dom.close()
+        if (dm := self._dm.pop(domid, None)) is not None:
+            dm.close()
+        log.info("dom%d destroyed", domid)
+
+    def teardown_domain(self, dom: Domain) -> None:
+        """Close the domain's event channels (remote ends revert) and release its grant table."""
+
+    def destroy_all(self) -> None:
+        for domid in list(self.domains):
+            self.control_destroy_domain(domid)
+
+    def control_pause(self, domid: int) -> None:
+        self.domain(domid).state = RunState.PAUSED
+
+    def control_unpause(self, domid: int) -> None:
+        dom = self.domain(domid)
+        if dom.state is RunState.SHUTDOWN:
+            raise XenError(X.XEN_EINVAL, f"dom{domid} has shut down")
+        dom.state = RunState.RUNNING
+
+    def control_list_domains(self) -> list[dict[str, Any]]:
+        return [{"domid": d.domid, "name": d.config.name, "state": d.state.value,
+                 "shutdown_reason": d.shutdown_reason} for d in self.domains.values()]
+
+    def control_set_param(self, domid: int, index: int, value: int) -> None:
+        self.domain(domid).params[index] = value
+
+    def control_get_param(self, domid: int, index: int) -> int:
+        return self.domain(domid).params.get(index, 0)
+
+    def control_platform(self, domid: int) -> dict[str, Any]:
+        p = self.domain(domid).platform
+        return {"unplugged_mask": p.unplugged_mask, "product": p.product, "build": p.build,
+                "log": p.log_lines, "nics": p.record.nics, "disks": p.record.disks, "kept": p.record.kept}
+
+    def attach_vcpu(self, dom: Domain, upcall_fd: int) -> None:
+        if dom.upcall_fd is not None:
+            os.close(dom.upcall_fd)
+        dom.upcall_fd = upcall_fd
+
+    def shutdown(self, dom: Domain, reason: int) -> None:
+        dom.state = RunState.SHUTDOWN
+        dom.shutdown_reason = reason
+        log.info("dom%d shut down, reason %d", dom.domid, reason)
+        if self.on_shutdown:
+            self.on_shutdown(dom, reason)
+
+    # -- port I/O the vCPU routes here -----------------------------------------------------------
+
+    def pio_read(self, dom: Domain, port: int, size: int) -> tuple[int, int]:
+        if size not in (1, 2, 4) or not dom.platform.claims(port):
+            return -X.XEN_EINVAL, 0
+        return 0, dom.platform.read(port, size)
+
+    def pio_write(self, dom: Domain, port: int, size: int, value: int) -> int:
+        if size not in (1, 2, 4) or not dom.platform.claims(port) or value >> (8 * size):
+            return -X.XEN_EINVAL
+        dom.platform.write(port, size, value)
+        return 0
+
+    # -- event channels and grant tables -------------------------------------------------------
+
+    def event_channel_op(self, dom: Domain, cmd: int, arg: int) -> int:
+        raise XenError(X.XEN_ENOSYS, f"event_channel_op {cmd} is not modelled yet")
+
+    def grant_table_op(self, dom: Domain, cmd: int, arg: int, count: int) -> int:
+        raise XenError(X.XEN_ENOSYS, f"grant_table_op {cmd} is not modelled yet")
+
+    def grant_table(self, dom: Domain) -> Any:
+        raise XenError(X.XEN_ENOSYS, "grant tables are not modelled yet")

@@ -1,0 +1,22 @@
+"""Start xenhv as a supervised process (used by the harness host services, tests and the bench)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from backends.xenstored.launch import _accepting as accepting
+from harness.process import Supervised, wait_for
+
+
+def start_xenhv(run_dir: Path, log_path: Path, verbose: bool = False, timeout: float = 10.0) -> Supervised:
+    """Launch `python -m backends.xenhv` and return once its control socket accepts connections."""
+    argv = [sys.executable, "-m", "backends.xenhv", "--run-dir", str(run_dir), "--log", str(log_path)]
+    if verbose:
+        argv.append("--verbose")
+    proc = Supervised("xenhv", argv, log_path.with_suffix(".out")).start()
+    try:
+        wait_for(lambda: accepting(run_dir / "xenhv.sock"), timeout=timeout, what="xenhv to listen", alive=[proc])
+    except BaseException:
+        proc.stop()
+        raise
+    return proc

@@ -1,0 +1,195 @@
+"""xenhv's sockets: the control socket (toolstack and harness, JSON lines, privileged) and one trap
+socket per domain (the guest's vCPU). One thread, one selector: hypercalls are serialised, as they
+are per vCPU on Xen, and no lock is needed around the domain state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends.xenhv.errors import XenError
+from backends.xenhv.hypervisor import Hypervisor
+from backends.xenhv.wire import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
+
+log = logging.getLogger("xenhv.server")
+
+MAX_CONTROL_LINE = 1 << 16
+
+
+@dataclass(eq=False)
+class ControlConn:
+    sock: socket.socket
+    buf: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(eq=False)
+class TrapConn:
+    sock: socket.socket
+    domid: int
+    hello: bool = False
+
+
+class Server:
+    def __init__(self, run_dir: Path, hv: Hypervisor) -> None:
+        self.run_dir = run_dir
+        self.hv = hv
+        self.sel = selectors.DefaultSelector()
+        self.control_path = run_dir / "xenhv.sock"
+        self._listeners: dict[int, socket.socket] = {}
+        self._stopping = False
+        self.control = self._listen(self.control_path)
+        self.sel.register(self.control, selectors.EVENT_READ, ("control-listen", None))
+        hv.on_domain_created = self._domain_created
+        hv.on_domain_destroyed = self._domain_destroyed
+
+    def _listen(self, path: Path) -> socket.socket:
+        if path.exists():
+            path.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        s.listen(8)
+        s.setblocking(False)
+        return s
+
+    def trap_path(self, domid: int) -> Path:
+        return self.run_dir / f"hv-{domid}.sock"
+
+    def _domain_created(self, domid: int) -> str:
+        s = self._listen(self.trap_path(domid))
+        self._listeners[domid] = s
+        self.sel.register(s, selectors.EVENT_READ, ("trap-listen", domid))
+        return str(self.trap_path(domid))
+
+    def _domain_destroyed(self, domid: int) -> None:
+        s = self._listeners.pop(domid, None)
+        if s is not None:
+            self.sel.unregister(s)
+            s.close()
+            self.trap_path(domid).unlink(missing_ok=True)
+        for key in list(self.sel.get_map().values()):
+            kind, obj = key.data
+            if kind == "trap" and obj.domid == domid:
+                self._drop(key.fileobj, "domain destroyed")
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def serve_forever(self) -> None:
+        while not self._stopping:
+            for key, _ in self.sel.select(timeout=0.2):
+                kind, obj = key.data
+                try:
+                    if kind == "control-listen":
+                        conn, _ = self.control.accept()
+                        self.sel.register(conn, selectors.EVENT_READ, ("control", ControlConn(conn)))
+                    elif kind == "trap-listen":
+                        conn, _ = self._listeners[obj].accept()
+                        self.sel.register(conn, selectors.EVENT_READ, ("trap", TrapConn(conn, obj)))
+                    elif kind == "control":
+                        self._control_ready(obj)
+                    elif kind == "trap":
+                        self._trap_ready(obj)
+                except (ConnectionError, BlockingIOError) as exc:
+                    if kind in ("control", "trap"):
+                        self._drop(obj.sock, str(exc))
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        self.hv.destroy_all()
+
+    def _drop(self, sock: Any, reason: str) -> None:
+        log.info("connection closed: %s", reason)
+        try:
+            self.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
+    # -- control: one JSON object per line each way ----------------------------------------------
+
+    def _control_ready(self, c: ControlConn) -> None:
+        data = c.sock.recv(65536)
+        if not data:
+            self._drop(c.sock, "control client left")
+            return
+        c.buf += data
+        while (nl := c.buf.find(b"\n")) >= 0:
+            line = bytes(c.buf[:nl])
+            del c.buf[: nl + 1]
+            c.sock.sendall(json.dumps(self._control_request(line)).encode() + b"\n")
+        if len(c.buf) > MAX_CONTROL_LINE:
+            self._drop(c.sock, f"control line longer than {MAX_CONTROL_LINE} bytes")
+
+    def _control_request(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+                raise ValueError("a request is an object with a string 'op'")
+            op = req.pop("op")
+            fn = getattr(self.hv, f"control_{op}", None)
+            if fn is None:
+                raise ValueError(f"unknown control op {op!r}")
+            return {"ok": fn(**req)}
+        except XenError as exc:
+            return {"error": str(exc), "errno": exc.errno}
+        except (ValueError, TypeError, KeyError, OSError) as exc:
+            log.info("control request refused: %s", exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    # -- traps from a guest's vCPU ---------------------------------------------------------------
+
+    def _trap_ready(self, t: TrapConn) -> None:
+        data, fds, flags, _ = socket.recv_fds(t.sock, TRAP.size, 2)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self._drop(t.sock, f"dom{t.domid} vCPU left")
+            return
+        if len(data) != TRAP.size or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            self._drop(t.sock, f"dom{t.domid}: malformed trap of {len(data)} bytes")
+            return
+        kind, _, *a = TRAP.unpack(data)
+        dom = self.hv.domains.get(t.domid)
+        reply_fds: list[int] = []
+        v1 = 0
+        if dom is None:
+            result, v0 = -3, 0  # ESRCH: the domain is gone
+        elif kind == TrapKind.HELLO:
+            if len(fds) != 1 or a[0] != t.domid:
+                for fd in fds:
+                    os.close(fd)
+                self._drop(t.sock, f"dom{t.domid}: bad HELLO")
+                return
+            self.hv.attach_vcpu(dom, fds[0])
+            fds = []
+            t.hello = True
+            result, v0, reply_fds = 0, dom.memory.hv_frames * 4096, [dom.memory.frames_fd]
+            v1 = HELLO_PLATFORM_PORTS if dom.platform.present else 0
+        elif not t.hello:
+            self._drop(t.sock, f"dom{t.domid}: trap before HELLO")
+            return
+        elif kind == TrapKind.HYPERCALL:
+            result, v0 = self.hv.hypercalls.dispatch(dom, a[0], a[1:6]), 0
+        elif kind == TrapKind.PIO_READ:
+            result, v0 = self.hv.pio_read(dom, a[0], a[1])
+        elif kind == TrapKind.PIO_WRITE:
+            result, v0 = self.hv.pio_write(dom, a[0], a[1], a[2]), 0
+        elif kind == TrapKind.FRAME_OF:
+            index = dom.memory.frame_at(a[0])
+            result, v0 = (-2, 0) if index is None else (0, index * 4096)
+        else:
+            result, v0 = -38, 0  # ENOSYS
+        for fd in fds:  # fds on anything but HELLO are not ours to keep
+            os.close(fd)
+        reply = REPLY.pack(result, v0, v1)
+        if reply_fds:
+            socket.send_fds(t.sock, [reply], reply_fds)
+        else:
+            t.sock.sendall(reply)
