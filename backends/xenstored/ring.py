@@ -172,6 +172,8 @@ class RingServer:
         if self.broken:
             return
         try:
+            _check(intf.req_prod, intf.req_cons, "req")
+            _check(intf.rsp_prod, intf.rsp_cons, "rsp")
             notify = False
             while True:
                 progress = self._produce()
