@@ -14,6 +14,7 @@ operation, so views are cached per (offset, width).  Call :meth:`AtomicMemory.re
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,15 +40,14 @@ class AtomicMemory:
             raise ValueError("atomic operations need a writable buffer")
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        self._buffer = view
+        self._buffer: memoryview | None = view
         self._views: dict[tuple[int, int], tuple[Any, Any]] = {}
+        # An open view that is garbage-collected complains from its finaliser, so an AtomicMemory nobody
+        # released (e.g. at interpreter exit) closes its views the same way release() does.
+        self._finalizer = weakref.finalize(self, _close_views, self._views, view)
 
     def __len__(self) -> int:
-        return len(self._buffer)
-
-    @property
-    def buffer(self) -> memoryview:
-        return self._buffer
+        return len(self._buffer) if self._buffer is not None else 0
 
     def _view(self, offset: int, width: int) -> Any:
         key = (offset, width)
@@ -102,16 +102,19 @@ class AtomicMemory:
 
     def release(self) -> None:
         """Drop every cached view (and the buffer export each holds).  Further operations raise ValueError."""
-        for context, _view in self._views.values():
-            context.__exit__(None, None, None)
-            context.release()
-        self._views.clear()
-        if self._buffer is not None:
-            self._buffer.release()
-            self._buffer = None  # type: ignore[assignment]
+        self._finalizer()
+        self._buffer = None
 
     def __enter__(self) -> "AtomicMemory":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _close_views(views: dict[tuple[int, int], tuple[Any, Any]], buffer: memoryview) -> None:
+    for context, _view in views.values():
+        context.__exit__(None, None, None)
+        context.release()
+    views.clear()
+    buffer.release()
