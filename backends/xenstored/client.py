@@ -135,8 +135,31 @@ class XsClient:
         return True
 
     def directory(self, path: str, tx: int = 0) -> list[str]:
-        body = self.request(T.DIRECTORY, path.encode() + b"\0", tx, what=path)
+        """Child names; a list too big for one reply is fetched with DIRECTORY_PART, as libxenstore does."""
+        try:
+            body = self.request(T.DIRECTORY, path.encode() + b"\0", tx, what=path)
+        except XsRequestError as exc:
+            if exc.errno_name != "E2BIG":
+                raise
+            return self._directory_part(path, tx)
         return [c.decode() for c in body.split(b"\0")[:-1]]
+
+    def _directory_part(self, path: str, tx: int, attempts: int = 100) -> list[str]:
+        for _ in range(attempts):
+            data = b""
+            gen = None
+            while True:
+                body = self.request(T.DIRECTORY_PART, b"%s\0%d\0" % (path.encode(), len(data)), tx, what=path)
+                g, chunk = body.split(b"\0", 1)
+                if gen is None:
+                    gen = g
+                elif g != gen:
+                    break  # the directory changed under us: start again
+                if chunk.endswith(b"\0\0") or chunk == b"\0":
+                    data += chunk[:-1]
+                    return [c.decode() for c in data.split(b"\0")[:-1]]
+                data += chunk
+        raise XsRequestError("EAGAIN", "DIRECTORY_PART", path)
 
     def get_perms(self, path: str, tx: int = 0) -> list[str]:
         body = self.request(T.GET_PERMS, path.encode() + b"\0", tx, what=path)
