@@ -1,0 +1,566 @@
+"""Grant tables v1 with Xen's semantics (shared/reference/xen-abi.md section 7).
+
+Three pieces:
+
+* :class:`GrantTable`, one per granting domain, in xenhv.  Its frames are 4096-byte pages the guest maps too
+  (``frame_source(i)`` hands out frame ``i`` when the table grows), so every change to an entry's flags is a
+  real compare-and-swap on the shared page, racing the guest's own compare-and-swap from another process.
+  Mapping a grant checks type, sub-page, domid and read-only, then sets GTF_reading (and GTF_writing) with a
+  32-bit cmpxchg over flags+domid, retried at most 5 times against an entry that keeps changing.  Pins are
+  counted per ref (readers and writers); the last writable unpin clears GTF_writing and the last unpin clears
+  GTF_reading, with an atomic AND so a guest rewriting other flag bits cannot livelock it.  While either bit is
+  set the guest's :meth:`GrantTableFrontend.end_foreign_access` reports the entry busy.
+* :class:`GrantTableHub`, every domain's table plus the maptrack of each mapping domain: GNTTABOP_map/unmap
+  with per-mapper handles, GNTTABOP_copy between grant refs and the caller's own frames, setup_table and
+  query_size with the domain checks.  This is what the hypercall layer calls.
+* :class:`GrantTableFrontend`, the granting guest's side (grant, end access, read an entry).  It only needs the
+  frames and :mod:`backends.xenhv.atomic`, so the guest driver model can use it unchanged.
+
+Failures raise :class:`~backends.xenhv.errors.GrantError` carrying the GNTST_* status for the op's ``status``
+field; growing a table beyond its maximum from XENMEM_add_to_physmap raises XenError(EINVAL).
+Guest frame numbers resolve through ``guest_frame(gfn)`` (the p2m): None or XenError means GNTST_bad_page.
+"""
+from __future__ import annotations
+
+import ctypes
+import heapq
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from backends.xenhv.atomic import AtomicMemory
+from backends.xenhv.errors import GrantError, XenError
+from xenabi.event_channel import DOMID_FIRST_RESERVED, DOMID_SELF
+from xenabi.grant_table import (
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTST_bad_copy_arg,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_bad_page,
+    GNTST_general_error,
+    GNTST_no_space,
+    GNTST_permission_denied,
+    GRANT_ENTRIES_V1_PER_FRAME,
+    GTF_permit_access,
+    GTF_readonly,
+    GTF_reading,
+    GTF_sub_page,
+    GTF_type_mask,
+    GTF_writing,
+    GnttabCopy,
+    GrantEntryV1,
+)
+from xenabi.ring import XEN_PAGE_SIZE
+from xenabi.xen import XEN_EINVAL
+
+log = logging.getLogger("xenhv.gnttab")
+
+_ENTRY_SIZE = ctypes.sizeof(GrantEntryV1)
+_FLAGS = GrantEntryV1.flags.offset
+_FLAGS_BYTES = GrantEntryV1.flags.size
+_DOMID = GrantEntryV1.domid.offset
+_DOMID_BYTES = GrantEntryV1.domid.size
+_FRAME = GrantEntryV1.frame.offset
+_FRAME_BYTES = GrantEntryV1.frame.size
+# Xen updates flags and domid as one 32-bit word, so a guest changing the domid between the check and the
+# update makes the compare-and-swap fail instead of handing the page to the wrong domain.
+_COMBO = _FLAGS
+_COMBO_BYTES = _FLAGS_BYTES + _DOMID_BYTES
+_DOMID_SHIFT = 8 * (_DOMID - _FLAGS)
+_FLAGS_MASK = (1 << 8 * _FLAGS_BYTES) - 1
+if _DOMID != _FLAGS + _FLAGS_BYTES:
+    raise ImportError("grant_entry_v1: domid does not follow flags; the combined cmpxchg needs them adjacent")
+
+# Xen gives up on an entry the guest keeps changing after this many compare-and-swap attempts.
+CMPXCHG_ATTEMPTS = 5
+DEFAULT_MAX_FRAMES = 64
+DEFAULT_MAX_MAPTRACK = 1 << 16
+
+
+@dataclass(frozen=True)
+class GrantEntry:
+    """A snapshot of one v1 entry."""
+
+    flags: int
+    domid: int
+    frame: int
+
+
+@dataclass(frozen=True)
+class GrantMapping:
+    """A live mapping of ``ref`` of domain ``dom`` by ``mapper``; ``gfn`` is the granter's frame."""
+
+    handle: int
+    dom: int
+    ref: int
+    gfn: int
+    readonly: bool
+    mapper: int
+
+
+@dataclass
+class _Active:
+    """Xen's active entry: who holds pins on a ref, which frame they pinned, and how many of each kind."""
+
+    domid: int
+    gfn: int
+    readers: int = 0
+    writers: int = 0
+
+
+class _Handles:
+    """Lowest-free handle allocation, bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._next = 0
+        self._free: list[int] = []
+
+    def allocate(self) -> int | None:
+        if self._free:
+            return heapq.heappop(self._free)
+        if self._next >= self._limit:
+            return None
+        self._next += 1
+        return self._next - 1
+
+    def free(self, handle: int) -> None:
+        heapq.heappush(self._free, handle)
+
+
+def _entry_location(frames: list[AtomicMemory], ref: int) -> tuple[AtomicMemory, int]:
+    index, slot = divmod(ref, GRANT_ENTRIES_V1_PER_FRAME)
+    return frames[index], slot * _ENTRY_SIZE
+
+
+def _atomic_frame(view: memoryview) -> AtomicMemory:
+    if len(view) < XEN_PAGE_SIZE:
+        raise ValueError(f"grant frame has {len(view)} bytes, needs {XEN_PAGE_SIZE}")
+    return AtomicMemory(view)
+
+
+def _read_entry(frames: list[AtomicMemory], ref: int) -> GrantEntry:
+    mem, off = _entry_location(frames, ref)
+    combo = mem.load(off + _COMBO, _COMBO_BYTES)
+    return GrantEntry(combo & _FLAGS_MASK, combo >> _DOMID_SHIFT, mem.load(off + _FRAME, _FRAME_BYTES))
+
+
+class GrantTable:
+    """The v1 grant table of domain ``domid`` as the hypervisor keeps it.
+
+    ``frame_source(i)`` returns the writable shared page backing table frame ``i`` (called once per frame as
+    the table grows); ``guest_frame(gfn)`` returns the page at a frame of this domain (None or XenError if
+    the frame is not backed).  The table starts with ``initial_frames`` and grows up to ``max_frames``.
+    """
+
+    def __init__(self, domid: int, frame_source: Callable[[int], memoryview],
+                 guest_frame: Callable[[int], memoryview | None], *, max_frames: int = DEFAULT_MAX_FRAMES,
+                 initial_frames: int = 1, max_maps: int = DEFAULT_MAX_MAPTRACK) -> None:
+        if not 1 <= initial_frames <= max_frames:
+            raise ValueError(f"initial_frames {initial_frames} is not in 1..max_frames {max_frames}")
+        self.domid = domid
+        self.max_frames = max_frames
+        self._frame_source = frame_source
+        self._guest_frame = guest_frame
+        self._lock = threading.Lock()
+        self._frames: list[AtomicMemory] = []
+        self._active: dict[int, _Active] = {}
+        self._maps: dict[int, tuple[int, int, bool]] = {}  # handle -> (mapper, ref, readonly)
+        self._handles = _Handles(max_maps)
+        self.grow(initial_frames)
+
+    # ---- size --------------------------------------------------------------------------------------------
+
+    @property
+    def nr_frames(self) -> int:
+        return len(self._frames)
+
+    @property
+    def nr_entries(self) -> int:
+        return len(self._frames) * GRANT_ENTRIES_V1_PER_FRAME
+
+    def grow(self, nr_frames: int) -> None:
+        """Make the table at least ``nr_frames`` long (XENMEM_add_to_physmap of a grant frame index grows it)."""
+        with self._lock:
+            if not 0 <= nr_frames <= self.max_frames:
+                raise XenError(XEN_EINVAL, f"dom{self.domid}: grant table cannot have {nr_frames} frames "
+                                           f"(maximum {self.max_frames})")
+            while len(self._frames) < nr_frames:
+                self._frames.append(_atomic_frame(self._frame_source(len(self._frames))))
+                log.debug("dom%d: grant table grew to %d frames", self.domid, len(self._frames))
+
+    def setup_table(self, nr_frames: int) -> None:
+        """GNTTABOP_setup_table's effect on the table (the caller reports the frames' gfns)."""
+        if not 0 <= nr_frames <= self.max_frames:
+            raise GrantError(GNTST_general_error, f"setup_table: dom{self.domid} supports up to "
+                                                  f"{self.max_frames} grant frames, not {nr_frames}")
+        self.grow(nr_frames)
+
+    def query_size(self) -> tuple[int, int]:
+        """GNTTABOP_query_size: (nr_frames, max_nr_frames)."""
+        return len(self._frames), self.max_frames
+
+    # ---- mapping -----------------------------------------------------------------------------------------
+
+    def map(self, mapper: int, ref: int, readonly: bool) -> GrantMapping:
+        """Map ``ref`` for domain ``mapper``; the handle is this table's."""
+        with self._lock:
+            handle = self._handles.allocate()
+            if handle is None:
+                raise GrantError(GNTST_no_space, f"map: dom{self.domid} has no free map handle")
+            try:
+                active = self._pin(mapper, ref, readonly, GTF_type_mask | GTF_sub_page, "map")
+            except GrantError:
+                self._handles.free(handle)
+                raise
+            self._maps[handle] = (mapper, ref, readonly)
+            log.debug("dom%d: ref %d mapped %s by dom%d (handle %d)", self.domid, ref,
+                      "ro" if readonly else "rw", mapper, handle)
+            return GrantMapping(handle, self.domid, ref, active.gfn, readonly, mapper)
+
+    def unmap(self, handle: int, mapper: int | None = None) -> GrantMapping:
+        """Unmap by handle; with ``mapper``, a handle of another mapping domain is GNTST_bad_handle too."""
+        with self._lock:
+            record = self._maps.get(handle)
+            if record is None or (mapper is not None and record[0] != mapper):
+                raise GrantError(GNTST_bad_handle, f"unmap: dom{self.domid} has no mapping with handle {handle}"
+                                 + (f" for dom{mapper}" if mapper is not None else ""))
+            owner, ref, readonly = record
+            gfn = self._active[ref].gfn
+            del self._maps[handle]
+            self._handles.free(handle)
+            self._unpin(ref, readonly)
+            log.debug("dom%d: ref %d unmapped by dom%d (handle %d)", self.domid, ref, owner, handle)
+            return GrantMapping(handle, self.domid, ref, gfn, readonly, owner)
+
+    def release_mapper(self, mapper: int) -> int:
+        """Drop every mapping ``mapper`` holds (the mapping domain died).  Returns how many."""
+        with self._lock:
+            handles = [h for h, (owner, _, _) in self._maps.items() if owner == mapper]
+        for handle in handles:
+            self.unmap(handle, mapper)
+        return len(handles)
+
+    def mappings(self) -> list[GrantMapping]:
+        with self._lock:
+            return [GrantMapping(h, self.domid, ref, self._active[ref].gfn, ro, owner)
+                    for h, (owner, ref, ro) in sorted(self._maps.items())]
+
+    # ---- transient pins for GNTTABOP_copy ---------------------------------------------------------------
+
+    def acquire_for_copy(self, caller: int, ref: int, readonly: bool) -> memoryview:
+        """Pin ``ref`` for one copy by ``caller`` and return the granted page; pair with release_for_copy."""
+        with self._lock:
+            # Copies may target sub-page grants; only maps refuse them.
+            active = self._pin(caller, ref, readonly, GTF_type_mask, "copy")
+            page = self._page(active.gfn)
+            if page is None:
+                self._unpin(ref, readonly)
+                raise GrantError(GNTST_bad_page, f"copy: dom{self.domid} ref {ref} grants gfn {active.gfn:#x}, "
+                                                 f"which is not a page of the domain")
+            return page
+
+    def release_for_copy(self, ref: int, readonly: bool) -> None:
+        with self._lock:
+            self._unpin(ref, readonly)
+
+    def guest_page(self, gfn: int) -> memoryview | None:
+        """The page at ``gfn`` of this domain, or None."""
+        return self._page(gfn)
+
+    # ---- inspection and teardown -------------------------------------------------------------------------
+
+    def entry(self, ref: int) -> GrantEntry:
+        if not 0 <= ref < self.nr_entries:
+            raise GrantError(GNTST_bad_gntref, f"dom{self.domid}: ref {ref} is beyond {self.nr_entries} entries")
+        return _read_entry(self._frames, ref)
+
+    def release(self) -> None:
+        """Drop the atomic views of the frames; call before their mapping is closed."""
+        with self._lock:
+            for frame in self._frames:
+                frame.release()
+            self._frames.clear()
+
+    # ---- internals (self._lock held) ---------------------------------------------------------------------
+
+    def _page(self, gfn: int) -> memoryview | None:
+        try:
+            page = self._guest_frame(gfn)
+        except XenError:
+            return None
+        return page if page is not None and len(page) >= XEN_PAGE_SIZE else None
+
+    def _pin(self, mapper: int, ref: int, readonly: bool, mask: int, op: str) -> _Active:
+        if not isinstance(ref, int) or not 0 <= ref < self.nr_entries:
+            raise GrantError(GNTST_bad_gntref, f"{op}: dom{self.domid} ref {ref} is beyond "
+                                               f"{self.nr_entries} entries")
+        active = self._active.get(ref)
+        if active is not None and active.domid != mapper:
+            raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} is in use by "
+                                                  f"dom{active.domid}, not dom{mapper}")
+        if active is None or (not readonly and active.writers == 0):
+            # Once pinned, the entry cannot have been revoked, so only the read-only bit is re-checked.
+            self._set_status(mapper, ref, readonly, mask, check_grant=active is None, op=op)
+        if active is None:
+            mem, off = _entry_location(self._frames, ref)
+            gfn = mem.load(off + _FRAME, _FRAME_BYTES)
+            if self._page(gfn) is None:
+                self._clear_flags(ref, GTF_reading | (0 if readonly else GTF_writing))
+                raise GrantError(GNTST_bad_page, f"{op}: dom{self.domid} ref {ref} grants gfn {gfn:#x}, "
+                                                 f"which is not a page of the domain")
+            active = self._active[ref] = _Active(mapper, gfn)
+        if readonly:
+            active.readers += 1
+        else:
+            active.writers += 1
+        return active
+
+    def _set_status(self, mapper: int, ref: int, readonly: bool, mask: int, *, check_grant: bool,
+                    op: str) -> None:
+        mem, off = _entry_location(self._frames, ref)
+        combo = mem.load(off + _COMBO, _COMBO_BYTES)
+        for _attempt in range(CMPXCHG_ATTEMPTS):
+            flags, domid = combo & _FLAGS_MASK, combo >> _DOMID_SHIFT
+            if check_grant and ((flags & mask) != GTF_permit_access or domid != mapper):
+                raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} (flags {flags:#x}, "
+                                                      f"domid {domid}) does not grant access to dom{mapper}")
+            new_flags = flags | GTF_reading
+            if not readonly:
+                if flags & GTF_readonly:
+                    raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} is read-only, "
+                                                          f"dom{mapper} asked to write")
+                new_flags |= GTF_writing
+            result = mem.cmpxchg(off + _COMBO, _COMBO_BYTES, combo, (domid << _DOMID_SHIFT) | new_flags)
+            if result.success:
+                return
+            combo = result.observed
+        raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} kept changing during "
+                                              f"{CMPXCHG_ATTEMPTS} compare-and-swap attempts")
+
+    def _unpin(self, ref: int, readonly: bool) -> None:
+        active = self._active[ref]
+        if readonly:
+            active.readers -= 1
+        else:
+            active.writers -= 1
+        clear = GTF_writing if not readonly and active.writers == 0 else 0
+        if active.readers + active.writers == 0:
+            clear |= GTF_reading
+            del self._active[ref]
+        if clear:
+            self._clear_flags(ref, clear)
+
+    def _clear_flags(self, ref: int, bits: int) -> None:
+        mem, off = _entry_location(self._frames, ref)
+        mem.fetch_and(off + _FLAGS, _FLAGS_BYTES, ~bits)
+
+
+class GrantTableHub:
+    """Every domain's grant table, the maptrack of every mapping domain, and the cross-domain operations.
+
+    ``privileged`` domains may query and set up other domains' tables.
+    """
+
+    def __init__(self, *, privileged: Iterable[int] = (0,), max_maptrack: int = DEFAULT_MAX_MAPTRACK) -> None:
+        self.privileged = frozenset(privileged)
+        self._max_maptrack = max_maptrack
+        self._lock = threading.Lock()
+        self._tables: dict[int, GrantTable] = {}
+        self._maptrack: dict[int, dict[int, tuple[int, int]]] = {}  # mapper -> handle -> (dom, table handle)
+        self._handles: dict[int, _Handles] = {}
+
+    def add(self, table: GrantTable) -> None:
+        with self._lock:
+            if table.domid in self._tables:
+                raise ValueError(f"dom{table.domid} already has a grant table")
+            self._tables[table.domid] = table
+
+    def get(self, domid: int) -> GrantTable | None:
+        return self._tables.get(domid)
+
+    def remove(self, domid: int) -> None:
+        """Domain destruction: drop the maps it holds in other tables, then forget (and release) its table.
+
+        Mappings other domains hold of its grants are dropped too: nothing can reach its memory afterwards.
+        """
+        with self._lock:
+            mine = self._maptrack.pop(domid, {})
+            self._handles.pop(domid, None)
+            table = self._tables.pop(domid, None)
+        for dom, table_handle in mine.values():
+            other = self._tables.get(dom)
+            if other is not None:
+                other.unmap(table_handle, domid)
+        if table is not None:
+            for mapping in table.mappings():
+                with self._lock:
+                    track = self._maptrack.get(mapping.mapper, {})
+                    for handle, target in list(track.items()):
+                        if target == (domid, mapping.handle):
+                            del track[handle]
+                            self._handles[mapping.mapper].free(handle)
+                table.unmap(mapping.handle)
+            table.release()
+
+    # ---- operations ---------------------------------------------------------------------------------------
+
+    def setup_table(self, caller: int, dom: int, nr_frames: int) -> GrantTable:
+        table = self._table_for(caller, dom, "setup_table")
+        table.setup_table(nr_frames)
+        return table
+
+    def query_size(self, caller: int, dom: int) -> tuple[int, int]:
+        return self._table_for(caller, dom, "query_size").query_size()
+
+    def map(self, mapper: int, dom: int, ref: int, readonly: bool) -> GrantMapping:
+        """GNTTABOP_map_grant_ref of ``ref`` of ``dom`` by ``mapper``; the handle is the mapper's."""
+        table = self._tables.get(dom) if dom < DOMID_FIRST_RESERVED else None
+        if table is None:
+            raise GrantError(GNTST_bad_domain, f"map: dom{mapper} named dom {dom}, which has no grant table")
+        with self._lock:
+            handles = self._handles.setdefault(mapper, _Handles(self._max_maptrack))
+            handle = handles.allocate()
+            if handle is None:
+                raise GrantError(GNTST_no_space, f"map: dom{mapper} has {self._max_maptrack} mappings already")
+        try:
+            mapping = table.map(mapper, ref, readonly)
+        except GrantError:
+            with self._lock:
+                handles.free(handle)
+            raise
+        with self._lock:
+            self._maptrack.setdefault(mapper, {})[handle] = (dom, mapping.handle)
+        return GrantMapping(handle, dom, ref, mapping.gfn, readonly, mapper)
+
+    def unmap(self, mapper: int, handle: int) -> GrantMapping:
+        """GNTTABOP_unmap_grant_ref of ``mapper``'s ``handle``."""
+        with self._lock:
+            target = self._maptrack.get(mapper, {}).pop(handle, None)
+            if target is None:
+                raise GrantError(GNTST_bad_handle, f"unmap: dom{mapper} has no mapping with handle {handle}")
+            self._handles[mapper].free(handle)
+        dom, table_handle = target
+        mapping = self._tables[dom].unmap(table_handle, mapper)
+        return GrantMapping(handle, dom, mapping.ref, mapping.gfn, mapping.readonly, mapper)
+
+    def copy(self, caller: int, op: GnttabCopy) -> None:
+        """GNTTABOP_copy of one ``gnttab_copy``: grant refs are pinned (GTF_reading on the source,
+        GTF_writing on the destination) only for the duration of the copy."""
+        source_gref = bool(op.flags & GNTCOPY_source_gref)
+        dest_gref = bool(op.flags & GNTCOPY_dest_gref)
+        source_table = self._copy_domain(caller, op.source.domid, source_gref, "source")
+        dest_table = self._copy_domain(caller, op.dest.domid, dest_gref, "dest")
+        releases: list[Callable[[], None]] = []
+        try:
+            source = self._claim(caller, source_table, op.source, source_gref, True, releases)
+            dest = self._claim(caller, dest_table, op.dest, dest_gref, False, releases)
+            if op.source.offset + op.len > XEN_PAGE_SIZE or op.dest.offset + op.len > XEN_PAGE_SIZE:
+                raise GrantError(GNTST_bad_copy_arg, f"copy: dom{caller} asked for {op.len} bytes at source "
+                                                     f"offset {op.source.offset} / dest offset {op.dest.offset}, "
+                                                     f"beyond the page")
+            dest[op.dest.offset:op.dest.offset + op.len] = source[op.source.offset:op.source.offset + op.len]
+        finally:
+            for release in reversed(releases):
+                release()
+
+    # ---- internals ---------------------------------------------------------------------------------------
+
+    def _table_for(self, caller: int, dom: int, op: str) -> GrantTable:
+        target = caller if dom == DOMID_SELF else dom
+        table = self._tables.get(target)
+        if table is None:
+            raise GrantError(GNTST_bad_domain, f"{op}: dom{caller} named dom {dom}, which has no grant table")
+        if target != caller and caller not in self.privileged:
+            raise GrantError(GNTST_permission_denied, f"{op}: dom{caller} may not use dom{target}'s table")
+        return table
+
+    def _copy_domain(self, caller: int, domid: int, is_gref: bool, which: str) -> GrantTable:
+        # A frame number is only meaningful in the caller's own memory.
+        if not is_gref and domid != DOMID_SELF:
+            raise GrantError(GNTST_permission_denied, f"copy: dom{caller} {which} names gmfn of dom {domid}; "
+                                                      f"frames are only allowed with DOMID_SELF")
+        target = caller if domid == DOMID_SELF else domid
+        table = self._tables.get(target)
+        if table is None:
+            raise GrantError(GNTST_bad_domain, f"copy: dom{caller} {which} names dom {domid}, "
+                                               f"which has no grant table")
+        return table
+
+    @staticmethod
+    def _claim(caller: int, table: GrantTable, ptr: object, is_gref: bool, readonly: bool,
+               releases: list[Callable[[], None]]) -> memoryview:
+        if is_gref:
+            ref = ptr.u.ref  # type: ignore[attr-defined]
+            page = table.acquire_for_copy(caller, ref, readonly)
+            releases.append(lambda: table.release_for_copy(ref, readonly))
+            return page
+        gmfn = ptr.u.gmfn  # type: ignore[attr-defined]
+        page = table.guest_page(gmfn)
+        if page is None:
+            raise GrantError(GNTST_bad_page, f"copy: dom{caller} frame {gmfn:#x} is not a page of the domain")
+        return page
+
+
+class GrantTableFrontend:
+    """The granting guest's side of a v1 table: write entries, end access, read them back.
+
+    It holds nothing but atomic views of the table frames (the pages the guest mapped), so it works in any
+    process that maps them.
+    """
+
+    def __init__(self, frames: Iterable[memoryview] = ()) -> None:
+        self._frames: list[AtomicMemory] = []
+        for frame in frames:
+            self.add_frame(frame)
+
+    def add_frame(self, frame: memoryview) -> None:
+        self._frames.append(_atomic_frame(frame))
+
+    @property
+    def nr_entries(self) -> int:
+        return len(self._frames) * GRANT_ENTRIES_V1_PER_FRAME
+
+    def grant_access(self, ref: int, domid: int, gfn: int, readonly: bool = False) -> None:
+        """Grant ``domid`` access to ``gfn``: domid and frame first, flags last, so a mapper that sees the
+        flags sees the rest."""
+        self._check_ref(ref)
+        if not 0 <= domid < 1 << 8 * _DOMID_BYTES:
+            raise ValueError(f"domid {domid} does not fit a grant entry")
+        if not 0 <= gfn < 1 << 8 * _FRAME_BYTES:
+            raise ValueError(f"gfn {gfn:#x} does not fit a v1 grant entry")
+        mem, off = _entry_location(self._frames, ref)
+        mem.store(off + _DOMID, _DOMID_BYTES, domid)
+        mem.store(off + _FRAME, _FRAME_BYTES, gfn)
+        # Sequentially consistent stores: the flags store is ordered after the two above (the wmb of C code).
+        mem.store(off + _FLAGS, _FLAGS_BYTES, GTF_permit_access | (GTF_readonly if readonly else 0))
+
+    def end_foreign_access(self, ref: int) -> bool:
+        """Revoke ``ref``.  False (busy) while a mapper holds it: the page must not be reused then."""
+        self._check_ref(ref)
+        mem, off = _entry_location(self._frames, ref)
+        flags = mem.load(off + _FLAGS, _FLAGS_BYTES)
+        while True:
+            if flags & (GTF_reading | GTF_writing):
+                return False
+            result = mem.cmpxchg(off + _FLAGS, _FLAGS_BYTES, flags, 0)
+            if result.success:
+                return True
+            flags = result.observed
+
+    def entry(self, ref: int) -> GrantEntry:
+        self._check_ref(ref)
+        return _read_entry(self._frames, ref)
+
+    def release(self) -> None:
+        """Drop the atomic views; call before the frames' mapping is closed."""
+        for frame in self._frames:
+            frame.release()
+        self._frames.clear()
+
+    def _check_ref(self, ref: int) -> None:
+        if not 0 <= ref < self.nr_entries:
+            raise IndexError(f"grant ref {ref} is beyond {self.nr_entries} entries")
