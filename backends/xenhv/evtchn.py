@@ -347,12 +347,19 @@ class EventChannels:
             return True
 
     def set_port_notifier(self, port: int, notifier: Callable[[], None] | None) -> None:
-        """Deliver ``port`` out of band: each set-pending calls ``notifier`` instead of touching the bitmaps."""
+        """Deliver ``port`` out of band: each set-pending calls ``notifier`` instead of touching the bitmaps.
+
+        An event already pending in the bitmap (e.g. the one bind_interdomain raises) moves to the notifier.
+        """
         with self._hub.lock:
             chan = self._ports.get(port) if self._valid(port) else None
             if chan is None:
                 raise XenError(XEN_EINVAL, f"set_port_notifier: dom{self.domid} port {port} is not open")
             chan.notifier = notifier
+            word, bit = divmod(port, EVTCHN_WORD_BITS)
+            if notifier is not None and self._shared_info.test_and_clear_bit(_PENDING + word * _WORD_BYTES, bit,
+                                                                             _WORD_BYTES):
+                notifier()
 
     def attach_shared_info(self, shared_info: memoryview) -> None:
         """Move from the private page to the guest's shared_info page, merging in pending events."""
