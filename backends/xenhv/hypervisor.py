@@ -11,16 +11,21 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from backends.xenhv.domain import Domain, DomainConfig, RunState
+from backends.xenhv.backlinks import BackendLink
+from backends.xenhv.domain import SHARED_INFO_FRAME, Domain, DomainConfig, RunState
 from backends.xenhv.errors import XenError
-from backends.xenhv.hypercall import Hypercalls
+from backends.xenhv.evtchn import EventChannelHub, EventChannels
+from backends.xenhv.hypercall import Hypercalls, read_struct, write_struct
 from harness.qmp import QmpSession
+from xenabi import event_channel as E
 from xenabi import xen as X
 from xenabi.unplug import XEN_PLATFORM_VENDOR_ID
 
 log = logging.getLogger("xenhv")
 
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
+UNMODELLED_EVTCHNOPS = frozenset({E.EVTCHNOP_bind_pirq, E.EVTCHNOP_bind_vcpu, E.EVTCHNOP_reset,
+                                  E.EVTCHNOP_set_priority})
 
 
 class Hypervisor:
@@ -28,9 +33,16 @@ class Hypervisor:
         self.domains: dict[int, Domain] = {}
         self._dm: dict[int, QmpSession] = {}
         self.hypercalls = Hypercalls(self)
+        self.evtchn = EventChannelHub()
+        # dom0's ports are delivered out of band, to the back-ends' eventfds.
+        self.dom0 = self.evtchn.create(0, privileged=True)
         self.on_domain_created: Callable[[int], str] | None = None
         self.on_domain_destroyed: Callable[[int], None] | None = None
         self.on_shutdown: Callable[[Domain, int], None] | None = None
+        # The server's selector, for the call eventfds of back-end channels.
+        self.register_fd: Callable[[int, Callable[[], None]], None] = lambda fd, fn: None
+        self.unregister_fd: Callable[[int], None] = lambda fd: None
+        self.links: dict[tuple[str, int], BackendLink] = {}
 
     def domain(self, domid: int) -> Domain:
         if not isinstance(domid, int) or (dom := self.domains.get(domid)) is None:
@@ -75,6 +87,8 @@ class Hypervisor:
 
     def setup_domain(self, dom: Domain) -> None:
         """Per-domain state of the event channel and grant table models."""
+        self.evtchn.create(dom.domid, upcall=dom.upcall, shared_info=dom.memory.hv_frame(SHARED_INFO_FRAME),
+                           max_ports=dom.config.max_evtchn_ports + 1)
 
     def control_destroy_domain(self, domid: int) -> None:
         dom = self.domain(domid)
@@ -89,6 +103,9 @@ class Hypervisor:
 
     def teardown_domain(self, dom: Domain) -> None:
         """Close the domain's event channels (remote ends revert) and release its grant table."""
+        for key in [k for k in self.links if k[1] == dom.domid]:
+            self._detach(self.links.pop(key))
+        self.evtchn.destroy(dom.domid)
 
     def destroy_all(self) -> None:
         for domid in list(self.domains):
@@ -130,6 +147,66 @@ class Hypervisor:
         if self.on_shutdown:
             self.on_shutdown(dom, reason)
 
+    # -- dom0: what back-ends and the toolstack ask for (their hypercalls) -------------------------
+
+    def control_attach_backend(self, domid: int, name: str, socket: str) -> None:
+        dom = self.domain(domid)
+        if (name, domid) in self.links:
+            raise XenError(X.XEN_EEXIST, f"back-end {name} is already attached to dom{domid}")
+        self.links[(name, domid)] = BackendLink.connect(name, socket, dom, self.dom0,
+                                                        self.register_fd, self.unregister_fd)
+
+    def control_detach_backend(self, domid: int, name: str) -> None:
+        link = self.links.pop((name, domid), None)
+        if link is None:
+            raise XenError(X.XEN_ENOENT, f"back-end {name} is not attached to dom{domid}")
+        self._detach(link)
+
+    def _detach(self, link: BackendLink) -> None:
+        """The back-end's channels go with it: dom0's ends are closed, so the guest's revert to UNBOUND."""
+        for port in list(link.channels):
+            link.unbind(port)
+            self.dom0.close(port)
+        link.close()
+
+    def control_evtchn_alloc_unbound(self, dom: int, remote_dom: int) -> int:
+        return self.dom0.alloc_unbound(dom, remote_dom)
+
+    def control_evtchn_bind_interdomain(self, remote_dom: int, remote_port: int,
+                                        backend: str | None = None) -> dict[str, int | None]:
+        link = None
+        if backend is not None:
+            link = self.links.get((backend, remote_dom))
+            if link is None:
+                raise XenError(X.XEN_ENOENT, f"back-end {backend} is not attached to dom{remote_dom}")
+        port = self.dom0.bind_interdomain(remote_dom, remote_port)
+        try:
+            index = link.bind(port) if link is not None else None
+        except BaseException:
+            self.dom0.close(port)
+            raise
+        return {"port": port, "index": index}
+
+    def control_evtchn_send(self, port: int) -> None:
+        self.dom0.send(port)
+
+    def control_evtchn_close(self, port: int) -> None:
+        self._dom0_close(port)
+
+    def _dom0_close(self, port: int) -> None:
+        for link in self.links.values():
+            if port in link.channels:
+                link.unbind(port)
+        self.dom0.close(port)
+
+    def control_evtchn_status(self, dom: int, port: int) -> dict[str, Any]:
+        st = self.dom0.status(dom, port)
+        return {"state": st.state.name, "vcpu": st.vcpu, "remote_dom": st.remote_dom,
+                "remote_port": st.remote_port, "virq": st.virq}
+
+    def control_evtchn_is_pending(self, domid: int, port: int) -> bool:
+        return self.channels(self.domain(domid)).is_pending(port)
+
     # -- port I/O the vCPU routes here -----------------------------------------------------------
 
     def pio_read(self, dom: Domain, port: int, size: int) -> tuple[int, int]:
@@ -145,8 +222,38 @@ class Hypervisor:
 
     # -- event channels and grant tables -------------------------------------------------------
 
+    def channels(self, dom: Domain) -> EventChannels:
+        ch = self.evtchn.get(dom.domid)
+        assert ch is not None, f"dom{dom.domid} has no event channels"
+        return ch
+
     def event_channel_op(self, dom: Domain, cmd: int, arg: int) -> int:
-        raise XenError(X.XEN_ENOSYS, f"event_channel_op {cmd} is not modelled yet")
+        layout = E.EVTCHNOP_ARGUMENTS.get(cmd)
+        if layout is None or cmd in UNMODELLED_EVTCHNOPS:
+            raise XenError(X.XEN_ENOSYS, f"event_channel_op {cmd} is not modelled")
+        op = read_struct(dom, layout, arg)
+        ch = self.channels(dom)
+        if cmd == E.EVTCHNOP_alloc_unbound:
+            op.port = ch.alloc_unbound(op.dom, op.remote_dom)
+        elif cmd == E.EVTCHNOP_bind_interdomain:
+            op.local_port = ch.bind_interdomain(op.remote_dom, op.remote_port)
+        elif cmd == E.EVTCHNOP_bind_virq:
+            op.port = ch.bind_virq(op.virq, op.vcpu)
+        elif cmd == E.EVTCHNOP_bind_ipi:
+            op.port = ch.bind_ipi(op.vcpu)
+        elif cmd == E.EVTCHNOP_send:
+            ch.send(op.port)
+            return 0
+        elif cmd == E.EVTCHNOP_close:
+            ch.close(op.port)
+            return 0
+        elif cmd == E.EVTCHNOP_unmask:
+            ch.unmask(op.port)
+            return 0
+        elif cmd == E.EVTCHNOP_status:
+            ch.status(op.dom, op.port).fill(op)
+        write_struct(dom, arg, op)
+        return 0
 
     def grant_table_op(self, dom: Domain, cmd: int, arg: int, count: int) -> int:
         raise XenError(X.XEN_ENOSYS, f"grant_table_op {cmd} is not modelled yet")

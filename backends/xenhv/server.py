@@ -11,7 +11,7 @@ import selectors
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from backends.xenhv.errors import XenError
 from backends.xenhv.hypervisor import Hypervisor
@@ -47,6 +47,17 @@ class Server:
         self.sel.register(self.control, selectors.EVENT_READ, ("control-listen", None))
         hv.on_domain_created = self._domain_created
         hv.on_domain_destroyed = self._domain_destroyed
+        hv.register_fd = self._register_fd
+        hv.unregister_fd = self._unregister_fd
+
+    def _register_fd(self, fd: int, handler: Callable[[], None]) -> None:
+        self.sel.register(fd, selectors.EVENT_READ, ("fd", handler))
+
+    def _unregister_fd(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def _listen(self, path: Path) -> socket.socket:
         if path.exists():
@@ -95,12 +106,15 @@ class Server:
                         self._control_ready(obj)
                     elif kind == "trap":
                         self._trap_ready(obj)
+                    elif kind == "fd":
+                        obj()
                 except (ConnectionError, BlockingIOError) as exc:
                     if kind in ("control", "trap"):
                         self._drop(obj.sock, str(exc))
-        for key in list(self.sel.get_map().values()):
-            key.fileobj.close()
         self.hv.destroy_all()
+        for key in list(self.sel.get_map().values()):
+            if not isinstance(key.fileobj, int):
+                key.fileobj.close()
 
     def _drop(self, sock: Any, reason: str) -> None:
         log.info("connection closed: %s", reason)

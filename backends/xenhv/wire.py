@@ -28,3 +28,7 @@ class TrapKind(enum.IntEnum):
 
 # HELLO reply flags.
 HELLO_PLATFORM_PORTS = 1 << 0  # xenhv serves the unplug ports: the guest has a Xen platform device
+
+# The config space of a Xen back-end over vhost-user: which domain this connection serves. xenhv writes
+# it with SET_CONFIG right after the handshake, before any memory or channel.
+BACKEND_CONFIG = struct.Struct("<HH")  # domid, reserved (0)

@@ -1,0 +1,114 @@
+"""xenhv as the vhost-user front-end of the dom0 back-ends.
+
+One connection per (back-end, domain): after the handshake xenhv writes the domain id into the
+back-end's config space, hands over the domain's RAM (its RAM-file fd, at guest-physical 0) with
+SET_MEM_TABLE, and gives each event channel the back-end binds one kick/call eventfd pair, at a
+vring index of its own ("channel index"). A guest's send to the channel sets dom0's end pending, which
+writes the kick eventfd; the back-end's write to the call eventfd is a send from dom0's end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from backends.vhost_user.frontend import Region, VhostUserFrontend
+from backends.vhost_user.messages import ProtocolFeature
+from backends.xenhv.errors import XenError
+from backends.xenhv.wire import BACKEND_CONFIG
+from xenabi.xen import XEN_EBUSY, XEN_ENOSPC
+
+if TYPE_CHECKING:
+    from backends.xenhv.domain import Domain
+    from backends.xenhv.evtchn import EventChannels
+
+log = logging.getLogger("xenhv.backlinks")
+
+MAX_CHANNELS = 256  # vring indexes a back-end accepts
+PROTOCOL_FEATURES = ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.CONFIG
+
+
+@dataclass
+class Channel:
+    port: int  # dom0's end
+    index: int
+    kick: int
+    call: int
+
+
+@dataclass
+class BackendLink:
+    name: str
+    domain: "Domain"
+    frontend: VhostUserFrontend
+    dom0: "EventChannels"
+    register_fd: Callable[[int, Callable[[], None]], None]
+    unregister_fd: Callable[[int], None]
+    channels: dict[int, Channel] = field(default_factory=dict)  # by dom0 port
+
+    @classmethod
+    def connect(cls, name: str, socket_path: str, domain: "Domain", dom0: "EventChannels",
+                register_fd: Callable[[int, Callable[[], None]], None],
+                unregister_fd: Callable[[int], None]) -> "BackendLink":
+        fe = VhostUserFrontend.connect(socket_path)
+        try:
+            fe.negotiate(protocol_features=PROTOCOL_FEATURES)
+            fe.set_config(0, BACKEND_CONFIG.pack(domain.domid, 0))
+            fe.set_mem_table([Region(0, domain.memory.ram_pages << 12, domain.memory.ram_fd)])
+        except BaseException:
+            fe.close()
+            raise
+        log.info("back-end %s attached to dom%d over %s", name, domain.domid, socket_path)
+        return cls(name, domain, fe, dom0, register_fd, unregister_fd)
+
+    def bind(self, port: int) -> int:
+        """Give dom0's `port` a kick/call pair on this link; returns its channel index."""
+        if port in self.channels:
+            raise XenError(XEN_EBUSY, f"dom0 port {port} already has a channel to {self.name}")
+        used = {c.index for c in self.channels.values()}
+        index = next((i for i in range(MAX_CHANNELS) if i not in used), None)
+        if index is None:
+            raise XenError(XEN_ENOSPC, f"{self.name} has all {MAX_CHANNELS} channels in use for dom{self.domain.domid}")
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            self.frontend.set_channel(index, kick, call)
+        except BaseException:
+            os.close(kick)
+            os.close(call)
+            raise
+        ch = Channel(port, index, kick, call)
+        self.channels[port] = ch
+        self.dom0.set_port_notifier(port, lambda: os.eventfd_write(kick, 1))
+        self.register_fd(call, lambda: self._called(ch))
+        return index
+
+    def _called(self, ch: Channel) -> None:
+        try:
+            os.eventfd_read(ch.call)
+        except BlockingIOError:
+            return
+        try:
+            self.dom0.send(ch.port)
+        except XenError as exc:
+            log.info("%s: notify on dom0 port %d: %s", self.name, ch.port, exc)
+
+    def unbind(self, port: int) -> None:
+        ch = self.channels.pop(port, None)
+        if ch is None:
+            return
+        self.unregister_fd(ch.call)
+        try:
+            self.frontend.set_vring_enable(ch.index, False)
+            self.frontend.get_vring_base(ch.index)  # stops the ring: no more notifications
+        except Exception as exc:  # the back-end may be gone; the channel is ours to close regardless
+            log.info("%s: stopping channel %d: %s", self.name, ch.index, exc)
+        os.close(ch.kick)
+        os.close(ch.call)
+
+    def close(self) -> None:
+        for port in list(self.channels):
+            self.unbind(port)
+        self.frontend.close()
+        log.info("back-end %s detached from dom%d", self.name, self.domain.domid)
