@@ -1,0 +1,279 @@
+"""Grant table v1 rules of xen-abi.md section 7, on frames shared by the table and the guest's frontend."""
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import pytest
+
+from backends.xenhv.errors import GrantError, XenError
+from backends.xenhv.gnttab import GrantTable, GrantTableFrontend, GrantTableHub
+from xenabi.event_channel import DOMID_SELF
+from xenabi.grant_table import (
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GNTST_bad_copy_arg,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_bad_page,
+    GNTST_general_error,
+    GNTST_permission_denied,
+    GRANT_ENTRIES_V1_PER_FRAME,
+    GTF_permit_access,
+    GTF_readonly,
+    GTF_reading,
+    GTF_sub_page,
+    GTF_writing,
+    GnttabCopy,
+)
+from xenabi.xen import XEN_EINVAL
+
+PAGE = 4096
+RAM_PAGES = 16
+GUEST, BACKEND, OTHER = 1, 0, 2
+
+
+class Setup:
+    def __init__(self) -> None:
+        self._frames_map = mmap.mmap(-1, 4 * PAGE)
+        self.frames = memoryview(self._frames_map)
+        self.ram = bytearray(RAM_PAGES * PAGE)
+        self.table = GrantTable(GUEST, self.frame, self.page, max_frames=4)
+        self.front = GrantTableFrontend([self.frame(0)])
+        self.hub = GrantTableHub()
+        self.hub.add(self.table)
+
+    def frame(self, index: int) -> memoryview:
+        return self.frames[index * PAGE:(index + 1) * PAGE]
+
+    def page(self, gfn: int) -> memoryview | None:
+        return memoryview(self.ram)[gfn * PAGE:(gfn + 1) * PAGE] if 0 <= gfn < RAM_PAGES else None
+
+    def flags(self, ref: int) -> int:
+        return self.front.entry(ref).flags
+
+    def close(self) -> None:
+        self.front.release()
+        self.hub.remove(GUEST)
+        self.frames.release()
+        self._frames_map.close()
+
+
+@pytest.fixture
+def s() -> Iterator[Setup]:
+    setup = Setup()
+    yield setup
+    setup.close()
+
+
+def status_of(call, *args: object) -> int:
+    with pytest.raises(GrantError) as info:
+        call(*args)
+    return info.value.status
+
+
+def test_map_sets_reading_and_writing_and_unmap_clears(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    mapping = s.hub.map(BACKEND, GUEST, 8, readonly=False)
+    assert (mapping.gfn, mapping.readonly, mapping.dom) == (3, False, GUEST)
+    assert s.flags(8) == GTF_permit_access | GTF_reading | GTF_writing
+    s.hub.unmap(BACKEND, mapping.handle)
+    assert s.flags(8) == GTF_permit_access
+
+
+def test_readonly_map_sets_only_reading(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3, readonly=True)
+    mapping = s.hub.map(BACKEND, GUEST, 8, readonly=True)
+    assert s.flags(8) == GTF_permit_access | GTF_readonly | GTF_reading
+    s.hub.unmap(BACKEND, mapping.handle)
+    assert s.flags(8) == GTF_permit_access | GTF_readonly
+
+
+def test_writable_map_of_readonly_grant_is_refused(s: Setup) -> None:
+    # Xen's _set_status_v1 fails this (and the type/domid checks) with GNTST_general_error.
+    s.front.grant_access(8, BACKEND, 3, readonly=True)
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, False) == GNTST_general_error
+    assert s.flags(8) == GTF_permit_access | GTF_readonly
+
+
+def test_map_checks_type(s: Setup) -> None:
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error  # GTF_invalid
+    s.front.grant_access(8, BACKEND, 3)
+    s.front.end_foreign_access(8)
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error
+    assert s.flags(8) == 0
+
+
+def test_map_checks_domid(s: Setup) -> None:
+    s.front.grant_access(8, OTHER, 3)
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error
+    assert s.flags(8) == GTF_permit_access
+
+
+def test_map_refuses_sub_page_grant_but_copy_accepts_it(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    s.frame(0)[8 * 8:8 * 8 + 2] = (GTF_permit_access | GTF_sub_page).to_bytes(2, "little")
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error
+    backend_page = bytearray(PAGE)
+    s.hub.add(GrantTable(BACKEND, lambda i: memoryview(bytearray(PAGE)), lambda gfn: memoryview(backend_page)))
+    s.ram[3 * PAGE:3 * PAGE + 4] = b"abcd"
+    s.hub.copy(BACKEND, copy_op(ref_src=8, dom_src=GUEST, length=4))
+    assert backend_page[:4] == b"abcd"
+    assert s.flags(8) == GTF_permit_access | GTF_sub_page
+
+
+def test_multiple_mappers_only_last_unmap_clears(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    reader = s.hub.map(BACKEND, GUEST, 8, readonly=True)
+    writer1 = s.hub.map(BACKEND, GUEST, 8, readonly=False)
+    writer2 = s.hub.map(BACKEND, GUEST, 8, readonly=False)
+    assert len({reader.handle, writer1.handle, writer2.handle}) == 3
+    s.hub.unmap(BACKEND, writer1.handle)
+    assert s.flags(8) == GTF_permit_access | GTF_reading | GTF_writing
+    s.hub.unmap(BACKEND, writer2.handle)
+    assert s.flags(8) == GTF_permit_access | GTF_reading
+    s.hub.unmap(BACKEND, reader.handle)
+    assert s.flags(8) == GTF_permit_access
+
+
+def test_pinned_entry_is_refused_to_another_mapper(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    s.hub.map(BACKEND, GUEST, 8, readonly=True)
+    assert status_of(s.hub.map, OTHER, GUEST, 8, True) == GNTST_general_error
+
+
+def test_bad_ref_handle_domain_and_frame(s: Setup) -> None:
+    assert status_of(s.hub.map, BACKEND, GUEST, GRANT_ENTRIES_V1_PER_FRAME, True) == GNTST_bad_gntref
+    assert status_of(s.hub.map, BACKEND, GUEST, -1, True) == GNTST_bad_gntref
+    assert status_of(s.hub.map, BACKEND, 9, 8, True) == GNTST_bad_domain
+    assert status_of(s.hub.unmap, BACKEND, 0) == GNTST_bad_handle
+    s.front.grant_access(8, BACKEND, RAM_PAGES + 5)
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, False) == GNTST_bad_page
+    assert s.flags(8) == GTF_permit_access  # the pin was undone
+    s.front.grant_access(9, BACKEND, 3)
+    mapping = s.hub.map(BACKEND, GUEST, 9, True)
+    assert status_of(s.hub.unmap, OTHER, mapping.handle) == GNTST_bad_handle
+    s.hub.unmap(BACKEND, mapping.handle)
+    assert status_of(s.hub.unmap, BACKEND, mapping.handle) == GNTST_bad_handle
+
+
+def test_table_grows_to_max_frames(s: Setup) -> None:
+    assert s.table.query_size() == (1, 4)
+    s.hub.setup_table(GUEST, DOMID_SELF, 2)
+    assert s.hub.query_size(GUEST, GUEST) == (2, 4)
+    s.front.add_frame(s.frame(1))
+    ref = GRANT_ENTRIES_V1_PER_FRAME + 1
+    s.front.grant_access(ref, BACKEND, 4)
+    s.hub.unmap(BACKEND, s.hub.map(BACKEND, GUEST, ref, True).handle)
+    assert status_of(s.hub.setup_table, GUEST, GUEST, 5) == GNTST_general_error
+    assert status_of(s.hub.query_size, OTHER, 9) == GNTST_bad_domain
+    assert status_of(s.hub.query_size, OTHER, GUEST) == GNTST_permission_denied
+    assert s.hub.query_size(BACKEND, GUEST) == (2, 4)  # dom0 is privileged
+    with pytest.raises(XenError) as info:
+        s.table.grow(5)
+    assert info.value.errno == XEN_EINVAL
+
+
+def test_revoke_while_mapped_is_busy_and_after_unmap_succeeds(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    mapping = s.hub.map(BACKEND, GUEST, 8, readonly=False)
+    assert s.front.end_foreign_access(8) is False
+    assert s.flags(8) == GTF_permit_access | GTF_reading | GTF_writing
+    s.hub.unmap(BACKEND, mapping.handle)
+    assert s.front.end_foreign_access(8) is True
+    assert s.flags(8) == 0
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error
+
+
+def test_map_gives_up_on_an_entry_that_keeps_changing(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    flips = []
+    real_cmpxchg = s.table._frames[0].cmpxchg
+
+    def guest_races(offset: int, width: int, expected: int, desired: int):
+        # The guest toggles GTF_PWT between Xen's read and its compare-and-swap, every time.
+        flips.append(1)
+        current = s.table._frames[0].load(offset, width)
+        s.table._frames[0].store(offset, width, current ^ (1 << 5))
+        return real_cmpxchg(offset, width, expected, desired)
+
+    s.table._frames[0].cmpxchg = guest_races  # type: ignore[method-assign]
+    assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error
+    assert len(flips) == 5
+    assert not s.flags(8) & (GTF_reading | GTF_writing)
+
+
+def copy_op(*, ref_src: int | None = None, dom_src: int = DOMID_SELF, gmfn_src: int = 0,
+            ref_dst: int | None = None, dom_dst: int = DOMID_SELF, gmfn_dst: int = 0,
+            src_off: int = 0, dst_off: int = 0, length: int = 0) -> GnttabCopy:
+    op = GnttabCopy()
+    op.flags = (GNTCOPY_source_gref if ref_src is not None else 0) | (GNTCOPY_dest_gref if ref_dst is not None else 0)
+    if ref_src is not None:
+        op.source.u.ref = ref_src
+    else:
+        op.source.u.gmfn = gmfn_src
+    if ref_dst is not None:
+        op.dest.u.ref = ref_dst
+    else:
+        op.dest.u.gmfn = gmfn_dst
+    op.source.domid, op.dest.domid = dom_src, dom_dst
+    op.source.offset, op.dest.offset, op.len = src_off, dst_off, length
+    return op
+
+
+def test_copy_between_grant_and_own_frame(s: Setup) -> None:
+    backend_ram = bytearray(4 * PAGE)
+    s.hub.add(GrantTable(BACKEND, lambda i: memoryview(bytearray(PAGE)),
+                         lambda gfn: memoryview(backend_ram)[gfn * PAGE:(gfn + 1) * PAGE] if 0 <= gfn < 4 else None))
+    s.ram[3 * PAGE + 100:3 * PAGE + 105] = b"hello"
+    s.front.grant_access(8, BACKEND, 3, readonly=True)
+    s.hub.copy(BACKEND, copy_op(ref_src=8, dom_src=GUEST, gmfn_dst=2, src_off=100, dst_off=7, length=5))
+    assert backend_ram[2 * PAGE + 7:2 * PAGE + 12] == b"hello"
+    assert s.flags(8) == GTF_permit_access | GTF_readonly  # the transient pin is gone
+    # Writing needs a writable grant.
+    assert status_of(s.hub.copy, BACKEND, copy_op(gmfn_src=2, ref_dst=8, dom_dst=GUEST, length=5)) == \
+        GNTST_general_error
+    s.front.grant_access(9, BACKEND, 4)
+    s.hub.copy(BACKEND, copy_op(gmfn_src=2, src_off=7, ref_dst=9, dom_dst=GUEST, dst_off=4090, length=5))
+    assert s.ram[4 * PAGE + 4090:4 * PAGE + 4095] == b"hello"
+    assert s.flags(9) == GTF_permit_access
+    # Copy is refused beyond the page, for a frame of another domain, and for unbacked frames.
+    assert status_of(s.hub.copy, BACKEND, copy_op(gmfn_src=2, ref_dst=9, dom_dst=GUEST, dst_off=4090,
+                                                  length=7)) == GNTST_bad_copy_arg
+    assert s.flags(9) == GTF_permit_access
+    assert status_of(s.hub.copy, BACKEND, copy_op(gmfn_src=2, dom_src=GUEST, ref_dst=9, dom_dst=GUEST,
+                                                  length=1)) == GNTST_permission_denied
+    assert status_of(s.hub.copy, BACKEND, copy_op(gmfn_src=99, ref_dst=9, dom_dst=GUEST,
+                                                  length=1)) == GNTST_bad_page
+    assert status_of(s.hub.copy, BACKEND, copy_op(ref_src=8, dom_src=7, length=1)) == GNTST_bad_domain
+    assert status_of(s.hub.copy, BACKEND, copy_op(ref_src=5000, dom_src=GUEST, length=1)) == GNTST_bad_gntref
+    assert s.flags(9) == GTF_permit_access and s.flags(8) == GTF_permit_access | GTF_readonly
+
+
+def test_copy_pin_coexists_with_a_mapping(s: Setup) -> None:
+    s.hub.add(GrantTable(BACKEND, lambda i: memoryview(bytearray(PAGE)), lambda gfn: memoryview(bytearray(PAGE))))
+    s.front.grant_access(8, BACKEND, 3)
+    mapping = s.hub.map(BACKEND, GUEST, 8, readonly=True)
+    s.hub.copy(BACKEND, copy_op(gmfn_src=0, ref_dst=8, dom_dst=GUEST, length=1))
+    assert s.flags(8) == GTF_permit_access | GTF_reading  # writing dropped with the copy, reading kept
+    s.hub.unmap(BACKEND, mapping.handle)
+    assert s.flags(8) == GTF_permit_access
+
+
+def test_removing_a_domain_drops_its_mappings(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    s.hub.map(BACKEND, GUEST, 8, readonly=False)
+    s.hub.add(GrantTable(BACKEND, lambda i: memoryview(bytearray(PAGE)), lambda gfn: None))
+    s.hub.remove(BACKEND)
+    assert s.flags(8) == GTF_permit_access
+    assert s.front.end_foreign_access(8)
+
+
+def test_frontend_rejects_values_that_do_not_fit(s: Setup) -> None:
+    with pytest.raises(IndexError):
+        s.front.grant_access(GRANT_ENTRIES_V1_PER_FRAME, BACKEND, 1)
+    with pytest.raises(ValueError):
+        s.front.grant_access(8, BACKEND, 1 << 32)
+    with pytest.raises(ValueError):
+        s.front.grant_access(8, 1 << 16, 1)
