@@ -35,6 +35,8 @@ _PRIV_ONLY = frozenset(int(t) for t in (T.CONTROL, T.INTRODUCE, T.RELEASE, T.IS_
 _IGNORES_TX = frozenset((int(T.WATCH), int(T.UNWATCH)))
 _ERROR = int(T.ERROR)
 _pack = XSD_SOCKMSG.pack
+# How many pre-images a dom0 transaction keeps for its snapshot before it is doomed to EAGAIN.
+_PRIV_PRESERVE_LIMIT = 1 << 20
 
 Store = Tree | Transaction
 Handler = Callable[[Connection, "Transaction | None", bytes], bytes]
@@ -123,6 +125,8 @@ class XenstoreCore:
         for w in conn.watches.values():
             self.watches.remove(w)
         conn.watches.clear()
+        for tx in conn.transactions.values():
+            tx.close()
         conn.transactions.clear()
 
     def dump(self) -> dict[str, tuple[bytes, str]]:
@@ -392,7 +396,10 @@ class XenstoreCore:
         while txid == 0 or txid in conn.transactions:
             txid = (txid + 1) & 0xFFFFFFFF
         conn.next_txid = (txid + 1) & 0xFFFFFFFF
-        conn.transactions[txid] = Transaction(self.tree, txid)
+        limit = _PRIV_PRESERVE_LIMIT if conn.privileged else self.quotas.transaction_nodes
+        tx = Transaction(self.tree, txid, limit)
+        self.tree.open_txs.add(tx)
+        conn.transactions[txid] = tx
         return b"%d\0" % txid
 
     def _tx_end(self, conn: Connection, tx: Transaction | None, payload: bytes) -> bytes:
@@ -402,6 +409,7 @@ class XenstoreCore:
         if arg not in (b"T", b"F"):
             raise XsError("EINVAL", f"TRANSACTION_END argument {arg[:8]!r}")
         del conn.transactions[tx.txid]
+        tx.close()
         if arg == b"F":
             return OK
         if tx.conflicts():

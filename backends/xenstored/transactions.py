@@ -2,10 +2,13 @@
 
 A transaction copies each node on first access and remembers the generation it saw (None: absent).
 Commit fails with EAGAIN if any accessed node changed since: it was modified, created or deleted.
-Isolation is exact because a node first touched *after* someone else modified it (generation newer than
-the transaction's start) also dooms the commit, so the transaction never acts on a state newer than its
-snapshot. A lookup of an absent node checks its nearest existing ancestor, whose children list changes
-whenever the node is created or deleted.
+
+Snapshot reads: before the tree changes a node, it hands the old state to every open transaction that
+has not looked at that node yet (`preserve`). A transaction that later accesses such a node sees its
+snapshot state, and is doomed (`stale`): the node changed after the transaction started, which is a
+conflict under the generation rule anyway. A transaction that would have to keep more than
+`preserve_limit` old nodes is doomed instead, bounding memory (a spurious EAGAIN, which the protocol
+allows).
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from backends.xenstored.paths import parent_of
 from backends.xenstored.tree import Node, Tree
 
 if TYPE_CHECKING:
@@ -23,34 +25,38 @@ log = logging.getLogger("xenstored.transactions")
 
 
 class Transaction:
-    def __init__(self, tree: Tree, txid: int) -> None:
+    def __init__(self, tree: Tree, txid: int, preserve_limit: int) -> None:
         self.tree = tree
         self.txid = txid
-        self.start_gen = tree.gen
+        self.preserve_limit = preserve_limit
         self.view: dict[str, Node | None] = {}
+        self.preserved: dict[str, Node | None] = {}
         self.accessed: dict[str, int | None] = {}
         self.dirty: dict[str, None] = {}
         self.owned_delta: Counter[int] = Counter()
         self.stale = False  # saw a node newer than the snapshot: commit must fail
+        self.overflowed = False  # stopped keeping its snapshot: commit must fail
         self.events: dict[tuple[str, bool], "Event"] = {}  # fired on commit, one per (path, exact)
 
+    def preserve(self, path: str, node: Node | None) -> None:
+        """The tree is about to change `path`; keep its current state if this transaction has not seen it."""
+        if self.overflowed or path in self.view or path in self.preserved:
+            return
+        if len(self.preserved) >= self.preserve_limit:
+            self.stale = self.overflowed = True
+            self.preserved.clear()
+            return
+        self.preserved[path] = None if node is None else node.copy()
+
     def _load(self, path: str) -> Node | None:
-        node = self.tree.nodes.get(path)
-        if node is not None:
-            self.accessed[path] = node.gen
-            if node.gen > self.start_gen:
-                self.stale = True
-            node = node.copy()
+        if path in self.preserved:
+            node = self.preserved.pop(path)
+            self.stale = True
         else:
-            self.accessed[path] = None
-            anc = path
-            while anc != "/":
-                anc = parent_of(anc)
-                existing = self.tree.nodes.get(anc)
-                if existing is not None:
-                    if existing.gen > self.start_gen:
-                        self.stale = True
-                    break
+            node = self.tree.nodes.get(path)
+            self.accessed[path] = None if node is None else node.gen
+            if node is not None:
+                node = node.copy()
         self.view[path] = node
         return node
 
@@ -92,6 +98,10 @@ class Transaction:
             if (None if node is None else node.gen) != gen:
                 return True
         return False
+
+    def close(self) -> None:
+        self.tree.open_txs.discard(self)
+        self.preserved.clear()
 
     def apply(self) -> None:
         """Write the transaction's changes into the tree; the caller checked `conflicts()` first."""

@@ -9,8 +9,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backends.xenstored.perms import Access, Perm, Perms
+
+if TYPE_CHECKING:
+    from backends.xenstored.transactions import Transaction
 
 log = logging.getLogger("xenstored.tree")
 
@@ -39,17 +43,27 @@ class Tree:
         self.gen = 0
         self.nodes: dict[str, Node] = {"/": Node(b"", ROOT_PERMS)}
         self.owned: Counter[int] = Counter({0: 1})  # nodes per owning domain, for the node quota
+        self.open_txs: set["Transaction"] = set()  # told before each change, for their snapshots
+
+    def _preserve(self, path: str) -> None:
+        node = self.nodes.get(path)
+        for tx in self.open_txs:
+            tx.preserve(path, node)
 
     def get(self, path: str) -> Node | None:
         return self.nodes.get(path)
 
     def modifiable(self, path: str) -> Node:
+        if self.open_txs:
+            self._preserve(path)
         node = self.nodes[path]
         self.gen += 1
         node.gen = self.gen
         return node
 
     def put(self, path: str, node: Node) -> None:
+        if self.open_txs:
+            self._preserve(path)
         old = self.nodes.get(path)
         if old is not None:
             self.owned[old.perms[0].domid] -= 1
@@ -59,6 +73,8 @@ class Tree:
         self.nodes[path] = node
 
     def delete(self, path: str) -> None:
+        if self.open_txs:
+            self._preserve(path)
         old = self.nodes.pop(path, None)
         if old is not None:
             self.owned[old.perms[0].domid] -= 1

@@ -589,3 +589,27 @@ def test_default_quotas_match_cxenstored() -> None:
     q = Quotas()
     assert (q.nodes, q.watches, q.outstanding, q.transactions, q.node_perms, q.path_max, q.node_size) == \
         (1000, 128, 20, 10, 5, 2048, 2048)
+
+
+def test_snapshot_hides_nodes_created_after_start(core: XenstoreCore) -> None:
+    a, b = Peer(core), Peer(core)
+    tx = a.tx_start()
+    b.write("/new/node", "v")
+    b.rm("/tool/xenstored")
+    assert a.err(T.READ, b"/new\0", tx) == "ENOENT"
+    assert a.directory("/tool", tx) == ["xenstored"]
+    assert a.tx_end(tx) == "EAGAIN"
+
+
+def test_transaction_snapshot_is_bounded(small_core: XenstoreCore) -> None:
+    core = XenstoreCore(Quotas(transaction_nodes=3))
+    Peer(core).write("/local/domain/3", "")
+    Peer(core).set_perms("/local/domain/3", "n3")
+    g, d0 = peer(core, 3), Peer(core)
+    tx = g.tx_start()
+    for i in range(10):
+        d0.write(f"/other/{i}", "")
+    (txobj,) = g.conn.transactions.values()
+    assert len(txobj.preserved) == 0 and txobj.overflowed
+    g.write("mine", "x", tx)
+    assert g.tx_end(tx) == "EAGAIN", "a transaction that dropped its snapshot cannot commit"
