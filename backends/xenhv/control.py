@@ -10,9 +10,10 @@ from harness.errors import HarnessError
 
 
 class XenhvError(HarnessError):
-    def __init__(self, op: str, message: str, errno: int | None) -> None:
+    def __init__(self, op: str, message: str, errno: int | None, gntst: int | None = None) -> None:
         self.op = op
         self.errno = errno
+        self.gntst = gntst  # a grant operation's GNTST_* status
         super().__init__(f"xenhv {op}: {message}")
 
 
@@ -30,7 +31,7 @@ class XenhvControl:
             raise XenhvError(op, "xenhv closed the control connection", None)
         reply = json.loads(line)
         if "error" in reply:
-            raise XenhvError(op, reply["error"], reply.get("errno"))
+            raise XenhvError(op, reply["error"], reply.get("errno"), reply.get("gntst"))
         return reply["ok"]
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ for the platform unplug model, to that machine's device-model QMP socket.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from pathlib import Path
@@ -13,17 +14,21 @@ from typing import Any, Callable
 
 from backends.xenhv.backlinks import BackendLink
 from backends.xenhv.domain import SHARED_INFO_FRAME, Domain, DomainConfig, RunState
-from backends.xenhv.errors import XenError
+from backends.xenhv.errors import GrantError, XenError
 from backends.xenhv.evtchn import EventChannelHub, EventChannels
+from backends.xenhv.gnttab import GrantTable, GrantTableHub
 from backends.xenhv.hypercall import Hypercalls, read_struct, write_struct
 from harness.qmp import QmpSession
 from xenabi import event_channel as E
+from xenabi import grant_table as G
 from xenabi import xen as X
 from xenabi.unplug import XEN_PLATFORM_VENDOR_ID
 
 log = logging.getLogger("xenhv")
 
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
+MAX_GNTTAB_BATCH = 4096
+INVALID_GFN = (1 << 64) - 1
 UNMODELLED_EVTCHNOPS = frozenset({E.EVTCHNOP_bind_pirq, E.EVTCHNOP_bind_vcpu, E.EVTCHNOP_reset,
                                   E.EVTCHNOP_set_priority})
 
@@ -36,6 +41,7 @@ class Hypervisor:
         self.evtchn = EventChannelHub()
         # dom0's ports are delivered out of band, to the back-ends' eventfds.
         self.dom0 = self.evtchn.create(0, privileged=True)
+        self.gnttab = GrantTableHub(privileged=(0,))
         self.on_domain_created: Callable[[int], str] | None = None
         self.on_domain_destroyed: Callable[[int], None] | None = None
         self.on_shutdown: Callable[[Domain, int], None] | None = None
@@ -90,6 +96,15 @@ class Hypervisor:
         self.evtchn.create(dom.domid, upcall=dom.upcall, shared_info=dom.memory.hv_frame(SHARED_INFO_FRAME),
                            max_ports=dom.config.max_evtchn_ports + 1)
 
+        def guest_frame(gfn: int) -> memoryview | None:
+            try:
+                return dom.memory.page(gfn)
+            except XenError:
+                return None
+
+        self.gnttab.add(GrantTable(dom.domid, lambda i: dom.memory.hv_frame(dom.grant_frame_index(i)),
+                                   guest_frame, max_frames=dom.config.max_grant_frames))
+
     def control_destroy_domain(self, domid: int) -> None:
         dom = self.domain(domid)
         self.teardown_domain(dom)
@@ -105,6 +120,7 @@ class Hypervisor:
         """Close the domain's event channels (remote ends revert) and release its grant table."""
         for key in [k for k in self.links if k[1] == dom.domid]:
             self._detach(self.links.pop(key))
+        self.gnttab.remove(dom.domid)
         self.evtchn.destroy(dom.domid)
 
     def destroy_all(self) -> None:
@@ -255,8 +271,55 @@ class Hypervisor:
         write_struct(dom, arg, op)
         return 0
 
-    def grant_table_op(self, dom: Domain, cmd: int, arg: int, count: int) -> int:
-        raise XenError(X.XEN_ENOSYS, f"grant_table_op {cmd} is not modelled yet")
+    def grant_table(self, dom: Domain) -> GrantTable:
+        table = self.gnttab.get(dom.domid)
+        assert table is not None, f"dom{dom.domid} has no grant table"
+        return table
 
-    def grant_table(self, dom: Domain) -> Any:
-        raise XenError(X.XEN_ENOSYS, "grant tables are not modelled yet")
+    def grant_table_op(self, dom: Domain, cmd: int, arg: int, count: int) -> int:
+        """GNTTABOP_* on `count` op structs at `arg`. Per-op failures are GNTST_* in each op's status
+        field; the hypercall itself fails only for a bad command, count or pointer, as in Xen."""
+        layout = G.GNTTABOP_ARGUMENTS.get(cmd)
+        if layout is None or cmd not in (G.GNTTABOP_setup_table, G.GNTTABOP_query_size, G.GNTTABOP_copy):
+            raise XenError(X.XEN_ENOSYS, f"grant_table_op {cmd} is not modelled (HVM guests map no grants here)")
+        if not 0 <= count <= MAX_GNTTAB_BATCH:
+            raise XenError(X.XEN_EINVAL, f"grant_table_op count {count} exceeds {MAX_GNTTAB_BATCH}")
+        size = ctypes.sizeof(layout)
+        for i in range(count):
+            op = read_struct(dom, layout, arg + i * size)
+            try:
+                if cmd == G.GNTTABOP_setup_table:
+                    self._setup_table(dom, op)
+                elif cmd == G.GNTTABOP_query_size:
+                    op.nr_frames, op.max_nr_frames = self.gnttab.query_size(dom.domid, self._dom(dom, op.dom))
+                else:
+                    self.gnttab.copy(dom.domid, op)
+                op.status = G.GNTST_okay
+            except GrantError as exc:
+                log.info("dom%d: grant_table_op %d: %s", dom.domid, cmd, exc)
+                op.status = exc.status
+            write_struct(dom, arg + i * size, op)
+        return 0
+
+    @staticmethod
+    def _dom(dom: Domain, domid: int) -> int:
+        return dom.domid if domid == E.DOMID_SELF else domid
+
+    def _setup_table(self, dom: Domain, op: Any) -> None:
+        target = self._dom(dom, op.dom)
+        self.gnttab.setup_table(dom.domid, target, op.nr_frames)
+        # A translated guest gets the frames where it mapped them (XENMEM_add_to_physmap), or INVALID_GFN.
+        owner = self.domain(target) if target in self.domains else dom
+        for i in range(op.nr_frames):
+            gfn = owner.memory.gfn_of(owner.grant_frame_index(i))
+            write_struct(dom, op.frame_list + 8 * i, ctypes.c_uint64(INVALID_GFN if gfn is None else gfn))
+
+    # -- grants for dom0's back-ends ---------------------------------------------------------------
+
+    def control_gnttab_map(self, domid: int, ref: int, readonly: bool) -> dict[str, int]:
+        self.domain(domid)
+        m = self.gnttab.map(0, domid, ref, bool(readonly))
+        return {"handle": m.handle, "gfn": m.gfn}
+
+    def control_gnttab_unmap(self, handle: int) -> None:
+        self.gnttab.unmap(0, handle)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from backends.xenhv.errors import XenError
+from backends.xenhv.errors import GrantError, XenError
 from backends.xenhv.hypervisor import Hypervisor
 from backends.xenhv.wire import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
 
@@ -151,6 +151,8 @@ class Server:
             return {"ok": fn(**req)}
         except XenError as exc:
             return {"error": str(exc), "errno": exc.errno}
+        except GrantError as exc:
+            return {"error": str(exc), "gntst": exc.status}
         except (ValueError, TypeError, KeyError, OSError) as exc:
             log.info("control request refused: %s", exc)
             return {"error": f"{type(exc).__name__}: {exc}"}
