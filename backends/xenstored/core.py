@@ -102,10 +102,14 @@ class XenstoreCore:
             reply = handler(conn, tx, payload)
             if len(reply) > XENSTORE_PAYLOAD_MAX:
                 raise XsError("E2BIG", "reply too large")
-        except XsError as exc:
+        except Exception as exc:
             self._pending.clear()
             self._after_reply.clear()
-            if log.isEnabledFor(logging.DEBUG):
+            if not isinstance(exc, XsError):
+                # A bug must not take down every other connection with the daemon: fail this request.
+                log.exception("%r: internal error handling type %d", conn, mtype)
+                exc = XsError("EIO", "internal error")
+            elif log.isEnabledFor(logging.DEBUG):
                 log.debug("%r type %d -> %s", conn, mtype, exc)
             body = exc.errno_name.encode("ascii") + b"\0"
             conn.send(_pack(_ERROR, req_id, tx_id, len(body)) + body)

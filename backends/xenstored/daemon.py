@@ -123,6 +123,7 @@ class RingChannel:
         self.daemon = daemon
         self.endpoint = endpoint
         self.scheduled = False
+        self.closed = False
         privileged = domid == 0
         self.conn = Connection(f"dom{domid}", domid, privileged, self._queue)
         quotas = daemon.core.quotas
@@ -135,23 +136,30 @@ class RingChannel:
         )
 
     def _queue(self, msg: bytes) -> None:
+        if self.closed:
+            return
         self.ring.send(msg)
         self.schedule()
 
     def schedule(self) -> None:
-        if not self.scheduled:
+        if not self.scheduled and not self.closed:
             self.scheduled = True
             self.daemon.dirty.append(self)
 
     def on_event(self, mask: int) -> None:
         self.endpoint.doorbell.drain()
-        self.ring.service()
+        if not self.closed:
+            self.ring.service()
 
     def flush(self) -> None:
         self.scheduled = False
-        self.ring.service()
+        if not self.closed:
+            self.ring.service()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.daemon.sel.unregister(self.endpoint.doorbell.wait_fd)
         del self.ring  # drops the ctypes view of the page so it can be unmapped
         self.endpoint.close()

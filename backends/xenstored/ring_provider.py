@@ -6,6 +6,7 @@ until then: one page file and two FIFOs per domain in a directory shared with th
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Callable, Protocol
 from backends.xenstored.errors import XsError
 from backends.xenstored.ring import PAGE_SIZE, Doorbell
 
+log = logging.getLogger("xenstored.ring_provider")
+
 
 @dataclass
 class RingEndpoint:
@@ -23,9 +26,13 @@ class RingEndpoint:
     release: Callable[[], None] = field(default=lambda: None)  # unmap and close, once the daemon is done
 
     def close(self) -> None:
-        self.page.release()
         self.doorbell.close()
-        self.release()
+        try:
+            self.page.release()
+            self.release()
+        except BufferError:
+            # Something still views the page; the mapping goes when that is collected.
+            log.warning("ring page still referenced at close; leaving it to the garbage collector")
 
 
 class PageProvider(Protocol):
