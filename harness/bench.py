@@ -16,6 +16,7 @@ from typing import Callable
 BENCH_MODULES = (
     "harness.bench_machine",
     "backends.xenstored.bench",
+    "backends.xenhv.bench",
 )
 
 

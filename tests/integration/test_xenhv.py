@@ -6,14 +6,12 @@ from __future__ import annotations
 import ctypes
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
 from harness.process import Supervised, wait_for
+from stack.vcpu.hypercalls import Hypercalls
 from stack.vcpu.pci import PciBus
 from xenabi import event_channel as E
-from xenabi import grant_table as G
 from xenabi import hvm
 from xenabi import xen as X
 
@@ -22,13 +20,10 @@ pytestmark = pytest.mark.integration
 SCRATCH = 0x10000  # a guest RAM page for hypercall arguments
 MAILBOX = 0x20000  # the page shared with the back-end
 HC = X.HYPERCALL_NUMBERS
-PEER = Path(__file__).with_name("peer_backend.py")
 
 
 def call(vcpu, nr: int, cmd: int, op: ctypes.Structure) -> tuple[int, ctypes.Structure]:
-    vcpu.write_phys(SCRATCH, bytes(op))
-    rc = vcpu.hypercall(nr, cmd, SCRATCH)
-    return rc, type(op).from_buffer_copy(vcpu.read_phys(SCRATCH, ctypes.sizeof(op)))
+    return Hypercalls(vcpu, SCRATCH).op(nr, cmd, op)
 
 
 def platform_gfn(vcpu) -> int:
@@ -38,16 +33,11 @@ def platform_gfn(vcpu) -> int:
 
 
 def map_shared_info(vcpu, gfn: int) -> None:
-    rc, _ = call(vcpu, HC["memory_op"], X.XENMEM_add_to_physmap,
-                 X.XenAddToPhysmap(domid=E.DOMID_SELF, space=X.XENMAPSPACE_shared_info, idx=0, gpfn=gfn))
-    assert rc == 0
+    Hypercalls(vcpu, SCRATCH).add_to_physmap(X.XENMAPSPACE_shared_info, 0, gfn)
 
 
 def alloc_unbound(vcpu, remote: int = 0) -> int:
-    rc, op = call(vcpu, HC["event_channel_op"], E.EVTCHNOP_alloc_unbound,
-                  E.EvtchnAllocUnbound(dom=E.DOMID_SELF, remote_dom=remote))
-    assert rc == 0
-    return op.port
+    return Hypercalls(vcpu, SCRATCH).evtchn_alloc_unbound(remote)
 
 
 def pending(vcpu, gfn: int, port: int) -> bool:
@@ -99,7 +89,7 @@ def test_event_channel_round_trip_with_a_vhost_user_backend(xen_guest_factory, h
     port = alloc_unbound(v)
 
     sock = host.run_dir / f"peer-{d.domid}.sock"
-    peer = Supervised("peer back-end", [sys.executable, str(PEER), "--xenhv", str(host.xenhv_socket),
+    peer = Supervised("peer back-end", [sys.executable, "-m", "backends.peer", "--xenhv", str(host.xenhv_socket),
                                         "--socket", str(sock), "--domid", str(d.domid), "--port", str(port),
                                         "--gpa", hex(MAILBOX)], artifacts / "peer.log").start()
     try:
@@ -130,9 +120,7 @@ def test_event_channel_round_trip_with_a_vhost_user_backend(xen_guest_factory, h
 
 
 def map_grant_frame(vcpu, gfn: int, idx: int = 0) -> None:
-    rc, _ = call(vcpu, HC["memory_op"], X.XENMEM_add_to_physmap,
-                 X.XenAddToPhysmap(domid=E.DOMID_SELF, space=X.XENMAPSPACE_grant_table, idx=idx, gpfn=gfn))
-    assert rc == 0
+    Hypercalls(vcpu, SCRATCH).add_to_physmap(X.XENMAPSPACE_grant_table, idx, gfn)
 
 
 def test_granted_page_is_mapped_by_the_backend_and_revocation_waits_for_unmap(xen_guest_factory, host,
@@ -151,14 +139,11 @@ def test_granted_page_is_mapped_by_the_backend_and_revocation_waits_for_unmap(xe
     frontend.grant_access(ref, 0, MAILBOX >> 12)
     port = alloc_unbound(v)
 
-    q = G
-    v.write_phys(SCRATCH, bytes(q.GnttabQuerySize(dom=E.DOMID_SELF)))
-    assert v.hypercall(HC["grant_table_op"], q.GNTTABOP_query_size, SCRATCH, 1) == 0
-    size = q.GnttabQuerySize.from_buffer_copy(v.read_phys(SCRATCH, ctypes.sizeof(q.GnttabQuerySize)))
+    size = Hypercalls(v, SCRATCH).gnttab_query_size()
     assert (size.status, size.nr_frames, size.max_nr_frames) == (0, 1, 32)
 
     sock = host.run_dir / f"peer-g{d.domid}.sock"
-    peer = Supervised("peer back-end", [sys.executable, str(PEER), "--xenhv", str(host.xenhv_socket),
+    peer = Supervised("peer back-end", [sys.executable, "-m", "backends.peer", "--xenhv", str(host.xenhv_socket),
                                         "--socket", str(sock), "--domid", str(d.domid), "--port", str(port),
                                         "--grant", str(ref)], artifacts / "peer.log").start()
     try:

@@ -1,8 +1,9 @@
-"""A minimal dom0 back-end process for the xenhv integration tests: it attaches to a domain over
-vhost-user, binds the guest's unbound port, and on each event reads a request from guest memory,
-writes the reply (the bytes reversed) and notifies back. It prints one line per event on stdout.
+"""A minimal dom0 back-end, the peer of xenhv's integration tests and `xenpv bench evtchn`: it attaches
+to a domain over vhost-user, binds the guest's unbound port, and on each event reads a request from
+guest memory (a u32 length and the bytes), writes the reply (the bytes reversed) and notifies back;
+with --reflect it only notifies back. It prints one line per handled request on stdout.
 
-    python peer_backend.py --xenhv SOCK --socket SOCK --domid N --port P --gpa ADDR [--grant REF]
+    python -m backends.peer --xenhv SOCK --socket SOCK --domid N --port P (--gpa ADDR | --grant REF | --reflect)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def main() -> int:
     p.add_argument("--port", required=True, type=int)
     p.add_argument("--gpa", type=lambda s: int(s, 0), default=None)
     p.add_argument("--grant", type=int, default=None, help="map this grant ref instead of using --gpa")
+    p.add_argument("--reflect", action="store_true", help="notify back on every event, touching no memory")
     args = p.parse_args()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -38,6 +40,10 @@ def main() -> int:
             gpa = args.gpa
 
         def on_event() -> None:
+            if args.reflect:
+                if index_box:
+                    link.notify(index_box[0])
+                return
             length = int.from_bytes(link.memory.read(gpa, 4), "little")
             if length == 0 or length > 4000:
                 return  # nothing posted yet (or the bind-time kick)
@@ -46,10 +52,11 @@ def main() -> int:
             link.memory.write(gpa, (0).to_bytes(4, "little"))
             state["events"] += 1
             print(f"event {state['events']}: {data.decode(errors='replace')}", flush=True)
-            link.notify(index)
+            link.notify(index_box[0])
 
-        index = link.bind(args.port, lambda: on_event())
-        print(f"bound port {args.port} as channel {index}", flush=True)
+        index_box: list[int] = []  # set once bound; bind() runs the handler once before it returns
+        index_box.append(link.bind(args.port, on_event))
+        print(f"bound port {args.port} as channel {index_box[0]}", flush=True)
         done.wait()
         if args.grant is not None:
             be.call("gnttab_unmap", handle=m["handle"])

@@ -1,0 +1,164 @@
+"""`xenpv bench evtchn`: event channel round trips through the whole path, grant map+unmap and
+hypercall round trips, each beside a bare baseline measured in the same command.
+
+- round trip: the guest's EVTCHNOP_send (a trap to xenhv) -> dom0's port -> the back-end's kick eventfd
+  -> the back-end's call eventfd -> xenhv -> the guest's pending bit and upcall eventfd; baseline: an
+  eventfd ping-pong between two processes.
+- grant map+unmap: dom0 mapping and unmapping a guest grant through xenhv's control socket; baseline:
+  a unix-socket echo of a message of the same size between two processes.
+- hypercalls: EVTCHNOP_status traps (struct written to and read from guest RAM); baseline: the same
+  unix-socket echo with a trap-sized message.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import socket
+import sys
+import time
+from pathlib import Path
+
+from harness.bench import BenchReport, benchmark, median
+
+SCRATCH, MAILBOX = 0x10000, 0x20000
+
+
+def _eventfd_pingpong(n: int) -> float:
+    """Median round trip of an eventfd ping-pong with a child process, in seconds."""
+    ping, pong = os.eventfd(0), os.eventfd(0)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for _ in range(n):
+                select.select([ping], [], [])
+                os.eventfd_read(ping)
+                os.eventfd_write(pong, 1)
+        finally:
+            os._exit(0)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        os.eventfd_write(ping, 1)
+        select.select([pong], [], [])
+        os.eventfd_read(pong)
+        samples.append(time.perf_counter() - t0)
+    os.waitpid(pid, 0)
+    os.close(ping)
+    os.close(pong)
+    return median(samples)
+
+
+def _socket_echo_rate(n: int, size: int) -> float:
+    """Round trips per second of a unix-socket echo of `size`-byte messages with a child process."""
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            a.close()
+            for _ in range(n):
+                b.sendall(b.recv(size))
+        finally:
+            os._exit(0)
+    b.close()
+    msg = b"x" * size
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a.sendall(msg)
+        a.recv(size)
+    elapsed = time.perf_counter() - t0
+    os.waitpid(pid, 0)
+    a.close()
+    return n / elapsed
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=2000, help="operations per figure (default %(default)s)")
+
+
+@benchmark("evtchn", help="event channel round trip, grant map+unmap and hypercall rates", arguments=_arguments)
+def bench_evtchn(args: argparse.Namespace) -> BenchReport:
+    from harness.machine import Machine
+    from harness.plugin import resolve_guest
+    from harness.process import Supervised, wait_for
+    from harness.rundir import make_run_dir, remove_run_dir
+    from harness.services import HostServices
+    from harness.xendomain import XenDomain
+    from backends.xenhv.gnttab import GrantTableFrontend
+    from stack.vcpu.hypercalls import HC, Hypercalls
+    from stack.vcpu.pci import PciBus
+    from xenabi import event_channel as E
+    from xenabi import xen as X
+    from backends.xenhv.wire import TRAP
+
+    n = args.rounds
+    with contextlib.ExitStack() as cleanup:
+        work = make_run_dir("bench")
+        cleanup.callback(remove_run_dir, work)
+        host = HostServices.start(work / "host")
+        cleanup.callback(host.stop)
+        machine = Machine(resolve_guest("default"), work / "machine").launch()
+        cleanup.callback(machine.shutdown)
+        dom = XenDomain.create(host, machine)
+        cleanup.callback(dom.destroy)
+        v, hc = dom.vcpu, Hypercalls(dom.vcpu, SCRATCH)
+        (platform,) = [f for f in PciBus(v).assign_resources() if f.vendor_id == 0x5853]
+        base = platform.bars[0].address >> 12
+        hc.add_to_physmap(X.XENMAPSPACE_shared_info, 0, base)
+        hc.add_to_physmap(X.XENMAPSPACE_grant_table, 0, base + 1)
+        port = hc.evtchn_alloc_unbound(0)
+        peer = Supervised("peer", [sys.executable, "-m", "backends.peer", "--xenhv", str(host.xenhv_socket),
+                                   "--socket", str(host.run_dir / "bench-peer.sock"), "--domid", str(dom.domid),
+                                   "--port", str(port), "--reflect"], work / "peer.log").start()
+        cleanup.callback(peer.stop)
+        wait_for(lambda: "bound port" in Path(peer.log_path).read_text(), timeout=10, what="the peer to bind",
+                 alive=[peer])
+        shared = cleanup.enter_context(v.page(base))
+        pending_word = X.SharedInfo.evtchn_pending.offset + 8 * (port // 64)
+        vcpu0 = X.SharedInfo.vcpu_info.offset
+        upcall_flag = vcpu0 + X.VcpuInfo.evtchn_upcall_pending.offset
+        selector = vcpu0 + X.VcpuInfo.evtchn_pending_sel.offset
+
+        rtt = []
+        for _ in range(n):
+            # What the guest's upcall handler does before it scans: clear the flag, take the selector,
+            # clear the port's pending bit.
+            shared[upcall_flag] = 0
+            shared[selector:selector + 8] = bytes(8)
+            shared[pending_word:pending_word + 8] = bytes(8)
+            t0 = time.perf_counter()
+            hc.evtchn_send(port)
+            if not dom.link.wait_upcall(5.0):
+                peer.check_alive("the event channel benchmark")
+                raise TimeoutError("no upcall within 5 s")
+            rtt.append(time.perf_counter() - t0)
+
+        fe = GrantTableFrontend([cleanup.enter_context(v.page(base + 1))])
+        cleanup.callback(fe.release)
+        fe.grant_access(8, 0, MAILBOX >> 12)
+        ctl = host.xenhv_control()
+        cleanup.callback(ctl.close)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            m = ctl.call("gnttab_map", domid=dom.domid, ref=8, readonly=False)
+            ctl.call("gnttab_unmap", handle=m["handle"])
+        grant_rate = n / (time.perf_counter() - t0)
+
+        status = E.EvtchnStatus(dom=E.DOMID_SELF, port=port)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            hc.op(HC["event_channel_op"], E.EVTCHNOP_status, status)
+        hypercall_rate = n / (time.perf_counter() - t0)
+
+    r = BenchReport(f"event channels and grants ({n} operations each)")
+    a = r.add("event channel round trip (guest->back-end->guest), median", median(rtt) * 1e6, "us")
+    b = r.add("baseline: eventfd ping-pong between two processes, median", _eventfd_pingpong(n) * 1e6, "us")
+    r.ratio("round trip / baseline", a, b)
+    g = r.add("grant map+unmap by dom0", grant_rate, "pairs/s")
+    gb = r.add("baseline: unix-socket echo, 2 round trips per pair", _socket_echo_rate(n, 64) / 2, "pairs/s")
+    r.ratio("grant map+unmap / baseline", g, gb)
+    h = r.add("hypercall round trips (EVTCHNOP_status)", hypercall_rate, "calls/s")
+    hb = r.add("baseline: unix-socket echo of a trap-sized message", _socket_echo_rate(n, TRAP.size), "calls/s")
+    r.ratio("hypercalls / baseline", h, hb)
+    return r
