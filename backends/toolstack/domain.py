@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backends.toolstack import layout as L
 from backends.xenhv.control import XenhvControl, XenhvError
-from backends.xenstored.client import XsClient, XsRequestError
+from backends.xenstored.client import XsClient, XsConnectionError, XsRequestError
 from guests.schema import GuestDefinition, PvDisk
 from harness.errors import HarnessError
 from harness.machine import Machine, MachinePaths
@@ -53,7 +53,9 @@ def _step(domid: int, step: str) -> Iterator[None]:
         yield
     except ToolstackError:
         raise
-    except (XsRequestError, XenhvError, OSError, subprocess.CalledProcessError, ValueError) as exc:
+    except subprocess.CalledProcessError as exc:
+        raise ToolstackError(domid, step, f"{exc}: {exc.stderr.strip()}") from exc
+    except (XsRequestError, XsConnectionError, XenhvError, OSError, ValueError) as exc:
         raise ToolstackError(domid, step, str(exc)) from exc
 
 
@@ -137,7 +139,7 @@ def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: in
               name: str, ram_size: int, backend_domid: int) -> CreatedDomain:
     dom = L.domain_path(domid)
     skeleton = L.domain_nodes(guest, domid, name)
-    vm_path = skeleton[1].path
+    vm_path = L.vm_path(guest, domid)
 
     def make(tx: int) -> None:
         # A stale directory of an earlier domain with this id must not leak into the new one.

@@ -38,6 +38,10 @@ def vm_uuid(guest: GuestDefinition, domid: int) -> str:
     return str(uuid.uuid5(_VM_NAMESPACE, f"{guest.name}/{guest.seed}/{domid}"))
 
 
+def vm_path(guest: GuestDefinition, domid: int) -> str:
+    return f"/vm/{vm_uuid(guest, domid)}"
+
+
 # libxl's three permission sets: the domain may read (roperm), the domain owns (rwperm), dom0 only.
 def roperm(domid: int) -> list[str]:
     return [f"n{DOM0}", f"r{domid}"]
@@ -77,7 +81,7 @@ def store_gfn(ram_size: int) -> int:
 
 def domain_nodes(guest: GuestDefinition, domid: int, name: str) -> list[XsNode]:
     """libxl__domain_make: the domain's directory skeleton, in libxl's order."""
-    dom, vm = domain_path(domid), f"/vm/{vm_uuid(guest, domid)}"
+    dom, vm = domain_path(domid), vm_path(guest, domid)
     ro, rw = tuple(roperm(domid)), tuple(rwperm(domid))
     nodes = [
         XsNode(dom, perms=ro),

@@ -2,6 +2,8 @@
 xenstore-ls and with the client), the domain watches, xenhv's view, and a destroy that leaves nothing."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,7 @@ from backends.toolstack import domain as toolstack_domain
 from backends.toolstack.layout import vm_uuid
 from backends.xenhv.control import XenhvError
 from backends.xenstored.client import XsClient
+from guests.schema import GUESTS_DIR, PvDisk, load_guest
 from harness.services import HostServices
 from xenabi.hvm import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
 from xenabi.xs_wire import XsdSockmsgType as T
@@ -195,6 +198,23 @@ def test_two_disks_two_nics(host, guest_factory, toolstack, xs) -> None:
         toolstack.destroy(d.domid)
     assert client_tree(xs) == before
     assert d.domid not in xenhv_domids(host)
+
+
+def test_a_pv_only_qcow2_disk_gets_a_scratch_image(host, guest_factory, toolstack, xs) -> None:
+    xvda = 202 << 8
+    g = dataclasses.replace(load_guest(GUESTS_DIR / "default.yaml"), name="qcow2-pv",
+                            pv_disks=(PvDisk(vdev=xvda, size=8 << 20, format="qcow2"),))
+    m = guest_factory(g)
+    d = toolstack.create(m)
+    try:
+        image = m.paths.run_dir / "pv-xvda.qcow2"
+        be = f"/local/domain/0/backend/vbd/{d.domid}/{xvda}"
+        assert (xs.read(f"{be}/params").decode(), xs.read(f"{be}/dev").decode()) == (f"qcow2:{image}", "xvda")
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)], check=True,
+                                         capture_output=True, text=True).stdout)
+        assert (info["format"], info["virtual-size"]) == ("qcow2", 8 << 20)
+    finally:
+        toolstack.destroy(d.domid)
 
 
 def test_backends_are_told_before_their_directories_go(host, guest_factory, toolstack, xs) -> None:
