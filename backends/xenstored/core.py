@@ -441,9 +441,18 @@ class XenstoreCore:
         ring = self.attacher.attach(domid, gfn, port) if self.attacher is not None else None
         self.domains[domid] = Domain(domid, gfn, port, ring)
         log.info("introduced domain %d (gfn %#x, port %d)", domid, gfn, port)
-        perms = self.specials["@introduceDomain"]
-        self._after_reply.append(lambda: self.watches.fire_special("@introduceDomain", perms))
+        if domid != 0:  # introducing the privileged domain itself is not news
+            perms = self.specials["@introduceDomain"]
+            self._after_reply.append(lambda: self.watches.fire_special("@introduceDomain", perms))
         return OK
+
+    def domain_shutdown(self, domid: int) -> None:
+        """The hypervisor reports that a domain shut down or died: fire @releaseDomain once until RESUME."""
+        dom = self.domains.get(domid)
+        if dom is None or dom.shutdown:
+            return
+        dom.shutdown = True
+        self.watches.fire_special("@releaseDomain", self.specials["@releaseDomain"], domid)
 
     def release_domain(self, domid: int) -> None:
         dom = self.domains.pop(domid)

@@ -227,8 +227,8 @@ class Daemon:
 
     def rebind(self, conn: Connection, port: int) -> None:
         ch = self.rings.get(conn.domid)
-        if ch is not None:
-            ch.ring.reset()
+        if ch is not None and not ch.closed:
+            ch.ring.reset(drop_state=False)
 
     def detach(self, conn: Connection) -> None:
         ch = self.rings.pop(conn.domid, None)

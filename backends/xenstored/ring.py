@@ -239,13 +239,18 @@ class RingServer:
         self.inbuf = buf[pos:]
         return True
 
-    def reset(self) -> None:
-        """The reconnect protocol: drop everything in flight, zero the indexes, say CONNECTED, notify."""
-        log.info("%s: guest requested reconnection", self.name)
+    def reset(self, drop_state: bool = True) -> None:
+        """The reconnect protocol: drop everything in flight, zero the indexes, say CONNECTED, notify.
+
+        With `drop_state` (a guest-requested reconnection) the connection's watches and transactions go
+        too; a re-INTRODUCE only restarts the ring and keeps them.
+        """
+        log.info("%s: ring reset (%s)", self.name, "reconnection" if drop_state else "re-introduced")
         self.inbuf = b""
         self.out.clear()
         self.out_bytes = 0
-        self.on_reset()
+        if drop_state:
+            self.on_reset()
         intf = self.page.intf
         intf.req_cons = intf.req_prod = intf.rsp_cons = intf.rsp_prod = 0
         intf.error = XENSTORE_ERROR_NONE

@@ -613,3 +613,22 @@ def test_transaction_snapshot_is_bounded(small_core: XenstoreCore) -> None:
     assert len(txobj.preserved) == 0 and txobj.overflowed
     g.write("mine", "x", tx)
     assert g.tx_end(tx) == "EAGAIN", "a transaction that dropped its snapshot cannot commit"
+
+
+def test_domain_shutdown_fires_release_once_until_resume(dom0: Peer) -> None:
+    dom0.ok(T.INTRODUCE, b"5\x001\x007\0")
+    dom0.watch("@releaseDomain", "r")
+    dom0.take_events()
+    dom0.core.domain_shutdown(5)
+    dom0.core.domain_shutdown(5)
+    assert dom0.take_events() == [("@releaseDomain", "r")]
+    dom0.ok(T.RESUME, b"5\0")
+    dom0.core.domain_shutdown(5)
+    assert dom0.take_events() == [("@releaseDomain", "r")]
+
+
+def test_introducing_dom0_fires_nothing(dom0: Peer) -> None:
+    dom0.watch("@introduceDomain", "i")
+    dom0.take_events()
+    dom0.ok(T.INTRODUCE, b"0\x001\x001\0")
+    assert dom0.take_events() == []

@@ -275,3 +275,28 @@ def test_introduce_without_a_page_is_einval(daemon_with_rings: tuple[Path, FileR
         with pytest.raises(Exception, match="EINVAL"):
             c.introduce(9, 1, 5)
         assert c.read("/tool") == b""
+
+
+def test_reintroduce_restarts_the_ring(daemon_with_rings: tuple[Path, FileRingProvider]) -> None:
+    sock, provider = daemon_with_rings
+    guest = provider.create_guest(4)
+    try:
+        ring = GuestRing(guest.page, guest.doorbell)
+        with XsClient(sock) as c:
+            c.write("/local/domain/4", "")
+            c.set_perms("/local/domain/4", ["n4"])
+            c.introduce(4, 1, 5)
+            ring.send(T.WATCH, b"w\0t\0", req_id=1)
+            assert ring.read_message(5)[3] == b"OK\0"
+            assert ring.read_message(5)[3] == b"w\0t\0"
+            # A resumed guest whose indexes moved on, and the toolstack re-introducing it.
+            ring.intf.req_prod = ring.intf.req_cons = 0x777
+            c.introduce(4, 1, 6)
+            assert ring.intf.connection == XENSTORE_CONNECTED
+            assert (ring.intf.req_prod, ring.intf.req_cons, ring.intf.rsp_prod) == (0, 0, 0)
+            ring.inbuf = b""
+            c.write("/local/domain/4/w", "x")
+            assert ring.read_message(5)[3] == b"w\0t\0", "the watch survives a re-INTRODUCE"
+    finally:
+        del ring
+        guest.close()
