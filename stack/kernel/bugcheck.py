@@ -1,0 +1,303 @@
+"""Bugchecks: `KeBugCheckEx` stops the guest, and the crash dump record the agent writes.
+
+A bugcheck is a `BugCheck` exception. It derives from BaseException so that driver code cannot swallow
+it with `except Exception`, exactly as a C driver cannot catch a STOP. The first bugcheck wins: once the
+processor has crashed, any later `KeBugCheckEx` (for example from a `finally:` block unwinding through a
+spin lock release) re-raises the first one, so the dump always describes the original failure.
+
+Parameters are integers as in Windows (ULONG_PTR). Where Windows passes a pointer (a string, a device
+object, an IRP) the model passes a stable pseudo-address from `address_of` and keeps what it points at in
+`param_notes`, so the STOP screen looks like Windows and the dump still says "BUG: OUTSTANDING CALLBACKS".
+
+The module that caused the bugcheck is given explicitly, or else it is the innermost Python frame under
+`stack/drivers/<module>/` (reported as `<module>.sys`), or else the driver whose code the I/O manager is
+running (dispatch, AddDevice, DriverEntry, completion routine, ISR, DPC), or else `ntoskrnl.exe`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import traceback
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .debuglog import DbgLevel, current_log
+
+log = logging.getLogger("stack.kernel.bugcheck")
+
+
+class BugCheckCode(IntEnum):
+    """Stop codes with the values of Windows' bugcodes.h (and the PV drivers' assert.h for 0xDEAD)."""
+
+    IRQL_NOT_GREATER_OR_EQUAL = 0x09
+    IRQL_NOT_LESS_OR_EQUAL = 0x0A
+    SPIN_LOCK_ALREADY_OWNED = 0x0F
+    SPIN_LOCK_NOT_OWNED = 0x10
+    MULTIPLE_IRP_COMPLETE_REQUESTS = 0x44
+    INACCESSIBLE_BOOT_DEVICE = 0x7B
+    DRIVER_POWER_STATE_FAILURE = 0x9F
+    INTERNAL_POWER_ERROR = 0xA0
+    IRQL_UNEXPECTED_VALUE = 0xC8
+    PNP_DETECTED_FATAL_ERROR = 0xCA
+    DRIVER_IRQL_NOT_LESS_OR_EQUAL = 0xD1
+    MANUALLY_INITIATED_CRASH = 0xE2
+    # The PV drivers' include/assert.h: `#define ASSERTION_FAILURE 0x0000DEAD`; BUG(text) calls
+    # KeBugCheckEx(ASSERTION_FAILURE, text, __FILE__, __LINE__, 0). Windows' own codes never use 0xDEAD.
+    ASSERTION_FAILURE = 0xDEAD
+    # Model-only: Windows would hang forever in an unbounded wait; the model stops instead so the test
+    # ends with a dump that shows where it waited. Not a Windows code (the value spells "WAIT").
+    MODEL_WAIT_DEADLINE_EXCEEDED = 0x57414954
+
+
+def bugcheck_name(code: int) -> str:
+    try:
+        return BugCheckCode(code).name
+    except ValueError:
+        return f"BUGCHECK_0x{code:08X}"
+
+
+_KERNEL_ADDRESS_BASE = 0xFFFFF800_00000000
+
+
+def address_of(obj: object) -> int:
+    """A stable pseudo-address for a bugcheck parameter.
+
+    Ints pass through. Kernel objects (devices, IRPs, locks) carry a deterministic `address` assigned at
+    creation; anything else is hashed from its text, so the same run (same seed) gives the same STOP line.
+    """
+    if isinstance(obj, bool):
+        return int(obj)
+    if isinstance(obj, int):
+        return obj & 0xFFFFFFFF_FFFFFFFF
+    address = getattr(obj, "address", None)
+    if isinstance(address, int):
+        return address
+    return _KERNEL_ADDRESS_BASE | (zlib.crc32(str(obj).encode()) << 4)
+
+
+def _note(obj: object) -> str | None:
+    if obj is None or isinstance(obj, int):
+        return None
+    return str(obj)
+
+
+_STACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DRIVERS_DIR = os.path.join(_STACK_DIR, "drivers") + os.sep
+
+
+def module_of_frame(frame: FrameType) -> str | None:
+    """`xenbus.sys` for a frame in stack/drivers/xenbus/... or stack/drivers/xenbus.py."""
+    filename = os.path.abspath(frame.f_code.co_filename)
+    if not filename.startswith(_DRIVERS_DIR):
+        return None
+    first = filename[len(_DRIVERS_DIR):].split(os.sep, 1)[0]
+    name = first[:-3] if first.endswith(".py") else first
+    if not name or name.startswith("_"):
+        return None
+    return f"{name}.sys"
+
+
+def caller_module(start: FrameType | None = None) -> str:
+    """The module to blame for a failure detected in kernel code called from `start` (default: here)."""
+    frame = start if start is not None else sys._getframe(1)
+    while frame is not None:
+        module = module_of_frame(frame)
+        if module is not None:
+            return module
+        frame = frame.f_back
+    from .irql import current_processor  # bugcheck sits below irql; import late to avoid a cycle
+
+    running = current_processor().running_driver()
+    if running is not None:
+        return running
+    return "ntoskrnl.exe"
+
+
+class BugCheck(BaseException):
+    """The guest stopped. Carries everything the STOP screen and the crash dump need."""
+
+    def __init__(self, code: int, params: tuple[int, int, int, int], *, module: str,
+                 param_notes: tuple[str | None, ...] = (None, None, None, None), irql: int = 0,
+                 message: str = "") -> None:
+        self.code = code
+        self.params = params
+        self.param_notes = param_notes
+        self.module = module
+        self.irql = irql
+        self.message = message
+        super().__init__(self.describe())
+
+    @property
+    def name(self) -> str:
+        return bugcheck_name(self.code)
+
+    def describe(self) -> str:
+        params = ", ".join(f"0x{p:016X}" for p in self.params)
+        text = f"STOP 0x{self.code:08X} {self.name} ({params}) in {self.module}"
+        return f"{text}: {self.message}" if self.message else text
+
+
+BugCheckCallback = Callable[[BugCheck], None]
+
+
+def KeBugCheckEx(code: int, p1: object = 0, p2: object = 0, p3: object = 0, p4: object = 0, *,
+                 module: str | None = None, message: str = "") -> BugCheck:
+    """Stop the guest. Never returns; the return annotation lets callers write `raise KeBugCheckEx(...)`
+    where a linter needs to see that control ends."""
+    from .irql import current_processor  # see caller_module
+
+    cpu = current_processor()
+    if cpu.crashed is not None:
+        raise cpu.crashed
+    raw = (p1, p2, p3, p4)
+    bugcheck = BugCheck(
+        code,
+        tuple(address_of(p) for p in raw),  # type: ignore[arg-type]
+        module=module or caller_module(sys._getframe(1)),
+        param_notes=tuple(_note(p) for p in raw),
+        irql=cpu.irql,
+        message=message,
+    )
+    cpu.crash(bugcheck)
+    log.error("bugcheck: %s", bugcheck.describe())
+    raise bugcheck
+
+
+def BUG(text: str, *, module: str | None = None) -> BugCheck:
+    """The PV drivers' BUG(): log "BUG: text" as an error, then ASSERTION_FAILURE (0xDEAD) with the text,
+    file and line of the caller."""
+    raise _bug(text, sys._getframe(1), module)
+
+
+def BUG_ON(condition: object, text: str, *, module: str | None = None) -> None:
+    if condition:
+        raise _bug(text, sys._getframe(1), module)
+
+
+def _bug(text: str, caller: FrameType, module: str | None) -> BugCheck:
+    culprit = module or caller_module(caller)
+    current_log().print(culprit.removesuffix(".sys"), f"BUG: {text}", DbgLevel.ERROR)
+    return KeBugCheckEx(BugCheckCode.ASSERTION_FAILURE, f"BUG: {text}", caller.f_code.co_filename,
+                        caller.f_lineno, 0, module=culprit, message=f"BUG: {text}")
+
+
+def KeRegisterBugCheckCallback(callback: BugCheckCallback) -> None:
+    """Run `callback(bugcheck)` while the guest stops (the DEBUG interface registers one of these)."""
+    from .irql import current_processor
+
+    current_processor().bugcheck_callbacks.append(callback)
+
+
+def KeDeregisterBugCheckCallback(callback: BugCheckCallback) -> bool:
+    from .irql import current_processor
+
+    callbacks = current_processor().bugcheck_callbacks
+    if callback in callbacks:
+        callbacks.remove(callback)
+        return True
+    return False
+
+
+CRASH_DUMP_FORMAT = 1
+
+
+@dataclass
+class CrashDump:
+    """What the agent writes when the guest stops; enough to read the failure without the guest."""
+
+    code: int
+    name: str
+    params: list[int]
+    param_notes: list[str | None]
+    module: str
+    message: str
+    traceback: str
+    device_tree: str
+    interface_references: dict[str, int]
+    irql: int
+    seed: int | None
+    debug_log: list[str]
+    format: int = CRASH_DUMP_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_bugcheck(cls, bugcheck: BugCheck, *, device_tree: str = "",
+                      reference_providers: Mapping[str, Callable[[], Mapping[str, int]]] | None = None,
+                      seed: int | None = None, debug_log: list[str] | None = None) -> CrashDump:
+        references: dict[str, int] = {}
+        for provider_name, provider in (reference_providers or {}).items():
+            # A broken provider must not lose the dump of the real failure.
+            try:
+                references.update({str(k): int(v) for k, v in provider().items()})
+            except Exception as exc:  # noqa: BLE001 - reported in the dump instead
+                references[f"{provider_name}!error"] = -1
+                log.warning("reference provider %s failed: %r", provider_name, exc)
+        return cls(
+            code=bugcheck.code,
+            name=bugcheck.name,
+            params=list(bugcheck.params),
+            param_notes=list(bugcheck.param_notes),
+            module=bugcheck.module,
+            message=bugcheck.message,
+            traceback="".join(traceback.format_exception(bugcheck)),
+            device_tree=device_tree,
+            interface_references=references,
+            irql=bugcheck.irql,
+            seed=seed,
+            debug_log=list(debug_log or []),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CrashDump:
+        data = json.loads(text)
+        if data.get("format") != CRASH_DUMP_FORMAT:
+            raise ValueError(f"crash dump format {data.get('format')!r}, expected {CRASH_DUMP_FORMAT}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"crash dump has unknown fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.to_json())
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CrashDump:
+        return cls.from_json(Path(path).read_text())
+
+    def stop_screen(self) -> str:
+        params = ",".join(f"0x{p:016X}" for p in self.params)
+        lines = [
+            "A problem has been detected and Windows has been shut down to prevent damage to your computer.",
+            "",
+            self.name,
+            "",
+            "Technical information:",
+            "",
+            f"*** STOP: 0x{self.code:08X} ({params})",
+            "",
+            f"*** {self.module}" + (f" - {self.message}" if self.message else ""),
+        ]
+        for index, note in enumerate(self.param_notes, start=1):
+            if note is not None:
+                lines.append(f"    P{index} = {note}")
+        lines.append(f"    IRQL = {self.irql}")
+        return "\n".join(lines) + "\n"

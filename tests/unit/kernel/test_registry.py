@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stack.kernel.bugcheck import BugCheck, BugCheckCode
+from stack.kernel.irql import DISPATCH_LEVEL, KeRaiseIrql
+from stack.kernel.registry import (REG_BINARY, REG_DWORD, REG_MULTI_SZ, ChildMustBeVolatile, InvalidValue,
+                                   KeyNotFound, Registry, RegType, ValueNotFound, ValueTypeMismatch)
+from stack.kernel.status import STATUS_OBJECT_NAME_NOT_FOUND, STATUS_OBJECT_TYPE_MISMATCH
+
+UNPLUG = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Unplug"
+REQUEST = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
+
+
+def test_typed_values_round_trip() -> None:
+    reg = Registry()
+    reg.set_dword(UNPLUG, "NICS", 1)
+    reg.set_sz(r"HKLM\SYSTEM\CurrentControlSet\Services\XENFILT\Parameters", "ActiveDeviceID",
+               r"PCI\VEN_5853&DEV_0001")
+    reg.set_multi_sz(r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS\Parameters", "SupportedClasses",
+                     ["VIF", "VBD", "VKBD", "IFACE", "CONS"])
+    reg.set_binary(UNPLUG, "Blob", b"\x01\x02")
+    assert reg.get_dword(UNPLUG, "NICS") == 1
+    assert reg.get_multi_sz(r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS\Parameters",
+                            "SupportedClasses")[0] == "VIF"
+    assert reg.query_value(UNPLUG, "Blob", REG_BINARY).data == b"\x01\x02"
+
+
+def test_names_are_case_insensitive_and_keep_their_case() -> None:
+    reg = Registry()
+    reg.set_dword(UNPLUG, "DISKS", 1)
+    assert reg.get_dword(UNPLUG.upper(), "disks") == 1
+    assert reg.subkeys(r"HKLM\system\currentcontrolset\services") == ["XEN"]
+    assert [v.name for v in reg.values(UNPLUG.lower())] == ["DISKS"]
+    reg.set_dword(UNPLUG, "disks", 0)  # same value, renamed by the last writer as Windows does
+    assert [v.name for v in reg.values(UNPLUG)] == ["disks"]
+
+
+def test_missing_key_and_value_are_object_name_not_found() -> None:
+    reg = Registry()
+    with pytest.raises(KeyNotFound) as missing_key:
+        reg.get_dword(UNPLUG, "NICS")
+    assert missing_key.value.status == STATUS_OBJECT_NAME_NOT_FOUND
+    reg.create_key(UNPLUG)
+    with pytest.raises(ValueNotFound) as missing_value:
+        reg.get_dword(UNPLUG, "NICS")
+    assert missing_value.value.status == STATUS_OBJECT_NAME_NOT_FOUND
+    with pytest.raises(ValueNotFound):
+        reg.delete_value(UNPLUG, "NICS")
+
+
+def test_type_mismatch_and_invalid_data() -> None:
+    reg = Registry()
+    reg.set_sz(UNPLUG, "NICS", "1")
+    with pytest.raises(ValueTypeMismatch) as mismatch:
+        reg.get_dword(UNPLUG, "NICS")
+    assert mismatch.value.status == STATUS_OBJECT_TYPE_MISMATCH
+    with pytest.raises(InvalidValue):
+        reg.set_value(UNPLUG, "NICS", REG_DWORD, 1 << 32)
+    with pytest.raises(InvalidValue):
+        reg.set_value(UNPLUG, "List", REG_MULTI_SZ, ["a", ""])
+
+
+def test_delete_value_and_recursive_key_delete() -> None:
+    reg = Registry()
+    reg.set_dword(UNPLUG, "NICS", 1)
+    reg.set_dword(UNPLUG + r"\Deeper", "X", 1)
+    reg.delete_value(UNPLUG, "NICS")
+    assert reg.values(UNPLUG) == []
+    reg.delete_key(r"HKLM\SYSTEM\CurrentControlSet\Services\XEN")
+    assert not reg.key_exists(UNPLUG)
+
+
+def test_persistence_round_trip_and_volatile_keys_vanish(tmp_path: Path) -> None:
+    hive = tmp_path / "guest" / "registry.json"
+    reg = Registry.load(hive)
+    reg.set_dword(UNPLUG, "NICS", 1)
+    reg.set_multi_sz(UNPLUG, "List", ["a", "b"])
+    reg.set_binary(UNPLUG, "Blob", b"\xff")
+    reg.create_key(REQUEST + r"\XENVBD", volatile=True)
+    reg.set_dword(REQUEST + r"\XENVBD", "Reboot", 1)
+    assert reg.get_dword(REQUEST + r"\XENVBD", "Reboot") == 1
+    with pytest.raises(ChildMustBeVolatile):
+        reg.create_key(REQUEST + r"\XENVBD\Persistent")
+    assert not list(tmp_path.glob("guest/*.tmp"))
+
+    rebooted = Registry.load(hive)
+    assert rebooted.get_dword(UNPLUG, "NICS") == 1
+    assert rebooted.get_multi_sz(UNPLUG, "List") == ["a", "b"]
+    assert rebooted.query_value(UNPLUG, "Blob").type == RegType.REG_BINARY
+    assert rebooted.key_exists(REQUEST) and not rebooted.key_exists(REQUEST + r"\XENVBD")
+    assert json.loads(hive.read_text())["format"] == 1
+
+
+def test_registry_access_above_passive_bugchecks() -> None:
+    reg = Registry()
+    KeRaiseIrql(DISPATCH_LEVEL)
+    with pytest.raises(BugCheck) as stop:
+        reg.get_dword(UNPLUG, "NICS")
+    assert stop.value.code in (BugCheckCode.IRQL_NOT_LESS_OR_EQUAL, BugCheckCode.DRIVER_IRQL_NOT_LESS_OR_EQUAL)
+    assert stop.value.param_notes[0] == "ZwQueryValueKey"
