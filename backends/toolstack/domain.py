@@ -73,7 +73,7 @@ def _rm_if_present(xs: XsClient, path: str, tx: int) -> None:
     try:
         xs.rm(path, tx)
     except XsRequestError as exc:
-        if exc.errno_name != "ENOENT":  # ENOENT: the parent is missing too, so the node is
+        if exc.errno_name != "ENOENT":  # ENOENT: the parent is missing, so the node is absent too
             raise
 
 
@@ -168,12 +168,10 @@ def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: in
         with _step(domid, f"creating the scratch image {image}"):
             _make_scratch_image(image, disk)
     for dev in devset.devices:
-        fe = L.frontend_path(domid, dev.kind, dev.devid)
-
-        def add(tx: int, dev: L.XenbusDevice = dev, fe: str = fe) -> None:
-            be = L.backend_path(backend_domid, dev.kind, domid, dev.devid)
-            _rm_if_present(xs, fe, tx)
-            _rm_if_present(xs, be, tx)
+        def add(tx: int, dev: L.XenbusDevice = dev) -> None:
+            # As for the domain directory: no stale keys of an earlier device may survive.
+            _rm_if_present(xs, L.frontend_path(domid, dev.kind, dev.devid), tx)
+            _rm_if_present(xs, L.backend_path(backend_domid, dev.kind, domid, dev.devid), tx)
             _write_nodes(xs, tx, L.device_nodes(dev, domid, backend_domid))
 
         with _step(domid, f"adding {dev.kind} {dev.devid}"):
