@@ -155,7 +155,8 @@ class Machine:
                 raise LaunchFailure("QEMU reports a big-endian target; the harness models x86 guests")
             self._memory = GuestMemory(self.paths.ram, self.guest.memory_mib << 20)
         except BaseException as exc:
-            died = self._crash_report("launching")
+            # Launch failed: if QEMU is exiting, give it the second to report why.
+            died = self._crash_report("launching", connection_lost=True)
             self.shutdown()
             if died is not None:
                 raise died from None
