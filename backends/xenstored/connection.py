@@ -20,6 +20,7 @@ class Connection:
     transactions: dict[int, Transaction] = field(default_factory=dict)
     next_txid: int = 1
     implicit: str = ""
+    path_cache: dict[bytes, str] = field(default_factory=dict, repr=False)  # raw -> canonical (core._path)
 
     def __post_init__(self) -> None:
         if not self.implicit:

@@ -35,6 +35,8 @@ _PRIV_ONLY = frozenset(int(t) for t in (T.CONTROL, T.INTRODUCE, T.RELEASE, T.IS_
 _IGNORES_TX = frozenset((int(T.WATCH), int(T.UNWATCH)))
 _ERROR = int(T.ERROR)
 _pack = XSD_SOCKMSG.pack
+_PATH_CACHE_ENTRIES = 256
+_PATH_CACHE_KEY_MAX = 128
 # How many pre-images a dom0 transaction keeps for its snapshot before it is doomed to EAGAIN.
 _PRIV_PRESERVE_LIMIT = 1 << 20
 
@@ -140,8 +142,20 @@ class XenstoreCore:
     # ---- helpers -------------------------------------------------------------------------------------
 
     def _path(self, conn: Connection, raw: bytes, special: bool = False) -> str:
-        return canonicalize(raw, conn.implicit, allow_special=special,
+        # Clients name the same few paths over and over: remember the canonical form of short ones.
+        # Only valid paths are cached, and validity depends on the connection alone (implicit path,
+        # privilege), so a per-connection cache is exact.
+        cache = conn.path_cache
+        path = cache.get(raw)
+        if path is not None and (special or path[0] != "@"):
+            return path
+        path = canonicalize(raw, conn.implicit, allow_special=special,
                             path_quota=None if conn.privileged else self.quotas.path_max)
+        if len(raw) <= _PATH_CACHE_KEY_MAX:
+            if len(cache) >= _PATH_CACHE_ENTRIES:
+                cache.clear()
+            cache[raw] = path
+        return path
 
     def _missing(self, conn: Connection, store: Store, path: str) -> XsError:
         """ENOENT, or EACCES when the caller may not read the nearest existing ancestor (errno_from_parents)."""

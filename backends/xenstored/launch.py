@@ -20,12 +20,14 @@ def _accepting(path: Path) -> bool:
 
 
 def start_xenstored(socket_path: Path, log_path: Path, ring_dir: Path | None = None,
-                    log_level: str = "INFO", timeout: float = 10.0) -> Supervised:
+                    log_level: str = "INFO", timeout: float = 10.0, xenhv_socket: Path | None = None) -> Supervised:
     """Launch `python -m backends.xenstored` and return once its socket accepts connections."""
     argv = [sys.executable, "-m", "backends.xenstored", "--socket", str(socket_path),
             "--log", str(log_path), "--log-level", log_level]
     if ring_dir is not None:
         argv += ["--ring-dir", str(ring_dir)]
+    if xenhv_socket is not None:
+        argv += ["--xenhv", str(xenhv_socket)]
     proc = Supervised("xenstored", argv, log_path.with_suffix(".out")).start()
     try:
         wait_for(lambda: _accepting(socket_path), timeout=timeout, what="xenstored to listen", alive=[proc])
