@@ -28,8 +28,9 @@ class HostServices:
         logs.mkdir(parents=True, exist_ok=True)
         host = cls(make_run_dir("host"), logs)
         try:
-            host.xenstored = start_xenstored(host.xenstored_socket, logs / "xenstored.log")
             host.xenhv = start_xenhv(host.run_dir, logs / "xenhv.log")
+            host.xenstored = start_xenstored(host.xenstored_socket, logs / "xenstored.log",
+                                             xenhv_socket=host.xenhv_socket)
         except BaseException:
             host.stop()
             raise
@@ -44,7 +45,8 @@ class HostServices:
         return self.run_dir / "xenhv.sock"
 
     def processes(self) -> list[Supervised]:
-        return [p for p in (self.xenhv, self.xenstored) if p is not None]
+        """In stopping order: xenstored is a client of xenhv."""
+        return [p for p in (self.xenstored, self.xenhv) if p is not None]
 
     def check_alive(self, during: str = "") -> None:
         for p in self.processes():

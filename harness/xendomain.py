@@ -1,9 +1,11 @@
-"""A machine made a Xen domain: xenhv knows it (RAM file, device-model QMP socket) and the vCPU has
-its trap link. This is the guest's view before the driver stack exists; the agent builds on it."""
+"""A machine made a Xen domain by the toolstack: xenhv knows it (RAM file, device-model QMP socket),
+xenstore holds its tree and has its store ring, and the vCPU has its trap link. This is the guest's
+view before the driver stack exists; the agent builds on it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backends.toolstack import CreatedDomain, Toolstack
 from harness.machine import Machine
 from harness.services import HostServices
 from stack.vcpu.cpu import Vcpu
@@ -12,43 +14,39 @@ from stack.vcpu.hypervisor import HypervisorLink
 
 @dataclass
 class XenDomain:
-    domid: int
+    created: CreatedDomain
     machine: Machine
     host: HostServices
+    toolstack: Toolstack
     vcpu: Vcpu
     link: HypervisorLink
 
+    @property
+    def domid(self) -> int:
+        return self.created.domid
+
     @classmethod
     def create(cls, host: HostServices, machine: Machine) -> "XenDomain":
-        domid = host.allocate_domid()
-        ctl = host.xenhv_control()
+        toolstack = Toolstack(host)
         try:
-            info = ctl.call("create_domain", domid=domid, name=machine.name, ram_path=str(machine.paths.ram),
-                            ram_size=machine.guest.memory_mib << 20, dm_qmp=str(machine.paths.dm_qmp_socket))
-        finally:
-            ctl.close()
-        try:
-            link = HypervisorLink(info["trap_socket"], domid)
+            created = toolstack.create(machine)
+            try:
+                link = HypervisorLink(host.run_dir / f"hv-{created.domid}.sock", created.domid)
+            except BaseException:
+                toolstack.destroy(created.domid)
+                raise
         except BaseException:
-            cls._destroy(host, domid)
+            toolstack.close()
             raise
-        return cls(domid, machine, host, Vcpu(machine.qtest, machine.memory, link), link)
+        return cls(created, machine, host, toolstack, Vcpu(machine.qtest, machine.memory, link), link)
 
     def control(self, op: str, **args: object) -> object:
-        ctl = self.host.xenhv_control()
-        try:
-            return ctl.call(op, domid=self.domid, **args)
-        finally:
-            ctl.close()
-
-    @staticmethod
-    def _destroy(host: HostServices, domid: int) -> None:
-        ctl = host.xenhv_control()
-        try:
-            ctl.call("destroy_domain", domid=domid)
-        finally:
-            ctl.close()
+        """A xenhv control operation on this domain."""
+        return self.toolstack.ctl.call(op, domid=self.domid, **args)
 
     def destroy(self) -> None:
         self.link.close()
-        self._destroy(self.host, self.domid)
+        try:
+            self.toolstack.destroy(self.domid)
+        finally:
+            self.toolstack.close()

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from xenabi.xs_wire import XenstoreDomainInterface
+
 from backends.toolstack import Toolstack, ToolstackError
 from backends.toolstack import domain as toolstack_domain
 from backends.toolstack.layout import vm_uuid
@@ -162,10 +164,14 @@ def test_default_guest_tree_watches_and_teardown(host, guest_factory, toolstack,
             assert ctl.call("get_param", domid=d.domid, index=HVM_PARAM_STORE_PFN) == gfn
             assert ctl.call("get_param", domid=d.domid, index=HVM_PARAM_STORE_EVTCHN) == d.store_evtchn
             status = ctl.call("evtchn_status", dom=d.domid, port=d.store_evtchn)
-            assert (status["state"], status["remote_dom"]) == ("UNBOUND", 0)
+            assert (status["state"], status["remote_dom"]) == ("INTERDOMAIN", 0)  # xenstored bound it on INTRODUCE
         finally:
             ctl.close()
-        assert m.memory.read((gfn << 12), 4096) == bytes(4096)  # the ring page starts zeroed
+        # The ring page starts zeroed; once introduced, xenstored has advertised its features in it.
+        page = m.memory.read((gfn << 12), 4096)
+        features = XenstoreDomainInterface.server_features.offset
+        assert page[:features] == bytes(features) and page[features + 4:] == bytes(4096 - features - 4)
+        assert int.from_bytes(page[features:features + 4], "little") != 0
     finally:
         toolstack.destroy(d.domid)
 
