@@ -92,10 +92,10 @@ class XenstoreCore:
     def handle(self, conn: Connection, mtype: int, req_id: int, tx_id: int, payload: bytes) -> None:
         handler = self.handlers.get(mtype)
         try:
-            if handler is None:
-                raise XsError("ENOSYS", f"type {mtype}")
             if not conn.privileged and mtype in _PRIV_ONLY:
                 raise XsError("EACCES", "privileged operation")
+            if handler is None:
+                raise XsError("ENOSYS", f"type {mtype}")
             tx = None
             if tx_id and mtype not in _IGNORES_TX:
                 tx = conn.transactions.get(tx_id)

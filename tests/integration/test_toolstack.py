@@ -12,8 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from xenabi.xs_wire import XenstoreDomainInterface
-
 from backends.toolstack import Toolstack, ToolstackError
 from backends.toolstack import domain as toolstack_domain
 from backends.toolstack.layout import vm_uuid
@@ -22,6 +20,7 @@ from backends.xenstored.client import XsClient
 from guests.schema import GUESTS_DIR, PvDisk, load_guest
 from harness.services import HostServices
 from xenabi.hvm import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
+from xenabi.xs_wire import XenstoreDomainInterface
 from xenabi.xs_wire import XsdSockmsgType as T
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ def test_unknown_or_unsupported_type_is_enosys(dom0: Peer, mtype: int) -> None:
 
 
 @pytest.mark.parametrize("mtype", [T.CONTROL, T.INTRODUCE, T.RELEASE, T.IS_DOMAIN_INTRODUCED, T.RESUME,
-                                   T.SET_TARGET])
+                                   T.SET_TARGET, T.SET_FEATURE, T.GET_QUOTA, T.SET_QUOTA])
 def test_privileged_types_refused_to_guests(core: XenstoreCore, mtype: int) -> None:
     assert peer(core, 3).err(mtype, b"1\0") == "EACCES"
 
