@@ -502,7 +502,11 @@ class PnpManager:
 
 
 def IoInvalidateDeviceRelations(pdo: DeviceObject, relation: DeviceRelationType = DeviceRelationType.BusRelations) -> None:
+    """Ask the PnP manager to re-query `pdo`'s BusRelations. `pdo` must be a PDO the PnP manager knows
+    (Windows stops with PNP_DETECTED_FATAL_ERROR, p1 = 2, "invalid PDO", when a driver passes its FDO)."""
     node = pdo.device_node
-    if node is None or relation != DeviceRelationType.BusRelations:
-        return
-    node.manager.invalidate(node)
+    if pdo.kind != DeviceKind.PDO or node is None:
+        raise KeBugCheckEx(BugCheckCode.PNP_DETECTED_FATAL_ERROR, 2, pdo, 0, 0,
+                           message=f"IoInvalidateDeviceRelations({pdo!r}): not a PDO in the device tree")
+    if relation == DeviceRelationType.BusRelations:
+        node.manager.invalidate(node)
