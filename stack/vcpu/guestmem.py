@@ -7,6 +7,7 @@ rather than silently disagreeing with what qtest sees.
 """
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from pathlib import Path
@@ -62,7 +63,18 @@ class GuestMemory:
 
     def close(self) -> None:
         self._view.release()
+        close_mapping(self._map, f"guest RAM {self.path}")
+
+
+def close_mapping(mapping: mmap.mmap, what: str) -> None:
+    """Close a shared mapping. Views of it that only reference cycles keep alive (a failed test's
+    traceback holding a ctypes view of a ring page, say) are collected first; a view that is really
+    still in use is an error."""
+    try:
+        mapping.close()
+    except BufferError:
+        gc.collect()
         try:
-            self._map.close()
+            mapping.close()
         except BufferError as exc:
-            raise GuestMemoryError(f"guest RAM {self.path} still has live views: {exc}") from None
+            raise GuestMemoryError(f"{what} still has live views: {exc}") from None

@@ -5,10 +5,12 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import threading
 from pathlib import Path
 
 from backends.xenhv.wire import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
 from harness.errors import HarnessError
+from stack.vcpu.guestmem import close_mapping
 
 
 class HypervisorError(HarnessError):
@@ -18,6 +20,7 @@ class HypervisorError(HarnessError):
 class HypervisorLink:
     def __init__(self, path: Path | str, domid: int, timeout: float = 10.0) -> None:
         self.domid = domid
+        self._lock = threading.Lock()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
@@ -46,8 +49,9 @@ class HypervisorLink:
 
     def _trap(self, kind: TrapKind, *args: int) -> tuple[int, int]:
         regs = list(args) + [0] * (6 - len(args))
-        self.sock.sendall(TRAP.pack(kind, 0, *regs))
-        result, v0, _, fds = self._reply(kind.name)
+        with self._lock:  # driver code traps from the vCPU thread and the interrupt thread alike
+            self.sock.sendall(TRAP.pack(kind, 0, *regs))
+            result, v0, _, fds = self._reply(kind.name)
         for fd in fds:
             os.close(fd)
         return result, v0
@@ -84,7 +88,7 @@ class HypervisorLink:
 
     def close(self) -> None:
         self.frames.release()
-        self._frames.close()
+        close_mapping(self._frames, f"dom{self.domid}'s hypervisor frames")
         os.close(self.frames_fd)
         os.close(self.upcall_fd)
         self.sock.close()

@@ -1,44 +1,27 @@
 """The guest talks to xenstored over its real ring: the page the toolstack chose in guest RAM, the store
-event channel through xenhv, xenstored attached as a vhost-user back-end."""
+event channel through xenhv (events reach the guest by its upcall dispatcher), xenstored attached as a
+vhost-user back-end."""
 from __future__ import annotations
+
+from typing import Iterator
 
 import pytest
 
-from backends.xenstored.ring import GuestRing
+from backends.xenstored.client import XsClient
 from stack.vcpu.hypercalls import Hypercalls
 from stack.vcpu.pci import PciBus
+from stack.vcpu.upcall import UpcallDispatcher
+from stack.vcpu.xenstore import EventChannelDoorbell, GuestXenstore, XenstoreError
 from xenabi import hvm
 from xenabi import xen as X
-from xenabi.xs_wire import XsdSockmsgType as T
 
 pytestmark = pytest.mark.integration
 
 SCRATCH = 0x10000
 
 
-class StoreDoorbell:
-    """The guest's store event channel as GuestRing wants it: notify sends, wait takes the upcall and
-    clears what the guest's event channel ISR would."""
-
-    def __init__(self, d, port: int, shared_gfn: int) -> None:
-        self.d, self.port = d, port
-        self.hc = Hypercalls(d.vcpu, SCRATCH)
-        self.shared = shared_gfn << 12
-
-    def notify(self) -> None:
-        self.hc.evtchn_send(self.port)
-
-    def wait(self, timeout: float) -> bool:
-        woke = self.d.link.wait_upcall(max(0.0, timeout))
-        if woke:
-            v, info = self.d.vcpu, X.SharedInfo
-            v.write_phys(self.shared + info.vcpu_info.offset + X.VcpuInfo.evtchn_upcall_pending.offset, b"\0")
-            v.write_phys(self.shared + info.vcpu_info.offset + X.VcpuInfo.evtchn_pending_sel.offset, bytes(8))
-            v.write_phys(self.shared + info.evtchn_pending.offset + 8 * (self.port // 64), bytes(8))
-        return woke
-
-
-def test_guest_reads_and_writes_its_xenstore_over_the_ring(xen_guest_factory) -> None:
+@pytest.fixture
+def guest_store(xen_guest_factory) -> Iterator[tuple[object, GuestXenstore]]:
     d = xen_guest_factory("default")
     hc = Hypercalls(d.vcpu, SCRATCH)
     (platform,) = [f for f in PciBus(d.vcpu).assign_resources() if f.vendor_id == 0x5853]
@@ -47,23 +30,43 @@ def test_guest_reads_and_writes_its_xenstore_over_the_ring(xen_guest_factory) ->
     store_gfn = hc.get_param(hvm.HVM_PARAM_STORE_PFN)
     port = hc.get_param(hvm.HVM_PARAM_STORE_EVTCHN)
     assert (store_gfn, port) == (d.created.store_gfn, d.created.store_evtchn)
+    with d.vcpu.page(shared_gfn) as shared, d.vcpu.page(store_gfn) as page:
+        dispatcher = UpcallDispatcher(d.link, shared)
+        doorbell = EventChannelDoorbell(Hypercalls(d.vcpu, SCRATCH + 0x1000), dispatcher, port)
+        store = GuestXenstore(page, doorbell)
+        try:
+            yield d, store
+        finally:
+            store.close()
+            doorbell.close()
+            dispatcher.close()
 
-    page = d.vcpu.page(store_gfn)
-    try:
-        ring = GuestRing(page, StoreDoorbell(d, port, shared_gfn))
-        ring.send(T.READ, b"name\0")
-        assert ring.read_message()[::3] == (T.READ, b"default")
-        ring.send(T.WRITE, b"data/greeting\0hello from the ring")
-        assert ring.read_message()[3] == b"OK\0"
-        ring.send(T.GET_DOMAIN_PATH, f"{d.domid}\0".encode())
-        assert ring.read_message()[3] == f"/local/domain/{d.domid}\0".encode()
-        ring.send(T.WRITE, b"/local/domain/0/forbidden\0x")
-        assert ring.read_message()[::3] == (T.ERROR, b"EACCES\0")
-        del ring
-    finally:
-        page.release()
-    # dom0 sees what the guest wrote, through the same daemon
-    from backends.xenstored.client import XsClient
 
-    with XsClient(d.host.xenstored_socket) as xs:
-        assert xs.read(f"/local/domain/{d.domid}/data/greeting") == b"hello from the ring"
+def test_guest_reads_and_writes_its_xenstore_over_the_ring(guest_store) -> None:
+    d, xs = guest_store
+    assert xs.read("name") == b"default"
+    xs.write("data/greeting", "hello from the ring")
+    assert "greeting" in xs.directory("data")
+    with pytest.raises(XenstoreError) as ei:
+        xs.write("/local/domain/0/forbidden", "x")
+    assert ei.value.errno == "EACCES"
+    with XsClient(d.host.xenstored_socket) as dom0:
+        assert dom0.read(f"/local/domain/{d.domid}/data/greeting") == b"hello from the ring"
+
+
+def test_watches_and_transactions_over_the_ring(guest_store) -> None:
+    d, xs = guest_store
+    xs.watch("data", "tok")
+    assert xs.wait_event(2.0) == ("data", "tok")  # the initial event
+    with XsClient(d.host.xenstored_socket) as dom0:
+        dom0.write(f"/local/domain/{d.domid}/data/from-dom0", b"1")
+    assert xs.wait_event(2.0) == ("data/from-dom0", "tok")
+    tx = xs.transaction_start()
+    xs.write("data/a", "1", tx)
+    with XsClient(d.host.xenstored_socket) as dom0:
+        dom0.write(f"/local/domain/{d.domid}/data/b", b"2")  # a conflicting global write
+    with pytest.raises(XenstoreError) as ei:
+        xs.transaction_end(tx)
+    assert ei.value.errno == "EAGAIN"
+    assert xs.wait_event(2.0) == ("data/b", "tok")
+    xs.unwatch("data", "tok")

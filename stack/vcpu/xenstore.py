@@ -1,0 +1,126 @@
+"""The guest's xenstore connection over its ring page and store event channel.
+
+This is the transport XENBUS's STORE interface sits on: requests and replies in order, watch events
+queued as they arrive between replies, errors as the errno names of xs_wire.h. The ring protocol itself
+is the guest end in backends/xenstored/ring.py (GuestRing); notifications go through the store event
+channel (EVTCHNOP_send) and arrive through the upcall dispatcher.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from backends.xenstored.ring import GuestRing
+from stack.vcpu.hypercalls import Hypercalls
+from stack.vcpu.upcall import UpcallDispatcher
+from xenabi.xs_wire import XsdSockmsgType as T
+
+
+class XenstoreError(Exception):
+    """xenstored answered XS_ERROR; `errno` is the name (ENOENT, EACCES, EAGAIN...)."""
+
+    def __init__(self, op: str, path: str, errno: str) -> None:
+        self.op, self.path, self.errno = op, path, errno
+        super().__init__(f"xenstore {op} {path}: {errno}")
+
+
+class EventChannelDoorbell:
+    """A port as GuestRing's doorbell: notify sends on it, wait takes its next event."""
+
+    def __init__(self, hypercalls: Hypercalls, dispatcher: UpcallDispatcher, port: int) -> None:
+        self.hc, self.dispatcher, self.port = hypercalls, dispatcher, port
+        self._event = threading.Event()
+        dispatcher.bind(port, lambda _: self._event.set())
+
+    def notify(self) -> None:
+        self.hc.evtchn_send(self.port)
+
+    def wait(self, timeout: float) -> bool:
+        woke = self._event.wait(max(0.0, timeout))
+        self._event.clear()
+        return woke
+
+    def drain(self) -> None:
+        self._event.clear()
+
+    def close(self) -> None:
+        self.dispatcher.unbind(self.port)
+
+
+class GuestXenstore:
+    def __init__(self, page: memoryview, doorbell: EventChannelDoorbell, timeout: float = 5.0) -> None:
+        self.ring = GuestRing(page, doorbell)
+        self.doorbell = doorbell
+        self.timeout = timeout
+        self.events: deque[tuple[str, str]] = deque()
+        self._lock = threading.Lock()
+
+    def request(self, mtype: T, payload: bytes, tx: int = 0, what: str = "") -> bytes:
+        with self._lock:
+            self.ring.send(mtype, payload, tx_id=tx)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                rtype, _, _, body = self.ring.read_message(max(0.0, deadline - time.monotonic()))
+                if rtype == T.WATCH_EVENT:
+                    self._queue_event(body)
+                    continue
+                if rtype == T.ERROR:
+                    raise XenstoreError(mtype.name, what, body.rstrip(b"\0").decode())
+                if rtype != mtype:
+                    raise XenstoreError(mtype.name, what, f"reply of type {rtype}")
+                return body
+
+    def close(self) -> None:
+        """Drop the ring, and with it every view of the ring page (the page may then be unmapped)."""
+        with self._lock:
+            del self.ring
+
+    def _queue_event(self, body: bytes) -> None:
+        parts = body.split(b"\0")
+        if len(parts) >= 2:
+            self.events.append((parts[0].decode(), parts[1].decode()))
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        return self.request(T.READ, path.encode() + b"\0", tx, path)
+
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
+        data = value.encode() if isinstance(value, str) else value
+        self.request(T.WRITE, path.encode() + b"\0" + data, tx, path)
+
+    def mkdir(self, path: str, tx: int = 0) -> None:
+        self.request(T.MKDIR, path.encode() + b"\0", tx, path)
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        self.request(T.RM, path.encode() + b"\0", tx, path)
+
+    def directory(self, path: str, tx: int = 0) -> list[str]:
+        body = self.request(T.DIRECTORY, path.encode() + b"\0", tx, path)
+        return [c.decode() for c in body.split(b"\0") if c]
+
+    def watch(self, path: str, token: str) -> None:
+        self.request(T.WATCH, f"{path}\0{token}\0".encode(), 0, path)
+
+    def unwatch(self, path: str, token: str) -> None:
+        self.request(T.UNWATCH, f"{path}\0{token}\0".encode(), 0, path)
+
+    def transaction_start(self) -> int:
+        return int(self.request(T.TRANSACTION_START, b"\0").rstrip(b"\0"))
+
+    def transaction_end(self, tx: int, commit: bool = True) -> None:
+        self.request(T.TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
+
+    def wait_event(self, timeout: float) -> tuple[str, str] | None:
+        """The next watch event (path, token), or None when none arrives in time."""
+        deadline = time.monotonic() + timeout
+        while not self.events:
+            with self._lock:
+                try:
+                    rtype, _, _, body = self.ring.read_message(max(0.0, min(0.05, deadline - time.monotonic())))
+                except TimeoutError:
+                    rtype = None
+                if rtype == T.WATCH_EVENT:
+                    self._queue_event(body)
+            if not self.events and time.monotonic() >= deadline:
+                return None
+        return self.events.popleft()
