@@ -70,3 +70,19 @@ def test_watches_and_transactions_over_the_ring(guest_store) -> None:
     assert ei.value.errno == "EAGAIN"
     assert xs.wait_event(2.0) == ("data/b", "tok")
     xs.unwatch("data", "tok")
+
+
+def test_platform_services_come_up_on_a_xen_guest(xen_guest_factory) -> None:
+    from stack.vcpu.platform import XenPlatform
+
+    d = xen_guest_factory("vendor-c000")
+    p = XenPlatform.start(d.vcpu, d.machine.guest.memory_mib << 8)
+    try:
+        assert p.domid == d.domid
+        assert p.device.device_id == 0xC000  # the first platform function the bus scan finds
+        assert d.created.store_gfn not in p.pages.alloc(3)
+        ref = p.grant(0, 0x500)
+        assert p.grants.entry(ref).frame == 0x500 and p.end_grant(ref)
+        assert p.store.read("name") == b"vendor-c000"
+    finally:
+        p.close()

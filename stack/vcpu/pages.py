@@ -1,0 +1,55 @@
+"""A page allocator over guest RAM: the frames the guest's drivers use for rings, grant pages and
+hypercall arguments. It hands out 4 KiB frames between 1 MiB and the frames the toolstack reserved
+(the store page at the top of RAM), never the legacy window."""
+from __future__ import annotations
+
+import threading
+
+from harness.errors import HarnessError
+
+PAGE = 4096
+FIRST_FREE_GFN = 0x100  # 1 MiB: below is the real-mode area and the legacy window
+
+
+class OutOfGuestMemory(HarnessError):
+    pass
+
+
+class PageAllocator:
+    def __init__(self, ram_pages: int) -> None:
+        self._free = list(range(ram_pages - 1, FIRST_FREE_GFN - 1, -1))
+        self._used: set[int] = set()
+        self._lock = threading.Lock()
+
+    def reserve(self, gfn: int) -> None:
+        """Take `gfn` out of the pool for good (a frame someone else owns)."""
+        with self._lock:
+            if gfn in self._used:
+                raise HarnessError(f"frame {gfn:#x} is already allocated")
+            if gfn in self._free:
+                self._free.remove(gfn)
+
+    def alloc(self, count: int = 1) -> list[int]:
+        """`count` frames, contiguous when the pool allows (multi-page rings want that)."""
+        with self._lock:
+            if count > len(self._free):
+                raise OutOfGuestMemory(f"{count} pages asked, {len(self._free)} free")
+            # The free list is kept descending, so the tail holds the lowest frames in order.
+            tail = self._free[-count:][::-1]
+            if count > 1 and tail[-1] - tail[0] != count - 1:
+                raise OutOfGuestMemory(f"no {count} contiguous free pages")
+            del self._free[-count:]
+            self._used.update(tail)
+            return tail
+
+    def free(self, gfns: list[int]) -> None:
+        with self._lock:
+            for g in gfns:
+                if g not in self._used:
+                    raise HarnessError(f"frame {g:#x} freed but not allocated")
+                self._used.remove(g)
+            self._free = sorted(set(self._free) | set(gfns), reverse=True)
+
+    @property
+    def available(self) -> int:
+        return len(self._free)

@@ -1,0 +1,103 @@
+"""The guest's Xen platform services as the PV drivers find them at boot (what XEN and XENBUS set up
+before any child driver runs): the platform PCI device's BAR placed by the firmware step, shared_info
+and grant table frames mapped into that BAR's hole with XENMEM_add_to_physmap, the event channel upcall
+dispatcher, the grant table (guest side), the xenstore connection over the store ring, and a page
+allocator over guest RAM.
+
+The driver model (stack/drivers) uses these services; tests of back-ends use them directly as a
+minimal frontend.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from backends.xenhv.gnttab import GrantTableFrontend
+from stack.vcpu.cpu import Vcpu
+from stack.vcpu.hypercalls import Hypercalls
+from stack.vcpu.pages import PageAllocator
+from stack.vcpu.pci import PciBus, PciFunction
+from stack.vcpu.upcall import UpcallDispatcher
+from stack.vcpu.xenstore import EventChannelDoorbell, GuestXenstore
+from xenabi import hvm
+from xenabi import xen as X
+from xenabi.grant_table import GNTTAB_NR_RESERVED_ENTRIES, GRANT_ENTRIES_V1_PER_FRAME
+
+log = logging.getLogger("stack.vcpu.platform")
+
+XEN_PLATFORM_VENDOR = 0x5853
+
+
+class NotAXenGuest(Exception):
+    pass
+
+
+@dataclass
+class XenPlatform:
+    vcpu: Vcpu
+    device: PciFunction
+    hypercalls: Hypercalls
+    upcalls: UpcallDispatcher
+    grants: GrantTableFrontend
+    store: GuestXenstore
+    pages: PageAllocator
+    domid: int
+    _cleanup: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _free_refs: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, vcpu: Vcpu, ram_pages: int, grant_frames: int = 4) -> "XenPlatform":
+        if vcpu.hv is None:
+            raise NotAXenGuest("the vCPU has no hypervisor link")
+        cleanup = contextlib.ExitStack()
+        try:
+            functions = [f for f in PciBus(vcpu).assign_resources() if f.vendor_id == XEN_PLATFORM_VENDOR]
+            if not functions:
+                raise NotAXenGuest("no Xen platform PCI device")
+            device = functions[0]
+            bar = next(b for b in device.bars if b.kind == "mem")
+            hole = bar.address >> 12
+            pages = PageAllocator(ram_pages)
+            hc = Hypercalls(vcpu, pages.alloc()[0] << 12)
+            store_gfn = hc.get_param(hvm.HVM_PARAM_STORE_PFN)
+            store_port = hc.get_param(hvm.HVM_PARAM_STORE_EVTCHN)
+            pages.reserve(store_gfn)  # the toolstack's page: never the guest's to allocate
+            hc.add_to_physmap(X.XENMAPSPACE_shared_info, 0, hole)
+            for i in range(grant_frames):
+                hc.add_to_physmap(X.XENMAPSPACE_grant_table, i, hole + 1 + i)
+            shared = cleanup.enter_context(vcpu.page(hole))
+            upcalls = UpcallDispatcher(vcpu.hv, shared)
+            cleanup.callback(upcalls.close)
+            grants = GrantTableFrontend([cleanup.enter_context(vcpu.page(hole + 1 + i)) for i in range(grant_frames)])
+            cleanup.callback(grants.release)
+            doorbell = EventChannelDoorbell(Hypercalls(vcpu, pages.alloc()[0] << 12), upcalls, store_port)
+            cleanup.callback(doorbell.close)
+            store = GuestXenstore(cleanup.enter_context(vcpu.page(store_gfn)), doorbell)
+            cleanup.callback(store.close)
+            domid = int(store.read("domid"))
+        except BaseException:
+            cleanup.close()
+            raise
+        log.info("dom%d: platform %s, BAR hole at gfn %#x, store gfn %#x port %d", domid, device, hole,
+                 store_gfn, store_port)
+        refs = list(range(grant_frames * GRANT_ENTRIES_V1_PER_FRAME - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+        return cls(vcpu, device, hc, upcalls, grants, store, pages, domid, cleanup, refs)
+
+    def grant(self, domid: int, gfn: int, readonly: bool = False) -> int:
+        """A free grant ref giving `domid` access to `gfn`."""
+        if not self._free_refs:
+            raise RuntimeError("grant table full")
+        ref = self._free_refs.pop()
+        self.grants.grant_access(ref, domid, gfn, readonly)
+        return ref
+
+    def end_grant(self, ref: int) -> bool:
+        """Revoke `ref`; False while the back-end still has it mapped (the ref is then kept)."""
+        if not self.grants.end_foreign_access(ref):
+            return False
+        self._free_refs.append(ref)
+        return True
+
+    def close(self) -> None:
+        self._cleanup.close()
