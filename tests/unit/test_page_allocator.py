@@ -6,11 +6,11 @@ from stack.vcpu.pages import FIRST_FREE_GFN, OutOfGuestMemory, PageAllocator
 
 def test_pages_come_from_above_1mib_contiguous_and_never_reserved() -> None:
     a = PageAllocator(FIRST_FREE_GFN + 8)
-    a.reserve(FIRST_FREE_GFN + 2)
+    a.reserve(FIRST_FREE_GFN + 3)
     assert a.alloc(2) == [FIRST_FREE_GFN, FIRST_FREE_GFN + 1]
     with pytest.raises(OutOfGuestMemory, match="contiguous"):
-        a.alloc(2)  # the next frame is reserved, so no run of two starts here
-    assert a.alloc() == [FIRST_FREE_GFN + 3]
+        a.alloc(2)  # +2 is free but +3 is reserved, so no run of two starts here
+    assert a.alloc() == [FIRST_FREE_GFN + 2]
 
 
 def test_free_returns_frames_and_rejects_strangers() -> None:
