@@ -191,6 +191,7 @@ class PnpManager:
         self.failed_drivers: dict[str, int] = {}
         self.root_driver = DriverObject("PnpManager", module="ntoskrnl.exe")
         self.root_driver.major_function[IRP_MJ.PNP] = self._root_dispatch_pnp
+        self.root_driver.major_function[IRP_MJ.POWER] = self._root_dispatch_power
         self.root_children: list[DeviceObject] = []
         root_pdo = IoCreateDevice(self.root_driver, DeviceKind.PDO, name="HTREE\\ROOT\\0")
         self.root = DeviceNode(self, root_pdo, None, device_id="HTREE\\ROOT", instance_id="0",
@@ -241,6 +242,12 @@ class PnpManager:
         status = irp.io_status.status
         IoCompleteRequest(irp)
         return status
+
+    def _root_dispatch_power(self, device: DeviceObject, irp: Irp) -> int:
+        # Root-enumerated PDOs have no hardware: every power request succeeds.
+        irp.io_status.status = STATUS_SUCCESS
+        IoCompleteRequest(irp)
+        return STATUS_SUCCESS
 
     # -- entry points -------------------------------------------------------------------------------
 
