@@ -229,6 +229,17 @@ class Machine:
         remove_run_dir(self.paths.run_dir)
         return status
 
+    def hand_over_qtest(self) -> Path:
+        """Close the harness's qtest connection so the guest agent can open its own (QEMU serves one
+        client at a time); the agent appends to the same transcript, which this returns."""
+        if self._qtest is not None:
+            self._qtest.close()
+            self._qtest = None
+        if self._transcript is not None:
+            self._transcript.close()
+            self._transcript = None
+        return self.paths.transcript
+
     def flush_logs(self) -> None:
         """Make the artifacts complete on disk while the machine still runs (for a failure report)."""
         if self._transcript is not None:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 from guests.schema import GUESTS_DIR, GuestDefinition, load_guest
+from harness.agent import Guest
 from harness.machine import Machine
 from harness.process import read_tail, running
 from harness.services import HostServices
@@ -151,6 +152,23 @@ def xen_guest_factory(host: HostServices, guest_factory: Callable[..., Machine])
     yield launch
     for d in reversed(domains):
         d.destroy()
+    host.check_alive("after the test")
+
+
+@pytest.fixture
+def boot_guest(host: HostServices, guest_factory: Callable[..., Machine]) -> Iterator[Callable[..., Guest]]:
+    """`boot_guest("vendor-c000")` launches the machine, creates its domain and boots the guest agent;
+    `guest.console.run("devices")` talks to it. Everything is torn down after the test."""
+    guests: list[Guest] = []
+
+    def boot(spec: GuestSpec = "default", *, name: str | None = None, timeout: float = 30.0) -> Guest:
+        g = Guest.boot(host, guest_factory(spec, name=name), timeout)
+        guests.append(g)
+        return g
+
+    yield boot
+    for g in reversed(guests):
+        g.shutdown()
     host.check_alive("after the test")
 
 

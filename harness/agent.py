@@ -1,0 +1,140 @@
+"""Booting a guest: the machine, its domain (when it is a Xen guest), and the agent process whose
+console the harness drives with pexpect.
+
+`GuestConsole.run("devices")` returns a command's output; a bugcheck at any point raises
+`GuestBugcheck` carrying the crash dump, so a test fails with the STOP code, the module and the dump's
+path instead of a timeout.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pexpect
+
+from backends.toolstack import CreatedDomain, Toolstack
+from harness.errors import HarnessError, WaitTimeout
+from harness.machine import Machine
+from harness.services import HostServices
+from stack.agent.console import PROMPT, STOP_MARKER
+from stack.kernel import CrashDump
+
+log = logging.getLogger("harness.agent")
+
+_STOP_LINE = re.compile(re.escape(STOP_MARKER) + r" (0x[0-9A-F]{8}) (\S+) dump=(\S+)")
+
+
+class GuestBugcheck(HarnessError):
+    """The guest stopped with a bugcheck; `dump` is its crash dump."""
+
+    def __init__(self, dump: CrashDump, dump_path: Path, during: str) -> None:
+        self.dump = dump
+        self.dump_path = dump_path
+        super().__init__(f"guest bugchecked during {during}: STOP 0x{dump.code:08X} {dump.name} in "
+                         f"{dump.module}{' - ' + dump.message if dump.message else ''}\n"
+                         f"crash dump: {dump_path}\n{dump.stop_screen()}")
+
+
+class GuestConsole:
+    def __init__(self, argv: list[str], log_path: Path, machine: Machine, timeout: float = 30.0) -> None:
+        self.machine = machine
+        self._logfile = open(log_path, "a")
+        self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
+                                   logfile=self._logfile, timeout=timeout, echo=False)
+        self._expect_prompt("boot", timeout)
+
+    def _expect_prompt(self, during: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            # Short slices, so a QEMU that died is reported as such rather than as a timeout.
+            i = self.child.expect_exact([PROMPT, STOP_MARKER, pexpect.EOF, pexpect.TIMEOUT],
+                                        timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            if i == 0:
+                return self.child.before.replace("\r\n", "\n")
+            if i == 1:
+                self.child.expect(r"\n")
+                m = _STOP_LINE.match(STOP_MARKER + self.child.before)
+                path = Path(m.group(3)) if m else Path("?")
+                self.child.expect(pexpect.EOF, timeout=5)
+                raise GuestBugcheck(CrashDump.load(path), path, during)
+            if i == 2:
+                self.child.close()
+                raise HarnessError(f"the guest agent exited during {during} (status {self.child.exitstatus}, "
+                                   f"signal {self.child.signalstatus}):\n{self.child.before[-2000:]}")
+            self.machine.check_alive(f"the guest console ({during})")
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"no guest prompt within {timeout:.1f}s during {during}")
+
+    def run(self, command: str, timeout: float = 30.0) -> str:
+        self.child.sendline(command)
+        return self._expect_prompt(repr(command), timeout).strip("\n")
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
+        """The first debug-log line matching `pattern` (a regex), polling the guest's log."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            for line in self.run("log 1000").splitlines():
+                if rx.search(line):
+                    return line
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"no guest log line matching {pattern!r} within {timeout:.1f}s")
+            time.sleep(0.05)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.child.isalive():
+            try:
+                self.child.sendline("quit")
+                self.child.expect(pexpect.EOF, timeout=timeout)
+            except (pexpect.TIMEOUT, OSError):
+                log.warning("guest agent did not quit; killing it")
+            self.child.close(force=True)
+        self._logfile.close()
+
+
+@dataclass
+class Guest:
+    """A booted guest: its machine, its domain (None when it has no Xen platform device), its console."""
+
+    machine: Machine
+    console: GuestConsole
+    domain: CreatedDomain | None = None
+    toolstack: Toolstack | None = None
+    artifacts: Path = field(default=Path("."))
+
+    @classmethod
+    def boot(cls, host: HostServices, machine: Machine, timeout: float = 30.0) -> "Guest":
+        art = machine.paths.artifacts
+        toolstack = domain = None
+        argv = [sys.executable, "-m", "stack.agent", "--guest", str(machine.guest.path),
+                "--qtest", str(machine.paths.qtest_socket), "--ram", str(machine.paths.ram),
+                "--registry", str(art / "registry.json"), "--dump-dir", str(art),
+                "--transcript", str(machine.hand_over_qtest()), "--log", str(art / "agent.log")]
+        try:
+            if machine.guest.platform:
+                toolstack = Toolstack(host)
+                domain = toolstack.create(machine)
+                argv += ["--hv", str(host.run_dir / f"hv-{domain.domid}.sock"), "--domid", str(domain.domid)]
+            console = GuestConsole(argv, art / "console.log", machine, timeout)
+        except BaseException:
+            if toolstack is not None:
+                if domain is not None:
+                    toolstack.destroy(domain.domid)
+                toolstack.close()
+            raise
+        return cls(machine, console, domain, toolstack, art)
+
+    def shutdown(self) -> None:
+        try:
+            self.console.close()
+        finally:
+            if self.toolstack is not None:
+                try:
+                    if self.domain is not None:
+                        self.toolstack.destroy(self.domain.domid)
+                finally:
+                    self.toolstack.close()

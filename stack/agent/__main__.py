@@ -1,0 +1,43 @@
+"""`python -m stack.agent --guest YAML --qtest SOCK --ram FILE ...`: boot the guest and serve its console."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from guests.schema import load_guest
+from stack.agent import console
+from stack.agent.runtime import AgentConfig, GuestRuntime
+from stack.kernel import BugCheck
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stack.agent")
+    p.add_argument("--guest", required=True, type=Path)
+    p.add_argument("--qtest", required=True, type=Path, help="QEMU's qtest socket")
+    p.add_argument("--ram", required=True, type=Path, help="QEMU's RAM file")
+    p.add_argument("--registry", required=True, type=Path, help="the guest's registry hive (persists across boots)")
+    p.add_argument("--dump-dir", required=True, type=Path)
+    p.add_argument("--transcript", required=True, type=Path, help="qtest transcript (appended)")
+    p.add_argument("--hv", type=Path, help="xenhv's trap socket for this domain (absent: not a Xen guest)")
+    p.add_argument("--domid", type=int)
+    p.add_argument("--log", type=Path, help="the agent's own log")
+    args = p.parse_args(argv)
+    logging.basicConfig(filename=args.log, level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    config = AgentConfig(load_guest(args.guest), args.qtest, args.ram, args.registry, args.dump_dir,
+                         args.transcript, args.hv, args.domid)
+    rt = GuestRuntime.connect(config)
+    try:
+        try:
+            rt.boot()
+        except BugCheck as bugcheck:
+            return console.stop(rt, bugcheck, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        return console.run(rt)
+    finally:
+        rt.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The guest's runtime: its CPU (qtest + RAM mapping + trap link to xenhv), its kernel, its drivers,
+and what happens when it stops (a bugcheck: STOP screen and crash dump)."""
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from guests.schema import GuestDefinition
+from stack.kernel import BugCheck, Kernel, Registry
+from stack.vcpu.cpu import Vcpu
+from stack.vcpu.guestmem import GuestMemory
+from stack.vcpu.hypervisor import HypervisorLink
+from stack.vcpu.pci import PciBus, PciFunction
+from stack.vcpu.qtest import Qtest
+
+log = logging.getLogger("stack.agent")
+
+# The driver stack's entry point: `boot(runtime) -> None`, registered drivers and started PnP. Until the
+# drivers land the guest boots the bare kernel over the real PCI bus.
+DRIVER_BOOT = "stack.drivers.boot:boot"
+
+
+@dataclass
+class AgentConfig:
+    guest: GuestDefinition
+    qtest_socket: Path
+    ram_path: Path
+    registry_path: Path
+    dump_dir: Path
+    transcript: Path
+    hv_socket: Path | None = None
+    domid: int | None = None
+
+
+@dataclass
+class GuestRuntime:
+    config: AgentConfig
+    qtest: Qtest
+    memory: GuestMemory
+    vcpu: Vcpu
+    kernel: Kernel
+    link: HypervisorLink | None = None
+    pci: list[PciFunction] = field(default_factory=list)
+    stopped: BugCheck | None = None
+    drivers: Any = None  # what the driver stack's boot returned (its handles for the console)
+    _transcript: TextIO | None = None
+
+    @classmethod
+    def connect(cls, config: AgentConfig) -> "GuestRuntime":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(config.qtest_socket))
+        transcript = open(config.transcript, "a")
+        qtest = Qtest(sock, transcript=transcript)
+        memory = GuestMemory(config.ram_path, config.guest.memory_mib << 20)
+        link = None
+        if config.hv_socket is not None:
+            if config.domid is None:
+                raise ValueError("a hypervisor link needs the domain id")
+            link = HypervisorLink(config.hv_socket, config.domid)
+        registry = Registry.load(config.registry_path) if config.registry_path.exists() else Registry(config.registry_path)
+        kernel = Kernel(registry=registry, seed=config.guest.seed).activate()
+        return cls(config, qtest, memory, Vcpu(qtest, memory, link), kernel, link, _transcript=transcript)
+
+    def boot(self) -> None:
+        """Firmware (PCI resources), then the driver stack if it is installed."""
+        self.pci = PciBus(self.vcpu).assign_resources()
+        module, _, name = DRIVER_BOOT.partition(":")
+        try:
+            boot = getattr(importlib.import_module(module), name)
+        except (ModuleNotFoundError, AttributeError):
+            self.kernel.log.print("agent", "no driver stack installed: booting the bare kernel")
+            self.kernel.boot()
+            return
+        self.drivers = boot(self)
+
+    def write_dump(self, bugcheck: BugCheck) -> Path:
+        self.stopped = bugcheck
+        path = self.config.dump_dir / f"crash-{bugcheck.code:08x}.json"
+        self.kernel.write_crash_dump(bugcheck, path)
+        return path
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        self.qtest.close()
+        if self._transcript is not None:
+            self._transcript.close()
+        self.memory.close()

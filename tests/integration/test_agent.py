@@ -1,0 +1,27 @@
+"""The guest agent as a user drives it: boot, console commands, a bugcheck that fails with its dump."""
+from __future__ import annotations
+
+import pytest
+
+from harness.agent import GuestBugcheck
+
+pytestmark = pytest.mark.integration
+
+
+def test_guest_boots_and_answers_on_its_console(boot_guest) -> None:
+    g = boot_guest("default")
+    pci = g.console.run("pci")
+    assert "5853:0001" in pci and "10ec:8139" in pci
+    assert "HKLM" in g.console.run("registry")
+    assert g.console.run("frobnicate").startswith("unknown command")
+
+
+def test_injected_bugcheck_stops_the_guest_with_a_dump(boot_guest) -> None:
+    g = boot_guest("no-platform")
+    with pytest.raises(GuestBugcheck) as ei:
+        g.console.run("bugcheck 0xD1 0x10 2 0 0")
+    dump = ei.value.dump
+    assert (dump.code, dump.name, dump.module) == (0xD1, "DRIVER_IRQL_NOT_LESS_OR_EQUAL", "agent")
+    assert dump.params[:2] == [0x10, 2]
+    assert ei.value.dump_path.exists()
+    assert "*** STOP: 0x000000D1" in (g.artifacts / "console.log").read_text()
