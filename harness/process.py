@@ -9,6 +9,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,18 @@ class Supervised:
         status = self.popen.wait()
         _running.discard(self)
         return status
+
+
+def unix_socket_accepting(path: Path) -> bool:
+    """True once something accepts connections on the unix socket `path` (a readiness probe)."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def wait_for(

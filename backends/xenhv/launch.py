@@ -4,8 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from backends.xenstored.launch import _accepting as accepting
-from harness.process import Supervised, wait_for
+from harness.process import Supervised, unix_socket_accepting, wait_for
 
 
 def start_xenhv(run_dir: Path, log_path: Path, verbose: bool = False, timeout: float = 10.0) -> Supervised:
@@ -15,7 +14,8 @@ def start_xenhv(run_dir: Path, log_path: Path, verbose: bool = False, timeout: f
         argv.append("--verbose")
     proc = Supervised("xenhv", argv, log_path.with_suffix(".out")).start()
     try:
-        wait_for(lambda: accepting(run_dir / "xenhv.sock"), timeout=timeout, what="xenhv to listen", alive=[proc])
+        wait_for(lambda: unix_socket_accepting(run_dir / "xenhv.sock"), timeout=timeout, what="xenhv to listen",
+                 alive=[proc])
     except BaseException:
         proc.stop()
         raise

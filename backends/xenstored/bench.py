@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from backends.xenstored.client import XsClient
-from backends.xenstored.launch import _accepting, start_xenstored
+from backends.xenstored.launch import start_xenstored
 from harness.bench import BenchReport, benchmark, median
-from harness.process import Supervised, wait_for
+from harness.process import Supervised, unix_socket_accepting, wait_for
 from xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
 
 _HDR = XSD_SOCKMSG.size
@@ -85,7 +85,7 @@ def bench_xenstore(args: argparse.Namespace) -> BenchReport:
         echo = Supervised("echo", [sys.executable, "-m", "backends.xenstored.echo", "--socket", str(echo_sock)],
                           rundir / "echo.log").start()
         procs.append(echo)
-        wait_for(lambda: _accepting(echo_sock), timeout=10, what="echo server to listen", alive=[echo])
+        wait_for(lambda: unix_socket_accepting(echo_sock), timeout=10, what="echo server to listen", alive=[echo])
 
         with XsClient(sock) as c:
             c.write("/bench/key", "value")

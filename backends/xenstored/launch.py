@@ -1,22 +1,10 @@
 """Start the daemon as a supervised process (used by the harness host services, tests and the bench)."""
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
-from harness.process import Supervised, wait_for
-
-
-def _accepting(path: Path) -> bool:
-    if not path.is_socket():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
+from harness.process import Supervised, unix_socket_accepting, wait_for
 
 
 def start_xenstored(socket_path: Path, log_path: Path, ring_dir: Path | None = None,
@@ -30,7 +18,7 @@ def start_xenstored(socket_path: Path, log_path: Path, ring_dir: Path | None = N
         argv += ["--xenhv", str(xenhv_socket)]
     proc = Supervised("xenstored", argv, log_path.with_suffix(".out")).start()
     try:
-        wait_for(lambda: _accepting(socket_path), timeout=timeout, what="xenstored to listen", alive=[proc])
+        wait_for(lambda: unix_socket_accepting(socket_path), timeout=timeout, what="xenstored to listen", alive=[proc])
     except BaseException:
         proc.stop()
         raise
