@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 from importlib import metadata
@@ -44,16 +45,43 @@ def _boot(args: argparse.Namespace) -> tuple[Machine, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: dom0 services, the machine, its domain and the guest agent; then what the guest
+    found: its PCI bus, its device tree and drivers, its unplug state, its interfaces."""
+    from harness.agent import Guest
+    from harness.services import HostServices
+
     machine, artifacts = _boot(args)
-    with machine:
+    with contextlib.ExitStack() as cleanup:
+        if not args.artifacts:
+            cleanup.callback(remove_run_dir, artifacts)
+        host = HostServices.start(artifacts / "host")
+        cleanup.callback(host.stop)
+        machine.launch()
+        cleanup.callback(machine.shutdown)
+        guest = Guest.boot(host, machine)
+        cleanup.callback(guest.shutdown)
         g = machine.guest
-        print(f"guest {g.name}: {g.memory_mib} MiB, seed {g.seed}, QEMU {machine.binary} "
-              f"(pid {machine.process.pid}), ready in {machine.launch_seconds * 1000:.0f} ms")
-        print("PCI bus 0 (enumerated through 0xCF8/0xCFC; BARs assigned as firmware would):")
-        print_bus(PciBus(machine.qtest).assign_resources())
-    if not args.artifacts:
-        remove_run_dir(artifacts)
+        domain = f"domain {guest.domain.domid}" if guest.domain else "no Xen platform device: not a Xen domain"
+        print(f"guest {g.name}: {g.memory_mib} MiB, seed {g.seed}, {domain}; QEMU {machine.binary} "
+              f"(pid {machine.process.pid}) ready in {machine.launch_seconds * 1000:.0f} ms")
+        for title, command in (("PCI bus 0, as the firmware left it", "pci"), ("Device tree", "devices"),
+                               ("Interfaces", "interfaces")):
+            print(f"\n== {title} ==\n{guest.console.run(command)}")
+        if args.console:
+            _interactive(guest)
     return 0
+
+
+def _interactive(guest: "Guest") -> None:
+    print("\nguest console; 'quit' to leave")
+    while True:
+        try:
+            line = input("guest> ")
+        except EOFError:
+            return
+        if line.strip() in ("quit", "exit"):
+            return
+        print(guest.console.run(line))
 
 
 def cmd_pci(args: argparse.Namespace) -> int:
@@ -83,8 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--qemu", default=None, help="QEMU binary (default: $XENPV_QEMU or the Xen build)")
         p.add_argument("--artifacts", default=None, help="keep logs and the qtest transcript in this directory")
 
-    p = sub.add_parser("run", help="boot a guest and show what it finds")
+    p = sub.add_parser("run", help="boot a guest (dom0 services, machine, agent) and show what it finds")
     machine_args(p)
+    p.add_argument("--console", action="store_true", help="then drive the guest's console interactively")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("pci", help="enumerate a guest's PCI bus through the vCPU")
     machine_args(p)

@@ -223,10 +223,12 @@ class Machine:
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
-        if self._memory is not None:
-            self._memory.close()
-            self._memory = None
-        remove_run_dir(self.paths.run_dir)
+        try:
+            if self._memory is not None:
+                memory, self._memory = self._memory, None
+                memory.close()  # raises if someone still views guest RAM: a leak worth reporting
+        finally:
+            remove_run_dir(self.paths.run_dir)
         return status
 
     def hand_over_qtest(self) -> Path:
