@@ -1,0 +1,118 @@
+"""Network namespaces and TAP devices for netback tests, with iproute2.
+
+Each test gets a namespace of its own (a unique name from the run) holding one persistent TAP per vif,
+addressed from the guest definition (PvNic.peer is the namespace side, PvNic.address the guest's) or from
+10.200.<devid>.0/24, which exists only inside that namespace. Nothing is routed out of it: the namespace
+has no other interface than its loopback and its TAPs. `close()` deletes the TAPs and the namespace and is
+safe to call after any failure."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from backends.netback.tap import tap_name
+from guests.schema import PvNic
+from harness.errors import HarnessError
+
+log = logging.getLogger("harness.netns")
+
+CLONE_NEWNET = 0x40000000
+PREFIX = "xpv-"
+
+
+class NetnsError(HarnessError):
+    pass
+
+
+def _ip(*args: str) -> str:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise NetnsError(f"ip {' '.join(args)}: {r.stderr.strip() or r.returncode}")
+    return r.stdout
+
+
+def list_namespaces() -> list[str]:
+    return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class TapAddressing:
+    tap: str
+    peer: ipaddress.IPv4Interface    # the namespace (kernel) side, on the TAP
+    guest: ipaddress.IPv4Address     # what the test frontend answers ARP for
+    mtu: int
+
+
+def addressing(nic: PvNic, domid: int, devid: int, mtu: int = 1500) -> TapAddressing:
+    peer = ipaddress.IPv4Interface(nic.peer if nic.peer and "/" in nic.peer
+                                   else f"{nic.peer}/24" if nic.peer else f"10.200.{devid}.1/24")
+    guest = ipaddress.IPv4Address(nic.address.split("/")[0]) if nic.address else peer.ip + 1
+    if guest not in peer.network:
+        raise NetnsError(f"vif {devid}: guest address {guest} is outside the namespace network {peer.network}")
+    return TapAddressing(tap_name(domid, devid), peer, guest, mtu)
+
+
+@dataclass
+class NetNamespace:
+    name: str
+    taps: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, tag: str = "") -> "NetNamespace":
+        name = f"{PREFIX}{tag[:12]}{'-' if tag else ''}{uuid.uuid4().hex[:8]}"
+        _ip("netns", "add", name)
+        ns = cls(name)
+        try:
+            _ip("-n", name, "link", "set", "lo", "up")
+        except BaseException:
+            ns.close()
+            raise
+        log.info("namespace %s created", name)
+        return ns
+
+    def add_tap(self, a: TapAddressing) -> None:
+        """A persistent TAP with vnet headers (netback attaches with IFF_VNET_HDR), addressed and up."""
+        _ip("-n", self.name, "tuntap", "add", "dev", a.tap, "mode", "tap", "vnet_hdr")
+        self.taps.append(a.tap)
+        _ip("-n", self.name, "link", "set", a.tap, "mtu", str(a.mtu))
+        _ip("-n", self.name, "addr", "add", str(a.peer), "dev", a.tap)
+        _ip("-n", self.name, "link", "set", a.tap, "up")
+
+    def exec_argv(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run the body with the calling thread inside the namespace (sockets made there stay there)."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        target = os.open(f"/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise NetnsError(f"setns into {self.name}: {os.strerror(ctypes.get_errno())}")
+            try:
+                yield
+            finally:
+                if libc.setns(home, CLONE_NEWNET) != 0:
+                    raise NetnsError(f"setns back from {self.name}: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(target)
+            os.close(home)
+
+    def close(self) -> None:
+        for tap in reversed(self.taps):
+            try:
+                _ip("-n", self.name, "link", "del", tap)
+            except NetnsError as exc:
+                log.debug("%s: %s", self.name, exc)
+        self.taps.clear()
+        if self.name in list_namespaces():
+            _ip("netns", "del", self.name)
+            log.info("namespace %s removed", self.name)
