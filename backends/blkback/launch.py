@@ -1,0 +1,23 @@
+"""Start blkback as a supervised process and wait until it watches xenstore."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from harness.process import Supervised, wait_for
+
+
+def start_blkback(run_dir: Path, xenstored_socket: Path, xenhv_socket: Path, log_path: Path,
+                  log_level: str = "INFO", timeout: float = 10.0) -> Supervised:
+    out = log_path.with_suffix(".out")
+    argv = [sys.executable, "-m", "backends.blkback", "--xenstore", str(xenstored_socket), "--xenhv",
+            str(xenhv_socket), "--vhost-socket", str(run_dir / "blkback.sock"), "--log", str(log_path),
+            "--log-level", log_level]
+    proc = Supervised("blkback", argv, out).start()
+    try:
+        wait_for(lambda: out.exists() and "blkback ready" in out.read_text(errors="replace"), timeout=timeout,
+                 what="blkback to watch xenstore", alive=[proc])
+    except BaseException:
+        proc.stop()
+        raise
+    return proc

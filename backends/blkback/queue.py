@@ -1,0 +1,299 @@
+"""One blkif ring of a device: its grants mapped through xenhv, its event channel, and the thread that
+serves it.  Requests are served in ring order, each to completion, so a flush or barrier response means
+every earlier request's data reached the image and was made durable."""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from backends.blkback.image import Image
+from backends.blkback.requests import (BadRequest, Codecs, Request, Segment, decode, decode_indirect_segments,
+                                       indirect_pages)
+from backends.vhost_user.memory import GuestMemoryError
+from backends.xenhv.control import XenhvError
+from xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
+                          BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP,
+                          BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE, BlkifLayouts)
+from xenabi.ring import XEN_PAGE_SIZE, BackRing, RingOverflowError
+
+if TYPE_CHECKING:
+    from backends.xenbackend import DomainLink, XenBackend
+
+log = logging.getLogger("blkback.queue")
+
+# Linux blkback's default cap on persistent grants per ring: enough for a full ring of maximal requests.
+MAX_PERSISTENT_GRANTS = 1056
+
+
+class QueueSetupError(Exception):
+    """A ring cannot be mapped or its channel bound; names the queue."""
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """What every queue of a device needs to check and serve requests."""
+
+    image: Image
+    sectors: int
+    readonly: bool
+    discard: bool
+    max_indirect_segments: int
+    persistent: bool
+
+
+@dataclass
+class BlkQueue:
+    name: str
+    backend: "XenBackend"
+    link: "DomainLink"
+    layouts: BlkifLayouts
+    disk: DiskConfig
+    ring_grefs: list[int]
+    remote_port: int
+    on_fatal: Callable[[str], None]
+    _handles: list[int] = field(default_factory=list)
+    _persistent: dict[int, int] = field(default_factory=dict)  # gref -> gfn, mapped writable
+    _persistent_handles: list[int] = field(default_factory=list)
+    _channel: int | None = None
+    _ring: BackRing | None = None
+    _ring_view: memoryview | None = None
+    _thread: threading.Thread | None = None
+    _kick: threading.Event = field(default_factory=threading.Event)
+    _stopping: bool = False
+    served: int = 0
+
+    @property
+    def domid(self) -> int:
+        return self.link.domid
+
+    def start(self) -> None:
+        try:
+            self._map_ring()
+            self._thread = threading.Thread(target=self._run, name=f"blkback {self.name}", daemon=True)
+            self._thread.start()
+            self._channel = self.link.bind(self.remote_port, self._kick.set)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _map_ring(self) -> None:
+        gfns = []
+        for gref in self.ring_grefs:
+            try:
+                m = self.backend.call("gnttab_map", domid=self.domid, ref=gref, readonly=False)
+            except XenhvError as exc:
+                raise QueueSetupError(f"{self.name}: mapping ring gref {gref}: {exc}") from exc
+            self._handles.append(m["handle"])
+            gfns.append(m["gfn"])
+        # BackRing works on one contiguous buffer: a multi-page ring must sit in consecutive guest frames.
+        if gfns != list(range(gfns[0], gfns[0] + len(gfns))):
+            raise QueueSetupError(f"{self.name}: ring pages are not consecutive guest frames ({gfns})")
+        try:
+            view = self.link.memory.view(gfns[0] << 12, XEN_PAGE_SIZE * len(gfns))
+        except GuestMemoryError as exc:
+            raise QueueSetupError(f"{self.name}: ring frames outside guest RAM: {exc}") from exc
+        self._ring_view = view
+        self._ring = BackRing(view, self.layouts.request_struct, self.layouts.response_struct)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._kick.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        if self._channel is not None:
+            self._quietly("unbinding its channel", self.link.unbind, self._channel)
+            self._channel = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self._ring_view is not None:
+            self._ring_view.release()
+            self._ring_view = None
+        for handle in self._handles + self._persistent_handles:
+            self._quietly(f"unmapping handle {handle}", self._unmap, handle)
+        self._handles.clear()
+        self._persistent_handles.clear()
+        self._persistent.clear()
+
+    def _quietly(self, what: str, fn: Callable[..., object], *args: object) -> None:
+        # Teardown runs when the domain may already be gone (its link closed, its grants released by
+        # xenhv): a failure here is expected and must not stop the rest of the teardown.
+        try:
+            fn(*args)
+        except Exception as exc:
+            log.debug("%s: %s failed: %s", self.name, what, exc)
+
+    def _unmap(self, handle: int) -> None:
+        self.backend.call("gnttab_unmap", handle=handle)
+
+    # ---- serving -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._kick.wait()
+                self._kick.clear()
+                if self._stopping:
+                    return
+                self._drain()
+        except RingOverflowError as exc:
+            self.on_fatal(f"{self.name}: ring corrupt: {exc}")
+        except Exception as exc:  # the ring or the link broke: this device stops, nothing else does
+            log.exception("%s: serving failed", self.name)
+            self.on_fatal(f"{self.name}: serving failed: {exc}")
+
+    def _drain(self) -> None:
+        ring = self._ring
+        assert ring is not None
+        while not self._stopping:
+            pending = ring.unconsumed_requests()
+            while pending and not self._stopping:
+                for _ in range(pending):
+                    raw = ring.get_request_bytes()
+                    ring.put_response(*self._serve(raw))
+                if ring.push_responses_and_check_notify() and self._channel is not None:
+                    self.link.notify(self._channel)
+                pending = ring.unconsumed_requests()
+            if not ring.final_check_for_requests():
+                return
+
+    def _serve(self, raw: bytes) -> tuple[int, int, int]:
+        """(id, operation, status) of the response to one request copy; never raises for guest input."""
+        codecs = Codecs.of(self.layouts)
+        rid, op = codecs.request_id(raw), raw[0]
+        try:
+            request = decode(raw, codecs, self.disk.max_indirect_segments)
+            self._execute(request)
+            status = BLKIF_RSP_OKAY
+        except BadRequest as exc:
+            log.warning("dom%d %s: request refused: %s", self.domid, self.name, exc)
+            status = exc.status
+        except (XenhvError, GuestMemoryError, OSError) as exc:
+            log.warning("dom%d %s: request %#x (op %d) failed: %s", self.domid, self.name, rid, op, exc)
+            status = BLKIF_RSP_ERROR
+        except Exception:
+            log.exception("dom%d %s: request %#x (op %d) failed unexpectedly", self.domid, self.name, rid, op)
+            status = BLKIF_RSP_ERROR
+        self.served += 1
+        return rid, op, status
+
+    def _execute(self, r: Request) -> None:
+        image = self.disk.image
+        if r.operation == BLKIF_OP_READ:
+            self._transfer(r, write=False, segments=self._segments(r))
+        elif r.operation == BLKIF_OP_WRITE:
+            self._transfer(r, write=True, segments=self._segments(r))
+        elif r.operation in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
+            # Requests are served one at a time in ring order, so the barrier's ordering holds already;
+            # data carried by the request is written between the two flushes of a pre-flush+FUA write.
+            if r.segments:
+                self._check_writable(r)
+                image.flush()
+                self._transfer(r, write=True, segments=r.segments)
+            image.flush()
+        elif r.operation == BLKIF_OP_DISCARD:
+            self._discard(r)
+        elif r.operation == BLKIF_OP_INDIRECT:
+            self._transfer(r, write=r.indirect_op == BLKIF_OP_WRITE, segments=self._indirect_segments(r))
+        else:
+            raise BadRequest(f"request {r.id:#x}: unknown operation {r.operation}")
+
+    def _segments(self, r: Request) -> tuple[Segment, ...]:
+        if not r.segments:
+            raise BadRequest(f"request {r.id:#x}: a read or write without segments")
+        return r.segments
+
+    def _check_writable(self, r: Request) -> None:
+        if self.disk.readonly:
+            raise BadRequest(f"request {r.id:#x}: write to a read-only disk")
+
+    def _check_range(self, r: Request, sector: int, count: int) -> None:
+        if sector >= self.disk.sectors or count > self.disk.sectors - sector:
+            raise BadRequest(f"request {r.id:#x}: sectors {sector}+{count} beyond the disk's "
+                             f"{self.disk.sectors}")
+
+    def _discard(self, r: Request) -> None:
+        if not self.disk.discard:
+            raise BadRequest(f"request {r.id:#x}: discard is not offered", BLKIF_RSP_EOPNOTSUPP)
+        if r.flag & BLKIF_DISCARD_SECURE:
+            raise BadRequest(f"request {r.id:#x}: secure discard is not offered", BLKIF_RSP_EOPNOTSUPP)
+        self._check_writable(r)
+        self._check_range(r, r.sector, r.nr_sectors)
+        if r.nr_sectors:
+            self.disk.image.discard(r.sector * BLKIF_SECTOR_SIZE, r.nr_sectors * BLKIF_SECTOR_SIZE)
+
+    def _indirect_segments(self, r: Request) -> tuple[Segment, ...]:
+        pages = []
+        for gref in r.indirect_grefs[:indirect_pages(r.nr_indirect_segments)]:
+            with self._mapped({gref}, writable=False) as gfns:
+                pages.append(self.link.memory.read(gfns[gref] << 12, XEN_PAGE_SIZE))
+        return decode_indirect_segments(pages, r.nr_indirect_segments, r.id)
+
+    def _transfer(self, r: Request, *, write: bool, segments: tuple[Segment, ...]) -> None:
+        if write:
+            self._check_writable(r)
+        self._check_range(r, r.sector, sum(s.sectors for s in segments))
+        # Reading from the disk writes into guest memory, so a READ needs writable mappings.
+        with self._mapped({s.gref for s in segments}, writable=not write) as gfns:
+            views = [self.link.memory.view((gfns[s.gref] << 12) + s.first_sect * BLKIF_SECTOR_SIZE,
+                                           s.sectors * BLKIF_SECTOR_SIZE) for s in segments]
+            try:
+                if write:
+                    self.disk.image.write(r.sector * BLKIF_SECTOR_SIZE, views)
+                else:
+                    self.disk.image.read_into(r.sector * BLKIF_SECTOR_SIZE, views)
+            finally:
+                for v in views:
+                    v.release()
+
+    def _mapped(self, grefs: set[int], *, writable: bool) -> "_Mappings":
+        return _Mappings(self, grefs, writable)
+
+    def map_one(self, gref: int, writable: bool) -> tuple[int, int | None]:
+        """(gfn, transient handle or None when the mapping is persistent)."""
+        gfn = self._persistent.get(gref)
+        if gfn is not None:
+            return gfn, None
+        if self.disk.persistent and len(self._persistent) < MAX_PERSISTENT_GRANTS:
+            # Persistent grants are granted writable by the frontend, whatever the first use of them is.
+            try:
+                m = self.backend.call("gnttab_map", domid=self.domid, ref=gref, readonly=False)
+            except XenhvError:
+                if writable:
+                    raise
+            else:
+                self._persistent[gref] = m["gfn"]
+                self._persistent_handles.append(m["handle"])
+                return m["gfn"], None
+        m = self.backend.call("gnttab_map", domid=self.domid, ref=gref, readonly=not writable)
+        return m["gfn"], m["handle"]
+
+
+class _Mappings:
+    """Grants mapped for the duration of one request (persistent ones stay mapped)."""
+
+    def __init__(self, queue: BlkQueue, grefs: set[int], writable: bool) -> None:
+        self.queue = queue
+        self.grefs = grefs
+        self.writable = writable
+        self.handles: list[int] = []
+
+    def __enter__(self) -> dict[int, int]:
+        gfns = {}
+        try:
+            for gref in self.grefs:
+                gfn, handle = self.queue.map_one(gref, self.writable)
+                if handle is not None:
+                    self.handles.append(handle)
+                gfns[gref] = gfn
+        except BaseException:
+            self.__exit__()
+            raise
+        return gfns
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            self.queue._quietly(f"unmapping handle {handle}", self.queue._unmap, handle)
+        self.handles.clear()
