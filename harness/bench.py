@@ -15,6 +15,7 @@ from typing import Callable
 
 BENCH_MODULES = (
     "harness.bench_machine",
+    "harness.bench_boot",
     "backends.xenstored.bench",
     "backends.xenhv.bench",
 )
