@@ -7,6 +7,7 @@ for the platform unplug model, to that machine's device-model QMP socket.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 from pathlib import Path
@@ -126,6 +127,42 @@ class Hypervisor:
     def destroy_all(self) -> None:
         for domid in list(self.domains):
             self.control_destroy_domain(domid)
+
+    # -- save and restore (the hooks the hibernation and migration work builds on) ---------------
+
+    def control_save_domain(self, domid: int, path: str) -> None:
+        """What Xen keeps for a domain outside its RAM (which QEMU's RAM file already holds): HVM params,
+        where the guest placed its hypervisor frames, and their contents (shared_info, grant frames).
+        Event channels are not saved: as on Xen, a resumed guest rebinds them."""
+        dom = self.domain(domid)
+        if dom.state is not RunState.PAUSED:
+            raise XenError(X.XEN_EBUSY, f"dom{domid} must be paused to be saved")
+        state = {"domid": domid, "params": {str(k): v for k, v in dom.params.items()},
+                 "hv_frames": {str(i): g for i, g in dom.memory.hv_mappings().items()},
+                 "grant_frames": self.grant_table(dom).nr_frames,
+                 "frames": bytes(dom.memory.frames).hex()}
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
+
+    def control_restore_domain(self, domid: int, path: str) -> None:
+        """Load a saved state into a freshly created domain (same RAM size and grant-frame limit)."""
+        dom = self.domain(domid)
+        try:
+            state = json.loads(Path(path).read_text())
+            frames = bytes.fromhex(state["frames"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise XenError(X.XEN_EINVAL, f"{path} is not a saved domain: {exc}") from None
+        if len(frames) != len(dom.memory.frames):
+            raise XenError(X.XEN_EINVAL, f"saved frames are {len(frames)} bytes, dom{domid} has {len(dom.memory.frames)}")
+        if self.channels(dom).open_ports():
+            raise XenError(X.XEN_EBUSY, f"dom{domid} already has event channels: restore into a new domain")
+        self.grant_table(dom).grow(int(state["grant_frames"]))
+        dom.memory.frames[:] = frames
+        for index, gfn in state["hv_frames"].items():
+            dom.memory.map_hv_frame(int(index), int(gfn))
+        dom.params = {int(k): int(v) for k, v in state["params"].items()}
+        log.info("dom%d restored: %d hypervisor frames placed", domid, len(state["hv_frames"]))
 
     def control_pause(self, domid: int) -> None:
         self.domain(domid).state = RunState.PAUSED

@@ -53,6 +53,10 @@ class DomainMemory:
         self._overlay[gfn] = index
         self._where[index] = gfn
 
+    def hv_mappings(self) -> dict[int, int]:
+        """Hypervisor frame index -> gfn, for every frame the guest has placed."""
+        return dict(self._where)
+
     def gfn_of(self, index: int) -> int | None:
         return self._where.get(index)
 

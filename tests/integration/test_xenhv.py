@@ -205,3 +205,36 @@ def _dom0_map(d, ref: int, readonly: bool) -> dict:
         return ctl.call("gnttab_map", domid=d.domid, ref=ref, readonly=readonly)
     finally:
         ctl.close()
+
+
+def test_save_and_restore_keep_params_frames_and_their_placement(xen_guest_factory, tmp_path) -> None:
+    from backends.xenhv.gnttab import GrantTableFrontend
+
+    d = xen_guest_factory("default")
+    v = d.vcpu
+    base = platform_gfn(v)
+    map_shared_info(v, base)
+    map_grant_frame(v, base + 1)
+    with v.page(base + 1) as frame:
+        fe = GrantTableFrontend([frame])
+        fe.grant_access(8, 0, MAILBOX >> 12)
+        fe.release()
+    port = alloc_unbound(v)
+    d.control("pause")
+    saved = tmp_path / "dom.json"
+    d.control("save_domain", path=str(saved))
+    ctl = d.toolstack.ctl
+    new = d.domid + 1000
+    ctl.call("create_domain", domid=new, name="restored", ram_path=str(d.machine.paths.ram),
+             ram_size=d.machine.guest.memory_mib << 20)
+    try:
+        ctl.call("restore_domain", domid=new, path=str(saved))
+        assert ctl.call("get_param", domid=new, index=hvm.HVM_PARAM_STORE_PFN) == d.created.store_gfn
+        m = ctl.call("gnttab_map", domid=new, ref=8, readonly=True)  # the grant entry survived
+        assert m["gfn"] == MAILBOX >> 12
+        ctl.call("gnttab_unmap", handle=m["handle"])
+        # Event channels are not carried over: the resumed guest rebinds them.
+        assert ctl.call("evtchn_status", dom=new, port=port)["state"] == "CLOSED"
+    finally:
+        ctl.call("destroy_domain", domid=new)
+    d.control("unpause")
