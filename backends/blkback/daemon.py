@@ -58,13 +58,15 @@ class Blkback:
             dev, reason = self._fatal.get()
             if self.devices.get((dev.domid, dev.devid)) is dev:
                 dev.fail(reason)
-        if not self.xs.events:
+        # Replies can arrive in one read with the events after them: those sit unparsed in the client's buffer.
+        if not self.xs.events and not self.xs.buf:
             ready, _, _ = select.select([self.xs.sock, self._wake_r], [], [], 1.0)
             if self._wake_r in ready:
                 os.read(self._wake_r, 4096)
             if self.xs.sock not in ready:
                 return
-            self.xs.read_event(timeout=5.0)
+        if not self.xs.events:
+            self._on_event(*self.xs.read_event(timeout=5.0))
         while self.xs.events:
             path, token = self.xs.events.popleft()
             self._on_event(path, token)
