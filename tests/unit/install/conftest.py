@@ -1,0 +1,19 @@
+"""Every installer test gets a fresh processor and debug log (registry calls check IRQL)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from stack.kernel.debuglog import DebugLog, set_current_log
+from stack.kernel.irql import Processor, set_current_processor
+
+
+@pytest.fixture(autouse=True)
+def cpu() -> Iterator[Processor]:
+    processor = Processor()
+    previous = set_current_processor(processor)
+    previous_log = set_current_log(DebugLog())
+    yield processor
+    set_current_processor(previous)
+    set_current_log(previous_log)
