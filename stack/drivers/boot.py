@@ -1,0 +1,121 @@
+"""Boot a guest's driver stack on a Kernel over the real machine.
+
+`boot_stack(vcpu, ram_pages, ...)` plays firmware and Windows boot: PCI resources are assigned through
+0xCF8/0xCFC, xen.sys is loaded (unplug requests for this boot), the PCI root (`ACPI\\PNP0A03`) is
+registered with the PnP manager, and PnP runs: pci.sys reports the functions QEMU really has, XENFILT
+gates them until unplug is decided, XENBUS binds the platform devices and reports its children.
+
+The catalog is a parameter (the installer supplies the real one); `default_catalog` binds what a
+freshly installed XENBUS package binds plus the in-box PCI and IDE drivers. The boot device must be
+there at the end (the emulated primary master, or a XENBUS VBD child), else INACCESSIBLE_BOOT_DEVICE.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from stack.drivers.atapi import IDE_CHANNEL_ID, AtapiDriver
+from stack.drivers.pci import PNP0A03_IDS, PciDriver
+from stack.drivers.revision import VENDOR_PREFIX
+from stack.drivers.xen import PACKAGE_VERSION, Xen
+from stack.drivers.xenbus.driver import FiltersInstall, XenbusDriver
+from stack.drivers.xenfilt import XenfiltDriver
+from stack.kernel import BugCheckCode, DeviceNode, InMemoryCatalog, Kernel, KeBugCheckEx, Registry
+from stack.kernel.pnp import DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
+from stack.vcpu.cpu import Vcpu
+from stack.vcpu.pci import PciBus
+from stack.vcpu.platform import XenPlatform
+
+log = logging.getLogger("stack.drivers.boot")
+
+XENBUS_PCI_IDS = (r"PCI\VEN_5853&DEV_0001", r"PCI\VEN_5853&DEV_0002", r"PCI\VEN_5853&DEV_C000&SUBSYS_C0005853&REV_01")
+PIIX_IDE_ID = r"PCI\VEN_8086&DEV_7010"
+XENFILT_PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENFILT\Parameters"
+CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
+
+
+@dataclass
+class BootedStack:
+    kernel: Kernel
+    xen: Xen
+    xenfilt: XenfiltDriver
+    xenbus: XenbusDriver
+    vcpu: Vcpu
+
+    def poll(self) -> None:
+        """Run deferred work: xenstore watch events of the active FDO, then queued re-enumerations."""
+        with self.kernel.cpu.lock:
+            for fdo in self.xenbus.fdos:
+                fdo.poll()
+            self.kernel.pnp.process_pending()
+
+    def nodes(self, prefix: str) -> list[DeviceNode]:
+        return [n for n in self.kernel.pnp.root.walk() if n.instance_path.upper().startswith(prefix.upper())]
+
+    def close(self) -> None:
+        for fdo in self.xenbus.fdos:
+            if fdo.platform is not None:
+                fdo.platform.close()
+                fdo.platform = None
+        self.xen.unload()
+
+
+def default_catalog(drivers: dict[str, Callable[..., int]]) -> InMemoryCatalog:
+    catalog = InMemoryCatalog()
+    for service, entry in drivers.items():
+        catalog.add_driver(service, entry)
+    catalog.bind("*PNP0A03", "PCI", class_guid=SYSTEM_CLASS_GUID)
+    catalog.bind(PIIX_IDE_ID, "PCIIDE", class_guid=HDC_CLASS_GUID)
+    catalog.bind(IDE_CHANNEL_ID, "ATAPI", class_guid=HDC_CLASS_GUID)
+    for pci_id in XENBUS_PCI_IDS:
+        catalog.bind(pci_id, "XENBUS", class_guid=SYSTEM_CLASS_GUID, package="xenbus")
+    return catalog
+
+
+def prepare_registry(registry: Registry, *, boot_options: tuple[str, ...] = ()) -> None:
+    """What installing the XENBUS package leaves behind: the XENFILT type map and class filters."""
+    registry.set_sz(XENFILT_PARAMETERS, "*PNP0A03", "PCI")
+    registry.set_sz(XENFILT_PARAMETERS, IDE_CHANNEL_ID, "IDE")
+    FiltersInstall(registry)
+    options = " ".join(f"XEN:{o}=TRUE" for o in boot_options)
+    registry.set_sz(CONTROL_KEY, "SystemStartOptions", options)
+
+
+def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
+               catalog: Callable[[dict[str, Callable[..., int]]], DriverCatalog] = default_catalog,
+               seed: int | None = None, version: tuple[int, int, int, int] = PACKAGE_VERSION,
+               prefix: str = VENDOR_PREFIX, extra_drivers: dict[str, Callable[..., int]] | None = None) -> BootedStack:
+    """Boot; `catalog(drivers)` builds the DriverCatalog from the images {service: DriverEntry}."""
+    registry = registry if registry is not None else Registry()
+    bus = PciBus(vcpu)
+    bus.assign_resources()
+    kernel = Kernel(registry=registry, seed=seed)
+    kernel.activate()
+    xen = Xen.load(registry, kernel.log, vcpu)
+    xenfilt = XenfiltDriver(xen, version)
+    xenbus = XenbusDriver(xen, lambda: XenPlatform.start(vcpu, ram_pages), kernel, version, prefix)
+    atapi = AtapiDriver(vcpu)
+    images: dict[str, Callable[..., int]] = {"PCI": PciDriver(bus).driver_entry, "PCIIDE": atapi.pciide_entry,
+                                             "ATAPI": atapi.atapi_entry, "XENFILT": xenfilt.driver_entry,
+                                             "XENBUS": xenbus.driver_entry, **(extra_drivers or {})}
+    kernel.catalog = kernel.pnp.catalog = catalog(images)
+    kernel.add_reference_provider("XENBUS", lambda: {f"XENBUS.{name}": ctx.references for f in xenbus.fdos
+                                                     for name, ctx in f.interfaces.items()})
+    kernel.pnp.add_root_device(r"ACPI\PNP0A03", PNP0A03_IDS)
+    booted = BootedStack(kernel, xen, xenfilt, xenbus, vcpu)
+    kernel.boot()
+    booted.poll()
+    check_boot_device(booted)
+    return booted
+
+
+def check_boot_device(booted: BootedStack) -> None:
+    """0x7B unless the boot disk is reachable: the emulated primary master or a XENBUS VBD child."""
+    emulated = booted.nodes("IDE\\")
+    if any(n.instance_id == "0.0.0" for n in emulated):
+        return
+    if booted.nodes(f"XENBUS\\VEN_{booted.xenbus.prefix}&DEV_VBD"):
+        return
+    raise KeBugCheckEx(BugCheckCode.INACCESSIBLE_BOOT_DEVICE, "boot disk", 0, 0, 0, module="ntoskrnl.exe",
+                       message="no emulated primary master and no PV disk: the boot disk is gone")
