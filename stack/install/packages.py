@@ -46,7 +46,6 @@ from stack.kernel.registry import REG_DWORD, REG_MULTI_SZ, REG_SZ, RegData, RegT
 SERVICES_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services"
 NET_CLASS_GUID = "{4d36e972-e325-11ce-bfc1-08002be10318}"
 SCSI_ADAPTER_CLASS_GUID = "{4d36e97b-e325-11ce-bfc1-08002be10318}"
-DISK_CLASS_GUID = "{4d36e967-e325-11ce-bfc1-08002be10318}"
 
 XEN_PCI_VENDOR = 0x5853
 VENDOR_DEVICE_ID = 0xC000  # XenServer's vendor PV device (reference 4); VENDOR_DEVICE_ID of the INFs

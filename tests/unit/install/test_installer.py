@@ -1,18 +1,21 @@
 """Installer, catalog and guest set-up: era rules, bindings, persistence (reference windows-pv-drivers.md 5)."""
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from guests.schema import load_guest
+from guests.schema import load_guest, parse_guest
 from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, XENBUS_REVISIONS, XENVIF_REVISIONS
 from stack.install import (PACKAGES, Era, Installer, InstallVetoed, PlatformPciDevice, RegistryCatalog,
                            install_from_guest, installed_version, reboot_requests)
 from stack.install.installer import ERROR_REVISION_MISMATCH, InstallError, MONITOR_REQUEST_KEY
 from stack.install.packages import UNPLUG_KEY, Version, child_ids, get_package
+from stack.kernel.debuglog import DebugLog
 from stack.kernel.device import DriverObject
-from stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
+from stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID, PnpManager
 from stack.kernel.registry import Registry
 
 SERVICES = r"HKLM\SYSTEM\CurrentControlSet\Services"
@@ -123,7 +126,6 @@ def test_catalog_ranks_inf_hardware_id_before_compatible_ids() -> None:
 
 
 def test_pnp_prefers_a_device_hardware_id_over_its_compatible_id() -> None:
-    from stack.kernel import DebugLog, PnpManager
     registry, _ = fresh(Era.CURRENT, "9.1.0.10", ("xenbus", "xenvif"))
     catalog = RegistryCatalog(registry, images={"XENBUS": dummy_entry, "XENVIF": dummy_entry})
     pnp = PnpManager(registry, catalog, DebugLog())
@@ -146,8 +148,6 @@ def test_entry_point_missing_image_is_none() -> None:
 
 
 def test_entry_point_follows_image_naming(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-    import types
     registry, _ = fresh(Era.CURRENT, "9.1.0.10", ("xenbus",))
     module = types.ModuleType("stack.drivers.xenfilt.driver")
     module.DriverEntry = dummy_entry  # type: ignore[attr-defined]
@@ -273,7 +273,6 @@ def test_install_from_default_guest() -> None:
 
 
 def test_install_from_guest_with_presets_and_era(tmp_path: Path) -> None:
-    from guests.schema import parse_guest
     doc = {"name": "old", "platform": [{"device-id": 0xC000}], "boot": {"options": ["BOOT_EMULATED"]},
            "drivers": {"era": "subscriber", "packages": {"xenbus": "8.0.0.1", "xenvif": "8.0.0.1"}},
            "registry": {r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\ForceUnplug": {"DISKS": 1},
