@@ -285,7 +285,7 @@ class XenbusFdo:
 
 def query_lower(lower: DeviceObject, minor: IRP_MN_PNP, parameters: Any) -> Irp:
     irp = Irp.pnp(minor, parameters)
-    IoSynchronousCallDriver(IoGetAttachedDevice(lower), irp)
+    IoSynchronousCallDriver(lower, irp)
     return irp
 
 
