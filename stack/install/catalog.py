@@ -9,7 +9,11 @@ installed bus does not report is listed for IDs no PDO carries, and find() on th
 `entry_point(service)` maps the service's ImagePath to a Python module and imports it lazily: image
 `<name>.sys` is `stack.drivers.<name>.driver:DriverEntry` (xen.sys -> stack.drivers.xen.driver, xendisk.sys
 -> stack.drivers.xendisk.driver). A module that does not exist (yet) is a missing image: None, and the PnP
-manager reports CM_PROB_DRIVER_FAILED_LOAD. `images` overrides the mapping (tests, toy drivers).
+manager reports CM_PROB_DRIVER_FAILED_LOAD. `images` overrides the mapping: {service: DriverEntry or
+"module:attribute"}, e.g. the bound entries `stack.drivers.boot.boot_stack` builds, as in
+`boot_stack(..., catalog=lambda images: RegistryCatalog(registry, images=images, inbox=inbox))`.
+`inbox` is the catalog of Windows' in-box drivers (pci.sys, pciide, atapi: machine.inf and friends,
+which no PV package installs); its matches come after the packages' for the same ID.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from stack.kernel.device import DriverEntryRoutine
-from stack.kernel.pnp import DriverMatch
+from stack.kernel.pnp import DriverCatalog, DriverMatch
 from stack.kernel.registry import KeyNotFound, Registry, ValueNotFound
 
 from .installer import DEVICE_IDS_KEY, INF_FILES_KEY, installed_package
@@ -52,22 +56,25 @@ def resolve(target: str) -> DriverEntryRoutine | None:
 
 
 class RegistryCatalog:
-    def __init__(self, registry: Registry, *, images: Mapping[str, str | DriverEntryRoutine] | None = None) -> None:
+    def __init__(self, registry: Registry, *, images: Mapping[str, str | DriverEntryRoutine] | None = None,
+                 inbox: DriverCatalog | None = None) -> None:
         self.registry = registry
+        self.inbox = inbox
         # service (upper case) -> "module:attribute" or a DriverEntry routine
         self.images = {k.upper(): v for k, v in (images or {}).items()}
 
     def find(self, device_id: str) -> Sequence[DriverMatch]:
+        inbox = list(self.inbox.find(device_id)) if self.inbox is not None else []
         try:
             bindings = self.registry.values(rf"{DEVICE_IDS_KEY}\{device_id}")
         except KeyNotFound:
-            return []
+            return inbox
         matches = []
         for binding in bindings:
             match = self._match(device_id, binding.name, int(binding.data))  # type: ignore[arg-type]
             if match is not None:
                 matches.append(match)
-        return sorted(matches, key=lambda m: m.rank)
+        return sorted(matches, key=lambda m: m.rank) + inbox
 
     def _match(self, device_id: str, package_key: str, rank: int) -> DriverMatch | None:
         package = installed_package(self.registry, package_key.split(".inf_", 1)[0])
@@ -85,6 +92,10 @@ class RegistryCatalog:
         override = self.images.get(service.upper())
         if override is not None:
             return resolve(override) if isinstance(override, str) else override
+        if self.inbox is not None:
+            entry = self.inbox.entry_point(service)
+            if entry is not None:
+                return entry
         try:
             image = str(self.registry.query_value(rf"{SERVICES_KEY}\{service}", "ImagePath").data)
         except (KeyNotFound, ValueNotFound):

@@ -15,7 +15,7 @@ from stack.install.installer import ERROR_REVISION_MISMATCH, InstallError, MONIT
 from stack.install.packages import UNPLUG_KEY, Version, child_ids, get_package
 from stack.kernel.debuglog import DebugLog
 from stack.kernel.device import DriverObject
-from stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID, PnpManager
+from stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID, InMemoryCatalog, PnpManager
 from stack.kernel.registry import Registry
 
 SERVICES = r"HKLM\SYSTEM\CurrentControlSet\Services"
@@ -136,6 +136,18 @@ def test_pnp_prefers_a_device_hardware_id_over_its_compatible_id() -> None:
     services = {node.device_id: (node.service, node.matching_id) for node in pnp.root.walk() if node.parent}
     assert services["ROOT\\TEST"] == ("XENBUS", PCI_0001)
     assert services["ROOT\\TEST2"] == ("XENVIF", VIF_C000.format(CHILD_BINDS_XENBUS_REVISION))
+
+
+def test_inbox_drivers_come_after_packages() -> None:
+    registry, _ = fresh(Era.CURRENT, "9.1.0.10", ("xenbus",))
+    inbox = InMemoryCatalog()
+    inbox.bind("*PNP0A03", "PCI")
+    inbox.bind(PCI_0001, "INBOX")
+    inbox.add_driver("PCI", dummy_entry)
+    catalog = RegistryCatalog(registry, inbox=inbox)
+    assert [m.service for m in catalog.find("*PNP0A03")] == ["PCI"]
+    assert [m.service for m in catalog.find(PCI_0001)] == ["XENBUS", "INBOX"]
+    assert catalog.entry_point("PCI") is dummy_entry
 
 
 def test_entry_point_missing_image_is_none() -> None:
