@@ -111,6 +111,7 @@ class _Queue:
     gfns: list[int]
     refs: list[int]
     port: int
+    view: memoryview
     event: threading.Event = field(default_factory=threading.Event)
 
 
@@ -209,7 +210,7 @@ class BlkFront:
             ring = FrontRing(view, BLKIF_NATIVE.request_struct, BLKIF_NATIVE.response_struct, init=True)
             refs = [self.p.grant(0, g) for g in gfns]
             port = self.p.hypercalls.evtchn_alloc_unbound(0)
-            queue = _Queue(ring, gfns, refs, port)
+            queue = _Queue(ring, gfns, refs, port, view)
             self.p.upcalls.bind(port, lambda _port, e=queue.event: e.set())
             self.queues.append(queue)
             base = "" if self.nqueues == 1 else f"queue-{q}/"
@@ -238,11 +239,20 @@ class BlkFront:
             self.p.upcalls.unbind(q.port)
             self.p.hypercalls.evtchn_close(q.port)
             q.ring.close()
+            q.view.release()
             self._release(q.refs, q.gfns)
         for s in self.slots:
             self._release(s.refs + [s.indirect_ref], s.gfns + [s.indirect_gfn])
         self.queues.clear()
         self.slots.clear()
+
+    def abandon(self) -> None:
+        """Drop the rings without a handshake (the backend is dead); grants and pages are not reused."""
+        for q in self.queues:
+            self.p.upcalls.unbind(q.port)
+            q.ring.close()
+            q.view.release()
+        self.queues.clear()
 
     def _release(self, refs: list[int], gfns: list[int]) -> None:
         if all(self.p.end_grant(r) for r in refs):

@@ -10,6 +10,8 @@ from harness.process import Supervised, wait_for
 def start_blkback(run_dir: Path, xenstored_socket: Path, xenhv_socket: Path, log_path: Path,
                   log_level: str = "INFO", timeout: float = 10.0) -> Supervised:
     out = log_path.with_suffix(".out")
+    # A blkback that was killed leaves its socket behind; only one blkback serves a host at a time.
+    (run_dir / "blkback.sock").unlink(missing_ok=True)
     argv = [sys.executable, "-m", "backends.blkback", "--xenstore", str(xenstored_socket), "--xenhv",
             str(xenhv_socket), "--vhost-socket", str(run_dir / "blkback.sock"), "--log", str(log_path),
             "--log-level", log_level]
