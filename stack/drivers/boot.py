@@ -55,9 +55,7 @@ class BootedStack:
 
     def close(self) -> None:
         for fdo in self.xenbus.fdos:
-            if fdo.platform is not None:
-                fdo.platform.close()
-                fdo.platform = None
+            fdo.FdoStop()
         self.xen.unload()
 
 
@@ -78,16 +76,17 @@ def prepare_registry(registry: Registry, *, boot_options: tuple[str, ...] = ()) 
     registry.set_sz(XENFILT_PARAMETERS, "*PNP0A03", "PCI")
     registry.set_sz(XENFILT_PARAMETERS, IDE_CHANNEL_ID, "IDE")
     FiltersInstall(registry)
-    options = " ".join(f"XEN:{o}=TRUE" for o in boot_options)
-    registry.set_sz(CONTROL_KEY, "SystemStartOptions", options)
+    if boot_options:
+        registry.set_sz(CONTROL_KEY, "SystemStartOptions", " ".join(f"XEN:{o}=TRUE" for o in boot_options))
 
 
 def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
                catalog: Callable[[dict[str, Callable[..., int]]], DriverCatalog] = default_catalog,
-               seed: int | None = None, version: tuple[int, int, int, int] = PACKAGE_VERSION,
+               seed: int | None = None, boot_options: tuple[str, ...] = (), version: tuple[int, int, int, int] = PACKAGE_VERSION,
                prefix: str = VENDOR_PREFIX, extra_drivers: dict[str, Callable[..., int]] | None = None) -> BootedStack:
     """Boot; `catalog(drivers)` builds the DriverCatalog from the images {service: DriverEntry}."""
     registry = registry if registry is not None else Registry()
+    prepare_registry(registry, boot_options=boot_options)
     bus = PciBus(vcpu)
     bus.assign_resources()
     kernel = Kernel(registry=registry, seed=seed)

@@ -39,3 +39,75 @@ def test_no_platform_boots_without_unplug(guest_factory) -> None:
     booted = boot_stack(Vcpu(m.qtest, m.memory, None), 128 * 256, registry=Registry())
     assert [n.instance_id for n in booted.nodes("IDE\\")] == ["0.0.0"]
     assert booted.xenbus.fdos == []
+
+
+def _query(pdo, guid, version, size):
+    from stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters
+    irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(guid, size, version, None))
+    return IoSynchronousCallDriver(pdo, irp), irp.parameters.interface
+
+
+def test_child_queries_every_interface_at_every_version(xen_guest_factory) -> None:
+    from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION
+    from stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
+    d = xen_guest_factory("default")
+    booted = _boot(d)
+    try:
+        fdo = booted.xenbus.active_fdo
+        pdo = fdo.children["VIF"]
+        for name, context in fdo.interfaces.items():
+            wanted = XENBUS_REVISIONS[CHILD_BINDS_XENBUS_REVISION][name]
+            for version in range(1, wanted + 1):
+                if version in context.TABLES:
+                    status, table = _query(pdo, context.GUID, version, 4096)
+                    assert status == STATUS_SUCCESS and table.Version == version, (name, version)
+                    assert _query(pdo, context.GUID, version, table.Size - 1)[0] == STATUS_BUFFER_OVERFLOW
+            assert _query(pdo, context.GUID, context.max_version() + 1, 4096)[0] == STATUS_NOT_SUPPORTED
+    finally:
+        booted.close()
+
+
+def test_unplug_on_the_second_boot_before_children_start(xen_guest_factory) -> None:
+    from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+    from stack.kernel.status import STATUS_SUCCESS as OK
+    d = xen_guest_factory("default")
+    registry = Registry()
+    first = _boot(d, registry)
+    try:
+        fdo = first.xenbus.active_fdo
+        for cls, kind in (("VBD", 2), ("VIF", 1)):
+            status, unplug = _query(fdo.children[cls], GUID_XENBUS_UNPLUG_INTERFACE, 3, 4096)
+            assert status == OK
+            unplug.UnplugAcquire()
+            unplug.UnplugRequest(kind, True)  # what XENVBD / XENVIF do at start
+            unplug.UnplugRelease()
+        assert [n.instance_id for n in first.nodes("IDE\\")] == ["0.0.0"]  # first boot: nothing unplugged
+    finally:
+        first.close()
+    qmp = d.machine.qmp
+    assert {b["qdev"]: "inserted" in b for b in qmp.command("query-block")}["hda"]
+    second = _boot(d, registry)  # reboot: same hive, same machine
+    try:
+        assert second.xenfilt.unplugged_mask == 0xB
+        assert {b["qdev"]: "inserted" in b for b in qmp.command("query-block")}["hda"] is False
+        assert not [n for n in second.nodes("PCI\\") if "DEV_8139" in n.device_id]
+        assert second.nodes(r"XENBUS\VEN_XP&DEV_VBD")
+    finally:
+        second.close()
+
+
+def test_query_interface_at_dispatch_bugchecks_naming_the_module(xen_guest_factory) -> None:
+    from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+    from stack.kernel import BugCheck, BugCheckCode, KeInitializeDpc, KeInsertQueueDpc
+    d = xen_guest_factory("default")
+    booted = _boot(d)
+    try:
+        pdo = booted.xenbus.active_fdo.children["VBD"]
+        dpc = KeInitializeDpc(lambda *a: _query(pdo, GUID_XENBUS_UNPLUG_INTERFACE, 3, 4096), module="xenvbd.sys")
+        with pytest.raises(BugCheck) as stop:
+            KeInsertQueueDpc(dpc)
+        assert stop.value.code == BugCheckCode.DRIVER_IRQL_NOT_LESS_OR_EQUAL
+        assert booted.kernel.crash_dump(stop.value).module == "xenvbd.sys"
+    finally:
+        booted.kernel.cpu.crashed = None
+        booted.close()

@@ -43,7 +43,6 @@ ENUM_PCI = r"HKLM\SYSTEM\CurrentControlSet\Enum\PCI"
 PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS\Parameters"
 DEFAULT_SUPPORTED_CLASSES = ["VIF", "VBD", "VKBD", "IFACE", "CONS"]
 DEFAULT_SYNTHETIC_CLASSES = ["IFACE", "CONS"]
-DEVICE_WATCH_TOKEN = "xenbus-fdo-device"
 
 # Interface contexts in creation order (later ones take earlier ones as constructor arguments), with
 # the module under stack/drivers/xenbus/ that provides each.
@@ -71,6 +70,21 @@ class XenbusFdo:
     interfaces: dict[str, Interface] = field(default_factory=dict)
     children: dict[str, DeviceObject] = field(default_factory=dict)
     system_power: int = S0
+
+    @property
+    def watch_token(self) -> str:
+        # Unique per FDO, as XENBUS's tokens are watch addresses: a reboot reuses the store connection.
+        return f"xenbus-fdo-{self.device.address:x}"
+
+    def FdoStop(self) -> None:
+        """Drop the watch and the platform (FDO removal, or the end of this boot)."""
+        if self.platform is None:
+            return
+        try:
+            self.platform.store.unwatch("device", self.watch_token)
+        finally:
+            self.platform.close()
+            self.platform = None
 
     @property
     def vendor_name(self) -> str:
@@ -122,7 +136,7 @@ class XenbusFdo:
             self._print(f"FdoStart: the platform did not start: {exc}", DbgLevel.ERROR)
             return STATUS_UNSUCCESSFUL
         self._create_interfaces()
-        self.platform.store.watch("device", DEVICE_WATCH_TOKEN)
+        self.platform.store.watch("device", self.watch_token)
         self.FdoScan()
         return STATUS_SUCCESS
 
@@ -213,7 +227,7 @@ class XenbusFdo:
         store = self.platform.store
         fired = False
         while (event := store.wait_event(0)) is not None:
-            fired = fired or event[1] == DEVICE_WATCH_TOKEN
+            fired = fired or event[1] == self.watch_token
         if fired and self.FdoScan():
             IoInvalidateDeviceRelations(self.pdo)
 
@@ -240,9 +254,7 @@ class XenbusFdo:
     def FdoRemove(self, irp: Irp) -> int:
         if self.active:
             self.driver.xen.config.ConfigClearActive()
-        if self.platform is not None:
-            self.platform.close()
-            self.platform = None
+        self.FdoStop()
         status = forward(irp, self.lower)
         IoDetachDevice(self.lower)
         IoDeleteDevice(self.device)
