@@ -326,7 +326,7 @@ class GuestIp:
         return True
 
     def _reassemble(self, ip: dpkt.ip.IP) -> bytes | None:
-        more, offset = bool(ip.mf), ip.offset
+        more, offset = bool(ip.mf), ip.offset * 8  # dpkt's offset is the header field, in 8-byte units
         if not more and offset == 0:
             return bytes(ip.data)
         key = (ip.src, ip.id)
@@ -353,7 +353,7 @@ class GuestIp:
         for off in range(0, len(datagram), step):
             last = off + step >= len(datagram)
             frag = dpkt.ip.IP(src=self.ip.packed, dst=dst, p=proto, id=ident, data=datagram[off:off + step])
-            frag.offset, frag.mf = off, int(not last)
+            frag.offset, frag.mf = off // 8, int(not last)
             eth = dpkt.ethernet.Ethernet(dst=dst_mac, src=self.mac, type=dpkt.ethernet.ETH_TYPE_IP, data=frag)
             self.nf.send(bytes(eth), queue_index, slot_bytes)
 

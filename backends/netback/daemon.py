@@ -113,12 +113,11 @@ class Netback:
             return
         try:
             vif = Vif(self.backend, self.xs, key[0], key[1], self._report_fatal)
-            vif.start()
+            self.xs.watch(f"{vif.frontend}/state", f"fe {key[0]} {key[1]}")
+            self.vifs[key] = vif
+            vif.start(watch_registered_now=True)
         except XsRequestError as exc:
             log.warning("vif %d/%d: not ready: %s", *key, exc)
-            return
-        self.vifs[key] = vif
-        self.xs.watch(f"{vif.frontend}/state", f"fe {key[0]} {key[1]}")
 
     def _report_fatal(self, vif: Vif, reason: str) -> None:
         self._fatal.put((vif, reason))

@@ -6,6 +6,7 @@ the vif's own threads and reports a fatal protocol error through `on_fatal`, whi
 turns into a disconnect."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -16,6 +17,7 @@ from typing import Callable
 from backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
 from backends.netback.tap import Tap, TapError, tap_name
 from backends.xenbackend import DomainLink, XenBackend
+from backends.xenhv.control import XenhvError
 from backends.xenstored.client import XsClient, XsRequestError
 from xenabi import netif as N
 from xenabi.ring import XEN_PAGE_SIZE, BackRing, RingError
@@ -115,6 +117,7 @@ class Vif:
         # The frontend must be seen out of Connected after this backend instance offered InitWait: a
         # Connected left over from a previous netback describes rings this instance never saw.
         self._frontend_fresh = False
+        self._stale_events = 0
 
     # ---- handshake (main thread) -----------------------------------------------------------------
 
@@ -129,7 +132,14 @@ class Vif:
         except XsRequestError:
             return S.Unknown
 
-    def start(self) -> None:
+    def start(self, watch_registered_now: bool = False) -> None:
+        """Advertise features and go to InitWait. A frontend already Connected then is left over from a
+        previous netback; it must write its state again before this instance connects. The daemon
+        registers the frontend watch just before the first start, and that registration's event (queued
+        ahead of anything the frontend writes in reply to InitWait) is the one to skip."""
+        self._frontend_fresh = self.frontend_state() != S.Connected
+        self._stale_events = 1 if watch_registered_now and not self._frontend_fresh else 0
+
         def body(tx: int) -> None:
             for k, v in FEATURES.items():
                 self.xs.write(f"{self.path}/{k}", v, tx)
@@ -137,16 +147,19 @@ class Vif:
         self.xs.transact(body)
         self.state = S.InitWait
         log.info("%s: features advertised, backend state InitWait", self.name)
-        self._frontend_fresh = self.frontend_state() != S.Connected
 
     def frontend_changed(self) -> None:
         fe = self.frontend_state()
-        if fe != S.Connected:
-            self._frontend_fresh = True
+        if not self._frontend_fresh and self._stale_events:
+            self._stale_events -= 1
+            return
+        # Any state write after that (even one rewriting Connected, as watch events coalesce) is a
+        # frontend that has seen this backend's InitWait.
+        self._frontend_fresh = True
         if fe == S.Connected and self.state == S.InitWait and self._frontend_fresh:
             try:
                 self.connect()
-            except (VifConfigError, TapError, GrantFault, RingError) as exc:
+            except Exception as exc:  # whatever failed, this vif alone stays down with the reason logged
                 log.error("%s: cannot connect: %s", self.name, exc)
                 self.disconnect()
                 self._set_state(S.Closing)
@@ -194,7 +207,7 @@ class Vif:
         if not 1 <= nq <= MAX_QUEUES:
             raise VifConfigError(f"multi-queue-num-queues {nq} outside 1..{MAX_QUEUES}")
         sg = self._fe_int("feature-sg", default=0) == 1
-        self.link = self.backend.links.get(self.domid) or self.backend.attach(self.domid)
+        self.link = self.backend.links.get(self.domid) or self._attach()
         grants = LinkGrants(self.backend, self.link)
         self._stop.clear()
         self._wake_r, self._wake_w = os.pipe()
@@ -217,6 +230,17 @@ class Vif:
         self._set_state(S.Connected)
         log.info("%s: connected, %d queue(s), sg=%s, split=%s", self.name, nq, sg,
                  len(self.queues[0].channels) == 2)
+
+    def _attach(self) -> DomainLink:
+        try:
+            return self.backend.attach(self.domid)
+        except XenhvError as exc:
+            if exc.errno not in (errno.EEXIST, "EEXIST"):
+                raise
+            # A killed predecessor of this process is still xenhv's back-end for the domain.
+            log.info("%s: replacing a stale back-end link: %s", self.name, exc)
+            self.backend.call("detach_backend", domid=self.domid, name=self.backend.name)
+            return self.backend.attach(self.domid)
 
     def _connect_queue(self, index: int, qdir: str, grants: LinkGrants, sg: bool) -> Queue:
         tx_ref, rx_ref = self._fe_int("tx-ring-ref", qdir), self._fe_int("rx-ring-ref", qdir)

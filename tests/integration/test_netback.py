@@ -189,7 +189,8 @@ def test_two_vifs(net_env) -> None:
     finally:
         for s in servers:
             s.close()
-    assert env.stats(0)["rx_frames"] >= 3 and env.stats(1)["rx_frames"] >= 3
+    wait_for(lambda: env.stats(0)["rx_frames"] >= 3 and env.stats(1)["rx_frames"] >= 3, timeout=2,
+             what="rx on both vifs counted")
 
 
 def test_multi_queue_traffic_on_every_queue(net_env) -> None:
@@ -224,7 +225,8 @@ def test_backend_restart_frontend_reconnects(net_env) -> None:
     peer = env.addrs[0].peer.ip
     ip.resolve(peer)
     assert ip.ping(peer, 1)
-    before = env.stats()
+    before = wait_for(lambda: env.stats() if env.stats()["tx_frames"] >= 2 else None, timeout=2,
+                      what="stats before the kill")
     env.netback.signal_group(9)
     env.netback.stop()
     env.start_netback()
