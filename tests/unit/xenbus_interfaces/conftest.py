@@ -131,9 +131,10 @@ class FakeStore:
         self._changed(path)
 
     def rm(self, path: str, tx: int = 0) -> None:
-        if path not in self.tree:
+        doomed = [k for k in self.tree if k == path or k.startswith(path + "/")]
+        if not doomed:
             raise XenstoreError("RM", path, "ENOENT")
-        for key in [k for k in self.tree if k == path or k.startswith(path + "/")]:
+        for key in doomed:
             del self.tree[key]
         self._changed(path)
 

@@ -4,7 +4,7 @@ import pytest
 
 from stack.kernel.bugcheck import BugCheck, BugCheckCode, KeBugCheckEx
 from stack.kernel.debuglog import current_log
-from stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
+from stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL, KeGetCurrentIrql, KeRaiseIrql
 from stack.kernel.status import STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
 from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendInterface
 
@@ -86,13 +86,12 @@ def test_suspend_trigger_is_passive_only_and_a_failed_hypercall_runs_nothing(pla
     tbl = table_of(failing)
     tbl.SuspendAcquire()
     ran: list[int] = []
-    cb = tbl.SuspendRegister(SUSPEND_CALLBACK_EARLY, ran.append, 1)[1]
+    tbl.SuspendRegister(SUSPEND_CALLBACK_EARLY, ran.append, 1)
     assert tbl.SuspendTrigger() == STATUS_UNSUCCESSFUL and ran == [] and tbl.SuspendGetCount() == 0
-    old = KeRaiseIrql(DISPATCH_LEVEL)
+    KeRaiseIrql(DISPATCH_LEVEL)
     with pytest.raises(BugCheck) as stop:
         tbl.SuspendTrigger()
     assert stop.value.code == BugCheckCode.DRIVER_IRQL_NOT_LESS_OR_EQUAL
-    del old, cb
 
 
 def test_suspend_release_with_callbacks_is_a_bug(platform) -> None:
