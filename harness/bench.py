@@ -18,6 +18,7 @@ BENCH_MODULES = (
     "harness.bench_boot",
     "backends.xenstored.bench",
     "backends.xenhv.bench",
+    "backends.blkback.bench",
 )
 
 
