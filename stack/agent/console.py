@@ -97,6 +97,7 @@ def run(rt: GuestRuntime, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
             return 0
         entry = COMMANDS.get(words[0])
         try:
+            rt.poll()
             out = entry[0](rt, words[1:]) if entry else f"unknown command {words[0]!r}; try help"
         except BugCheck as bugcheck:
             return stop(rt, bugcheck, emit)

@@ -2,7 +2,6 @@
 and what happens when it stops (a bugcheck: STOP screen and crash dump)."""
 from __future__ import annotations
 
-import importlib
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -10,6 +9,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from guests.schema import GuestDefinition
+from stack.drivers.boot import boot_stack, inbox_catalog
+from stack.install.catalog import RegistryCatalog
+from stack.install.guest import install_from_guest
+from stack.install.installer import installed_packages
 from stack.kernel import BugCheck, Kernel, Registry
 from stack.vcpu.cpu import Vcpu
 from stack.vcpu.guestmem import GuestMemory
@@ -19,9 +22,6 @@ from stack.vcpu.qtest import Qtest
 
 log = logging.getLogger("stack.agent")
 
-# The driver stack's entry point: `boot(runtime) -> None`, registered drivers and started PnP. Until the
-# drivers land the guest boots the bare kernel over the real PCI bus.
-DRIVER_BOOT = "stack.drivers.boot:boot"
 
 
 @dataclass
@@ -66,16 +66,26 @@ class GuestRuntime:
         return cls(config, qtest, memory, Vcpu(qtest, memory, link), kernel, link, _transcript=transcript)
 
     def boot(self) -> None:
-        """Firmware (PCI resources), then the driver stack if it is installed."""
+        """First boot installs the guest's driver packages; then firmware (PCI resources) and Windows
+        boot: xen.sys, PnP from the PCI root, XENFILT, XENBUS and whatever binds their children."""
+        guest = self.config.guest
+        registry = self.kernel.registry
+        if not installed_packages(registry):
+            for result in install_from_guest(registry, guest):
+                self.kernel.log.print("setup", f"installed {result.package.name} {result.package.version}"
+                                      + "".join(f"; {u}" for u in result.unbound))
         self.pci = PciBus(self.vcpu).assign_resources()
-        module, _, name = DRIVER_BOOT.partition(":")
-        try:
-            boot = getattr(importlib.import_module(module), name)
-        except (ModuleNotFoundError, AttributeError):
-            self.kernel.log.print("agent", "no driver stack installed: booting the bare kernel")
-            self.kernel.boot()
-            return
-        self.drivers = boot(self)
+
+        def catalog(images: dict[str, Any]) -> RegistryCatalog:
+            return RegistryCatalog(registry, images=images, inbox=inbox_catalog(images))
+
+        self.drivers = boot_stack(self.vcpu, guest.memory_mib << 8, kernel=self.kernel, catalog=catalog,
+                                  seed=guest.seed, boot_options=guest.boot_options)
+
+    def poll(self) -> None:
+        """Deferred driver work (xenstore watches, re-enumeration) before each console command."""
+        if self.drivers is not None and self.stopped is None:
+            self.drivers.poll()
 
     def write_dump(self, bugcheck: BugCheck) -> Path:
         self.stopped = bugcheck
@@ -84,6 +94,11 @@ class GuestRuntime:
         return path
 
     def close(self) -> None:
+        if self.drivers is not None:
+            try:
+                self.drivers.close()
+            except BaseException as exc:  # a stopped guest's drivers may not unwind; the process still ends
+                log.warning("driver stack close: %r", exc)
         if self.link is not None:
             self.link.close()
         self.qtest.close()

@@ -59,13 +59,26 @@ class BootedStack:
         self.xen.unload()
 
 
-def default_catalog(drivers: dict[str, Callable[..., int]]) -> InMemoryCatalog:
+INBOX_SERVICES = ("PCI", "PCIIDE", "ATAPI")  # Windows' own drivers, not from a PV package
+
+
+def inbox_catalog(drivers: dict[str, Callable[..., int]]) -> InMemoryCatalog:
+    """Windows' in-box bindings: the PCI root, the PIIX IDE controller and its channels."""
     catalog = InMemoryCatalog()
-    for service, entry in drivers.items():
-        catalog.add_driver(service, entry)
+    for service in INBOX_SERVICES:
+        if service in drivers:
+            catalog.add_driver(service, drivers[service])
     catalog.bind("*PNP0A03", "PCI", class_guid=SYSTEM_CLASS_GUID)
     catalog.bind(PIIX_IDE_ID, "PCIIDE", class_guid=HDC_CLASS_GUID)
     catalog.bind(IDE_CHANNEL_ID, "ATAPI", class_guid=HDC_CLASS_GUID)
+    return catalog
+
+
+def default_catalog(drivers: dict[str, Callable[..., int]]) -> InMemoryCatalog:
+    """The in-box bindings plus what a freshly installed XENBUS package binds (tests without the installer)."""
+    catalog = inbox_catalog(drivers)
+    for service, entry in drivers.items():
+        catalog.add_driver(service, entry)
     for pci_id in XENBUS_PCI_IDS:
         catalog.bind(pci_id, "XENBUS", class_guid=SYSTEM_CLASS_GUID, package="xenbus")
     return catalog
@@ -83,13 +96,16 @@ def prepare_registry(registry: Registry, *, boot_options: tuple[str, ...] = ()) 
 def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
                catalog: Callable[[dict[str, Callable[..., int]]], DriverCatalog] = default_catalog,
                seed: int | None = None, boot_options: tuple[str, ...] = (), version: tuple[int, int, int, int] = PACKAGE_VERSION,
-               prefix: str = VENDOR_PREFIX, extra_drivers: dict[str, Callable[..., int]] | None = None) -> BootedStack:
-    """Boot; `catalog(drivers)` builds the DriverCatalog from the images {service: DriverEntry}."""
-    registry = registry if registry is not None else Registry()
+               prefix: str = VENDOR_PREFIX, extra_drivers: dict[str, Callable[..., int]] | None = None,
+               kernel: Kernel | None = None) -> BootedStack:
+    """Boot; `catalog(drivers)` builds the DriverCatalog from the images {service: DriverEntry}. A
+    `kernel` made by the caller (who then holds it for a crash dump if boot bugchecks) brings its registry."""
+    if kernel is None:
+        kernel = Kernel(registry=registry if registry is not None else Registry(), seed=seed)
+    registry = kernel.registry
     prepare_registry(registry, boot_options=boot_options)
     bus = PciBus(vcpu)
     bus.assign_resources()
-    kernel = Kernel(registry=registry, seed=seed)
     kernel.activate()
     xen = Xen.load(registry, kernel.log, vcpu)
     xenfilt = XenfiltDriver(xen, version)

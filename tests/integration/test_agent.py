@@ -25,3 +25,13 @@ def test_injected_bugcheck_stops_the_guest_with_a_dump(boot_guest) -> None:
     assert dump.params[:2] == [0x10, 2]
     assert ei.value.dump_path.exists()
     assert "*** STOP: 0x000000D1" in (g.artifacts / "console.log").read_text()
+
+
+def test_default_guest_discovers_its_pv_devices_through_the_installed_packages(boot_guest) -> None:
+    g = boot_guest("default")
+    tree = g.console.run("devices")
+    for cls in ("VBD", "VIF", "IFACE", "CONS"):
+        assert f"XENBUS\\VEN_XP&DEV_{cls}\\_" in tree, tree
+    assert "installed xenbus" in g.console.run("log 200")
+    refs = g.console.run("interfaces")
+    assert "XENBUS.STORE" in refs
