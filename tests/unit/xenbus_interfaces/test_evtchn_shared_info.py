@@ -32,52 +32,54 @@ def test_shared_info_poll_ack_mask_unmask_over_the_page(platform) -> None:
     si.SharedInfoRelease()
 
 
-def test_an_event_runs_the_callback_at_dirql_through_the_kernel_interrupt(platform) -> None:
-    ifs = interfaces(platform)
-    ev = table_of(ifs.evtchn)
-    assert ev.EvtchnAcquire() == STATUS_SUCCESS
-    assert ifs.suspend.references == ifs.shared_info.references == 1
-    calls: list[tuple[int, str, int]] = []
-    channel = ev.EvtchnOpen(EVTCHN_UNBOUND, lambda intr, arg: calls.append((KeGetCurrentIrql(), arg, 0)) or True,
-                            "ctx", 0, False)
-    port = ev.EvtchnGetPort(channel)
-    assert port == 10 and ev.EvtchnGetCount(channel) == 0
-    platform.upcalls.raise_event(port)
-    assert ev.EvtchnWait(channel, 1, 2.0) == STATUS_SUCCESS
-    assert calls == [(DIRQL, "ctx", 0)] and ev.EvtchnGetCount(channel) == 1
-    assert ev.EvtchnWait(channel, 2, 0.05) == STATUS_TIMEOUT
-    ev.EvtchnTrigger(channel)  # local: synchronous at PASSIVE
-    assert ev.EvtchnGetCount(channel) == 2
-    ev.EvtchnSend(channel)
-    assert platform.vcpu.evtchn.sent == [port]
-    ev.EvtchnClose(channel)
-    assert platform.vcpu.evtchn.closed == [port] and port not in platform.upcalls.handlers
-    ev.EvtchnRelease()
-    assert ifs.suspend.references == ifs.shared_info.references == ifs.debug.references == 0
+def test_an_event_runs_the_callback_at_dirql_through_the_kernel_interrupt(platform, cpu) -> None:
+    with cpu.lock:  # driver code owns the CPU; waits hand it to the interrupt line
+        ifs = interfaces(platform)
+        ev = table_of(ifs.evtchn)
+        assert ev.EvtchnAcquire() == STATUS_SUCCESS
+        assert ifs.suspend.references == ifs.shared_info.references == 1
+        calls: list[tuple[int, str, int]] = []
+        channel = ev.EvtchnOpen(EVTCHN_UNBOUND, lambda intr, arg: calls.append((KeGetCurrentIrql(), arg, 0)) or True,
+                                "ctx", 0, False)
+        port = ev.EvtchnGetPort(channel)
+        assert port == 10 and ev.EvtchnGetCount(channel) == 0
+        platform.upcalls.raise_event(port)
+        assert ev.EvtchnWait(channel, 1, 2.0) == STATUS_SUCCESS
+        assert calls == [(DIRQL, "ctx", 0)] and ev.EvtchnGetCount(channel) == 1
+        assert ev.EvtchnWait(channel, 2, 0.05) == STATUS_TIMEOUT
+        ev.EvtchnTrigger(channel)  # local: synchronous at PASSIVE
+        assert ev.EvtchnGetCount(channel) == 2
+        ev.EvtchnSend(channel)
+        assert platform.vcpu.evtchn.sent == [port]
+        ev.EvtchnClose(channel)
+        assert platform.vcpu.evtchn.closed == [port] and port not in platform.upcalls.handlers
+        ev.EvtchnRelease()
+        assert ifs.suspend.references == ifs.shared_info.references == ifs.debug.references == 0
 
 
-def test_a_masked_channel_is_masked_before_its_callback_and_a_forced_unmask_redelivers(platform) -> None:
-    ifs = interfaces(platform)
-    ev = table_of(ifs.evtchn)
-    ev.EvtchnAcquire()
-    si = ifs.shared_info
-    masked: list[bool] = []
-    word_mask = 2048 + 64 * 8
+def test_a_masked_channel_is_masked_before_its_callback_and_a_forced_unmask_redelivers(platform, cpu) -> None:
+    with cpu.lock:  # driver code owns the CPU; waits hand it to the interrupt line
+        ifs = interfaces(platform)
+        ev = table_of(ifs.evtchn)
+        ev.EvtchnAcquire()
+        si = ifs.shared_info
+        masked: list[bool] = []
+        word_mask = 2048 + 64 * 8
 
-    def callback(_intr: object, _arg: object) -> bool:
-        masked.append(si.mem.test_bit(word_mask, 10))
-        return True
+        def callback(_intr: object, _arg: object) -> bool:
+            masked.append(si.mem.test_bit(word_mask, 10))
+            return True
 
-    channel = ev.EvtchnOpen(EVTCHN_UNBOUND, callback, None, 0, True)
-    platform.upcalls.raise_event(10)
-    assert ev.EvtchnWait(channel, 1, 2.0) == STATUS_SUCCESS and masked == [True]
-    si.mem.test_and_set_bit(2048, 10)  # another event arrives while masked
-    assert ev.EvtchnUnmask(channel, False, False) is True  # pending: not forced, so the caller's job
-    si.SharedInfoEvtchnMask(10)
-    assert ev.EvtchnUnmask(channel, False, True) is False  # forced: delivered again through the ISR
-    assert ev.EvtchnGetCount(channel) == 2 and masked == [True, True]
-    ev.EvtchnClose(channel)
-    ev.EvtchnRelease()
+        channel = ev.EvtchnOpen(EVTCHN_UNBOUND, callback, None, 0, True)
+        platform.upcalls.raise_event(10)
+        assert ev.EvtchnWait(channel, 1, 2.0) == STATUS_SUCCESS and masked == [True]
+        si.mem.test_and_set_bit(2048, 10)  # another event arrives while masked
+        assert ev.EvtchnUnmask(channel, False, False) is True  # pending: not forced, so the caller's job
+        si.SharedInfoEvtchnMask(10)
+        assert ev.EvtchnUnmask(channel, False, True) is False  # forced: delivered again through the ISR
+        assert ev.EvtchnGetCount(channel) == 2 and masked == [True, True]
+        ev.EvtchnClose(channel)
+        ev.EvtchnRelease()
 
 
 def test_trigger_at_or_above_dirql_waits_until_the_irql_drops_and_send_is_legal_at_high(platform) -> None:
