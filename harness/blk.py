@@ -345,7 +345,10 @@ class BlkFront:
                 pushed = True
             if pushed and self.queues[queue].ring.push_requests_and_check_notify():
                 self.p.hypercalls.evtchn_send(self.queues[queue].port)
-            for rid, _, status in self.responses(queue, want=1):
+            # Refill only once half the slots are back: one notification then covers a batch of requests
+            # instead of a hypercall per completion.
+            want = max(1, len(inflight) - depth // 2) if i < len(ops) else 1
+            for rid, _, status in self.responses(queue, want=want):
                 index, slot = inflight.pop(rid)
                 op = ops[index]
                 data = b""
