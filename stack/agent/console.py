@@ -2,6 +2,7 @@
 the crash dump's path on a line of its own, and ends the guest (exit status STOP_EXIT)."""
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 from typing import Callable, TextIO
@@ -16,6 +17,9 @@ STOP_EXIT = 3
 
 Command = Callable[[GuestRuntime, list[str]], str]
 COMMANDS: dict[str, tuple[Command, str]] = {}
+
+# Command groups that live beside the drivers they drive; each registers with @command when imported.
+COMMAND_MODULES = ("stack.agent.cmd_vbd", "stack.agent.cmd_net", "stack.agent.cmd_xs")
 
 
 def command(name: str, help_: str) -> Callable[[Command], Command]:
@@ -82,7 +86,17 @@ def _bugcheck(rt: GuestRuntime, args: list[str]) -> str:
     return ""
 
 
+def load_command_modules() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a module that exists but is broken is a bug, not an absent group
+                raise
+
+
 def run(rt: GuestRuntime, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    load_command_modules()
     def emit(text: str) -> None:
         stdout.write(text)
         stdout.flush()
