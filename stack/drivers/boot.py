@@ -23,7 +23,9 @@ from stack.drivers.xenbus.driver import FiltersInstall, XenbusDriver
 from stack.drivers.xenfilt import XenfiltDriver
 from stack.kernel import BugCheckCode, DeviceNode, InMemoryCatalog, Kernel, KeBugCheckEx, Registry
 from stack.kernel.pnp import DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
+from stack.kernel.mm import MemoryManager, set_current_mm
 from stack.vcpu.cpu import Vcpu
+from stack.vcpu.pages import PageAllocator
 from stack.vcpu.pci import PciBus
 from stack.vcpu.platform import XenPlatform
 
@@ -109,7 +111,10 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     kernel.activate()
     xen = Xen.load(registry, kernel.log, vcpu)
     xenfilt = XenfiltDriver(xen, version)
-    xenbus = XenbusDriver(xen, lambda: XenPlatform.start(vcpu, ram_pages), kernel, version, prefix)
+    kernel.mm = MemoryManager(PageAllocator(ram_pages), vcpu)
+    set_current_mm(kernel.mm)
+    xenbus = XenbusDriver(xen, lambda: XenPlatform.start(vcpu, ram_pages, pages=kernel.mm.pages), kernel, version,
+                          prefix)
     atapi = AtapiDriver(vcpu)
     images: dict[str, Callable[..., int]] = {"PCI": PciDriver(bus).driver_entry, "PCIIDE": atapi.pciide_entry,
                                              "ATAPI": atapi.atapi_entry, "XENFILT": xenfilt.driver_entry,

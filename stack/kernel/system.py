@@ -13,6 +13,7 @@ from pathlib import Path
 from .bugcheck import BugCheck, CrashDump
 from .debuglog import DebugLog, set_current_log
 from .irql import Processor, set_current_processor
+from .mm import MemoryManager
 from .pnp import DriverCatalog, InMemoryCatalog, PnpManager
 from .power import PowerManager
 from .registry import Registry
@@ -33,6 +34,8 @@ class Kernel:
         self.pnp = PnpManager(self.registry, self.catalog, self.log)
         self.power = PowerManager(self.pnp, self.log, irp_timeout=power_irp_timeout)
         self.reference_providers: dict[str, ReferenceProvider] = {}
+        # Set when the machine is known (stack.drivers.boot): physical memory for drivers.
+        self.mm: MemoryManager | None = None
 
     def activate(self) -> Kernel:
         """Make this the kernel the module-level Windows functions act on."""

@@ -47,7 +47,9 @@ class XenPlatform:
     _free_refs: list[int] = field(default_factory=list)
 
     @classmethod
-    def start(cls, vcpu: Vcpu, ram_pages: int, grant_frames: int = 4) -> "XenPlatform":
+    def start(cls, vcpu: Vcpu, ram_pages: int, grant_frames: int = 4,
+              pages: PageAllocator | None = None) -> "XenPlatform":
+        """`pages`: the guest's page allocator when the kernel already has one (there must be one per guest)."""
         if vcpu.hv is None:
             raise NotAXenGuest("the vCPU has no hypervisor link")
         cleanup = contextlib.ExitStack()
@@ -58,7 +60,7 @@ class XenPlatform:
             device = functions[0]
             bar = next(b for b in device.bars if b.kind == "mem")
             hole = bar.address >> 12
-            pages = PageAllocator(ram_pages)
+            pages = pages if pages is not None else PageAllocator(ram_pages)
             hc = Hypercalls(vcpu, pages.alloc()[0] << 12)
             store_gfn = hc.get_param(hvm.HVM_PARAM_STORE_PFN)
             store_port = hc.get_param(hvm.HVM_PARAM_STORE_EVTCHN)
