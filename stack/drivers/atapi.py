@@ -1,8 +1,13 @@
 """The emulated IDE path Windows boots from: the PCI IDE controller (pciide) with its two channels, and
 each channel's disks (atapi), found by ATA IDENTIFY DEVICE through the vCPU's port I/O on the real QEMU.
 
-This is what XENFILT filters on the IDE side and what unplug must make vanish: after QEMU's drive is
-deleted, IDENTIFY aborts and the disk is no longer reported. Channel PDOs carry the hardware ID
+This is what XENFILT filters on the IDE side and what unplug must make vanish. QEMU's own Xen unplug
+unparents the ide-hd device, so a real guest finds no disk there; the harness's unplug (xenhv over QMP)
+can only `drive_del` the drive, and QEMU 7.2's ide-hd then still answers IDENTIFY DEVICE from the data it
+built at realize (status 0x50, DRQ, the same model string) while every read fails for want of a medium
+(READ SECTORS: status 0x41 DRDY|ERR, error 0x04 ABRT, from -ENOMEDIUM under rerror=report). A disk is
+therefore reported only if IDENTIFY answers and sector 0 can be read, which is what the guest sees after
+QEMU's own unplug: no disk at that position. Channel PDOs carry the hardware ID
 `Internal_IDE_Channel`; disk PDOs are `IDE\\Disk<model>` with InstanceID "C.T.0" (channel, target, lun),
 the form XENFILT's IsDiskPresent parses. Only ATA disks are reported: ATAPI devices (the CD-ROM) abort
 IDENTIFY DEVICE and are not disks.
@@ -23,6 +28,8 @@ log = logging.getLogger("stack.drivers.atapi")
 IDE_CHANNEL_ID = "Internal_IDE_Channel"
 CHANNEL_PORTS = ((0x1F0, 0x3F6), (0x170, 0x376))
 ATA_IDENTIFY_DEVICE = 0xEC
+ATA_READ_SECTORS = 0x20
+DEVICE_LBA = 0x40
 STATUS_ERR, STATUS_DRQ, STATUS_BSY = 0x01, 0x08, 0x80
 _POLLS = 100
 
@@ -50,6 +57,32 @@ def ata_identify(io: PortIO, channel: int, target: int) -> str | None:
         raw = b"".join(w.to_bytes(2, "big") for w in words[27:47])
         return raw.decode("ascii", "replace").strip() or "UNKNOWN"
     return None
+
+
+def ata_has_medium(io: PortIO, channel: int, target: int) -> bool:
+    """True if a PIO READ SECTORS of LBA 0 at (channel, target) transfers data.
+
+    The drive's IDENTIFY data outlives its medium (see the module docstring), so only a read tells a
+    detached drive from a disk.
+    """
+    base, _ = CHANNEL_PORTS[channel]
+    io.outb(base + 6, 0xA0 | DEVICE_LBA | target << 4)
+    io.outb(base + 2, 1)  # sector count
+    for port in (base + 3, base + 4, base + 5):  # LBA 0
+        io.outb(port, 0)
+    io.outb(base + 7, ATA_READ_SECTORS)
+    for _ in range(_POLLS):
+        status = io.inb(base + 7)
+        if status & STATUS_BSY:
+            continue
+        if status & STATUS_ERR or not status & STATUS_DRQ:
+            log.info("IDE %d.%d: IDENTIFY answers but READ SECTORS fails (status %#04x, error %#04x): "
+                     "no medium", channel, target, status, io.inb(base + 1))
+            return False
+        for _ in range(256):  # drain the sector so the drive leaves DRQ
+            io.inw(base)
+        return True
+    return False
 
 
 @dataclass
@@ -125,7 +158,7 @@ class AtapiDriver:
         else:
             for target in (0, 1):
                 model = ata_identify(self.io, ext.channel, target)
-                if model is not None:
+                if model is not None and ata_has_medium(self.io, ext.channel, target):
                     name = "Disk" + model.replace(" ", "_")
                     instance = f"{ext.channel}.{target}.0"
                     wanted[instance] = ChildPdo(f"IDE\\{name}", ext.channel, instance, [f"IDE\\{name}", name, "GenDisk"],

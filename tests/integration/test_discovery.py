@@ -69,6 +69,7 @@ def test_child_queries_every_interface_at_every_version(xen_guest_factory) -> No
 
 def test_unplug_on_the_second_boot_before_children_start(xen_guest_factory) -> None:
     from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+    from stack.drivers.xenfilt import GUID_XENFILT_EMULATED_INTERFACE
     from stack.kernel.status import STATUS_SUCCESS as OK
     d = xen_guest_factory("default")
     registry = Registry()
@@ -92,6 +93,11 @@ def test_unplug_on_the_second_boot_before_children_start(xen_guest_factory) -> N
         assert {b["qdev"]: "inserted" in b for b in qmp.command("query-block")}["hda"] is False
         assert not [n for n in second.nodes("PCI\\") if "DEV_8139" in n.device_id]
         assert second.nodes(r"XENBUS\VEN_XP&DEV_VBD")
+        # The drive is gone, so is its disk: no IDE disk node, and EMULATED (asked the way XENVBD asks,
+        # from its PDO, delegated to XENFILT) no longer reports the primary master.
+        assert not second.nodes("IDE\\")
+        status, emulated = _query(second.xenbus.active_fdo.children["VBD"], GUID_XENFILT_EMULATED_INTERFACE, 3, 4096)
+        assert status == OK and emulated.EmulatedIsDiskPresent(0) is False
     finally:
         second.close()
 
