@@ -19,6 +19,7 @@ BENCH_MODULES = (
     "backends.xenstored.bench",
     "backends.xenhv.bench",
     "backends.blkback.bench",
+    "backends.netback.bench",
 )
 
 
