@@ -12,7 +12,7 @@ there at the end (the emulated primary master, or a XENBUS VBD child), else INAC
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from stack.drivers.atapi import IDE_CHANNEL_ID, AtapiDriver
@@ -99,9 +99,13 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
                catalog: Callable[[dict[str, Callable[..., int]]], DriverCatalog] = default_catalog,
                seed: int | None = None, boot_options: tuple[str, ...] = (), version: tuple[int, int, int, int] = PACKAGE_VERSION,
                prefix: str = VENDOR_PREFIX, extra_drivers: dict[str, Callable[..., int]] | None = None,
-               kernel: Kernel | None = None) -> BootedStack:
+               kernel: Kernel | None = None,
+               module_versions: Mapping[str, tuple[int, int, int, int]] | None = None) -> BootedStack:
     """Boot; `catalog(drivers)` builds the DriverCatalog from the images {service: DriverEntry}. A
-    `kernel` made by the caller (who then holds it for a crash dump if boot bugchecks) brings its registry."""
+    `kernel` made by the caller (who then holds it for a crash dump if boot bugchecks) brings its registry.
+    `module_versions` {"XEN"|"XENFILT"|"XENBUS": version} gives each image its own build (the versions of
+    the files on disk, which XenTouch compares); a module not named is `version`."""
+    versions = {module: (module_versions or {}).get(module, version) for module in ("XEN", "XENFILT", "XENBUS")}
     if kernel is None:
         kernel = Kernel(registry=registry if registry is not None else Registry(), seed=seed)
     registry = kernel.registry
@@ -109,12 +113,12 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     bus = PciBus(vcpu)
     bus.assign_resources()
     kernel.activate()
-    xen = Xen.load(registry, kernel.log, vcpu)
-    xenfilt = XenfiltDriver(xen, version)
+    xen = Xen.load(registry, kernel.log, vcpu, versions["XEN"])
+    xenfilt = XenfiltDriver(xen, versions["XENFILT"])
     kernel.mm = MemoryManager(PageAllocator(ram_pages), vcpu)
     set_current_mm(kernel.mm)
-    xenbus = XenbusDriver(xen, lambda: XenPlatform.start(vcpu, ram_pages, pages=kernel.mm.pages), kernel, version,
-                          prefix)
+    xenbus = XenbusDriver(xen, lambda: XenPlatform.start(vcpu, ram_pages, pages=kernel.mm.pages), kernel,
+                          versions["XENBUS"], prefix)
     atapi = AtapiDriver(vcpu)
     images: dict[str, Callable[..., int]] = {"PCI": PciDriver(bus).driver_entry, "PCIIDE": atapi.pciide_entry,
                                              "ATAPI": atapi.atapi_entry, "XENFILT": xenfilt.driver_entry,
