@@ -4,8 +4,8 @@
 At load (`UnplugSetRequest`), for NICS and DISKS: a non-zero `Services\\XEN\\ForceUnplug\\<T>` requests
 the unplug; else a non-zero `Services\\XEN\\Unplug\\<T>` does, unless no `Enum\\XENBUS` key names a VBD
 (disks) or VIF (NICs) child, which vetoes it (a stale counter must not take the boot disk away: the
-0x7B of bfcf8f7). The Unplug value is deleted either way, so each boot's children must re-arm it with
-UNPLUG.Request(T, TRUE).
+0x7B of bfcf8f7). The Unplug value is deleted in every case (forced, vetoed or not), so each boot's
+children must re-arm it with UNPLUG.Request(T, TRUE).
 
 `UnplugDevices` speaks the port protocol through the vCPU: magic at 0x10, protocol version at 0x12,
 product 0xFFFF and build registration, blacklist check, then one mask write per requested type.
@@ -79,19 +79,21 @@ class Unplug:
 
     def UnplugSetRequest(self, device_type: int) -> None:
         name = UNPLUG_TYPES[device_type]
-        if self._read(FORCE_UNPLUG_KEY, name):
-            self.requests[device_type] = True
-            self._print(f"SetRequest: {name} (forced)")
-            return
+        # The counter is consumed whatever decides this boot: children re-arm it at start, and a value
+        # left behind under ForceUnplug would only keep growing.
         value = self._read(UNPLUG_KEY, name)
-        if value and not self._child_present(device_type):
-            self._print(f"SetRequest: {name} = {value} VETOED: no {_CHILD_CLASS[device_type]} device under "
-                        f"Enum\\XENBUS", DbgLevel.WARNING)
-            value = 0
         try:
             self.registry.delete_value(UNPLUG_KEY, name)
         except RegistryError:
             pass
+        if self._read(FORCE_UNPLUG_KEY, name):
+            self.requests[device_type] = True
+            self._print(f"SetRequest: {name} requested (ForceUnplug; Unplug = {value})")
+            return
+        if value and not self._child_present(device_type):
+            self._print(f"SetRequest: {name} = {value} VETOED: no {_CHILD_CLASS[device_type]} device under "
+                        f"Enum\\XENBUS", DbgLevel.WARNING)
+            value = 0
         self.requests[device_type] = bool(value)
         self._print(f"SetRequest: {name} {'requested' if value else 'not requested'}")
 

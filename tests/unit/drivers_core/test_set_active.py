@@ -1,0 +1,104 @@
+"""FdoSetActive (reference 4): exactly one XENBUS FDO works; which one follows the registry and XENFILT."""
+from __future__ import annotations
+
+from stack.drivers.xen.config import XENFILT_PARAMETERS
+from stack.drivers.xenfilt.emulated import EmulatedStatus
+from stack.kernel import Registry, RegistryError
+
+DEV_0001 = r"PCI\VEN_5853&DEV_0001&SUBSYS_00015853&REV_01"
+DEV_0002 = r"PCI\VEN_5853&DEV_0002&SUBSYS_00015853&REV_01"
+DEV_C000 = r"PCI\VEN_5853&DEV_C000&SUBSYS_C0005853&REV_01"
+VENDOR_ENUM_KEY = r"HKLM\SYSTEM\CurrentControlSet\Enum\PCI" + "\\" + DEV_C000.removeprefix("PCI\\")
+PRECEDENCE = XENFILT_PARAMETERS + r"\Precedence"
+
+
+def _states(booted) -> dict[str, bool]:
+    return {f"{f.pci_device_id:04X}": f.active for f in booted.xenbus.fdos}
+
+
+def _active_value(registry: Registry, name: str) -> str | None:
+    try:
+        return registry.get_sz(XENFILT_PARAMETERS, name)
+    except RegistryError:
+        return None
+
+
+def test_first_fdo_wins_and_records_the_active_device(rig, machine) -> None:
+    registry = Registry()
+    booted = rig.boot(machine(0x0001, 0x0002), registry)
+    assert _states(booted) == {"0001": True, "0002": False}
+    assert _active_value(registry, "ActiveDeviceID") == DEV_0001
+    assert _active_value(registry, "ActiveInstanceID") == "3&0&0&10"
+    assert _active_value(registry, "ActiveLocationInformation") == "PCI bus 0, device 2, function 0"
+    # The inert FDO has no interfaces and no children.
+    inactive = next(f for f in booted.xenbus.fdos if not f.active)
+    assert inactive.interfaces == {} and inactive.children == {} and inactive.platform is None
+    assert len(rig.platforms) == 1
+
+
+def test_the_stored_active_device_id_wins_and_missing_values_are_filled(rig, machine) -> None:
+    registry = Registry()
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0002.lower())  # stricmp
+    booted = rig.boot(machine(0x0001, 0x0002), registry)
+    assert _states(booted) == {"0001": False, "0002": True}
+    assert _active_value(registry, "ActiveDeviceID") == DEV_0002.lower()  # UpdateActive leaves the ID alone
+    assert _active_value(registry, "ActiveInstanceID") == "3&0&0&18"
+    assert _active_value(registry, "ActiveLocationInformation") == "PCI bus 0, device 3, function 0"
+
+
+def test_a_stored_active_device_that_is_absent_leaves_every_fdo_inert(rig, machine) -> None:
+    registry = Registry()
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_C000)
+    booted = rig.boot(machine(0x0001), registry)
+    assert _states(booted) == {"0001": False}
+    assert booted.nodes("XENBUS\\") == []
+    assert booted.xenfilt.unplugged_mask == 0  # no active device present: nothing is unplugged
+
+
+def test_legacy_device_refused_when_the_vendor_device_enum_key_exists(rig, machine) -> None:
+    registry = Registry()
+    registry.create_key(VENDOR_ENUM_KEY)  # the vendor device was seen on an earlier boot
+    booted = rig.boot(machine(0x0001), registry)
+    assert _states(booted) == {"0001": False}
+    assert _active_value(registry, "ActiveDeviceID") is None
+    assert any("legacy device" in line for line in booted.kernel.log.tail(200))
+
+
+def test_vendor_device_before_legacy_one_is_active(rig, machine) -> None:
+    registry = Registry()
+    booted = rig.boot(machine(0xC000, 0x0001), registry)
+    assert _states(booted) == {"C000": True, "0001": False}
+    assert _active_value(registry, "ActiveDeviceID") == DEV_C000
+
+
+def test_precedence_force_activates_the_highest_and_deactivates_the_rest(rig, machine) -> None:
+    registry = Registry()
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0001)  # overridden by the forced status
+    registry.set_dword(PRECEDENCE, r"PCI\VEN_5853&DEV_0001", 1)
+    registry.set_dword(PRECEDENCE, r"PCI\VEN_5853&DEV_0002", 2)
+    booted = rig.boot(machine(0x0001, 0x0002), registry)
+    assert _states(booted) == {"0001": False, "0002": True}
+    statuses = {d.device_id: d.status for d in booted.xenfilt.emulated.devices if "VEN_5853" in d.device_id}
+    assert statuses == {DEV_0001: EmulatedStatus.FORCE_DEACTIVATED, DEV_0002: EmulatedStatus.FORCE_ACTIVATED}
+    assert _active_value(registry, "ActiveDeviceID") == DEV_0002  # SetActive, not UpdateActive
+    # IsDevicePresent(NULL) names the force-activated device.
+    assert booted.xenfilt.emulated.EmulatedIsDevicePresent(None, None) == (True, EmulatedStatus.FORCE_ACTIVATED)
+
+
+def test_without_precedence_every_device_is_neutral(rig, machine) -> None:
+    booted = rig.boot(machine(0x0001, 0xC000))
+    assert {d.status for d in booted.xenfilt.emulated.devices} == {EmulatedStatus.NEUTRAL}
+    assert booted.xenfilt.emulated.EmulatedIsDevicePresent(None, None) == (False, EmulatedStatus.NEUTRAL)
+
+
+def test_removing_the_active_fdo_clears_the_active_device(rig, machine) -> None:
+    registry = Registry()
+    booted = rig.boot(machine(0x0001), registry)
+    node = booted.xenbus.active_fdo.pdo.device_node
+    with booted.kernel.cpu.lock:
+        booted.kernel.pnp.remove(node)
+    assert booted.xenbus.fdos == []
+    assert _active_value(registry, "ActiveDeviceID") is None
+    assert _active_value(registry, "ActiveInstanceID") is None
+    assert _active_value(registry, "ActiveLocationInformation") is not None  # config.c keeps it
+    assert rig.platforms[0].closed
