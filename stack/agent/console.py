@@ -19,7 +19,7 @@ Command = Callable[[GuestRuntime, list[str]], str]
 COMMANDS: dict[str, tuple[Command, str]] = {}
 
 # Command groups that live beside the drivers they drive; each registers with @command when imported.
-COMMAND_MODULES = ("stack.agent.cmd_vbd", "stack.agent.cmd_net", "stack.agent.cmd_xs")
+COMMAND_MODULES = ("stack.agent.cmd_vbd", "stack.agent.cmd_net", "stack.agent.cmd_xs", "stack.agent.cmd_pkg")
 
 
 def command(name: str, help_: str) -> Callable[[Command], Command]:

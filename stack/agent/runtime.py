@@ -12,8 +12,8 @@ from guests.schema import GuestDefinition
 from stack.drivers.boot import boot_stack, inbox_catalog
 from stack.install.catalog import RegistryCatalog
 from stack.install.guest import install_from_guest
-from stack.install.installer import installed_packages
-from stack.kernel import BugCheck, Kernel, Registry
+from stack.install.installer import installed_packages, installed_version
+from stack.kernel import S5, BugCheck, Kernel, Registry
 from stack.vcpu.cpu import Vcpu
 from stack.vcpu.guestmem import GuestMemory
 from stack.vcpu.hypervisor import HypervisorLink
@@ -21,7 +21,6 @@ from stack.vcpu.pci import PciBus, PciFunction
 from stack.vcpu.qtest import Qtest
 
 log = logging.getLogger("stack.agent")
-
 
 
 @dataclass
@@ -47,6 +46,7 @@ class GuestRuntime:
     pci: list[PciFunction] = field(default_factory=list)
     stopped: BugCheck | None = None
     drivers: Any = None  # what the driver stack's boot returned (its handles for the console)
+    boots: int = 1
     _transcript: TextIO | None = None
 
     @classmethod
@@ -74,13 +74,43 @@ class GuestRuntime:
             for result in install_from_guest(registry, guest):
                 self.kernel.log.print("setup", f"installed {result.package.name} {result.package.version}"
                                       + "".join(f"; {u}" for u in result.unbound))
+        self._start_windows()
+
+    def reboot(self) -> None:
+        """A Windows restart: S5 to every device, the drivers unwound, then a new Kernel over the same hive
+        file (so volatile keys are gone) and the same machine booted again. The machine is not reset: the
+        vCPU, qtest and the hypervisor link stay, and so do devices an earlier boot unplugged."""
+        with self.kernel.cpu.lock:
+            self.kernel.power.set_system_state(S5)
+        if self.drivers is not None:
+            self.drivers.close()
+            self.drivers = None
+        registry = Registry.load(self.config.registry_path)
+        self.kernel = Kernel(registry=registry, seed=self.config.guest.seed).activate()
+        self.boots += 1
+        self.kernel.log.print("setup", f"boot {self.boots}")
+        self._start_windows()
+
+    def module_versions(self) -> dict[str, tuple[int, int, int, int]]:
+        """The builds of xen.sys, xenfilt.sys and xenbus.sys on disk: what each image's XenTouch passes."""
+        versions = {}
+        for module in ("XEN", "XENFILT", "XENBUS"):
+            v = installed_version(self.kernel.registry, module)
+            if v is not None:
+                versions[module] = (v.major, v.minor, v.micro, v.build)
+        return versions
+
+    def _start_windows(self) -> None:
+        guest = self.config.guest
+        registry = self.kernel.registry
         self.pci = PciBus(self.vcpu).assign_resources()
 
         def catalog(images: dict[str, Any]) -> RegistryCatalog:
             return RegistryCatalog(registry, images=images, inbox=inbox_catalog(images))
 
         self.drivers = boot_stack(self.vcpu, guest.memory_mib << 8, kernel=self.kernel, catalog=catalog,
-                                  seed=guest.seed, boot_options=guest.boot_options)
+                                  seed=guest.seed, boot_options=guest.boot_options,
+                                  module_versions=self.module_versions())
 
     def poll(self) -> None:
         """Deferred driver work (xenstore watches, re-enumeration) before each console command."""
