@@ -25,6 +25,28 @@ log = logging.getLogger("blkback.queue")
 
 # Linux blkback's default cap on persistent grants per ring: enough for a full ring of maximal requests.
 MAX_PERSISTENT_GRANTS = 1056
+# Responses are pushed (and the frontend notified if it asked) after this many requests rather than
+# after the whole batch: the frontend refills the ring while the rest of the batch is served.
+PUSH_EVERY = 8
+_REQ_PROD = 0  # 32-bit word index of req_prod in the shared ring header
+
+
+class _QueueRing(BackRing):
+    """BackRing whose req_prod load is one plain aligned 32-bit read instead of an `atomics` call
+    (measured: ~4.5 us each, the largest single cost per request). A load needs no barrier on x86 (see
+    xenabi/ring.py), and the publishing stores and the event re-arm still go through BackRing's xchg."""
+
+    def __init__(self, buffer: memoryview, request: object, response: object) -> None:
+        super().__init__(buffer, request, response)
+        self._words = self._view[:16].cast("I")
+
+    @property
+    def sring_req_prod(self) -> int:
+        return self._words[_REQ_PROD]
+
+    def close(self) -> None:
+        self._words.release()
+        super().close()
 
 
 class QueueSetupError(Exception):
@@ -54,7 +76,7 @@ class BlkQueue:
     remote_port: int
     on_fatal: Callable[[str], None]
     _handles: list[int] = field(default_factory=list)
-    _persistent: dict[int, int] = field(default_factory=dict)  # gref -> gfn, mapped writable
+    _persistent: dict[int, memoryview] = field(default_factory=dict)  # gref -> its page, mapped writable
     _persistent_handles: list[int] = field(default_factory=list)
     _channel: int | None = None
     _ring: BackRing | None = None
@@ -63,6 +85,9 @@ class BlkQueue:
     _kick: threading.Event = field(default_factory=threading.Event)
     _stopping: bool = False
     served: int = 0
+
+    def __post_init__(self) -> None:
+        self._codecs = Codecs.of(self.layouts)
 
     @property
     def domid(self) -> int:
@@ -95,7 +120,7 @@ class BlkQueue:
         except GuestMemoryError as exc:
             raise QueueSetupError(f"{self.name}: ring frames outside guest RAM: {exc}") from exc
         self._ring_view = view
-        self._ring = BackRing(view, self.layouts.request_struct, self.layouts.response_struct)
+        self._ring = _QueueRing(view, self.layouts.request_struct, self.layouts.response_struct)
 
     def stop(self) -> None:
         self._stopping = True
@@ -113,6 +138,8 @@ class BlkQueue:
             self._ring_view = None
         for handle in self._handles + self._persistent_handles:
             self._quietly(f"unmapping handle {handle}", self._unmap, handle)
+        for page in self._persistent.values():
+            page.release()
         self._handles.clear()
         self._persistent_handles.clear()
         self._persistent.clear()
@@ -150,7 +177,7 @@ class BlkQueue:
         while not self._stopping:
             pending = ring.unconsumed_requests()
             while pending and not self._stopping:
-                for _ in range(pending):
+                for _ in range(min(pending, PUSH_EVERY)):
                     raw = ring.get_request_bytes()
                     ring.put_response(*self._serve(raw))
                 if ring.push_responses_and_check_notify() and self._channel is not None:
@@ -161,7 +188,7 @@ class BlkQueue:
 
     def _serve(self, raw: bytes) -> tuple[int, int, int]:
         """(id, operation, status) of the response to one request copy; never raises for guest input."""
-        codecs = Codecs.of(self.layouts)
+        codecs = self._codecs
         rid, op = codecs.request_id(raw), raw[0]
         try:
             request = decode(raw, codecs, self.disk.max_indirect_segments)
@@ -225,20 +252,20 @@ class BlkQueue:
             self.disk.image.discard(r.sector * BLKIF_SECTOR_SIZE, r.nr_sectors * BLKIF_SECTOR_SIZE)
 
     def _indirect_segments(self, r: Request) -> tuple[Segment, ...]:
-        pages = []
-        for gref in r.indirect_grefs[:indirect_pages(r.nr_indirect_segments)]:
-            with self._mapped({gref}, writable=False) as gfns:
-                pages.append(self.link.memory.read(gfns[gref] << 12, XEN_PAGE_SIZE))
-        return decode_indirect_segments(pages, r.nr_indirect_segments, r.id)
+        grefs = r.indirect_grefs[:indirect_pages(r.nr_indirect_segments)]
+        with self._mapped(set(grefs), writable=False) as pages:
+            # One copy of each page (the part holding segments), decoded from the copy only.
+            copies = [bytes(pages[gref]) for gref in grefs]
+        return decode_indirect_segments(copies, r.nr_indirect_segments, r.id)
 
     def _transfer(self, r: Request, *, write: bool, segments: tuple[Segment, ...]) -> None:
         if write:
             self._check_writable(r)
         self._check_range(r, r.sector, sum(s.sectors for s in segments))
         # Reading from the disk writes into guest memory, so a READ needs writable mappings.
-        with self._mapped({s.gref for s in segments}, writable=not write) as gfns:
-            views = [self.link.memory.view((gfns[s.gref] << 12) + s.first_sect * BLKIF_SECTOR_SIZE,
-                                           s.sectors * BLKIF_SECTOR_SIZE) for s in segments]
+        with self._mapped({s.gref for s in segments}, writable=not write) as pages:
+            views = [pages[s.gref][s.first_sect * BLKIF_SECTOR_SIZE:(s.last_sect + 1) * BLKIF_SECTOR_SIZE]
+                     for s in segments]
             try:
                 if write:
                     self.disk.image.write(r.sector * BLKIF_SECTOR_SIZE, views)
@@ -251,11 +278,12 @@ class BlkQueue:
     def _mapped(self, grefs: set[int], *, writable: bool) -> "_Mappings":
         return _Mappings(self, grefs, writable)
 
-    def map_one(self, gref: int, writable: bool) -> tuple[int, int | None]:
-        """(gfn, transient handle or None when the mapping is persistent)."""
-        gfn = self._persistent.get(gref)
-        if gfn is not None:
-            return gfn, None
+    def map_one(self, gref: int, writable: bool) -> tuple[memoryview, int | None]:
+        """(the granted page, transient handle or None when the mapping is persistent). A transient
+        page view is the caller's to release."""
+        page = self._persistent.get(gref)
+        if page is not None:
+            return page, None
         if self.disk.persistent and len(self._persistent) < MAX_PERSISTENT_GRANTS:
             # Persistent grants are granted writable by the frontend, whatever the first use of them is.
             try:
@@ -264,11 +292,18 @@ class BlkQueue:
                 if writable:
                     raise
             else:
-                self._persistent[gref] = m["gfn"]
                 self._persistent_handles.append(m["handle"])
-                return m["gfn"], None
+                # The page view lives as long as the mapping, so a persistent grant costs no look-up
+                # of guest memory per request.
+                page = self.link.memory.view(m["gfn"] << 12, XEN_PAGE_SIZE)
+                self._persistent[gref] = page
+                return page, None
         m = self.backend.call("gnttab_map", domid=self.domid, ref=gref, readonly=not writable)
-        return m["gfn"], m["handle"]
+        try:
+            return self.link.memory.view(m["gfn"] << 12, XEN_PAGE_SIZE), m["handle"]
+        except BaseException:
+            self._unmap(m["handle"])
+            raise
 
 
 class _Mappings:
@@ -279,21 +314,26 @@ class _Mappings:
         self.grefs = grefs
         self.writable = writable
         self.handles: list[int] = []
+        self.transient: list[memoryview] = []
 
-    def __enter__(self) -> dict[int, int]:
-        gfns = {}
+    def __enter__(self) -> dict[int, memoryview]:
+        pages = {}
         try:
             for gref in self.grefs:
-                gfn, handle = self.queue.map_one(gref, self.writable)
+                page, handle = self.queue.map_one(gref, self.writable)
                 if handle is not None:
                     self.handles.append(handle)
-                gfns[gref] = gfn
+                    self.transient.append(page)
+                pages[gref] = page
         except BaseException:
             self.__exit__()
             raise
-        return gfns
+        return pages
 
     def __exit__(self, *exc: object) -> None:
+        for page in self.transient:
+            page.release()
+        self.transient.clear()
         for handle in self.handles:
             self.queue._quietly(f"unmapping handle {handle}", self.queue._unmap, handle)
         self.handles.clear()
