@@ -1,0 +1,1 @@
+"""xennet.sys: the network adapter over a XENVIF NET PDO (XN src/xennet), with a small IPv4 layer."""

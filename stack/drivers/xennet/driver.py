@@ -1,0 +1,171 @@
+"""xennet.sys DriverEntry, AddDevice and the adapter (XN src/xennet/adapter.c, transmitter.c, receiver.c).
+
+The INF binds `XENVIF\\VEN_<VendorName>&DEV_NET&REV_<XENNET_BINDS_XENVIF_REVISION>`; AddDevice queries
+VIF at that revision's version (10) from the XENVIF PDO at PASSIVE_LEVEL. START_DEVICE acquires VIF and
+Enables it with the adapter's callback: TX_RETURN completes sends, RX_QUEUE hands a frame to the IPv4
+layer (and returns it), MAC_STATE_CHANGE announces the address three times (gratuitous ARP), which is
+XV's after-resume advertisement. REMOVE_DEVICE disables and releases.
+
+The adapter object (`XennetAdapter`) is what the agent's `net` commands and tests drive: send/receive
+Ethernet frames, and the IPv4 layer in `ip.py`. Every entry point expects the kernel lock held.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from stack.drivers.interface import InterfaceTable
+from stack.drivers.revision import XENNET_BINDS_XENVIF_REVISION, XENVIF_REVISIONS
+from stack.drivers.xenvif.vif import (GUID_XENVIF_VIF_INTERFACE, ReceiverQueueParameters, XenvifCallbackType,
+                                      XenvifOffloadOptions, XenvifTransmitterPacketStatus)
+from stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DeviceObject, DriverObject, Irp,
+                          IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
+                          IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
+from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, status_name
+
+from .ip import Ipv4
+
+log = logging.getLogger("stack.drivers.xennet")
+
+GRATUITOUS_ARP_COUNT = 3
+RAW_QUEUE_LIMIT = 256
+
+
+@dataclass
+class XennetAdapter:
+    device: DeviceObject
+    lower: DeviceObject
+    vif: InterfaceTable
+    instance: str
+    ip: Ipv4 | None = None
+    enabled: bool = False
+    statistics: dict[str, int] = field(default_factory=lambda: {
+        "tx_queued": 0, "tx_ok": 0, "tx_dropped": 0, "tx_error": 0, "rx_frames": 0, "rx_octets": 0,
+        "state_changes": 0, "announcements": 0})
+    # Frames nobody above consumed, for callers that want raw Ethernet (bounded; the oldest go first).
+    raw: deque[bytes] = field(default_factory=lambda: deque(maxlen=RAW_QUEUE_LIMIT))
+    capture_raw: bool = False
+
+    @property
+    def mac(self) -> bytes:
+        return self.vif.VifMacQueryCurrentAddress()
+
+    @property
+    def permanent_mac(self) -> bytes:
+        return self.vif.VifMacQueryPermanentAddress()
+
+    def AdapterEnable(self, seed: int) -> int:
+        status = self.vif.VifAcquire()
+        if not NT_SUCCESS(status):
+            return status
+        self.ip = Ipv4(self.mac, self.send_frame, self.vif.VifMacQueryMaximumFrameSize() - 14, seed)
+        status = self.vif.VifEnable(self._callback, self)
+        if not NT_SUCCESS(status):
+            self.vif.VifRelease()
+            return status
+        self.enabled = True
+        log.info("%s: enabled, mac %s", self.instance, self.mac.hex(":"))
+        return STATUS_SUCCESS
+
+    def AdapterDisable(self) -> None:
+        if self.enabled:
+            self.enabled = False
+            self.vif.VifDisable()
+            self.vif.VifRelease()
+
+    def send_frame(self, frame: bytes) -> bool:
+        status = self.vif.VifTransmitterQueuePacket(frame, XenvifOffloadOptions(), 0, 0, 0, False, frame)
+        self.statistics["tx_queued"] += 1
+        if not NT_SUCCESS(status):
+            self.statistics["tx_dropped"] += 1
+            return False
+        return True
+
+    def _callback(self, _argument: Any, kind: int, parameters: Any) -> None:
+        if kind == XenvifCallbackType.XENVIF_TRANSMITTER_RETURN_PACKET:
+            name = {XenvifTransmitterPacketStatus.XENVIF_TRANSMITTER_PACKET_OK: "tx_ok",
+                    XenvifTransmitterPacketStatus.XENVIF_TRANSMITTER_PACKET_DROPPED: "tx_dropped"}.get(
+                parameters.Status, "tx_error")
+            self.statistics[name] += 1
+        elif kind == XenvifCallbackType.XENVIF_RECEIVER_QUEUE_PACKET:
+            self._receive(parameters)
+        elif kind == XenvifCallbackType.XENVIF_MAC_STATE_CHANGE:
+            self.statistics["state_changes"] += 1
+            self.announce()
+
+    def _receive(self, packet: ReceiverQueueParameters) -> None:
+        try:
+            self.statistics["rx_frames"] += 1
+            self.statistics["rx_octets"] += len(packet.Data)
+            if self.capture_raw:
+                self.raw.append(packet.Data)
+            if self.ip is not None:
+                self.ip.on_frame(packet.Data)
+                if not packet.More:
+                    self.ip.end_of_batch()
+        finally:
+            self.vif.VifReceiverReturnPacket(packet.Cookie)
+
+    def announce(self) -> None:
+        """Gratuitous ARP, as XV does for the adapter's addresses after a resume."""
+        online, _, _ = self.vif.VifMacQueryState()
+        if online and self.ip is not None and self.ip.interface is not None:
+            for _ in range(GRATUITOUS_ARP_COUNT):
+                self.ip.gratuitous_arp()
+            self.statistics["announcements"] += 1
+
+
+@dataclass
+class XennetDriver:
+    seed: int = 0
+    adapters: list[XennetAdapter] = field(default_factory=list)
+
+    def add_device(self, driver: DriverObject, pdo: DeviceObject) -> int:
+        device = IoCreateDevice(driver, DeviceKind.FDO, name="XENNET adapter")
+        lower = IoAttachDeviceToDeviceStack(device, pdo)
+        version = XENVIF_REVISIONS[XENNET_BINDS_XENVIF_REVISION]["VIF"]
+        irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(GUID_XENVIF_VIF_INTERFACE, 4096, version,
+                                                                           None))
+        status = IoSynchronousCallDriver(lower, irp)
+        if not NT_SUCCESS(status) or irp.parameters.interface is None:
+            log.error("AdapterInitialize: VIF v%d: %s", version, status_name(status))
+            IoDetachDevice(lower)
+            IoDeleteDevice(device)
+            return status if not NT_SUCCESS(status) else STATUS_UNSUCCESSFUL
+        instance = str(pdo.device_node.instance_id) if pdo.device_node is not None else "?"
+        device.extension = XennetAdapter(device, lower, irp.parameters.interface, instance)
+        self.adapters.append(device.extension)
+        return STATUS_SUCCESS
+
+    def dispatch_pnp(self, device: DeviceObject, irp: Irp) -> int:
+        adapter: XennetAdapter = device.extension
+        if irp.minor == IRP_MN_PNP.START_DEVICE:
+            status = IoSynchronousCallDriver(adapter.lower, irp)
+            if NT_SUCCESS(status):
+                status = irp.io_status.status = adapter.AdapterEnable(self.seed)
+            IoCompleteRequest(irp)
+            return status
+        if irp.minor in (IRP_MN_PNP.REMOVE_DEVICE, IRP_MN_PNP.SURPRISE_REMOVAL):
+            adapter.AdapterDisable()
+        if irp.minor == IRP_MN_PNP.REMOVE_DEVICE:
+            if adapter in self.adapters:
+                self.adapters.remove(adapter)
+            status = forward(irp, adapter.lower)
+            IoDetachDevice(adapter.lower)
+            IoDeleteDevice(device)
+            return status
+        return forward(irp, adapter.lower)
+
+    def dispatch_power(self, device: DeviceObject, irp: Irp) -> int:
+        return forward(irp, device.extension.lower)
+
+
+def DriverEntry(driver: DriverObject, registry_path: str) -> int:
+    xennet = XennetDriver()
+    driver.major_function[IRP_MJ.PNP] = xennet.dispatch_pnp
+    driver.major_function[IRP_MJ.POWER] = xennet.dispatch_power
+    driver.add_device = xennet.add_device
+    driver.extension = xennet
+    return STATUS_SUCCESS

@@ -1,0 +1,170 @@
+"""The XENVIF FDO on XENBUS's VIF PDO (XV src/xenvif/fdo.c).
+
+AddDevice queries, at PASSIVE_LEVEL, the XENBUS interfaces the frontends need at the versions of the
+XENBUS revision the XENVIF INF binds (CACHE, STORE, SUSPEND, EVTCHN, GNTTAB, UNPLUG) and the platform's PCI
+DeviceID through BUS_INTERFACE_STANDARD (for the children's VendorName). START_DEVICE acquires them,
+arms the NIC unplug for the next boot (UNPLUG.Request(NICS, TRUE), held only for the call) and creates
+one frontend and NET PDO per `device/vif/N`; REMOVE_DEVICE disarms it (Request(NICS, FALSE)) and
+releases everything.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from stack.drivers.interface import InterfaceTable
+from stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
+from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, VENDOR_PREFIX, XENBUS_REVISIONS, vendor_name
+from stack.drivers.xenbus.cache import CacheInterface
+from stack.drivers.xenbus.evtchn import EvtchnInterface
+from stack.drivers.xenbus.gnttab import GnttabInterface
+from stack.drivers.xenbus.store import StoreInterface
+from stack.drivers.xenbus.suspend import SuspendInterface
+from stack.drivers.xenbus.unplug import XENBUS_UNPLUG_DEVICE_TYPE_NICS, UnplugInterface
+from stack.kernel import (IRP_MN_PNP, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
+                          IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
+from stack.kernel.irql import assert_passive
+from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, status_name
+
+from .frontend import Frontend, FrontendInterfaces
+
+if TYPE_CHECKING:
+    from .driver import XenvifDriver
+
+log = logging.getLogger("stack.drivers.xenvif.fdo")
+
+# The interfaces XENVIF takes from XENBUS, with their provider classes (for the GUIDs).
+FDO_INTERFACES = {"CACHE": CacheInterface, "STORE": StoreInterface, "SUSPEND": SuspendInterface,
+                  "EVTCHN": EvtchnInterface, "GNTTAB": GnttabInterface, "UNPLUG": UnplugInterface}
+# Acquired for the life of the started FDO (UNPLUG only around each Request).
+HELD_INTERFACES = ("CACHE", "STORE", "SUSPEND", "EVTCHN", "GNTTAB")
+
+
+class XenvifFdoError(Exception):
+    pass
+
+
+def query_interface(lower: DeviceObject, name: str, version: int) -> InterfaceTable:
+    assert_passive("FdoQueryInterface")
+    guid = FDO_INTERFACES[name].GUID
+    irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(guid, 4096, version, None))
+    status = IoSynchronousCallDriver(lower, irp)
+    if not NT_SUCCESS(status) or irp.parameters.interface is None:
+        raise XenvifFdoError(f"{name} v{version} ({guid}): {status_name(status)}")
+    return irp.parameters.interface
+
+
+def query_pci_device_id(lower: DeviceObject) -> int:
+    irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(GUID_BUS_INTERFACE_STANDARD,
+                                                                       BUS_INTERFACE_STANDARD_SIZE, 1, None))
+    if not NT_SUCCESS(IoSynchronousCallDriver(lower, irp)):
+        raise XenvifFdoError("BUS_INTERFACE_STANDARD: not served by the parent")
+    bus = irp.parameters.interface
+    try:
+        return int.from_bytes(bus.GetBusData(2, 2), "little")
+    finally:
+        bus.InterfaceDereference()
+
+
+@dataclass
+class XenvifFdo:
+    driver: XenvifDriver
+    device: DeviceObject
+    lower: DeviceObject
+    pdo: DeviceObject
+    interfaces: dict[str, InterfaceTable]
+    pci_device_id: int
+    prefix: str = VENDOR_PREFIX
+    children: dict[int, DeviceObject] = field(default_factory=dict)
+    started: bool = False
+
+    @property
+    def vendor_name(self) -> str:
+        return vendor_name(self.pci_device_id, self.prefix)
+
+    @classmethod
+    def create(cls, driver: XenvifDriver, device: DeviceObject, lower: DeviceObject, pdo: DeviceObject) -> XenvifFdo:
+        versions = XENBUS_REVISIONS[CHILD_BINDS_XENBUS_REVISION]
+        interfaces = {name: query_interface(lower, name, versions[name]) for name in FDO_INTERFACES}
+        return cls(driver, device, lower, pdo, interfaces, query_pci_device_id(lower))
+
+    def _unplug_request(self, make: bool) -> None:
+        unplug = self.interfaces["UNPLUG"]
+        if NT_SUCCESS(unplug.UnplugAcquire()):
+            try:
+                unplug.UnplugRequest(XENBUS_UNPLUG_DEVICE_TYPE_NICS, make)
+            finally:
+                unplug.UnplugRelease()
+
+    def FdoStart(self) -> int:
+        acquired: list[str] = []
+        for name in HELD_INTERFACES:
+            table = self.interfaces[name]
+            status = getattr(table, f"{name.title()}Acquire")()
+            if not NT_SUCCESS(status):
+                log.error("FdoStart: %s Acquire: %s", name, status_name(status))
+                self._release(acquired)
+                return status
+            acquired.append(name)
+        self._unplug_request(True)
+        self.started = True
+        store = self.interfaces["STORE"]
+        status, buffer = store.StoreDirectory(None, None, "device/vif")
+        indices: list[int] = []
+        if NT_SUCCESS(status):
+            indices = sorted(int(n) for n in buffer.Value.decode().split("\0") if n.isdigit())
+            store.StoreFree(buffer)
+        xi = FrontendInterfaces(store, self.interfaces["EVTCHN"], self.interfaces["GNTTAB"],
+                                self.interfaces["SUSPEND"])
+        from .pdo import PdoCreate
+        for index in indices:
+            self.children[index] = PdoCreate(self, Frontend(index, xi))
+        log.info("FdoStart: vifs %s", indices or "none")
+        return STATUS_SUCCESS
+
+    def _release(self, names: list[str]) -> None:
+        for name in reversed(names):
+            getattr(self.interfaces[name], f"{name.title()}Release")()
+
+    def PdoDestroyed(self, pdo: object) -> None:
+        for index, device in list(self.children.items()):
+            if device.extension is pdo:
+                del self.children[index]
+
+    def dispatch_pnp(self, irp: Irp) -> int:
+        minor = irp.minor
+        if minor == IRP_MN_PNP.START_DEVICE:
+            status = IoSynchronousCallDriver(self.lower, irp)
+            if NT_SUCCESS(status):
+                status = irp.io_status.status = self.FdoStart()
+            IoCompleteRequest(irp)
+            return status
+        if minor == IRP_MN_PNP.QUERY_DEVICE_RELATIONS and irp.parameters.type == DeviceRelationType.BusRelations:
+            irp.io_status.status = STATUS_SUCCESS
+            irp.io_status.information = [d for d in self.children.values() if d.extension.missing is None]
+            return forward(irp, self.lower)
+        if minor == IRP_MN_PNP.REMOVE_DEVICE:
+            return self.FdoRemove(irp)
+        return forward(irp, self.lower)
+
+    def FdoRemove(self, irp: Irp) -> int:
+        for index, device in list(self.children.items()):
+            # The PnP manager removed the children first; what is left never got a REMOVE of its own.
+            device.extension.frontend.FrontendSetState(0)
+            IoDeleteDevice(device)
+        self.children.clear()
+        if self.started:
+            self._unplug_request(False)
+            self._release(list(HELD_INTERFACES))
+            self.started = False
+        status = forward(irp, self.lower)
+        IoDetachDevice(self.lower)
+        IoDeleteDevice(self.device)
+        return status
+
+    def dispatch_power(self, irp: Irp) -> int:
+        return forward(irp, self.lower)
+
+
+
