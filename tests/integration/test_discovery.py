@@ -11,6 +11,15 @@ from stack.vcpu.cpu import Vcpu
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def _fresh_processor():
+    """A bugchecked boot leaves its processor at HIGH_LEVEL; the next boot must not start on it."""
+    from stack.kernel.irql import Processor, set_current_processor
+    previous = set_current_processor(Processor())
+    yield
+    set_current_processor(previous)
+
+
 def _boot(d, registry=None, **kw):
     return boot_stack(d.vcpu, d.machine.guest.memory_mib * 256 if hasattr(d.machine, "guest") else 128 * 256,
                       registry=registry or Registry(), **kw)
@@ -116,4 +125,68 @@ def test_query_interface_at_dispatch_bugchecks_naming_the_module(xen_guest_facto
         assert booted.kernel.crash_dump(stop.value).module == "xenvbd.sys"
     finally:
         booted.kernel.cpu.crashed = None
+        booted.close()
+
+
+def _arm_unplug(booted) -> None:
+    """What XENVBD and XENVIF do at start: UNPLUG.Request(T, TRUE) from their PDOs."""
+    from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+    fdo = booted.xenbus.active_fdo
+    for cls, kind in (("VBD", 2), ("VIF", 1)):
+        _, unplug = _query(fdo.children[cls], GUID_XENBUS_UNPLUG_INTERFACE, 3, 4096)
+        unplug.UnplugAcquire()
+        unplug.UnplugRequest(kind, True)
+        unplug.UnplugRelease()
+
+
+def test_boot_emulated_keeps_the_primary_master(xen_guest_factory) -> None:
+    d = xen_guest_factory("default")
+    registry = Registry()
+    first = _boot(d, registry, boot_options=("BOOT_EMULATED",))
+    try:
+        _arm_unplug(first)
+    finally:
+        first.close()
+    second = _boot(d, registry, boot_options=("BOOT_EMULATED",))
+    try:
+        assert second.xenfilt.unplugged_mask == 0x6  # AUX disks instead of 0x9, and NICs
+        assert d.control("platform")["kept"] == ["hda"]
+        assert [n.instance_id for n in second.nodes("IDE\\")] == ["0.0.0"]
+        assert {b["qdev"]: "inserted" in b for b in d.machine.qmp.command("query-block")}["hda"]
+    finally:
+        second.close()
+
+
+def test_a_vanished_class_loses_its_pdo(xen_guest_factory) -> None:
+    import time
+
+    from backends.xenstored.client import XsClient
+    d = xen_guest_factory("default")
+    booted = _boot(d)
+    try:
+        assert booted.nodes(r"XENBUS\VEN_XP&DEV_VIF")
+        with XsClient(d.host.xenstored_socket) as dom0:
+            dom0.rm(f"/local/domain/{d.domid}/device/vif")
+        deadline = time.monotonic() + 5.0
+        while booted.nodes(r"XENBUS\VEN_XP&DEV_VIF"):
+            assert time.monotonic() < deadline, "the VIF PDO is still there 5 s after device/vif went away"
+            booted.poll()
+            time.sleep(0.01)
+        assert "VIF" not in booted.xenbus.active_fdo.children
+        assert booted.nodes(r"XENBUS\VEN_XP&DEV_VBD")
+    finally:
+        booted.close()
+
+
+def test_log_levels_reach_xen_and_qemu_debug_ports(xen_guest_factory) -> None:
+    xen_parameters = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Parameters"
+    d = xen_guest_factory("default")
+    registry = Registry()
+    registry.set_dword(xen_parameters, "QemuLogLevel", 1 << 0 | 1 << 1 | 1 << 3)  # ERROR, WARNING, INFO
+    booted = _boot(d, registry)
+    try:
+        lines = d.control("platform")["log"]
+        assert any(line.startswith("XEN|") and "loaded" in line for line in lines), lines[:10]
+        assert any("FdoSetActive" in line and "ACTIVE" in line for line in lines)
+    finally:
         booted.close()

@@ -63,3 +63,14 @@ def test_hardware_ids_over_the_registry_limit_bugcheck(monkeypatch) -> None:
     monkeypatch.setattr(pdo_module, "XENBUS_REVISIONS", many)
     with pytest.raises(BugCheck, match="REGSTR_VAL_MAX_HCID_LEN"):
         pdo_hardware_ids("XPC000", "IFACE")
+
+
+def test_a_vanished_class_loses_its_pdo(rig, machine) -> None:
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    vif = fdo.children["VIF"]
+    rig.platforms[0].store.remove("vif")  # dom0 removed device/vif: the `device` watch fires
+    booted.poll()
+    assert "VIF" not in fdo.children and vif.extension.missing == "device vanished"
+    assert vif.deleted and not booted.nodes(r"XENBUS\VEN_XP&DEV_VIF")
+    assert booted.nodes(r"XENBUS\VEN_XP&DEV_VBD")  # the others stay
