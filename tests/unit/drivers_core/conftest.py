@@ -6,7 +6,7 @@ PCI configuration space through 0xCF8/0xCFC (functions without BARs), the Xen pl
 and the two legacy IDE channels with IDENTIFY DEVICE and PIO READ SECTORS. Unplugging does what the
 harness's xenhv does on the real QEMU: NICs leave configuration space; IDE disks lose their medium but
 keep answering IDENTIFY. `FakePlatform` stands in for XenPlatform with a xenstore `device` directory
-and its watch events. `boot(machine)` is stack.drivers.boot.boot_stack over these fakes.
+and its watch events. `rig.boot(machine)` is stack.drivers.boot.boot_stack over these fakes.
 """
 from __future__ import annotations
 
