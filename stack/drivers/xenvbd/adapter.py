@@ -1,0 +1,275 @@
+"""The XENVBD adapter: the FDO on XENBUS's VBD PDO (VBD src/xenvbd/adapter.c; reference
+windows-pv-drivers.md 1, 2, 6 and 8).
+
+AdapterStart (START_DEVICE, after the PDO started, at PASSIVE_LEVEL): IRP_MN_QUERY_INTERFACE to the PDO for
+STORE, EVTCHN, GNTTAB, SUSPEND, CACHE and UNPLUG at the versions of the XENBUS revision xenvbd.inf binds
+(CHILD_BINDS_XENBUS_REVISION), and EMULATED as an optional one; Acquire them all; UNPLUG.Request(DISKS, TRUE)
+so the next boot unplugs the emulated disks. Then a `device/vbd` watch and the adapter's thread (the
+driver's ScanThread and backend watch in one): AdapterEnumerate creates a target per device/vbd/<devid>
+and drops those that vanished, and every target's frontend follows its backend.
+
+TargetCreate refuses target 0 under XEN:BOOT_EMULATED, and any target whose emulated twin is still
+present (EMULATED.IsDiskPresent(TargetId)): STATUS_RETRY and UNPLUG.Reboot("XENVBD"), so that xenbus_monitor
+asks for the reboot that unplugs the twin. AdapterStop (REMOVE_DEVICE) destroys the targets,
+UNPLUG.Request(DISKS, FALSE) and releases every interface.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from stack.drivers.interface import InterfaceTable
+from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, XENBUS_REVISIONS
+from stack.drivers.xenbus.cache import CACHE_GUID
+from stack.drivers.xenbus.evtchn import EVTCHN_GUID
+from stack.drivers.xenbus.gnttab import GNTTAB_GUID
+from stack.drivers.xenbus.store import STORE_GUID
+from stack.drivers.xenbus.suspend import SUSPEND_GUID
+from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE, XENBUS_UNPLUG_DEVICE_TYPE_DISKS
+from stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
+from stack.kernel import (IRP_MN_PNP, DeviceObject, Irp, IoSynchronousCallDriver, KEvent, KeWaitForSingleObject,
+                          QueryInterfaceParameters)
+from stack.kernel.bugcheck import BugCheck
+from stack.kernel.debuglog import DbgLevel, current_log
+from stack.kernel.irql import assert_passive, current_processor
+from stack.kernel.registry import Registry, RegistryError
+from stack.kernel.status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_RETRY, STATUS_SUCCESS, status_name)
+
+from .target import XenvbdTarget
+
+log = logging.getLogger("stack.drivers.xenvbd.adapter")
+
+PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENVBD\Parameters"
+XENVBD_MAX_TARGETS = 255
+SCAN_INTERVAL_SECONDS = 0.05
+QUERY_SIZE = 4096  # the client's buffer: large enough for any version's table
+
+# Linux IDE majors of hd disks, each carrying two disks (the disk number in bits 6-7 of the vdev).
+IDE_MAJOR_FIRST_DISK = {3: 0, 22: 2, 33: 4, 34: 6, 56: 8, 57: 10, 88: 12, 89: 14, 90: 16, 91: 18}
+XVD_MAJOR = 202
+SD_MAJOR = 8
+EXTENDED = 1 << 28
+
+
+def ParseVbd(vdev: int) -> int | None:
+    """__ParseVbd: the target id of a vdev number (xen-abi.md 4's encodings); None if it names none."""
+    if vdev < 0 or vdev >= 1 << 29:
+        return None
+    if vdev & EXTENDED:
+        target = (vdev & ((1 << 20) - 1)) >> 8
+    else:
+        major = vdev >> 8
+        if major in (XVD_MAJOR, SD_MAJOR):
+            target = (vdev & 0xF0) >> 4
+        elif major in IDE_MAJOR_FIRST_DISK:
+            target = ((vdev & 0xC0) >> 6) + IDE_MAJOR_FIRST_DISK[major]
+        else:
+            return None
+    return target if target <= XENVBD_MAX_TARGETS else None
+
+
+class AdapterError(Exception):
+    pass
+
+
+@dataclass
+class InterfaceQuery:
+    name: str
+    guid: uuid.UUID
+    optional: bool = False
+
+
+ADAPTER_INTERFACES = (InterfaceQuery("STORE", STORE_GUID), InterfaceQuery("EVTCHN", EVTCHN_GUID),
+                      InterfaceQuery("GNTTAB", GNTTAB_GUID), InterfaceQuery("SUSPEND", SUSPEND_GUID),
+                      InterfaceQuery("CACHE", CACHE_GUID), InterfaceQuery("UNPLUG", GUID_XENBUS_UNPLUG_INTERFACE),
+                      InterfaceQuery("EMULATED", GUID_XENFILT_EMULATED_INTERFACE, optional=True))
+
+
+def query_interface(lower: DeviceObject, guid: uuid.UUID, version: int) -> tuple[int, InterfaceTable | None]:
+    """A synchronous IRP_MN_QUERY_INTERFACE to the PDO (Status preset to NOT_SUPPORTED by Irp.pnp)."""
+    irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(guid, QUERY_SIZE, version, None))
+    status = IoSynchronousCallDriver(lower, irp)
+    return status, irp.parameters.interface if NT_SUCCESS(status) else None
+
+
+@dataclass(eq=False)
+class XenvbdAdapter:
+    device: DeviceObject
+    lower: DeviceObject
+    registry: Registry
+    revision: int = CHILD_BINDS_XENBUS_REVISION
+    interfaces: dict[str, InterfaceTable] = field(default_factory=dict)
+    targets: dict[int, XenvbdTarget] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)
+    event: KEvent = field(default_factory=lambda: KEvent("xenvbd adapter", synchronization=True))
+    started: bool = False
+    _watch: Any = None
+    _thread: threading.Thread | None = None
+    _stopping: bool = False
+
+    def _print(self, text: str, level: DbgLevel = DbgLevel.INFO) -> None:
+        current_log().print("XENVBD", text, level)
+
+    # the interface tables, named as the driver's context fields
+    @property
+    def store(self) -> InterfaceTable:
+        return self.interfaces["STORE"]
+
+    @property
+    def evtchn(self) -> InterfaceTable:
+        return self.interfaces["EVTCHN"]
+
+    @property
+    def gnttab(self) -> InterfaceTable:
+        return self.interfaces["GNTTAB"]
+
+    @property
+    def unplug(self) -> InterfaceTable:
+        return self.interfaces["UNPLUG"]
+
+    def parameter(self, name: str) -> int | None:
+        try:
+            return self.registry.get_dword(PARAMETERS, name)
+        except RegistryError:
+            return None
+
+    # -- start / stop -----------------------------------------------------------------------------
+
+    def AdapterQueryInterfaces(self) -> int:
+        assert_passive("AdapterQueryInterfaces")
+        versions = XENBUS_REVISIONS[self.revision]
+        for query in ADAPTER_INTERFACES:
+            status, table = query_interface(self.lower, query.guid, versions[query.name])
+            if not NT_SUCCESS(status) or table is None:
+                if query.optional and status == STATUS_NOT_SUPPORTED:
+                    self._print(f"{query.name}: not available")
+                    continue
+                self._print(f"{query.name} v{versions[query.name]}: {status_name(status)}", DbgLevel.ERROR)
+                return status
+            self.interfaces[query.name] = table
+        return STATUS_SUCCESS
+
+    def AdapterStart(self) -> int:
+        status = self.AdapterQueryInterfaces()
+        if not NT_SUCCESS(status):
+            self.interfaces.clear()
+            return status
+        acquired: list[str] = []
+        for name, table in self.interfaces.items():
+            status = getattr(table, f"{name.title()}Acquire")()
+            if not NT_SUCCESS(status):
+                self._print(f"{name}: Acquire failed ({status_name(status)})", DbgLevel.ERROR)
+                for held in reversed(acquired):
+                    getattr(self.interfaces[held], f"{held.title()}Release")()
+                self.interfaces.clear()
+                return status
+            acquired.append(name)
+        self.unplug.UnplugRequest(XENBUS_UNPLUG_DEVICE_TYPE_DISKS, True)
+        status, self._watch = self.store.StoreWatchAdd(None, "device/vbd", self.event)
+        if not NT_SUCCESS(status):
+            self._watch = None
+            self._print(f"device/vbd watch: {status_name(status)}", DbgLevel.WARNING)
+        self.started = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="xenvbd-adapter", daemon=True)
+        self._thread.start()
+        self._print(f"adapter started (XENBUS revision {self.revision:08X})")
+        return STATUS_SUCCESS
+
+    def AdapterStop(self) -> None:
+        if not self.started:
+            return
+        self._stopping = True
+        self.event.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            depth = current_processor().lock.release_all()
+            try:
+                self._thread.join(5.0)
+            finally:
+                current_processor().lock.restore(depth)
+        for target in list(self.targets.values()):
+            target.TargetDestroy()
+        self.targets.clear()
+        if self._watch is not None:
+            self.store.StoreWatchRemove(self._watch)
+            self._watch = None
+        self.unplug.UnplugRequest(XENBUS_UNPLUG_DEVICE_TYPE_DISKS, False)
+        for name in reversed(list(self.interfaces)):
+            getattr(self.interfaces[name], f"{name.title()}Release")()
+        self.interfaces.clear()
+        self.started = False
+        self._print("adapter stopped")
+
+    # -- the adapter thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        cpu = current_processor()
+        while not self._stopping:
+            try:
+                with cpu.lock:
+                    if cpu.crashed is not None or self._stopping:
+                        return
+                    self.AdapterEnumerate()
+                    for target in list(self.targets.values()):
+                        target.FrontendStep()
+                    KeWaitForSingleObject(self.event, SCAN_INTERVAL_SECONDS)
+            except BugCheck:
+                return  # the guest stopped; its dump says why
+            except (OSError, ValueError, AttributeError) as exc:
+                # The platform (and its xenstore connection) goes away when the agent shuts down.
+                log.info("adapter thread ends: %r", exc)
+                return
+
+    def AdapterEnumerate(self) -> None:
+        status, buffer = self.store.StoreDirectory(None, None, "device/vbd")
+        names: list[str] = []
+        if NT_SUCCESS(status):
+            names = [n for n in buffer.Value.decode(errors="replace").split("\0") if n]
+            self.store.StoreFree(buffer)
+        present = {int(n) for n in names if n.isdigit()}
+        for devid in sorted(present - set(self.targets) - set(self.refused)):
+            status = self.TargetCreate(devid)
+            if not NT_SUCCESS(status):
+                self.refused[devid] = status_name(status)
+        for devid in sorted(set(self.targets) - present):
+            target = self.targets.pop(devid)
+            self._print(f"vbd {devid} gone from xenstore")
+            target.FrontendStep()
+            target.TargetDestroy()
+        for devid in sorted(set(self.refused) - present):
+            del self.refused[devid]
+
+    def TargetCreate(self, devid: int) -> int:
+        target_id = ParseVbd(devid)
+        if target_id is None:
+            self._print(f"vbd {devid}: not a valid vdev", DbgLevel.WARNING)
+            return STATUS_NOT_SUPPORTED
+        if any(t.target_id == target_id for t in self.targets.values()):
+            self._print(f"vbd {devid}: target {target_id} already exists", DbgLevel.WARNING)
+            return STATUS_NOT_SUPPORTED
+        if target_id == 0 and self.unplug.Version >= 3 and self.unplug.UnplugBootEmulated():
+            self._print(f"Target[0]: vbd {devid}: BOOT_EMULATED, the emulated disk stays", DbgLevel.WARNING)
+            return STATUS_NOT_SUPPORTED
+        emulated = self.interfaces.get("EMULATED")
+        if emulated is not None and emulated.EmulatedIsDiskPresent(target_id):
+            self._print(f"Target[{target_id}]: vbd {devid}: emulated disk present: STATUS_RETRY, reboot requested",
+                        DbgLevel.WARNING)
+            if self.unplug.Version >= 3:
+                self.unplug.UnplugReboot("XENVBD")
+            return STATUS_RETRY
+        target = XenvbdTarget(self, devid, target_id)
+        status = target.TargetStart()
+        if not NT_SUCCESS(status):
+            self._print(f"Target[{target_id}]: vbd {devid}: {status_name(status)}", DbgLevel.WARNING)
+            return status
+        self.targets[devid] = target
+        return STATUS_SUCCESS
+
+    def target(self, target_id: int) -> XenvbdTarget:
+        for target in self.targets.values():
+            if target.target_id == target_id:
+                return target
+        raise AdapterError(f"no target {target_id} (targets: {sorted(t.target_id for t in self.targets.values())})")
