@@ -317,6 +317,8 @@ class _Mappings:
         self.transient: list[memoryview] = []
 
     def __enter__(self) -> dict[int, memoryview]:
+        if self.grefs <= self.queue._persistent.keys():
+            return self.queue._persistent  # the steady state with persistent grants: nothing to map
         pages = {}
         try:
             for gref in self.grefs:

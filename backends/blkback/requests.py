@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from xenabi.blkif import (BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
                           BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_SECTORS_PER_PAGE, BLKIF_SEGS_PER_INDIRECT_FRAME,
@@ -26,8 +27,9 @@ class BadRequest(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
+    # A named tuple rather than a frozen dataclass: an indirect request makes up to hundreds of these,
+    # and a tuple is made in a third of the time.
     gref: int
     first_sect: int
     last_sect: int
@@ -113,10 +115,13 @@ def indirect_pages(nr_segments: int) -> int:
 
 def decode_indirect_segments(pages: list[bytes], nr_segments: int, rid: int) -> tuple[Segment, ...]:
     """The segments of an INDIRECT request from copies of its indirect pages."""
-    segs = []
-    for i in range(nr_segments):
-        page, slot = divmod(i, BLKIF_SEGS_PER_INDIRECT_FRAME)
-        s = Segment(*SEGMENT.unpack_from(pages[page], slot * SEGMENT.size))
-        s.check(f"indirect request {rid:#x} segment {i}")
-        segs.append(s)
+    segs: list[Segment] = []
+    for page in pages:
+        n = min(nr_segments - len(segs), BLKIF_SEGS_PER_INDIRECT_FRAME)
+        segs += map(Segment._make, SEGMENT.iter_unpack(page[:n * SEGMENT.size]))
+    if len(segs) != nr_segments:
+        raise BadRequest(f"indirect request {rid:#x}: {len(pages)} indirect pages hold no {nr_segments} segments")
+    for i, s in enumerate(segs):
+        if s.first_sect > s.last_sect or s.last_sect >= BLKIF_SECTORS_PER_PAGE:
+            s.check(f"indirect request {rid:#x} segment {i}")
     return tuple(segs)
