@@ -253,10 +253,15 @@ def test_emulated_nic_unplugged_on_the_second_boot_and_the_mac_kept(net_guest, h
     first.console.close()
     first.toolstack.destroy(first.domain.domid)
     first.domain = None
-    _add_taps(host, env.ns, "default")
+    # The next domain's vif gets a TAP of its own on the same network: the old one must go first.
+    for a in env.addrs:
+        subprocess.run(env.ns.exec_argv("ip", "link", "del", a.tap), check=True)
+        env.ns.taps.remove(a.tap)
+    env.addrs = _add_taps(host, env.ns, "default")
     second = Guest.boot(host, first.machine)
     env.extra.append(second)
     env.guest = second
     assert "DEV_8139" not in env.run("devices")
     assert "mac 00:16:3e:00:00:01 permanent 00:16:3e:00:00:01" in env.run("net list")
-    assert env.run(f"net ping {env.peer} 1") == f"1/1 replies from {env.peer}"
+    # The first echo may go while the new vif's neighbour entry is being re-validated.
+    assert not env.run(f"net ping {env.peer} 3").startswith("0/"), env.run("net stats")
