@@ -55,13 +55,13 @@ class RawImage:
         self.size = os.fstat(self.fd).st_size
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
-        want = sum(len(v) for v in views)
+        want = sum(map(len, views))
         got = os.preadv(self.fd, views, offset)
         if got != want:
             raise OSError(errno.EIO, f"{self.path}: short read ({got} of {want} bytes at {offset})")
 
     def write(self, offset: int, views: list[memoryview]) -> None:
-        want = sum(len(v) for v in views)
+        want = sum(map(len, views))
         done = os.pwritev(self.fd, views, offset)
         if done != want:
             raise OSError(errno.EIO, f"{self.path}: short write ({done} of {want} bytes at {offset})")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 
 from backends.blkback.image import Image
 from backends.blkback.requests import (BadRequest, Codecs, Request, Segment, decode, decode_indirect_segments,
-                                       indirect_pages)
+                                       indirect_pages, total_sectors)
 from backends.vhost_user.memory import GuestMemoryError
 from backends.xenhv.control import XenhvError
 from xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
@@ -261,7 +261,7 @@ class BlkQueue:
     def _transfer(self, r: Request, *, write: bool, segments: tuple[Segment, ...]) -> None:
         if write:
             self._check_writable(r)
-        self._check_range(r, r.sector, sum(s.sectors for s in segments))
+        self._check_range(r, r.sector, total_sectors(segments))
         # Reading from the disk writes into guest memory, so a READ needs writable mappings.
         with self._mapped({s.gref for s in segments}, writable=not write) as pages:
             views = [pages[s.gref][s.first_sect * BLKIF_SECTOR_SIZE:(s.last_sect + 1) * BLKIF_SECTOR_SIZE]

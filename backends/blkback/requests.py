@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import repeat
+from operator import gt, itemgetter
 from typing import NamedTuple
 
 from xenabi.blkif import (BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
@@ -115,13 +117,22 @@ def indirect_pages(nr_segments: int) -> int:
 
 def decode_indirect_segments(pages: list[bytes], nr_segments: int, rid: int) -> tuple[Segment, ...]:
     """The segments of an INDIRECT request from copies of its indirect pages."""
+    # Built and checked with C-level iteration (map over the unpacked tuples): a Python loop per segment
+    # was the largest cost of serving a 64 KiB request after the copy itself.
     segs: list[Segment] = []
     for page in pages:
         n = min(nr_segments - len(segs), BLKIF_SEGS_PER_INDIRECT_FRAME)
-        segs += map(Segment._make, SEGMENT.iter_unpack(page[:n * SEGMENT.size]))
+        segs += map(tuple.__new__, repeat(Segment), SEGMENT.iter_unpack(page[:n * SEGMENT.size]))
     if len(segs) != nr_segments:
         raise BadRequest(f"indirect request {rid:#x}: {len(pages)} indirect pages hold no {nr_segments} segments")
-    for i, s in enumerate(segs):
-        if s.first_sect > s.last_sect or s.last_sect >= BLKIF_SECTORS_PER_PAGE:
+    if any(map(gt, map(_FIRST, segs), map(_LAST, segs))) or max(map(_LAST, segs)) >= BLKIF_SECTORS_PER_PAGE:
+        for i, s in enumerate(segs):
             s.check(f"indirect request {rid:#x} segment {i}")
     return tuple(segs)
+
+
+_FIRST, _LAST = itemgetter(1), itemgetter(2)
+
+
+def total_sectors(segments: tuple[Segment, ...]) -> int:
+    return sum(map(_LAST, segments)) - sum(map(_FIRST, segments)) + len(segments)
