@@ -124,11 +124,16 @@ class GuestRuntime:
         return path
 
     def close(self) -> None:
-        if self.drivers is not None:
+        if self.drivers is not None and self.stopped is None:
+            # An orderly end: every device removed children first, so drivers close their rings, revoke
+            # their grants and close their event channels, and dom0 sees the frontends go away.
             try:
+                with self.kernel.cpu.lock:
+                    for child in list(self.kernel.pnp.root.children):
+                        self.kernel.pnp.remove(child)
                 self.drivers.close()
-            except BaseException as exc:  # a stopped guest's drivers may not unwind; the process still ends
-                log.warning("driver stack close: %r", exc)
+            except BaseException as exc:  # a driver that cannot unwind must not keep the process alive
+                log.warning("driver stack shutdown: %r", exc)
         if self.link is not None:
             self.link.close()
         self.qtest.close()
