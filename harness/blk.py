@@ -35,29 +35,10 @@ _INDIRECT = struct_of(BLKIF_NATIVE.request_indirect)
 _SEGMENT = struct_of(BlkifRequestSegment)
 
 
-_RSP_PROD = 2  # 32-bit word index of rsp_prod in the shared ring header
 
 
 class BlkFrontError(HarnessError):
     pass
-
-
-class _FrontRing(FrontRing):
-    """FrontRing whose rsp_prod load is one plain aligned 32-bit read instead of an `atomics` call
-    (measured: ~4.5 us each, paid per response). A load needs no barrier on x86 (xenabi/ring.py); the
-    publishing stores and the event re-arm still go through FrontRing's xchg."""
-
-    def __init__(self, buffer: memoryview, request: object, response: object, *, init: bool = False) -> None:
-        super().__init__(buffer, request, response, init=init)
-        self._words = self._view[:16].cast("I")
-
-    @property
-    def sring_rsp_prod(self) -> int:
-        return self._words[_RSP_PROD]
-
-    def close(self) -> None:
-        self._words.release()
-        super().close()
 
 
 def add_vbd(xs: XsClient, domid: int, devid: int, image: Path, fmt: str = "raw", mode: str = "w",
@@ -228,7 +209,7 @@ class BlkFront:
             gfns = self.p.pages.alloc(1 << self.order)
             view = self.p.vcpu.memory.view(gfns[0] * XEN_PAGE_SIZE, XEN_PAGE_SIZE << self.order)
             view[:] = bytes(len(view))
-            ring = _FrontRing(view, BLKIF_NATIVE.request_struct, BLKIF_NATIVE.response_struct, init=True)
+            ring = FrontRing(view, BLKIF_NATIVE.request_struct, BLKIF_NATIVE.response_struct, init=True)
             refs = [self.p.grant(0, g) for g in gfns]
             port = self.p.hypercalls.evtchn_alloc_unbound(0)
             queue = _Queue(ring, gfns, refs, port, view)
