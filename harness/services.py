@@ -56,6 +56,10 @@ class HostServices:
         self.check_alive("connecting to xenhv")
         return XenhvControl(self.xenhv_socket)
 
+    def next_domid(self) -> int:
+        """The domid the next domain will get (a test names per-domain resources, e.g. TAPs, before boot)."""
+        return self._next_domid
+
     def allocate_domid(self) -> int:
         domid = self._next_domid
         self._next_domid += 1

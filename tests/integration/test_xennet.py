@@ -52,7 +52,7 @@ class NetGuest:
 def _add_taps(host, ns: NetNamespace, guest_spec: str) -> list[TapAddressing]:
     # The TAP is named for the domain (vifD.N) and netback attaches when the frontend connects, which
     # XENVIF does while the guest boots: create it for the domid the toolstack will hand out next.
-    domid = host._next_domid
+    domid = host.next_domid()
     addrs = [addressing(nic, domid, i) for i, nic in enumerate(resolve_guest(guest_spec).pv_nics)]
     for a in addrs:
         ns.add_tap(a)
