@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,11 +27,38 @@ VBD_PDO = r"XENBUS\VEN_XP&DEV_VBD\_"
 REQUEST_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
 
 
+@dataclass
+class Blkback:
+    """The blkback process of this test, which the test may kill and start again."""
+
+    host: HostServices
+    log: Path
+    proc: Supervised | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.proc = start_blkback(self.host.run_dir, self.host.xenstored_socket, self.host.xenhv_socket,
+                                  self.log.with_name(f"blkback-{self.starts}.log"))
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.signal_group(signal.SIGKILL)
+        self.proc.stop()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+
 @pytest.fixture
-def blkback(host: HostServices, artifacts: Path) -> Iterator[Supervised]:
-    proc = start_blkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, artifacts / "blkback.log")
-    yield proc
-    proc.stop()
+def blkback(host: HostServices, artifacts: Path) -> Iterator[Blkback]:
+    bb = Blkback(host, artifacts / "blkback.log")
+    bb.start()
+    yield bb
+    bb.stop()
 
 
 def wait_console(g: Guest, command: str, pattern: str, timeout: float = 10.0) -> str:
@@ -48,26 +77,17 @@ def hda_image(g: Guest) -> Path:
 
 
 @pytest.fixture
-def rebooted(host: HostServices, blkback: Supervised, guest_factory) -> Iterator[tuple[Guest, dict[str, str]]]:
-    """The default guest booted twice over one machine and one registry hive: the first boot (emulated twin
-    present, DISKS unplug not yet requested) and the second, where the twin is unplugged. Yields the second
-    guest and what the first one showed."""
-    machine = guest_factory("default")
-    first = Guest.boot(host, machine)
-    try:
-        seen = {"devices": first.console.run("devices"),
-                "vbd": wait_console(first, "vbd list", "refused"),
-                "request": first.console.run(f"registry '{REQUEST_KEY}'"),
-                "blocks": repr(machine.qmp.command("query-block"))}
-    finally:
-        first.shutdown()
-    second = Guest.boot(host, machine)
-    try:
-        wait_console(second, "vbd list", r"target 0 vbd 768 connected")
-        yield second, seen
-    finally:
-        second.shutdown()
-        host.check_alive("after the test")
+def rebooted(host: HostServices, blkback: Blkback, boot_guest) -> tuple[Guest, dict[str, str]]:
+    """The default guest after its first boot (emulated twin present, DISKS unplug not yet requested) and
+    a `reboot` (same machine, domain and hive): returns the guest and what the first boot showed."""
+    g = boot_guest("default")
+    seen = {"devices": g.console.run("devices"),
+            "vbd": wait_console(g, "vbd list", "refused"),
+            "request": g.console.run(f"registry '{REQUEST_KEY}'"),
+            "blocks": repr(g.machine.qmp.command("query-block"))}
+    assert g.console.run("reboot").startswith("boot 2")
+    wait_console(g, "vbd list", r"target 0 vbd 768 connected")
+    return g, seen
 
 
 def _inserted(g: Guest) -> dict[str, bool]:
@@ -127,3 +147,43 @@ def test_indirect_segments_multi_page_rings_and_queues(rebooted) -> None:
     with open(hda_image(g), "rb") as f:
         f.seek(lba * SECTOR)
         assert f.read(len(data)) == data
+
+
+def _image_sectors(g: Guest, lba: int, count: int) -> bytes:
+    with open(hda_image(g), "rb") as f:
+        f.seek(lba * SECTOR)
+        return f.read(count * SECTOR)
+
+
+def test_blkback_killed_and_restarted_fails_or_replays_and_reconnects(rebooted, blkback: Blkback) -> None:
+    g, _ = rebooted
+    assert g.console.run("vbd write 0 100 seq 8").startswith("wrote 8")
+    blkback.kill()
+    # Nobody answers: the caller's deadline fails the request (it is not silently dropped)...
+    out = g.console.run("vbd write 0 200 seq 8 --timeout 1")
+    assert out.startswith("failed:") and "unanswered" in out, out
+    # ...the ring watchdog closes the frontend, and a restarted blkback is met from Initialising again.
+    wait_console(g, "vbd list", r"target 0 vbd 768 (closing|closed|prepared)")
+    blkback.start()
+    wait_console(g, "vbd list", r"connected .* connections 2")
+    assert g.console.run("vbd read 0 100 8") == \
+        f"sha256 {hashlib.sha256(sector_pattern('seq', 100, 8, SECTOR)).hexdigest()} bytes 4096"
+    # A write in flight while blkback dies is kept and replayed once the backend is back.
+    blkback.kill()
+    g.console.child.sendline("vbd write 0 300 seq 16")
+    time.sleep(0.5)
+    wait_for_state = time.monotonic() + 10
+    blkback_started = False
+    while time.monotonic() < wait_for_state and not blkback_started:
+        log_tail = (g.artifacts / "agent.log").read_text(errors="replace")
+        if "requests kept for replay" in log_tail.split("connections", 1)[-1] or \
+                log_tail.count("requests kept for replay") >= 2:
+            blkback.start()
+            blkback_started = True
+        else:
+            time.sleep(0.1)
+    assert blkback_started, "the frontend never noticed the dead backend"
+    out = g.console._expect_prompt("vbd write during restart", 20).strip()
+    assert out.startswith("wrote 16 sectors at 300"), out
+    assert _image_sectors(g, 300, 16) == sector_pattern("seq", 300, 16, SECTOR)
+    assert "connections 3" in g.console.run("vbd list")

@@ -106,6 +106,7 @@ class XenvbdAdapter:
     refused: dict[int, str] = field(default_factory=dict)
     event: KEvent = field(default_factory=lambda: KEvent("xenvbd adapter", synchronization=True))
     started: bool = False
+    powered_down: bool = False
     _watch: Any = None
     _thread: threading.Thread | None = None
     _stopping: bool = False
@@ -152,11 +153,7 @@ class XenvbdAdapter:
             self.interfaces[query.name] = table
         return STATUS_SUCCESS
 
-    def AdapterStart(self) -> int:
-        status = self.AdapterQueryInterfaces()
-        if not NT_SUCCESS(status):
-            self.interfaces.clear()
-            return status
+    def _acquire(self) -> int:
         acquired: list[str] = []
         for name, table in self.interfaces.items():
             status = getattr(table, f"{name.title()}Acquire")()
@@ -164,24 +161,39 @@ class XenvbdAdapter:
                 self._print(f"{name}: Acquire failed ({status_name(status)})", DbgLevel.ERROR)
                 for held in reversed(acquired):
                     getattr(self.interfaces[held], f"{held.title()}Release")()
-                self.interfaces.clear()
                 return status
             acquired.append(name)
+        return STATUS_SUCCESS
+
+    def _release(self) -> None:
+        for name in reversed(list(self.interfaces)):
+            getattr(self.interfaces[name], f"{name.title()}Release")()
+
+    def AdapterStart(self) -> int:
+        status = self.AdapterQueryInterfaces()
+        if NT_SUCCESS(status):
+            status = self._acquire()
+        if not NT_SUCCESS(status):
+            self.interfaces.clear()
+            return status
         self.unplug.UnplugRequest(XENBUS_UNPLUG_DEVICE_TYPE_DISKS, True)
+        self._enable()
+        self.started = True
+        self._print(f"adapter started (XENBUS revision {self.revision:08X})")
+        return STATUS_SUCCESS
+
+    def _enable(self) -> None:
         status, self._watch = self.store.StoreWatchAdd(None, "device/vbd", self.event)
         if not NT_SUCCESS(status):
             self._watch = None
             self._print(f"device/vbd watch: {status_name(status)}", DbgLevel.WARNING)
-        self.started = True
+        self.refused.clear()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="xenvbd-adapter", daemon=True)
         self._thread.start()
-        self._print(f"adapter started (XENBUS revision {self.revision:08X})")
-        return STATUS_SUCCESS
 
-    def AdapterStop(self) -> None:
-        if not self.started:
-            return
+    def _disable(self) -> None:
+        """Stop the thread, close every target's frontend, drop the watch."""
         self._stopping = True
         self.event.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -190,17 +202,43 @@ class XenvbdAdapter:
                 self._thread.join(5.0)
             finally:
                 current_processor().lock.restore(depth)
+        self._thread = None
         for target in list(self.targets.values()):
             target.TargetDestroy()
         self.targets.clear()
         if self._watch is not None:
             self.store.StoreWatchRemove(self._watch)
             self._watch = None
+
+    def AdapterD0ToD3(self) -> None:
+        """Sleep, hibernate or shutdown: frontends closed and every interface released (XENBUS checks the
+        references of the Xen-backed ones before S4); the unplug request stands for the next boot."""
+        if not self.started or self.powered_down:
+            return
+        self._disable()
+        self._release()
+        self.powered_down = True
+        self._print("adapter D0 -> D3")
+
+    def AdapterD3ToD0(self) -> None:
+        if not self.started or not self.powered_down:
+            return
+        if NT_SUCCESS(self._acquire()):
+            self.powered_down = False
+            self._enable()
+            self._print("adapter D3 -> D0")
+
+    def AdapterStop(self) -> None:
+        if not self.started:
+            return
+        if not self.powered_down:
+            self._disable()
+        else:
+            self._acquire()
         self.unplug.UnplugRequest(XENBUS_UNPLUG_DEVICE_TYPE_DISKS, False)
-        for name in reversed(list(self.interfaces)):
-            getattr(self.interfaces[name], f"{name.title()}Release")()
+        self._release()
         self.interfaces.clear()
-        self.started = False
+        self.started = self.powered_down = False
         self._print("adapter stopped")
 
     # -- the adapter thread -----------------------------------------------------------------------

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver)
-from stack.kernel.irp import forward
+from stack.kernel.irp import IRP_MN_POWER, POWER_STATE_TYPE, forward
+from stack.kernel.power import S0
 from stack.kernel.registry import Registry
 from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
 
@@ -54,7 +55,18 @@ class XenvbdDriver:
         return forward(irp, adapter.lower)
 
     def dispatch_power(self, device: DeviceObject, irp: Irp) -> int:
-        return forward(irp, device.extension.lower)
+        """System power: below S0 the adapter closes its frontends and releases its interfaces first;
+        back at S0 it takes them again after the bus driver is up."""
+        adapter: XenvbdAdapter = device.extension
+        params = irp.parameters
+        system = (irp.minor == IRP_MN_POWER.SET_POWER and params is not None
+                  and params.type == POWER_STATE_TYPE.SystemPowerState)
+        if system and params.state != S0:
+            adapter.AdapterD0ToD3()
+        status = forward(irp, adapter.lower)
+        if system and params.state == S0:
+            adapter.AdapterD3ToD0()
+        return status
 
 
 def DriverEntry(driver: DriverObject, registry_path: str) -> int:
