@@ -1,0 +1,135 @@
+"""The guest's life cycle through its console: reboot and the registry, unplug on the boot after the
+counters were armed, BOOT_EMULATED, S4 and the FdoS3ToS4 reference rule, a machine without Xen, and
+injected faults (QUERY_INTERFACE at DISPATCH, a grant revoked while the back-end maps it)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from harness.agent import GuestBugcheck
+
+pytestmark = pytest.mark.integration
+
+XEN_UNPLUG = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Unplug"
+MONITOR_REQUEST = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
+
+
+def _arm_unplug(console) -> None:
+    """What XENVBD and XENVIF do at start (UNPLUG.Request(DISKS/NICS, TRUE), +1 on the counter). Those
+    drivers are not in the tree yet, so their children stay without a driver and the counters are set
+    through the registry, as the drivers' requests would leave them."""
+    for name in ("DISKS", "NICS"):
+        assert "successfully" in console.run(f"reg add '{XEN_UNPLUG}' /v {name} /t REG_DWORD /d 1")
+
+
+def _inserted(machine) -> dict[str, bool]:
+    return {b["qdev"]: "inserted" in b for b in machine.qmp.command("query-block") if b.get("qdev")}
+
+
+def _references(console) -> dict[str, int]:
+    return {name: int(count) for name, count in (line.split() for line in console.run("interfaces").splitlines())}
+
+
+def _pci_device_ids(machine) -> set[int]:
+    return {d["id"]["device"] for bus in machine.qmp.command("query-pci") for d in bus["devices"]}
+
+
+def test_reboot_keeps_persistent_keys_and_drops_volatile_ones(boot_guest) -> None:
+    c = boot_guest("default").console
+    assert "successfully" in c.run(r"reg add 'HKLM\SOFTWARE\Harness' /v Persist /t REG_DWORD /d 7")
+    assert "reboot required" in c.run("pkg install xenbus 9.1.0.10")  # a reinstall asks for a reboot
+    assert re.search(r"XENBUS \(volatile\)\n\s+Reboot = REG_DWORD 0x1", c.run(f"registry '{MONITOR_REQUEST}'"))
+    assert re.fullmatch(r"boot 2 \(reboot requested by (\w+, )*XENBUS(, \w+)*\)", c.run("reboot"))
+    assert "Persist = REG_DWORD 0x7" in c.run(r"registry 'HKLM\SOFTWARE\Harness'")
+    assert "XENBUS" not in c.run(f"registry '{MONITOR_REQUEST}'")
+    assert "[started] service=XENBUS" in c.run("devices")
+
+
+def test_unplug_counters_of_boot_one_unplug_on_boot_two(boot_guest) -> None:
+    """Boot 1 unplugs nothing (no counters yet); the counters armed during boot 1 make xen.sys request the
+    unplug at boot 2 (and delete them), so QEMU's emulated disk and NIC are gone before the PV children
+    start. XENVBD/XENVIF do not exist yet: the counters are set through the registry (see _arm_unplug)."""
+    g = boot_guest("default")
+    c = g.console
+    assert _inserted(g.machine)["hda"] and 0x8139 in _pci_device_ids(g.machine)
+    _arm_unplug(c)
+    c.run("reboot")
+    assert _inserted(g.machine)["hda"] is False
+    assert 0x8139 not in _pci_device_ids(g.machine)
+    tree = c.run("devices")
+    assert "DEV_8139" not in tree and r"IDE\Disk" not in tree
+    assert r"XENBUS\VEN_XP&DEV_VBD\_" in tree  # the PV disk is what boots now: no 0x7B
+    log = c.run("log 400")
+    assert "UnplugSetRequest: DISKS requested" in log and "UnplugSetRequest: NICS requested" in log
+
+
+def test_boot_emulated_keeps_the_primary_master(boot_guest) -> None:
+    g = boot_guest("boot-emulated")
+    c = g.console
+    _arm_unplug(c)
+    c.run("reboot")
+    inserted = _inserted(g.machine)
+    assert inserted["hda"] is True and inserted["hdc"] is False, inserted
+    assert 0x8139 not in _pci_device_ids(g.machine)
+    tree = c.run("devices")
+    assert r"IDE\DiskQEMU_HARDDISK\0.0.0" in tree
+    assert "(BOOT_EMULATED)" in c.run("log 400")
+
+
+def test_s4_without_leaked_references_succeeds(boot_guest) -> None:
+    c = boot_guest("default").console
+    assert c.run("power S4") == "power S4: done"
+    assert c.run("power S0") == "power S0: done"
+    assert "FdoS4ToS3: resume from S4" in c.run("log 50")
+    assert c.run("xs read name") == "default"  # the store works after resume
+
+
+def test_s4_with_a_leaked_store_reference_bugchecks(boot_guest) -> None:
+    c = boot_guest("default").console
+    held = _references(c)["XENBUS.STORE"]  # the children's own, which they must drop on the way to D3
+    assert f"never released ({held + 1} now)" in c.run("fault leak-ref STORE")
+    with pytest.raises(GuestBugcheck) as stop:
+        c.run("power S4")
+    dump = stop.value.dump
+    assert (dump.code, dump.module) == (0xDEAD, "xenbus.sys"), dump.module
+    assert re.search(r"INTERFACE HAS \d+ OUTSTANDING REFERENCE\(S\) ON ENTRY TO S4", dump.message), dump.message
+    assert dump.interface_references["XENBUS.STORE"] == held + 1
+
+
+def test_no_platform_guest_boots_and_unplugs_nothing(boot_guest) -> None:
+    """Not a Xen guest: even stale unplug counters (the bfcf8f7 0x7B) must not take the boot disk away."""
+    g = boot_guest("no-platform")
+    c = g.console
+    _arm_unplug(c)
+    c.run("reboot")
+    assert _inserted(g.machine)["hda"] is True
+    assert 0x8139 in _pci_device_ids(g.machine)
+    tree = c.run("devices")
+    assert r"IDE\DiskQEMU_HARDDISK\0.0.0" in tree and "XENBUS" not in tree
+    assert "not running on Xen" in c.run("log 400")
+
+
+def test_query_interface_at_dispatch_bugchecks_naming_the_child(boot_guest) -> None:
+    c = boot_guest("default").console
+    with pytest.raises(GuestBugcheck) as stop:
+        c.run("fault irql-query-interface VBD")
+    assert stop.value.dump.name == "DRIVER_IRQL_NOT_LESS_OR_EQUAL"
+    assert stop.value.dump.module == "xenvbd.sys"
+
+
+def test_revoke_of_a_grant_the_backend_maps_fails_and_succeeds_after_unmap(boot_guest) -> None:
+    g = boot_guest("default")
+    c = g.console
+    held = _references(c)["XENBUS.GNTTAB"]
+    m = re.match(r"granted ref (\d+) pfn (0x[0-9a-f]+) to dom0", c.run("fault grant 0"))
+    assert m, "no grant"
+    ref, pfn = int(m.group(1)), int(m.group(2), 16)
+    assert g.toolstack is not None and g.domain is not None
+    mapping = g.toolstack.ctl.call("gnttab_map", domid=g.domain.domid, ref=ref, readonly=False)  # the back-end
+    assert mapping["gfn"] == pfn
+    assert "STATUS_UNSUCCESSFUL: the back-end still maps it" in c.run("fault revoke-in-use")
+    assert _references(c)["XENBUS.GNTTAB"] == held + 1
+    g.toolstack.ctl.call("gnttab_unmap", handle=mapping["handle"])
+    assert c.run("fault revoke-in-use") == f"revoke ref {ref}: STATUS_SUCCESS"
+    assert _references(c)["XENBUS.GNTTAB"] == held
