@@ -50,7 +50,7 @@ PAGE_SIZE = 4096
 WATCHDOG_SECONDS = 3.0
 IO_TIMEOUT_SECONDS = 30.0
 TRANSACTION_ATTEMPTS = 10
-CLOSE_WAIT_SECONDS = 5.0
+CLOSE_WAIT_SECONDS = 2.0
 # Frontend maxima (xenvbd.inf and driver limits): the backend's offer is cut down to these, and a
 # same-name DWORD in XENVBD\Parameters overrides either side.
 FRONTEND_MAX_RING_PAGE_ORDER = 1
