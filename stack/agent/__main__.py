@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             return console.stop(rt, bugcheck, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         return console.run(rt)
     finally:
-        rt.close()
+        try:
+            rt.close()
+        except Exception:  # the guest's own outcome (a bugcheck, say) must not be hidden by its cleanup
+            logging.getLogger("stack.agent").exception("closing the guest runtime failed")
 
 
 if __name__ == "__main__":

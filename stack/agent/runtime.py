@@ -125,12 +125,12 @@ class GuestRuntime:
 
     def close(self) -> None:
         if self.drivers is not None and self.stopped is None:
-            # An orderly end: every device removed children first, so drivers close their rings, revoke
-            # their grants and close their event channels, and dom0 sees the frontends go away.
+            # An orderly end is a Windows shutdown: S5 goes down the tree (children first), so drivers
+            # close their frontends and release their interfaces, and dom0 sees them go. Devices are
+            # not removed: a removal would undo the children's unplug requests for the next boot.
             try:
                 with self.kernel.cpu.lock:
-                    for child in list(self.kernel.pnp.root.children):
-                        self.kernel.pnp.remove(child)
+                    self.kernel.power.set_system_state(S5)
                 self.drivers.close()
             except BaseException as exc:  # a driver that cannot unwind must not keep the process alive
                 log.warning("driver stack shutdown: %r", exc)

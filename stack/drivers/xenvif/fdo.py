@@ -22,12 +22,12 @@ from stack.drivers.xenbus.gnttab import GnttabInterface
 from stack.drivers.xenbus.store import StoreInterface
 from stack.drivers.xenbus.suspend import SuspendInterface
 from stack.drivers.xenbus.unplug import XENBUS_UNPLUG_DEVICE_TYPE_NICS, UnplugInterface
-from stack.kernel import (IRP_MN_PNP, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
+from stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
 from stack.kernel.irql import assert_passive
 from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, status_name
 
-from .frontend import Frontend, FrontendInterfaces
+from .frontend import Frontend, FrontendInterfaces, FrontendState
 
 if TYPE_CHECKING:
     from .driver import XenvifDriver
@@ -78,6 +78,8 @@ class XenvifFdo:
     prefix: str = VENDOR_PREFIX
     children: dict[int, DeviceObject] = field(default_factory=dict)
     started: bool = False
+    powered: bool = True  # D0: the interfaces are held
+    _resume_states: dict[int, FrontendState] = field(default_factory=dict)
 
     @property
     def vendor_name(self) -> str:
@@ -164,7 +166,36 @@ class XenvifFdo:
         return status
 
     def dispatch_power(self, irp: Irp) -> int:
-        return forward(irp, self.lower)
+        """System power: below S0 the frontends close and every XENBUS interface is released before the
+        bus sees the IRP (XENBUS bugchecks on S4 entry if a reference is outstanding); at S0 they are
+        taken again after the bus is back, and each frontend returns to the state it had."""
+        params = irp.parameters
+        system = (self.started and irp.minor == IRP_MN_POWER.SET_POWER and params is not None
+                  and params.type == POWER_STATE_TYPE.SystemPowerState)
+        if system and params.state != S0 and self.powered:
+            self.FdoD0ToD3()
+        status = forward(irp, self.lower)
+        if system and params.state == S0 and not self.powered:
+            self.FdoD3ToD0()
+        return status
+
+    def FdoD0ToD3(self) -> None:
+        for device in self.children.values():
+            frontend = device.extension.frontend
+            self._resume_states[frontend.index] = frontend.state
+            frontend.FrontendSetState(FrontendState.FRONTEND_CLOSED)
+        self._release(list(HELD_INTERFACES))
+        self.powered = False
+
+    def FdoD3ToD0(self) -> None:
+        for name in HELD_INTERFACES:
+            status = getattr(self.interfaces[name], f"{name.title()}Acquire")()
+            if not NT_SUCCESS(status):
+                log.error("FdoD3ToD0: %s Acquire: %s", name, status_name(status))
+        self.powered = True
+        for device in self.children.values():
+            frontend = device.extension.frontend
+            frontend.FrontendSetState(self._resume_states.pop(frontend.index, FrontendState.FRONTEND_CLOSED))
 
 
 
