@@ -6,7 +6,6 @@ the vif's own threads and reports a fatal protocol error through `on_fatal`, whi
 turns into a disconnect."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -17,7 +16,6 @@ from typing import Callable
 from backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
 from backends.netback.tap import Tap, TapError, tap_name
 from backends.xenbackend import DomainLink, XenBackend
-from backends.xenhv.control import XenhvError
 from backends.xenstored.client import XsClient, XsRequestError
 from xenabi import netif as N
 from xenabi.ring import XEN_PAGE_SIZE, BackRing, RingError
@@ -232,15 +230,8 @@ class Vif:
                  len(self.queues[0].channels) == 2)
 
     def _attach(self) -> DomainLink:
-        try:
-            return self.backend.attach(self.domid)
-        except XenhvError as exc:
-            if exc.errno not in (errno.EEXIST, "EEXIST"):
-                raise
-            # A killed predecessor of this process is still xenhv's back-end for the domain.
-            log.info("%s: replacing a stale back-end link: %s", self.name, exc)
-            self.backend.call("detach_backend", domid=self.domid, name=self.backend.name)
-            return self.backend.attach(self.domid)
+        # xenhv replaces the link of a killed predecessor of this process by itself.
+        return self.backend.attach(self.domid)
 
     def _connect_queue(self, index: int, qdir: str, grants: LinkGrants, sg: bool) -> Queue:
         tx_ref, rx_ref = self._fe_int("tx-ring-ref", qdir), self._fe_int("rx-ring-ref", qdir)

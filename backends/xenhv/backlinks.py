@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -61,6 +62,17 @@ class BackendLink:
             raise
         log.info("back-end %s attached to dom%d over %s", name, domain.domid, socket_path)
         return cls(name, domain, fe, dom0, register_fd, unregister_fd)
+
+    def peer_gone(self) -> bool:
+        """The back-end closed its end (it died or restarted). A front-end socket is readable outside a
+        request only then: a back-end sends nothing unasked (no BACKEND_REQ channel is negotiated)."""
+        try:
+            data = self.frontend.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return data == b""
 
     def bind(self, port: int) -> int:
         """Give dom0's `port` a kick/call pair on this link; returns its channel index."""

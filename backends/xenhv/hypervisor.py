@@ -204,8 +204,14 @@ class Hypervisor:
 
     def control_attach_backend(self, domid: int, name: str, socket: str) -> None:
         dom = self.domain(domid)
-        if (name, domid) in self.links:
-            raise XenError(X.XEN_EEXIST, f"back-end {name} is already attached to dom{domid}")
+        old = self.links.get((name, domid))
+        if old is not None:
+            if not old.peer_gone():
+                raise XenError(X.XEN_EEXIST, f"back-end {name} is already attached to dom{domid}")
+            # A restarted back-end: its predecessor's channels go (the guest's ends revert to UNBOUND,
+            # as when a dom0 back-end dies), then the new one attaches.
+            log.info("back-end %s of dom%d was gone; replacing its link", name, domid)
+            self._detach(self.links.pop((name, domid)))
         self.links[(name, domid)] = BackendLink.connect(name, socket, dom, self.dom0,
                                                         self.register_fd, self.unregister_fd)
 

@@ -168,8 +168,6 @@ def test_blkback_killed_requests_fail_by_deadline_and_the_frontend_closes(reboot
     assert _image_sectors(g, 100, 8) == sector_pattern("seq", 100, 8, SECTOR)
 
 
-@pytest.mark.xfail(strict=True, reason="a restarted blkback cannot attach to the domain again: xenhv still holds "
-                   "the killed one's link (attach_backend EEXIST), so the backend never reaches InitWait")
 def test_blkback_restarted_reconnects_and_replays(rebooted, blkback: Blkback) -> None:
     g, _ = rebooted
     blkback.kill()
