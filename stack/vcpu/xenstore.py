@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 from backends.xenstored.ring import GuestRing
 from stack.vcpu.hypercalls import Hypercalls
@@ -54,7 +55,10 @@ class GuestXenstore:
         self.doorbell = doorbell
         self.timeout = timeout
         self.events: deque[tuple[str, str]] = deque()
-        self._lock = threading.Lock()
+        # Watches with a handler get their events delivered to it, whoever happens to read the ring;
+        # the others queue for wait_event. So several users of one connection never take each other's.
+        self._handlers: dict[str, Callable[[str, str], None]] = {}
+        self._lock = threading.RLock()
 
     def request(self, mtype: T, payload: bytes, tx: int = 0, what: str = "") -> bytes:
         with self._lock:
@@ -78,8 +82,14 @@ class GuestXenstore:
 
     def _queue_event(self, body: bytes) -> None:
         parts = body.split(b"\0")
-        if len(parts) >= 2:
-            self.events.append((parts[0].decode(), parts[1].decode()))
+        if len(parts) < 2:
+            return
+        path, token = parts[0].decode(), parts[1].decode()
+        handler = self._handlers.get(token)
+        if handler is not None:
+            handler(path, token)
+        else:
+            self.events.append((path, token))
 
     def read(self, path: str, tx: int = 0) -> bytes:
         return self.request(T.READ, path.encode() + b"\0", tx, path)
@@ -98,11 +108,33 @@ class GuestXenstore:
         body = self.request(T.DIRECTORY, path.encode() + b"\0", tx, path)
         return [c.decode() for c in body.split(b"\0") if c]
 
-    def watch(self, path: str, token: str) -> None:
-        self.request(T.WATCH, f"{path}\0{token}\0".encode(), 0, path)
+    def watch(self, path: str, token: str, handler: Callable[[str, str], None] | None = None) -> None:
+        """Watch `path`; with `handler`, its events (path, token) go to it, else to wait_event."""
+        if handler is not None:
+            # Registered first: xenstored sends the initial event right after its reply.
+            self._handlers[token] = handler
+        try:
+            self.request(T.WATCH, f"{path}\0{token}\0".encode(), 0, path)
+        except BaseException:
+            self._handlers.pop(token, None)
+            raise
 
     def unwatch(self, path: str, token: str) -> None:
-        self.request(T.UNWATCH, f"{path}\0{token}\0".encode(), 0, path)
+        try:
+            self.request(T.UNWATCH, f"{path}\0{token}\0".encode(), 0, path)
+        finally:
+            self._handlers.pop(token, None)
+
+    def pump(self) -> None:
+        """Deliver what the ring holds now (watch events to their handlers), without waiting."""
+        with self._lock:
+            while True:
+                try:
+                    rtype, _, _, body = self.ring.read_message(0)
+                except TimeoutError:
+                    return
+                if rtype == T.WATCH_EVENT:
+                    self._queue_event(body)
 
     def transaction_start(self) -> int:
         return int(self.request(T.TRANSACTION_START, b"\0").rstrip(b"\0"))

@@ -11,6 +11,7 @@ import ctypes
 import importlib
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,8 @@ class XenbusFdo:
     interfaces: dict[str, Interface] = field(default_factory=dict)
     children: dict[str, DeviceObject] = field(default_factory=dict)
     system_power: int = S0
+    # Set by the `device` watch (on whichever thread reads the store ring); FdoScan runs from poll().
+    _device_changed: threading.Event = field(default_factory=threading.Event)
 
     @property
     def watch_token(self) -> str:
@@ -136,7 +139,7 @@ class XenbusFdo:
             self._print(f"FdoStart: the platform did not start: {exc}", DbgLevel.ERROR)
             return STATUS_UNSUCCESSFUL
         self._create_interfaces()
-        self.platform.store.watch("device", self.watch_token)
+        self.platform.store.watch("device", self.watch_token, lambda path, token: self._device_changed.set())
         self.FdoScan()
         return STATUS_SUCCESS
 
@@ -224,10 +227,9 @@ class XenbusFdo:
         """Act on queued `device` watch events (the FDO's watch thread, run from the agent's loop)."""
         if self.platform is None:
             return
-        store = self.platform.store
-        fired = False
-        while (event := store.wait_event(0)) is not None:
-            fired = fired or event[1] == self.watch_token
+        self.platform.store.pump()
+        fired = self._device_changed.is_set()
+        self._device_changed.clear()
         if fired and self.FdoScan():
             IoInvalidateDeviceRelations(self.pdo)
 

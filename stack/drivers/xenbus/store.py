@@ -205,15 +205,12 @@ class StoreInterface(Interface):
         # lock for its whole timeout and starve the requests of other threads.
         while not self._stopping.is_set():
             try:
-                event = self.platform.store.wait_event(0)
+                self.platform.store.pump()  # events reach _fire through the watch handlers
             except (AttributeError, OSError, ValueError):
                 # The ring went away under us (the platform is closing): nothing more will arrive.
                 log.debug("watch thread: store connection closed")
                 return
-            if event is not None:
-                self._fire(*event)
-            else:
-                self._stopping.wait(WATCH_POLL_SECONDS)
+            self._stopping.wait(WATCH_POLL_SECONDS)
 
     def _fire(self, path: str, token: str) -> None:
         watch = self.watches.get(token)
@@ -329,7 +326,7 @@ class StoreInterface(Interface):
         watch = StoreWatch(path, Event, f"TOK{next(self._tokens):08X}")
         # Registered before the request: xenstored fires the initial event as soon as it has the watch.
         self.watches[watch.Token] = watch
-        status, _ = self._request("watch", path, self.platform.store.watch, path, watch.Token)
+        status, _ = self._request("watch", path, self.platform.store.watch, path, watch.Token, self._fire)
         if not NT_SUCCESS(status):
             del self.watches[watch.Token]
             return status, None
@@ -343,5 +340,4 @@ class StoreInterface(Interface):
 
     def StorePoll(self) -> None:
         """Process what the ring holds now without waiting (callers spinning at DISPATCH_LEVEL)."""
-        while (event := self.platform.store.wait_event(0)) is not None:
-            self._fire(*event)
+        self.platform.store.pump()

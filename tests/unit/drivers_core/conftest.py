@@ -270,6 +270,7 @@ class FakeStore:
     classes: list[str]
     watches: list[tuple[str, str]] = field(default_factory=list)
     events: deque[tuple[str, str]] = field(default_factory=deque)
+    handlers: dict = field(default_factory=dict)
 
     def directory(self, path: str) -> list[str]:
         assert path == "device"
@@ -277,12 +278,24 @@ class FakeStore:
             raise XenstoreError("directory", path, "ENOENT")
         return list(self.classes)
 
-    def watch(self, path: str, token: str) -> None:
+    def watch(self, path: str, token: str, handler=None) -> None:
+        if handler is not None:
+            self.handlers[token] = handler
         self.watches.append((path, token))
         self.events.append((path, token))  # xenstored fires a new watch once
 
     def unwatch(self, path: str, token: str) -> None:
         self.watches.remove((path, token))
+
+    def pump(self) -> None:
+        kept = []
+        while self.events:
+            path, token = self.events.popleft()
+            if token in self.handlers:
+                self.handlers[token](path, token)
+            else:
+                kept.append((path, token))
+        self.events.extend(kept)
 
     def wait_event(self, timeout: float) -> tuple[str, str] | None:
         return self.events.popleft() if self.events else None

@@ -99,6 +99,7 @@ class FakeStore:
         self.perms: dict[str, list[str]] = {}
         self.watches: dict[str, str] = {}
         self.events: deque[tuple[str, str]] = deque()
+        self.handlers: dict = {}
         self.transactions: dict[int, dict[str, bytes | None]] = {}
         self.generation = 0
         self._next_tx = 1
@@ -150,7 +151,9 @@ class FakeStore:
         self.perms[path.decode()] = [p.decode() for p in perms]
         return b"OK\0"
 
-    def watch(self, path: str, token: str) -> None:
+    def watch(self, path: str, token: str, handler=None) -> None:
+        if handler is not None:
+            self.handlers[token] = handler
         self.watches[path] = token
         self.events.append((path, token))
 
@@ -170,6 +173,19 @@ class FakeStore:
             raise XenstoreError("TRANSACTION_END", "", "EAGAIN")
         for path, value in writes.items():
             self.write(path, value or b"")
+
+    def pump(self) -> None:
+        with self._lock:
+            pending = list(self.events)
+            self.events.clear()
+        kept = []
+        for path, token in pending:
+            if token in self.handlers:
+                self.handlers[token](path, token)
+            else:
+                kept.append((path, token))
+        with self._lock:
+            self.events.extendleft(reversed(kept))
 
     def wait_event(self, timeout: float) -> tuple[str, str] | None:
         with self._lock:
