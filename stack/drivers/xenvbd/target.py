@@ -375,13 +375,17 @@ class XenvbdTarget:
     def TargetDestroy(self) -> None:
         """Close the frontend (Closing, then Closed once the backend follows), give everything back."""
         self._removing = True
-        if self.state in (FrontendState.CONNECTED, FrontendState.INITIALISED, FrontendState.PREPARED):
+        # Only a backend that took the device (InitWait or later) follows our close; with none there
+        # is nothing to wait for.
+        attached = self.state in (FrontendState.CONNECTED, FrontendState.INITIALISED, FrontendState.PREPARED)
+        if attached:
             self._set_state(XenbusState.Closing)
             self._wait_backend((XenbusState.Closing, XenbusState.Closed))
         self._disconnect_rings(replay=False)
         if self.state != FrontendState.GONE:
             self._set_state(XenbusState.Closed)
-            self._wait_backend((XenbusState.Closed,))
+            if attached:
+                self._wait_backend((XenbusState.Closed,))
         self._fail_waiting("target removed")
         if self.watch is not None:
             self.adapter.store.StoreWatchRemove(self.watch)
