@@ -23,7 +23,7 @@ A port is delivered in one of two ways:
 
 * Through the 2-level bitmaps of the domain's shared_info page, the guest's ABI: the port's pending bit, its
   mask bit, the notified vcpu's ``evtchn_pending_sel`` and ``evtchn_upcall_pending``.  The guest changes the
-  same words from its own process, so every update is a real atomic operation (:mod:`backends.xenhv.atomic`).
+  same words from its own process, so every update is a real atomic operation (:mod:`xenabi.atomic`).
   When ``evtchn_upcall_pending`` goes from 0 to 1 the domain's ``upcall`` hook runs (it wakes the guest's
   interrupt thread, e.g. by writing an eventfd).  The guest clears ``evtchn_upcall_pending`` before it scans,
   so the next event raises it, and calls the hook, again.
@@ -45,7 +45,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from backends.xenhv.atomic import AtomicMemory
+from xenabi.atomic import AtomicMemory
 from backends.xenhv.errors import XenError
 from xenabi.event_channel import (
     DOMID_FIRST_RESERVED,

@@ -14,7 +14,7 @@ Three pieces:
   with per-mapper handles, GNTTABOP_copy between grant refs and the caller's own frames, setup_table and
   query_size with the domain checks.  This is what the hypercall layer calls.
 * :class:`GrantTableFrontend`, the granting guest's side (grant, end access, read an entry).  It only needs the
-  frames and :mod:`backends.xenhv.atomic`, so the guest driver model can use it unchanged.
+  frames and :mod:`xenabi.atomic`, so the guest driver model can use it unchanged.
 
 Failures raise :class:`~backends.xenhv.errors.GrantError` carrying the GNTST_* status for the op's ``status``
 field; growing a table beyond its maximum from XENMEM_add_to_physmap raises XenError(EINVAL).
@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from backends.xenhv.atomic import AtomicMemory
+from xenabi.atomic import AtomicMemory
 from backends.xenhv.errors import GrantError, XenError
 from xenabi.event_channel import DOMID_FIRST_RESERVED, DOMID_SELF
 from xenabi.grant_table import (

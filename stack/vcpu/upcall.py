@@ -14,7 +14,7 @@ import select
 import threading
 from typing import Callable
 
-from backends.xenhv.atomic import AtomicMemory
+from xenabi.atomic import AtomicMemory
 from stack.vcpu.hypervisor import HypervisorLink
 from xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, SharedInfo, VcpuInfo
 

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.xenhv.atomic import AtomicMemory
+from xenabi.atomic import AtomicMemory
 from stack.drivers.interface import Interface, table
 from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from stack.kernel.bugcheck import BUG

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from backends.xenhv.atomic import AtomicMemory
+from xenabi.atomic import AtomicMemory
 from stack.drivers.interface import Interface, table
 from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, NTSTATUS

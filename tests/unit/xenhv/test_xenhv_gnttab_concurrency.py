@@ -6,7 +6,7 @@ import mmap
 import multiprocessing
 import time
 
-from backends.xenhv.atomic import AtomicMemory
+from xenabi.atomic import AtomicMemory
 from backends.xenhv.errors import GrantError
 from backends.xenhv.gnttab import GrantTable, GrantTableFrontend
 from xenabi.grant_table import GTF_reading, GTF_writing
