@@ -45,6 +45,8 @@ class GuestConsole:
         self._logfile = open(log_path, "a")
         self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
                                    logfile=self._logfile, timeout=timeout, echo=False)
+
+    def wait_booted(self, timeout: float = 30.0) -> None:
         self._expect_prompt("boot", timeout)
 
     def _expect_prompt(self, during: str, timeout: float) -> str:
@@ -114,13 +116,22 @@ class Guest:
                 "--qtest", str(machine.paths.qtest_socket), "--ram", str(machine.paths.ram),
                 "--registry", str(art / "registry.json"), "--dump-dir", str(art),
                 "--transcript", str(machine.hand_over_qtest()), "--log", str(art / "agent.log")]
+        console = None
         try:
             if machine.guest.platform:
+                # The agent starts (and imports) while the toolstack builds the domain: its vCPU's
+                # HELLO is answered only once the toolstack unpauses the domain, as a paused vCPU waits.
                 toolstack = Toolstack(host)
-                domain = toolstack.create(machine)
-                argv += ["--hv", str(host.run_dir / f"hv-{domain.domid}.sock"), "--domid", str(domain.domid)]
-            console = GuestConsole(argv, art / "console.log", machine, timeout)
+                domid = host.allocate_domid()
+                argv += ["--hv", str(host.run_dir / f"hv-{domid}.sock"), "--domid", str(domid)]
+                console = GuestConsole(argv, art / "console.log", machine, timeout)
+                domain = toolstack.create(machine, domid=domid)
+            else:
+                console = GuestConsole(argv, art / "console.log", machine, timeout)
+            console.wait_booted(timeout)
         except BaseException:
+            if console is not None:
+                console.close()
             if toolstack is not None:
                 if domain is not None:
                     toolstack.destroy(domain.domid)

@@ -46,6 +46,7 @@ class Hypervisor:
         self.on_domain_created: Callable[[int], str] | None = None
         self.on_domain_destroyed: Callable[[int], None] | None = None
         self.on_shutdown: Callable[[Domain, int], None] | None = None
+        self.on_unpause: Callable[[int], None] | None = None
         # The server's selector, for the call eventfds of back-end channels.
         self.register_fd: Callable[[int, Callable[[], None]], None] = lambda fd, fn: None
         self.unregister_fd: Callable[[int], None] = lambda fd: None
@@ -172,6 +173,8 @@ class Hypervisor:
         if dom.state is RunState.SHUTDOWN:
             raise XenError(X.XEN_EINVAL, f"dom{domid} has shut down")
         dom.state = RunState.RUNNING
+        if self.on_unpause:
+            self.on_unpause(domid)
 
     def control_list_domains(self) -> list[dict[str, Any]]:
         return [{"domid": d.domid, "name": d.config.name, "state": d.state.value,

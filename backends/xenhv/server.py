@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backends.xenhv.errors import GrantError, XenError
+from backends.xenhv.domain import Domain, RunState
 from backends.xenhv.hypervisor import Hypervisor
 from backends.xenhv.wire import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
 
@@ -47,6 +48,8 @@ class Server:
         self.sel.register(self.control, selectors.EVENT_READ, ("control-listen", None))
         hv.on_domain_created = self._domain_created
         hv.on_domain_destroyed = self._domain_destroyed
+        hv.on_unpause = self._domain_unpaused
+        self._paused_hellos: dict[int, list[TrapConn]] = {}
         hv.register_fd = self._register_fd
         hv.unregister_fd = self._unregister_fd
 
@@ -159,6 +162,19 @@ class Server:
 
     # -- traps from a guest's vCPU ---------------------------------------------------------------
 
+    def _answer_hello(self, t: TrapConn, dom: Domain) -> None:
+        flags = HELLO_PLATFORM_PORTS if dom.platform.present else 0
+        socket.send_fds(t.sock, [REPLY.pack(0, dom.memory.hv_frames * 4096, flags)], [dom.memory.frames_fd])
+
+    def _domain_unpaused(self, domid: int) -> None:
+        dom = self.hv.domains.get(domid)
+        for t in self._paused_hellos.pop(domid, []):
+            if dom is not None and t.sock.fileno() >= 0:
+                try:
+                    self._answer_hello(t, dom)
+                except OSError as exc:
+                    self._drop(t.sock, f"dom{domid}: answering HELLO: {exc}")
+
     def _trap_ready(self, t: TrapConn) -> None:
         data, fds, flags, _ = socket.recv_fds(t.sock, TRAP.size, 2)
         if not data:
@@ -173,8 +189,6 @@ class Server:
             return
         kind, _, *a = TRAP.unpack(data)
         dom = self.hv.domains.get(t.domid)
-        reply_fds: list[int] = []
-        v1 = 0
         if dom is None:
             result, v0 = -3, 0  # ESRCH: the domain is gone
         elif kind == TrapKind.HELLO:
@@ -186,8 +200,12 @@ class Server:
             self.hv.attach_vcpu(dom, fds[0])
             fds = []
             t.hello = True
-            result, v0, reply_fds = 0, dom.memory.hv_frames * 4096, [dom.memory.frames_fd]
-            v1 = HELLO_PLATFORM_PORTS if dom.platform.present else 0
+            if dom.state is RunState.PAUSED:
+                # A paused domain's vCPU does not run: its HELLO is answered when the toolstack unpauses.
+                self._paused_hellos.setdefault(t.domid, []).append(t)
+                return
+            self._answer_hello(t, dom)
+            return
         elif not t.hello:
             self._drop(t.sock, f"dom{t.domid}: trap before HELLO")
             return
@@ -204,8 +222,4 @@ class Server:
             result, v0 = -38, 0  # ENOSYS
         for fd in fds:  # fds on anything but HELLO are not ours to keep
             os.close(fd)
-        reply = REPLY.pack(result, v0, v1)
-        if reply_fds:
-            socket.send_fds(t.sock, [reply], reply_fds)
-        else:
-            t.sock.sendall(reply)
+        t.sock.sendall(REPLY.pack(result, v0, 0))

@@ -17,7 +17,7 @@ from stack.kernel import S5, BugCheck, Kernel, Registry
 from stack.vcpu.cpu import Vcpu
 from stack.vcpu.guestmem import GuestMemory
 from stack.vcpu.hypervisor import HypervisorLink
-from stack.vcpu.pci import PciBus, PciFunction
+from stack.vcpu.pci import PciFunction
 from stack.vcpu.qtest import Qtest
 
 log = logging.getLogger("stack.agent")
@@ -103,7 +103,6 @@ class GuestRuntime:
     def _start_windows(self) -> None:
         guest = self.config.guest
         registry = self.kernel.registry
-        self.pci = PciBus(self.vcpu).assign_resources()
 
         def catalog(images: dict[str, Any]) -> RegistryCatalog:
             return RegistryCatalog(registry, images=images, inbox=inbox_catalog(images))
@@ -111,6 +110,7 @@ class GuestRuntime:
         self.drivers = boot_stack(self.vcpu, guest.memory_mib << 8, kernel=self.kernel, catalog=catalog,
                                   seed=guest.seed, boot_options=guest.boot_options,
                                   module_versions=self.module_versions())
+        self.pci = self.drivers.pci
 
     def poll(self) -> None:
         """Deferred driver work (xenstore watches, re-enumeration) before each console command."""

@@ -26,7 +26,7 @@ from stack.kernel.pnp import DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
 from stack.kernel.mm import MemoryManager, set_current_mm
 from stack.vcpu.cpu import Vcpu
 from stack.vcpu.pages import PageAllocator
-from stack.vcpu.pci import PciBus
+from stack.vcpu.pci import PciBus, PciFunction
 from stack.vcpu.platform import XenPlatform
 
 log = logging.getLogger("stack.drivers.boot")
@@ -44,6 +44,7 @@ class BootedStack:
     xenfilt: XenfiltDriver
     xenbus: XenbusDriver
     vcpu: Vcpu
+    pci: list[PciFunction]  # the bus as the firmware step left it
 
     def poll(self) -> None:
         """Run deferred work: xenstore watch events of the active FDO, then queued re-enumerations."""
@@ -111,7 +112,7 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     registry = kernel.registry
     prepare_registry(registry, boot_options=boot_options)
     bus = PciBus(vcpu)
-    bus.assign_resources()
+    pci = bus.assign_resources()
     kernel.activate()
     xen = Xen.load(registry, kernel.log, vcpu, versions["XEN"])
     xenfilt = XenfiltDriver(xen, versions["XENFILT"])
@@ -127,7 +128,7 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     kernel.add_reference_provider("XENBUS", lambda: {f"XENBUS.{name}": ctx.references for f in xenbus.fdos
                                                      for name, ctx in f.interfaces.items()})
     kernel.pnp.add_root_device(r"ACPI\PNP0A03", PNP0A03_IDS)
-    booted = BootedStack(kernel, xen, xenfilt, xenbus, vcpu)
+    booted = BootedStack(kernel, xen, xenfilt, xenbus, vcpu, pci)
     kernel.boot()
     booted.poll()
     check_boot_device(booted)

@@ -22,6 +22,11 @@ CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
 
 
 def install_from_guest(registry: Registry, guest: GuestDefinition) -> list[InstallResult]:
+    with registry.batch():
+        return _install_from_guest(registry, guest)
+
+
+def _install_from_guest(registry: Registry, guest: GuestDefinition) -> list[InstallResult]:
     era = Era(guest.drivers.era)
     installer = Installer(registry, platform=[PlatformPciDevice(d.device_id, d.revision) for d in guest.platform])
     results = []

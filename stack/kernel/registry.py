@@ -17,6 +17,7 @@ that returned (Windows may lose the last seconds of writes on a crash; the model
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -184,6 +185,8 @@ class Registry:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.root = RegistryKey(name="HKLM")
+        self._deferred = 0
+        self._dirty = False
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Registry:
@@ -197,9 +200,24 @@ class Registry:
             registry.root = RegistryKey.from_json(data["root"], "")
         return registry
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many changes, one write of the hive at the end (an installer's hundreds of values)."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+            if not self._deferred and self._dirty:
+                self.save()
+
     def save(self) -> None:
         if self.path is None:
             return
+        if self._deferred:
+            self._dirty = True
+            return
+        self._dirty = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": HIVE_FORMAT, "root": self.root.to_json()}, indent=1)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")

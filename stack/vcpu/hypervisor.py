@@ -6,6 +6,7 @@ import mmap
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from backends.xenhv.wire import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
@@ -23,7 +24,16 @@ class HypervisorLink:
         self._lock = threading.Lock()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
+        deadline = time.monotonic() + timeout
+        while True:  # the toolstack may still be creating the domain (and its trap socket)
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() >= deadline:
+                    self.sock.close()
+                    raise HypervisorError(f"no trap socket {path} for dom{domid} within {timeout:.0f}s") from None
+                time.sleep(0.01)
         self.upcall_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         theirs = os.dup(self.upcall_fd)
         try:

@@ -30,6 +30,7 @@ def domain(host, tmp_path: Path) -> Iterator[tuple[int, str, Path]]:
     domid = host.allocate_domid()
     ctl = host.xenhv_control()
     info = ctl.call("create_domain", domid=domid, name=f"hostile{domid}", ram_path=str(ram), ram_size=RAM)
+    ctl.call("unpause", domid=domid)  # a paused domain's vCPU gets no answer to its HELLO
     yield domid, info["trap_socket"], ram
     ctl.call("destroy_domain", domid=domid)
     ctl.close()
@@ -144,4 +145,28 @@ def test_toolstack_requests_are_checked(host) -> None:
         assert b"error" in ctl._file.readline()
         assert ctl.call("list_domains") is not None
     finally:
+        ctl.close()
+
+
+def test_a_paused_domains_vcpu_waits_for_unpause(host, tmp_path: Path) -> None:
+    import threading
+
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"")
+    os.truncate(ram, RAM)
+    domid = host.allocate_domid()
+    ctl = host.xenhv_control()
+    info = ctl.call("create_domain", domid=domid, name=f"paused{domid}", ram_path=str(ram), ram_size=RAM)
+    try:
+        got: list[HypervisorLink] = []
+        t = threading.Thread(target=lambda: got.append(HypervisorLink(info["trap_socket"], domid)))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and not got  # HELLO unanswered while the domain is paused
+        ctl.call("unpause", domid=domid)
+        t.join(5)
+        assert got and got[0].hypercall(X.HYPERCALL_NUMBERS["sched_op"], X.SCHEDOP_yield, 0) == 0
+        got[0].close()
+    finally:
+        ctl.call("destroy_domain", domid=domid)
         ctl.close()
