@@ -13,11 +13,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pexpect
 
 from backends.toolstack import CreatedDomain, Toolstack
 from harness.errors import HarnessError, WaitTimeout
+if TYPE_CHECKING:
+    from harness.dom0 import Dom0Backends
 from harness.machine import Machine
 from harness.services import HostServices
 from stack.agent.console import PROMPT, STOP_MARKER
@@ -109,7 +112,9 @@ class Guest:
     artifacts: Path = field(default=Path("."))
 
     @classmethod
-    def boot(cls, host: HostServices, machine: Machine, timeout: float = 30.0) -> "Guest":
+    def boot(cls, host: HostServices, machine: Machine, timeout: float = 30.0,
+             backends: "Dom0Backends | None" = None) -> "Guest":
+        """`backends`: dom0's blkback and netback; the domain's vifs get their TAPs before it boots."""
         art = machine.paths.artifacts
         toolstack = domain = None
         argv = [sys.executable, "-m", "stack.agent", "--guest", str(machine.guest.path),
@@ -123,6 +128,8 @@ class Guest:
                 # HELLO is answered only once the toolstack unpauses the domain, as a paused vCPU waits.
                 toolstack = Toolstack(host)
                 domid = host.allocate_domid()
+                if backends is not None:
+                    backends.prepare(machine.guest, domid)
                 argv += ["--hv", str(host.run_dir / f"hv-{domid}.sock"), "--domid", str(domid)]
                 console = GuestConsole(argv, art / "console.log", machine, timeout)
                 domain = toolstack.create(machine, domid=domid)

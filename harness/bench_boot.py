@@ -1,7 +1,6 @@
 """`xenpv bench boot`: QEMU launch to a booted guest (the agent's prompt: PnP done, every PDO started),
 median of N boots, with dom0 started once as a test session does: xenhv, xenstored, and the back-ends
-the guest's PV devices connect to (blkback; netback in a namespace of the bench's own, where it makes
-each vif's TAP)."""
+the guest's PV devices connect to (harness.dom0: blkback, and netback in a namespace of its own)."""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +17,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 @benchmark("boot", help="QEMU launch to a booted guest (all PDOs started)", arguments=_arguments)
 def bench_boot(args: argparse.Namespace) -> BenchReport:
-    from backends.blkback.launch import start_blkback
-    from backends.netback.launch import start_netback
     from harness.agent import Guest
+    from harness.dom0 import Dom0Backends
     from harness.machine import Machine
-    from harness.netns import NetNamespace
     from harness.plugin import resolve_guest
     from harness.rundir import make_run_dir, remove_run_dir
     from harness.services import HostServices
@@ -34,18 +31,13 @@ def bench_boot(args: argparse.Namespace) -> BenchReport:
         cleanup.callback(remove_run_dir, work)
         host = HostServices.start(work / "host")
         cleanup.callback(host.stop)
-        blkback = start_blkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, work / "blkback.log")
-        cleanup.callback(blkback.stop)
-        ns = NetNamespace.create("bench")
-        cleanup.callback(ns.close)
-        netback = start_netback(host.xenstored_socket, host.xenhv_socket, host.run_dir / "netback.sock", ns.name,
-                                work / "netback.log")
-        cleanup.callback(netback.stop)
+        backends = Dom0Backends.start(host, work)
+        cleanup.callback(backends.stop)
         for i in range(args.runs):
             t0 = time.monotonic()
             machine = Machine(guest_def, work / f"boot{i}", name=f"boot{i}").launch()
             try:
-                guest = Guest.boot(host, machine)
+                guest = Guest.boot(host, machine, backends=backends)
                 boots.append(time.monotonic() - t0)
                 launches.append(machine.launch_seconds)
                 devices = guest.console.run("devices")

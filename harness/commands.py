@@ -45,9 +45,11 @@ def _boot(args: argparse.Namespace) -> tuple[Machine, Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: dom0 services, the machine, its domain and the guest agent; then what the guest
-    found: its PCI bus, its device tree and drivers, its unplug state, its interfaces."""
+    """The main job: dom0 (xenhv, xenstored, blkback, netback), the machine, its domain and the guest
+    agent; what the guest finds (PCI, device tree, interfaces); then a reboot, so the unplug its PV
+    drivers asked for takes effect, and I/O through the PV disk and NIC."""
     from harness.agent import Guest
+    from harness.dom0 import Dom0Backends
     from harness.services import HostServices
 
     machine, artifacts = _boot(args)
@@ -56,17 +58,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             cleanup.callback(remove_run_dir, artifacts)
         host = HostServices.start(artifacts / "host")
         cleanup.callback(host.stop)
+        backends = Dom0Backends.start(host, artifacts / "host")
+        cleanup.callback(backends.stop)
         machine.launch()
         cleanup.callback(machine.shutdown)
-        guest = Guest.boot(host, machine)
+        guest = Guest.boot(host, machine, backends=backends)
         cleanup.callback(guest.shutdown)
         g = machine.guest
         domain = f"domain {guest.domain.domid}" if guest.domain else "no Xen platform device: not a Xen domain"
         print(f"guest {g.name}: {g.memory_mib} MiB, seed {g.seed}, {domain}; QEMU {machine.binary} "
               f"(pid {machine.process.pid}) ready in {machine.launch_seconds * 1000:.0f} ms")
-        for title, command in (("PCI bus 0, as the firmware left it", "pci"), ("Device tree", "devices"),
+        show = guest.console.run
+        for title, command in (("PCI bus 0, as the firmware left it", "pci"), ("Device tree (first boot)", "devices"),
                                ("Interfaces", "interfaces")):
-            print(f"\n== {title} ==\n{guest.console.run(command)}")
+            print(f"\n== {title} ==\n{show(command)}")
+        if guest.domain is not None:
+            print("\n== Reboot: the unplug the PV drivers requested takes effect ==")
+            show("reboot", timeout=60)
+            emulated = [f"{b['qdev']}: {'present' if 'inserted' in b else 'unplugged'}"
+                        for b in machine.qmp.command("query-block")]
+            nics = [d["qdev_id"] for b in machine.qmp.command("query-pci") for d in b["devices"]
+                    if d["class_info"]["class"] == 0x0200]
+            print("emulated disks (QMP): " + (", ".join(emulated) or "none"))
+            print("emulated NICs (QMP): " + (", ".join(nics) or "none left"))
+            print(f"\n== Device tree (second boot) ==\n{show('devices')}")
+            print(f"\n== PV disk ==\n{show('vbd list')}")
+            if "target 0" in show("vbd list"):
+                print(show("vbd write 0 2048 seq 16"))
+                print(show("vbd read 0 2048 16"))
+            print(f"\n== PV NIC ==\n{show('net list')}")
+            taps = backends.taps.get(guest.domain.domid, [])
+            if taps:
+                print(show(f"net ping {taps[0].peer.ip} 3"))
         if args.console:
             _interactive(guest)
     return 0
