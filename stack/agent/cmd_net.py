@@ -1,11 +1,13 @@
 """`net ...`: the guest's network adapters (XENNET over XENVIF) from the console.
 
+    net [-i N] OP ...              -i: use adapter (vif) N instead of the one on the address's network
     net list                       adapters: instance, MAC, address, state
     net ping ADDR [COUNT]          ICMP echo; prints "N/M replies"
     net udp-echo ADDR PORT SIZE    one datagram of SIZE bytes to an echo server; prints "echo SIZE ok|MISMATCH"
     net tcp-get ADDR PORT BYTES    connect, read BYTES, close; prints "tcp-get N bytes sha256 HEX SECONDS s"
     net tcp-put ADDR PORT BYTES    connect, send BYTES of the seeded pattern, close; prints its sha256
-    net stats                      adapter and XENVIF statistics
+    net stats                      adapter and XENVIF statistics, then per adapter its frontend's
+                                   queues, reconnects and per-queue packet counts
 
 The adapter's IPv4 address comes from the guest definition (PvNic.address, else the address after
 PvNic.peer, else 10.200.<devid>.2/24), the same rule as harness/netns.addressing() for the namespace side.
@@ -19,7 +21,8 @@ import time
 from stack.agent.console import command
 from stack.agent.runtime import GuestRuntime
 from stack.drivers.xennet.driver import XennetAdapter
-from stack.drivers.xenvif.frontend import format_mac
+from stack.drivers.xenvif.frontend import Frontend, format_mac
+from stack.drivers.xenvif.pdo import XenvifPdo
 from stack.drivers.xenvif.vif import XenvifVifStatistic
 
 TRANSFER_TIMEOUT = 120.0
@@ -53,11 +56,21 @@ def adapters(rt: GuestRuntime) -> list[XennetAdapter]:
     return found
 
 
-def _adapter(rt: GuestRuntime, address: ipaddress.IPv4Address) -> XennetAdapter:
+def _adapter(rt: GuestRuntime, address: ipaddress.IPv4Address, instance: str | None = None) -> XennetAdapter:
     for adapter in adapters(rt):
-        if adapter.ip is not None and address in adapter.ip.interface.network:
+        if instance is not None:
+            if adapter.instance == instance:
+                return adapter
+        elif adapter.ip is not None and address in adapter.ip.interface.network:
             return adapter
-    raise RuntimeError(f"no adapter on a network holding {address}")
+    raise RuntimeError(f"no adapter {instance}" if instance is not None else f"no adapter on a network holding {address}")
+
+
+def frontend_of(adapter: XennetAdapter) -> Frontend | None:
+    """The XENVIF frontend under an adapter (its PDO's extension), as a debugger would reach it: the
+    VIF interface has no per-queue statistics."""
+    pdo = getattr(adapter.lower, "extension", None)
+    return pdo.frontend if isinstance(pdo, XenvifPdo) else None
 
 
 def pattern(seed: int, size: int) -> bytes:
@@ -70,6 +83,9 @@ def pattern(seed: int, size: int) -> bytes:
 def _net(rt: GuestRuntime, args: list[str]) -> str:
     if not args:
         return __doc__.split("\n\n")[1]
+    instance = None
+    if args[0] == "-i" and len(args) > 2:
+        instance, args = args[1], args[2:]
     op, rest = args[0], args[1:]
     with rt.kernel.cpu.lock:
         if op == "list":
@@ -89,16 +105,22 @@ def _net(rt: GuestRuntime, args: list[str]) -> str:
                 vif = " ".join(f"{s.name.removeprefix('XENVIF_').lower()}={a.vif.VifQueryStatistic(s)[1]}"
                                for s in XenvifVifStatistic)
                 lines.append(f"{a.instance} {vif}")
+                frontend = frontend_of(a)
+                if frontend is not None:
+                    per_queue = " ".join(f"queue{i}_{k}={v}" for i, c in sorted(frontend.queue_statistics.items())
+                                         for k, v in c.items())
+                    lines.append(f"{a.instance} queues={len(frontend.queues)} reconnects={frontend.reconnects} "
+                                 f"{per_queue}".rstrip())
             return "\n".join(lines) or "(no adapters)"
         if op == "ping" and rest:
             address = ipaddress.IPv4Address(rest[0])
             count = int(rest[1]) if len(rest) > 1 else 1
-            ip = _adapter(rt, address).ip
+            ip = _adapter(rt, address, instance).ip
             replies = sum(ip.ping(address, seq, f"xennet ping {seq}".encode()) for seq in range(1, count + 1))
             return f"{replies}/{count} replies from {address}"
         if op == "udp-echo" and len(rest) == 3:
             address, port, size = ipaddress.IPv4Address(rest[0]), int(rest[1]), int(rest[2])
-            ip = _adapter(rt, address).ip
+            ip = _adapter(rt, address, instance).ip
             payload = pattern(rt.config.guest.seed or 0, size)
             sport = ip.ephemeral_port()
             ip.udp_open(sport)
@@ -111,7 +133,7 @@ def _net(rt: GuestRuntime, args: list[str]) -> str:
             return f"echo {size} {'ok' if ok else f'MISMATCH ({len(data)} bytes from {src}:{rport})'}"
         if op in ("tcp-get", "tcp-put") and len(rest) == 3:
             address, port, size = ipaddress.IPv4Address(rest[0]), int(rest[1]), int(rest[2])
-            ip = _adapter(rt, address).ip
+            ip = _adapter(rt, address, instance).ip
             start = time.monotonic()
             connection = ip.tcp_connect(address, port)
             try:
@@ -125,4 +147,4 @@ def _net(rt: GuestRuntime, args: list[str]) -> str:
             seconds = time.monotonic() - start
             return (f"{op} {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()} {seconds:.2f} s "
                     f"retransmits {connection.retransmits}")
-    return "usage: net list | ping ADDR [COUNT] | udp-echo ADDR PORT SIZE | tcp-get|tcp-put ADDR PORT BYTES | stats"
+    return "usage: net [-i N] list | ping ADDR [COUNT] | udp-echo ADDR PORT SIZE | tcp-get|tcp-put ADDR PORT BYTES | stats"

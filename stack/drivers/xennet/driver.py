@@ -12,6 +12,7 @@ Ethernet frames, and the IPv4 layer in `ip.py`. Every entry point expects the ke
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,18 @@ log = logging.getLogger("stack.drivers.xennet")
 
 GRATUITOUS_ARP_COUNT = 3
 RAW_QUEUE_LIMIT = 256
+
+
+def flow_hash(frame: bytes) -> int:
+    """The hash XENVIF picks a transmit queue by (NDIS's RSS hash in XN): IPv4 addresses and protocol,
+    plus the ports of an unfragmented TCP/UDP datagram, so one flow stays on one queue; 0 otherwise."""
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return 0
+    ihl = (frame[14] & 0x0F) * 4
+    key = frame[26:34] + frame[23:24]
+    if int.from_bytes(frame[20:22], "big") & 0x3FFF == 0 and frame[23] in (6, 17):
+        key += frame[14 + ihl:18 + ihl]
+    return zlib.crc32(key)
 
 
 @dataclass
@@ -76,7 +89,8 @@ class XennetAdapter:
             self.vif.VifRelease()
 
     def send_frame(self, frame: bytes) -> bool:
-        status = self.vif.VifTransmitterQueuePacket(frame, XenvifOffloadOptions(), 0, 0, 0, False, frame)
+        status = self.vif.VifTransmitterQueuePacket(frame, XenvifOffloadOptions(), 0, 0, flow_hash(frame), False,
+                                                    frame)
         self.statistics["tx_queued"] += 1
         if not NT_SUCCESS(status):
             self.statistics["tx_dropped"] += 1

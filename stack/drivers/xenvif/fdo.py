@@ -5,7 +5,8 @@ XENBUS revision the XENVIF INF binds (CACHE, STORE, SUSPEND, EVTCHN, GNTTAB, UNP
 DeviceID through BUS_INTERFACE_STANDARD (for the children's VendorName). START_DEVICE acquires them,
 arms the NIC unplug for the next boot (UNPLUG.Request(NICS, TRUE), held only for the call) and creates
 one frontend and NET PDO per `device/vif/N`; REMOVE_DEVICE disarms it (Request(NICS, FALSE)) and
-releases everything.
+releases everything. A `FrontendMaxQueues` DWORD in XENVIF\\Parameters, read at START_DEVICE, sets every
+frontend's queue maximum (the INF's FrontendMaxQueues).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from stack.drivers.xenbus.unplug import XENBUS_UNPLUG_DEVICE_TYPE_NICS, UnplugIn
 from stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
 from stack.kernel.irql import assert_passive
+from stack.kernel.registry import RegistryError
 from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, status_name
 
 from .frontend import Frontend, FrontendInterfaces, FrontendState
@@ -39,6 +41,7 @@ FDO_INTERFACES = {"CACHE": CacheInterface, "STORE": StoreInterface, "SUSPEND": S
                   "EVTCHN": EvtchnInterface, "GNTTAB": GnttabInterface, "UNPLUG": UnplugInterface}
 # Acquired for the life of the started FDO (UNPLUG only around each Request).
 HELD_INTERFACES = ("CACHE", "STORE", "SUSPEND", "EVTCHN", "GNTTAB")
+PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENVIF\Parameters"
 
 
 class XenvifFdoError(Exception):
@@ -120,10 +123,20 @@ class XenvifFdo:
         xi = FrontendInterfaces(store, self.interfaces["EVTCHN"], self.interfaces["GNTTAB"],
                                 self.interfaces["SUSPEND"])
         from .pdo import PdoCreate
+        max_queues = self.parameter("FrontendMaxQueues")
         for index in indices:
-            self.children[index] = PdoCreate(self, Frontend(index, xi))
+            self.children[index] = PdoCreate(self, Frontend(index, xi, max_queues=max_queues or None))
         log.info("FdoStart: vifs %s", indices or "none")
         return STATUS_SUCCESS
+
+    def parameter(self, name: str) -> int | None:
+        node = self.pdo.device_node
+        if node is None:
+            return None
+        try:
+            return node.manager.registry.get_dword(PARAMETERS, name)
+        except RegistryError:
+            return None
 
     def _release(self, names: list[str]) -> None:
         for name in reversed(names):

@@ -11,6 +11,21 @@ States UNKNOWN -> CLOSED -> PREPARED -> CONNECTED -> ENABLED, one step at a time
   transaction (retried on STATUS_RETRY at most 10 times), then state Connected, awaited from the backend.
 - ENABLED: received packets go up to the VIF client; below ENABLED they are dropped and counted.
 
+The watchdog (a thread per frontend once it reached CONNECTED and while it is wanted there or above, as
+XENVBD's adapter thread): every WATCHDOG_PERIOD, under the kernel lock, it checks that the
+backend is still Connected and that no tx request has waited WATCHDOG_SECONDS for its response (a killed
+netback answers nothing and may leave its state Connected). If either fails, FrontendReconnect walks the
+frontend down to CLOSED (Closing -> Closed; packets in flight or in the backlog are returned DROPPED and
+counted in XENVIF_TRANSMITTER_PACKETS_DROPPED) and up again (Initialising -> Connected), retrying while no
+backend answers; a restarted netback is met exactly like a new one. Packets queued while the frontend is
+not online are dropped and counted at once. Known gap: a PnP or power transition arriving while the
+watchdog is inside a reconnect's backend wait (kernel lock released) walks the same state machine.
+
+Queues: min(FrontendMaxQueues, the backend's multi-queue-max-queues), where FrontendMaxQueues is the
+processor count (the model's one vCPU) capped at FRONTEND_MAX_QUEUES, unless a DWORD of that name in
+XENVIF\\Parameters replaces it (the model's way to ask for more queues than processors). Transmit picks
+the queue by the client's hash value; each queue counts its packets (queue_statistics).
+
 Data path: an event channel's ISR queues the queue's DPC; the DPC reaps tx responses (returning packets
 whose slots are all done), refills the tx ring from the backlog, copies received frames out of the rx
 buffers (following NETRXF_more_data chains), reposts the buffers, then unmasks the channels.
@@ -25,6 +40,7 @@ extra-info slot it is given; no control ring (hashing) and no multicast control.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,7 +52,8 @@ from stack.drivers.xenbus.gnttab import GnttabCache, GnttabEntry
 from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE
 from stack.kernel.dpc import KDpc, KeInitializeDpc, KeInsertQueueDpc
 from stack.kernel.event import KEvent, KeWaitForSingleObject
-from stack.kernel.irql import KeAcquireSpinLock, KeReleaseSpinLock, KSpinLock, assert_passive
+from stack.kernel.bugcheck import BugCheck
+from stack.kernel.irql import KeAcquireSpinLock, KeReleaseSpinLock, KSpinLock, assert_passive, current_processor
 from stack.kernel.mm import Mdl, current_mm
 from stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_RETRY, STATUS_SUCCESS,
                                  STATUS_UNSUCCESSFUL, NTSTATUS, status_name)
@@ -62,6 +79,11 @@ TX_BUFFERS = 128                 # tx buffer pages per queue (a 64 KiB GSO packe
 MAX_PACKET = 0xFFFF              # XEN_NETIF_MAX_TX_SIZE
 DEFAULT_MTU = 1500
 DEFAULT_SPEED = 10_000_000_000
+# A tx request unanswered this long means the backend is gone (XV's transmitter watchdog idea).
+WATCHDOG_SECONDS = 2.0
+WATCHDOG_PERIOD = 0.25
+# Closing a connection whose backend stopped answering: a short wait, as nobody will follow.
+STALLED_CLOSE_WAIT = 0.3
 
 
 class FrontendState(IntEnum):
@@ -108,6 +130,7 @@ class TxPacket:
     offload: XenvifOffloadOptions
     mss: int
     slots_left: int = 0
+    posted: float = 0.0
     status: XenvifTransmitterPacketStatus = XenvifTransmitterPacketStatus.XENVIF_TRANSMITTER_PACKET_OK
 
 
@@ -161,12 +184,14 @@ class FrontendInterfaces:
 
 
 class Frontend:
-    def __init__(self, index: int, interfaces: FrontendInterfaces, *, max_queues: int = FRONTEND_MAX_QUEUES) -> None:
+    def __init__(self, index: int, interfaces: FrontendInterfaces, *, max_queues: int | None = None) -> None:
         self.index = index
         self.path = f"device/vif/{index}"
         self.xi = interfaces
-        self.max_queues = max_queues
+        self.max_queues = max_queues if max_queues is not None else min(PROCESSORS, FRONTEND_MAX_QUEUES)
         self.state = FrontendState.FRONTEND_UNKNOWN
+        # What the PDO asked for; the watchdog brings the frontend back to it after a backend loss.
+        self.wanted = FrontendState.FRONTEND_UNKNOWN
         self.backend_path = ""
         self.backend_domain = 0
         self.features: dict[str, int] = {}
@@ -181,7 +206,12 @@ class Frontend:
         self.statistics = {s: 0 for s in XenvifVifStatistic}
         self.online = False
         self.resumes = 0
+        self.reconnects = 0
+        self.queue_statistics: dict[int, dict[str, int]] = {}
         self._suspend_callbacks: list[Any] = []
+        self._close_wait = BACKEND_WAIT_SECONDS
+        self._watchdog_event = KEvent(f"{self.path} watchdog", synchronization=True)
+        self._watchdog_running = False
 
     def __str__(self) -> str:
         return f"FRONTEND({self.path})"
@@ -232,6 +262,15 @@ class Frontend:
 
     def FrontendSetState(self, target: FrontendState) -> NTSTATUS:
         assert_passive("FrontendSetState")
+        self.wanted = FrontendState(target)
+        status = self._walk(self.wanted)
+        # Watched once connected: a frontend that never found a backend stays down, as before.
+        if self.state >= FrontendState.FRONTEND_CONNECTED and not self._watchdog_running:
+            self._watchdog_running = True
+            threading.Thread(target=self._watchdog_run, name=f"xenvif-{self.index}-watchdog", daemon=True).start()
+        return status
+
+    def _walk(self, target: FrontendState) -> NTSTATUS:
         try:
             while self.state < target:
                 step = {FrontendState.FRONTEND_UNKNOWN: self.FrontendClose,
@@ -288,7 +327,7 @@ class Frontend:
         self.split = self.features["feature-split-event-channels"] == 1
 
     def _queue_count(self) -> int:
-        return max(1, min(PROCESSORS, self.max_queues, self.features.get("multi-queue-max-queues", 0) or 1))
+        return max(1, min(self.max_queues, self.features.get("multi-queue-max-queues", 0) or 1))
 
     def FrontendConnect(self) -> None:
         status, self.gnttab_cache = self.xi.gnttab.GnttabCreateCache(
@@ -367,6 +406,7 @@ class Frontend:
                           FrontRing(mm.view(rx_ring_mdl), N.NETIF_RX_REQUEST_STRUCT, N.NETIF_RX_RESPONSE_STRUCT,
                                     init=True),
                           mm.view(tx_mdl), mm.view(rx_mdl))
+        self.queue_statistics.setdefault(index, {"tx_packets": 0, "tx_octets": 0, "rx_packets": 0, "rx_octets": 0})
         self.queues.append(q)  # listed at once, so that a failure below is undone by _queues_destroy
         q.entries += [self._grant(tx_ring_mdl.pfns[0], False), self._grant(rx_ring_mdl.pfns[0], False)]
         q.entries += [self._grant(pfn, True) for pfn in tx_mdl.pfns]
@@ -385,6 +425,7 @@ class Frontend:
 
     def _queues_destroy(self) -> None:
         mm = current_mm()
+        leaked = 0
         for q in self.queues:
             for channel in q.channels:
                 self.xi.evtchn.EvtchnClose(channel)
@@ -394,20 +435,32 @@ class Frontend:
                 if not NT_SUCCESS(status):
                     # Still mapped by the backend: the page must never be reused, so it is leaked.
                     log.error("%s: grant %d still mapped; its page is leaked", self, entry.Reference)
+                    leaked += 1
             q.entries.clear()
             q.tx_ring.close()
             q.rx_ring.close()
             q.tx_view.release()
             q.rx_view.release()
-            for mdl in (q.tx_ring_mdl, q.rx_ring_mdl, q.tx_mdl, q.rx_mdl):
-                mm.MmFreePagesFromMdl(mdl)
-            for packet in q.backlog:
-                self.vif.transmitter_return(packet.cookie, XenvifTransmitterPacketStatus.XENVIF_TRANSMITTER_PACKET_DROPPED)
+            if not leaked:
+                for mdl in (q.tx_ring_mdl, q.rx_ring_mdl, q.tx_mdl, q.rx_mdl):
+                    mm.MmFreePagesFromMdl(mdl)
+            # What the backend never answered, then what never reached the ring: each packet once.
+            lost = list(dict.fromkeys(q.in_flight.values())) + list(q.backlog)
+            q.in_flight.clear()
             q.backlog.clear()
+            for packet in lost:
+                self.statistics[XenvifVifStatistic.XENVIF_TRANSMITTER_PACKETS_DROPPED] += 1
+                self.vif.transmitter_return(packet.cookie, XenvifTransmitterPacketStatus.XENVIF_TRANSMITTER_PACKET_DROPPED)
+            if lost:
+                log.warning("%s: queue %d: %d packet(s) dropped at disconnect", self, q.index, len(lost))
         self.queues.clear()
-        if self.gnttab_cache is not None:
+        if self.gnttab_cache is not None and leaked:
+            # A backend that died with grants mapped: those entries can never go back, so neither can
+            # their cache (destroying a cache with objects outstanding is a bugcheck).
+            log.error("%s: %d grant(s) still mapped; the grant cache is leaked with them", self, leaked)
+        elif self.gnttab_cache is not None:
             self.xi.gnttab.GnttabDestroyCache(self.gnttab_cache)
-            self.gnttab_cache = None
+        self.gnttab_cache = None
 
     def FrontendEnableStep(self) -> None:
         self._suspend_callbacks = [
@@ -423,9 +476,9 @@ class Frontend:
     def FrontendDisconnect(self) -> None:
         self.online = False
         self._write_state(S.Closing)
-        self._wait_backend({S.Closing, S.Closed, S.Unknown})
+        self._wait_backend({S.Closing, S.Closed, S.Unknown}, self._close_wait)
         self._write_state(S.Closed)
-        self._wait_backend({S.Closed, S.Unknown})
+        self._wait_backend({S.Closed, S.Unknown}, self._close_wait)
         self._queues_destroy()
 
     def FrontendRelease(self) -> None:
@@ -433,6 +486,65 @@ class Frontend:
 
     def FrontendForget(self) -> None:
         """CLOSED -> UNKNOWN."""
+
+    # -- the watchdog ---------------------------------------------------------------------------------
+
+    def _watchdog_run(self) -> None:
+        # A period rather than a store watch: the thread must not hold anything of STORE's when the FDO
+        # releases its interfaces (D3), and it checks `wanted` before every use.
+        cpu = current_processor()
+        try:
+            while True:
+                with cpu.lock:
+                    if cpu.crashed is not None or self.wanted < FrontendState.FRONTEND_CONNECTED:
+                        self._watchdog_running = False
+                        return
+                    self.FrontendWatchdog()
+                    KeWaitForSingleObject(self._watchdog_event, WATCHDOG_PERIOD)
+        except BugCheck:
+            self._watchdog_running = False  # the guest stopped; its dump says why
+        except (OSError, ValueError, AttributeError) as exc:
+            # The platform (and its xenstore connection) goes away when the agent shuts down.
+            self._watchdog_running = False
+            log.info("%s: watchdog ends: %r", self, exc)
+
+    def _tx_stalled_for(self) -> float:
+        oldest = time.monotonic()
+        for q in self.queues:
+            irql = KeAcquireSpinLock(q.tx_lock)
+            try:
+                self._tx_push(q)  # responses may be on the ring with their event not yet handled
+                oldest = min([oldest] + [p.posted for p in q.in_flight.values()])
+            finally:
+                KeReleaseSpinLock(q.tx_lock, irql)
+        return time.monotonic() - oldest
+
+    def FrontendWatchdog(self) -> None:
+        """Under the kernel lock: reconnect when the backend left Connected or stopped answering; retry a
+        reconnect that found no backend."""
+        if self.state < FrontendState.FRONTEND_CONNECTED:
+            if self.wanted >= FrontendState.FRONTEND_CONNECTED:
+                self._walk(self.wanted)
+            return
+        state = self.backend_state()
+        if state != S.Connected:
+            self.FrontendReconnect(f"backend went {state.name}")
+            return
+        stalled = self._tx_stalled_for()
+        if stalled > WATCHDOG_SECONDS:
+            self.FrontendReconnect(f"no tx response for {stalled:.1f}s", stalled=True)
+
+    def FrontendReconnect(self, reason: str, stalled: bool = False) -> None:
+        log.warning("%s: %s: reconnecting", self, reason)
+        self.reconnects += 1
+        self.online = False
+        self._close_wait = STALLED_CLOSE_WAIT if stalled else BACKEND_WAIT_SECONDS
+        try:
+            self._walk(FrontendState.FRONTEND_CLOSED)
+        finally:
+            self._close_wait = BACKEND_WAIT_SECONDS
+        if self.wanted >= FrontendState.FRONTEND_CONNECTED and NT_SUCCESS(self._walk(self.wanted)):
+            log.info("%s: reconnected (%d)", self, self.reconnects)
 
     # -- suspend/resume hooks -----------------------------------------------------------------------------
 
@@ -518,6 +630,7 @@ class Frontend:
                 break
             q.backlog.popleft()
             packet.slots_left = len(fragments)
+            packet.posted = time.monotonic()
             for i, fragment in enumerate(fragments):
                 buffer = q.free_tx.pop()
                 q.tx_view[buffer * XEN_PAGE_SIZE:buffer * XEN_PAGE_SIZE + len(fragment)] = fragment
@@ -535,6 +648,9 @@ class Frontend:
                     extra.u.gso.type = N.XEN_NETIF_GSO_TYPE_TCPV4
                     q.tx_ring.put_request_bytes(bytes(extra).ljust(N.NETIF_TX_REQUEST_STRUCT.size, b"\0"))
             self._count("TRANSMITTER", packet.data)
+            counters = self.queue_statistics[q.index]
+            counters["tx_packets"] += 1
+            counters["tx_octets"] += len(packet.data)
             posted = True
         if posted and q.tx_ring.push_requests_and_check_notify():
             self.xi.evtchn.EvtchnSend(q.channels[0])
@@ -631,6 +747,9 @@ class Frontend:
             self.statistics[XenvifVifStatistic.XENVIF_RECEIVER_PACKETS_DROPPED] += 1
             return
         self._count("RECEIVER", frame)
+        counters = self.queue_statistics[q.index]
+        counters["rx_packets"] += 1
+        counters["rx_octets"] += len(frame)
         validated = bool(flags & (N.NETRXF_data_validated | N.NETRXF_csum_blank))
         checksum = XenvifPacketChecksumFlags(validated, validated, bool(flags & N.NETRXF_csum_blank))
         self.vif.receiver_queue(ReceiverQueueParameters(q.index, frame, checksum, 0, 0, more, frame))
