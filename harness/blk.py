@@ -135,6 +135,9 @@ class BlkFront:
         self.queues: list[_Queue] = []
         self.slots: list[_Slot] = []
         self._next_id = 1
+        # (slot, kind, sectors) -> (operation, segments, indirect page bytes or None): the bench reuses a
+        # few shapes per slot, and building segment lists per request was most of the frontend's time.
+        self._shapes: dict[tuple[int, str, int], tuple[int, list[tuple[int, int, int]], bytes | None]] = {}
 
     # ---- xenbus ------------------------------------------------------------------------------------------
 
@@ -247,6 +250,7 @@ class BlkFront:
             self._release(s.refs + [s.indirect_ref], s.gfns + [s.indirect_gfn])
         self.queues.clear()
         self.slots.clear()
+        self._shapes.clear()
 
     def abandon(self) -> None:
         """Drop the rings without a handshake (the backend is dead); grants and pages are not reused."""
@@ -341,7 +345,7 @@ class BlkFront:
                 slot = free.pop()
                 rid = self._next_id
                 self._next_id += 1
-                self.queues[queue].ring.put_request_bytes(self._encode(ops[i], rid, self.slots[slot], copy))
+                self.queues[queue].ring.put_request_bytes(self._encode(ops[i], rid, slot, copy))
                 inflight[rid] = (i, slot)
                 i += 1
                 pushed = True
@@ -367,25 +371,37 @@ class BlkFront:
             out += self.read_page(slot.gfns[p], n * BLKIF_SECTOR_SIZE)
         return bytes(out)
 
-    def _encode(self, op: Op, rid: int, slot: _Slot, copy: bool) -> bytes:
+    def _encode(self, op: Op, rid: int, index: int, copy: bool) -> bytes:
         if op.kind == "discard":
             return pack_discard(rid, op.sector, op.count)
         if op.kind in ("flush", "barrier"):
             code = BLKIF_OP_FLUSH_DISKCACHE if op.kind == "flush" else BLKIF_OP_WRITE_BARRIER
             return pack_request(code, rid, 0, [])
+        slot = self.slots[index]
+        key = (index, op.kind, op.count)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = self._shape(slot, op)
+        code, segs, indirect = shape
+        if op.kind == "write" and copy:
+            for p, (_, _, last) in enumerate(segs):
+                start = p * XEN_PAGE_SIZE
+                self.write_page(slot.gfns[p], op.data[start:start + (last + 1) * BLKIF_SECTOR_SIZE])
+        if indirect is None:
+            return pack_request(code, rid, op.sector, segs)
+        # Rewritten every time: a test may have scribbled on the slot's indirect page since.
+        self.write_page(slot.indirect_gfn, indirect)
+        return pack_indirect(code, rid, op.sector, len(segs), [slot.indirect_ref])
+
+    def _shape(self, slot: _Slot, op: Op) -> tuple[int, list[tuple[int, int, int]], bytes | None]:
         pages = -(-op.count // SECTORS_PER_PAGE)
         if pages > self.slot_pages:
             raise BlkFrontError(f"{op.count} sectors do not fit a {self.slot_pages}-page slot")
-        segs = []
-        for p in range(pages):
-            n = min(SECTORS_PER_PAGE, op.count - p * SECTORS_PER_PAGE)
-            if op.kind == "write" and copy:
-                self.write_page(slot.gfns[p], op.data[p * XEN_PAGE_SIZE:p * XEN_PAGE_SIZE + n * BLKIF_SECTOR_SIZE])
-            segs.append((slot.refs[p], 0, n - 1))
+        segs = [(slot.refs[p], 0, min(SECTORS_PER_PAGE, op.count - p * SECTORS_PER_PAGE) - 1)
+                for p in range(pages)]
         code = BLKIF_OP_WRITE if op.kind == "write" else BLKIF_OP_READ
         if pages <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            return pack_request(code, rid, op.sector, segs)
+            return code, segs, None
         if pages > min(int(self.features.get("feature-max-indirect-segments", "0")), BLKIF_SEGS_PER_INDIRECT_FRAME):
             raise BlkFrontError(f"{pages} segments need indirect descriptors the backend does not offer")
-        self.write_page(slot.indirect_gfn, b"".join(_SEGMENT.pack(*s) for s in segs))
-        return pack_indirect(code, rid, op.sector, pages, [slot.indirect_ref])
+        return code, segs, b"".join(_SEGMENT.pack(*s) for s in segs)

@@ -213,8 +213,9 @@ class _SharedRing:
     def sring_rsp_event(self) -> int:
         return self._words[_RSP_EVENT]
 
-    def _push_and_check_notify(self, prod: Any, event_word: int, new: int) -> bool:
-        old = int(prod.load())
+    def _push_and_check_notify(self, prod: Any, prod_word: int, event_word: int, new: int) -> bool:
+        # This end is the only writer of its producer index, so a plain load reads back its own last store.
+        old = self._words[prod_word]
         # xchg publishes the index after the entries (TSO keeps store order) and is the xen_mb() that
         # orders this store before the load of the peer's event index.
         prod.exchange(new)
@@ -262,7 +263,7 @@ class FrontRing(_SharedRing):
 
     def push_requests_and_check_notify(self) -> bool:
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: True if the back end asked to be notified."""
-        return self._push_and_check_notify(self._req_prod, _REQ_EVENT, self.req_prod_pvt)
+        return self._push_and_check_notify(self._req_prod, _REQ_PROD, _REQ_EVENT, self.req_prod_pvt)
 
     def unconsumed_responses(self) -> int:
         """XEN_RING_NR_UNCONSUMED_RESPONSES, refusing a producer index no honest back end can publish."""
@@ -353,7 +354,7 @@ class BackRing(_SharedRing):
 
     def push_responses_and_check_notify(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: True if the front end asked to be notified."""
-        return self._push_and_check_notify(self._rsp_prod, _RSP_EVENT, self.rsp_prod_pvt)
+        return self._push_and_check_notify(self._rsp_prod, _RSP_PROD, _RSP_EVENT, self.rsp_prod_pvt)
 
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look again so no request is missed."""

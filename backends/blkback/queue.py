@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from backends.blkback.image import Image
-from backends.blkback.requests import (BadRequest, Codecs, Request, Segment, decode, decode_indirect_segments,
-                                       indirect_pages, total_sectors)
+from backends.blkback.requests import (SEGMENT, BadRequest, Codecs, Request, Segment, decode,
+                                       decode_indirect_segments, indirect_pages, total_sectors)
 from backends.vhost_user.memory import GuestMemoryError
 from backends.xenhv.control import XenhvError
 from xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
@@ -28,6 +28,18 @@ MAX_PERSISTENT_GRANTS = 1056
 # Responses are pushed (and the frontend notified if it asked) after this many requests rather than
 # after the whole batch: the frontend refills the ring while the rest of the batch is served.
 PUSH_EVERY = 8
+# Transfer plans kept per queue; a frontend reusing its buffers needs about one per ring slot and size.
+MAX_PLANS = 4096
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked READ or WRITE (direct or indirect) whose grants are all persistent: the guest ranges it
+    moves, as views ready for preadv/pwritev (adjacent pages merged into one view)."""
+
+    write: bool
+    sectors: int
+    views: list[memoryview]
 
 
 class QueueSetupError(Exception):
@@ -59,6 +71,11 @@ class BlkQueue:
     _handles: list[int] = field(default_factory=list)
     _persistent: dict[int, memoryview] = field(default_factory=dict)  # gref -> its page, mapped writable
     _persistent_handles: list[int] = field(default_factory=list)
+    _persistent_gfns: dict[int, int] = field(default_factory=dict)  # gref -> its guest frame
+    # Request bytes other than id and sector (plus an indirect request's segment pages) -> its plan: a
+    # frontend that reuses buffers sends the same few shapes again and again, and a persistent mapping
+    # never changes while the queue lives, so the decode, checks and views of a shape are done once.
+    _plans: dict[bytes, _Plan] = field(default_factory=dict)
     _channel: int | None = None
     _ring: BackRing | None = None
     _ring_view: memoryview | None = None
@@ -69,6 +86,9 @@ class BlkQueue:
 
     def __post_init__(self) -> None:
         self._codecs = Codecs.of(self.layouts)
+        self._id_offset = self._codecs.id_offset
+        self._sector_offset = self.layouts.request.sector_number.offset
+        self._indirect_sector_offset = self.layouts.request_indirect.sector_number.offset
 
     @property
     def domid(self) -> int:
@@ -119,8 +139,10 @@ class BlkQueue:
             self._ring_view = None
         for handle in self._handles + self._persistent_handles:
             self._quietly(f"unmapping handle {handle}", self._unmap, handle)
+        self._clear_plans()
         for page in self._persistent.values():
             page.release()
+        self._persistent_gfns.clear()
         self._handles.clear()
         self._persistent_handles.clear()
         self._persistent.clear()
@@ -172,8 +194,14 @@ class BlkQueue:
         codecs = self._codecs
         rid, op = codecs.request_id(raw), raw[0]
         try:
-            request = decode(raw, codecs, self.disk.max_indirect_segments)
-            self._execute(request)
+            key, pages = self._plan_key(raw)
+            plan = self._plans.get(key) if key is not None else None
+            if plan is not None:
+                offset = self._indirect_sector_offset if op == BLKIF_OP_INDIRECT else self._sector_offset
+                self._run_plan(plan, rid, int.from_bytes(raw[offset:offset + 8], "little"))
+            else:
+                request = decode(raw, codecs, self.disk.max_indirect_segments)
+                self._execute(request, key, pages)
             status = BLKIF_RSP_OKAY
         except BadRequest as exc:
             log.warning("dom%d %s: request refused: %s", self.domid, self.name, exc)
@@ -187,12 +215,85 @@ class BlkQueue:
         self.served += 1
         return rid, op, status
 
-    def _execute(self, r: Request) -> None:
+    def _plan_key(self, raw: bytes) -> tuple[bytes | None, list[bytes] | None]:
+        """The plan cache key of a READ, WRITE or INDIRECT request (None for other operations or when an
+        indirect page is not persistently mapped), and for INDIRECT the one copy of its indirect pages
+        that both the key and any decode use, so what is cached is what was checked."""
+        op = raw[0]
+        if op not in (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_INDIRECT) or not self._persistent:
+            return None, None
+        i, s = self._id_offset, self._indirect_sector_offset if op == BLKIF_OP_INDIRECT else self._sector_offset
+        # id and sector vary per request and the plan does not depend on them; i < s in every ABI.
+        shape = raw[:i] + raw[i + 8:s] + raw[s + 8:]
+        if op != BLKIF_OP_INDIRECT:
+            return shape, None
+        values = self._codecs.indirect.unpack_from(raw)
+        nr_segments = values[2]
+        if not 0 < nr_segments <= self.disk.max_indirect_segments:
+            return None, None
+        pages = []
+        left = nr_segments * SEGMENT.size
+        for gref in values[6:6 + indirect_pages(nr_segments)]:
+            page = self._persistent.get(gref)
+            if page is None:
+                return None, None
+            # One copy of each page (the part holding segments), decoded from the copy only.
+            pages.append(bytes(page[:min(left, XEN_PAGE_SIZE)]))
+            left -= XEN_PAGE_SIZE
+        return b"".join([shape, *pages]), pages
+
+    def _run_plan(self, plan: _Plan, rid: int, sector: int) -> None:
+        if plan.write and self.disk.readonly:
+            raise BadRequest(f"request {rid:#x}: write to a read-only disk")
+        if sector >= self.disk.sectors or plan.sectors > self.disk.sectors - sector:
+            raise BadRequest(f"request {rid:#x}: sectors {sector}+{plan.sectors} beyond the disk's "
+                             f"{self.disk.sectors}")
+        if plan.write:
+            self.disk.image.write(sector * BLKIF_SECTOR_SIZE, plan.views)
+        else:
+            self.disk.image.read_into(sector * BLKIF_SECTOR_SIZE, plan.views)
+
+    def _make_plan(self, write: bool, segments: tuple[Segment, ...]) -> _Plan:
+        """The plan of checked segments whose grants are all persistent."""
+        views: list[memoryview] = []
+        run_gpa, run_len = -1, 0
+        for s in segments:
+            gpa = (self._persistent_gfns[s.gref] << 12) + s.first_sect * BLKIF_SECTOR_SIZE
+            length = (s.last_sect - s.first_sect + 1) * BLKIF_SECTOR_SIZE
+            if gpa == run_gpa + run_len:
+                run_len += length
+                continue
+            if run_len:
+                views += self._guest_views(run_gpa, run_len)
+            run_gpa, run_len = gpa, length
+        views += self._guest_views(run_gpa, run_len)
+        return _Plan(write, total_sectors(segments), views)
+
+    def _guest_views(self, gpa: int, length: int) -> list[memoryview]:
+        try:
+            return [self.link.memory.view(gpa, length)]
+        except GuestMemoryError:
+            # Adjacent frames in two memory regions: a view per page, each inside one region.
+            end, views = gpa + length, []
+            while gpa < end:
+                page_end = min(end, (gpa & ~(XEN_PAGE_SIZE - 1)) + XEN_PAGE_SIZE)
+                views.append(self.link.memory.view(gpa, page_end - gpa))
+                gpa = page_end
+            return views
+
+    def _clear_plans(self) -> None:
+        for plan in self._plans.values():
+            for v in plan.views:
+                v.release()
+        self._plans.clear()
+
+    def _execute(self, r: Request, key: bytes | None = None, indirect_copies: list[bytes] | None = None) -> None:
+        """Serve a decoded request; `key` (from _plan_key) caches its plan when all its grants are persistent."""
         image = self.disk.image
         if r.operation == BLKIF_OP_READ:
-            self._transfer(r, write=False, segments=self._segments(r))
+            self._transfer(r, write=False, segments=self._segments(r), key=key)
         elif r.operation == BLKIF_OP_WRITE:
-            self._transfer(r, write=True, segments=self._segments(r))
+            self._transfer(r, write=True, segments=self._segments(r), key=key)
         elif r.operation in (BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER):
             # Requests are served one at a time in ring order, so the barrier's ordering holds already;
             # data carried by the request is written between the two flushes of a pre-flush+FUA write.
@@ -204,7 +305,8 @@ class BlkQueue:
         elif r.operation == BLKIF_OP_DISCARD:
             self._discard(r)
         elif r.operation == BLKIF_OP_INDIRECT:
-            self._transfer(r, write=r.indirect_op == BLKIF_OP_WRITE, segments=self._indirect_segments(r))
+            self._transfer(r, write=r.indirect_op == BLKIF_OP_WRITE,
+                           segments=self._indirect_segments(r, indirect_copies), key=key)
         else:
             raise BadRequest(f"request {r.id:#x}: unknown operation {r.operation}")
 
@@ -232,14 +334,23 @@ class BlkQueue:
         if r.nr_sectors:
             self.disk.image.discard(r.sector * BLKIF_SECTOR_SIZE, r.nr_sectors * BLKIF_SECTOR_SIZE)
 
-    def _indirect_segments(self, r: Request) -> tuple[Segment, ...]:
+    def _indirect_segments(self, r: Request, copies: list[bytes] | None) -> tuple[Segment, ...]:
+        if copies is not None:
+            return decode_indirect_segments(copies, r.nr_indirect_segments, r.id)
         grefs = r.indirect_grefs[:indirect_pages(r.nr_indirect_segments)]
         with self._mapped(set(grefs), writable=False) as pages:
             # One copy of each page (the part holding segments), decoded from the copy only.
             copies = [bytes(pages[gref]) for gref in grefs]
         return decode_indirect_segments(copies, r.nr_indirect_segments, r.id)
 
-    def _transfer(self, r: Request, *, write: bool, segments: tuple[Segment, ...]) -> None:
+    def _transfer(self, r: Request, *, write: bool, segments: tuple[Segment, ...], key: bytes | None = None) -> None:
+        if key is not None and all(s.gref in self._persistent for s in segments):
+            plan = self._make_plan(write, segments)
+            if len(self._plans) >= MAX_PLANS:
+                self._clear_plans()
+            self._plans[key] = plan
+            self._run_plan(plan, r.id, r.sector)
+            return
         if write:
             self._check_writable(r)
         self._check_range(r, r.sector, total_sectors(segments))
@@ -274,6 +385,7 @@ class BlkQueue:
                     raise
             else:
                 self._persistent_handles.append(m["handle"])
+                self._persistent_gfns[gref] = m["gfn"]
                 # The page view lives as long as the mapping, so a persistent grant costs no look-up
                 # of guest memory per request.
                 page = self.link.memory.view(m["gfn"] << 12, XEN_PAGE_SIZE)
