@@ -180,9 +180,7 @@ class BlkQueue:
         while not self._stopping:
             pending = ring.unconsumed_requests()
             while pending and not self._stopping:
-                for _ in range(min(pending, PUSH_EVERY)):
-                    raw = ring.get_request_bytes()
-                    ring.put_response(*self._serve(raw))
+                ring.put_responses([self._serve(raw) for raw in ring.get_requests_bytes(min(pending, PUSH_EVERY))])
                 if ring.push_responses_and_check_notify() and self._channel is not None:
                     self.link.notify(self._channel)
                 pending = ring.unconsumed_requests()
