@@ -7,8 +7,12 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.machine import Machine, qemu_binary
+
+if TYPE_CHECKING:
+    from harness.agent import Guest
 from harness.rundir import make_run_dir, remove_run_dir
 from stack.vcpu.pci import PciBus, PciFunction
 
@@ -95,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interactive(guest: "Guest") -> None:
+def _interactive(guest: Guest) -> None:
     print("\nguest console; 'quit' to leave")
     while True:
         try:

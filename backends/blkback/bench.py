@@ -53,25 +53,15 @@ def bench_blk(args: argparse.Namespace) -> BenchReport:
     from backends.blkback.launch import start_blkback
     from backends.xenstored.client import XsClient
     from harness.blk import BlkFront, Op, add_vbd
-    from harness.machine import Machine
-    from harness.plugin import resolve_guest
-    from harness.rundir import make_run_dir, remove_run_dir
-    from harness.services import HostServices
-    from harness.xendomain import XenDomain
+    from harness.bench_rig import xen_domain_rig
     from stack.vcpu.platform import XenPlatform
 
     size = args.size_mib << 20
     rng = random.Random(7)
     r = BenchReport(f"blkback through the whole path vs os.pread/os.pwrite (QD{DEPTH}, {args.size_mib} MiB raw image)")
     with contextlib.ExitStack() as cleanup:
-        work = make_run_dir("bench")
-        cleanup.callback(remove_run_dir, work)
-        host = HostServices.start(work / "host")
-        cleanup.callback(host.stop)
-        machine = Machine(resolve_guest("default"), work / "machine").launch()
-        cleanup.callback(machine.shutdown)
-        dom = XenDomain.create(host, machine)
-        cleanup.callback(dom.destroy)
+        rig = xen_domain_rig(cleanup, "bench")
+        work, host, machine, dom = rig.work, rig.host, rig.machine, rig.dom
         bb = start_blkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, work / "blkback.log",
                            log_level="WARNING")
         cleanup.callback(bb.stop)

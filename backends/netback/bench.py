@@ -116,26 +116,16 @@ def _ns_mac(ns, dev: str) -> bytes:
            arguments=_arguments)
 def bench_net(args: argparse.Namespace) -> BenchReport:
     from backends.netback.launch import start_netback
-    from harness.machine import Machine
     from harness.netfront_test import GuestIp, MiniNetfront
     from harness.netns import NetNamespace, TapAddressing, addressing
-    from harness.plugin import resolve_guest
-    from harness.rundir import make_run_dir, remove_run_dir
-    from harness.services import HostServices
-    from harness.xendomain import XenDomain
+    from harness.bench_rig import xen_domain_rig
     from stack.vcpu.platform import XenPlatform
 
     r = BenchReport(f"netback round trips through the whole path vs a TAP from Python ({WINDOW} frames in flight, "
                     "the namespace's kernel answering ICMP echo)")
     with contextlib.ExitStack() as cleanup:
-        work = make_run_dir("benchnet")
-        cleanup.callback(remove_run_dir, work)
-        host = HostServices.start(work / "host")
-        cleanup.callback(host.stop)
-        machine = Machine(resolve_guest("default"), work / "machine").launch()
-        cleanup.callback(machine.shutdown)
-        dom = XenDomain.create(host, machine)
-        cleanup.callback(dom.destroy)
+        rig = xen_domain_rig(cleanup, "benchnet")
+        work, host, machine, dom = rig.work, rig.host, rig.machine, rig.dom
         ns = NetNamespace.create("bench")
         cleanup.callback(ns.close)
         vif = addressing(machine.guest.pv_nics[0], dom.domid, 0)

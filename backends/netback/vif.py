@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
-from backends.netback.tap import Tap, TapError, tap_name
+from backends.netback.tap import Tap, tap_name
 from backends.xenbackend import DomainLink, XenBackend
 from backends.xenstored.client import XsClient, XsRequestError
 from xenabi import netif as N

@@ -79,12 +79,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 @benchmark("evtchn", help="event channel round trip, grant map+unmap and hypercall rates", arguments=_arguments)
 def bench_evtchn(args: argparse.Namespace) -> BenchReport:
-    from harness.machine import Machine
-    from harness.plugin import resolve_guest
     from harness.process import Supervised, wait_for
-    from harness.rundir import make_run_dir, remove_run_dir
-    from harness.services import HostServices
-    from harness.xendomain import XenDomain
+    from harness.bench_rig import xen_domain_rig
     from backends.xenhv.gnttab import GrantTableFrontend
     from stack.vcpu.hypercalls import HC, Hypercalls
     from stack.vcpu.pci import PciBus
@@ -94,14 +90,8 @@ def bench_evtchn(args: argparse.Namespace) -> BenchReport:
 
     n = args.rounds
     with contextlib.ExitStack() as cleanup:
-        work = make_run_dir("bench")
-        cleanup.callback(remove_run_dir, work)
-        host = HostServices.start(work / "host")
-        cleanup.callback(host.stop)
-        machine = Machine(resolve_guest("default"), work / "machine").launch()
-        cleanup.callback(machine.shutdown)
-        dom = XenDomain.create(host, machine)
-        cleanup.callback(dom.destroy)
+        rig = xen_domain_rig(cleanup, "bench")
+        work, host, dom = rig.work, rig.host, rig.dom
         v, hc = dom.vcpu, Hypercalls(dom.vcpu, SCRATCH)
         (platform,) = [f for f in PciBus(v).assign_resources() if f.vendor_id == 0x5853]
         base = platform.bars[0].address >> 12

@@ -187,7 +187,7 @@ def test_two_disks_two_nics(host, guest_factory, toolstack, xs) -> None:
     try:
         assert d.devices == [("vbd", 768), ("vbd", 832), ("vif", 0), ("vif", 1)]
         ls = xenstore_ls(host)
-        fe, be = f"/local/domain/{d.domid}/device", f"/local/domain/0/backend"
+        fe, be = f"/local/domain/{d.domid}/device", "/local/domain/0/backend"
         for devid, name in ((768, "hda"), (832, "hdb")):
             assert ls[f"{fe}/vbd/{devid}"] == ("", f"n{d.domid},b0")
             assert ls[f"{fe}/vbd/{devid}/virtual-device"] == (str(devid), f"n{d.domid},b0")

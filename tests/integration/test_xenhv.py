@@ -4,7 +4,6 @@ and notifies back; the guest sees the pending bit and the upcall."""
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import sys
 import pytest
 

@@ -21,7 +21,7 @@ from typing import Any
 from xenabi.atomic import AtomicMemory
 from stack.drivers.interface import Interface, table
 from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, NTSTATUS
+from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
 from stack.vcpu.platform import XenPlatform
 from xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, XEN_LEGACY_MAX_VCPUS, SharedInfo, VcpuInfo, VcpuTimeInfo
 
