@@ -81,7 +81,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def bench_evtchn(args: argparse.Namespace) -> BenchReport:
     from harness.process import Supervised, wait_for
     from harness.bench_rig import xen_domain_rig
-    from backends.xenhv.gnttab import GrantTableFrontend
+    from stack.vcpu.grants import GrantTableFrontend
     from stack.vcpu.hypercalls import HC, Hypercalls
     from stack.vcpu.pci import PciBus
     from xenabi import event_channel as E

@@ -1,6 +1,6 @@
 """Grant tables v1 with Xen's semantics (shared/reference/xen-abi.md section 7).
 
-Three pieces:
+Two pieces:
 
 * :class:`GrantTable`, one per granting domain, in xenhv.  Its frames are 4096-byte pages the guest maps too
   (``frame_source(i)`` hands out frame ``i`` when the table grows), so every change to an entry's flags is a
@@ -9,12 +9,12 @@ Three pieces:
   32-bit cmpxchg over flags+domid, retried at most 5 times against an entry that keeps changing.  Pins are
   counted per ref (readers and writers); the last writable unpin clears GTF_writing and the last unpin clears
   GTF_reading, with an atomic AND so a guest rewriting other flag bits cannot livelock it.  While either bit is
-  set the guest's :meth:`GrantTableFrontend.end_foreign_access` reports the entry busy.
+  set the guest's end_foreign_access (stack.vcpu.grants) reports the entry busy.
 * :class:`GrantTableHub`, every domain's table plus the maptrack of each mapping domain: GNTTABOP_map/unmap
   with per-mapper handles, GNTTABOP_copy between grant refs and the caller's own frames, setup_table and
   query_size with the domain checks.  This is what the hypercall layer calls.
-* :class:`GrantTableFrontend`, the granting guest's side (grant, end access, read an entry).  It only needs the
-  frames and :mod:`xenabi.atomic`, so the guest driver model can use it unchanged.
+The granting guest's side (grant, end access) is stack.vcpu.grants.GrantTableFrontend; entry access both
+sides share is xenabi.grant_entries.
 
 Failures raise :class:`~backends.xenhv.errors.GrantError` carrying the GNTST_* status for the op's ``status``
 field; growing a table beyond its maximum from XENMEM_add_to_physmap raises XenError(EINVAL).
@@ -22,7 +22,6 @@ Guest frame numbers resolve through ``guest_frame(gfn)`` (the p2m): None or XenE
 """
 from __future__ import annotations
 
-import ctypes
 import heapq
 import logging
 import threading
@@ -51,42 +50,18 @@ from xenabi.grant_table import (
     GTF_type_mask,
     GTF_writing,
     GnttabCopy,
-    GrantEntryV1,
 )
+from xenabi.grant_entries import (FLAGS, FLAGS_BYTES, FLAGS_MASK, DOMID_SHIFT, FRAME, FRAME_BYTES, COMBO,
+                                  COMBO_BYTES, GrantEntry, entry_location, atomic_frame, read_entry)
 from xenabi.ring import XEN_PAGE_SIZE
 from xenabi.xen import XEN_EINVAL
 
 log = logging.getLogger("xenhv.gnttab")
 
-_ENTRY_SIZE = ctypes.sizeof(GrantEntryV1)
-_FLAGS = GrantEntryV1.flags.offset
-_FLAGS_BYTES = GrantEntryV1.flags.size
-_DOMID = GrantEntryV1.domid.offset
-_DOMID_BYTES = GrantEntryV1.domid.size
-_FRAME = GrantEntryV1.frame.offset
-_FRAME_BYTES = GrantEntryV1.frame.size
-# Xen updates flags and domid as one 32-bit word, so a guest changing the domid between the check and the
-# update makes the compare-and-swap fail instead of handing the page to the wrong domain.
-_COMBO = _FLAGS
-_COMBO_BYTES = _FLAGS_BYTES + _DOMID_BYTES
-_DOMID_SHIFT = 8 * (_DOMID - _FLAGS)
-_FLAGS_MASK = (1 << 8 * _FLAGS_BYTES) - 1
-if _DOMID != _FLAGS + _FLAGS_BYTES:
-    raise ImportError("grant_entry_v1: domid does not follow flags; the combined cmpxchg needs them adjacent")
-
 # Xen gives up on an entry the guest keeps changing after this many compare-and-swap attempts.
 CMPXCHG_ATTEMPTS = 5
 DEFAULT_MAX_FRAMES = 64
 DEFAULT_MAX_MAPTRACK = 1 << 16
-
-
-@dataclass(frozen=True)
-class GrantEntry:
-    """A snapshot of one v1 entry."""
-
-    flags: int
-    domid: int
-    frame: int
 
 
 @dataclass(frozen=True)
@@ -131,23 +106,6 @@ class _Handles:
         heapq.heappush(self._free, handle)
 
 
-def _entry_location(frames: list[AtomicMemory], ref: int) -> tuple[AtomicMemory, int]:
-    index, slot = divmod(ref, GRANT_ENTRIES_V1_PER_FRAME)
-    return frames[index], slot * _ENTRY_SIZE
-
-
-def _atomic_frame(view: memoryview) -> AtomicMemory:
-    if len(view) < XEN_PAGE_SIZE:
-        raise ValueError(f"grant frame has {len(view)} bytes, needs {XEN_PAGE_SIZE}")
-    return AtomicMemory(view)
-
-
-def _read_entry(frames: list[AtomicMemory], ref: int) -> GrantEntry:
-    mem, off = _entry_location(frames, ref)
-    combo = mem.load(off + _COMBO, _COMBO_BYTES)
-    return GrantEntry(combo & _FLAGS_MASK, combo >> _DOMID_SHIFT, mem.load(off + _FRAME, _FRAME_BYTES))
-
-
 class GrantTable:
     """The v1 grant table of domain ``domid`` as the hypervisor keeps it.
 
@@ -189,7 +147,7 @@ class GrantTable:
                 raise XenError(XEN_EINVAL, f"dom{self.domid}: grant table cannot have {nr_frames} frames "
                                            f"(maximum {self.max_frames})")
             while len(self._frames) < nr_frames:
-                self._frames.append(_atomic_frame(self._frame_source(len(self._frames))))
+                self._frames.append(atomic_frame(self._frame_source(len(self._frames))))
                 log.debug("dom%d: grant table grew to %d frames", self.domid, len(self._frames))
 
     def setup_table(self, nr_frames: int) -> None:
@@ -276,7 +234,7 @@ class GrantTable:
     def entry(self, ref: int) -> GrantEntry:
         if not 0 <= ref < self.nr_entries:
             raise GrantError(GNTST_bad_gntref, f"dom{self.domid}: ref {ref} is beyond {self.nr_entries} entries")
-        return _read_entry(self._frames, ref)
+        return read_entry(self._frames, ref)
 
     def release(self) -> None:
         """Drop the atomic views of the frames; call before their mapping is closed."""
@@ -306,8 +264,8 @@ class GrantTable:
             # Once pinned, the entry cannot have been revoked, so only the read-only bit is re-checked.
             self._set_status(mapper, ref, readonly, mask, check_grant=active is None, op=op)
         if active is None:
-            mem, off = _entry_location(self._frames, ref)
-            gfn = mem.load(off + _FRAME, _FRAME_BYTES)
+            mem, off = entry_location(self._frames, ref)
+            gfn = mem.load(off + FRAME, FRAME_BYTES)
             if self._page(gfn) is None:
                 self._clear_flags(ref, GTF_reading | (0 if readonly else GTF_writing))
                 raise GrantError(GNTST_bad_page, f"{op}: dom{self.domid} ref {ref} grants gfn {gfn:#x}, "
@@ -321,10 +279,10 @@ class GrantTable:
 
     def _set_status(self, mapper: int, ref: int, readonly: bool, mask: int, *, check_grant: bool,
                     op: str) -> None:
-        mem, off = _entry_location(self._frames, ref)
-        combo = mem.load(off + _COMBO, _COMBO_BYTES)
+        mem, off = entry_location(self._frames, ref)
+        combo = mem.load(off + COMBO, COMBO_BYTES)
         for _attempt in range(CMPXCHG_ATTEMPTS):
-            flags, domid = combo & _FLAGS_MASK, combo >> _DOMID_SHIFT
+            flags, domid = combo & FLAGS_MASK, combo >> DOMID_SHIFT
             if check_grant and ((flags & mask) != GTF_permit_access or domid != mapper):
                 raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} (flags {flags:#x}, "
                                                       f"domid {domid}) does not grant access to dom{mapper}")
@@ -334,7 +292,7 @@ class GrantTable:
                     raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} is read-only, "
                                                           f"dom{mapper} asked to write")
                 new_flags |= GTF_writing
-            result = mem.cmpxchg(off + _COMBO, _COMBO_BYTES, combo, (domid << _DOMID_SHIFT) | new_flags)
+            result = mem.cmpxchg(off + COMBO, COMBO_BYTES, combo, (domid << DOMID_SHIFT) | new_flags)
             if result.success:
                 return
             combo = result.observed
@@ -355,8 +313,8 @@ class GrantTable:
             self._clear_flags(ref, clear)
 
     def _clear_flags(self, ref: int, bits: int) -> None:
-        mem, off = _entry_location(self._frames, ref)
-        mem.fetch_and(off + _FLAGS, _FLAGS_BYTES, ~bits)
+        mem, off = entry_location(self._frames, ref)
+        mem.fetch_and(off + FLAGS, FLAGS_BYTES, ~bits)
 
 
 class GrantTableHub:
@@ -503,64 +461,3 @@ class GrantTableHub:
         if page is None:
             raise GrantError(GNTST_bad_page, f"copy: dom{caller} frame {gmfn:#x} is not a page of the domain")
         return page
-
-
-class GrantTableFrontend:
-    """The granting guest's side of a v1 table: write entries, end access, read them back.
-
-    It holds nothing but atomic views of the table frames (the pages the guest mapped), so it works in any
-    process that maps them.
-    """
-
-    def __init__(self, frames: Iterable[memoryview] = ()) -> None:
-        self._frames: list[AtomicMemory] = []
-        for frame in frames:
-            self.add_frame(frame)
-
-    def add_frame(self, frame: memoryview) -> None:
-        self._frames.append(_atomic_frame(frame))
-
-    @property
-    def nr_entries(self) -> int:
-        return len(self._frames) * GRANT_ENTRIES_V1_PER_FRAME
-
-    def grant_access(self, ref: int, domid: int, gfn: int, readonly: bool = False) -> None:
-        """Grant ``domid`` access to ``gfn``: domid and frame first, flags last, so a mapper that sees the
-        flags sees the rest."""
-        self._check_ref(ref)
-        if not 0 <= domid < 1 << 8 * _DOMID_BYTES:
-            raise ValueError(f"domid {domid} does not fit a grant entry")
-        if not 0 <= gfn < 1 << 8 * _FRAME_BYTES:
-            raise ValueError(f"gfn {gfn:#x} does not fit a v1 grant entry")
-        mem, off = _entry_location(self._frames, ref)
-        mem.store(off + _DOMID, _DOMID_BYTES, domid)
-        mem.store(off + _FRAME, _FRAME_BYTES, gfn)
-        # Sequentially consistent stores: the flags store is ordered after the two above (the wmb of C code).
-        mem.store(off + _FLAGS, _FLAGS_BYTES, GTF_permit_access | (GTF_readonly if readonly else 0))
-
-    def end_foreign_access(self, ref: int) -> bool:
-        """Revoke ``ref``.  False (busy) while a mapper holds it: the page must not be reused then."""
-        self._check_ref(ref)
-        mem, off = _entry_location(self._frames, ref)
-        flags = mem.load(off + _FLAGS, _FLAGS_BYTES)
-        while True:
-            if flags & (GTF_reading | GTF_writing):
-                return False
-            result = mem.cmpxchg(off + _FLAGS, _FLAGS_BYTES, flags, 0)
-            if result.success:
-                return True
-            flags = result.observed
-
-    def entry(self, ref: int) -> GrantEntry:
-        self._check_ref(ref)
-        return _read_entry(self._frames, ref)
-
-    def release(self) -> None:
-        """Drop the atomic views; call before the frames' mapping is closed."""
-        for frame in self._frames:
-            frame.release()
-        self._frames.clear()
-
-    def _check_ref(self, ref: int) -> None:
-        if not 0 <= ref < self.nr_entries:
-            raise IndexError(f"grant ref {ref} is beyond {self.nr_entries} entries")

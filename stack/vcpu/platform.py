@@ -13,7 +13,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from backends.xenhv.gnttab import GrantTableFrontend
+from stack.vcpu.grants import GrantTableFrontend
 from stack.vcpu.cpu import Vcpu
 from stack.vcpu.hypercalls import Hypercalls
 from stack.vcpu.pages import PageAllocator

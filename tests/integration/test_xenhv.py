@@ -124,7 +124,7 @@ def map_grant_frame(vcpu, gfn: int, idx: int = 0) -> None:
 
 def test_granted_page_is_mapped_by_the_backend_and_revocation_waits_for_unmap(xen_guest_factory, host,
                                                                             artifacts, request) -> None:
-    from backends.xenhv.gnttab import GrantTableFrontend
+    from stack.vcpu.grants import GrantTableFrontend
     from xenabi.grant_table import GTF_permit_access, GTF_reading, GTF_writing
 
     d = xen_guest_factory("default")
@@ -168,7 +168,7 @@ def test_granted_page_is_mapped_by_the_backend_and_revocation_waits_for_unmap(xe
 
 def test_grant_checks_domid_and_readonly(xen_guest_factory) -> None:
     from backends.xenhv.control import XenhvError
-    from backends.xenhv.gnttab import GrantTableFrontend
+    from stack.vcpu.grants import GrantTableFrontend
     from xenabi.grant_table import GNTST_bad_gntref, GNTST_general_error
 
     d = xen_guest_factory("default")
@@ -207,7 +207,7 @@ def _dom0_map(d, ref: int, readonly: bool) -> dict:
 
 
 def test_save_and_restore_keep_params_frames_and_their_placement(xen_guest_factory, tmp_path) -> None:
-    from backends.xenhv.gnttab import GrantTableFrontend
+    from stack.vcpu.grants import GrantTableFrontend
 
     d = xen_guest_factory("default")
     v = d.vcpu

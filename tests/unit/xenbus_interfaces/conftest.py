@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backends.xenhv.gnttab import GrantTableFrontend
+from stack.vcpu.grants import GrantTableFrontend
 from stack.kernel.debuglog import DebugLog, set_current_log
 from stack.kernel.irql import Processor, set_current_processor
 from stack.vcpu.pages import PageAllocator

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from backends.xenhv.errors import GrantError, XenError
-from backends.xenhv.gnttab import GrantTable, GrantTableFrontend, GrantTableHub
+from backends.xenhv.gnttab import GrantTable, GrantTableHub
+from stack.vcpu.grants import GrantTableFrontend
 from xenabi.event_channel import DOMID_SELF
 from xenabi.grant_table import (
     GNTCOPY_dest_gref,

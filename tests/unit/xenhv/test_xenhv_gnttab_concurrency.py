@@ -8,7 +8,8 @@ import time
 
 from xenabi.atomic import AtomicMemory
 from backends.xenhv.errors import GrantError
-from backends.xenhv.gnttab import GrantTable, GrantTableFrontend
+from backends.xenhv.gnttab import GrantTable
+from stack.vcpu.grants import GrantTableFrontend
 from xenabi.grant_table import GTF_reading, GTF_writing
 
 PAGE = 4096
