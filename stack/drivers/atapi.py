@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType,
-                          DriverObject, Irp, IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice,
-                          IoDeleteDevice, IoDetachDevice, forward)
+from stack.drivers.bus import BusDriver
+from stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
+                          IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice)
 from stack.kernel.status import STATUS_SUCCESS
 
 log = logging.getLogger("stack.drivers.atapi")
@@ -102,7 +102,7 @@ class BusFdo:
     children: dict[str, DeviceObject] = field(default_factory=dict)
 
 
-class AtapiDriver:
+class AtapiDriver(BusDriver):
     """Services PCIIDE (controller -> channels) and ATAPI (channel -> disks), one image."""
 
     def __init__(self, io: PortIO) -> None:
@@ -126,27 +126,6 @@ class AtapiDriver:
         fdo = IoCreateDevice(driver, DeviceKind.FDO, name=driver.name)
         fdo.extension = BusFdo(IoAttachDeviceToDeviceStack(fdo, pdo), channel)
         return STATUS_SUCCESS
-
-    def dispatch_power(self, device: DeviceObject, irp: Irp) -> int:
-        if device.kind == DeviceKind.PDO:
-            irp.io_status.status = STATUS_SUCCESS
-            IoCompleteRequest(irp)
-            return STATUS_SUCCESS
-        return forward(irp, device.extension.lower)
-
-    def dispatch_pnp(self, device: DeviceObject, irp: Irp) -> int:
-        if device.kind == DeviceKind.PDO:
-            return self._pdo_pnp(device, irp)
-        ext: BusFdo = device.extension
-        if irp.minor == IRP_MN_PNP.QUERY_DEVICE_RELATIONS and irp.parameters.type == DeviceRelationType.BusRelations:
-            irp.io_status.status = STATUS_SUCCESS
-            irp.io_status.information = self._enumerate(device)
-        elif irp.minor == IRP_MN_PNP.REMOVE_DEVICE:
-            status = forward(irp, ext.lower)
-            IoDetachDevice(ext.lower)
-            IoDeleteDevice(device)
-            return status
-        return forward(irp, ext.lower)
 
     def _enumerate(self, fdo: DeviceObject) -> list[DeviceObject]:
         ext: BusFdo = fdo.extension

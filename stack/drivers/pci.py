@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType,
-                          DriverObject, Irp, IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice,
-                          IoDeleteDevice, IoDetachDevice, forward)
+from stack.drivers.bus import BusDriver
+from stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
+                          IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice)
 from stack.kernel.status import STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
 from stack.vcpu.pci import PciBus, PciFunction
 
@@ -94,7 +94,7 @@ class PciFdo:
     children: dict[tuple[int, int, int], DeviceObject] = field(default_factory=dict)
 
 
-class PciDriver:
+class PciDriver(BusDriver):
     """The PCI bus driver for one machine: `bus` is configuration space through the vCPU."""
 
     def __init__(self, bus: PciBus) -> None:
@@ -110,29 +110,6 @@ class PciDriver:
         fdo = IoCreateDevice(driver, DeviceKind.FDO, name="PCI bus 0")
         fdo.extension = PciFdo(IoAttachDeviceToDeviceStack(fdo, pdo), self.bus)
         return STATUS_SUCCESS
-
-    def dispatch_power(self, device: DeviceObject, irp: Irp) -> int:
-        if device.kind == DeviceKind.PDO:
-            irp.io_status.status = STATUS_SUCCESS
-            IoCompleteRequest(irp)
-            return STATUS_SUCCESS
-        return forward(irp, device.extension.lower)
-
-    def dispatch_pnp(self, device: DeviceObject, irp: Irp) -> int:
-        if device.kind == DeviceKind.PDO:
-            return self._pdo_pnp(device, irp)
-        ext: PciFdo = device.extension
-        if irp.minor == IRP_MN_PNP.QUERY_DEVICE_RELATIONS and irp.parameters.type == DeviceRelationType.BusRelations:
-            irp.io_status.status = STATUS_SUCCESS
-            irp.io_status.information = self._enumerate(device)
-        elif irp.minor == IRP_MN_PNP.REMOVE_DEVICE:
-            status = forward(irp, ext.lower)
-            IoDetachDevice(ext.lower)
-            IoDeleteDevice(device)
-            return status
-        elif irp.minor == IRP_MN_PNP.START_DEVICE:
-            irp.io_status.status = STATUS_SUCCESS
-        return forward(irp, ext.lower)
 
     def _enumerate(self, fdo: DeviceObject) -> list[DeviceObject]:
         ext: PciFdo = fdo.extension
