@@ -128,3 +128,17 @@ class Interface:
 
 def table(version: int, *members: str) -> TableLayout:
     return TableLayout(version, ("Acquire", "Release") + members)
+
+
+def acquire_all(dependencies: tuple[Interface, ...]) -> int:
+    """Acquire each dependency in order (what an interface's first Acquire does with the ones it uses);
+    on a failure release those already taken, newest first, and return that status."""
+    acquired: list[Interface] = []
+    for dependency in dependencies:
+        status = dependency.acquire()
+        if status != STATUS_SUCCESS:
+            for held in reversed(acquired):
+                held.release()
+            return status
+        acquired.append(dependency)
+    return STATUS_SUCCESS

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from stack.drivers.interface import Interface, InterfaceTable, table
+from stack.drivers.interface import Interface, InterfaceTable, acquire_all, table
 from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from stack.drivers.xenbus.shared_info import SharedInfoInterface
 from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
@@ -122,14 +122,9 @@ class EvtchnInterface(Interface):
     # -- Acquire/Release --------------------------------------------------------------------------
 
     def setup(self) -> int:
-        acquired: list[Interface] = []
-        for dependency in (self.suspend, self.debug, self.shared_info):
-            status = dependency.acquire()
-            if not NT_SUCCESS(status):
-                for held in reversed(acquired):
-                    held.release()
-                return status
-            acquired.append(dependency)
+        status = acquire_all((self.suspend, self.debug, self.shared_info))
+        if not NT_SUCCESS(status):
+            return status
         # Hypercall arguments travel through a page of guest RAM; this interface gets its own so that
         # the interrupt thread's Send cannot overwrite the argument of another thread's hypercall.
         self._scratch = self.platform.pages.alloc()

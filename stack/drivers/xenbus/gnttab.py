@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.interface import Interface, table
+from stack.drivers.interface import Interface, acquire_all, table
 from stack.drivers.xenbus.cache import Cache, CacheInterface, CacheLock, CacheObject
 from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from stack.drivers.xenbus.range_set import RangeSet, RangeSetInterface
@@ -93,14 +93,9 @@ class GnttabInterface(Interface):
     # -- Acquire/Release --------------------------------------------------------------------------
 
     def setup(self) -> int:
-        acquired: list[Interface] = []
-        for dependency in (self.debug, self.cache, self.range_set):
-            status = dependency.acquire()
-            if not NT_SUCCESS(status):
-                for held in reversed(acquired):
-                    held.release()
-                return status
-            acquired.append(dependency)
+        status = acquire_all((self.debug, self.cache, self.range_set))
+        if not NT_SUCCESS(status):
+            return status
         _, self._free = self.range_set.RangeSetCreate("gnttab")
         entries = self.platform.grants.nr_entries
         self.range_set.RangeSetPut(self._free, RESERVED_ENTRY_COUNT, entries - RESERVED_ENTRY_COUNT)

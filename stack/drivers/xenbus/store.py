@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
-from stack.drivers.interface import Interface, table
+from stack.drivers.interface import Interface, acquire_all, table
 from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
 from stack.kernel.bugcheck import BUG
@@ -150,14 +150,9 @@ class StoreInterface(Interface):
     # -- Acquire/Release --------------------------------------------------------------------------
 
     def setup(self) -> int:
-        acquired: list[Interface] = []
-        for dependency in (self.suspend, self.debug):
-            status = dependency.acquire()
-            if not NT_SUCCESS(status):
-                for held in reversed(acquired):
-                    held.release()
-                return status
-            acquired.append(dependency)
+        status = acquire_all((self.suspend, self.debug))
+        if not NT_SUCCESS(status):
+            return status
         _, self._debug_callback = self.debug.DebugRegister("XENBUS|STORE", self._dump, None)
         self._suspend_callbacks = [self.suspend.SuspendRegister(SUSPEND_CALLBACK_EARLY, self._suspend_early, None)[1],
                                    self.suspend.SuspendRegister(SUSPEND_CALLBACK_LATE, self._suspend_late, None)[1]]
