@@ -55,8 +55,7 @@ _LS_LINE = re.compile(r'^(/\S*) = "(.*)"[ .]*\(([^)]*)\)$')
 
 def xenstore_ls(host: HostServices) -> Tree:
     """`xenstore-ls -f -p /` (full paths, so the parse does not depend on indentation)."""
-    if shutil.which("xenstore-ls") is None:
-        pytest.skip("xenstore-utils not installed (ci/bootstrap.sh installs it)")
+    assert shutil.which("xenstore-ls"), "xenstore-utils is not installed (ci/bootstrap.sh installs it)"
     res = subprocess.run(["xenstore-ls", "-f", "-p", "/"], capture_output=True, text=True, timeout=10,
                          env={**os.environ, "XENSTORED_PATH": str(host.xenstored_socket)})
     assert res.returncode == 0, res.stderr
