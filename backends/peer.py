@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from backends.xenbackend import XenBackend
+from xenpv.backends.xenbackend import XenBackend
 
 
 def main() -> int:

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from backends.vhost_user.backend import BackendDevice, BackendSession, VhostUserBackend
-from backends.vhost_user.messages import ProtocolFeature, Request, VhostUserRequestFailed
-from backends.xenhv.control import XenhvControl
-from backends.xenhv.wire import BACKEND_CONFIG
-from harness.errors import HarnessError, WaitTimeout
+from xenpv.backends.vhost_user.backend import BackendDevice, BackendSession, VhostUserBackend
+from xenpv.backends.vhost_user.messages import ProtocolFeature, Request, VhostUserRequestFailed
+from xenpv.backends.xenhv.control import XenhvControl
+from xenpv.xenabi.trap import BACKEND_CONFIG
+from xenpv.base.errors import HarnessError, WaitTimeout
 
 log = logging.getLogger("xenbackend")
 

@@ -27,10 +27,10 @@ stamp="$venv/.installed"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-# Reinstall only when the project's dependency list changed since the last install.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Reinstall only when the project's dependency list or package layout changed since the last install.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check -e . 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$venv/bin/python" -c 'import harness, qemu.qmp, yaml, libvirt, atomics' || { echo "bootstrap: python install failed" >&2; exit 1; }
+  "$venv/bin/python" -c 'import xenpv.harness, qemu.qmp, yaml, libvirt, atomics' || { echo "bootstrap: python install failed" >&2; exit 1; }
   touch "$stamp"
 fi
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
-from harness.errors import GuestDefinitionError
+from xenpv.base.errors import GuestDefinitionError
 
 GUESTS_DIR = Path(__file__).resolve().parent
 

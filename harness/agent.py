@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 
 import pexpect
 
-from backends.toolstack import CreatedDomain, Toolstack
-from harness.errors import HarnessError, WaitTimeout
+from xenpv.backends.toolstack import CreatedDomain, Toolstack
+from xenpv.base.errors import HarnessError, WaitTimeout
 if TYPE_CHECKING:
-    from harness.dom0 import Dom0Backends
-from harness.machine import Machine
-from harness.services import HostServices
-from stack.agent.console import PROMPT, STOP_MARKER
-from stack.kernel import CrashDump
+    from xenpv.harness.dom0 import Dom0Backends
+from xenpv.harness.machine import Machine
+from xenpv.backends.host import HostServices
+from xenpv.stack.agent.console import PROMPT, STOP_MARKER
+from xenpv.stack.kernel import CrashDump
 
 log = logging.getLogger("harness.agent")
 
@@ -117,7 +117,7 @@ class Guest:
         """`backends`: dom0's blkback and netback; the domain's vifs get their TAPs before it boots."""
         art = machine.paths.artifacts
         toolstack = domain = None
-        argv = [sys.executable, "-m", "stack.agent", "--guest", str(machine.guest.path),
+        argv = [sys.executable, "-m", "xenpv.stack.agent", "--guest", str(machine.guest.path),
                 "--qtest", str(machine.paths.qtest_socket), "--ram", str(machine.paths.ram),
                 "--registry", str(art / "registry.json"), "--dump-dir", str(art),
                 "--transcript", str(machine.hand_over_qtest()), "--log", str(art / "agent.log")]

@@ -11,9 +11,9 @@ import logging
 import sys
 
 COMMAND_MODULES = (
-    "harness.commands",
-    "harness.bench",
-    "backends.xenstored.cli",
+    "xenpv.harness.commands",
+    "xenpv.harness.bench",
+    "xenpv.backends.xenstored.cli",
 )
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    from harness.errors import HarnessError
+    from xenpv.base.errors import HarnessError
 
     try:
         return int(args.func(args) or 0)

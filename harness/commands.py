@@ -9,12 +9,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness.machine import Machine, qemu_binary
+from xenpv.harness.machine import Machine, qemu_binary
 
 if TYPE_CHECKING:
-    from harness.agent import Guest
-from harness.rundir import make_run_dir, remove_run_dir
-from stack.vcpu.pci import PciBus, PciFunction
+    from xenpv.harness.agent import Guest
+from xenpv.base.rundir import make_run_dir, remove_run_dir
+from xenpv.stack.vcpu.pci import PciBus, PciFunction
 
 # Names for what the harness expects to find on its machines; anything else prints as "unknown".
 KNOWN_FUNCTIONS = {
@@ -41,7 +41,7 @@ def print_bus(functions: list[PciFunction]) -> None:
 
 
 def _boot(args: argparse.Namespace) -> tuple[Machine, Path]:
-    from harness.plugin import resolve_guest
+    from xenpv.harness.plugin import resolve_guest
 
     guest = resolve_guest(args.guest)
     artifacts = Path(args.artifacts) if args.artifacts else make_run_dir("art")
@@ -52,9 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job: dom0 (xenhv, xenstored, blkback, netback), the machine, its domain and the guest
     agent; what the guest finds (PCI, device tree, interfaces); then a reboot, so the unplug its PV
     drivers asked for takes effect, and I/O through the PV disk and NIC."""
-    from harness.agent import Guest
-    from harness.dom0 import Dom0Backends
-    from harness.services import HostServices
+    from xenpv.harness.agent import Guest
+    from xenpv.harness.dom0 import Dom0Backends
+    from xenpv.backends.host import HostServices
 
     machine, artifacts = _boot(args)
     with contextlib.ExitStack() as cleanup:

@@ -11,12 +11,12 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.blkback.launch import start_blkback
-from backends.netback.launch import start_netback
-from guests.schema import GuestDefinition
-from harness.netns import NetNamespace, TapAddressing, addressing
-from harness.process import Supervised
-from harness.services import HostServices
+from xenpv.backends.blkback.launch import start_blkback
+from xenpv.backends.netback.launch import start_netback
+from xenpv.guests.schema import GuestDefinition
+from xenpv.harness.netns import NetNamespace, TapAddressing, addressing
+from xenpv.base.process import Supervised
+from xenpv.backends.host import HostServices
 
 
 @dataclass

@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from guests.schema import XEN_PLATFORM_VENDOR, GuestDefinition
-from harness.errors import LaunchFailure, MachineCrashed, WaitTimeout
-from harness.process import Supervised, read_tail, wait_for
-from harness.qmp import QmpSession
-from harness.rundir import make_run_dir, remove_run_dir
-from stack.vcpu.guestmem import GuestMemory
-from stack.vcpu.qtest import Qtest
+from xenpv.guests.schema import XEN_PLATFORM_VENDOR, GuestDefinition
+from xenpv.base.errors import LaunchFailure, MachineCrashed, WaitTimeout
+from xenpv.base.process import Supervised, read_tail, wait_for
+from xenpv.base.qmp import QmpSession
+from xenpv.base.rundir import make_run_dir, remove_run_dir
+from xenpv.stack.vcpu.guestmem import GuestMemory
+from xenpv.stack.vcpu.qtest import Qtest
 
 log = logging.getLogger("harness.machine")
 

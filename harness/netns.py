@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from backends.netback.tap import tap_name
-from guests.schema import PvNic
-from harness.errors import HarnessError
+from xenpv.backends.netback.tap import tap_name
+from xenpv.guests.schema import PvNic
+from xenpv.base.errors import HarnessError
 
 log = logging.getLogger("harness.netns")
 

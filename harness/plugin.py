@@ -16,12 +16,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from guests.schema import GUESTS_DIR, GuestDefinition, load_guest
-from harness.agent import Guest
-from harness.machine import Machine
-from harness.process import read_tail, running
-from harness.services import HostServices
-from harness.xendomain import XenDomain
+from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
+from xenpv.harness.agent import Guest
+from xenpv.harness.machine import Machine
+from xenpv.base.process import read_tail, running
+from xenpv.backends.host import HostServices
+from xenpv.harness.xendomain import XenDomain
 
 MARKERS = {
     "integration": "launches the real QEMU machine and dom0 processes",

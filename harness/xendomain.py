@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.toolstack import CreatedDomain, Toolstack
-from harness.machine import Machine
-from harness.services import HostServices
-from stack.vcpu.cpu import Vcpu
-from stack.vcpu.hypervisor import HypervisorLink
+from xenpv.backends.toolstack import CreatedDomain, Toolstack
+from xenpv.harness.machine import Machine
+from xenpv.backends.host import HostServices
+from xenpv.stack.vcpu.cpu import Vcpu
+from xenpv.stack.vcpu.hypervisor import HypervisorLink
 
 
 @dataclass

@@ -12,8 +12,8 @@ import struct
 from dataclasses import dataclass
 from functools import cached_property
 
-from xenabi.layout import XenStruct, struct_of
-from xenabi.ring import XEN_PAGE_SIZE, const_ring_size, ring_bytes
+from xenpv.xenabi.layout import XenStruct, struct_of
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, const_ring_size, ring_bytes
 
 BLKIF_OP_READ = 0
 BLKIF_OP_WRITE = 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ctypes
 
-from xenabi.layout import XenStruct, XenUnion
+from xenpv.xenabi.layout import XenStruct, XenUnion
 
 EVTCHNOP_bind_interdomain = 0
 EVTCHNOP_bind_virq = 1

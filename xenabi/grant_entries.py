@@ -8,9 +8,9 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from xenabi.atomic import AtomicMemory
-from xenabi.grant_table import GRANT_ENTRIES_V1_PER_FRAME, GrantEntryV1
-from xenabi.ring import XEN_PAGE_SIZE
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.xenabi.grant_table import GRANT_ENTRIES_V1_PER_FRAME, GrantEntryV1
+from xenpv.xenabi.ring import XEN_PAGE_SIZE
 
 ENTRY_SIZE = ctypes.sizeof(GrantEntryV1)
 FLAGS = GrantEntryV1.flags.offset

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ctypes
 
-from xenabi.layout import XenStruct, XenUnion
-from xenabi.ring import XEN_PAGE_SIZE
+from xenpv.xenabi.layout import XenStruct, XenUnion
+from xenpv.xenabi.ring import XEN_PAGE_SIZE
 
 GNTTABOP_map_grant_ref = 0
 GNTTABOP_unmap_grant_ref = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from xenabi.layout import XenStruct
+from xenpv.xenabi.layout import XenStruct
 
 HVMOP_set_param = 0
 HVMOP_get_param = 1

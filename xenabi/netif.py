@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import ctypes
 
-from xenabi.layout import XenStruct, XenUnion, struct_of
-from xenabi.ring import const_ring_size, ring_bytes
+from xenpv.xenabi.layout import XenStruct, XenUnion, struct_of
+from xenpv.xenabi.ring import const_ring_size, ring_bytes
 
 XEN_NETIF_NR_SLOTS_MIN = 18
 XEN_NETIF_MAX_TX_SIZE = 0xFFFF

@@ -34,7 +34,7 @@ from typing import Any, Callable, Self
 
 import atomics
 
-from xenabi.layout import XenStruct, XenUnion
+from xenpv.xenabi.layout import XenStruct, XenUnion
 
 try:
     from atomics._impl.enums import MemoryOrder, OpType

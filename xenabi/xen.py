@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from xenabi.layout import XenStruct
+from xenpv.xenabi.layout import XenStruct
 
 __HYPERVISOR_set_trap_table = 0
 __HYPERVISOR_mmu_update = 1

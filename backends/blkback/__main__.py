@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from backends.blkback.daemon import Blkback
+from xenpv.backends.blkback.daemon import Blkback
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,9 @@ import select
 import threading
 from pathlib import Path
 
-from backends.blkback.device import VbdDevice
-from backends.xenbackend import XenBackend
-from backends.xenstored.client import XsClient, XsRequestError
+from xenpv.backends.blkback.device import VbdDevice
+from xenpv.backends.xenbackend import XenBackend
+from xenpv.backends.xenstored.client import XsClient, XsRequestError
 
 log = logging.getLogger("blkback.daemon")
 

@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from backends.blkback.image import Image, ImageError, open_image
-from backends.blkback.queue import BlkQueue, DiskConfig, QueueSetupError
-from backends.xenhv.control import XenhvError
-from backends.xenstored.client import XsClient, XsRequestError
-from harness.errors import HarnessError
-from xenabi.blkif import BLKIF_SECTOR_SIZE, VDISK_READONLY, layouts_for_protocol
-from xenabi.xenbus import XenbusState
+from xenpv.backends.blkback.image import Image, ImageError, open_image
+from xenpv.backends.blkback.queue import BlkQueue, DiskConfig, QueueSetupError
+from xenpv.backends.xenhv.control import XenhvError
+from xenpv.backends.xenstored.client import XsClient, XsRequestError
+from xenpv.base.errors import HarnessError
+from xenpv.xenabi.blkif import BLKIF_SECTOR_SIZE, VDISK_READONLY, layouts_for_protocol
+from xenpv.xenabi.xenbus import XenbusState
 
 if TYPE_CHECKING:
-    from backends.xenbackend import XenBackend
+    from xenpv.backends.xenbackend import XenBackend
 
 log = logging.getLogger("blkback.device")
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from backends.blkback.nbd import NbdClient
-from harness.process import Supervised, wait_for
+from xenpv.backends.blkback.nbd import NbdClient
+from xenpv.base.process import Supervised, wait_for
 
 log = logging.getLogger("blkback.image")
 

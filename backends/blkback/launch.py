@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness.process import Supervised, wait_for
+from xenpv.base.process import Supervised, wait_for
 
 
 def start_blkback(run_dir: Path, xenstored_socket: Path, xenhv_socket: Path, log_path: Path,
@@ -12,7 +12,7 @@ def start_blkback(run_dir: Path, xenstored_socket: Path, xenhv_socket: Path, log
     out = log_path.with_suffix(".out")
     # A blkback that was killed leaves its socket behind; only one blkback serves a host at a time.
     (run_dir / "blkback.sock").unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "backends.blkback", "--xenstore", str(xenstored_socket), "--xenhv",
+    argv = [sys.executable, "-m", "xenpv.backends.blkback", "--xenstore", str(xenstored_socket), "--xenhv",
             str(xenhv_socket), "--vhost-socket", str(run_dir / "blkback.sock"), "--log", str(log_path),
             "--log-level", log_level]
     proc = Supervised("blkback", argv, out).start()

@@ -8,18 +8,18 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from backends.blkback.image import Image
-from backends.blkback.requests import (SEGMENT, BadRequest, Codecs, Request, Segment, decode,
+from xenpv.backends.blkback.image import Image
+from xenpv.backends.blkback.requests import (SEGMENT, BadRequest, Codecs, Request, Segment, decode,
                                        decode_indirect_segments, indirect_pages, total_sectors)
-from backends.vhost_user.memory import GuestMemoryError
-from backends.xenhv.control import XenhvError
-from xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
+from xenpv.backends.vhost_user.memory import GuestMemoryError
+from xenpv.backends.xenhv.control import XenhvError
+from xenpv.xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
                           BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP,
                           BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE, BlkifLayouts)
-from xenabi.ring import XEN_PAGE_SIZE, BackRing, RingOverflowError
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, BackRing, RingOverflowError
 
 if TYPE_CHECKING:
-    from backends.xenbackend import DomainLink, XenBackend
+    from xenpv.backends.xenbackend import DomainLink, XenBackend
 
 log = logging.getLogger("blkback.queue")
 

@@ -13,10 +13,10 @@ from itertools import repeat
 from operator import gt, itemgetter
 from typing import NamedTuple
 
-from xenabi.blkif import (BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
+from xenpv.xenabi.blkif import (BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
                           BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_SECTORS_PER_PAGE, BLKIF_SEGS_PER_INDIRECT_FRAME,
                           BlkifLayouts, BlkifRequestSegment)
-from xenabi.layout import struct_of
+from xenpv.xenabi.layout import struct_of
 
 SEGMENT = struct_of(BlkifRequestSegment)
 

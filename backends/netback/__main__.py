@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from backends.netback.daemon import Netback, enter_netns
+from xenpv.backends.netback.daemon import Netback, enter_netns
 
 
 def main() -> int:

@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from backends.netback.vif import Vif
-from backends.xenbackend import XenBackend
-from backends.xenstored.client import XsClient, XsRequestError
+from xenpv.backends.netback.vif import Vif
+from xenpv.backends.xenbackend import XenBackend
+from xenpv.backends.xenstored.client import XsClient, XsRequestError
 
 log = logging.getLogger("netback.daemon")
 

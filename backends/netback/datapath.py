@@ -13,10 +13,10 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from backends.netback.tap import (VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+from xenpv.backends.netback.tap import (VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                                   VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VnetHdr)
-from xenabi import netif as N
-from xenabi.ring import XEN_PAGE_SIZE, BackRing
+from xenpv.xenabi import netif as N
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, BackRing
 
 log = logging.getLogger("netback.datapath")
 

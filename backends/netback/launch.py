@@ -4,14 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness.process import Supervised, unix_socket_accepting, wait_for
+from xenpv.base.process import Supervised, unix_socket_accepting, wait_for
 
 
 def start_netback(xenstore: Path, xenhv: Path, vhost_socket: Path, netns: str, log_path: Path,
                   stats_path: Path | None = None, timeout: float = 10.0) -> Supervised:
     """Launch `python -m backends.netback` and return once its vhost-user socket accepts connections."""
     vhost_socket.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "backends.netback", "--xenstore", str(xenstore), "--xenhv", str(xenhv),
+    argv = [sys.executable, "-m", "xenpv.backends.netback", "--xenstore", str(xenstore), "--xenhv", str(xenhv),
             "--vhost-socket", str(vhost_socket), "--netns", netns, "--log", str(log_path)]
     if stats_path is not None:
         argv += ["--stats", str(stats_path)]

@@ -13,13 +13,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
-from backends.netback.tap import Tap, tap_name
-from backends.xenbackend import DomainLink, XenBackend
-from backends.xenstored.client import XsClient, XsRequestError
-from xenabi import netif as N
-from xenabi.ring import XEN_PAGE_SIZE, BackRing, RingError
-from xenabi.xenbus import XenbusState as S
+from xenpv.backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
+from xenpv.backends.netback.tap import Tap, tap_name
+from xenpv.backends.xenbackend import DomainLink, XenBackend
+from xenpv.backends.xenstored.client import XsClient, XsRequestError
+from xenpv.xenabi import netif as N
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, BackRing, RingError
+from xenpv.xenabi.xenbus import XenbusState as S
 
 log = logging.getLogger("netback.vif")
 

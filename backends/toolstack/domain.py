@@ -13,16 +13,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from backends.toolstack import layout as L
-from backends.xenhv.control import XenhvControl, XenhvError
-from backends.xenstored.client import XsClient, XsConnectionError, XsRequestError
-from guests.schema import GuestDefinition, PvDisk
-from harness.errors import HarnessError
-from harness.machine import Machine, MachinePaths
-from harness.services import HostServices
-from xenabi.hvm import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-from xenabi.xenbus import XenbusState
+from xenpv.backends.toolstack import layout as L
+from xenpv.backends.xenhv.control import XenhvControl, XenhvError
+from xenpv.backends.xenstored.client import XsClient, XsConnectionError, XsRequestError
+from xenpv.guests.schema import GuestDefinition, PvDisk
+from xenpv.base.errors import HarnessError
+from xenpv.backends.host import HostServices
+from xenpv.xenabi.hvm import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
+from xenpv.xenabi.xenbus import XenbusState
 
 log = logging.getLogger("toolstack")
 
@@ -117,7 +117,7 @@ def _make_scratch_image(path: Path, disk: PvDisk) -> None:
             f.truncate(disk.size)
 
 
-def create_domain(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: int, paths: MachinePaths,
+def create_domain(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: int, paths: MachineFiles,
                   *, name: str | None = None, backend_domid: int = L.DOM0) -> CreatedDomain:
     """Create domain `domid` for a launched machine; on any failure what was done is undone."""
     name = name or guest.name
@@ -135,7 +135,7 @@ def create_domain(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid
         raise
 
 
-def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: int, paths: MachinePaths,
+def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: int, paths: MachineFiles,
               name: str, ram_size: int, backend_domid: int) -> CreatedDomain:
     dom = L.domain_path(domid)
     skeleton = L.domain_nodes(guest, domid, name)
@@ -266,6 +266,25 @@ def _destroy_if_present(ctl: XenhvControl, domid: int) -> None:
         ctl.call("destroy_domain", domid=domid)
 
 
+class MachineFiles(Protocol):
+    """Where a launched QEMU keeps what the toolstack hands to xenhv (the harness's MachinePaths)."""
+
+    @property
+    def run_dir(self) -> Path: ...
+    @property
+    def ram(self) -> Path: ...
+    @property
+    def dm_qmp_socket(self) -> Path: ...
+
+
+class DeviceModel(Protocol):
+    """The launched QEMU a domain is built around (the harness's Machine): its guest, name and files."""
+
+    name: str
+    guest: GuestDefinition
+    paths: MachineFiles
+
+
 class Toolstack:
     """The toolstack of one host: a dom0 xenstore connection and a xenhv control connection."""
 
@@ -279,7 +298,7 @@ class Toolstack:
             raise
         self.domains: dict[int, CreatedDomain] = {}
 
-    def create(self, machine: Machine, domid: int | None = None) -> CreatedDomain:
+    def create(self, machine: DeviceModel, domid: int | None = None) -> CreatedDomain:
         domid = self.host.allocate_domid() if domid is None else domid
         d = create_domain(self.xs, self.ctl, machine.guest, domid, machine.paths, name=machine.name)
         self.domains[domid] = d

@@ -10,8 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guests.schema import GuestDefinition, PvDisk, PvNic
-from xenabi.xenbus import XenbusState
+from xenpv.guests.schema import GuestDefinition, PvDisk, PvNic
+from xenpv.xenabi.xenbus import XenbusState
 
 PAGE_SIZE = 4096
 DOM0 = 0

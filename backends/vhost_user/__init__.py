@@ -5,10 +5,10 @@
 - `backend`: the back-end server library (xenstored's ring transport, blkback, netback).
 - `frontend`: the front-end (xenhv) that hands back-ends guest RAM and event-channel eventfds.
 """
-from backends.vhost_user.backend import BackendDevice, BackendSession, VhostUserBackend, Vring, VringAddr
-from backends.vhost_user.frontend import DEFAULT_PROTOCOL_FEATURES, Region, VhostUserFrontend
-from backends.vhost_user.memory import GuestMemory, GuestMemoryError, RegionDescriptor
-from backends.vhost_user.messages import (
+from xenpv.backends.vhost_user.backend import BackendDevice, BackendSession, VhostUserBackend, Vring, VringAddr
+from xenpv.backends.vhost_user.frontend import DEFAULT_PROTOCOL_FEATURES, Region, VhostUserFrontend
+from xenpv.backends.vhost_user.memory import GuestMemory, GuestMemoryError, RegionDescriptor
+from xenpv.backends.vhost_user.messages import (
     F_PROTOCOL_FEATURES,
     Message,
     ProtocolFeature,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from backends.vhost_user.memory import GuestMemory, RegionDescriptor
-from backends.vhost_user.messages import (
+from xenpv.backends.vhost_user.memory import GuestMemory, RegionDescriptor
+from xenpv.backends.vhost_user.messages import (
     CONFIG_HEADER,
     F_PROTOCOL_FEATURES,
     FLAG_REPLY,

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.vhost_user.memory import RegionDescriptor
-from backends.vhost_user.messages import (
+from xenpv.backends.vhost_user.memory import RegionDescriptor
+from xenpv.backends.vhost_user.messages import (
     CONFIG_HEADER,
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,

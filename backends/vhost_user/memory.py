@@ -8,7 +8,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from backends.vhost_user.messages import MEM_REGION, U64_LIMIT, VhostUserProtocolError, log
+from xenpv.backends.vhost_user.messages import MEM_REGION, U64_LIMIT, VhostUserProtocolError, log
 
 
 class GuestMemoryError(Exception):

@@ -7,8 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from backends.xenhv.hypervisor import Hypervisor
-from backends.xenhv.server import Server
+from xenpv.backends.xenhv.hypervisor import Hypervisor
+from xenpv.backends.xenhv.server import Server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,15 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from backends.vhost_user.frontend import Region, VhostUserFrontend
-from backends.vhost_user.messages import ProtocolFeature
-from backends.xenhv.errors import XenError
-from backends.xenhv.wire import BACKEND_CONFIG
-from xenabi.xen import XEN_EBUSY, XEN_ENOSPC
+from xenpv.backends.vhost_user.frontend import Region, VhostUserFrontend
+from xenpv.backends.vhost_user.messages import ProtocolFeature
+from xenpv.backends.xenhv.errors import XenError
+from xenpv.xenabi.trap import BACKEND_CONFIG
+from xenpv.xenabi.xen import XEN_EBUSY, XEN_ENOSPC
 
 if TYPE_CHECKING:
-    from backends.xenhv.domain import Domain
-    from backends.xenhv.evtchn import EventChannels
+    from xenpv.backends.xenhv.domain import Domain
+    from xenpv.backends.xenhv.evtchn import EventChannels
 
 log = logging.getLogger("xenhv.backlinks")
 

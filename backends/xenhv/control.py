@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
+from xenpv.base.errors import HarnessError
 
 
 class XenhvError(HarnessError):

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from backends.xenhv.memory import DomainMemory
-from backends.xenhv.unplug import DeviceModel, PlatformPorts
+from xenpv.backends.xenhv.memory import DomainMemory
+from xenpv.backends.xenhv.unplug import DeviceModel, PlatformPorts
 
 log = logging.getLogger("xenhv.domain")
 

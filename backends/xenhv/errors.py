@@ -7,8 +7,8 @@ log; the guest only ever sees the number.
 """
 from __future__ import annotations
 
-from xenabi import xen
-from xenabi.grant_table import GNTST_NAMES
+from xenpv.xenabi import xen
+from xenpv.xenabi.grant_table import GNTST_NAMES
 
 
 def _errno_names() -> dict[int, str]:

@@ -45,9 +45,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from xenabi.atomic import AtomicMemory
-from backends.xenhv.errors import XenError
-from xenabi.event_channel import (
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.backends.xenhv.errors import XenError
+from xenpv.xenabi.event_channel import (
     DOMID_FIRST_RESERVED,
     DOMID_SELF,
     EVTCHN_2L_NR_CHANNELS,
@@ -63,7 +63,7 @@ from xenabi.event_channel import (
     VIRQ_XENPMU,
     EvtchnStatus,
 )
-from xenabi.xen import (
+from xenpv.xenabi.xen import (
     EVTCHN_WORD_BITS,
     EVTCHN_WORDS,
     XEN_EEXIST,

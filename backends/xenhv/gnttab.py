@@ -28,10 +28,10 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from xenabi.atomic import AtomicMemory
-from backends.xenhv.errors import GrantError, XenError
-from xenabi.event_channel import DOMID_FIRST_RESERVED, DOMID_SELF
-from xenabi.grant_table import (
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.backends.xenhv.errors import GrantError, XenError
+from xenpv.xenabi.event_channel import DOMID_FIRST_RESERVED, DOMID_SELF
+from xenpv.xenabi.grant_table import (
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
     GNTST_bad_copy_arg,
@@ -51,10 +51,10 @@ from xenabi.grant_table import (
     GTF_writing,
     GnttabCopy,
 )
-from xenabi.grant_entries import (FLAGS, FLAGS_BYTES, FLAGS_MASK, DOMID_SHIFT, FRAME, FRAME_BYTES, COMBO,
+from xenpv.xenabi.grant_entries import (FLAGS, FLAGS_BYTES, FLAGS_MASK, DOMID_SHIFT, FRAME, FRAME_BYTES, COMBO,
                                   COMBO_BYTES, GrantEntry, entry_location, atomic_frame, read_entry)
-from xenabi.ring import XEN_PAGE_SIZE
-from xenabi.xen import XEN_EINVAL
+from xenpv.xenabi.ring import XEN_PAGE_SIZE
+from xenpv.xenabi.xen import XEN_EINVAL
 
 log = logging.getLogger("xenhv.gnttab")
 

@@ -10,14 +10,14 @@ import ctypes
 import logging
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from backends.xenhv.errors import XenError
-from xenabi import hvm
-from xenabi import xen as X
-from xenabi.event_channel import DOMID_SELF
+from xenpv.backends.xenhv.errors import XenError
+from xenpv.xenabi import hvm
+from xenpv.xenabi import xen as X
+from xenpv.xenabi.event_channel import DOMID_SELF
 
 if TYPE_CHECKING:
-    from backends.xenhv.domain import Domain
-    from backends.xenhv.hypervisor import Hypervisor
+    from xenpv.backends.xenhv.domain import Domain
+    from xenpv.backends.xenhv.hypervisor import Hypervisor
 
 log = logging.getLogger("xenhv.hypercall")
 

@@ -13,17 +13,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from backends.xenhv.backlinks import BackendLink
-from backends.xenhv.domain import SHARED_INFO_FRAME, Domain, DomainConfig, RunState
-from backends.xenhv.errors import GrantError, XenError
-from backends.xenhv.evtchn import EventChannelHub, EventChannels
-from backends.xenhv.gnttab import GrantTable, GrantTableHub
-from backends.xenhv.hypercall import Hypercalls, read_struct, write_struct
-from harness.qmp import QmpSession
-from xenabi import event_channel as E
-from xenabi import grant_table as G
-from xenabi import xen as X
-from xenabi.unplug import XEN_PLATFORM_VENDOR_ID
+from xenpv.backends.xenhv.backlinks import BackendLink
+from xenpv.backends.xenhv.domain import SHARED_INFO_FRAME, Domain, DomainConfig, RunState
+from xenpv.backends.xenhv.errors import GrantError, XenError
+from xenpv.backends.xenhv.evtchn import EventChannelHub, EventChannels
+from xenpv.backends.xenhv.gnttab import GrantTable, GrantTableHub
+from xenpv.backends.xenhv.hypercall import Hypercalls, read_struct, write_struct
+from xenpv.base.qmp import QmpSession
+from xenpv.xenabi import event_channel as E
+from xenpv.xenabi import grant_table as G
+from xenpv.xenabi import xen as X
+from xenpv.xenabi.unplug import XEN_PLATFORM_VENDOR_ID
 
 log = logging.getLogger("xenhv")
 

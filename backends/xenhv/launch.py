@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness.process import Supervised, unix_socket_accepting, wait_for
+from xenpv.base.process import Supervised, unix_socket_accepting, wait_for
 
 
 def start_xenhv(run_dir: Path, log_path: Path, verbose: bool = False, timeout: float = 10.0) -> Supervised:

@@ -12,8 +12,8 @@ import mmap
 import os
 from pathlib import Path
 
-from backends.xenhv.errors import XenError
-from xenabi.xen import XEN_EFAULT
+from xenpv.backends.xenhv.errors import XenError
+from xenpv.xenabi.xen import XEN_EFAULT
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

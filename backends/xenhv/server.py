@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from backends.xenhv.errors import GrantError, XenError
-from backends.xenhv.domain import Domain, RunState
-from backends.xenhv.hypervisor import Hypervisor
-from backends.xenhv.wire import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
+from xenpv.backends.xenhv.errors import GrantError, XenError
+from xenpv.backends.xenhv.domain import Domain, RunState
+from xenpv.backends.xenhv.hypervisor import Hypervisor
+from xenpv.xenabi.trap import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
 
 log = logging.getLogger("xenhv.server")
 

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xenabi import unplug as abi
+from xenpv.xenabi import unplug as abi
 
 log = logging.getLogger("xenhv.unplug")
 

@@ -7,9 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
-from backends.xenstored.daemon import Daemon
-from backends.xenstored.ring_provider import FileRingProvider, PageProvider
-from backends.xenstored.xenhv_provider import XenhvRingProvider
+from xenpv.backends.xenstored.daemon import Daemon
+from xenpv.backends.xenstored.ring_provider import FileRingProvider, PageProvider
+from xenpv.backends.xenstored.xenhv_provider import XenhvRingProvider
 
 
 def main(argv: list[str] | None = None) -> int:

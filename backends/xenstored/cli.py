@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backends.xenstored.client import XsClient, XsConnectionError, XsRequestError, default_socket_path
+from xenpv.backends.xenstored.client import XsClient, XsConnectionError, XsRequestError, default_socket_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

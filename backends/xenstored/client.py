@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
+from xenpv.xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
 
 log = logging.getLogger("xenstored.client")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from backends.xenstored.paths import domain_path
-from backends.xenstored.transactions import Transaction
-from backends.xenstored.watches import Watch
+from xenpv.backends.xenstored.paths import domain_path
+from xenpv.backends.xenstored.transactions import Transaction
+from xenpv.backends.xenstored.watches import Watch
 
 
 @dataclass(eq=False)

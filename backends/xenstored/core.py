@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from backends.xenstored.connection import Connection
-from backends.xenstored.domains import Domain, RingAttacher, parse_domid, parse_uint
-from backends.xenstored.errors import XsError
-from backends.xenstored.paths import basename, canonicalize, domain_path, parent_of
-from backends.xenstored.perms import Access, Perm, Perms, access_for, encode_perms, parse_perm
-from backends.xenstored.quotas import Quotas
-from backends.xenstored.transactions import Transaction
-from backends.xenstored.tree import Node, Tree
-from backends.xenstored.watches import Event, Watch, WatchTable, deliver
-from xenabi.xs_wire import (
+from xenpv.backends.xenstored.connection import Connection
+from xenpv.backends.xenstored.domains import Domain, RingAttacher, parse_domid, parse_uint
+from xenpv.backends.xenstored.errors import XsError
+from xenpv.backends.xenstored.paths import basename, canonicalize, domain_path, parent_of
+from xenpv.backends.xenstored.perms import Access, Perm, Perms, access_for, encode_perms, parse_perm
+from xenpv.backends.xenstored.quotas import Quotas
+from xenpv.backends.xenstored.transactions import Transaction
+from xenpv.backends.xenstored.tree import Node, Tree
+from xenpv.backends.xenstored.watches import Event, Watch, WatchTable, deliver
+from xenpv.xenabi.xs_wire import (
     DOMID_ANY, DOMID_FIRST_RESERVED, DOMID_SELF, XENSTORE_PAYLOAD_MAX, XENSTORE_SERVER_FEATURE_DOMID_ANY,
     XENSTORE_SERVER_FEATURE_ERROR, XENSTORE_SERVER_FEATURE_RECONNECTION, XENSTORE_SERVER_FEATURE_WATCHDEPTH,
     XSD_SOCKMSG, XsdSockmsgType as T,

@@ -11,13 +11,13 @@ import selectors
 import socket
 from pathlib import Path
 
-from backends.xenstored.connection import Connection
-from backends.xenstored.core import SERVER_FEATURES, XenstoreCore
-from backends.xenstored.errors import XsError
-from backends.xenstored.quotas import Quotas
-from backends.xenstored.ring import RingServer
-from backends.xenstored.ring_provider import PageProvider, RingEndpoint
-from xenabi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG
+from xenpv.backends.xenstored.connection import Connection
+from xenpv.backends.xenstored.core import SERVER_FEATURES, XenstoreCore
+from xenpv.backends.xenstored.errors import XsError
+from xenpv.backends.xenstored.quotas import Quotas
+from xenpv.xenabi.xs_ring import RingServer
+from xenpv.backends.xenstored.ring_provider import PageProvider, RingEndpoint
+from xenpv.xenabi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG
 
 log = logging.getLogger("xenstored.daemon")
 

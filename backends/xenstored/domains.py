@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from backends.xenstored.errors import XsError
+from xenpv.backends.xenstored.errors import XsError
 
 if TYPE_CHECKING:
-    from backends.xenstored.connection import Connection
+    from xenpv.backends.xenstored.connection import Connection
 
 DOMID_MAX = 65535
 

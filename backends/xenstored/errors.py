@@ -1,7 +1,7 @@
 """Errors of the xenstore daemon and its clients."""
 from __future__ import annotations
 
-from xenabi.xs_wire import XSD_ERRORS
+from xenpv.xenabi.xs_wire import XSD_ERRORS
 
 
 class XsError(Exception):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import re
 
-from backends.xenstored.errors import XsError
-from xenabi.xs_wire import XENSTORE_ABS_PATH_MAX, XENSTORE_REL_PATH_MAX
+from xenpv.backends.xenstored.errors import XsError
+from xenpv.xenabi.xs_wire import XENSTORE_ABS_PATH_MAX, XENSTORE_REL_PATH_MAX
 
 _VALID = re.compile(rb"[A-Za-z0-9\-/_@]+")
 _LOCAL_PREFIX = re.compile(r"/local/domain/\d{1,5}/")

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntFlag
 
-from backends.xenstored.errors import XsError
-from xenabi.xs_wire import DOMID_ANY
+from xenpv.backends.xenstored.errors import XsError
+from xenpv.xenabi.xs_wire import DOMID_ANY
 
 
 class Access(IntFlag):

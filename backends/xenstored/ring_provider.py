@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from backends.xenstored.errors import XsError
-from backends.xenstored.ring import PAGE_SIZE, Doorbell
+from xenpv.backends.xenstored.errors import XsError
+from xenpv.xenabi.xs_ring import PAGE_SIZE, Doorbell
 
 log = logging.getLogger("xenstored.ring_provider")
 

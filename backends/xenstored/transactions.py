@@ -16,10 +16,10 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from backends.xenstored.tree import Node, Tree
+from xenpv.backends.xenstored.tree import Node, Tree
 
 if TYPE_CHECKING:
-    from backends.xenstored.watches import Event
+    from xenpv.backends.xenstored.watches import Event
 
 log = logging.getLogger("xenstored.transactions")
 

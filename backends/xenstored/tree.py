@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from backends.xenstored.perms import Access, Perm, Perms
+from xenpv.backends.xenstored.perms import Access, Perm, Perms
 
 if TYPE_CHECKING:
-    from backends.xenstored.transactions import Transaction
+    from xenpv.backends.xenstored.transactions import Transaction
 
 log = logging.getLogger("xenstored.tree")
 

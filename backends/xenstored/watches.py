@@ -5,12 +5,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from backends.xenstored.paths import depth_below, parent_of
-from backends.xenstored.perms import Access, Perms, access_for
-from xenabi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
+from xenpv.backends.xenstored.paths import depth_below, parent_of
+from xenpv.backends.xenstored.perms import Access, Perms, access_for
+from xenpv.xenabi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
 
 if TYPE_CHECKING:
-    from backends.xenstored.connection import Connection
+    from xenpv.backends.xenstored.connection import Connection
 
 log = logging.getLogger("xenstored.watches")
 

@@ -11,10 +11,10 @@ import logging
 import os
 from pathlib import Path
 
-from backends.xenbackend import XenBackend
-from backends.xenstored.errors import XsError
-from backends.xenstored.ring import PAGE_SIZE, Doorbell
-from backends.xenstored.ring_provider import RingEndpoint
+from xenpv.backends.xenbackend import XenBackend
+from xenpv.backends.xenstored.errors import XsError
+from xenpv.xenabi.xs_ring import PAGE_SIZE, Doorbell
+from xenpv.backends.xenstored.ring_provider import RingEndpoint
 
 log = logging.getLogger("xenstored.xenhv_provider")
 

@@ -1,4 +1,4 @@
-"""`python -m stack.agent --guest YAML --qtest SOCK --ram FILE ...`: boot the guest and serve its console."""
+"""`python -m xenpv.stack.agent --guest YAML --qtest SOCK --ram FILE ...`: boot the guest and serve its console."""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +6,14 @@ import logging
 import sys
 from pathlib import Path
 
-from guests.schema import load_guest
-from stack.agent import console
-from stack.agent.runtime import AgentConfig, GuestRuntime
-from stack.kernel import BugCheck
+from xenpv.guests.schema import load_guest
+from xenpv.stack.agent import console
+from xenpv.stack.agent.runtime import AgentConfig, GuestRuntime
+from xenpv.stack.kernel import BugCheck
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stack.agent")
+    p = argparse.ArgumentParser(prog="python -m xenpv.stack.agent")
     p.add_argument("--guest", required=True, type=Path)
     p.add_argument("--qtest", required=True, type=Path, help="QEMU's qtest socket")
     p.add_argument("--ram", required=True, type=Path, help="QEMU's RAM file")

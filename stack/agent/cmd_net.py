@@ -18,12 +18,12 @@ import hashlib
 import ipaddress
 import time
 
-from stack.agent.console import command
-from stack.agent.runtime import GuestRuntime
-from stack.drivers.xennet.driver import XennetAdapter
-from stack.drivers.xenvif.frontend import Frontend, format_mac
-from stack.drivers.xenvif.pdo import XenvifPdo
-from stack.drivers.xenvif.vif import XenvifVifStatistic
+from xenpv.stack.agent.console import command
+from xenpv.stack.agent.runtime import GuestRuntime
+from xenpv.stack.drivers.xennet.driver import XennetAdapter
+from xenpv.stack.drivers.xenvif.frontend import Frontend, format_mac
+from xenpv.stack.drivers.xenvif.pdo import XenvifPdo
+from xenpv.stack.drivers.xenvif.vif import XenvifVifStatistic
 
 TRANSFER_TIMEOUT = 120.0
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stack.agent.console import command
-from stack.agent.runtime import GuestRuntime
-from stack.install.installer import (IMAGES_KEY, InstallError, InstallResult, InstallVetoed, Installer,
+from xenpv.stack.agent.console import command
+from xenpv.stack.agent.runtime import GuestRuntime
+from xenpv.stack.install.installer import (IMAGES_KEY, InstallError, InstallResult, InstallVetoed, Installer,
                                      PlatformPciDevice, installed_packages, reboot_requests)
-from stack.install.packages import Era
-from stack.kernel import (IRP_MN_PNP, Irp, IoSynchronousCallDriver, KeInitializeDpc, KeInsertQueueDpc,
+from xenpv.stack.install.packages import Era
+from xenpv.stack.kernel import (IRP_MN_PNP, Irp, IoSynchronousCallDriver, KeInitializeDpc, KeInsertQueueDpc,
                           QueryInterfaceParameters)
-from stack.kernel.registry import REG_DWORD, REG_SZ, KeyNotFound, ValueNotFound
-from stack.kernel.status import NT_SUCCESS, status_name
+from xenpv.stack.kernel.registry import REG_DWORD, REG_SZ, KeyNotFound, ValueNotFound
+from xenpv.stack.kernel.status import NT_SUCCESS, status_name
 
 
 def _print(rt: GuestRuntime, text: str) -> str:

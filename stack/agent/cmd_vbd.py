@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 
-from stack.agent.console import command
-from stack.agent.runtime import GuestRuntime
-from stack.drivers.xenvbd.adapter import XenvbdAdapter
-from stack.drivers.xenvbd.target import IO_TIMEOUT_SECONDS, XenvbdIoError, XenvbdTarget
+from xenpv.stack.agent.console import command
+from xenpv.stack.agent.runtime import GuestRuntime
+from xenpv.stack.drivers.xenvbd.adapter import XenvbdAdapter
+from xenpv.stack.drivers.xenvbd.target import IO_TIMEOUT_SECONDS, XenvbdIoError, XenvbdTarget
 
 USAGE = ("usage: vbd list | read T LBA COUNT [hex] | write T LBA PATTERN COUNT | flush T | discard T LBA COUNT"
          "  [--timeout S]")

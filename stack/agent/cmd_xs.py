@@ -1,9 +1,9 @@
 """`xs read|write|ls|rm PATH`: xenstore as the guest sees it, through XENBUS's STORE interface."""
 from __future__ import annotations
 
-from stack.agent.console import command
-from stack.agent.runtime import GuestRuntime
-from stack.kernel import NT_SUCCESS, status_name
+from xenpv.stack.agent.console import command
+from xenpv.stack.agent.runtime import GuestRuntime
+from xenpv.stack.kernel import NT_SUCCESS, status_name
 
 
 def _store(rt: GuestRuntime):

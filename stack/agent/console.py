@@ -7,9 +7,9 @@ import shlex
 import sys
 from typing import Callable, TextIO
 
-from stack.agent.runtime import GuestRuntime
-from stack.kernel import S0, S3, S4, S5, BugCheck, KeBugCheckEx
-from stack.kernel.bugcheck import bugcheck_name
+from xenpv.stack.agent.runtime import GuestRuntime
+from xenpv.stack.kernel import S0, S3, S4, S5, BugCheck, KeBugCheckEx
+from xenpv.stack.kernel.bugcheck import bugcheck_name
 
 PROMPT = "guest> "
 STOP_MARKER = "*** GUEST STOPPED"
@@ -19,7 +19,7 @@ Command = Callable[[GuestRuntime, list[str]], str]
 COMMANDS: dict[str, tuple[Command, str]] = {}
 
 # Command groups that live beside the drivers they drive; each registers with @command when imported.
-COMMAND_MODULES = ("stack.agent.cmd_vbd", "stack.agent.cmd_net", "stack.agent.cmd_xs", "stack.agent.cmd_pkg")
+COMMAND_MODULES = ("xenpv.stack.agent.cmd_vbd", "xenpv.stack.agent.cmd_net", "xenpv.stack.agent.cmd_xs", "xenpv.stack.agent.cmd_pkg")
 
 
 def command(name: str, help_: str) -> Callable[[Command], Command]:

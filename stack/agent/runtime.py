@@ -8,17 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from guests.schema import GuestDefinition
-from stack.drivers.boot import boot_stack, inbox_catalog
-from stack.install.catalog import RegistryCatalog
-from stack.install.guest import install_from_guest
-from stack.install.installer import installed_packages, installed_version
-from stack.kernel import S5, BugCheck, Kernel, Registry
-from stack.vcpu.cpu import Vcpu
-from stack.vcpu.guestmem import GuestMemory
-from stack.vcpu.hypervisor import HypervisorLink
-from stack.vcpu.pci import PciFunction
-from stack.vcpu.qtest import Qtest
+from xenpv.guests.schema import GuestDefinition
+from xenpv.stack.drivers.boot import boot_stack, inbox_catalog
+from xenpv.stack.install.catalog import RegistryCatalog
+from xenpv.stack.install.guest import install_from_guest
+from xenpv.stack.install.installer import installed_packages, installed_version
+from xenpv.stack.kernel import S5, BugCheck, Kernel, Registry
+from xenpv.stack.vcpu.cpu import Vcpu
+from xenpv.stack.vcpu.guestmem import GuestMemory
+from xenpv.stack.vcpu.hypervisor import HypervisorLink
+from xenpv.stack.vcpu.pci import PciFunction
+from xenpv.stack.vcpu.qtest import Qtest
 
 log = logging.getLogger("stack.agent")
 

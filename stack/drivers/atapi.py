@@ -18,10 +18,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stack.drivers.bus import BusDriver
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
+from xenpv.stack.drivers.bus import BusDriver
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice)
-from stack.kernel.status import STATUS_SUCCESS
+from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 log = logging.getLogger("stack.drivers.atapi")
 

@@ -15,19 +15,19 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from stack.drivers.atapi import IDE_CHANNEL_ID, AtapiDriver
-from stack.drivers.pci import PNP0A03_IDS, PciDriver
-from stack.drivers.revision import VENDOR_PREFIX
-from stack.drivers.xen import PACKAGE_VERSION, Xen
-from stack.drivers.xenbus.driver import FiltersInstall, XenbusDriver
-from stack.drivers.xenfilt import XenfiltDriver
-from stack.kernel import BugCheckCode, DeviceNode, InMemoryCatalog, Kernel, KeBugCheckEx, Registry
-from stack.kernel.pnp import DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
-from stack.kernel.mm import MemoryManager, set_current_mm
-from stack.vcpu.cpu import Vcpu
-from stack.vcpu.pages import PageAllocator
-from stack.vcpu.pci import PciBus, PciFunction
-from stack.vcpu.platform import XenPlatform
+from xenpv.stack.drivers.atapi import IDE_CHANNEL_ID, AtapiDriver
+from xenpv.stack.drivers.pci import PNP0A03_IDS, PciDriver
+from xenpv.stack.drivers.revision import VENDOR_PREFIX
+from xenpv.stack.drivers.xen import PACKAGE_VERSION, Xen
+from xenpv.stack.drivers.xenbus.driver import FiltersInstall, XenbusDriver
+from xenpv.stack.drivers.xenfilt import XenfiltDriver
+from xenpv.stack.kernel import BugCheckCode, DeviceNode, InMemoryCatalog, Kernel, KeBugCheckEx, Registry
+from xenpv.stack.kernel.pnp import DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
+from xenpv.stack.kernel.mm import MemoryManager, set_current_mm
+from xenpv.stack.vcpu.cpu import Vcpu
+from xenpv.stack.vcpu.pages import PageAllocator
+from xenpv.stack.vcpu.pci import PciBus, PciFunction
+from xenpv.stack.vcpu.platform import XenPlatform
 
 log = logging.getLogger("stack.drivers.boot")
 

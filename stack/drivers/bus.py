@@ -3,9 +3,9 @@ IRPs; the FDO reports its children for BusRelations, forwards everything else to
 REMOVE forwards, detaches and deletes itself. A subclass supplies `_enumerate(fdo)` and `_pdo_pnp`."""
 from __future__ import annotations
 
-from stack.kernel import (IRP_MN_PNP, DeviceKind, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest,
+from xenpv.stack.kernel import (IRP_MN_PNP, DeviceKind, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest,
                           IoDeleteDevice, IoDetachDevice, forward)
-from stack.kernel.status import STATUS_SUCCESS
+from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 
 class BusDriver:

@@ -20,8 +20,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from stack.kernel.irql import KeAcquireSpinLock, KeReleaseSpinLock, KSpinLock
-from stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
+from xenpv.stack.kernel.irql import KeAcquireSpinLock, KeReleaseSpinLock, KSpinLock
+from xenpv.stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
 
 log = logging.getLogger("stack.drivers.interface")
 

@@ -14,11 +14,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.bus import BusDriver
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
+from xenpv.stack.drivers.bus import BusDriver
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice)
-from stack.kernel.status import STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
-from stack.vcpu.pci import PciBus, PciFunction
+from xenpv.stack.kernel.status import STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
+from xenpv.stack.vcpu.pci import PciBus, PciFunction
 
 log = logging.getLogger("stack.drivers.pci")
 

@@ -21,16 +21,16 @@ import importlib
 import logging
 from collections.abc import Mapping, Sequence
 
-from stack.kernel.device import DriverEntryRoutine
-from stack.kernel.pnp import DriverCatalog, DriverMatch
-from stack.kernel.registry import KeyNotFound, Registry, ValueNotFound
+from xenpv.stack.kernel.device import DriverEntryRoutine
+from xenpv.stack.kernel.pnp import DriverCatalog, DriverMatch
+from xenpv.stack.kernel.registry import KeyNotFound, Registry, ValueNotFound
 
 from .installer import DEVICE_IDS_KEY, INF_FILES_KEY, installed_package
 from .packages import SERVICES_KEY
 
 log = logging.getLogger("stack.install.catalog")
 
-DRIVER_MODULE_PACKAGE = "stack.drivers"
+DRIVER_MODULE_PACKAGE = "xenpv.stack.drivers"
 DRIVER_ENTRY_NAME = "DriverEntry"
 
 

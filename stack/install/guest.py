@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from guests.schema import GuestDefinition
-from stack.kernel.registry import REG_DWORD, REG_MULTI_SZ, REG_SZ, Registry
+from xenpv.guests.schema import GuestDefinition
+from xenpv.stack.kernel.registry import REG_DWORD, REG_MULTI_SZ, REG_SZ, Registry
 
 from .installer import InstallError, InstallResult, Installer, PlatformPciDevice, filters_install
 from .packages import PACKAGE_NAMES, Era

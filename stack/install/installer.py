@@ -24,8 +24,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from stack.kernel.pnp import CLASS_KEY
-from stack.kernel.registry import REG_DWORD, REG_EXPAND_SZ, KeyNotFound, Registry, ValueNotFound
+from xenpv.stack.kernel.pnp import CLASS_KEY
+from xenpv.stack.kernel.registry import REG_DWORD, REG_EXPAND_SZ, KeyNotFound, Registry, ValueNotFound
 
 from .packages import (BUS_DEVICE_IDS, SERVICES_KEY, VENDOR_DEVICE_ID, XEN_PCI_VENDOR, XENFILT_FILTER_CLASSES, Era,
                        Package, RegEntry, ServiceSpec, Version, get_package)

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from types import MappingProxyType
 
-from stack.drivers.revision import (CHILD_BINDS_XENBUS_REVISION, VENDOR_PREFIX, XENBUS_DEPRECATED_REVISIONS,
+from xenpv.stack.drivers.revision import (CHILD_BINDS_XENBUS_REVISION, VENDOR_PREFIX, XENBUS_DEPRECATED_REVISIONS,
                                     XENBUS_INTERFACES, XENBUS_REVISIONS, XENNET_BINDS_XENVIF_REVISION,
                                     XENVIF_INTERFACES, XENVIF_REVISIONS, vendor_name)
-from stack.kernel.pnp import HDC_CLASS_GUID, SYSTEM_CLASS_GUID
-from stack.kernel.registry import REG_DWORD, REG_MULTI_SZ, REG_SZ, RegData, RegType
+from xenpv.stack.kernel.pnp import HDC_CLASS_GUID, SYSTEM_CLASS_GUID
+from xenpv.stack.kernel.registry import REG_DWORD, REG_MULTI_SZ, REG_SZ, RegData, RegType
 
 SERVICES_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services"
 NET_CLASS_GUID = "{4d36e972-e325-11ce-bfc1-08002be10318}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stack.vcpu.cpu import Vcpu
-from stack.vcpu.pages import PAGE, PageAllocator
+from xenpv.stack.vcpu.cpu import Vcpu
+from xenpv.stack.vcpu.pages import PAGE, PageAllocator
 
 
 @dataclass(eq=False)

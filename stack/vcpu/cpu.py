@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from stack.vcpu.guestmem import PAGE_SIZE, GuestMemory
-from stack.vcpu.hypervisor import HypervisorLink
-from stack.vcpu.qtest import Qtest
-from xenabi import unplug as unplug_abi
-from xenabi import xen as X
+from xenpv.stack.vcpu.guestmem import PAGE_SIZE, GuestMemory
+from xenpv.stack.vcpu.hypervisor import HypervisorLink
+from xenpv.stack.vcpu.qtest import Qtest
+from xenpv.xenabi import unplug as unplug_abi
+from xenpv.xenabi import xen as X
 
 log = logging.getLogger("stack.vcpu")
 

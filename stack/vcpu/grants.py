@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from xenabi.atomic import AtomicMemory
-from xenabi.grant_entries import (DOMID, DOMID_BYTES, FLAGS, FLAGS_BYTES, FRAME, FRAME_BYTES, GrantEntry, atomic_frame,
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.xenabi.grant_entries import (DOMID, DOMID_BYTES, FLAGS, FLAGS_BYTES, FRAME, FRAME_BYTES, GrantEntry, atomic_frame,
                                   entry_location, read_entry)
-from xenabi.grant_table import GRANT_ENTRIES_V1_PER_FRAME, GTF_permit_access, GTF_readonly, GTF_reading, GTF_writing
+from xenpv.xenabi.grant_table import GRANT_ENTRIES_V1_PER_FRAME, GTF_permit_access, GTF_readonly, GTF_reading, GTF_writing
 
 
 class GrantTableFrontend:

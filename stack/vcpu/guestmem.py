@@ -12,7 +12,7 @@ import mmap
 import os
 from pathlib import Path
 
-from harness.errors import HarnessError
+from xenpv.base.errors import HarnessError
 
 LEGACY_HOLE = range(0xA0000, 0x100000)
 PAGE_SIZE = 4096

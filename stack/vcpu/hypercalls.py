@@ -5,11 +5,11 @@ from __future__ import annotations
 import ctypes
 from typing import TypeVar
 
-from stack.vcpu.cpu import Vcpu
-from xenabi import event_channel as E
-from xenabi import grant_table as G
-from xenabi import hvm
-from xenabi import xen as X
+from xenpv.stack.vcpu.cpu import Vcpu
+from xenpv.xenabi import event_channel as E
+from xenpv.xenabi import grant_table as G
+from xenpv.xenabi import hvm
+from xenpv.xenabi import xen as X
 
 S = TypeVar("S", bound=ctypes.Structure)
 HC = X.HYPERCALL_NUMBERS

@@ -9,9 +9,9 @@ import threading
 import time
 from pathlib import Path
 
-from backends.xenhv.wire import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
-from harness.errors import HarnessError
-from stack.vcpu.guestmem import close_mapping
+from xenpv.xenabi.trap import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
+from xenpv.base.errors import HarnessError
+from xenpv.stack.vcpu.guestmem import close_mapping
 
 
 class HypervisorError(HarnessError):

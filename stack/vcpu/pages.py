@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from harness.errors import HarnessError
+from xenpv.base.errors import HarnessError
 
 PAGE = 4096
 FIRST_FREE_GFN = 0x100  # 1 MiB: below is the real-mode area and the legacy window

@@ -13,16 +13,16 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from stack.vcpu.grants import GrantTableFrontend
-from stack.vcpu.cpu import Vcpu
-from stack.vcpu.hypercalls import Hypercalls
-from stack.vcpu.pages import PageAllocator
-from stack.vcpu.pci import PciBus, PciFunction
-from stack.vcpu.upcall import UpcallDispatcher
-from stack.vcpu.xenstore import EventChannelDoorbell, GuestXenstore
-from xenabi import hvm
-from xenabi import xen as X
-from xenabi.grant_table import GNTTAB_NR_RESERVED_ENTRIES, GRANT_ENTRIES_V1_PER_FRAME
+from xenpv.stack.vcpu.grants import GrantTableFrontend
+from xenpv.stack.vcpu.cpu import Vcpu
+from xenpv.stack.vcpu.hypercalls import Hypercalls
+from xenpv.stack.vcpu.pages import PageAllocator
+from xenpv.stack.vcpu.pci import PciBus, PciFunction
+from xenpv.stack.vcpu.upcall import UpcallDispatcher
+from xenpv.stack.vcpu.xenstore import EventChannelDoorbell, GuestXenstore
+from xenpv.xenabi import hvm
+from xenpv.xenabi import xen as X
+from xenpv.xenabi.grant_table import GNTTAB_NR_RESERVED_ENTRIES, GRANT_ENTRIES_V1_PER_FRAME
 
 log = logging.getLogger("stack.vcpu.platform")
 

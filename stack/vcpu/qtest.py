@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
-from harness.errors import QtestError
+from xenpv.base.errors import QtestError
 
 log = logging.getLogger("stack.vcpu.qtest")
 

@@ -14,9 +14,9 @@ import select
 import threading
 from typing import Callable
 
-from xenabi.atomic import AtomicMemory
-from stack.vcpu.hypervisor import HypervisorLink
-from xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, SharedInfo, VcpuInfo
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.stack.vcpu.hypervisor import HypervisorLink
+from xenpv.xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, SharedInfo, VcpuInfo
 
 log = logging.getLogger("stack.vcpu.upcall")
 

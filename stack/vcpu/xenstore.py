@@ -12,10 +12,10 @@ import time
 from collections import deque
 from typing import Callable
 
-from backends.xenstored.ring import GuestRing
-from stack.vcpu.hypercalls import Hypercalls
-from stack.vcpu.upcall import UpcallDispatcher
-from xenabi.xs_wire import XsdSockmsgType as T
+from xenpv.xenabi.xs_ring import GuestRing
+from xenpv.stack.vcpu.hypercalls import Hypercalls
+from xenpv.stack.vcpu.upcall import UpcallDispatcher
+from xenpv.xenabi.xs_wire import XsdSockmsgType as T
 
 
 class XenstoreError(Exception):

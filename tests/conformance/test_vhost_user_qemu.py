@@ -18,9 +18,9 @@ from typing import Iterator
 
 import pytest
 
-from backends.vhost_user import BackendDevice, BackendSession, ProtocolFeature, Request, VhostUserBackend
-from harness.process import Supervised, wait_for
-from harness.qmp import QmpSession
+from xenpv.backends.vhost_user import BackendDevice, BackendSession, ProtocolFeature, Request, VhostUserBackend
+from xenpv.base.process import Supervised, wait_for
+from xenpv.base.qmp import QmpSession
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 SLOT = 4

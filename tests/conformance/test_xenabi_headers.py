@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from xenabi import blkif, event_channel, grant_table, hvm, netif, ring, unplug, xen
-from xenabi.layout import field_offsets
-from xenabi.xenbus import XenbusState
+from xenpv.xenabi import blkif, event_channel, grant_table, hvm, netif, ring, unplug, xen
+from xenpv.xenabi.layout import field_offsets
+from xenpv.xenabi.xenbus import XenbusState
 
 HEADERS = [
     "xen/xen.h", "xen/errno.h", "xen/grant_table.h", "xen/event_channel.h", "xen/memory.h", "xen/sched.h",
@@ -78,7 +78,7 @@ XS_WIRE_TYPES = [
     "IS_DOMAIN_INTRODUCED", "RESUME", "SET_TARGET", "RESET_WATCHES", "DIRECTORY_PART", "INVALID",
 ]
 
-from xenabi import xs_wire
+from xenpv.xenabi import xs_wire
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Iterator
 
 import pytest
 
-from backends.xenstored.client import XsClient
-from backends.xenstored.launch import start_xenstored
-from harness.process import Supervised
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.backends.xenstored.launch import start_xenstored
+from xenpv.base.process import Supervised
 
 UTILS = ("xenstore-write", "xenstore-read", "xenstore-ls", "xenstore-list", "xenstore-exists", "xenstore-rm",
          "xenstore-chmod", "xenstore-watch")

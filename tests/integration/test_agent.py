@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.agent import GuestBugcheck
+from xenpv.harness.agent import GuestBugcheck
 
 pytestmark = pytest.mark.integration
 

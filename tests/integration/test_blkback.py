@@ -11,15 +11,15 @@ from typing import Iterator
 
 import pytest
 
-from backends.blkback.launch import start_blkback
-from backends.xenstored.client import XsClient
-from harness.blk import BlkFront, Op, add_vbd, pack_discard, pack_indirect, pack_request
-from harness.process import Supervised
-from harness.xendomain import XenDomain
-from stack.vcpu.platform import XenPlatform
-from xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
+from xenpv.backends.blkback.launch import start_blkback
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.harness.frontends.blkfront import BlkFront, Op, add_vbd, pack_discard, pack_indirect, pack_request
+from xenpv.base.process import Supervised
+from xenpv.harness.xendomain import XenDomain
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ, BLKIF_OP_WRITE,
                           BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY)
-from xenabi.xenbus import XenbusState
+from xenpv.xenabi.xenbus import XenbusState
 
 pytestmark = pytest.mark.integration
 
@@ -185,7 +185,7 @@ def test_qcow2_through_qemu_nbd(env: Env) -> None:
     raw = env.tmp / "q.raw"
     raw.write_bytes(bytes(model))
     env.xs.write(f"/local/domain/0/backend/vbd/{env.dom.domid}/{XVDB}/online", "0")
-    from harness.process import wait_for
+    from xenpv.base.process import wait_for
     wait_for(lambda: not any(p.name.startswith("qemu-nbd") for p in _qemu_nbd_children(env)), timeout=5,
              what="qemu-nbd to stop", alive=[env.blkback])
     subprocess.run(["qemu-img", "check", "-q", str(img)], check=True)

@@ -10,12 +10,12 @@ from typing import Iterator
 
 import pytest
 
-from backends.blkback.launch import start_blkback
-from backends.xenstored.client import XsClient
-from harness.blk import BlkFront, Op, add_vbd, pack_indirect
-from stack.vcpu.platform import XenPlatform
-from xenabi.blkif import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BlkifRequestSegment
-from xenabi.layout import struct_of
+from xenpv.backends.blkback.launch import start_blkback
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.harness.frontends.blkfront import BlkFront, Op, add_vbd, pack_indirect
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.xenabi.blkif import BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BlkifRequestSegment
+from xenpv.xenabi.layout import struct_of
 
 pytestmark = pytest.mark.integration
 

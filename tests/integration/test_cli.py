@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_xenpv_run_shows_discovery_unplug_and_io() -> None:
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "guests/default.yaml"],
+    out = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "run", "guests/default.yaml"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
@@ -27,9 +27,9 @@ def test_xenpv_run_shows_discovery_unplug_and_io() -> None:
 
 
 def test_xenpv_version_and_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "version"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "version"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "xenpv-harness" in out.stdout and "QEMU emulator version" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "bench", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "bench", "--help"], capture_output=True, text=True,
                          timeout=30)
     for name in ("machine", "boot", "xenstore", "evtchn", "blk", "net"):
         assert name in out.stdout

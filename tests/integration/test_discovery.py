@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from stack.drivers.boot import boot_stack
-from stack.drivers.revision import XENBUS_REVISIONS, newest_first
-from stack.kernel import Registry
-from stack.vcpu.cpu import Vcpu
+from xenpv.stack.drivers.boot import boot_stack
+from xenpv.stack.drivers.revision import XENBUS_REVISIONS, newest_first
+from xenpv.stack.kernel import Registry
+from xenpv.stack.vcpu.cpu import Vcpu
 
 pytestmark = pytest.mark.integration
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(autouse=True)
 def _fresh_processor():
     """A bugchecked boot leaves its processor at HIGH_LEVEL; the next boot must not start on it."""
-    from stack.kernel.irql import Processor, set_current_processor
+    from xenpv.stack.kernel.irql import Processor, set_current_processor
     previous = set_current_processor(Processor())
     yield
     set_current_processor(previous)
@@ -51,14 +51,14 @@ def test_no_platform_boots_without_unplug(guest_factory) -> None:
 
 
 def _query(pdo, guid, version, size):
-    from stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters
+    from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters
     irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(guid, size, version, None))
     return IoSynchronousCallDriver(pdo, irp), irp.parameters.interface
 
 
 def test_child_queries_every_interface_at_every_version(xen_guest_factory) -> None:
-    from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION
-    from stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
+    from xenpv.stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION
+    from xenpv.stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
     d = xen_guest_factory("default")
     booted = _boot(d)
     try:
@@ -77,9 +77,9 @@ def test_child_queries_every_interface_at_every_version(xen_guest_factory) -> No
 
 
 def test_unplug_on_the_second_boot_before_children_start(xen_guest_factory) -> None:
-    from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
-    from stack.drivers.xenfilt import GUID_XENFILT_EMULATED_INTERFACE
-    from stack.kernel.status import STATUS_SUCCESS as OK
+    from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+    from xenpv.stack.drivers.xenfilt import GUID_XENFILT_EMULATED_INTERFACE
+    from xenpv.stack.kernel.status import STATUS_SUCCESS as OK
     d = xen_guest_factory("default")
     registry = Registry()
     first = _boot(d, registry)
@@ -112,8 +112,8 @@ def test_unplug_on_the_second_boot_before_children_start(xen_guest_factory) -> N
 
 
 def test_query_interface_at_dispatch_bugchecks_naming_the_module(xen_guest_factory) -> None:
-    from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
-    from stack.kernel import BugCheck, BugCheckCode, KeInitializeDpc, KeInsertQueueDpc
+    from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+    from xenpv.stack.kernel import BugCheck, BugCheckCode, KeInitializeDpc, KeInsertQueueDpc
     d = xen_guest_factory("default")
     booted = _boot(d)
     try:
@@ -130,7 +130,7 @@ def test_query_interface_at_dispatch_bugchecks_naming_the_module(xen_guest_facto
 
 def _arm_unplug(booted) -> None:
     """What XENVBD and XENVIF do at start: UNPLUG.Request(T, TRUE) from their PDOs."""
-    from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+    from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
     fdo = booted.xenbus.active_fdo
     for cls, kind in (("VBD", 2), ("VIF", 1)):
         _, unplug = _query(fdo.children[cls], GUID_XENBUS_UNPLUG_INTERFACE, 3, 4096)
@@ -160,7 +160,7 @@ def test_boot_emulated_keeps_the_primary_master(xen_guest_factory) -> None:
 def test_a_vanished_class_loses_its_pdo(xen_guest_factory) -> None:
     import time
 
-    from backends.xenstored.client import XsClient
+    from xenpv.backends.xenstored.client import XsClient
     d = xen_guest_factory("default")
     booted = _boot(d)
     try:

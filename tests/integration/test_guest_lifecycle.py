@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from harness.agent import GuestBugcheck
+from xenpv.harness.agent import GuestBugcheck
 
 pytestmark = pytest.mark.integration
 

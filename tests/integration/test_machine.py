@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from guests.schema import GUESTS_DIR, load_guest
-from harness.errors import MachineCrashed
-from harness.machine import Machine
-from stack.vcpu.pci import PciBus
-from stack.vcpu.qtest import expected_replies
+from xenpv.guests.schema import GUESTS_DIR, load_guest
+from xenpv.base.errors import MachineCrashed
+from xenpv.harness.machine import Machine
+from xenpv.stack.vcpu.pci import PciBus
+from xenpv.stack.vcpu.qtest import expected_replies
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_ram_written_through_qtest_is_seen_in_the_mapping_and_back(machine: Mach
 
 
 def test_guest_memory_refuses_the_legacy_window_and_beyond_ram(machine: Machine) -> None:
-    from stack.vcpu.guestmem import GuestMemoryError
+    from xenpv.stack.vcpu.guestmem import GuestMemoryError
 
     with pytest.raises(GuestMemoryError, match="legacy window"):
         machine.memory.read(0xC0000, 16)
@@ -104,7 +104,7 @@ def test_qemu_dying_before_it_connects_is_reported_with_status_and_stderr(tmp_pa
 
 
 def test_qemu_binary_that_does_not_exist(tmp_path: Path, artifacts: Path) -> None:
-    from harness.errors import LaunchFailure
+    from xenpv.base.errors import LaunchFailure
 
     m = Machine(load_guest(GUESTS_DIR / "no-platform.yaml"), artifacts / "m", binary=str(tmp_path / "qemu"))
     with pytest.raises(LaunchFailure, match="cannot start"):
@@ -139,7 +139,7 @@ def test_qmp_events_are_logged(machine: Machine) -> None:
 
 
 def test_dm_qmp_socket_is_served(machine: Machine) -> None:
-    from harness.qmp import QmpSession
+    from xenpv.base.qmp import QmpSession
 
     dm = QmpSession("dm")
     try:

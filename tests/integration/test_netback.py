@@ -16,15 +16,15 @@ from typing import Callable, Iterator
 import dpkt
 import pytest
 
-from backends.netback.datapath import flow_queue
-from backends.netback.launch import start_netback
-from backends.xenstored.client import XsClient
-from harness.netfront_test import GuestIp, MiniNetfront
-from harness.netns import NetNamespace, TapAddressing, addressing, list_namespaces
-from harness.process import Supervised, wait_for
-from harness.rundir import make_run_dir, remove_run_dir
-from stack.vcpu.platform import XenPlatform
-from xenabi import netif as N
+from xenpv.backends.netback.datapath import flow_queue
+from xenpv.backends.netback.launch import start_netback
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.harness.frontends.netfront import GuestIp, MiniNetfront
+from xenpv.harness.netns import NetNamespace, TapAddressing, addressing, list_namespaces
+from xenpv.base.process import Supervised, wait_for
+from xenpv.base.rundir import make_run_dir, remove_run_dir
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.xenabi import netif as N
 
 pytestmark = pytest.mark.integration
 
@@ -238,7 +238,7 @@ def test_backend_restart_frontend_reconnects(net_env) -> None:
     assert before["tx_frames"] >= 1
 
 
-from xenabi.xenbus import XenbusState  # noqa: E402
+from xenpv.xenabi.xenbus import XenbusState  # noqa: E402
 
 N_INITWAIT = XenbusState.InitWait
 

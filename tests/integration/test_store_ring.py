@@ -7,13 +7,13 @@ from typing import Iterator
 
 import pytest
 
-from backends.xenstored.client import XsClient
-from stack.vcpu.hypercalls import Hypercalls
-from stack.vcpu.pci import PciBus
-from stack.vcpu.upcall import UpcallDispatcher
-from stack.vcpu.xenstore import EventChannelDoorbell, GuestXenstore, XenstoreError
-from xenabi import hvm
-from xenabi import xen as X
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.stack.vcpu.hypercalls import Hypercalls
+from xenpv.stack.vcpu.pci import PciBus
+from xenpv.stack.vcpu.upcall import UpcallDispatcher
+from xenpv.stack.vcpu.xenstore import EventChannelDoorbell, GuestXenstore, XenstoreError
+from xenpv.xenabi import hvm
+from xenpv.xenabi import xen as X
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def test_watches_and_transactions_over_the_ring(guest_store) -> None:
 
 
 def test_platform_services_come_up_on_a_xen_guest(xen_guest_factory) -> None:
-    from stack.vcpu.platform import XenPlatform
+    from xenpv.stack.vcpu.platform import XenPlatform
 
     d = xen_guest_factory("vendor-c000")
     p = XenPlatform.start(d.vcpu, d.machine.guest.memory_mib << 8)

@@ -12,16 +12,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from backends.toolstack import Toolstack, ToolstackError
-from backends.toolstack import domain as toolstack_domain
-from backends.toolstack.layout import vm_uuid
-from backends.xenhv.control import XenhvError
-from backends.xenstored.client import XsClient
-from guests.schema import GUESTS_DIR, PvDisk, load_guest
-from harness.services import HostServices
-from xenabi.hvm import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
-from xenabi.xs_wire import XenstoreDomainInterface
-from xenabi.xs_wire import XsdSockmsgType as T
+from xenpv.backends.toolstack import Toolstack, ToolstackError
+from xenpv.backends.toolstack import domain as toolstack_domain
+from xenpv.backends.toolstack.layout import vm_uuid
+from xenpv.backends.xenhv.control import XenhvError
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.guests.schema import GUESTS_DIR, PvDisk, load_guest
+from xenpv.backends.host import HostServices
+from xenpv.xenabi.hvm import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
+from xenpv.xenabi.xs_wire import XenstoreDomainInterface
+from xenpv.xenabi.xs_wire import XsdSockmsgType as T
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stack.vcpu.pci import PciBus
-from xenabi import unplug as U
+from xenpv.stack.vcpu.pci import PciBus
+from xenpv.xenabi import unplug as U
 
 pytestmark = pytest.mark.integration
 

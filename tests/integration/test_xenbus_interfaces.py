@@ -7,18 +7,18 @@ from typing import Any
 
 import pytest
 
-from backends.xenstored.client import XsClient
-from stack.drivers.xenbus.cache import CacheInterface
-from stack.drivers.xenbus.debug import DebugInterface
-from stack.drivers.xenbus.evtchn import EVTCHN_UNBOUND, EvtchnInterface
-from stack.drivers.xenbus.gnttab import GnttabInterface
-from stack.drivers.xenbus.range_set import RangeSetInterface
-from stack.drivers.xenbus.shared_info import SharedInfoInterface
-from stack.drivers.xenbus.store import StoreInterface
-from stack.drivers.xenbus.suspend import SuspendInterface
-from stack.kernel import DIRQL, KEvent, Kernel, KeGetCurrentIrql, KeWaitForSingleObject
-from stack.kernel.status import STATUS_RETRY, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
-from stack.vcpu.platform import XenPlatform
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.stack.drivers.xenbus.cache import CacheInterface
+from xenpv.stack.drivers.xenbus.debug import DebugInterface
+from xenpv.stack.drivers.xenbus.evtchn import EVTCHN_UNBOUND, EvtchnInterface
+from xenpv.stack.drivers.xenbus.gnttab import GnttabInterface
+from xenpv.stack.drivers.xenbus.range_set import RangeSetInterface
+from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
+from xenpv.stack.drivers.xenbus.store import StoreInterface
+from xenpv.stack.drivers.xenbus.suspend import SuspendInterface
+from xenpv.stack.kernel import DIRQL, KEvent, Kernel, KeGetCurrentIrql, KeWaitForSingleObject
+from xenpv.stack.kernel.status import STATUS_RETRY, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.vcpu.platform import XenPlatform
 
 pytestmark = pytest.mark.integration
 

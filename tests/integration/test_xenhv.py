@@ -7,12 +7,12 @@ import ctypes
 import sys
 import pytest
 
-from harness.process import Supervised, wait_for
-from stack.vcpu.hypercalls import Hypercalls
-from stack.vcpu.pci import PciBus
-from xenabi import event_channel as E
-from xenabi import hvm
-from xenabi import xen as X
+from xenpv.base.process import Supervised, wait_for
+from xenpv.stack.vcpu.hypercalls import Hypercalls
+from xenpv.stack.vcpu.pci import PciBus
+from xenpv.xenabi import event_channel as E
+from xenpv.xenabi import hvm
+from xenpv.xenabi import xen as X
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +88,7 @@ def test_event_channel_round_trip_with_a_vhost_user_backend(xen_guest_factory, h
     port = alloc_unbound(v)
 
     sock = host.run_dir / f"peer-{d.domid}.sock"
-    peer = Supervised("peer back-end", [sys.executable, "-m", "backends.peer", "--xenhv", str(host.xenhv_socket),
+    peer = Supervised("peer back-end", [sys.executable, "-m", "xenpv.backends.peer", "--xenhv", str(host.xenhv_socket),
                                         "--socket", str(sock), "--domid", str(d.domid), "--port", str(port),
                                         "--gpa", hex(MAILBOX)], artifacts / "peer.log").start()
     try:
@@ -124,8 +124,8 @@ def map_grant_frame(vcpu, gfn: int, idx: int = 0) -> None:
 
 def test_granted_page_is_mapped_by_the_backend_and_revocation_waits_for_unmap(xen_guest_factory, host,
                                                                             artifacts, request) -> None:
-    from stack.vcpu.grants import GrantTableFrontend
-    from xenabi.grant_table import GTF_permit_access, GTF_reading, GTF_writing
+    from xenpv.stack.vcpu.grants import GrantTableFrontend
+    from xenpv.xenabi.grant_table import GTF_permit_access, GTF_reading, GTF_writing
 
     d = xen_guest_factory("default")
     v = d.vcpu
@@ -142,7 +142,7 @@ def test_granted_page_is_mapped_by_the_backend_and_revocation_waits_for_unmap(xe
     assert (size.status, size.nr_frames, size.max_nr_frames) == (0, 1, 32)
 
     sock = host.run_dir / f"peer-g{d.domid}.sock"
-    peer = Supervised("peer back-end", [sys.executable, "-m", "backends.peer", "--xenhv", str(host.xenhv_socket),
+    peer = Supervised("peer back-end", [sys.executable, "-m", "xenpv.backends.peer", "--xenhv", str(host.xenhv_socket),
                                         "--socket", str(sock), "--domid", str(d.domid), "--port", str(port),
                                         "--grant", str(ref)], artifacts / "peer.log").start()
     try:
@@ -167,9 +167,9 @@ def test_granted_page_is_mapped_by_the_backend_and_revocation_waits_for_unmap(xe
 
 
 def test_grant_checks_domid_and_readonly(xen_guest_factory) -> None:
-    from backends.xenhv.control import XenhvError
-    from stack.vcpu.grants import GrantTableFrontend
-    from xenabi.grant_table import GNTST_bad_gntref, GNTST_general_error
+    from xenpv.backends.xenhv.control import XenhvError
+    from xenpv.stack.vcpu.grants import GrantTableFrontend
+    from xenpv.xenabi.grant_table import GNTST_bad_gntref, GNTST_general_error
 
     d = xen_guest_factory("default")
     v = d.vcpu
@@ -207,7 +207,7 @@ def _dom0_map(d, ref: int, readonly: bool) -> dict:
 
 
 def test_save_and_restore_keep_params_frames_and_their_placement(xen_guest_factory, tmp_path) -> None:
-    from stack.vcpu.grants import GrantTableFrontend
+    from xenpv.stack.vcpu.grants import GrantTableFrontend
 
     d = xen_guest_factory("default")
     v = d.vcpu

@@ -10,11 +10,11 @@ from typing import Iterator
 
 import pytest
 
-from backends.xenhv.control import XenhvError
-from backends.xenhv.wire import REPLY, TRAP, TrapKind
-from stack.vcpu.hypervisor import HypervisorLink
-from xenabi import event_channel as E
-from xenabi import xen as X
+from xenpv.backends.xenhv.control import XenhvError
+from xenpv.xenabi.trap import REPLY, TRAP, TrapKind
+from xenpv.stack.vcpu.hypervisor import HypervisorLink
+from xenpv.xenabi import event_channel as E
+from xenpv.xenabi import xen as X
 
 pytestmark = pytest.mark.integration
 

@@ -17,13 +17,13 @@ from typing import Callable, Iterator
 import dpkt
 import pytest
 
-from backends.netback.launch import start_netback
-from harness.agent import Guest
-from harness.netns import NetNamespace, TapAddressing, addressing, list_namespaces
-from harness.process import Supervised
-from harness.rundir import make_run_dir, remove_run_dir
-from harness.plugin import resolve_guest
-from stack.drivers.revision import XENNET_BINDS_XENVIF_REVISION, XENVIF_REVISIONS, newest_first
+from xenpv.backends.netback.launch import start_netback
+from xenpv.harness.agent import Guest
+from xenpv.harness.netns import NetNamespace, TapAddressing, addressing, list_namespaces
+from xenpv.base.process import Supervised
+from xenpv.base.rundir import make_run_dir, remove_run_dir
+from xenpv.harness.plugin import resolve_guest
+from xenpv.stack.drivers.revision import XENNET_BINDS_XENVIF_REVISION, XENVIF_REVISIONS, newest_first
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ from typing import Iterator
 
 import pytest
 
-from backends.blkback.launch import start_blkback
-from harness.agent import Guest
-from harness.errors import WaitTimeout
-from harness.process import Supervised
-from harness.services import HostServices
-from stack.agent.cmd_vbd import sector_pattern
+from xenpv.backends.blkback.launch import start_blkback
+from xenpv.harness.agent import Guest
+from xenpv.base.errors import WaitTimeout
+from xenpv.base.process import Supervised
+from xenpv.backends.host import HostServices
+from xenpv.stack.agent.cmd_vbd import sector_pattern
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from guests.schema import GUESTS_DIR, load_guest
-from harness.errors import GuestDefinitionError
+from xenpv.guests.schema import GUESTS_DIR, load_guest
+from xenpv.base.errors import GuestDefinitionError
 
 SHAPES = sorted(GUESTS_DIR.glob("*.yaml"))
 

@@ -1,7 +1,7 @@
 import pytest
 
-from harness.errors import HarnessError
-from stack.vcpu.pages import FIRST_FREE_GFN, OutOfGuestMemory, PageAllocator
+from xenpv.base.errors import HarnessError
+from xenpv.stack.vcpu.pages import FIRST_FREE_GFN, OutOfGuestMemory, PageAllocator
 
 
 def test_pages_come_from_above_1mib_contiguous_and_never_reserved() -> None:

@@ -9,8 +9,8 @@ from typing import Iterator
 
 import pytest
 
-from harness.errors import QtestError
-from stack.vcpu.qtest import Qtest, parse_transcript
+from xenpv.base.errors import QtestError
+from xenpv.stack.vcpu.qtest import Qtest, parse_transcript
 
 
 class Peer:

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.vhost_user import (
+from xenpv.backends.vhost_user import (
     F_PROTOCOL_FEATURES,
     BackendDevice,
     BackendSession,
@@ -40,7 +40,7 @@ from backends.vhost_user import (
     VhostUserFrontend,
     VhostUserRequestFailed,
 )
-from backends.vhost_user.messages import (
+from xenpv.backends.vhost_user.messages import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER,
@@ -52,7 +52,7 @@ from backends.vhost_user.messages import (
     VRING_NOFD,
     VRING_STATE,
 )
-from harness.process import Supervised, wait_for
+from xenpv.base.process import Supervised, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20

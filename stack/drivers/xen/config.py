@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from stack.kernel.registry import Registry, RegistryError
+from xenpv.stack.kernel.registry import Registry, RegistryError
 
 log = logging.getLogger("stack.drivers.xen.config")
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from stack.kernel.debuglog import DbgLevel, DebugLog, DebugRecord
-from stack.kernel.registry import Registry, RegistryError
-from stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS
-from stack.vcpu.cpu import Vcpu
-from xenabi import unplug as U
-from xenabi import xen as X
+from xenpv.stack.kernel.debuglog import DbgLevel, DebugLog, DebugRecord
+from xenpv.stack.kernel.registry import Registry, RegistryError
+from xenpv.stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS
+from xenpv.stack.vcpu.cpu import Vcpu
+from xenpv.xenabi import unplug as U
+from xenpv.xenabi import xen as X
 
 from .config import SERVICES, Config
 from .unplug import UNPLUG_TYPES, Unplug

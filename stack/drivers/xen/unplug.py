@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from stack.kernel.debuglog import DbgLevel, DebugLog
-from stack.kernel.registry import Registry, RegistryError
-from xenabi import unplug as U
+from xenpv.stack.kernel.debuglog import DbgLevel, DebugLog
+from xenpv.stack.kernel.registry import Registry, RegistryError
+from xenpv.xenabi import unplug as U
 
 log = logging.getLogger("stack.drivers.xen.unplug")
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.interface import Interface, InterfaceTable, table
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.kernel.bugcheck import BUG
-from stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER, STATUS_SUCCESS,
+from xenpv.stack.drivers.interface import Interface, InterfaceTable, table
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER, STATUS_SUCCESS,
                                  NTSTATUS)
 
 log = logging.getLogger("stack.drivers.xenbus.cache")

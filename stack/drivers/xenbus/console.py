@@ -19,13 +19,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenabi.atomic import AtomicMemory
-from stack.drivers.interface import Interface, table
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.kernel.bugcheck import BUG
-from stack.kernel.event import KEvent, KeSetEvent
-from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, NTSTATUS
-from stack.vcpu.platform import XenPlatform
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.event import KEvent, KeSetEvent
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, NTSTATUS
+from xenpv.stack.vcpu.platform import XenPlatform
 
 log = logging.getLogger("stack.drivers.xenbus.console")
 

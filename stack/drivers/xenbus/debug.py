@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.interface import Interface, table
-from stack.kernel.bugcheck import BUG, BugCheck, KeDeregisterBugCheckCallback, KeRegisterBugCheckCallback
-from stack.kernel.debuglog import DbgLevel, current_log
-from stack.kernel.irql import HIGH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
-from stack.kernel.status import STATUS_SUCCESS, NTSTATUS
+from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.kernel.bugcheck import BUG, BugCheck, KeDeregisterBugCheckCallback, KeRegisterBugCheckCallback
+from xenpv.stack.kernel.debuglog import DbgLevel, current_log
+from xenpv.stack.kernel.irql import HIGH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
+from xenpv.stack.kernel.status import STATUS_SUCCESS, NTSTATUS
 
 log = logging.getLogger("stack.drivers.xenbus.debug")
 

@@ -11,20 +11,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stack.drivers.revision import VENDOR_PREFIX
-from stack.drivers.xen import PACKAGE_VERSION, Xen
-from stack.kernel import (IRP_MJ, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
+from xenpv.stack.drivers.revision import VENDOR_PREFIX
+from xenpv.stack.drivers.xen import PACKAGE_VERSION, Xen
+from xenpv.stack.kernel import (IRP_MJ, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCreateDevice, IoDeleteDevice, IoDetachDevice)
-from stack.kernel.debuglog import DbgLevel
-from stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
-from stack.kernel.registry import Registry, RegistryError
-from stack.kernel.status import NT_SUCCESS, STATUS_NO_SUCH_DEVICE, STATUS_SUCCESS
+from xenpv.stack.kernel.debuglog import DbgLevel
+from xenpv.stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
+from xenpv.stack.kernel.registry import Registry, RegistryError
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_NO_SUCH_DEVICE, STATUS_SUCCESS
 
 from .fdo import (XEN_PLATFORM_VENDOR_ID, PlatformFactory, XenbusFdo, query_bus_interface, query_emulated,
                   query_id, query_location)
 
 if TYPE_CHECKING:
-    from stack.kernel import Kernel
+    from xenpv.stack.kernel import Kernel
 
 log = logging.getLogger("stack.drivers.xenbus")
 

@@ -31,19 +31,19 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from stack.drivers.interface import Interface, InterfaceTable, acquire_all, table
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.drivers.xenbus.shared_info import SharedInfoInterface
-from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
-from stack.kernel.bugcheck import BUG
-from stack.kernel.dpc import IoConnectInterrupt, IoDisconnectInterrupt, KInterrupt
-from stack.kernel.event import KEvent, KeWaitForSingleObject
-from stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
-from stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
-from stack.vcpu.hypercalls import Hypercalls
-from stack.vcpu.platform import XenPlatform
-from xenabi import event_channel as E
-from xenabi import xen as X
+from xenpv.stack.drivers.interface import Interface, InterfaceTable, acquire_all, table
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.dpc import IoConnectInterrupt, IoDisconnectInterrupt, KInterrupt
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
+from xenpv.stack.vcpu.hypercalls import Hypercalls
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.xenabi import event_channel as E
+from xenpv.xenabi import xen as X
 
 log = logging.getLogger("stack.drivers.xenbus.evtchn")
 

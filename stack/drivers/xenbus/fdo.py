@@ -16,24 +16,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stack.drivers.interface import Interface, InterfaceTable
-from stack.drivers.pci import (BUS_INTERFACE_STANDARD_SIZE, DEVICE_TEXT_LOCATION_INFORMATION,
+from xenpv.stack.drivers.interface import Interface, InterfaceTable
+from xenpv.stack.drivers.pci import (BUS_INTERFACE_STANDARD_SIZE, DEVICE_TEXT_LOCATION_INFORMATION,
                                GUID_BUS_INTERFACE_STANDARD, BusInterfaceStandard, QueryDeviceTextParameters)
-from stack.drivers.revision import vendor_name
-from stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE, EmulatedStatus
-from stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S4, BusQueryIdType,
+from xenpv.stack.drivers.revision import vendor_name
+from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE, EmulatedStatus
+from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S4, BusQueryIdType,
                           DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
                           IoDetachDevice, IoGetAttachedDevice, IoInvalidateDeviceRelations, IoSynchronousCallDriver,
                           QueryIdParameters, QueryInterfaceParameters, forward)
-from stack.kernel.bugcheck import BUG, BUG_ON
-from stack.kernel.debuglog import DbgLevel
-from stack.kernel.registry import RegistryError
-from stack.kernel.status import NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
-from stack.vcpu.xenstore import XenstoreError
-from xenabi import xen as X
+from xenpv.stack.kernel.bugcheck import BUG, BUG_ON
+from xenpv.stack.kernel.debuglog import DbgLevel
+from xenpv.stack.kernel.registry import RegistryError
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.vcpu.xenstore import XenstoreError
+from xenpv.xenabi import xen as X
 
 if TYPE_CHECKING:
-    from stack.vcpu.platform import XenPlatform
+    from xenpv.stack.vcpu.platform import XenPlatform
 
     from .driver import XenbusDriver
 

@@ -28,15 +28,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.interface import Interface, acquire_all, table
-from stack.drivers.xenbus.cache import Cache, CacheInterface, CacheLock, CacheObject
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.drivers.xenbus.range_set import RangeSet, RangeSetInterface
-from stack.kernel.bugcheck import BUG
-from stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER,
+from xenpv.stack.drivers.interface import Interface, acquire_all, table
+from xenpv.stack.drivers.xenbus.cache import Cache, CacheInterface, CacheLock, CacheObject
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.drivers.xenbus.range_set import RangeSet, RangeSetInterface
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER,
                                  STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, NTSTATUS)
-from stack.vcpu.platform import XenPlatform
-from xenabi.grant_table import GTF_permit_access, GTF_readonly, GTF_type_mask
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.xenabi.grant_table import GTF_permit_access, GTF_readonly, GTF_type_mask
 
 log = logging.getLogger("stack.drivers.xenbus.gnttab")
 

@@ -15,16 +15,16 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stack.drivers.interface import Interface
-from stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD, BusInterfaceStandard
-from stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENBUS_REVISIONS, newest_first
-from stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
-from stack.kernel import (IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType, Irp,
+from xenpv.stack.drivers.interface import Interface
+from xenpv.stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD, BusInterfaceStandard
+from xenpv.stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENBUS_REVISIONS, newest_first
+from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
+from xenpv.stack.kernel import (IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType, Irp,
                           IoCompleteRequest, IoCreateDevice, IoDeleteDevice)
-from stack.kernel.bugcheck import BUG_ON
-from stack.kernel.debuglog import DbgLevel
-from stack.kernel.registry import RegistryError
-from stack.kernel.status import (STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
+from xenpv.stack.kernel.bugcheck import BUG_ON
+from xenpv.stack.kernel.debuglog import DbgLevel
+from xenpv.stack.kernel.registry import RegistryError
+from xenpv.stack.kernel.status import (STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
                                  status_name)
 
 if TYPE_CHECKING:

@@ -14,12 +14,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.interface import Interface, table
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.kernel.bugcheck import BUG
-from stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER,
+from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER,
                                  STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS, NTSTATUS)
-from stack.vcpu.platform import XenPlatform
+from xenpv.stack.vcpu.platform import XenPlatform
 
 log = logging.getLogger("stack.drivers.xenbus.range_set")
 

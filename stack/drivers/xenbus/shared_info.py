@@ -18,12 +18,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from xenabi.atomic import AtomicMemory
-from stack.drivers.interface import Interface, table
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
-from stack.vcpu.platform import XenPlatform
-from xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, XEN_LEGACY_MAX_VCPUS, SharedInfo, VcpuInfo, VcpuTimeInfo
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, XEN_LEGACY_MAX_VCPUS, SharedInfo, VcpuInfo, VcpuTimeInfo
 
 log = logging.getLogger("stack.drivers.xenbus.shared_info")
 

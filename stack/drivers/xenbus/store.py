@@ -26,18 +26,18 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
-from stack.drivers.interface import Interface, acquire_all, table
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
-from stack.kernel.bugcheck import BUG
-from stack.kernel.event import KEvent, KeSetEvent
-from stack.kernel.status import (NT_SUCCESS, STATUS_ACCESS_DENIED, STATUS_BUFFER_OVERFLOW, STATUS_INVALID_PARAMETER,
+from xenpv.stack.drivers.interface import Interface, acquire_all, table
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.event import KEvent, KeSetEvent
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_ACCESS_DENIED, STATUS_BUFFER_OVERFLOW, STATUS_INVALID_PARAMETER,
                                  STATUS_NO_MEMORY, STATUS_NOT_IMPLEMENTED, STATUS_OBJECT_NAME_COLLISION,
                                  STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS, STATUS_UNSUCCESSFUL,
                                  NTSTATUS)
-from stack.vcpu.platform import XenPlatform
-from stack.vcpu.xenstore import XenstoreError
-from xenabi.xs_wire import XsdSockmsgType as T
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.stack.vcpu.xenstore import XenstoreError
+from xenpv.xenabi.xs_wire import XsdSockmsgType as T
 
 log = logging.getLogger("stack.drivers.xenbus.store")
 

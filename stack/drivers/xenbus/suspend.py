@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from stack.drivers.interface import Interface, table
-from stack.drivers.xenbus.debug import DebugCallback, DebugInterface
-from stack.kernel.bugcheck import BUG
-from stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, KeLowerIrql, KeRaiseIrql, assert_passive
-from stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, NTSTATUS, status_name
+from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, KeLowerIrql, KeRaiseIrql, assert_passive
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, NTSTATUS, status_name
 
 log = logging.getLogger("stack.drivers.xenbus.suspend")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import uuid
 
-from stack.drivers.interface import Interface, table
-from stack.drivers.xen import UNPLUG_TYPES, Xen
-from stack.kernel.irql import assert_passive
+from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.xen import UNPLUG_TYPES, Xen
+from xenpv.stack.kernel.irql import assert_passive
 
 GUID_XENBUS_UNPLUG_INTERFACE = uuid.UUID("73DB6517-3D06-4937-989F-199B7501E229")
 XENBUS_UNPLUG_DEVICE_TYPE_NICS = 1

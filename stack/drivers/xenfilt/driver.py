@@ -20,15 +20,15 @@ import logging
 from dataclasses import dataclass, field
 from enum import Enum
 
-from stack.drivers.pci import DEVICE_TEXT_LOCATION_INFORMATION
-from stack.drivers.xen import PACKAGE_VERSION, Xen
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType,
+from xenpv.stack.drivers.pci import DEVICE_TEXT_LOCATION_INFORMATION
+from xenpv.stack.drivers.xen import PACKAGE_VERSION, Xen
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType,
                           DriverObject, Irp, IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice,
                           IoDeleteDevice, IoDetachDevice, IoGetAttachedDevice, IoInvalidateDeviceRelations,
                           IoSynchronousCallDriver, QueryIdParameters, forward)
-from stack.kernel.debuglog import DbgLevel
-from stack.kernel.registry import RegistryError
-from stack.kernel.status import NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
+from xenpv.stack.kernel.debuglog import DbgLevel
+from xenpv.stack.kernel.registry import RegistryError
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
 
 from .emulated import Emulated, EmulatedDevice, EmulatedDisk, EmulatedStatus
 

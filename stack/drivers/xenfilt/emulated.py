@@ -11,8 +11,8 @@ import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 
-from stack.drivers.interface import Interface, InterfaceTable, table
-from stack.kernel.status import STATUS_SUCCESS
+from xenpv.stack.drivers.interface import Interface, InterfaceTable, table
+from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 GUID_XENFILT_EMULATED_INTERFACE = uuid.UUID("959027A1-FCCE-4E78-BCF4-637384F499C5")
 # QEMU's emulated NVMe controllers count as disks for every index (emulated.c).

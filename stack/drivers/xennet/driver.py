@@ -17,14 +17,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.interface import InterfaceTable
-from stack.drivers.revision import XENNET_BINDS_XENVIF_REVISION, XENVIF_REVISIONS
-from stack.drivers.xenvif.vif import (GUID_XENVIF_VIF_INTERFACE, ReceiverQueueParameters, XenvifCallbackType,
+from xenpv.stack.drivers.interface import InterfaceTable
+from xenpv.stack.drivers.revision import XENNET_BINDS_XENVIF_REVISION, XENVIF_REVISIONS
+from xenpv.stack.drivers.xenvif.vif import (GUID_XENVIF_VIF_INTERFACE, ReceiverQueueParameters, XenvifCallbackType,
                                       XenvifOffloadOptions, XenvifTransmitterPacketStatus)
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DeviceObject, DriverObject, Irp,
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
-from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, status_name
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, status_name
 
 from .ip import Ipv4
 

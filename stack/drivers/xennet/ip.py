@@ -16,7 +16,7 @@ from typing import Any
 
 import dpkt
 
-from stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
 
 from .tcp import TcpConnection, TcpState
 

@@ -21,22 +21,22 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.drivers.interface import InterfaceTable
-from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, XENBUS_REVISIONS
-from stack.drivers.xenbus.cache import CACHE_GUID
-from stack.drivers.xenbus.evtchn import EVTCHN_GUID
-from stack.drivers.xenbus.gnttab import GNTTAB_GUID
-from stack.drivers.xenbus.store import STORE_GUID
-from stack.drivers.xenbus.suspend import SUSPEND_GUID
-from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE, XENBUS_UNPLUG_DEVICE_TYPE_DISKS
-from stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
-from stack.kernel import (IRP_MN_PNP, DeviceObject, Irp, IoSynchronousCallDriver, KEvent, KeWaitForSingleObject,
+from xenpv.stack.drivers.interface import InterfaceTable
+from xenpv.stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, XENBUS_REVISIONS
+from xenpv.stack.drivers.xenbus.cache import CACHE_GUID
+from xenpv.stack.drivers.xenbus.evtchn import EVTCHN_GUID
+from xenpv.stack.drivers.xenbus.gnttab import GNTTAB_GUID
+from xenpv.stack.drivers.xenbus.store import STORE_GUID
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_GUID
+from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE, XENBUS_UNPLUG_DEVICE_TYPE_DISKS
+from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
+from xenpv.stack.kernel import (IRP_MN_PNP, DeviceObject, Irp, IoSynchronousCallDriver, KEvent, KeWaitForSingleObject,
                           QueryInterfaceParameters)
-from stack.kernel.bugcheck import BugCheck
-from stack.kernel.debuglog import DbgLevel, current_log
-from stack.kernel.irql import assert_passive, current_processor
-from stack.kernel.registry import Registry, RegistryError
-from stack.kernel.status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_RETRY, STATUS_SUCCESS, status_name)
+from xenpv.stack.kernel.bugcheck import BugCheck
+from xenpv.stack.kernel.debuglog import DbgLevel, current_log
+from xenpv.stack.kernel.irql import assert_passive, current_processor
+from xenpv.stack.kernel.registry import Registry, RegistryError
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_RETRY, STATUS_SUCCESS, status_name)
 
 from .target import XenvbdTarget
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DeviceObject, DriverObject, Irp,
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver)
-from stack.kernel.irp import IRP_MN_POWER, POWER_STATE_TYPE, forward
-from stack.kernel.power import S0
-from stack.kernel.registry import Registry
-from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
+from xenpv.stack.kernel.irp import IRP_MN_POWER, POWER_STATE_TYPE, forward
+from xenpv.stack.kernel.power import S0
+from xenpv.stack.kernel.registry import Registry
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
 
 from .adapter import XenvbdAdapter
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from xenabi.blkif import (BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_NATIVE,
+from xenpv.xenabi.blkif import (BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_NATIVE,
                           BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ,
                           BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_SECTORS_PER_PAGE,
                           BLKIF_SEGS_PER_INDIRECT_FRAME, BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
                           BlkifRequestSegment)
-from xenabi.layout import struct_of
+from xenpv.xenabi.layout import struct_of
 
 REQUEST = BLKIF_NATIVE.request_struct
 RESPONSE = BLKIF_NATIVE.response_struct

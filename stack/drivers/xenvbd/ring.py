@@ -22,17 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stack.kernel.dpc import KDpc, KeInitializeDpc, KeInsertQueueDpc
-from stack.kernel.irql import KSpinLock
-from stack.kernel.mm import Mdl, current_mm
-from stack.kernel.status import NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_SUCCESS, NTSTATUS
-from xenabi.blkif import BLKIF_OP_READ
-from xenabi.ring import FrontRing, RingOverflowError
+from xenpv.stack.kernel.dpc import KDpc, KeInitializeDpc, KeInsertQueueDpc
+from xenpv.stack.kernel.irql import KSpinLock
+from xenpv.stack.kernel.mm import Mdl, current_mm
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_SUCCESS, NTSTATUS
+from xenpv.xenabi.blkif import BLKIF_OP_READ
+from xenpv.xenabi.ring import FrontRing, RingOverflowError
 
 from .request import OPERATION_NAMES, REQUEST, RESPONSE, BlkRequest, decode_response, encode
 
 if TYPE_CHECKING:
-    from stack.drivers.interface import InterfaceTable
+    from xenpv.stack.drivers.interface import InterfaceTable
 
 log = logging.getLogger("stack.drivers.xenvbd.ring")
 

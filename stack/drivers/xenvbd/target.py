@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from stack.kernel.event import KEvent, KeWaitForSingleObject
-from stack.kernel.irql import assert_passive
-from stack.kernel.mm import Mdl, current_mm
-from stack.kernel.status import (NT_SUCCESS, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS,
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.kernel.irql import assert_passive
+from xenpv.stack.kernel.mm import Mdl, current_mm
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS,
                                  STATUS_TIMEOUT)
-from xenabi.blkif import (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE,
+from xenpv.xenabi.blkif import (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE,
                           XEN_IO_PROTO_ABI_X86_64)
-from xenabi.xenbus import XenbusState
+from xenpv.xenabi.xenbus import XenbusState
 
 from .request import (OPERATION_NAMES, BlkRequest, PrepareDiscard, PrepareFlush, PrepareReadWrite, RequestError,
                       max_segments)

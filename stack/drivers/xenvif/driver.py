@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.kernel import (IRP_MJ, DeviceKind, DeviceObject, DriverObject, Irp, IoAttachDeviceToDeviceStack,
+from xenpv.stack.kernel import (IRP_MJ, DeviceKind, DeviceObject, DriverObject, Irp, IoAttachDeviceToDeviceStack,
                           IoCreateDevice, IoDeleteDevice, IoDetachDevice)
-from stack.kernel.status import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
 
 from .fdo import XenvifFdo, XenvifFdoError
 

@@ -14,20 +14,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from stack.drivers.interface import InterfaceTable
-from stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
-from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, VENDOR_PREFIX, XENBUS_REVISIONS, vendor_name
-from stack.drivers.xenbus.cache import CacheInterface
-from stack.drivers.xenbus.evtchn import EvtchnInterface
-from stack.drivers.xenbus.gnttab import GnttabInterface
-from stack.drivers.xenbus.store import StoreInterface
-from stack.drivers.xenbus.suspend import SuspendInterface
-from stack.drivers.xenbus.unplug import XENBUS_UNPLUG_DEVICE_TYPE_NICS, UnplugInterface
-from stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
+from xenpv.stack.drivers.interface import InterfaceTable
+from xenpv.stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
+from xenpv.stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, VENDOR_PREFIX, XENBUS_REVISIONS, vendor_name
+from xenpv.stack.drivers.xenbus.cache import CacheInterface
+from xenpv.stack.drivers.xenbus.evtchn import EvtchnInterface
+from xenpv.stack.drivers.xenbus.gnttab import GnttabInterface
+from xenpv.stack.drivers.xenbus.store import StoreInterface
+from xenpv.stack.drivers.xenbus.suspend import SuspendInterface
+from xenpv.stack.drivers.xenbus.unplug import XENBUS_UNPLUG_DEVICE_TYPE_NICS, UnplugInterface
+from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
-from stack.kernel.irql import assert_passive
-from stack.kernel.registry import RegistryError
-from stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, status_name
+from xenpv.stack.kernel.irql import assert_passive
+from xenpv.stack.kernel.registry import RegistryError
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, status_name
 
 from .frontend import Frontend, FrontendInterfaces, FrontendState
 

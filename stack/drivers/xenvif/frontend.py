@@ -47,25 +47,25 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from stack.drivers.xenbus.evtchn import EVTCHN_UNBOUND, EvtchnChannel
-from stack.drivers.xenbus.gnttab import GnttabCache, GnttabEntry
-from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE
-from stack.kernel.dpc import KDpc, KeInitializeDpc, KeInsertQueueDpc
-from stack.kernel.event import KEvent, KeWaitForSingleObject
-from stack.kernel.bugcheck import BugCheck
-from stack.kernel.irql import KeAcquireSpinLock, KeReleaseSpinLock, KSpinLock, assert_passive, current_processor
-from stack.kernel.mm import Mdl, current_mm
-from stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_RETRY, STATUS_SUCCESS,
+from xenpv.stack.drivers.xenbus.evtchn import EVTCHN_UNBOUND, EvtchnChannel
+from xenpv.stack.drivers.xenbus.gnttab import GnttabCache, GnttabEntry
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE
+from xenpv.stack.kernel.dpc import KDpc, KeInitializeDpc, KeInsertQueueDpc
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.kernel.bugcheck import BugCheck
+from xenpv.stack.kernel.irql import KeAcquireSpinLock, KeReleaseSpinLock, KSpinLock, assert_passive, current_processor
+from xenpv.stack.kernel.mm import Mdl, current_mm
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_RETRY, STATUS_SUCCESS,
                                  STATUS_UNSUCCESSFUL, NTSTATUS, status_name)
-from xenabi import netif as N
-from xenabi.ring import XEN_PAGE_SIZE, FrontRing
-from xenabi.xenbus import XenbusState as S
+from xenpv.xenabi import netif as N
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, FrontRing
+from xenpv.xenabi.xenbus import XenbusState as S
 
 from .vif import (ReceiverQueueParameters, VifInterface, XenvifOffloadOptions, XenvifPacketChecksumFlags,
                   XenvifTransmitterPacketStatus, XenvifVifStatistic)
 
 if TYPE_CHECKING:
-    from stack.drivers.interface import InterfaceTable
+    from xenpv.stack.drivers.interface import InterfaceTable
 
 log = logging.getLogger("stack.drivers.xenvif.frontend")
 

@@ -19,16 +19,16 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENVIF_REVISIONS, newest_first
-from stack.drivers.xenbus.cache import CacheInterface
-from stack.drivers.xenbus.pdo import multi_sz_chars
-from stack.drivers.xenbus.store import StoreInterface
-from stack.drivers.xenbus.suspend import SuspendInterface
-from stack.kernel import (IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType, Irp,
+from xenpv.stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENVIF_REVISIONS, newest_first
+from xenpv.stack.drivers.xenbus.cache import CacheInterface
+from xenpv.stack.drivers.xenbus.pdo import multi_sz_chars
+from xenpv.stack.drivers.xenbus.store import StoreInterface
+from xenpv.stack.drivers.xenbus.suspend import SuspendInterface
+from xenpv.stack.kernel import (IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType, Irp,
                           IoCompleteRequest, IoCreateDevice, IoDeleteDevice, IoSynchronousCallDriver,
                           QueryInterfaceParameters)
-from stack.kernel.bugcheck import BUG_ON
-from stack.kernel.status import NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.kernel.bugcheck import BUG_ON
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
 
 from .frontend import Frontend, FrontendState
 from .vif import GUID_XENVIF_VIF_INTERFACE

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Callable
 
-from stack.drivers.interface import Interface, InterfaceTable, table
-from stack.kernel.bugcheck import BUG
-from stack.kernel.event import KEvent, KeWaitForSingleObject
-from stack.kernel.irql import assert_passive
-from stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
+from xenpv.stack.drivers.interface import Interface, InterfaceTable, table
+from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.kernel.irql import assert_passive
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
                                  STATUS_TIMEOUT, NTSTATUS)
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from backends.blkback.image import NbdImage
+from xenpv.backends.blkback.image import NbdImage
 
 
 def test_qcow2_over_qemu_nbd(tmp_path: Path) -> None:

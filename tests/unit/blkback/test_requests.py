@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from pathlib import Path
 
-from backends.blkback.image import ImageError, RawImage, parse_params
-from backends.blkback.requests import BadRequest, Codecs, decode, decode_indirect_segments, indirect_pages
-from harness.blk import pack_discard, pack_indirect, pack_request
-from xenabi.blkif import (BLKIF_NATIVE, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
+from xenpv.backends.blkback.image import ImageError, RawImage, parse_params
+from xenpv.backends.blkback.requests import BadRequest, Codecs, decode, decode_indirect_segments, indirect_pages
+from xenpv.harness.frontends.blkfront import pack_discard, pack_indirect, pack_request
+from xenpv.xenabi.blkif import (BLKIF_NATIVE, BLKIF_OP_DISCARD, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
                           BLKIF_RSP_ERROR, BLKIF_X86_32)
 
 NATIVE = Codecs.of(BLKIF_NATIVE)

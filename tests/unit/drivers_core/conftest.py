@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-import stack.drivers.boot as boot_module
-from stack.drivers.boot import BootedStack, boot_stack
-from stack.kernel import Registry
-from stack.kernel.debuglog import DebugLog, current_log, set_current_log
-from stack.kernel.irql import Processor, current_processor, set_current_processor
-from stack.kernel.mm import set_current_mm
-from stack.vcpu.xenstore import XenstoreError
-from xenabi import unplug as U
-from xenabi import xen as X
+import xenpv.stack.drivers.boot as boot_module
+from xenpv.stack.drivers.boot import BootedStack, boot_stack
+from xenpv.stack.kernel import Registry
+from xenpv.stack.kernel.debuglog import DebugLog, current_log, set_current_log
+from xenpv.stack.kernel.irql import Processor, current_processor, set_current_processor
+from xenpv.stack.kernel.mm import set_current_mm
+from xenpv.stack.vcpu.xenstore import XenstoreError
+from xenpv.xenabi import unplug as U
+from xenpv.xenabi import xen as X
 
 XEN_VERSION = (4, 17)
 ATA_IDENTIFY_DEVICE, ATA_READ_SECTORS = 0xEC, 0x20

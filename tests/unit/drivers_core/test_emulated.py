@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from stack.drivers.atapi import ata_has_medium, ata_identify
-from stack.drivers.xenfilt import GUID_XENFILT_EMULATED_INTERFACE, EmulatedStatus
-from stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters
-from stack.kernel.status import STATUS_SUCCESS
+from xenpv.stack.drivers.atapi import ata_has_medium, ata_identify
+from xenpv.stack.drivers.xenfilt import GUID_XENFILT_EMULATED_INTERFACE, EmulatedStatus
+from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters
+from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 from .conftest import FakeChannel, FakeDrive, qemu_nvme
 

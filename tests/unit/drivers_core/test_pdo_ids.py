@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-import stack.drivers.xenbus.pdo as pdo_module
-from stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENBUS_REVISIONS
-from stack.drivers.xenbus.pdo import multi_sz_chars, pdo_hardware_ids
-from stack.kernel import IRP_MN_PNP, BugCheck, BusQueryIdType, Irp, IoSynchronousCallDriver, QueryIdParameters
-from stack.kernel.status import STATUS_SUCCESS
+import xenpv.stack.drivers.xenbus.pdo as pdo_module
+from xenpv.stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENBUS_REVISIONS
+from xenpv.stack.drivers.xenbus.pdo import multi_sz_chars, pdo_hardware_ids
+from xenpv.stack.kernel import IRP_MN_PNP, BugCheck, BusQueryIdType, Irp, IoSynchronousCallDriver, QueryIdParameters
+from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 CLASSES = ["VBD", "VIF", "VKBD", "IFACE", "CONS"]
 REVISIONS_NEWEST_FIRST = ["0900000C", "0900000B", "0900000A", "09000009", "09000008"]

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
-from stack.drivers.xenbus.pdo import XENBUS_PDO_INTERFACES
-from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
-from stack.drivers.xenfilt import GUID_XENFILT_EMULATED_INTERFACE
-from stack.kernel import (IRP_MJ, IRP_MN_PNP, BugCheck, BugCheckCode, DeviceObject, Irp, IoSynchronousCallDriver,
+from xenpv.stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
+from xenpv.stack.drivers.xenbus.pdo import XENBUS_PDO_INTERFACES
+from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+from xenpv.stack.drivers.xenfilt import GUID_XENFILT_EMULATED_INTERFACE
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, BugCheck, BugCheckCode, DeviceObject, Irp, IoSynchronousCallDriver,
                           KeInitializeDpc, KeInsertQueueDpc, QueryInterfaceParameters)
-from stack.kernel.status import (STATUS_BUFFER_OVERFLOW, STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED,
+from xenpv.stack.kernel.status import (STATUS_BUFFER_OVERFLOW, STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED,
                                  STATUS_SUCCESS)
 
 GUID_UNKNOWN = uuid.UUID("12345678-9ABC-DEF0-1234-56789ABCDEF0")

@@ -1,9 +1,9 @@
 """FdoSetActive (reference 4): exactly one XENBUS FDO works; which one follows the registry and XENFILT."""
 from __future__ import annotations
 
-from stack.drivers.xen.config import XENFILT_PARAMETERS
-from stack.drivers.xenfilt.emulated import EmulatedStatus
-from stack.kernel import Registry, RegistryError
+from xenpv.stack.drivers.xen.config import XENFILT_PARAMETERS
+from xenpv.stack.drivers.xenfilt.emulated import EmulatedStatus
+from xenpv.stack.kernel import Registry, RegistryError
 
 DEV_0001 = r"PCI\VEN_5853&DEV_0001&SUBSYS_00015853&REV_01"
 DEV_0002 = r"PCI\VEN_5853&DEV_0002&SUBSYS_00015853&REV_01"

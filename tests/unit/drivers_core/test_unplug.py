@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from stack.drivers.xen import PACKAGE_VERSION, UNPLUG_DISKS, UNPLUG_NICS, Xen
-from stack.drivers.xen.unplug import ENUM_XENBUS, FORCE_UNPLUG_KEY, UNPLUG_KEY
-from stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
-from stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters, Registry, RegistryError
-from stack.kernel.debuglog import DebugLog
-from stack.kernel.pnp import CmProblem
-from stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_SUCCESS
-from xenabi import unplug as U
+from xenpv.stack.drivers.xen import PACKAGE_VERSION, UNPLUG_DISKS, UNPLUG_NICS, Xen
+from xenpv.stack.drivers.xen.unplug import ENUM_XENBUS, FORCE_UNPLUG_KEY, UNPLUG_KEY
+from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
+from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters, Registry, RegistryError
+from xenpv.stack.kernel.debuglog import DebugLog
+from xenpv.stack.kernel.pnp import CmProblem
+from xenpv.stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_SUCCESS
+from xenpv.xenabi import unplug as U
 
 CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
 XEN_PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Parameters"

@@ -5,8 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from stack.kernel.debuglog import DebugLog, set_current_log
-from stack.kernel.irql import Processor, set_current_processor
+from xenpv.stack.kernel.debuglog import DebugLog, set_current_log
+from xenpv.stack.kernel.irql import Processor, set_current_processor
 
 
 @pytest.fixture(autouse=True)

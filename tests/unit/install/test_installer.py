@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from guests.schema import load_guest, parse_guest
-from stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, XENBUS_REVISIONS, XENVIF_REVISIONS
-from stack.install import (PACKAGES, Era, Installer, InstallVetoed, PlatformPciDevice, RegistryCatalog,
+from xenpv.guests.schema import load_guest, parse_guest
+from xenpv.stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, XENBUS_REVISIONS, XENVIF_REVISIONS
+from xenpv.stack.install import (PACKAGES, Era, Installer, InstallVetoed, PlatformPciDevice, RegistryCatalog,
                            install_from_guest, installed_version, reboot_requests)
-from stack.install.installer import ERROR_REVISION_MISMATCH, InstallError, MONITOR_REQUEST_KEY
-from stack.install.packages import UNPLUG_KEY, Version, child_ids, get_package
-from stack.kernel.debuglog import DebugLog
-from stack.kernel.device import DriverObject
-from stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID, InMemoryCatalog, PnpManager
-from stack.kernel.registry import Registry
+from xenpv.stack.install.installer import ERROR_REVISION_MISMATCH, InstallError, MONITOR_REQUEST_KEY
+from xenpv.stack.install.packages import UNPLUG_KEY, Version, child_ids, get_package
+from xenpv.stack.kernel.debuglog import DebugLog
+from xenpv.stack.kernel.device import DriverObject
+from xenpv.stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID, InMemoryCatalog, PnpManager
+from xenpv.stack.kernel.registry import Registry
 
 SERVICES = r"HKLM\SYSTEM\CurrentControlSet\Services"
 VIF_C000 = r"XENBUS\VEN_XPC000&DEV_VIF&REV_{:08X}"
@@ -152,18 +152,18 @@ def test_inbox_drivers_come_after_packages() -> None:
 
 def test_entry_point_missing_image_is_none() -> None:
     registry, _ = fresh(Era.CURRENT, "9.1.0.10", ("xenbus",))
-    catalog = RegistryCatalog(registry, images={"XENFILT": "stack.drivers.no_such_driver.driver:DriverEntry"})
+    catalog = RegistryCatalog(registry, images={"XENFILT": "xenpv.stack.drivers.no_such_driver.driver:DriverEntry"})
     assert catalog.entry_point("XENFILT") is None
     assert catalog.entry_point("NOSUCHSERVICE") is None
-    catalog = RegistryCatalog(registry, images={"XENBUS": "stack.kernel.status:status_name"})
+    catalog = RegistryCatalog(registry, images={"XENBUS": "xenpv.stack.kernel.status:status_name"})
     assert catalog.entry_point("XENBUS") is not None
 
 
 def test_entry_point_follows_image_naming(monkeypatch: pytest.MonkeyPatch) -> None:
     registry, _ = fresh(Era.CURRENT, "9.1.0.10", ("xenbus",))
-    module = types.ModuleType("stack.drivers.xenfilt.driver")
+    module = types.ModuleType("xenpv.stack.drivers.xenfilt.driver")
     module.DriverEntry = dummy_entry  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "stack.drivers.xenfilt.driver", module)
+    monkeypatch.setitem(sys.modules, "xenpv.stack.drivers.xenfilt.driver", module)
     assert RegistryCatalog(registry).entry_point("xenfilt") is dummy_entry
 
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from stack.kernel.bugcheck import (BUG, BugCheck, BugCheckCode, CrashDump, KeBugCheckEx,
+from xenpv.stack.kernel.bugcheck import (BUG, BugCheck, BugCheckCode, CrashDump, KeBugCheckEx,
                                    KeRegisterBugCheckCallback)
-from stack.kernel.debuglog import DbgLevel, DebugLog, DebugRecord, current_log
-from stack.kernel.irql import DISPATCH_LEVEL, KeRaiseIrql, Processor
+from xenpv.stack.kernel.debuglog import DbgLevel, DebugLog, DebugRecord, current_log
+from xenpv.stack.kernel.irql import DISPATCH_LEVEL, KeRaiseIrql, Processor
 
 
 def _stop() -> BugCheck:

@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
-from stack.kernel import (DISPATCH_LEVEL, HIGH_LEVEL, IRP_MJ, IRP_MN_PNP, PASSIVE_LEVEL, BugCheck, BugCheckCode,
+from xenpv.stack.kernel import (DISPATCH_LEVEL, HIGH_LEVEL, IRP_MJ, IRP_MN_PNP, PASSIVE_LEVEL, BugCheck, BugCheckCode,
                           DeviceKind, DeviceObject, DriverObject, Irp, IoAttachDeviceToDeviceStack, IoCallDriver,
                           IoCompleteRequest, IoConnectInterrupt, IoCreateDevice, IoSetCompletionRoutine,
                           IoSynchronousCallDriver, KDpc, KEvent, KeGetCurrentIrql, KeInitializeDpc,
                           KeInsertQueueDpc, KeLowerIrql, KeRaiseIrql, KInterrupt, Kernel, Processor,
                           QueryInterfaceParameters, forward)
-from stack.kernel.status import (STATUS_MORE_PROCESSING_REQUIRED, STATUS_NOT_SUPPORTED, STATUS_PENDING,
+from xenpv.stack.kernel.status import (STATUS_MORE_PROCESSING_REQUIRED, STATUS_NOT_SUPPORTED, STATUS_PENDING,
                                  STATUS_SUCCESS)
 
 
@@ -182,7 +182,7 @@ def test_interrupt_thread_is_serialised_by_the_kernel_lock(cpu: Processor) -> No
 
 def test_wait_above_apc_level_bugchecks() -> None:
     KeRaiseIrql(DISPATCH_LEVEL)
-    from stack.kernel import KeWaitForSingleObject
+    from xenpv.stack.kernel import KeWaitForSingleObject
     with pytest.raises(BugCheck) as stop:
         KeWaitForSingleObject(KEvent("x"), 1.0)
     assert stop.value.param_notes[0] == "KeWaitForSingleObject"

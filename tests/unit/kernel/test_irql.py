@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from stack.kernel.bugcheck import BugCheck, BugCheckCode, KeBugCheckEx
-from stack.kernel.irql import (DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL, KeAcquireSpinLock,
+from xenpv.stack.kernel.bugcheck import BugCheck, BugCheckCode, KeBugCheckEx
+from xenpv.stack.kernel.irql import (DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL, KeAcquireSpinLock,
                                KeAcquireSpinLockAtDpcLevel, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql,
                                KeReleaseSpinLock, KSpinLock, Processor, assert_passive)
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from stack.kernel import (BugCheck, BugCheckCode, CmProblem, DeviceNodeState, InMemoryCatalog, Kernel,
+from xenpv.stack.kernel import (BugCheck, BugCheckCode, CmProblem, DeviceNodeState, InMemoryCatalog, Kernel,
                           IoInvalidateDeviceRelations, Registry)
-from stack.kernel.pnp import CLASS_KEY, ENUM_KEY, SYSTEM_CLASS_GUID
-from stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED
+from xenpv.stack.kernel.pnp import CLASS_KEY, ENUM_KEY, SYSTEM_CLASS_GUID
+from xenpv.stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED
 
 from .toydrivers import ChildSpec, World
 
@@ -162,7 +162,7 @@ def test_duplicate_child_pdo_is_pnp_detected_fatal_error() -> None:
 
     def twice(fdo, irp):  # type: ignore[no-untyped-def]
         original(fdo, irp)
-        from stack.kernel import DeviceKind, IoCreateDevice
+        from xenpv.stack.kernel import DeviceKind, IoCreateDevice
         from .toydrivers import PdoExt
         irp.io_status.information.append(IoCreateDevice(fdo.driver, DeviceKind.PDO,
                                                         PdoExt(ChildSpec(r"TOYBUS\DEV_A", ["A"]))))

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from stack.kernel import S0, S4, BugCheck, BugCheckCode, InMemoryCatalog, Kernel
-from stack.kernel.power import D0, D3
-from stack.kernel.status import STATUS_UNSUCCESSFUL
+from xenpv.stack.kernel import S0, S4, BugCheck, BugCheckCode, InMemoryCatalog, Kernel
+from xenpv.stack.kernel.power import D0, D3
+from xenpv.stack.kernel.status import STATUS_UNSUCCESSFUL
 
 from .toydrivers import ChildSpec, World
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from stack.kernel.bugcheck import BugCheck, BugCheckCode
-from stack.kernel.irql import DISPATCH_LEVEL, KeRaiseIrql
-from stack.kernel.registry import (REG_BINARY, REG_DWORD, REG_MULTI_SZ, ChildMustBeVolatile, InvalidValue,
+from xenpv.stack.kernel.bugcheck import BugCheck, BugCheckCode
+from xenpv.stack.kernel.irql import DISPATCH_LEVEL, KeRaiseIrql
+from xenpv.stack.kernel.registry import (REG_BINARY, REG_DWORD, REG_MULTI_SZ, ChildMustBeVolatile, InvalidValue,
                                    KeyNotFound, Registry, RegType, ValueNotFound, ValueTypeMismatch)
-from stack.kernel.status import STATUS_OBJECT_NAME_NOT_FOUND, STATUS_OBJECT_TYPE_MISMATCH
+from xenpv.stack.kernel.status import STATUS_OBJECT_NAME_NOT_FOUND, STATUS_OBJECT_TYPE_MISMATCH
 
 UNPLUG = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Unplug"
 REQUEST = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from stack.kernel import (D0, D3, IRP_MJ, IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, BusQueryIdType,
+from xenpv.stack.kernel import (D0, D3, IRP_MJ, IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, BusQueryIdType,
                           DeviceKind, DeviceObject, DeviceRelationType, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver, PoRequestPowerIrp, forward)
-from stack.kernel.status import STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.kernel.status import STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
 
 Trace = list[tuple[str, str, str]]
 

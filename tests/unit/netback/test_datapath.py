@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 import dpkt
 import pytest
 
-from backends.netback.datapath import (MAX_TX_SLOTS, GrantFault, RxPath, TxPath, VifStats,
+from xenpv.backends.netback.datapath import (MAX_TX_SLOTS, GrantFault, RxPath, TxPath, VifStats,
                                        l4_checksum_location)
-from backends.netback.tap import (VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+from xenpv.backends.netback.tap import (VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                                   VIRTIO_NET_HDR_GSO_TCPV4, VnetHdr)
-from xenabi import netif as N
-from xenabi.ring import XEN_PAGE_SIZE, BackRing, FrontRing, RingOverflowError
+from xenpv.xenabi import netif as N
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, BackRing, FrontRing, RingOverflowError
 
 MAC_A, MAC_B = bytes.fromhex("00163e000001"), bytes.fromhex("00163e000002")
 

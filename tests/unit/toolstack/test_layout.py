@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.toolstack import layout as L
-from guests.schema import GUESTS_DIR, _Reader, _vdev, load_guest
+from xenpv.backends.toolstack import layout as L
+from xenpv.guests.schema import GUESTS_DIR, _Reader, _vdev, load_guest
 
 NAMES = ["xvda", "xvdb", "xvdp", "hda", "hdb", "hdc", "hdd", "sda", "sdc"]
 

@@ -7,9 +7,9 @@ import ctypes
 
 import pytest
 
-from xenabi import blkif, grant_table, hvm, netif, unplug, xen
-from xenabi.layout import field_offsets, from_bytes, struct_of, to_dict
-from xenabi.xenbus import XenbusState
+from xenpv.xenabi import blkif, grant_table, hvm, netif, unplug, xen
+from xenpv.xenabi.layout import field_offsets, from_bytes, struct_of, to_dict
+from xenpv.xenabi.xenbus import XenbusState
 
 
 @pytest.mark.parametrize("layout", [

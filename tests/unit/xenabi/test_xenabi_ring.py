@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from xenabi import blkif, netif
-from xenabi.ring import (SRING_RING_OFFSET, BackRing, FrontRing, RingEmptyError, RingFullError, RingOverflowError,
+from xenpv.xenabi import blkif, netif
+from xenpv.xenabi.ring import (SRING_RING_OFFSET, BackRing, FrontRing, RingEmptyError, RingFullError, RingOverflowError,
                          SringHeader, const_ring_size, ring_bytes, round_down_pow2, shared_ring_init)
 
 REQUEST = struct.Struct("<QQ")

@@ -1,4 +1,4 @@
-"""xenabi.ring's batch calls (BackRing.get_requests_bytes / put_responses) and the direct xchg it publishes
+"""xenpv.xenabi.ring's batch calls (BackRing.get_requests_bytes / put_responses) and the direct xchg it publishes
 indexes with, on one process's shared buffer."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xenabi.ring import BackRing, FrontRing, RingFullError, ring_bytes
+from xenpv.xenabi.ring import BackRing, FrontRing, RingFullError, ring_bytes
 
 REQUEST = struct.Struct("<QQ")
 RESPONSE = struct.Struct("<Qq")

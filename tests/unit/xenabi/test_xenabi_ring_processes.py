@@ -9,8 +9,8 @@ import os
 import select
 import time
 
-from xenabi import blkif
-from xenabi.ring import BackRing, FrontRing, ring_bytes
+from xenpv.xenabi import blkif
+from xenpv.xenabi.ring import BackRing, FrontRing, ring_bytes
 
 REQUESTS = 3000
 DEADLINE_S = 10.0

@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from stack.vcpu.grants import GrantTableFrontend
-from stack.kernel.debuglog import DebugLog, set_current_log
-from stack.kernel.irql import Processor, set_current_processor
-from stack.vcpu.pages import PageAllocator
-from stack.vcpu.xenstore import XenstoreError
-from xenabi import event_channel as E
-from xenabi import xen as X
-from xenabi.xs_wire import XsdSockmsgType as T
+from xenpv.stack.vcpu.grants import GrantTableFrontend
+from xenpv.stack.kernel.debuglog import DebugLog, set_current_log
+from xenpv.stack.kernel.irql import Processor, set_current_processor
+from xenpv.stack.vcpu.pages import PageAllocator
+from xenpv.stack.vcpu.xenstore import XenstoreError
+from xenpv.xenabi import event_channel as E
+from xenpv.xenabi import xen as X
+from xenpv.xenabi.xs_wire import XsdSockmsgType as T
 
 BAR_ADDRESS = 0xF000_0000
 GRANT_FRAMES = 2

@@ -4,16 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stack.drivers.xenbus.cache import CacheInterface
-from stack.drivers.xenbus.console import ConsoleInterface
-from stack.drivers.xenbus.debug import DebugInterface
-from stack.drivers.xenbus.evtchn import EvtchnInterface
-from stack.drivers.xenbus.gnttab import GnttabInterface
-from stack.drivers.xenbus.range_set import RangeSetInterface
-from stack.drivers.xenbus.shared_info import SharedInfoInterface
-from stack.drivers.xenbus.store import StoreInterface
-from stack.drivers.xenbus.suspend import SuspendInterface
-from stack.kernel.status import STATUS_SUCCESS
+from xenpv.stack.drivers.xenbus.cache import CacheInterface
+from xenpv.stack.drivers.xenbus.console import ConsoleInterface
+from xenpv.stack.drivers.xenbus.debug import DebugInterface
+from xenpv.stack.drivers.xenbus.evtchn import EvtchnInterface
+from xenpv.stack.drivers.xenbus.gnttab import GnttabInterface
+from xenpv.stack.drivers.xenbus.range_set import RangeSetInterface
+from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
+from xenpv.stack.drivers.xenbus.store import StoreInterface
+from xenpv.stack.drivers.xenbus.suspend import SuspendInterface
+from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 
 @dataclass

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from stack.kernel.bugcheck import BugCheck, BugCheckCode, KeBugCheckEx
-from stack.kernel.debuglog import current_log
-from stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL, KeGetCurrentIrql, KeRaiseIrql
-from stack.kernel.status import STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
-from stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendInterface
+from xenpv.stack.kernel.bugcheck import BugCheck, BugCheckCode, KeBugCheckEx
+from xenpv.stack.kernel.debuglog import current_log
+from xenpv.stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL, KeGetCurrentIrql, KeRaiseIrql
+from xenpv.stack.kernel.status import STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendInterface
 
 from .stack_of import interfaces, table_of
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from stack.drivers.xenbus.evtchn import EVTCHN_FIXED, EVTCHN_UNBOUND, EVTCHN_VIRQ
-from stack.kernel.bugcheck import BugCheck
-from stack.kernel.irql import DIRQL, HIGH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
-from stack.kernel.status import STATUS_SUCCESS, STATUS_TIMEOUT
+from xenpv.stack.drivers.xenbus.evtchn import EVTCHN_FIXED, EVTCHN_UNBOUND, EVTCHN_VIRQ
+from xenpv.stack.kernel.bugcheck import BugCheck
+from xenpv.stack.kernel.irql import DIRQL, HIGH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
+from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_TIMEOUT
 
 from .stack_of import interfaces, table_of
 

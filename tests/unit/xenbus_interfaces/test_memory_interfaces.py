@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from stack.drivers.xenbus.gnttab import RESERVED_ENTRY_COUNT
-from stack.drivers.xenbus.range_set import bar_hole_free_frames
-from stack.kernel.bugcheck import BugCheck
-from stack.kernel.event import KEvent
-from stack.kernel.status import (STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER, STATUS_NOT_SUPPORTED,
+from xenpv.stack.drivers.xenbus.gnttab import RESERVED_ENTRY_COUNT
+from xenpv.stack.drivers.xenbus.range_set import bar_hole_free_frames
+from xenpv.stack.kernel.bugcheck import BugCheck
+from xenpv.stack.kernel.event import KEvent
+from xenpv.stack.kernel.status import (STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER, STATUS_NOT_SUPPORTED,
                                  STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS, STATUS_UNSUCCESSFUL)
-from xenabi.grant_table import GTF_reading
+from xenpv.xenabi.grant_table import GTF_reading
 
 from .conftest import BAR_ADDRESS, GRANT_FRAMES
 from .stack_of import interfaces, table_of

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from stack.drivers.xenbus.store import STATUS_IO_TIMEOUT, XENBUS_STORE_PERM_READ, StorePermission, errno_to_status
-from stack.kernel.bugcheck import BugCheck
-from stack.kernel.event import KEvent, KeWaitForSingleObject
-from stack.kernel.status import (STATUS_ACCESS_DENIED, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS)
+from xenpv.stack.drivers.xenbus.store import STATUS_IO_TIMEOUT, XENBUS_STORE_PERM_READ, StorePermission, errno_to_status
+from xenpv.stack.kernel.bugcheck import BugCheck
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.kernel.status import (STATUS_ACCESS_DENIED, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS)
 
 from .stack_of import interfaces, table_of
 

@@ -5,9 +5,9 @@ import uuid
 
 import pytest
 
-from stack.drivers.interface import INTERFACE_HEADER_SIZE, POINTER_SIZE
-from stack.drivers.revision import XENBUS_REVISIONS, newest_first
-from stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
+from xenpv.stack.drivers.interface import INTERFACE_HEADER_SIZE, POINTER_SIZE
+from xenpv.stack.drivers.revision import XENBUS_REVISIONS, newest_first
+from xenpv.stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
 
 from .stack_of import interfaces
 

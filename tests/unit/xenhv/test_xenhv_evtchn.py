@@ -5,17 +5,17 @@ import ctypes
 
 import pytest
 
-from backends.xenhv.errors import XenError
-from backends.xenhv.evtchn import EventChannelHub, EventChannels, PortState
-from xenabi.event_channel import (
+from xenpv.backends.xenhv.errors import XenError
+from xenpv.backends.xenhv.evtchn import EventChannelHub, EventChannels, PortState
+from xenpv.xenabi.event_channel import (
     DOMID_SELF,
     EVTCHNSTAT_interdomain,
     VIRQ_CONSOLE,
     VIRQ_TIMER,
     EvtchnStatus,
 )
-from xenabi.layout import from_bytes
-from xenabi.xen import (
+from xenpv.xenabi.layout import from_bytes
+from xenpv.xenabi.xen import (
     EVTCHN_WORD_BITS,
     XEN_EEXIST,
     XEN_EINVAL,

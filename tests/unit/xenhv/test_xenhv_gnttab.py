@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from backends.xenhv.errors import GrantError, XenError
-from backends.xenhv.gnttab import GrantTable, GrantTableHub
-from stack.vcpu.grants import GrantTableFrontend
-from xenabi.event_channel import DOMID_SELF
-from xenabi.grant_table import (
+from xenpv.backends.xenhv.errors import GrantError, XenError
+from xenpv.backends.xenhv.gnttab import GrantTable, GrantTableHub
+from xenpv.stack.vcpu.grants import GrantTableFrontend
+from xenpv.xenabi.event_channel import DOMID_SELF
+from xenpv.xenabi.grant_table import (
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
     GNTST_bad_copy_arg,
@@ -28,7 +28,7 @@ from xenabi.grant_table import (
     GTF_writing,
     GnttabCopy,
 )
-from xenabi.xen import XEN_EINVAL
+from xenpv.xenabi.xen import XEN_EINVAL
 
 PAGE = 4096
 RAM_PAGES = 16

@@ -6,11 +6,11 @@ import mmap
 import multiprocessing
 import time
 
-from xenabi.atomic import AtomicMemory
-from backends.xenhv.errors import GrantError
-from backends.xenhv.gnttab import GrantTable
-from stack.vcpu.grants import GrantTableFrontend
-from xenabi.grant_table import GTF_reading, GTF_writing
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.backends.xenhv.errors import GrantError
+from xenpv.backends.xenhv.gnttab import GrantTable
+from xenpv.stack.vcpu.grants import GrantTableFrontend
+from xenpv.xenabi.grant_table import GTF_reading, GTF_writing
 
 PAGE = 4096
 REF = 9

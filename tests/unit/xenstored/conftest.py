@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.xenstored.core import XenstoreCore
+from xenpv.backends.xenstored.core import XenstoreCore
 
 from .peers import Peer
 

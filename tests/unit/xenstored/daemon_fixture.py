@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from backends.xenstored.launch import start_xenstored
-from harness.process import Supervised
+from xenpv.backends.xenstored.launch import start_xenstored
+from xenpv.base.process import Supervised
 
 
 @dataclass

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from backends.xenstored.connection import Connection
-from backends.xenstored.core import XenstoreCore
-from xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
+from xenpv.backends.xenstored.connection import Connection
+from xenpv.backends.xenstored.core import XenstoreCore
+from xenpv.xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
 
 
 @dataclass

@@ -5,8 +5,8 @@ from typing import Iterator
 
 import pytest
 
-from backends.xenstored.client import XsClient
-from harness.cli import main
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.harness.cli import main
 
 from .daemon_fixture import RunningDaemon, running_daemon
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backends.xenstored.core import SERVER_FEATURES, XenstoreCore
-from backends.xenstored.quotas import Quotas
-from xenabi.xs_wire import DOMID_ANY, XsdSockmsgType as T
+from xenpv.backends.xenstored.core import SERVER_FEATURES, XenstoreCore
+from xenpv.backends.xenstored.quotas import Quotas
+from xenpv.xenabi.xs_wire import DOMID_ANY, XsdSockmsgType as T
 
 from .peers import Peer, peer
 

@@ -13,8 +13,8 @@ from typing import Iterator
 
 import pytest
 
-from backends.xenstored.client import XsClient, XsConnectionError
-from xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
+from xenpv.backends.xenstored.client import XsClient, XsConnectionError
+from xenpv.xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
 
 from .daemon_fixture import RunningDaemon, running_daemon
 

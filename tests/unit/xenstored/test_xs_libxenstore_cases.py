@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from backends.xenstored.core import XenstoreCore
+from xenpv.backends.xenstored.core import XenstoreCore
 
 from .peers import Peer
 

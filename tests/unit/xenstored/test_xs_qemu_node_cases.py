@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from backends.xenstored.core import XenstoreCore
-from xenabi.xs_wire import XsdSockmsgType as T
+from xenpv.backends.xenstored.core import XenstoreCore
+from xenpv.xenabi.xs_wire import XsdSockmsgType as T
 
 from .peers import Peer, peer
 

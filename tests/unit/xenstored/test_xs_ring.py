@@ -12,13 +12,13 @@ from typing import Iterator
 
 import pytest
 
-from backends.xenstored.client import XsClient
-from backends.xenstored.connection import Connection
-from backends.xenstored.core import SERVER_FEATURES, XenstoreCore
-from backends.xenstored.launch import start_xenstored
-from backends.xenstored.ring import GuestRing, RingServer, eventfd_doorbells
-from backends.xenstored.ring_provider import FileRingProvider
-from xenabi.xs_wire import (
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.backends.xenstored.connection import Connection
+from xenpv.backends.xenstored.core import SERVER_FEATURES, XenstoreCore
+from xenpv.backends.xenstored.launch import start_xenstored
+from xenpv.xenabi.xs_ring import GuestRing, RingServer, eventfd_doorbells
+from xenpv.backends.xenstored.ring_provider import FileRingProvider
+from xenpv.xenabi.xs_wire import (
     XENSTORE_CONNECTED, XENSTORE_ERROR_NONE, XENSTORE_ERROR_PROTO, XENSTORE_ERROR_RINGIDX, XENSTORE_RING_SIZE,
     XSD_SOCKMSG, XenstoreDomainInterface, XsdSockmsgType as T,
 )

@@ -8,8 +8,8 @@ from typing import Iterator
 
 import pytest
 
-from backends.xenstored.client import XsClient, XsConnectionError, XsRequestError
-from xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
+from xenpv.backends.xenstored.client import XsClient, XsConnectionError, XsRequestError
+from xenpv.xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
 
 from .daemon_fixture import RunningDaemon, running_daemon
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from backends.xenstored.core import XenstoreCore
-from xenabi.xs_wire import XsdSockmsgType as T
+from xenpv.backends.xenstored.core import XenstoreCore
+from xenpv.xenabi.xs_wire import XsdSockmsgType as T
 
 from .peers import Peer
 

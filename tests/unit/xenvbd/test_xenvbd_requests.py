@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from backends.toolstack.layout import vdev_name
-from stack.agent.cmd_vbd import sector_pattern
-from stack.drivers.xenvbd.adapter import ParseVbd
-from stack.drivers.xenvbd.request import (REQUEST, RESPONSE, SEGMENT, PrepareDiscard, PrepareFlush,
+from xenpv.backends.toolstack.layout import vdev_name
+from xenpv.stack.agent.cmd_vbd import sector_pattern
+from xenpv.stack.drivers.xenvbd.adapter import ParseVbd
+from xenpv.stack.drivers.xenvbd.request import (REQUEST, RESPONSE, SEGMENT, PrepareDiscard, PrepareFlush,
                                           PrepareReadWrite, RequestError, decode_response, encode, max_segments)
-from xenabi.blkif import (BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_NATIVE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
+from xenpv.xenabi.blkif import (BLKIF_MAX_INDIRECT_SEGMENTS, BLKIF_NATIVE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
                           BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER)
-from xenabi.ring import BackRing, FrontRing
+from xenpv.xenabi.ring import BackRing, FrontRing
 
 
 @pytest.mark.parametrize("vdev,name,target", [

@@ -4,14 +4,14 @@ from __future__ import annotations
 import dpkt
 import pytest
 
-from stack.drivers.interface import INTERFACE_HEADER_SIZE, POINTER_SIZE
-from stack.drivers.revision import XENVIF_REVISIONS
-from stack.drivers.xennet.tcp import ACK, FIN, SYN, TcpConnection, TcpState, seq_lt
-from stack.drivers.xenvif.frontend import Frontend, format_mac, header_length, parse_mac
-from stack.drivers.xenvif.pdo import pdo_hardware_ids
-from stack.drivers.xenvif.vif import (GUID_XENVIF_VIF_INTERFACE, ReceiverQueueParameters, VifInterface,
+from xenpv.stack.drivers.interface import INTERFACE_HEADER_SIZE, POINTER_SIZE
+from xenpv.stack.drivers.revision import XENVIF_REVISIONS
+from xenpv.stack.drivers.xennet.tcp import ACK, FIN, SYN, TcpConnection, TcpState, seq_lt
+from xenpv.stack.drivers.xenvif.frontend import Frontend, format_mac, header_length, parse_mac
+from xenpv.stack.drivers.xenvif.pdo import pdo_hardware_ids
+from xenpv.stack.drivers.xenvif.vif import (GUID_XENVIF_VIF_INTERFACE, ReceiverQueueParameters, VifInterface,
                                       XenvifCallbackType, XenvifPacketChecksumFlags)
-from stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
+from xenpv.stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
 
 
 def _vif() -> VifInterface:
@@ -107,7 +107,7 @@ def test_tcp_handshake_data_and_fin() -> None:
 
 
 def test_tcp_retransmits_unacknowledged_data(monkeypatch) -> None:
-    import stack.drivers.xennet.tcp as tcp_module
+    import xenpv.stack.drivers.xennet.tcp as tcp_module
     c, sent = _connection()
     c.open()
     c.input(dpkt.tcp.TCP(sport=80, dport=40000, seq=1, ack=1001, flags=SYN | ACK, win=10000))

@@ -16,11 +16,11 @@ from typing import Callable
 
 import dpkt
 
-from stack.vcpu.platform import XenPlatform
-from stack.vcpu.xenstore import XenstoreError
-from xenabi import netif as N
-from xenabi.ring import XEN_PAGE_SIZE, FrontRing
-from xenabi.xenbus import XenbusState as S
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.stack.vcpu.xenstore import XenstoreError
+from xenpv.xenabi import netif as N
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, FrontRing
+from xenpv.xenabi.xenbus import XenbusState as S
 
 log = logging.getLogger("harness.netfront")
 

@@ -6,11 +6,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.xenhv.control import XenhvControl
-from backends.xenhv.launch import start_xenhv
-from backends.xenstored.launch import start_xenstored
-from harness.process import Supervised
-from harness.rundir import make_run_dir, remove_run_dir
+from xenpv.backends.xenhv.control import XenhvControl
+from xenpv.backends.xenhv.launch import start_xenhv
+from xenpv.backends.xenstored.launch import start_xenstored
+from xenpv.base.process import Supervised
+from xenpv.base.rundir import make_run_dir, remove_run_dir
 
 log = logging.getLogger("harness.services")
 

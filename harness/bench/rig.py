@@ -6,11 +6,11 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.machine import Machine
-from harness.plugin import resolve_guest
-from harness.rundir import make_run_dir, remove_run_dir
-from harness.services import HostServices
-from harness.xendomain import XenDomain
+from xenpv.harness.machine import Machine
+from xenpv.harness.plugin import resolve_guest
+from xenpv.base.rundir import make_run_dir, remove_run_dir
+from xenpv.backends.host import HostServices
+from xenpv.harness.xendomain import XenDomain
 
 
 @dataclass

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from xenabi.xs_wire import (
+from xenpv.xenabi.xs_wire import (
     MASK_XENSTORE_IDX, XENSTORE_CONNECTED, XENSTORE_ERROR_NONE, XENSTORE_ERROR_PROTO, XENSTORE_ERROR_RINGIDX,
     XENSTORE_PAYLOAD_MAX, XENSTORE_RECONNECT, XENSTORE_RING_SIZE, XSD_SOCKMSG, XenstoreDomainInterface,
 )

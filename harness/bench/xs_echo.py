@@ -1,4 +1,4 @@
-"""`python -m backends.xenstored.echo --socket PATH`: the bench baseline, a trivial xenstore-framed echo
+"""`python -m xenpv.harness.bench.xs_echo --socket PATH`: the bench baseline, a trivial xenstore-framed echo
 server with the same loop shape as the daemon (recv many, frame, reply, one send), minus the protocol."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from xenabi.xs_wire import XSD_SOCKMSG
+from xenpv.xenabi.xs_wire import XSD_SOCKMSG
 
 _HDR = XSD_SOCKMSG.size
 

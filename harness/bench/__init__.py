@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 BENCH_MODULES = (
-    "harness.bench_machine",
-    "harness.bench_boot",
-    "backends.xenstored.bench",
-    "backends.xenhv.bench",
-    "backends.blkback.bench",
-    "backends.netback.bench",
+    "xenpv.harness.bench.machine",
+    "xenpv.harness.bench.boot",
+    "xenpv.harness.bench.xenstore",
+    "xenpv.harness.bench.evtchn",
+    "xenpv.harness.bench.blk",
+    "xenpv.harness.bench.net",
 )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
-from harness.errors import ProcessDied, WaitTimeout
+from xenpv.base.errors import ProcessDied, WaitTimeout
 
 log = logging.getLogger("harness.process")
 

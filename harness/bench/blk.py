@@ -10,7 +10,7 @@ import os
 import random
 import time
 
-from harness.bench import BenchReport, benchmark
+from xenpv.harness.bench import BenchReport, benchmark
 
 DEPTH = 32
 # The frontend polls its ring this long before re-arming rsp_event and sleeping (as a polling block driver
@@ -50,11 +50,11 @@ def _baseline(path: str, write: bool, offsets: list[int], block: int) -> float:
 @benchmark("blk", help="blkback: 64 KiB sequential MB/s and 4 KiB random IOPS at QD32 vs os.pread/pwrite",
            arguments=_arguments)
 def bench_blk(args: argparse.Namespace) -> BenchReport:
-    from backends.blkback.launch import start_blkback
-    from backends.xenstored.client import XsClient
-    from harness.blk import BlkFront, Op, add_vbd
-    from harness.bench_rig import xen_domain_rig
-    from stack.vcpu.platform import XenPlatform
+    from xenpv.backends.blkback.launch import start_blkback
+    from xenpv.backends.xenstored.client import XsClient
+    from xenpv.harness.frontends.blkfront import BlkFront, Op, add_vbd
+    from xenpv.harness.bench.rig import xen_domain_rig
+    from xenpv.stack.vcpu.platform import XenPlatform
 
     size = args.size_mib << 20
     rng = random.Random(7)

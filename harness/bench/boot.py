@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import time
 
-from harness.bench import BenchReport, benchmark, median
+from xenpv.harness.bench import BenchReport, benchmark, median
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -17,12 +17,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 @benchmark("boot", help="QEMU launch to a booted guest (all PDOs started)", arguments=_arguments)
 def bench_boot(args: argparse.Namespace) -> BenchReport:
-    from harness.agent import Guest
-    from harness.dom0 import Dom0Backends
-    from harness.machine import Machine
-    from harness.plugin import resolve_guest
-    from harness.rundir import make_run_dir, remove_run_dir
-    from harness.services import HostServices
+    from xenpv.harness.agent import Guest
+    from xenpv.harness.dom0 import Dom0Backends
+    from xenpv.harness.machine import Machine
+    from xenpv.harness.plugin import resolve_guest
+    from xenpv.base.rundir import make_run_dir, remove_run_dir
+    from xenpv.backends.host import HostServices
 
     guest_def = resolve_guest(args.guest)
     boots, launches, devices = [], [], ""

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.bench import BenchReport, benchmark, median
+from xenpv.harness.bench import BenchReport, benchmark, median
 
 SCRATCH, MAILBOX = 0x10000, 0x20000
 
@@ -79,14 +79,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 @benchmark("evtchn", help="event channel round trip, grant map+unmap and hypercall rates", arguments=_arguments)
 def bench_evtchn(args: argparse.Namespace) -> BenchReport:
-    from harness.process import Supervised, wait_for
-    from harness.bench_rig import xen_domain_rig
-    from stack.vcpu.grants import GrantTableFrontend
-    from stack.vcpu.hypercalls import HC, Hypercalls
-    from stack.vcpu.pci import PciBus
-    from xenabi import event_channel as E
-    from xenabi import xen as X
-    from backends.xenhv.wire import TRAP
+    from xenpv.base.process import Supervised, wait_for
+    from xenpv.harness.bench.rig import xen_domain_rig
+    from xenpv.stack.vcpu.grants import GrantTableFrontend
+    from xenpv.stack.vcpu.hypercalls import HC, Hypercalls
+    from xenpv.stack.vcpu.pci import PciBus
+    from xenpv.xenabi import event_channel as E
+    from xenpv.xenabi import xen as X
+    from xenpv.xenabi.trap import TRAP
 
     n = args.rounds
     with contextlib.ExitStack() as cleanup:
@@ -98,7 +98,7 @@ def bench_evtchn(args: argparse.Namespace) -> BenchReport:
         hc.add_to_physmap(X.XENMAPSPACE_shared_info, 0, base)
         hc.add_to_physmap(X.XENMAPSPACE_grant_table, 0, base + 1)
         port = hc.evtchn_alloc_unbound(0)
-        peer = Supervised("peer", [sys.executable, "-m", "backends.peer", "--xenhv", str(host.xenhv_socket),
+        peer = Supervised("peer", [sys.executable, "-m", "xenpv.backends.peer", "--xenhv", str(host.xenhv_socket),
                                    "--socket", str(host.run_dir / "bench-peer.sock"), "--domid", str(dom.domid),
                                    "--port", str(port), "--reflect"], work / "peer.log").start()
         cleanup.callback(peer.stop)

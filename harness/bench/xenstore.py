@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from backends.xenstored.client import XsClient
-from backends.xenstored.launch import start_xenstored
-from harness.bench import BenchReport, benchmark, median
-from harness.process import Supervised, unix_socket_accepting, wait_for
-from xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.backends.xenstored.launch import start_xenstored
+from xenpv.harness.bench import BenchReport, benchmark, median
+from xenpv.base.process import Supervised, unix_socket_accepting, wait_for
+from xenpv.xenabi.xs_wire import XSD_SOCKMSG, XsdSockmsgType as T
 
 _HDR = XSD_SOCKMSG.size
 
@@ -82,7 +82,7 @@ def bench_xenstore(args: argparse.Namespace) -> BenchReport:
         xs = start_xenstored(sock, rundir / "xenstored.log", log_level="WARNING")
         procs.append(xs)
         echo_sock = rundir / "echo.sock"
-        echo = Supervised("echo", [sys.executable, "-m", "backends.xenstored.echo", "--socket", str(echo_sock)],
+        echo = Supervised("echo", [sys.executable, "-m", "xenpv.harness.bench.xs_echo", "--socket", str(echo_sock)],
                           rundir / "echo.log").start()
         procs.append(echo)
         wait_for(lambda: unix_socket_accepting(echo_sock), timeout=10, what="echo server to listen", alive=[echo])

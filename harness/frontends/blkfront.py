@@ -13,19 +13,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.toolstack import layout as L
-from backends.xenstored.client import XsClient
-from guests.schema import PvDisk
-from harness.errors import HarnessError, WaitTimeout
-from stack.vcpu.platform import XenPlatform
-from stack.vcpu.xenstore import XenstoreError
-from xenabi.blkif import (BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
+from xenpv.backends.toolstack import layout as L
+from xenpv.backends.xenstored.client import XsClient
+from xenpv.guests.schema import PvDisk
+from xenpv.base.errors import HarnessError, WaitTimeout
+from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.stack.vcpu.xenstore import XenstoreError
+from xenpv.xenabi.blkif import (BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE,
                           BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER,
                           BLKIF_SECTOR_SIZE, BLKIF_SEGS_PER_INDIRECT_FRAME, BLKIF_NATIVE, BlkifRequestSegment,
                           XEN_IO_PROTO_ABI_X86_64)
-from xenabi.layout import struct_of
-from xenabi.ring import XEN_PAGE_SIZE, FrontRing
-from xenabi.xenbus import XenbusState
+from xenpv.xenabi.layout import struct_of
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, FrontRing
+from xenpv.xenabi.xenbus import XenbusState
 
 log = logging.getLogger("harness.blk")
 

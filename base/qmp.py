@@ -17,8 +17,8 @@ from typing import Any, Iterable
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from harness.errors import HarnessError, WaitTimeout
-from harness.process import Supervised
+from xenpv.base.errors import HarnessError, WaitTimeout
+from xenpv.base.process import Supervised
 
 log = logging.getLogger("harness.qmp")
 

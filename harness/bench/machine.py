@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness.bench import BenchReport, benchmark, median
-from harness.machine import Machine
-from harness.rundir import make_run_dir, remove_run_dir
+from xenpv.harness.bench import BenchReport, benchmark, median
+from xenpv.harness.machine import Machine
+from xenpv.base.rundir import make_run_dir, remove_run_dir
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 @benchmark("machine", help="machine launch-to-ready and teardown times", arguments=_arguments)
 def bench_machine(args: argparse.Namespace) -> BenchReport:
-    from harness.plugin import resolve_guest
+    from xenpv.harness.plugin import resolve_guest
 
     guest = resolve_guest(args.guest)
     artifacts = make_run_dir("bench")

@@ -18,8 +18,8 @@ import time
 
 import dpkt
 
-from backends.netback.tap import Tap, VnetHdr
-from harness.bench import BenchReport, benchmark
+from xenpv.backends.netback.tap import Tap, VnetHdr
+from xenpv.harness.bench import BenchReport, benchmark
 
 FRAME_SIZES = (64, 1500)
 # Echo requests in flight at once: enough to keep both the frontend and netback busy, well below the
@@ -115,11 +115,11 @@ def _ns_mac(ns, dev: str) -> bytes:
 @benchmark("net", help="netback: 64 B and 1,500 B frames/s guest -> namespace -> guest vs a TAP written from Python",
            arguments=_arguments)
 def bench_net(args: argparse.Namespace) -> BenchReport:
-    from backends.netback.launch import start_netback
-    from harness.netfront_test import GuestIp, MiniNetfront
-    from harness.netns import NetNamespace, TapAddressing, addressing
-    from harness.bench_rig import xen_domain_rig
-    from stack.vcpu.platform import XenPlatform
+    from xenpv.backends.netback.launch import start_netback
+    from xenpv.harness.frontends.netfront import GuestIp, MiniNetfront
+    from xenpv.harness.netns import NetNamespace, TapAddressing, addressing
+    from xenpv.harness.bench.rig import xen_domain_rig
+    from xenpv.stack.vcpu.platform import XenPlatform
 
     r = BenchReport(f"netback round trips through the whole path vs a TAP from Python ({WINDOW} frames in flight, "
                     "the namespace's kernel answering ICMP echo)")

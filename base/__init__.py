@@ -1,0 +1,1 @@
+"""The floor every process stands on: process supervision and deadlines, error types, the QMP session."""
