@@ -3,7 +3,7 @@ to a domain over vhost-user, binds the guest's unbound port, and on each event r
 guest memory (a u32 length and the bytes), writes the reply (the bytes reversed) and notifies back;
 with --reflect it only notifies back. It prints one line per handled request on stdout.
 
-    python -m backends.peer --xenhv SOCK --socket SOCK --domid N --port P (--gpa ADDR | --grant REF | --reflect)
+    python -m xenpv.backends.peer --xenhv SOCK --socket SOCK --domid N --port P (--gpa ADDR | --grant REF | --reflect)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""python -m backends.blkback --xenstore SOCK --xenhv SOCK --vhost-socket PATH [--log FILE]"""
+"""python -m xenpv.backends.blkback --xenstore SOCK --xenhv SOCK --vhost-socket PATH [--log FILE]"""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from xenpv.backends.blkback.daemon import Blkback
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m backends.blkback", description="Xen blkif back-end")
+    p = argparse.ArgumentParser(prog="python -m xenpv.backends.blkback", description="Xen blkif back-end")
     p.add_argument("--xenstore", required=True, type=Path, help="dom0 xenstored socket")
     p.add_argument("--xenhv", required=True, type=Path, help="xenhv control socket")
     p.add_argument("--vhost-socket", required=True, type=Path, help="vhost-user socket to serve for xenhv")

@@ -1,4 +1,4 @@
-"""python -m backends.netback --xenstore SOCK --xenhv SOCK --vhost-socket PATH --netns NAME [--log FILE]
+"""python -m xenpv.backends.netback --xenstore SOCK --xenhv SOCK --vhost-socket PATH --netns NAME [--log FILE]
 [--stats FILE]"""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from xenpv.backends.netback.daemon import Netback, enter_netns
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m backends.netback")
+    p = argparse.ArgumentParser(prog="python -m xenpv.backends.netback")
     p.add_argument("--xenstore", required=True, type=Path, help="xenstored's unix socket")
     p.add_argument("--xenhv", required=True, type=Path, help="xenhv's control socket")
     p.add_argument("--vhost-socket", required=True, type=Path, help="where to serve vhost-user for xenhv")

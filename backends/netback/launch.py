@@ -9,7 +9,7 @@ from xenpv.base.process import Supervised, unix_socket_accepting, wait_for
 
 def start_netback(xenstore: Path, xenhv: Path, vhost_socket: Path, netns: str, log_path: Path,
                   stats_path: Path | None = None, timeout: float = 10.0) -> Supervised:
-    """Launch `python -m backends.netback` and return once its vhost-user socket accepts connections."""
+    """Launch `python -m xenpv.backends.netback` and return once its vhost-user socket accepts connections."""
     vhost_socket.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "xenpv.backends.netback", "--xenstore", str(xenstore), "--xenhv", str(xenhv),
             "--vhost-socket", str(vhost_socket), "--netns", netns, "--log", str(log_path)]

@@ -1,4 +1,4 @@
-"""`python -m backends.xenhv --run-dir DIR [--log FILE]`: the hypervisor model, one per host."""
+"""`python -m xenpv.backends.xenhv --run-dir DIR [--log FILE]`: the hypervisor model, one per host."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from xenpv.backends.xenhv.server import Server
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m backends.xenhv")
+    p = argparse.ArgumentParser(prog="python -m xenpv.backends.xenhv")
     p.add_argument("--run-dir", required=True, type=Path, help="directory for xenhv.sock and the trap sockets")
     p.add_argument("--log", type=Path, help="log file (default: stderr)")
     p.add_argument("-v", "--verbose", action="store_true")

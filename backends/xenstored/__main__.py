@@ -1,4 +1,4 @@
-"""`python -m backends.xenstored --socket PATH [--log FILE] [--ring-dir DIR]`: run the daemon until SIGTERM."""
+"""`python -m xenpv.backends.xenstored --socket PATH [--log FILE] [--ring-dir DIR]`: run the daemon until SIGTERM."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ from xenpv.backends.xenstored.xenhv_provider import XenhvRingProvider
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m backends.xenstored", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m xenpv.backends.xenstored", description=__doc__)
     p.add_argument("--socket", required=True, type=Path, help="unix socket path for dom0 clients")
     p.add_argument("--log", type=Path, help="log file (default: stderr)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -9,7 +9,7 @@ from xenpv.base.process import Supervised, unix_socket_accepting, wait_for
 
 def start_xenstored(socket_path: Path, log_path: Path, ring_dir: Path | None = None,
                     log_level: str = "INFO", timeout: float = 10.0, xenhv_socket: Path | None = None) -> Supervised:
-    """Launch `python -m backends.xenstored` and return once its socket accepts connections."""
+    """Launch `python -m xenpv.backends.xenstored` and return once its socket accepts connections."""
     argv = [sys.executable, "-m", "xenpv.backends.xenstored", "--socket", str(socket_path),
             "--log", str(log_path), "--log-level", log_level]
     if ring_dir is not None:
