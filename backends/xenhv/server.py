@@ -1,6 +1,12 @@
 """xenhv's sockets: the control socket (toolstack and harness, JSON lines, privileged) and one trap
 socket per domain (the guest's vCPU). One thread, one selector: hypercalls are serialised, as they
 are per vCPU on Xen, and no lock is needed around the domain state.
+
+Containment: one process serves every domain, so nothing one request does may end it. A bad request gets
+Xen's errno (XenError), a broken connection is dropped; any other exception is a defect of xenhv, and is
+contained to that request: logged with its traceback, the domain and the request, counted, and answered
+with EIO (a control request with an error), while every other domain goes on being served. Tests read the
+count with the control operation `internal_errors` and require zero.
 """
 from __future__ import annotations
 
@@ -16,11 +22,29 @@ from typing import Any, Callable
 from xenpv.backends.xenhv.errors import GrantError, XenError
 from xenpv.backends.xenhv.domain import Domain, RunState
 from xenpv.backends.xenhv.hypervisor import Hypervisor
+from xenpv.base.errors import HarnessError
 from xenpv.xenabi.trap import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
+from xenpv.xenabi.xen import XEN_EIO, XEN_ENOSYS, XEN_ENOENT, XEN_ESRCH
 
 log = logging.getLogger("xenhv.server")
 
 MAX_CONTROL_LINE = 1 << 16
+RECENT_INTERNAL_ERRORS = 16  # how many descriptions `internal_errors` keeps
+
+
+@dataclass
+class InternalErrors:
+    """Exceptions xenhv contained that no rule of the model raised: each one is a defect to fix."""
+
+    count: int = 0
+    recent: list[str] = field(default_factory=list)
+
+    def record(self, what: str, exc: BaseException) -> None:
+        self.count += 1
+        self.recent.append(f"{what}: {type(exc).__name__}: {exc}")
+        del self.recent[:-RECENT_INTERNAL_ERRORS]
+        log.error("INTERNAL ERROR #%d in %s (contained to this request; xenhv carries on)",
+                  self.count, what, exc_info=exc)
 
 
 @dataclass(eq=False)
@@ -52,6 +76,7 @@ class Server:
         self._paused_hellos: dict[int, list[TrapConn]] = {}
         hv.register_fd = self._register_fd
         hv.unregister_fd = self._unregister_fd
+        self.internal_errors = InternalErrors()
 
     def _register_fd(self, fd: int, handler: Callable[[], None]) -> None:
         self.sel.register(fd, selectors.EVENT_READ, ("fd", handler))
@@ -97,27 +122,37 @@ class Server:
     def serve_forever(self) -> None:
         while not self._stopping:
             for key, _ in self.sel.select(timeout=0.2):
-                kind, obj = key.data
-                try:
-                    if kind == "control-listen":
-                        conn, _ = self.control.accept()
-                        self.sel.register(conn, selectors.EVENT_READ, ("control", ControlConn(conn)))
-                    elif kind == "trap-listen":
-                        conn, _ = self._listeners[obj].accept()
-                        self.sel.register(conn, selectors.EVENT_READ, ("trap", TrapConn(conn, obj)))
-                    elif kind == "control":
-                        self._control_ready(obj)
-                    elif kind == "trap":
-                        self._trap_ready(obj)
-                    elif kind == "fd":
-                        obj()
-                except (ConnectionError, BlockingIOError) as exc:
-                    if kind in ("control", "trap"):
-                        self._drop(obj.sock, str(exc))
+                self._ready(key)
         self.hv.destroy_all()
         for key in list(self.sel.get_map().values()):
             if not isinstance(key.fileobj, int):
                 key.fileobj.close()
+
+    def _ready(self, key: selectors.SelectorKey) -> None:
+        kind, obj = key.data
+        try:
+            if kind == "control-listen":
+                conn, _ = self.control.accept()
+                self.sel.register(conn, selectors.EVENT_READ, ("control", ControlConn(conn)))
+            elif kind == "trap-listen":
+                conn, _ = self._listeners[obj].accept()
+                self.sel.register(conn, selectors.EVENT_READ, ("trap", TrapConn(conn, obj)))
+            elif kind == "control":
+                self._control_ready(obj)
+            elif kind == "trap":
+                self._trap_ready(obj)
+            elif kind == "fd":
+                obj()
+        except (ConnectionError, BlockingIOError) as exc:
+            if kind in ("control", "trap"):
+                self._drop(obj.sock, str(exc))
+        except Exception as exc:
+            # Requests are contained where they are handled; this is the net under everything else (a
+            # back-end channel's handler, framing). The connection's state is unknown: it goes.
+            where = f"dom{obj.domid}'s trap connection" if kind == "trap" else f"{kind} handler"
+            self.internal_errors.record(where, exc)
+            if kind in ("control", "trap"):
+                self._drop(obj.sock, f"internal error: {exc!r}")
 
     def _drop(self, sock: Any, reason: str) -> None:
         log.info("connection closed: %s", reason)
@@ -143,11 +178,14 @@ class Server:
             self._drop(c.sock, f"control line longer than {MAX_CONTROL_LINE} bytes")
 
     def _control_request(self, line: bytes) -> dict[str, Any]:
+        op: object = None
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
                 raise ValueError("a request is an object with a string 'op'")
             op = req.pop("op")
+            if op == "internal_errors":  # the server's own state, for tests and diagnostics
+                return {"ok": {"count": self.internal_errors.count, "recent": list(self.internal_errors.recent)}}
             fn = getattr(self.hv, f"control_{op}", None)
             if fn is None:
                 raise ValueError(f"unknown control op {op!r}")
@@ -156,9 +194,13 @@ class Server:
             return {"error": str(exc), "errno": exc.errno}
         except GrantError as exc:
             return {"error": str(exc), "gntst": exc.status}
-        except (ValueError, TypeError, KeyError, OSError) as exc:
-            log.info("control request refused: %s", exc)
+        except (ValueError, TypeError, KeyError, OSError, HarnessError) as exc:
+            # A malformed request, a missing file, or a device model that refused (QmpError).
+            log.info("control request %r refused: %s", op, exc)
             return {"error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:
+            self.internal_errors.record(f"control request {line[:200]!r}", exc)
+            return {"error": f"internal error: {type(exc).__name__}: {exc}", "errno": XEN_EIO}
 
     # -- traps from a guest's vCPU ---------------------------------------------------------------
 
@@ -189,16 +231,13 @@ class Server:
             return
         kind, _, *a = TRAP.unpack(data)
         dom = self.hv.domains.get(t.domid)
-        if dom is None:
-            result, v0 = -3, 0  # ESRCH: the domain is gone
-        elif kind == TrapKind.HELLO:
+        if dom is not None and kind == TrapKind.HELLO:
             if len(fds) != 1 or a[0] != t.domid:
                 for fd in fds:
                     os.close(fd)
                 self._drop(t.sock, f"dom{t.domid}: bad HELLO")
                 return
             self.hv.attach_vcpu(dom, fds[0])
-            fds = []
             t.hello = True
             if dom.state is RunState.PAUSED:
                 # A paused domain's vCPU does not run: its HELLO is answered when the toolstack unpauses.
@@ -206,20 +245,41 @@ class Server:
                 return
             self._answer_hello(t, dom)
             return
-        elif not t.hello:
-            self._drop(t.sock, f"dom{t.domid}: trap before HELLO")
-            return
-        elif kind == TrapKind.HYPERCALL:
-            result, v0 = self.hv.hypercalls.dispatch(dom, a[0], a[1:6]), 0
-        elif kind == TrapKind.PIO_READ:
-            result, v0 = self.hv.pio_read(dom, a[0], a[1])
-        elif kind == TrapKind.PIO_WRITE:
-            result, v0 = self.hv.pio_write(dom, a[0], a[1], a[2]), 0
-        elif kind == TrapKind.FRAME_OF:
-            index = dom.memory.frame_at(a[0])
-            result, v0 = (-2, 0) if index is None else (0, index * 4096)
-        else:
-            result, v0 = -38, 0  # ENOSYS
         for fd in fds:  # fds on anything but HELLO are not ours to keep
             os.close(fd)
+        if dom is not None and not t.hello:
+            self._drop(t.sock, f"dom{t.domid}: trap before HELLO")
+            return
+        if dom is None:
+            result, v0 = -XEN_ESRCH, 0  # the domain is gone
+        else:
+            try:
+                result, v0 = self._trap(dom, kind, a)
+            except XenError as exc:  # a rule of the model, outside the hypercall table's own handling
+                log.info("dom%d: %s: %s", t.domid, _describe_trap(kind, a), exc)
+                result, v0 = exc.result, 0
+            except Exception as exc:
+                self.internal_errors.record(f"dom{t.domid}: {_describe_trap(kind, a)}", exc)
+                result, v0 = -XEN_EIO, 0
         t.sock.sendall(REPLY.pack(result, v0, 0))
+
+    def _trap(self, dom: Domain, kind: int, a: list[int]) -> tuple[int, int]:
+        """One trap of a domain that said HELLO: (result, value) for the reply."""
+        if kind == TrapKind.HYPERCALL:
+            return self.hv.hypercalls.dispatch(dom, a[0], a[1:6]), 0
+        if kind == TrapKind.PIO_READ:
+            return self.hv.pio_read(dom, a[0], a[1])
+        if kind == TrapKind.PIO_WRITE:
+            return self.hv.pio_write(dom, a[0], a[1], a[2]), 0
+        if kind == TrapKind.FRAME_OF:
+            index = dom.memory.frame_at(a[0])
+            return (-XEN_ENOENT, 0) if index is None else (0, index * 4096)
+        return -XEN_ENOSYS, 0
+
+
+def _describe_trap(kind: int, a: list[int]) -> str:
+    try:
+        name = TrapKind(kind).name
+    except ValueError:
+        name = f"trap kind {kind}"
+    return f"{name} {' '.join(f'{x:#x}' for x in a)}"
