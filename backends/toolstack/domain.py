@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from xenpv.backends.toolstack import layout as L
+import xenpv.backends.toolstack.layout as L  # the sibling module, not the package (whose __init__ imports us)
 from xenpv.backends.xenhv.control import XenhvControl, XenhvError
 from xenpv.backends.xenstored.client import XsClient, XsConnectionError, XsRequestError
 from xenpv.guests.schema import GuestDefinition, PvDisk

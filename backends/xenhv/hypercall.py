@@ -3,12 +3,15 @@
 Arguments are guest-physical addresses, as a guest passes them to Xen; every one is hostile. A bad
 pointer is EFAULT, a bad domain ESRCH (or EPERM where Xen says so), an unknown op ENOSYS, reserved bits
 EINVAL. Results are negative Xen errnos, as the hypercall instruction returns them in rax.
+
+The dispatcher sits below the hypervisor that owns it (hypervisor.py builds it and uses its struct
+helpers); the ops it hands on are `HypercallTarget` here, as Xen's hypercall.h declares do_*_op.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 from xenpv.backends.xenhv.errors import XenError
 from xenpv.xenabi import hvm
@@ -17,7 +20,7 @@ from xenpv.xenabi.event_channel import DOMID_SELF
 
 if TYPE_CHECKING:
     from xenpv.backends.xenhv.domain import Domain
-    from xenpv.backends.xenhv.hypervisor import Hypervisor
+    from xenpv.backends.xenhv.gnttab import GrantTable
 
 log = logging.getLogger("xenhv.hypercall")
 
@@ -46,8 +49,20 @@ def _self_domid(dom: "Domain", domid: int, op: str) -> None:
                        f"{op}: dom{dom.domid} may not act on domain {domid:#x}")
 
 
+class HypercallTarget(Protocol):
+    """What the dispatcher hands on to the hypervisor (hypervisor.Hypervisor)."""
+
+    def grant_table(self, dom: "Domain") -> "GrantTable": ...
+
+    def shutdown(self, dom: "Domain", reason: int) -> None: ...
+
+    def event_channel_op(self, dom: "Domain", cmd: int, arg: int) -> int: ...
+
+    def grant_table_op(self, dom: "Domain", cmd: int, arg: int, count: int) -> int: ...
+
+
 class Hypercalls:
-    def __init__(self, hv: "Hypervisor") -> None:
+    def __init__(self, hv: HypercallTarget) -> None:
         self.hv = hv
         self.table: dict[int, Callable[["Domain", list[int]], int]] = {
             X.HYPERCALL_NUMBERS["memory_op"]: self.memory_op,

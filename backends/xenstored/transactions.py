@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING
 
 from xenpv.backends.xenstored.tree import Node, Tree
-
-if TYPE_CHECKING:
-    from xenpv.backends.xenstored.watches import Event
+from xenpv.backends.xenstored.watches import Event
 
 log = logging.getLogger("xenstored.transactions")
 
@@ -36,7 +33,7 @@ class Transaction:
         self.owned_delta: Counter[int] = Counter()
         self.stale = False  # saw a node newer than the snapshot: commit must fail
         self.overflowed = False  # stopped keeping its snapshot: commit must fail
-        self.events: dict[tuple[str, bool], "Event"] = {}  # fired on commit, one per (path, exact)
+        self.events: dict[tuple[str, bool], Event] = {}  # fired on commit, one per (path, exact)
 
     def preserve(self, path: str, node: Node | None) -> None:
         """The tree is about to change `path`; keep its current state if this transaction has not seen it."""

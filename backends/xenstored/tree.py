@@ -3,18 +3,17 @@
 Nodes are mutated in place in the global tree (cheap appends to big directories); a transaction works on
 private copies (see transactions.py). Every modification stamps the node with a fresh generation, which
 is both the DIRECTORY_PART `gencnt` and the conflict detector of transactions, as in cxenstored.
+
+The tree sits below transactions: all it asks of an open one is `Snapshot.preserve`.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from xenpv.backends.xenstored.perms import Access, Perm, Perms
-
-if TYPE_CHECKING:
-    from xenpv.backends.xenstored.transactions import Transaction
 
 log = logging.getLogger("xenstored.tree")
 
@@ -36,6 +35,13 @@ class Node:
         return len(self.value) + 8 * len(self.perms) + sum(len(c) + 1 for c in self.children)
 
 
+class Snapshot(Protocol):
+    """An open transaction as the tree sees it (transactions.Transaction)."""
+
+    def preserve(self, path: str, node: Node | None) -> None:
+        """`path` is about to change from `node` (None: absent)."""
+
+
 class Tree:
     """The committed tree. Implements the store interface shared with `Transaction`."""
 
@@ -43,7 +49,7 @@ class Tree:
         self.gen = 0
         self.nodes: dict[str, Node] = {"/": Node(b"", ROOT_PERMS)}
         self.owned: Counter[int] = Counter({0: 1})  # nodes per owning domain, for the node quota
-        self.open_txs: set["Transaction"] = set()  # told before each change, for their snapshots
+        self.open_txs: set[Snapshot] = set()  # told before each change, for their snapshots
 
     def _preserve(self, path: str) -> None:
         node = self.nodes.get(path)

@@ -1,25 +1,40 @@
-"""Watches: registration, matching (subtree/exact, depth), relative event paths, special events."""
+"""Watches: registration, matching (subtree/exact, depth), relative event paths, special events.
+
+Watches sit below the connections that own them: what a watch needs of its connection is `Watcher`."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Protocol
 
 from xenpv.backends.xenstored.paths import depth_below, parent_of
 from xenpv.backends.xenstored.perms import Access, Perms, access_for
 from xenpv.xenabi.xs_wire import XENSTORE_PAYLOAD_MAX, XSD_SOCKMSG, XsdSockmsgType
-
-if TYPE_CHECKING:
-    from xenpv.backends.xenstored.connection import Connection
 
 log = logging.getLogger("xenstored.watches")
 
 _WATCH_EVENT = int(XsdSockmsgType.WATCH_EVENT)
 
 
+class Watcher(Protocol):
+    """The connection a watch belongs to (connection.Connection): who it is and how to reach it."""
+
+    @property
+    def domid(self) -> int: ...
+    @property
+    def privileged(self) -> bool: ...
+    @property
+    def target(self) -> int | None:
+        """SET_TARGET: the connection also acts for this domain."""
+    @property
+    def send(self) -> Callable[[bytes], None]:
+        """Queues one whole message for the peer."""
+
+
 @dataclass(slots=True)
 class Watch:
-    conn: "Connection"
+    conn: Watcher
     path: str  # canonical
     token: bytes
     depth: int | None
@@ -110,7 +125,7 @@ class WatchTable:
                 deliver(w, f"{name}/{domid}")
 
 
-def _may_see(conn: "Connection", event: Event) -> bool:
+def _may_see(conn: Watcher, event: Event) -> bool:
     for perms in event.visible_by:
         if access_for(perms, conn.domid, conn.target) & Access.READ:
             return True

@@ -10,6 +10,11 @@ driver wants (Windows gives a zeroed buffer of the requested size; Python driver
 Simplifications: no named device objects namespace, no DO_* flags beyond what the model checks, no
 reference counting (IoDeleteDevice marks the object deleted; using it afterwards is a driver bug the
 PnP manager reports).
+
+Layering: this is the bottom of the I/O model. irp.py (IRPs, whose stack locations belong to device
+objects) and pnp.py (device nodes, which hold device stacks) import this module, never the reverse, so
+the two names from above them that appear here are typed loosely: a dispatch routine's IRP argument, and
+the PDO's device node (for the I/O manager an opaque pointer, as DEVOBJ_EXTENSION.DeviceNode is).
 """
 from __future__ import annotations
 
@@ -17,15 +22,12 @@ import itertools
 import logging
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .irp import Irp
-    from .pnp import DeviceNode
+from typing import Any
 
 log = logging.getLogger("stack.kernel.device")
 
-DispatchRoutine = Callable[["DeviceObject", "Irp"], int]
+# DRIVER_DISPATCH: (DeviceObject, irp.Irp) -> NTSTATUS; IoCallDriver (irp.py) is the caller.
+DispatchRoutine = Callable[["DeviceObject", Any], int]
 AddDeviceRoutine = Callable[["DriverObject", "DeviceObject"], int]
 UnloadRoutine = Callable[["DriverObject"], None]
 DriverEntryRoutine = Callable[["DriverObject", str], int]
@@ -72,8 +74,8 @@ class DeviceObject:
         self.upper: DeviceObject | None = None
         self.lower: DeviceObject | None = None
         self.deleted = False
-        # Set by the PnP manager on PDOs it has seen in a bus relations list.
-        self.device_node: DeviceNode | None = None
+        # pnp.DeviceNode, set by the PnP manager on PDOs it has seen in a bus relations list (None before).
+        self.device_node: Any = None
 
     def __repr__(self) -> str:
         label = self.name or hex(self.address)

@@ -4,6 +4,10 @@ DriverEntry calls XenTouch; on a mismatch it still installs the XENFILT class fi
 reboot, then fails with STATUS_INCOMPATIBLE_DRIVER_BLOCKED. AddDevice is FdoCreate: the device must be a
 Xen platform device (PCI vendor 0x5853, read through BUS_INTERFACE_STANDARD); FdoSetActive decides
 whether it is the one that works. FiltersInstall runs with the first FDO, FiltersUninstall with the last.
+
+driver.py, fdo.py and pdo.py import each other on purpose: they mirror XB's driver.c, fdo.c and pdo.c,
+where the driver creates FDOs, an FDO creates its PDOs and each keeps a pointer to its parent (fdo.c
+calls DriverXxx, pdo.c FdoXxx). tests/unit/test_layering.py allows this one circle.
 """
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ Every platform device (0001, 0002, C000) gets an FDO; `FdoSetActive` picks exact
 FDO does anything (`if (!Active) goto not_active`): at START it brings up the platform (BAR hole,
 shared_info and grant frames, upcalls, the store ring), creates the interface contexts, watches `device`
 in xenstore and reports one child PDO per class. Inactive FDOs pass everything down.
+
+Imports driver.py (its parent, for types) and pdo.py (PdoCreate), which import it back: the three mirror
+XB's driver.c, fdo.c and pdo.c and their headers (see driver.py; tests/unit/test_layering.py allows it).
 """
 from __future__ import annotations
 

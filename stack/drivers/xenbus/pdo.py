@@ -8,6 +8,9 @@ PdoQueryInterface: a status other than NOT_SUPPORTED is completed unchanged; BUS
 a proxy onto the platform device's config space; the XENBUS interfaces come from the FDO's contexts
 (unknown version NOT_SUPPORTED, short buffer BUFFER_OVERFLOW); EMULATED is delegated down the FDO's own
 stack to XENFILT; any other GUID is completed here with NOT_SUPPORTED and never forwarded.
+
+Types its parent from fdo.py, which imports this module to create PDOs: the pair mirrors XB's fdo.c and
+pdo.c (see driver.py; tests/unit/test_layering.py allows the circle).
 """
 from __future__ import annotations
 

@@ -1,5 +1,10 @@
 """xenvif.sys DriverEntry and AddDevice (XV src/xenvif/driver.c). The installer's catalog resolves the
-image here; the INF binds XENBUS's VIF PDO at the exact revision CHILD_BINDS_XENBUS_REVISION."""
+image here; the INF binds XENBUS's VIF PDO at the exact revision CHILD_BINDS_XENBUS_REVISION.
+
+driver.py, fdo.py and pdo.py import each other on purpose: they mirror XV's driver.c, fdo.c and pdo.c,
+where the driver creates FDOs, an FDO creates its PDOs and each keeps a pointer to its parent (fdo.c
+calls DriverXxx, pdo.c FdoXxx). tests/unit/test_layering.py allows this one circle.
+"""
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,9 @@ arms the NIC unplug for the next boot (UNPLUG.Request(NICS, TRUE), held only for
 one frontend and NET PDO per `device/vif/N`; REMOVE_DEVICE disarms it (Request(NICS, FALSE)) and
 releases everything. A `FrontendMaxQueues` DWORD in XENVIF\\Parameters, read at START_DEVICE, sets every
 frontend's queue maximum (the INF's FrontendMaxQueues).
+
+Imports driver.py (its parent, for types) and pdo.py (PdoCreate), which import it back: the three mirror
+XV's driver.c, fdo.c and pdo.c and their headers (see driver.py; tests/unit/test_layering.py allows it).
 """
 from __future__ import annotations
 

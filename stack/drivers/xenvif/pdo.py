@@ -12,6 +12,9 @@ asks a NET PDO for config space).
 
 START_DEVICE brings the frontend to CONNECTED; REMOVE_DEVICE takes it back to UNKNOWN (closing the
 backend) and, for a vif that vanished, deletes the PDO.
+
+Types its parent from fdo.py, which imports this module to create PDOs: the pair mirrors XV's fdo.c and
+pdo.c (see driver.py; tests/unit/test_layering.py allows the circle).
 """
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ receiver to stop handing up packets for this DPC pass).
 Simplifications: packets travel as bytes (the receiver has already copied them out of its granted pages,
 so ReturnPacket only balances the outstanding count Disable waits on); hashing (UpdateHashMapping,
 SetHashAlgorithm, UpdateHashParameters) is accepted but not negotiated with the backend (no control ring).
+
+The context sits below its frontend (frontend.py builds one and calls it to hand packets up); what the
+members call back on the frontend is `VifFrontend` here, as XV's vif.c sees frontend.h/transmitter.h.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import logging
 import uuid
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Mapping, Sized
+from typing import Any, Protocol
 
 from xenpv.stack.drivers.interface import Interface, InterfaceTable, table
 from xenpv.stack.kernel.bugcheck import BUG
@@ -25,9 +29,6 @@ from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
 from xenpv.stack.kernel.irql import assert_passive
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
                                  STATUS_TIMEOUT, NTSTATUS)
-
-if TYPE_CHECKING:
-    from .frontend import Frontend
 
 log = logging.getLogger("stack.drivers.xenvif.vif")
 
@@ -129,13 +130,47 @@ class ReceiverQueueParameters:
 VifCallback = Callable[..., None]
 
 
+class VifFrontend(Protocol):
+    """What the VIF members use of the frontend they wrap (frontend.Frontend)."""
+
+    @property
+    def statistics(self) -> Mapping[XenvifVifStatistic, int]: ...
+    @property
+    def queues(self) -> Sized: ...
+    @property
+    def online(self) -> bool: ...
+    @property
+    def speed(self) -> int: ...
+    @property
+    def mtu(self) -> int: ...
+    @property
+    def permanent_address(self) -> bytes: ...
+    @property
+    def current_address(self) -> bytes: ...
+    @property
+    def rx_ring_size(self) -> int: ...
+    @property
+    def tx_ring_size(self) -> int: ...
+    @property
+    def transmitter_offload(self) -> XenvifOffloadOptions: ...
+    @property
+    def large_packet_size(self) -> int: ...
+
+    def FrontendEnable(self) -> NTSTATUS: ...
+
+    def FrontendDisable(self) -> None: ...
+
+    def TransmitterQueuePacket(self, data: bytes, offload: XenvifOffloadOptions, mss: int, hash_value: int,
+                               more: bool, cookie: Any) -> NTSTATUS: ...
+
+
 class VifInterface(Interface):
     NAME = "VIF"
     GUID = GUID_XENVIF_VIF_INTERFACE
     TABLES = {version: table(version, *_MEMBERS)
               for version in range(XENVIF_VIF_INTERFACE_VERSION_MIN, XENVIF_VIF_INTERFACE_VERSION_MAX + 1)}
 
-    def __init__(self, frontend: Frontend) -> None:
+    def __init__(self, frontend: VifFrontend) -> None:
         super().__init__()
         self.frontend = frontend
         self.callback: VifCallback | None = None
