@@ -4,7 +4,9 @@ Every error names the file, the field (as a path such as `platform[1].device-id`
 """
 from __future__ import annotations
 
+import ipaddress
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -71,11 +73,51 @@ class PvNic:
     address: str | None = None
     peer: str | None = None
 
+    def addressing(self, devid: int) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]:
+        """(namespace side, guest side) of vif `devid`: `peer` (default 10.200.<devid>.1/24) is the
+        namespace's address and network; `address` (default the one after peer) the guest's, with peer's
+        prefix length unless it gives its own. Validated on load, so a loaded definition never raises."""
+        return nic_addressing(self.address, self.peer, devid)
+
+
+def nic_addressing(address: str | None, peer: str | None,
+                   devid: int) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]:
+    """The rule behind PvNic.addressing; raises ValueError naming what is wrong."""
+    ns = ipaddress.IPv4Interface(peer if peer and "/" in peer else f"{peer}/24" if peer else f"10.200.{devid}.1/24")
+    if address is None:
+        guest = ipaddress.IPv4Interface(f"{ns.ip + 1}/{ns.network.prefixlen}")
+    else:
+        guest = ipaddress.IPv4Interface(address if "/" in address else f"{address}/{ns.network.prefixlen}")
+    for side, iface in (("peer", ns), ("address", guest)):
+        net = iface.network
+        # A /31 or /32 has no room for the two ends; the network and broadcast addresses are no host's.
+        if net.prefixlen > 30 or iface.ip in (net.network_address, net.broadcast_address):
+            raise ValueError(f"{side} {iface} is not a host address of a network with room for both ends")
+    if guest.ip not in ns.network:
+        raise ValueError(f"the guest's address {guest.ip} is outside the namespace network {ns.network}")
+    if guest.ip == ns.ip:
+        raise ValueError(f"the guest and the namespace would both be {guest.ip}")
+    return ns, guest
+
 
 @dataclass(frozen=True)
 class Drivers:
     era: str = "current"
     packages: dict[str, str] = field(default_factory=dict)
+    none_reason: str | None = None  # `drivers: {none: REASON}`: no package, on purpose, and why
+
+
+# The packages a class of PV device needs before the main job can expect it to work.
+PV_CLASS_PACKAGES = {"disks": ("xenbus", "xenvbd"), "nics": ("xenbus", "xenvif", "xennet")}
+
+
+@dataclass(frozen=True)
+class PvExpectation:
+    """Whether the main job must see one class of PV device (disks or nics) work after the reboot; when
+    not, `reason` says why (the guest file's words, or what the definition lacks)."""
+    kind: str
+    expected: bool
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +134,30 @@ class GuestDefinition:
     drivers: Drivers
     registry: dict[str, dict[str, Any]]
     boot_options: tuple[str, ...]
+    not_expected: dict[str, str] = field(default_factory=dict)  # "disks"/"nics" -> the file's reason
+
+    def pv_expectation(self, kind: str) -> PvExpectation:
+        """What the main job may demand of this guest's PV `kind` ("disks" or "nics")."""
+        if kind not in PV_CLASS_PACKAGES:
+            raise ValueError(f"no PV device class {kind!r} (known: {', '.join(PV_CLASS_PACKAGES)})")
+        if self.drivers.none_reason is not None:
+            return PvExpectation(kind, False, f"no PV drivers on purpose: {self.drivers.none_reason}")
+        if not self.platform:
+            return PvExpectation(kind, False, "no Xen platform device: not a Xen guest")
+        if not (self.pv_disks if kind == "disks" else self.pv_nics):
+            return PvExpectation(kind, False, f"the guest has no pv.{kind}")
+        if kind in self.not_expected:
+            return PvExpectation(kind, False, self.not_expected[kind])
+        # parse_guest refuses a definition that lands here lacking a package, so this is only a guard.
+        missing = [p for p in PV_CLASS_PACKAGES[kind] if p not in self.drivers.packages]
+        if missing:
+            return PvExpectation(kind, False, f"drivers.packages lacks {', '.join(missing)}")
+        return PvExpectation(kind, True)
+
+    @property
+    def expects_pv_drivers(self) -> bool:
+        """True when the PV drivers must bring up at least one class of this guest's PV devices."""
+        return any(self.pv_expectation(k).expected for k in PV_CLASS_PACKAGES)
 
 
 T = TypeVar("T")
@@ -192,11 +258,19 @@ def load_guest(path: str | Path) -> GuestDefinition:
         p = GUESTS_DIR / p.name
     shown = str(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as exc:
         raise GuestDefinitionError(shown, "(file)", f"cannot be read: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise GuestDefinitionError(shown, f"line {line}",
+                                   f"is not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    try:
         doc = yaml.safe_load(text)
+    except RecursionError:
+        raise GuestDefinitionError(shown, "(yaml)", "is nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
@@ -206,7 +280,8 @@ def load_guest(path: str | Path) -> GuestDefinition:
 
 def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefinition:
     r = _Reader(shown or str(path))
-    top = r.mapping(doc, "", {"name", "memory", "seed", "platform", "emulated", "pv", "drivers", "registry", "boot"})
+    top = r.mapping(doc, "", {"name", "memory", "seed", "platform", "emulated", "pv", "drivers", "registry", "boot",
+                              "not-expected"})
     base = path.parent
 
     def image(value: Any, fieldpath: str) -> Path | None:
@@ -214,6 +289,28 @@ def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefiniti
             return None
         s = Path(r.string(value, fieldpath))
         return s if s.is_absolute() else (base / s)
+
+    def existing_image(value: Any, fieldpath: str) -> Path | None:
+        """A PV disk's own image: nothing creates it (the toolstack makes scratch images only for disks
+        without one), so blkback would find it missing and close the device without a word."""
+        path = image(value, fieldpath)
+        if path is None:
+            return None
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise r.fail(fieldpath, f"{path} does not exist") from None
+        except OSError as exc:
+            raise r.fail(fieldpath, f"{path} cannot be examined: {exc.strerror}") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise r.fail(fieldpath, f"{path} is neither a regular file nor a block device")
+        return path
+
+    def reason(value: Any, fieldpath: str) -> str:
+        text = r.string(value, fieldpath).strip()
+        if not text:
+            raise r.fail(fieldpath, "must say why, got an empty reason")
+        return " ".join(text.split())
 
     name = r.string(top.get("name", path.stem), "name", _ID_RE, "a short identifier")
     memory = r.size(top.get("memory", "128M"), "memory", 16 << 20, MAX_MEMORY_MIB << 20)
@@ -276,32 +373,74 @@ def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefiniti
             vdev=_vdev(r, r.required(m, "vdev", fp), _join(fp, "vdev")),
             size=r.size(m.get("size", "64M"), _join(fp, "size"), 512, 1 << 52),
             format=r.choice(m.get("format", "raw"), _join(fp, "format"), DISK_FORMATS),
-            image=image(m.get("image"), _join(fp, "image")),
+            image=existing_image(m.get("image"), _join(fp, "image")),
             features=dict(r.mapping(m.get("features"), _join(fp, "features"),
                                     {"indirect", "discard", "flush", "persistent", "ring-page-order", "queues"})),
         )
+
+    def ipv4(value: Any, fieldpath: str) -> str | None:
+        if value is None:
+            return None
+        text = r.string(value, fieldpath)
+        try:
+            ipaddress.IPv4Interface(text)
+        except ValueError as exc:
+            raise r.fail(fieldpath, f"must be an IPv4 address with an optional /prefix, got {text!r} ({exc})") from None
+        return text
 
     def pv_nic(v: Any, fp: str) -> PvNic:
         m = r.mapping(v, fp, {"mac", "queues", "address", "peer"})
         return PvNic(
             mac=r.string(r.required(m, "mac", fp), _join(fp, "mac"), _MAC_RE, "a MAC address like 00:16:3e:00:00:01").lower(),
             queues=r.integer(m.get("queues", 1), _join(fp, "queues"), 1, 8),
-            address=None if m.get("address") is None else r.string(m["address"], _join(fp, "address")),
-            peer=None if m.get("peer") is None else r.string(m["peer"], _join(fp, "peer")),
+            address=ipv4(m.get("address"), _join(fp, "address")),
+            peer=ipv4(m.get("peer"), _join(fp, "peer")),
         )
 
     pv_disks = r.items(pv.get("disks"), "pv.disks", pv_disk)
     pv_nics = r.items(pv.get("nics"), "pv.nics", pv_nic)
+    for devid, nic in enumerate(pv_nics):  # vif N is the Nth NIC: its default network depends on N
+        try:
+            nic.addressing(devid)
+        except ValueError as exc:
+            raise r.fail(f"pv.nics[{devid}]", str(exc)) from None
     vdevs = [d.vdev for d in pv_disks]
     if len(set(vdevs)) != len(vdevs):
         raise r.fail("pv.disks", "two disks share one vdev")
 
-    dm = r.mapping(top.get("drivers"), "drivers", {"era", "packages"})
+    dm = r.mapping(top.get("drivers"), "drivers", {"era", "packages", "none"})
     pk = r.mapping(dm.get("packages"), "drivers.packages", set(DRIVER_PACKAGES))
     packages = {k: r.string(str(v) if isinstance(v, (int, float)) else v, f"drivers.packages.{k}",
                             re.compile(r"^\d+\.\d+\.\d+(\.\d+)?$"), "a version such as 9.1.0.10")
                 for k, v in pk.items()}
-    drivers = Drivers(era=r.choice(dm.get("era", "current"), "drivers.era", DRIVER_ERAS), packages=packages)
+    none_reason = None
+    if "none" in dm:
+        none_reason = reason(dm["none"], "drivers.none")
+        if packages or "era" in dm:
+            raise r.fail("drivers.none", "installs no package, so drivers.era and drivers.packages must go")
+    drivers = Drivers(era=r.choice(dm.get("era", "current"), "drivers.era", DRIVER_ERAS), packages=packages,
+                      none_reason=none_reason)
+
+    # Whether the main job may demand working PV disks and NICs: a Xen guest with PV devices installs
+    # the packages that drive them, or its file says why not (drivers.none, or not-expected.pv-<class>).
+    listed = {"disks": pv_disks, "nics": pv_nics}
+    not_expected: dict[str, str] = {}
+    for key, why in r.mapping(top.get("not-expected"), "not-expected", {"pv-disks", "pv-nics"}).items():
+        kind, fp = key.removeprefix("pv-"), f"not-expected.{key}"
+        not_expected[kind] = reason(why, fp)
+        if not listed[kind]:
+            raise r.fail(fp, f"the guest has no pv.{kind} to expect nothing of")
+        if none_reason is not None:
+            raise r.fail(fp, "drivers.none already says why no PV device works")
+    if platform and none_reason is None:
+        for kind, devices in listed.items():
+            missing = [p for p in PV_CLASS_PACKAGES[kind] if p not in packages]
+            if devices and missing and kind not in not_expected:
+                where = "drivers.packages" if "drivers" in top else "drivers"
+                raise r.fail(where, f"pv.{kind} need the package{'s' if len(missing) > 1 else ''} "
+                                    f"{', '.join(missing)}: list {'them' if len(missing) > 1 else 'it'} in "
+                                    f"drivers.packages, or say why the guest goes without (drivers.none: REASON, "
+                                    f"or not-expected.pv-{kind}: REASON)")
 
     registry: dict[str, dict[str, Any]] = {}
     for key, values in r.mapping(top.get("registry"), "registry", _AnyKeys()).items():
@@ -324,7 +463,7 @@ def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefiniti
     return GuestDefinition(
         name=name, path=path, memory_mib=memory >> 20, seed=seed, platform=platform,
         emulated_disks=emu_disks, emulated_nics=emu_nics, pv_disks=pv_disks, pv_nics=pv_nics,
-        drivers=drivers, registry=registry, boot_options=options,
+        drivers=drivers, registry=registry, boot_options=options, not_expected=not_expected,
     )
 
 
