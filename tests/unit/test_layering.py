@@ -301,3 +301,11 @@ def test_a_circle_fails_the_check_unless_allowed_and_a_stale_allowance_fails_too
     [stale] = circle_problems(graph, {frozenset({"xenpv.s.a", "xenpv.s.b"}): "mirrors x.c",
                                       frozenset({"xenpv.s.c", "xenpv.s.d"}): "to break (owner: pending)"})
     assert "xenpv.s.c <-> xenpv.s.d is gone" in stale
+
+
+def test_every_package_folder_installs() -> None:
+    """setup.py finds packages by their __init__.py: a folder of modules without one works from the checkout
+    (an editable install) and is missing from a wheel."""
+    missing = [str(d.relative_to(TOP)) for folder in MAY_IMPORT for d in [TOP / folder, *(TOP / folder).rglob("*")]
+               if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py")) and not (d / "__init__.py").exists()]
+    assert not missing, f"package folders without __init__.py: {missing}"
