@@ -134,8 +134,9 @@ class PlatformPorts:
 
     def _unplug_nics(self) -> None:
         nics = [d for d in self._pci_devices() if d["class_info"]["class"] == PCI_CLASS_ETHERNET]
-        # A NIC QEMU no longer lists has been ejected: forget it, so a NIC added later under the same
-        # id is unplugged by a later write, as QEMU would.
+        # A NIC QEMU no longer lists has been ejected: forget it, so that a NIC added later under the
+        # same id is unplugged by a later write, as QEMU would (one removed and re-added between two
+        # writes is not seen: QMP says nothing of it without the DEVICE_DELETED event).
         self._nics_leaving &= {d.get("qdev_id") for d in nics}
         for d in nics:
             qid = d.get("qdev_id")

@@ -1,0 +1,147 @@
+"""Hypothesis fuzz of the platform unplug ports (0x10-0x1f, backends/xenhv/unplug.py) against a device model
+that answers QMP as QEMU does, in the ways that matter to the model:
+- `device_del` of a device already being unplugged is refused ("Device X is already in the process of
+  unplug"), as is one of a device that does not exist;
+- a removed NIC stays in `query-pci` until the guest's OSPM ejects its slot;
+- `drive_del` of a drive without a medium answers with error text (HMP), not a QMP error;
+- a device model that died answers nothing (the QMP session raises its StateError).
+Random port accesses of every width, ejects and a dying device model in any order must never raise out of
+the port handlers, never issue `device_del` twice for a NIC on its way out, and keep the record exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings, strategies as st
+from qemu.qmp.protocol import Runstate, StateError
+
+from xenpv.backends.xenhv.unplug import PCI_CLASS_ETHERNET, PCI_CLASS_IDE, PlatformPorts
+from xenpv.base.qmp import QmpError
+from xenpv.xenabi import unplug as U
+
+
+@dataclass
+class Blk:
+    device: str
+    qdev: str
+    type: str
+    bus: str
+    unit: int
+    inserted: bool = True
+
+
+@dataclass
+class FakeQemu:
+    nics: dict[str, int] = field(default_factory=lambda: {"nic0": 3, "nic1": 4})  # qdev id -> slot
+    leaving: set[str] = field(default_factory=set)  # device_del accepted, slot not yet ejected
+    blks: list[Blk] = field(default_factory=lambda: [Blk("ide0-hd0", "hda", "ide-hd", "ide.0", 0),
+                                                     Blk("ide0-hd1", "hdb", "ide-hd", "ide.0", 1),
+                                                     Blk("ide1-cd0", "cd0", "ide-cd", "ide.1", 0)])
+    dead: bool = False
+    refused: list[str] = field(default_factory=list)  # every command QEMU refused: the model should not ask
+
+    def command(self, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+        if self.dead:
+            raise StateError("QMP is not connected", Runstate.IDLE, Runstate.RUNNING)
+        if cmd == "query-pci":
+            devices = [{"slot": 1, "class_info": {"class": PCI_CLASS_IDE}, "qdev_id": ""}]
+            devices += [{"slot": slot, "class_info": {"class": PCI_CLASS_ETHERNET}, "qdev_id": qid}
+                        for qid, slot in self.nics.items()]
+            devices.append({"slot": 7, "class_info": {"class": PCI_CLASS_ETHERNET}})  # a NIC without an id
+            return [{"bus": 0, "devices": devices}]
+        if cmd == "device_del":
+            qid = args["id"]
+            if qid in self.leaving:
+                self.refused.append(f"device_del {qid}")
+                raise QmpError(cmd, args, "GenericError", f"Device {qid} is already in the process of unplug")
+            if qid not in self.nics:
+                self.refused.append(f"device_del {qid}")
+                raise QmpError(cmd, args, "DeviceNotFound", f"Device '{qid}' not found")
+            self.leaving.add(qid)
+            return {}
+        if cmd == "query-block":
+            return [{"device": b.device, "qdev": b.qdev, **({"inserted": {}} if b.inserted else {})}
+                    for b in self.blks]
+        if cmd == "qom-get":
+            b = next(b for b in self.blks if args["path"].endswith("/" + b.qdev))
+            return {"type": b.type, "unit": b.unit, "parent_bus": f"/machine/ide/{b.bus}"}[args["property"]]
+        if cmd == "human-monitor-command":
+            name = args["command_line"].split()[1]
+            b = next((b for b in self.blks if b.device == name and b.inserted), None)
+            if b is None:
+                return f"Device '{name}' not found\r\n"
+            b.inserted = False
+            return ""
+        raise AssertionError(f"unexpected QMP command {cmd}")
+
+    def eject(self) -> None:
+        """The guest's OSPM ejects every slot marked for removal."""
+        for qid in self.leaving:
+            del self.nics[qid]
+        self.leaving.clear()
+
+
+PORTS = st.integers(U.UNPLUG_PORT_BASE, U.UNPLUG_PORT_BASE + U.UNPLUG_PORT_COUNT - 1)
+MASKS = st.one_of(st.sampled_from([U.UNPLUG_ALL_NICS, U.UNPLUG_ALL_IDE_DISKS, U.UNPLUG_AUX_IDE_DISKS, U.UNPLUG_ALL,
+                                   U.UNPLUG_NVME_DISKS, 0, 0xFFFF]), st.integers(0, 0xFFFF))
+ACCESS = st.one_of(
+    st.tuples(st.just("write"), st.just(U.UNPLUG_PORT_MASK), st.just(2), MASKS),  # the unplug mask, often
+    st.tuples(st.just("write"), st.just(U.UNPLUG_PORT_MASK), st.just(2), MASKS),
+    st.tuples(st.just("write"), PORTS, st.sampled_from([1, 2, 4]), st.integers(0, 0xFFFFFFFF)),
+    st.tuples(st.just("read"), PORTS, st.sampled_from([1, 2, 4]), st.just(0)),
+    st.tuples(st.just("eject"), st.just(0), st.just(0), st.just(0)),
+    st.tuples(st.just("die"), st.just(0), st.just(0), st.just(0)),
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(accesses=st.lists(ACCESS, max_size=20))
+def test_any_port_accesses_keep_the_unplug_model_exact(accesses: list[tuple[str, int, int, int]]) -> None:
+    qemu = FakeQemu()
+    ports = PlatformPorts(qemu, domid=7, present=True)
+    mask = 0
+    for what, port, size, value in accesses:
+        if what == "eject":
+            qemu.eject()
+        elif what == "die":
+            qemu.dead = True
+        elif what == "read":
+            got = ports.read(port, size)
+            assert 0 <= got < 1 << (8 * size)
+            if (port, size) == (U.UNPLUG_PORT_MAGIC, 2):
+                assert got == U.UNPLUG_MAGIC
+            if (port, size) == (U.UNPLUG_PORT_VERSION, 1):
+                assert got == U.UNPLUG_PROTOCOL_VERSION
+        else:
+            ports.write(port, size, value & ((1 << (8 * size)) - 1))
+            if (port, size) == (U.UNPLUG_PORT_MASK, 2):
+                mask |= value
+        assert qemu.refused == [], f"the model asked QEMU for what it had to refuse: {qemu.refused}"
+        assert ports.unplugged_mask == mask
+        # Each NIC is asked for once per life: the record names it once, and only NICs that exist(ed).
+        assert sorted(ports.record.nics) == sorted(set(ports.record.nics) & {"nic0", "nic1"})
+        assert len(ports.record.kept) == len(set(ports.record.kept))
+        # A disk is recorded once, when its drive went; the CD-ROM never goes.
+        assert sorted(ports.record.disks) == sorted(b.qdev for b in qemu.blks if not b.inserted)
+        assert "cd0" not in ports.record.disks
+
+
+def test_a_second_mask_write_before_the_eject_is_a_no_op() -> None:
+    """The reproduced crash: two writes for the same NIC before the guest ejects it."""
+    qemu = FakeQemu()
+    ports = PlatformPorts(qemu, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    assert qemu.refused == [] and qemu.leaving == {"nic0", "nic1"}
+    qemu.eject()
+    qemu.nics["nic2"] = 5  # a NIC hot-added after the eject is unplugged by a later write
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    assert qemu.refused == [] and qemu.leaving == {"nic2"} and ports.record.nics == ["nic0", "nic1", "nic2"]
+
+
+def test_a_dead_device_model_does_not_fail_the_write() -> None:
+    qemu = FakeQemu(dead=True)
+    ports = PlatformPorts(qemu, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL)
+    assert ports.unplugged_mask == U.UNPLUG_ALL and ports.record.nics == []
