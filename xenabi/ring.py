@@ -18,28 +18,29 @@ shared-memory access here is a separate opaque C call made by the interpreter.  
 store->load ordering: a store can sit in the store buffer while a later load of another location completes.
 ring.h needs exactly that ordering (``xen_mb()``) in PUSH_*_AND_CHECK_NOTIFY (publish prod, then read event)
 and FINAL_CHECK_FOR_* (publish event, then re-read prod); without it both ends can miss each other and the
-ring stalls without a notification.  Those publishing stores are therefore done with a locked ``xchg``
-through the ``atomics`` package, which is a full barrier on x86.  Every shared index load and store is a
-single aligned 32-bit access, so the peer never sees a torn index.
+ring stalls without a notification.  Every store of a shared index is therefore a locked ``xchg``
+(:class:`~xenpv.xenabi.atomic.AtomicU32`), which is a full barrier on x86.  Every shared index load and
+store is a single aligned 32-bit access, so the peer never sees a torn index.
+
+Lifetime
+--------
+A ring holds exports of the caller's buffer (its byte view and the ctypes words of the four indexes), so
+the mapping under it cannot be closed while the ring can touch it.  Every method that touches the buffer
+holds the ring's lock; :meth:`_SharedRing.close` takes the same lock, so it waits for a user in progress,
+then gives the exports back.  Any use after that raises :class:`RingClosedError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import gc
 import struct
-import weakref
+import threading
 from types import TracebackType
-from typing import Any, Callable, Self
+from typing import Any, Self
 
-import atomics
-
+from xenpv.xenabi.atomic import AtomicU32
 from xenpv.xenabi.layout import XenStruct, XenUnion
-
-try:
-    from atomics._impl.enums import MemoryOrder, OpType
-except ImportError:  # another atomics release: _exchanger falls back to the public method
-    MemoryOrder = OpType = None  # type: ignore[assignment,misc]
 
 XEN_PAGE_SIZE = 4096
 RING_IDX_MODULUS = 1 << 32
@@ -78,7 +79,7 @@ class SringHeader(XenStruct):
 
 
 SRING_RING_OFFSET = ctypes.sizeof(SringHeader)
-# The header's indexes as 32-bit word numbers, for plain loads.
+# The header's indexes as 32-bit word numbers (0..3): positions in a ring's list of index words.
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = (getattr(SringHeader, f).offset // 4
                                                 for f in ("req_prod", "req_event", "rsp_prod", "rsp_event"))
 
@@ -97,6 +98,10 @@ class RingEmptyError(RingError):
 
 class RingOverflowError(RingError):
     """The peer published a producer index that cannot be valid: it is misbehaving or hostile."""
+
+
+class RingClosedError(RingError):
+    """The ring was closed: it no longer holds its buffer, which may already be unmapped."""
 
 
 def round_down_pow2(value: int) -> int:
@@ -135,78 +140,56 @@ def shared_ring_init(buffer: Any) -> None:
             struct.pack_into("<I", view, getattr(SringHeader, name).offset, 1)
 
 
-def _exchanger(index: Any) -> Callable[[int], None]:
-    """``index.exchange`` (a locked xchg on the shared word) without the atomics package's per-call Python
-    (buffer exports and checks: ~7.5 us a call, against ~0.5 us for its C function called directly).  Rings
-    publish an index with it at every push and final check.  The raw call is only valid while ``index`` is
-    open, so a ring swaps these back to the checked method when it is closed."""
-    try:
-        fn = index._core.get_op_func(OpType.EXCHANGE)
-        address = index._core.address
-        order = MemoryOrder.SEQ_CST.value
-    except AttributeError:
-        fn = None
-    if fn is None or index.width != 4:
-        return index.exchange
-    desired, result = ctypes.c_uint32(), ctypes.c_uint32()
-    desired_at, result_at = ctypes.addressof(desired), ctypes.addressof(result)
-
-    def exchange(value: int) -> None:
-        desired.value = value
-        fn(address, desired_at, order, result_at)
-
-    return exchange
-
-
 def _sub(a: int, b: int) -> int:
     return (a - b) & _IDX_MASK
-
-
-def _release(stack: contextlib.ExitStack, view: memoryview) -> None:
-    stack.close()
-    view.release()
 
 
 class _SharedRing:
     """The shared header and slots of one ring, plus the work both ends share."""
 
     def __init__(self, buffer: Any, request: struct.Struct, response: struct.Struct) -> None:
-        self._view = memoryview(buffer).cast("B")
-        if self._view.readonly:
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            view.release()
             raise ValueError("a shared ring needs a writable buffer")
         self.request = request
         self.response = response
         self.slot_size = slot_size(request, response)
-        self.nr_ents = const_ring_size(self.slot_size, len(self._view))
+        self.nr_ents = const_ring_size(self.slot_size, len(view))
         if self.nr_ents == 0:
-            raise ValueError(f"{len(self._view)} bytes hold no {self.slot_size}-byte slot")
-        self._stack = contextlib.ExitStack()
-        self._req_prod = self._index("req_prod")
-        self._req_event = self._index("req_event")
-        self._rsp_prod = self._index("rsp_prod")
-        self._rsp_event = self._index("rsp_event")
-        self._publish = {w: _exchanger(v) for w, v in ((_REQ_PROD, self._req_prod), (_REQ_EVENT, self._req_event),
-                                                        (_RSP_PROD, self._rsp_prod), (_RSP_EVENT, self._rsp_event))}
-        # Loads of the indexes are plain aligned 32-bit reads: atomic on x86 and, under TSO, ordered
-        # before later loads of the slots, so they need no barrier; an `atomics` load costs ~4.5 us,
-        # the largest single cost per request in a back-end. Stores stay xchg (see the module docstring).
-        words = self._view[:SRING_RING_OFFSET].cast("I")
-        self._stack.callback(words.release)
-        self._words = words
-        # A ring dropped without close() must still let go of the buffer, or its mmap can never be closed.
-        self._finalizer = weakref.finalize(self, _release, self._stack, self._view)
+            view.release()
+            raise ValueError(f"{len(view)} bytes hold no {self.slot_size}-byte slot")
+        self._lock = threading.RLock()
+        self._closed = False
+        self._view = view
+        # req_prod, req_event, rsp_prod, rsp_event in word order.  Loads of them are plain aligned 32-bit
+        # reads: atomic on x86 and, under TSO, ordered before later loads of the slots, so they need no
+        # barrier.  Stores are xchg (see the module docstring).
+        self._index = [AtomicU32(view, n * 4) for n in range(4)]
 
-    def _index(self, name: str) -> Any:
-        offset = getattr(SringHeader, name).offset
-        window = self._view[offset:offset + 4]
-        return self._stack.enter_context(atomics.atomicview(buffer=window, atype=atomics.UINT))
+    def _check_open(self) -> None:
+        # Under _lock.  Names the ring so a use after close is easy to trace to its owner.
+        if self._closed:
+            raise RingClosedError(f"{type(self).__name__} of {self.nr_ents} slots used after close()")
 
     def close(self) -> None:
-        """Release the buffer so the caller can close its mmap."""
-        # The raw exchangers would write through a stale address; the checked methods raise instead.
-        self._publish = {_REQ_PROD: self._req_prod.exchange, _REQ_EVENT: self._req_event.exchange,
-                         _RSP_PROD: self._rsp_prod.exchange, _RSP_EVENT: self._rsp_event.exchange}
-        self._finalizer()
+        """Give the buffer back so the caller can close its mapping; waits for a user in progress."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._index = []  # each word holds an export of the view: they go first
+            try:
+                self._view.release()
+            except BufferError:
+                # Only a reference cycle (a traceback holding a word, say) can still hold one; anything
+                # else is a bug that would leave the mapping pinned.
+                gc.collect()
+                try:
+                    self._view.release()
+                except BufferError as exc:
+                    raise RingError(f"closing a {self.nr_ents}-slot ring: its buffer is still exported: "
+                                    f"{exc}") from None
 
     def __enter__(self) -> Self:
         return self
@@ -219,40 +202,54 @@ class _SharedRing:
         return SRING_RING_OFFSET + (idx & (self.nr_ents - 1)) * self.slot_size
 
     def _copy_slot(self, idx: int, size: int) -> bytes:
-        # RING_COPY_*: one copy out of shared memory; callers parse and validate only the copy, so the
+        # Under _lock, after _check_open.  RING_COPY_*: one copy out of shared memory; callers parse and validate only the copy, so the
         # peer cannot change a field between the check and the use.
         offset = self._slot_offset(idx)
         return bytes(self._view[offset:offset + size])
 
     def _write_slot(self, idx: int, data: bytes | bytearray | memoryview, size: int) -> None:
+        # Under _lock, after _check_open.
         if len(data) != size:
             raise ValueError(f"entry must be {size} bytes, got {len(data)}")
         offset = self._slot_offset(idx)
         self._view[offset:offset + size] = data
 
+    def _load(self, word: int) -> int:
+        with self._lock:
+            self._check_open()
+            return self._index[word].load()
+
+    def _publish(self, word: int, value: int) -> None:
+        with self._lock:
+            self._check_open()
+            self._index[word].exchange(value)
+
     @property
     def sring_req_prod(self) -> int:
-        return self._words[_REQ_PROD]
+        return self._load(_REQ_PROD)
 
     @property
     def sring_req_event(self) -> int:
-        return self._words[_REQ_EVENT]
+        return self._load(_REQ_EVENT)
 
     @property
     def sring_rsp_prod(self) -> int:
-        return self._words[_RSP_PROD]
+        return self._load(_RSP_PROD)
 
     @property
     def sring_rsp_event(self) -> int:
-        return self._words[_RSP_EVENT]
+        return self._load(_RSP_EVENT)
 
     def _push_and_check_notify(self, prod_word: int, event_word: int, new: int) -> bool:
-        # This end is the only writer of its producer index, so a plain load reads back its own last store.
-        old = self._words[prod_word]
-        # xchg publishes the index after the entries (TSO keeps store order) and is the xen_mb() that
-        # orders this store before the load of the peer's event index.
-        self._publish[prod_word](new)
-        return _sub(new, self._words[event_word]) < _sub(new, old)
+        with self._lock:
+            self._check_open()
+            prod, event = self._index[prod_word], self._index[event_word]
+            # This end is the only writer of its producer index, so a plain load reads back its own last store.
+            old = prod.load()
+            # xchg publishes the index after the entries (TSO keeps store order) and is the xen_mb() that
+            # orders this store before the load of the peer's event index.
+            prod.exchange(new)
+            return _sub(new, event.load()) < _sub(new, old)
 
 
 class FrontRing(_SharedRing):
@@ -280,19 +277,21 @@ class FrontRing(_SharedRing):
 
     def put_request_bytes(self, data: bytes | bytearray | memoryview) -> int:
         """Write a request into the next private slot; returns its ring index.  Visible after a push."""
-        if self.full():
-            raise RingFullError(f"all {self.nr_ents} slots are in flight")
-        idx = self.req_prod_pvt
-        self._write_slot(idx, data, self.request.size)
-        self.req_prod_pvt = (idx + 1) & _IDX_MASK
-        return idx
+        with self._lock:
+            self._check_open()
+            if self.full():
+                raise RingFullError(f"all {self.nr_ents} slots are in flight")
+            idx = self.req_prod_pvt
+            self._write_slot(idx, data, self.request.size)
+            self.req_prod_pvt = (idx + 1) & _IDX_MASK
+            return idx
 
     def put_request(self, *values: Any) -> int:
         return self.put_request_bytes(self.request.pack(*values))
 
     def push_requests(self) -> None:
         """RING_PUSH_REQUESTS (for callers that notify unconditionally)."""
-        self._req_prod.store(self.req_prod_pvt)
+        self._publish(_REQ_PROD, self.req_prod_pvt)
 
     def push_requests_and_check_notify(self) -> bool:
         """RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: True if the back end asked to be notified."""
@@ -311,21 +310,23 @@ class FrontRing(_SharedRing):
 
     def get_response_bytes(self) -> bytes:
         """Copy out the next response and consume it."""
-        if self.unconsumed_responses() == 0:
-            raise RingEmptyError("no unconsumed response")
-        data = self._copy_slot(self.rsp_cons, self.response.size)
-        self.rsp_cons = (self.rsp_cons + 1) & _IDX_MASK
-        return data
+        with self._lock:
+            if self.unconsumed_responses() == 0:
+                raise RingEmptyError("no unconsumed response")
+            data = self._copy_slot(self.rsp_cons, self.response.size)
+            self.rsp_cons = (self.rsp_cons + 1) & _IDX_MASK
+            return data
 
     def get_response(self) -> tuple[Any, ...]:
         return self.response.unpack(self.get_response_bytes())
 
     def final_check_for_responses(self) -> bool:
         """RING_FINAL_CHECK_FOR_RESPONSES: re-arm rsp_event, then look again so no response is missed."""
-        if self.unconsumed_responses():
-            return True
-        self._publish[_RSP_EVENT]((self.rsp_cons + 1) & _IDX_MASK)
-        return self.unconsumed_responses() > 0
+        with self._lock:
+            if self.unconsumed_responses():
+                return True
+            self._publish(_RSP_EVENT, (self.rsp_cons + 1) & _IDX_MASK)
+            return self.unconsumed_responses() > 0
 
 
 class BackRing(_SharedRing):
@@ -359,55 +360,61 @@ class BackRing(_SharedRing):
 
     def get_request_bytes(self) -> bytes:
         """Copy out the next request (once) and consume it; validate the returned copy, not the slot."""
-        if self.unconsumed_requests() == 0:
-            raise RingEmptyError("no unconsumed request")
-        data = self._copy_slot(self.req_cons, self.request.size)
-        self.req_cons = (self.req_cons + 1) & _IDX_MASK
-        return data
+        with self._lock:
+            if self.unconsumed_requests() == 0:
+                raise RingEmptyError("no unconsumed request")
+            data = self._copy_slot(self.req_cons, self.request.size)
+            self.req_cons = (self.req_cons + 1) & _IDX_MASK
+            return data
 
     def get_request(self) -> tuple[Any, ...]:
         return self.request.unpack(self.get_request_bytes())
 
     def get_requests_bytes(self, count: int) -> list[bytes]:
         """Copy out and consume up to ``count`` requests at once (one index check for the batch)."""
-        count = min(count, self.unconsumed_requests())
-        view, mask, size, cons = self._view, self.nr_ents - 1, self.slot_size, self.req_cons
-        length = self.request.size
-        out = []
-        for i in range(cons, cons + count):
-            offset = SRING_RING_OFFSET + (i & mask) * size
-            out.append(bytes(view[offset:offset + length]))
-        self.req_cons = (cons + count) & _IDX_MASK
-        return out
+        with self._lock:
+            count = min(count, self.unconsumed_requests())  # checks the ring is open
+            view, mask, size, cons = self._view, self.nr_ents - 1, self.slot_size, self.req_cons
+            length = self.request.size
+            out = []
+            for i in range(cons, cons + count):
+                offset = SRING_RING_OFFSET + (i & mask) * size
+                out.append(bytes(view[offset:offset + length]))
+            self.req_cons = (cons + count) & _IDX_MASK
+            return out
 
     def put_response_bytes(self, data: bytes | bytearray | memoryview) -> int:
         """Write a response into the next private slot; returns its ring index.  Visible after a push."""
-        if self.rsp_prod_pvt == self.req_cons:
-            # Responses overlay request slots: one response per consumed request, never more.
-            raise RingFullError("no consumed request is waiting for a response")
-        idx = self.rsp_prod_pvt
-        self._write_slot(idx, data, self.response.size)
-        self.rsp_prod_pvt = (idx + 1) & _IDX_MASK
-        return idx
+        with self._lock:
+            self._check_open()
+            if self.rsp_prod_pvt == self.req_cons:
+                # Responses overlay request slots: one response per consumed request, never more.
+                raise RingFullError("no consumed request is waiting for a response")
+            idx = self.rsp_prod_pvt
+            self._write_slot(idx, data, self.response.size)
+            self.rsp_prod_pvt = (idx + 1) & _IDX_MASK
+            return idx
 
     def put_response(self, *values: Any) -> int:
         return self.put_response_bytes(self.response.pack(*values))
 
     def put_responses(self, responses: list[tuple[Any, ...]]) -> None:
         """Write one response per consumed request, in order; visible after a push."""
-        if len(responses) > _sub(self.req_cons, self.rsp_prod_pvt):
-            raise RingFullError(f"{len(responses)} responses for {_sub(self.req_cons, self.rsp_prod_pvt)} "
-                                "consumed requests")
-        view, mask, size, prod = self._view, self.nr_ents - 1, self.slot_size, self.rsp_prod_pvt
-        pack_into = self.response.pack_into
-        for values in responses:
-            pack_into(view, SRING_RING_OFFSET + (prod & mask) * size, *values)
-            prod += 1
-        self.rsp_prod_pvt = prod & _IDX_MASK
+        with self._lock:
+            self._check_open()
+            if len(responses) > _sub(self.req_cons, self.rsp_prod_pvt):
+                raise RingFullError(f"{len(responses)} responses for {_sub(self.req_cons, self.rsp_prod_pvt)} "
+                                    "consumed requests")
+            view, mask, size, prod = self._view, self.nr_ents - 1, self.slot_size, self.rsp_prod_pvt
+            pack_into = self.response.pack_into
+            for values in responses:
+                pack_into(view, SRING_RING_OFFSET + (prod & mask) * size, *values)
+                prod += 1
+            self.rsp_prod_pvt = prod & _IDX_MASK
 
     def push_responses(self) -> None:
         """RING_PUSH_RESPONSES."""
-        self._rsp_prod.store(self.rsp_prod_pvt)
+        self._publish(_RSP_PROD, self.rsp_prod_pvt)
 
     def push_responses_and_check_notify(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: True if the front end asked to be notified."""
@@ -415,7 +422,8 @@ class BackRing(_SharedRing):
 
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look again so no request is missed."""
-        if self.unconsumed_requests():
-            return True
-        self._publish[_REQ_EVENT]((self.req_cons + 1) & _IDX_MASK)
-        return self.unconsumed_requests() > 0
+        with self._lock:
+            if self.unconsumed_requests():
+                return True
+            self._publish(_REQ_EVENT, (self.req_cons + 1) & _IDX_MASK)
+            return self.unconsumed_requests() > 0

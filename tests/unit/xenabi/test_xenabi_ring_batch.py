@@ -1,4 +1,4 @@
-"""xenpv.xenabi.ring's batch calls (BackRing.get_requests_bytes / put_responses) and the direct xchg it publishes
+"""xenpv.xenabi.ring's batch calls (BackRing.get_requests_bytes / put_responses) and the xchg it publishes
 indexes with, on one process's shared buffer."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from xenpv.xenabi.ring import BackRing, FrontRing, RingFullError, ring_bytes
+from xenpv.xenabi.ring import BackRing, FrontRing, RingClosedError, RingFullError, ring_bytes
 
 REQUEST = struct.Struct("<QQ")
 RESPONSE = struct.Struct("<Qq")
@@ -63,6 +63,6 @@ def test_a_closed_ring_refuses_to_publish() -> None:
     front = FrontRing(buffer, REQUEST, RESPONSE, init=True)
     front.put_request(1, 1)
     front.close()
-    with pytest.raises(ValueError):
+    with pytest.raises(RingClosedError):
         front.push_requests_and_check_notify()
     buffer.close()
