@@ -13,6 +13,7 @@ from xenpv.backends.blkback.requests import (SEGMENT, BadRequest, Codecs, Reques
                                        decode_indirect_segments, indirect_pages, total_sectors)
 from xenpv.backends.vhost_user.memory import GuestMemoryError
 from xenpv.backends.xenhv.control import XenhvError
+from xenpv.base.threads import join_stopped
 from xenpv.xenabi.blkif import (BLKIF_DISCARD_SECURE, BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT,
                           BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP,
                           BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE, BlkifLayouts)
@@ -124,10 +125,15 @@ class BlkQueue:
         self._ring = BackRing(view, self.layouts.request_struct, self.layouts.response_struct)
 
     def stop(self) -> None:
+        """Stop serving and give back the ring, the channel and every mapping.
+
+        The serving thread reads the ring and the granted pages: they are released only once it has ended.
+        If it does not end in time this raises WaitTimeout and releases nothing (a leak, not an unmap
+        under a running request); calling stop() again later finishes the job."""
         self._stopping = True
         self._kick.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5.0)
+            join_stopped(self._thread, f"stopping blkback queue {self.name}")
         if self._channel is not None:
             self._quietly("unbinding its channel", self.link.unbind, self._channel)
             self._channel = None

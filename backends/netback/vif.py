@@ -17,6 +17,7 @@ from xenpv.backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats
 from xenpv.backends.netback.tap import Tap, tap_name
 from xenpv.backends.xenbackend import DomainLink, XenBackend
 from xenpv.backends.xenstored.client import XsClient, XsRequestError
+from xenpv.base.threads import join_stopped
 from xenpv.xenabi import netif as N
 from xenpv.xenabi.ring import XEN_PAGE_SIZE, BackRing, RingError
 from xenpv.xenabi.xenbus import XenbusState as S
@@ -269,6 +270,11 @@ class Vif:
             q.rx_cond.notify_all()
 
     def disconnect(self) -> None:
+        """Stop the vif's threads, then give back its rings, channels, grants, TAP and wake pipe.
+
+        The threads use all of those, so nothing is released until every one of them has ended: one that
+        does not end in time makes this raise WaitTimeout with everything left in place (calling
+        disconnect() again later finishes the job)."""
         self._stop.set()
         for q in self.queues:
             q.tx_wake.set()
@@ -277,7 +283,7 @@ class Vif:
             os.write(self._wake_w, b"x")
         for t in self._threads:
             if t is not threading.current_thread():
-                t.join(2.0)
+                join_stopped(t, f"disconnecting {self.name}")
         self._threads.clear()
         for q in self.queues:
             for ch in q.channels:

@@ -5,6 +5,11 @@ handle the pending, unmasked ports, clearing each pending bit (atomically) befor
 
 Handlers run on the interrupt thread and must not block or touch the vCPU's qtest connection; they
 signal whoever waits (the kernel model's ISR/DPC dispatch sits on top of this in the driver stack).
+
+The thread works on the shared_info page through AtomicMemory and selects on the stop pipe, so close()
+wakes it through the pipe and releases neither before it has ended: if it does not end in time, close()
+raises WaitTimeout and leaves both in place (a leak and an error, not an unmap under a running scan).
+close() may be called again once the thread is gone.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import select
 import threading
 from typing import Callable
 
+from xenpv.base.threads import join_stopped
 from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.stack.vcpu.hypervisor import HypervisorLink
 from xenpv.xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, SharedInfo, VcpuInfo
@@ -31,6 +37,7 @@ class UpcallDispatcher:
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe()
+        self._closed = False
         self.upcalls = 0
         self._thread = threading.Thread(target=self._run, name="upcall", daemon=True)
         self._thread.start()
@@ -79,9 +86,14 @@ class UpcallDispatcher:
         except Exception:  # a handler's bug must not kill the interrupt thread
             log.exception("handler of port %d failed", port)
 
-    def close(self) -> None:
-        os.write(self._stop_w, b"x")
-        self._thread.join(2.0)
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the interrupt thread, then release the page and the pipe (see the module docstring)."""
+        if self._closed:
+            return
+        if self._thread.is_alive():
+            os.write(self._stop_w, b"x")  # the pipe stays readable: a retry needs no second byte
+            join_stopped(self._thread, "closing the upcall dispatcher", timeout)
+        self._closed = True
         os.close(self._stop_r)
         os.close(self._stop_w)
         self._mem.release()
