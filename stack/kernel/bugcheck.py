@@ -42,6 +42,9 @@ class BugCheckCode(IntEnum):
     IRQL_NOT_LESS_OR_EQUAL = 0x0A
     SPIN_LOCK_ALREADY_OWNED = 0x0F
     SPIN_LOCK_NOT_OWNED = 0x10
+    # An exception nothing handled in kernel mode outside a system thread's start frame: in an ISR or a
+    # DPC (KiRetireDpcList has no handler of its own). A system thread's would be 0x7E.
+    KMODE_EXCEPTION_NOT_HANDLED = 0x1E
     MULTIPLE_IRP_COMPLETE_REQUESTS = 0x44
     INACCESSIBLE_BOOT_DEVICE = 0x7B
     DRIVER_POWER_STATE_FAILURE = 0x9F
@@ -170,6 +173,26 @@ def KeBugCheckEx(code: int, p1: object = 0, p2: object = 0, p3: object = 0, p4: 
     cpu.crash(bugcheck)
     log.error("bugcheck: %s", bugcheck.describe())
     raise bugcheck
+
+
+def KeUnhandledException(exc: BaseException, routine: object, *, module: str) -> BugCheck:
+    """What Windows does when an exception leaves an ISR or a DPC: KMODE_EXCEPTION_NOT_HANDLED.
+
+    Windows' p1 is the exception code and p2 the faulting address; the model's exceptions are Python
+    ones, so p1 stands for the exception (its note is "Type: text") and p2 for the routine it left. The
+    culprit is the innermost driver frame of the exception's traceback (the faulting address's module, as
+    Windows reports it), else ``module``, the owner of the routine. Call it from the ``except`` block, so
+    the dump's traceback shows the original exception as the context of the STOP.
+    """
+    culprit = module
+    tb = exc.__traceback__
+    while tb is not None:
+        culprit = module_of_frame(tb.tb_frame) or culprit
+        tb = tb.tb_next
+    what = f"{type(exc).__name__}: {exc}"
+    name = getattr(routine, "__qualname__", None) or str(routine)
+    return KeBugCheckEx(BugCheckCode.KMODE_EXCEPTION_NOT_HANDLED, what, name, 0, 0, module=culprit,
+                        message=f"unhandled {what} in {name}")
 
 
 def BUG(text: str, *, module: str | None = None) -> BugCheck:

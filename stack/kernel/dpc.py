@@ -13,6 +13,11 @@ drops below DISPATCH_LEVEL: after the ISR returns, or right away when queued fro
 already in the queue is not queued twice (KeInsertQueueDpc returns False), as in Windows. A DPC routine
 that returns at another IRQL stops the guest with IRQL_UNEXPECTED_VALUE.
 
+An exception that leaves an ISR or a DPC routine stops the guest with KMODE_EXCEPTION_NOT_HANDLED
+(0x1E), blamed on the driver it came from, as Windows does: nothing above a DPC or an ISR handles
+exceptions. Whatever happens, delivery puts the IRQL back to what it interrupted, so a failure can never
+leave the processor at DISPATCH_LEVEL or DIRQL for the next thread that owns the CPU.
+
 Simplifications: one processor, so no DPC targeting or importance; no interrupt spin lock beyond the
 IRQL (KeSynchronizeExecution raises to the interrupt's IRQL, which on one CPU is the same guarantee).
 """
@@ -23,7 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .bugcheck import BugCheckCode, KeBugCheckEx
+from .bugcheck import BugCheckCode, KeBugCheckEx, KeUnhandledException
 from .irql import DIRQL, DISPATCH_LEVEL, KeLowerIrql, KeRaiseIrql, Processor, current_processor, irql_name
 
 log = logging.getLogger("stack.kernel.dpc")
@@ -51,13 +56,18 @@ class KDpc:
         self.queued = False
         old = cpu.irql
         cpu.irql = DISPATCH_LEVEL
-        with cpu.running_as(self.module):
-            self.routine(self, self.context, *self._args)
-            if cpu.irql != DISPATCH_LEVEL:
-                raise KeBugCheckEx(BugCheckCode.IRQL_UNEXPECTED_VALUE, (cpu.irql << 16) | (DISPATCH_LEVEL << 8),
-                                   self.routine.__qualname__, 0, 0, module=self.module,
-                                   message=f"{self} returned at {irql_name(cpu.irql)}")
-        cpu.irql = old
+        try:
+            with cpu.running_as(self.module):
+                try:
+                    self.routine(self, self.context, *self._args)
+                except Exception as exc:
+                    raise KeUnhandledException(exc, self, module=self.module)
+                if cpu.irql != DISPATCH_LEVEL:
+                    raise KeBugCheckEx(BugCheckCode.IRQL_UNEXPECTED_VALUE, (cpu.irql << 16) | (DISPATCH_LEVEL << 8),
+                                       self.routine.__qualname__, 0, 0, module=self.module,
+                                       message=f"{self} returned at {irql_name(cpu.irql)}")
+        finally:
+            _restore_irql(cpu, old)
 
 
 def KeInitializeDpc(routine: DpcRoutine, context: Any = None, *, module: str | None = None) -> KDpc:
@@ -108,9 +118,22 @@ class KInterrupt:
         old = cpu.irql
         cpu.irql = self.irql
         self.count += 1
-        with cpu.running_as(self.module):
-            if self.service_routine(self, self.context):
-                self.claimed += 1
+        try:
+            with cpu.running_as(self.module):
+                try:
+                    claimed = self.service_routine(self, self.context)
+                except Exception as exc:
+                    raise KeUnhandledException(exc, self.service_routine, module=self.module)
+                if claimed:
+                    self.claimed += 1
+        finally:
+            _restore_irql(cpu, old)
+
+
+def _restore_irql(cpu: Processor, old: int) -> None:
+    # A stopped processor stays at HIGH_LEVEL (KeBugCheckEx put it there); anything else unwinding
+    # through a delivery (a KeyboardInterrupt, say) must not leave the interrupted code's IRQL raised.
+    if cpu.crashed is None:
         cpu.irql = old
 
 

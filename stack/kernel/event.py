@@ -8,6 +8,14 @@ A wait gives the kernel lock away (see irql.py) so the interrupt thread can run 
 the event, and takes it back before returning. Windows would wait forever on an event nobody sets; the
 model bounds "forever" by `WAIT_DEADLINE_SECONDS` and then stops with MODEL_WAIT_DEADLINE_EXCEEDED, so a
 hung guest ends its test with a dump that shows the waiter.
+
+While the lock is given away other threads run kernel code on the one processor, so the wait checks on
+return that the IRQL is the caller's again; anything else is a bug of the model (an ISR or DPC delivery
+that did not restore it), reported as such instead of as the 0xD1 the caller's next call would cause. A
+crash on another thread wakes the waiter, which then raises that bugcheck: the CPU has stopped.
+
+`wait_for_thread` is the same kind of wait on a thread of the model (the driver's KeWaitForSingleObject
+on a thread object when it stops one), bounded by a deadline whose expiry is the harness's error.
 """
 from __future__ import annotations
 
@@ -16,8 +24,10 @@ import logging
 import threading
 import time
 
+from xenpv.base.threads import join_stopped
+
 from .bugcheck import BugCheckCode, KeBugCheckEx
-from .irql import APC_LEVEL, DISPATCH_LEVEL, assert_max_irql, current_processor
+from .irql import APC_LEVEL, DISPATCH_LEVEL, KernelModelError, Processor, assert_max_irql, current_processor, irql_name
 from .status import STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
 
 log = logging.getLogger("stack.kernel.event")
@@ -52,10 +62,18 @@ class KEvent:
     def read_state(self) -> bool:
         return self._signaled
 
-    def _wait(self, timeout: float | None) -> bool:
+    def wake(self) -> None:
+        """Wake the waiters without signalling (the processor stopped); they look at why themselves."""
+        with self._condition:
+            self._condition.notify_all()
+
+    def _wait(self, timeout: float | None, cpu: Processor | None = None) -> bool:
+        """False on timeout, or as soon as `cpu` has crashed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
             while not self._signaled:
+                if cpu is not None and cpu.crashed is not None:
+                    return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -81,14 +99,45 @@ def KeWaitForSingleObject(event: KEvent, timeout: float | None = None) -> NTSTAT
     assert_max_irql(APC_LEVEL, "KeWaitForSingleObject")
     cpu = current_processor()
     bounded = WAIT_DEADLINE_SECONDS if timeout is None else timeout
+    irql = cpu.irql
+    cpu.waiting.add(event)
     depth = cpu.lock.release_all()
     try:
-        satisfied = event._wait(bounded)
+        satisfied = event._wait(bounded, cpu)
     finally:
         cpu.lock.restore(depth)
+        cpu.waiting.discard(event)
+    _check_resumed(cpu, irql, f"waiting for {event}")
     if satisfied:
         return STATUS_SUCCESS
     if timeout is None:
         raise KeBugCheckEx(BugCheckCode.MODEL_WAIT_DEADLINE_EXCEEDED, event, int(bounded), 0, 0,
                            message=f"waited {bounded:g}s for {event}, which nothing set")
     return STATUS_TIMEOUT
+
+
+def _check_resumed(cpu: Processor, irql: int, what: str) -> None:
+    """After a wait that gave the CPU away: the STOP of another thread, or the caller's IRQL back."""
+    if cpu.crashed is not None:
+        raise cpu.crashed
+    if cpu.irql != irql:
+        found = cpu.irql
+        cpu.irql = irql
+        raise KernelModelError(f"the IRQL was {irql_name(irql)} before {what} and {irql_name(found)} after it: "
+                               "another thread of the model changed it without restoring it")
+
+
+def wait_for_thread(thread: threading.Thread, what: str, timeout: float | None = None) -> None:
+    """Wait for `thread` (already told to stop) to end, giving the kernel lock away meanwhile: the thread
+    may need it to finish what it is doing (an interrupt line firing, say). WaitTimeout, naming `what`,
+    if it is still running after `timeout` (base.threads.join_stopped): the caller must then leave alone
+    whatever the thread uses."""
+    cpu = current_processor()
+    irql = cpu.irql
+    depth = cpu.lock.release_all()
+    try:
+        join_stopped(thread, what, timeout)
+    finally:
+        cpu.lock.restore(depth)
+    if depth:
+        _check_resumed(cpu, irql, f"stopping thread {thread.name}")

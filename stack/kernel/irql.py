@@ -12,6 +12,10 @@ Interrupts and DPCs are delivered the way the CPU and the kernel do it: an inter
 the IRQL is at or above its level stays pending until the IRQL drops below it; queued DPCs run (at
 DISPATCH_LEVEL) when the IRQL drops below DISPATCH_LEVEL. Both happen inside `KeLowerIrql`.
 
+A stopped processor runs nothing more: once a bugcheck is recorded (on whichever thread), a thread that
+takes the kernel lock gets that bugcheck raised instead of the CPU, and a thread blocked in a wait is woken
+to raise it, so the STOP reaches the agent's main thread at once rather than as a later, unrelated STOP.
+
 Bugcheck codes are the ones Windows' HAL and kernel use: raising to a lower level is
 IRQL_NOT_GREATER_OR_EQUAL (0x9); lowering to a higher level is IRQL_NOT_LESS_OR_EQUAL (0xA); an operation
 that is forbidden above some IRQL is DRIVER_IRQL_NOT_LESS_OR_EQUAL (0xD1) when a driver did it and
@@ -30,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from xenpv.base.errors import HarnessError
 
 from .bugcheck import BugCheck, BugCheckCallback, BugCheckCode, KeBugCheckEx, caller_module
 
@@ -61,16 +67,23 @@ def irql_name(level: int) -> str:
     return IRQL_NAMES.get(level, f"IRQL {level}")
 
 
+class KernelModelError(HarnessError):
+    """The kernel model broke one of its own invariants: a harness bug, never a driver's STOP."""
+
+
 class KernelLock:
     """The one lock that serialises all kernel and driver code (the model's "owning the CPU").
 
     Re-entrant. `release_all`/`restore` let a wait give up every recursion level and take them back.
+    Once `stopped` is set (the processor crashed) a thread that newly takes the lock gets that bugcheck
+    raised instead: a stopped CPU runs no more kernel or driver code.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
+        self.stopped: BugCheck | None = None
 
     def acquire(self, timeout: float = -1) -> bool:
         me = threading.get_ident()
@@ -79,6 +92,10 @@ class KernelLock:
             return True
         if not self._lock.acquire(timeout=timeout):
             return False
+        stopped = self.stopped
+        if stopped is not None:
+            self._lock.release()
+            raise stopped
         self._owner, self._depth = me, 1
         return True
 
@@ -121,6 +138,12 @@ class Deliverable(Protocol):
     def deliver(self, cpu: Processor) -> None: ...
 
 
+class Waiter(Protocol):
+    """An object a thread is blocked on (a KEVENT): woken without being signalled when the CPU stops."""
+
+    def wake(self) -> None: ...
+
+
 @dataclass
 class Processor:
     """CPU 0: current IRQL, held spin locks, queued DPCs, pending interrupts and the crash state."""
@@ -134,6 +157,8 @@ class Processor:
     running: list[str] = field(default_factory=list)
     bugcheck_callbacks: list[BugCheckCallback] = field(default_factory=list)
     crashed: BugCheck | None = None
+    # Objects threads are blocked on in KeWaitForSingleObject, so a crash can wake them.
+    waiting: set[Waiter] = field(default_factory=set)
     _delivering: bool = False
 
     def running_driver(self) -> str | None:
@@ -151,9 +176,12 @@ class Processor:
     def crash(self, bugcheck: BugCheck) -> None:
         """Record the first bugcheck, go to HIGH_LEVEL as KeBugCheckEx does and run the callbacks."""
         self.crashed = bugcheck
+        self.lock.stopped = bugcheck
         self.irql = HIGH_LEVEL
         self.dpc_queue.clear()
         self.pending_interrupts.clear()
+        for waiter in list(self.waiting):
+            waiter.wake()
         for callback in list(self.bugcheck_callbacks):
             # Windows runs each callback under an exception handler; one failing must not stop the others.
             try:

@@ -35,9 +35,9 @@ from xenpv.stack.drivers.interface import Interface, InterfaceTable, acquire_all
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
-from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.bugcheck import BUG, BugCheck
 from xenpv.stack.kernel.dpc import IoConnectInterrupt, IoDisconnectInterrupt, KInterrupt
-from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thread
 from xenpv.stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
 from xenpv.stack.vcpu.hypercalls import Hypercalls
@@ -148,7 +148,9 @@ class EvtchnInterface(Interface):
         IoDisconnectInterrupt(self._interrupt)
         self._stopping = True
         self._line_wake.set()
-        self._line.join(2.0)
+        # The line may be firing (waiting for the kernel lock): wait_for_thread gives the lock away. The
+        # scratch page is its hypercall argument page, so it is freed only once the line has ended.
+        wait_for_thread(self._line, "XENBUS EVTCHN teardown")
         self.platform.pages.free(self._scratch)
         self._scratch, self._hypercalls, self._interrupt, self._line = [], None, None, None
         self._suspend_callback = self._debug_callback = None
@@ -182,8 +184,19 @@ class EvtchnInterface(Interface):
             if self._stopping:
                 return
             interrupt = self._interrupt
-            if interrupt is not None:
+            if interrupt is None:
+                continue
+            try:
                 interrupt.fire()
+            except BugCheck as stop:
+                # The guest stopped (in this ISR's DPC or elsewhere): the STOP reaches the main thread
+                # through the processor; an interrupt line of a stopped machine delivers nothing more.
+                log.info("interrupt line ends: %s", stop.describe())
+                return
+            except Exception:
+                # The ISR and DPCs turn their own exceptions into a STOP (dpc.py), so this is the model's
+                # own failure: report it and keep the line alive, or every later event would be lost.
+                log.exception("interrupt line: delivering the XENBUS interrupt failed")
 
     def _service(self, interrupt: KInterrupt, _context: Any) -> bool:
         """The ISR: mask (if Mask) -> ack -> Count++ -> callback, for each queued port."""

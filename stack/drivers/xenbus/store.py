@@ -30,7 +30,7 @@ from xenpv.stack.drivers.interface import Interface, acquire_all, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.bugcheck import BUG
-from xenpv.stack.kernel.event import KEvent, KeSetEvent
+from xenpv.stack.kernel.event import KEvent, KeSetEvent, wait_for_thread
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_ACCESS_DENIED, STATUS_BUFFER_OVERFLOW, STATUS_INVALID_PARAMETER,
                                  STATUS_NO_MEMORY, STATUS_NOT_IMPLEMENTED, STATUS_OBJECT_NAME_COLLISION,
                                  STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS, STATUS_UNSUCCESSFUL,
@@ -170,7 +170,9 @@ class StoreInterface(Interface):
             BUG("OUTSTANDING BUFFERS")
         assert self._watch_thread is not None and self._debug_callback is not None
         self._stopping.set()
-        self._watch_thread.join(2.0)
+        # The thread reads the ring through the platform's store connection: it must be gone before
+        # this interface is released and the platform can go.
+        wait_for_thread(self._watch_thread, "XENBUS STORE teardown")
         for callback in self._suspend_callbacks:
             self.suspend.SuspendDeregister(callback)
         self.debug.DebugDeregister(self._debug_callback)
