@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from xenpv.backends.xenbackend import XenBackend
+from xenpv.base.crashtrace import enable_crash_traces
 
 
 def main() -> int:
@@ -26,6 +27,7 @@ def main() -> int:
     p.add_argument("--grant", type=int, default=None, help="map this grant ref instead of using --gpa")
     p.add_argument("--reflect", action="store_true", help="notify back on every event, touching no memory")
     args = p.parse_args()
+    enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     be = XenBackend("peer", args.socket, args.xenhv).start()

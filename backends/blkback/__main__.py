@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from xenpv.backends.blkback.daemon import Blkback
+from xenpv.base.crashtrace import enable_crash_traces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, help="log file (default stderr)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     logging.basicConfig(filename=args.log, level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     daemon = Blkback(args.xenstore, args.xenhv, args.vhost_socket)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from xenpv.backends.netback.daemon import Netback, enter_netns
+from xenpv.base.crashtrace import enable_crash_traces
 
 
 def main() -> int:
@@ -21,6 +22,7 @@ def main() -> int:
     p.add_argument("--stats", type=Path, default=None, help="JSON file of per-vif statistics, kept current")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
+    enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     logging.basicConfig(filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     enter_netns(args.netns)  # before any thread exists: setns affects only the calling thread

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from xenpv.backends.xenhv.hypervisor import Hypervisor
 from xenpv.backends.xenhv.server import Server
+from xenpv.base.crashtrace import enable_crash_traces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, help="log file (default: stderr)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     logging.basicConfig(filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     server = Server(args.run_dir, Hypervisor())

@@ -10,6 +10,7 @@ from pathlib import Path
 from xenpv.backends.xenstored.daemon import Daemon
 from xenpv.backends.xenstored.ring_provider import FileRingProvider, PageProvider
 from xenpv.backends.xenstored.xenhv_provider import XenhvRingProvider
+from xenpv.base.crashtrace import enable_crash_traces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vhost-socket", type=Path, help="the vhost-user socket to serve with --xenhv "
                                                      "(default: xenstored.vu.sock beside --socket)")
     args = p.parse_args(argv)
+    enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     handler: logging.Handler = logging.FileHandler(args.log) if args.log else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     root = logging.getLogger("xenstored")

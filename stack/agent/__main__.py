@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from xenpv.base.crashtrace import enable_crash_traces
 from xenpv.guests.schema import load_guest
 from xenpv.stack.agent import console
 from xenpv.stack.agent.runtime import AgentConfig, GuestRuntime
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domid", type=int)
     p.add_argument("--log", type=Path, help="the agent's own log")
     args = p.parse_args(argv)
+    enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     logging.basicConfig(filename=args.log, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     config = AgentConfig(load_guest(args.guest), args.qtest, args.ram, args.registry, args.dump_dir,
