@@ -3,6 +3,12 @@
 Transports frame messages and call `XenstoreCore.handle`; everything a client sends is validated here.
 Replies echo req_id and tx_id; errors are `XS_ERROR` with the errno name. Watch events caused by a
 request are sent after its reply.
+
+A request that breaks a rule fails with the rule's errno (XsError). Any other exception is a defect of
+the daemon: it is logged loudly with the connection, its domain and the request, counted in
+`internal_errors`, and answered EIO (as C xenstored answers an internal failure), so one bug does not take
+every other connection down. Tests read the count with `XS_CONTROL internal-errors` (dom0 only) and
+require zero: a fuzz that only checked for an error reply would take such a defect for a refusal.
 """
 from __future__ import annotations
 
@@ -73,6 +79,7 @@ class XenstoreCore:
         }
         self._pending: list[Event] = []
         self._after_reply: list[Callable[[], None]] = []
+        self.internal_errors = 0  # exceptions no rule raised; see the module docstring
         for path in ("/tool", "/tool/xenstored"):
             self._create(None, self.tree, path, b"")
         self.handlers: dict[int, Handler] = {
@@ -109,7 +116,8 @@ class XenstoreCore:
             self._after_reply.clear()
             if not isinstance(exc, XsError):
                 # A bug must not take down every other connection with the daemon: fail this request.
-                log.exception("%r: internal error handling type %d", conn, mtype)
+                self.internal_error(f"{conn!r} (dom{conn.domid}) request type {mtype} req_id {req_id} "
+                                    f"tx {tx_id} payload {payload[:256]!r}", exc)
                 exc = XsError("EIO", "internal error")
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("%r type %d -> %s", conn, mtype, exc)
@@ -125,6 +133,11 @@ class XenstoreCore:
             actions, self._after_reply = self._after_reply, []
             for action in actions:
                 action()
+
+    def internal_error(self, what: str, exc: BaseException) -> None:
+        """Count and log a defect contained to one request or connection (also called by the daemon)."""
+        self.internal_errors += 1
+        log.error("INTERNAL ERROR #%d: %s", self.internal_errors, what, exc_info=exc)
 
     def drop_connection(self, conn: Connection) -> None:
         """Forget everything a connection owns: watches and open transactions."""
@@ -522,4 +535,6 @@ class XenstoreCore:
         if parts[0] == b"print" and len(parts) == 2:
             log.info("control print: %s", parts[1].decode("ascii", "replace"))
             return OK
+        if parts[0] == b"internal-errors" and len(parts) == 1:  # this daemon's own, for tests
+            return b"%d\0" % self.internal_errors
         raise XsError("EINVAL", f"unsupported control command {parts[0][:32]!r}")

@@ -2,6 +2,10 @@
 
 Hot path (a dom0 client pipelining small requests): one recv() takes many requests, each is handled and
 its reply appended to the connection's output list, and one send() per loop iteration writes them all.
+
+Containment: the core contains a defect to its request; anything else a channel raises (framing, the
+ring, flushing) is logged with the channel and its domain, counted as an internal error, and ends that
+channel only (a socket client is disconnected, a guest's ring is ignored until the guest reconnects).
 """
 from __future__ import annotations
 
@@ -251,14 +255,32 @@ class Daemon:
         try:
             while not self._stopping:
                 for key, mask in sel.select(None if not dirty else 0):
-                    key.data.on_event(mask)
+                    try:
+                        key.data.on_event(mask)
+                    except Exception as exc:
+                        self._contain(key.data, "event", exc)
                 while dirty:
                     batch = dirty[:]
                     dirty.clear()
                     for ch in batch:
-                        ch.flush()
+                        try:
+                            ch.flush()
+                        except Exception as exc:
+                            self._contain(ch, "flush", exc)
         finally:
             self.close()
+
+    def _contain(self, target: object, what: str, exc: Exception) -> None:
+        """A defect outside any one request: it ends the channel it happened on, nothing else."""
+        if isinstance(target, SocketChannel):
+            self.core.internal_error(f"{target.conn.name} (dom0 socket client): {what}", exc)
+            target.close(f"internal error: {exc!r}")
+        elif isinstance(target, RingChannel):
+            self.core.internal_error(f"dom{target.conn.domid}'s ring: {what}", exc)
+            if not target.closed:
+                target.ring.broken = True  # ignored until the guest reconnects (the ring reset clears it)
+        else:
+            self.core.internal_error(f"{type(target).__name__}: {what}", exc)
 
     def close(self) -> None:
         for ch in list(self.rings.values()):
