@@ -290,7 +290,8 @@ def test_hostile_ring_entries(env: Env) -> None:
     # A second disk must survive the first one's ring being corrupted.
     other = env.disk(env.image("h2.img", MIB), XVDC)
     q = f.queues[0]
-    q.ring._req_prod.store((q.ring.req_prod_pvt + 1000) & 0xFFFFFFFF)  # a producer index past the ring
+    q.ring.req_prod_pvt = (q.ring.req_prod_pvt + 1000) & 0xFFFFFFFF  # a producer index past the ring
+    q.ring.push_requests()
     f.kick()
     assert f.wait_backend(XenbusState.Closing) == XenbusState.Closing
     assert "ring corrupt" in env.log.read_text()

@@ -285,7 +285,8 @@ def test_rx_requests_beyond_the_ring_disconnect_only_that_vif(net_env) -> None:
     nf, ip = env.front(0)
     other, other_ip = env.front(1)
     ring = nf.queues[0].rx
-    ring._req_prod.store((ring.req_prod_pvt + 1000) & 0xFFFFFFFF)  # a req_prod no honest frontend publishes
+    ring.req_prod_pvt = (ring.req_prod_pvt + 1000) & 0xFFFFFFFF  # a req_prod no honest frontend publishes
+    ring.push_requests()
     nf.notify(nf.queues[0], rx=True)
     # Give the backend a frame to deliver so it looks at the rx ring.
     with env.ns.entered():

@@ -289,13 +289,15 @@ def test_rx_bad_buffer_grant_is_an_error_response(rx: Rx) -> None:
 def test_rx_requests_beyond_the_ring_are_fatal(rx: Rx) -> None:
     rx.post(range(2))
     # A req_prod no honest frontend can publish: the caller (Vif) disconnects on RingOverflowError.
-    rx.front._req_prod.store((rx.front.req_prod_pvt + 1000) & 0xFFFFFFFF)
+    rx.front.req_prod_pvt = (rx.front.req_prod_pvt + 1000) & 0xFFFFFFFF
+    rx.front.push_requests()
     with pytest.raises(RingOverflowError):
         rx.path.ready(b"z" * 60)
 
 
 def test_tx_requests_beyond_the_ring_are_fatal(tx: Tx) -> None:
-    tx.front._req_prod.store(N.NET_TX_RING_SIZE + 5)
+    tx.front.req_prod_pvt = N.NET_TX_RING_SIZE + 5
+    tx.front.push_requests()
     with pytest.raises(RingOverflowError):
         tx.path.poll()
 
