@@ -21,6 +21,9 @@ from xenpv.base.errors import HarnessError, WaitTimeout
 
 log = logging.getLogger("xenbackend")
 
+# Control operations whose result belongs to the calling back-end (named by `backend`).
+OWNED_OPS = frozenset({"gnttab_map", "gnttab_unmap"})
+
 
 class BackendError(HarnessError):
     pass
@@ -110,6 +113,9 @@ class XenBackend:
         return self
 
     def call(self, op: str, **args: Any) -> Any:
+        if op in OWNED_OPS:
+            # xenhv ties the mapping to this back-end's link: released if we die, unmappable by nobody else.
+            args.setdefault("backend", self.name)
         with self._ctl_lock:
             return self._ctl.call(op, **args)
 

@@ -5,6 +5,11 @@ back-end's config space, hands over the domain's RAM (its RAM-file fd, at guest-
 SET_MEM_TABLE, and gives each event channel the back-end binds one kick/call eventfd pair, at a
 vring index of its own ("channel index"). A guest's send to the channel sets dom0's end pending, which
 writes the kick eventfd; the back-end's write to the call eventfd is a send from dom0's end.
+
+The link's socket sits in xenhv's selector too: a back-end sends nothing unasked, so the socket turns
+readable outside a request only when the back-end closed it (it died or restarted). `on_gone` then tells
+the hypervisor, which detaches the link: its channels close and the grant mappings the back-end held are
+released, as Xen releases a dying driver domain's, so the guest can revoke and reuse its pages.
 """
 from __future__ import annotations
 
@@ -46,12 +51,18 @@ class BackendLink:
     dom0: "EventChannels"
     register_fd: Callable[[int, Callable[[], None]], None]
     unregister_fd: Callable[[int], None]
+    on_gone: Callable[["BackendLink"], None] | None = None
     channels: dict[int, Channel] = field(default_factory=dict)  # by dom0 port
+    _watched_fd: int | None = None
+    closed: bool = False
 
     @classmethod
     def connect(cls, name: str, socket_path: str, domain: "Domain", dom0: "EventChannels",
                 register_fd: Callable[[int, Callable[[], None]], None],
-                unregister_fd: Callable[[int], None]) -> "BackendLink":
+                unregister_fd: Callable[[int], None],
+                on_gone: Callable[["BackendLink"], None] | None = None) -> "BackendLink":
+        """Connect and configure the link; with `on_gone`, the back-end closing its end is reported to it
+        (on the selector's thread) as soon as xenhv sees it."""
         fe = VhostUserFrontend.connect(socket_path)
         try:
             fe.negotiate(protocol_features=PROTOCOL_FEATURES)
@@ -61,7 +72,38 @@ class BackendLink:
             fe.close()
             raise
         log.info("back-end %s attached to dom%d over %s", name, domain.domid, socket_path)
-        return cls(name, domain, fe, dom0, register_fd, unregister_fd)
+        link = cls(name, domain, fe, dom0, register_fd, unregister_fd, on_gone)
+        if on_gone is not None:
+            link._watched_fd = fe.sock.fileno()
+            register_fd(link._watched_fd, link._socket_readable)
+        return link
+
+    def _socket_readable(self) -> None:
+        """The selector saw the link's socket readable: the back-end is gone, or it broke the protocol by
+        sending unasked; either way the link ends (never raises: this runs in xenhv's main loop)."""
+        if self.closed:
+            return
+        try:
+            gone = self.peer_gone()
+            if not gone:
+                log.warning("back-end %s of dom%d sent a message nobody asked for; dropping its link",
+                            self.name, self.domain.domid)
+        except Exception as exc:
+            log.warning("back-end %s of dom%d: link socket: %s", self.name, self.domain.domid, exc)
+        else:
+            log.info("back-end %s of dom%d closed its link", self.name, self.domain.domid)
+        self._stop_watching()
+        if self.on_gone is not None:
+            try:
+                self.on_gone(self)
+            except Exception:
+                log.exception("back-end %s of dom%d: detaching the closed link failed", self.name,
+                              self.domain.domid)
+
+    def _stop_watching(self) -> None:
+        if self._watched_fd is not None:
+            self.unregister_fd(self._watched_fd)
+            self._watched_fd = None
 
     def peer_gone(self) -> bool:
         """The back-end closed its end (it died or restarted). A front-end socket is readable outside a
@@ -97,9 +139,11 @@ class BackendLink:
         return index
 
     def _called(self, ch: Channel) -> None:
+        if self.channels.get(ch.port) is not ch:
+            return  # unbound earlier in this selector round: its fd is closed (or already another's)
         try:
             os.eventfd_read(ch.call)
-        except BlockingIOError:
+        except OSError:  # nothing to read, or the channel was closed earlier in this selector round
             return
         try:
             self.dom0.send(ch.port)
@@ -120,6 +164,10 @@ class BackendLink:
         os.close(ch.call)
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_watching()
         for port in list(self.channels):
             self.unbind(port)
         self.frontend.close()

@@ -12,7 +12,10 @@ Two pieces:
   set the guest's end_foreign_access (stack.vcpu.grants) reports the entry busy.
 * :class:`GrantTableHub`, every domain's table plus the maptrack of each mapping domain: GNTTABOP_map/unmap
   with per-mapper handles, GNTTABOP_copy between grant refs and the caller's own frames, setup_table and
-  query_size with the domain checks.  This is what the hypercall layer calls.
+  query_size with the domain checks.  This is what the hypercall layer calls.  dom0's back-ends are separate
+  processes sharing dom0's maptrack, so a mapping may name its ``owner`` (the back-end): only that owner
+  unmaps it, and :meth:`GrantTableHub.release_owner` drops all of a dead back-end's mappings, as Xen drops a
+  dying driver domain's.
 The granting guest's side (grant, end access) is stack.vcpu.grants.GrantTableFrontend; entry access both
 sides share is xenabi.grant_entries.
 
@@ -330,6 +333,7 @@ class GrantTableHub:
         self._tables: dict[int, GrantTable] = {}
         self._maptrack: dict[int, dict[int, tuple[int, int]]] = {}  # mapper -> handle -> (dom, table handle)
         self._handles: dict[int, _Handles] = {}
+        self._owners: dict[tuple[int, int], str] = {}  # (mapper, handle) -> the back-end that mapped it
 
     def add(self, table: GrantTable) -> None:
         with self._lock:
@@ -349,6 +353,8 @@ class GrantTableHub:
             mine = self._maptrack.pop(domid, {})
             self._handles.pop(domid, None)
             table = self._tables.pop(domid, None)
+            for handle in mine:
+                self._owners.pop((domid, handle), None)
         for dom, table_handle in mine.values():
             other = self._tables.get(dom)
             if other is not None:
@@ -360,6 +366,7 @@ class GrantTableHub:
                     for handle, target in list(track.items()):
                         if target == (domid, mapping.handle):
                             del track[handle]
+                            self._owners.pop((mapping.mapper, handle), None)
                             self._handles[mapping.mapper].free(handle)
                 table.unmap(mapping.handle)
             table.release()
@@ -374,8 +381,9 @@ class GrantTableHub:
     def query_size(self, caller: int, dom: int) -> tuple[int, int]:
         return self._table_for(caller, dom, "query_size").query_size()
 
-    def map(self, mapper: int, dom: int, ref: int, readonly: bool) -> GrantMapping:
-        """GNTTABOP_map_grant_ref of ``ref`` of ``dom`` by ``mapper``; the handle is the mapper's."""
+    def map(self, mapper: int, dom: int, ref: int, readonly: bool, owner: str | None = None) -> GrantMapping:
+        """GNTTABOP_map_grant_ref of ``ref`` of ``dom`` by ``mapper``; the handle is the mapper's.  ``owner``
+        names the back-end process of ``mapper`` that holds the mapping (see :meth:`release_owner`)."""
         table = self._tables.get(dom) if dom < DOMID_FIRST_RESERVED else None
         if table is None:
             raise GrantError(GNTST_bad_domain, f"map: dom{mapper} named dom {dom}, which has no grant table")
@@ -392,18 +400,41 @@ class GrantTableHub:
             raise
         with self._lock:
             self._maptrack.setdefault(mapper, {})[handle] = (dom, mapping.handle)
+            if owner is not None:
+                self._owners[(mapper, handle)] = owner
         return GrantMapping(handle, dom, ref, mapping.gfn, readonly, mapper)
 
-    def unmap(self, mapper: int, handle: int) -> GrantMapping:
-        """GNTTABOP_unmap_grant_ref of ``mapper``'s ``handle``."""
+    def unmap(self, mapper: int, handle: int, owner: str | None = None) -> GrantMapping:
+        """GNTTABOP_unmap_grant_ref of ``mapper``'s ``handle``.  A handle mapped with an owner is unmapped only
+        by that owner: a back-end that outlived its link cannot unmap what its successor mapped since."""
         with self._lock:
-            target = self._maptrack.get(mapper, {}).pop(handle, None)
-            if target is None:
-                raise GrantError(GNTST_bad_handle, f"unmap: dom{mapper} has no mapping with handle {handle}")
+            track = self._maptrack.get(mapper, {})
+            if handle not in track or self._owners.get((mapper, handle)) != owner:
+                who = f" of {owner}" if owner is not None else ""
+                raise GrantError(GNTST_bad_handle, f"unmap: dom{mapper} has no mapping{who} with handle {handle}")
+            target = track.pop(handle)
+            self._owners.pop((mapper, handle), None)
             self._handles[mapper].free(handle)
         dom, table_handle = target
         mapping = self._tables[dom].unmap(table_handle, mapper)
         return GrantMapping(handle, dom, mapping.ref, mapping.gfn, mapping.readonly, mapper)
+
+    def release_owner(self, mapper: int, dom: int, owner: str) -> int:
+        """Unmap every grant of ``dom`` that ``owner`` (a back-end of ``mapper``) holds: it died or detached, and
+        nothing it mapped may stay pinned (the granting guest's revoke would fail for ever).  Returns how many."""
+        with self._lock:
+            track = self._maptrack.get(mapper, {})
+            handles = [h for h, (d, _) in track.items() if d == dom and self._owners.get((mapper, h)) == owner]
+        released = 0
+        for handle in handles:
+            try:
+                self.unmap(mapper, handle, owner)
+                released += 1
+            except GrantError as exc:  # unmapped meanwhile (its table went with its domain)
+                log.debug("release of dom%d handle %d of %s: %s", mapper, handle, owner, exc)
+        if released:
+            log.info("dom%d: released %d grant mapping(s) of dom%d held by %s", mapper, released, dom, owner)
+        return released
 
     def copy(self, caller: int, op: GnttabCopy) -> None:
         """GNTTABOP_copy of one ``gnttab_copy``: grant refs are pinned (GTF_reading on the source,

@@ -215,8 +215,14 @@ class Hypervisor:
             # as when a dom0 back-end dies), then the new one attaches.
             log.info("back-end %s of dom%d was gone; replacing its link", name, domid)
             self._detach(self.links.pop((name, domid)))
-        self.links[(name, domid)] = BackendLink.connect(name, socket, dom, self.dom0,
-                                                        self.register_fd, self.unregister_fd)
+        self.links[(name, domid)] = BackendLink.connect(name, socket, dom, self.dom0, self.register_fd,
+                                                        self.unregister_fd, self._link_gone)
+
+    def _link_gone(self, link: BackendLink) -> None:
+        """The back-end closed its vhost-user link (it died): detach it now, not at its next attach."""
+        key = (link.name, link.domain.domid)
+        if self.links.get(key) is link:
+            self._detach(self.links.pop(key))
 
     def control_detach_backend(self, domid: int, name: str) -> None:
         link = self.links.pop((name, domid), None)
@@ -225,11 +231,14 @@ class Hypervisor:
         self._detach(link)
 
     def _detach(self, link: BackendLink) -> None:
-        """The back-end's channels go with it: dom0's ends are closed, so the guest's revert to UNBOUND."""
+        """The back-end's channels go with it: dom0's ends are closed, so the guest's revert to UNBOUND; and
+        so do the grant mappings it held of the domain, so the guest can revoke them."""
         for port in list(link.channels):
             link.unbind(port)
             self.dom0.close(port)
         link.close()
+        if self.gnttab.get(link.domain.domid) is not None:
+            self.gnttab.release_owner(0, link.domain.domid, link.name)
 
     def control_evtchn_alloc_unbound(self, dom: int, remote_dom: int) -> int:
         return self.dom0.alloc_unbound(dom, remote_dom)
@@ -362,10 +371,13 @@ class Hypervisor:
 
     # -- grants for dom0's back-ends ---------------------------------------------------------------
 
-    def control_gnttab_map(self, domid: int, ref: int, readonly: bool) -> dict[str, int]:
+    def control_gnttab_map(self, domid: int, ref: int, readonly: bool, backend: str | None = None) -> dict[str, int]:
+        """A back-end's mapping (`backend` names it) lasts at most as long as its link to the domain."""
         self.domain(domid)
-        m = self.gnttab.map(0, domid, ref, bool(readonly))
+        if backend is not None and (backend, domid) not in self.links:
+            raise XenError(X.XEN_ENOENT, f"back-end {backend} is not attached to dom{domid}")
+        m = self.gnttab.map(0, domid, ref, bool(readonly), owner=backend)
         return {"handle": m.handle, "gfn": m.gfn}
 
-    def control_gnttab_unmap(self, handle: int) -> None:
-        self.gnttab.unmap(0, handle)
+    def control_gnttab_unmap(self, handle: int, backend: str | None = None) -> None:
+        self.gnttab.unmap(0, handle, owner=backend)

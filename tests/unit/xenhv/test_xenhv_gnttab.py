@@ -278,3 +278,32 @@ def test_frontend_rejects_values_that_do_not_fit(s: Setup) -> None:
         s.front.grant_access(8, BACKEND, 1 << 32)
     with pytest.raises(ValueError):
         s.front.grant_access(8, 1 << 16, 1)
+
+
+def test_releasing_a_backend_unmaps_only_its_own_mappings_of_that_domain(s: Setup) -> None:
+    for ref in (8, 9, 10):
+        s.front.grant_access(ref, BACKEND, ref)
+    dead = [s.hub.map(BACKEND, GUEST, 8, False, owner="blkback"), s.hub.map(BACKEND, GUEST, 9, True, owner="blkback")]
+    other = s.hub.map(BACKEND, GUEST, 10, False, owner="netback")
+    untagged = s.hub.map(BACKEND, GUEST, 10, True)
+    assert not s.front.end_foreign_access(8)  # the dead back-end's mapping keeps the guest from revoking
+    assert s.hub.release_owner(BACKEND, GUEST, "blkback") == 2
+    assert s.flags(8) == s.flags(9) == GTF_permit_access
+    assert s.front.end_foreign_access(8) and s.front.end_foreign_access(9)
+    assert s.flags(10) == GTF_permit_access | GTF_reading | GTF_writing
+    assert s.hub.release_owner(BACKEND, GUEST, "blkback") == 0
+    for mapping in dead:  # gone with their owner: nobody can unmap them again
+        assert status_of(s.hub.unmap, BACKEND, mapping.handle, "blkback") == GNTST_bad_handle
+    s.hub.unmap(BACKEND, other.handle, "netback")
+    s.hub.unmap(BACKEND, untagged.handle)
+
+
+def test_a_handle_is_unmapped_only_by_the_backend_that_mapped_it(s: Setup) -> None:
+    s.front.grant_access(8, BACKEND, 3)
+    mapping = s.hub.map(BACKEND, GUEST, 8, False, owner="blkback")
+    # A predecessor that outlived its link, or the toolstack, cannot unmap what blkback holds now.
+    assert status_of(s.hub.unmap, BACKEND, mapping.handle, "netback") == GNTST_bad_handle
+    assert status_of(s.hub.unmap, BACKEND, mapping.handle) == GNTST_bad_handle
+    assert s.flags(8) & GTF_writing
+    s.hub.unmap(BACKEND, mapping.handle, "blkback")
+    assert s.flags(8) == GTF_permit_access
