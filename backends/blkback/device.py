@@ -45,6 +45,7 @@ class VbdDevice:
     readonly: bool = False
     discard: bool = False
     queues: list[BlkQueue] = field(default_factory=list)
+    _stale_rings_seen: bool = False
 
     @property
     def name(self) -> str:
@@ -86,8 +87,18 @@ class VbdDevice:
             be_raw = XenbusState.InitWait.wire()
         be = XenbusState.parse(be_raw)
         fe = XenbusState.parse(self._fe("state"))
-        if fe in (XenbusState.Initialised, XenbusState.Connected) and be == XenbusState.InitWait:
+        if fe == XenbusState.Initialised and be == XenbusState.InitWait:
             self._connect()
+        elif fe == XenbusState.Connected and be == XenbusState.InitWait:
+            # A frontend goes Connected only after its backend did, so these rings were connected to a
+            # previous blkback (this one's predecessor, killed). Their slots still hold requests that
+            # were answered long ago, whose grants the frontend has revoked and reused: a fresh back ring
+            # would serve them again from slot 0 and write stale data over acknowledged writes. InitWait
+            # tells the frontend to close and reconnect with new rings, replaying what was not answered.
+            if not self._stale_rings_seen:
+                log.warning("%s: frontend still connected to a previous backend's rings; waiting for it to "
+                            "reconnect", self.name)
+                self._stale_rings_seen = True
         elif fe == XenbusState.Closing:
             self.disconnect()
             if be not in (XenbusState.Closing, XenbusState.Closed):

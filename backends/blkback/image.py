@@ -6,12 +6,13 @@ import ctypes
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from xenpv.backends.blkback.nbd import NbdClient
-from xenpv.base.process import Supervised, wait_for
+from xenpv.backends.blkback.nbd import NbdClient, NbdError
+from xenpv.base.process import Supervised
 
 log = logging.getLogger("blkback.image")
 
@@ -21,10 +22,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 RAW_FORMATS = ("raw", "aio", "file")
+QEMU_NBD_START_SECONDS = 30.0
 
 
 class ImageError(Exception):
     """An image cannot be opened or served; names the image."""
+
+
+class _ImageLocked(Exception):
+    """qemu-nbd could not take the image's lock (another process still has the image open)."""
 
 
 class Image(Protocol):
@@ -98,22 +104,64 @@ class NbdImage:
     def __post_init__(self) -> None:
         if not self.path.exists():
             raise ImageError(f"{self.fmt} image {self.path} does not exist")
-        self.socket_path.unlink(missing_ok=True)
         argv = ["qemu-nbd", f"--format={self.fmt}", f"--socket={self.socket_path}", "--persistent",
                 "--discard=unmap", "--cache=writeback", str(self.path)]
         if self.readonly:
             argv.insert(1, "--read-only")
-        self.process = Supervised(f"qemu-nbd-{self.path.name}", argv, self.log_path).start()
-        try:
-            wait_for(self.socket_path.is_socket, timeout=10.0, what=f"qemu-nbd to export {self.path}",
-                     alive=[self.process])
-            self.client = NbdClient(self.socket_path)
-        except BaseException:
-            self.process.stop()
-            raise
+        # The qemu-nbd of a blkback that was killed dies with it, but a process killed in the middle of
+        # an fdatasync only exits (and lets go of the image's lock) once the sync returns: a new one
+        # waits for that, within QEMU_NBD_START_SECONDS.
+        deadline = time.monotonic() + QEMU_NBD_START_SECONDS
+        while True:
+            self.socket_path.unlink(missing_ok=True)
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self.process = Supervised(f"qemu-nbd-{self.path.name}", argv, self.log_path).start()
+            try:
+                self.client = self._connect(deadline, log_start)
+                break
+            except _ImageLocked as exc:
+                self.process.stop()
+                if time.monotonic() >= deadline:
+                    raise ImageError(f"{self.path} stayed locked by another process for "
+                                     f"{QEMU_NBD_START_SECONDS:g}s: {exc}") from None
+                log.info("%s: still locked by another process; trying again", self.path)
+                time.sleep(0.1)
+            except BaseException:
+                self.process.stop()
+                raise
         self.size = self.client.export.size
         self.can_discard = self.client.export.can_trim
         log.info("%s: %s exported by qemu-nbd pid %d, %d bytes", self.path, self.fmt, self.process.pid, self.size)
+
+    def _connect(self, deadline: float, log_start: int) -> NbdClient:
+        """The NBD connection once qemu-nbd serves the export. qemu-nbd creates its socket before it opens
+        the image, so a socket is not yet an export: the handshake is the readiness probe."""
+        assert self.process is not None
+        delay = 0.002
+        while True:
+            if not self.process.alive():
+                text = self._log_since(log_start)
+                if "lock" in text:
+                    raise _ImageLocked(text.strip())
+                raise ImageError(f"qemu-nbd exited ({self.process.returncode}) before exporting {self.path}: "
+                                 f"{text.strip()[-2000:]}")
+            if self.socket_path.is_socket():
+                try:
+                    return NbdClient(self.socket_path)
+                except (ConnectionRefusedError, FileNotFoundError, NbdError) as exc:
+                    log.debug("%s: qemu-nbd not serving yet: %s", self.path, exc)
+            if time.monotonic() >= deadline:
+                raise ImageError(f"qemu-nbd did not export {self.path} within {QEMU_NBD_START_SECONDS:g}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read(16384).decode(errors="replace")
+        except OSError:
+            return ""
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
         assert self.client is not None
