@@ -1,5 +1,6 @@
-"""`vbd list|read|write|flush|discard`: the PV disks as XENVBD's targets, through the driver's disk API.
+"""`vbd list|pages|read|write|flush|discard`: the PV disks as XENVBD's targets, through the driver's disk API.
 
+`vbd pages` prints the guest's free pages and the grant entries in use (what a leak would show).
 `vbd read T LBA COUNT [hex]` prints the sha256 of the data (or its hex with `hex`); `vbd write T LBA PATTERN
 COUNT` writes COUNT sectors of PATTERN (hex bytes, repeated; or `seq` for a pattern that differs in every
 sector: the sector number as 8 little-endian bytes, repeated); both take `--timeout S`. Driver code runs
@@ -13,8 +14,9 @@ from xenpv.stack.agent.console import command
 from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.drivers.xenvbd.adapter import XenvbdAdapter
 from xenpv.stack.drivers.xenvbd.target import IO_TIMEOUT_SECONDS, XenvbdIoError, XenvbdTarget
+from xenpv.xenabi.grant_table import GTF_type_mask
 
-USAGE = ("usage: vbd list | read T LBA COUNT [hex] | write T LBA PATTERN COUNT | flush T | discard T LBA COUNT"
+USAGE = ("usage: vbd list | pages | read T LBA COUNT [hex] | write T LBA PATTERN COUNT | flush T | discard T LBA COUNT"
          "  [--timeout S]")
 
 
@@ -45,7 +47,7 @@ def _target(rt: GuestRuntime, text: str) -> XenvbdTarget:
     raise RuntimeError(f"no target {target_id}")
 
 
-@command("vbd", "vbd list|read|write|flush|discard: the PV disks (XENVBD targets)")
+@command("vbd", "vbd list|pages|read|write|flush|discard: the PV disks (XENVBD targets)")
 def _vbd(rt: GuestRuntime, args: list[str]) -> str:
     timeout = IO_TIMEOUT_SECONDS
     if "--timeout" in args:
@@ -62,6 +64,14 @@ def _vbd(rt: GuestRuntime, args: list[str]) -> str:
                 lines += [t.describe() for t in adapter.targets.values()]
                 lines += [f"vbd {devid} refused: {why}" for devid, why in sorted(adapter.refused.items())]
             return "\n".join(lines) or "(no targets)"
+        if op == "pages" and not rest:
+            assert rt.kernel.mm is not None
+            gnttab = next((a.interfaces["GNTTAB"] for a in _adapters(rt) if "GNTTAB" in a.interfaces), None)
+            if gnttab is None:
+                return "XENVBD holds no GNTTAB interface"
+            grants = gnttab.Context.platform.grants
+            granted = sum(1 for ref in range(grants.nr_entries) if grants.entry(ref).flags & GTF_type_mask)
+            return f"free {rt.kernel.mm.pages.available} granted {granted}"
         try:
             if op == "read" and len(rest) in (3, 4):
                 data = _target(rt, rest[0]).TargetRead(int(rest[1], 0), int(rest[2], 0), timeout)

@@ -30,17 +30,21 @@ class PageAllocator:
                 self._free.remove(gfn)
 
     def alloc(self, count: int = 1) -> list[int]:
-        """`count` frames, contiguous when the pool allows (multi-page rings want that)."""
+        """`count` contiguous frames (multi-page rings need that): the lowest run of them that is free."""
         with self._lock:
-            if count > len(self._free):
+            if count < 1 or count > len(self._free):
                 raise OutOfGuestMemory(f"{count} pages asked, {len(self._free)} free")
-            # The free list is kept descending, so the tail holds the lowest frames in order.
-            tail = self._free[-count:][::-1]
-            if count > 1 and tail[-1] - tail[0] != count - 1:
-                raise OutOfGuestMemory(f"no {count} contiguous free pages")
-            del self._free[-count:]
-            self._used.update(tail)
-            return tail
+            # The free list is kept descending, so the tail holds the lowest frames in order; a run of
+            # `count` starts at index `end - count` when its first and last frames are `count - 1` apart.
+            end = len(self._free)
+            while end >= count and self._free[end - count] - self._free[end - 1] != count - 1:
+                end -= 1
+            if end < count:
+                raise OutOfGuestMemory(f"no {count} contiguous free pages ({len(self._free)} free)")
+            run = self._free[end - count:end][::-1]
+            del self._free[end - count:end]
+            self._used.update(run)
+            return run
 
     def free(self, gfns: list[int]) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE, XENB
 from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
 from xenpv.stack.kernel import (IRP_MN_PNP, DeviceObject, Irp, IoSynchronousCallDriver, KEvent, KeWaitForSingleObject,
                           QueryInterfaceParameters)
-from xenpv.stack.kernel.bugcheck import BugCheck
+from xenpv.stack.kernel.bugcheck import BUG, BugCheck
 from xenpv.stack.kernel.debuglog import DbgLevel, current_log
 from xenpv.stack.kernel.irql import assert_passive, current_processor
 from xenpv.stack.kernel.registry import Registry, RegistryError
@@ -260,6 +260,14 @@ class XenvbdAdapter:
                 # The platform (and its xenstore connection) goes away when the agent shuts down.
                 log.info("adapter thread ends: %r", exc)
                 return
+            except Exception as exc:
+                # An exception escaping a system thread stops Windows; the model stops the guest the same
+                # way (a STOP with a dump naming xenvbd.sys), never with a bare traceback on the console.
+                log.exception("xenvbd-adapter thread: unhandled exception")
+                try:
+                    BUG(f"unhandled {type(exc).__name__} in the adapter thread: {exc}", module="xenvbd.sys")
+                except BugCheck:
+                    return
 
     def AdapterEnumerate(self) -> None:
         status, buffer = self.store.StoreDirectory(None, None, "device/vbd")

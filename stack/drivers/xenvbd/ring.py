@@ -9,13 +9,17 @@ submitted requests by id, revokes the data grants and completes the request, the
 Requests wait in `prepared` until there is a free slot (queue depth is at most the ring size). A request
 carries its own pages (the I/O's buffer), granted when it goes on the ring and revoked when its response
 comes back. RingDisconnect hands back everything that was submitted but not answered, in order, so the
-target can fail or replay it; grants the backend still maps cannot be revoked, and their pages are then
-kept out of the allocator for good rather than reused under the backend.
+target can fail or replay it (with new grants, on new rings). A grant the backend still maps cannot be
+revoked: it goes to the target's GrantReaper, which retries until the backend lets go (xenhv releases a
+dead backend's mappings when its link closes), and the pages behind it (ring, indirect table, or the
+I/O's buffer, which the target parks) stay out of the allocator until then: a page is never reused
+while a backend can still read or write it.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from xenpv.stack.kernel.dpc import KDpc, KeInitializeDpc, KeInsertQueueDpc
 from xenpv.stack.kernel.irql import KSpinLock
 from xenpv.stack.kernel.mm import Mdl, current_mm
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_SUCCESS, NTSTATUS
+from xenpv.stack.vcpu.pages import OutOfGuestMemory
 from xenpv.xenabi.blkif import BLKIF_OP_READ
 from xenpv.xenabi.ring import FrontRing, RingOverflowError
 
@@ -39,10 +44,107 @@ log = logging.getLogger("stack.drivers.xenvbd.ring")
 PAGE_SIZE = 4096
 EVTCHN_UNBOUND = 2
 GRANT_CACHE_CAP = 4096
+# Stale grants are retried after this many seconds, doubling up to the maximum (each failed revoke is
+# GNTTAB's 100 attempts and a warning).
+REAP_FIRST_DELAY = 0.05
+REAP_MAX_DELAY = 2.0
 
 
 class RingError(Exception):
     """The ring could not be set up, or the backend broke it (bad response id, impossible index)."""
+
+
+def allocate_pages(count: int) -> Mdl | None:
+    """MmAllocatePagesForMdl as the driver sees it: None (not an exception) when memory is short."""
+    try:
+        return current_mm().MmAllocatePagesForMdl(count)
+    except OutOfGuestMemory as exc:
+        log.warning("allocating %d page(s): %s", count, exc)
+        return None
+
+
+@dataclass(eq=False)
+class StaleGrants:
+    """Grants whose revoke failed because the backend still mapped them. `pages` (ring pages, an indirect
+    table) go back to the allocator once every entry is revoked; pages owned elsewhere (an I/O buffer)
+    wait for `done`."""
+
+    what: str
+    cache: Any
+    entries: list[Any]
+    pages: Mdl | None = None
+
+    @property
+    def done(self) -> bool:
+        return not self.entries
+
+
+class GrantReaper:
+    """A target's grants that could not be revoked yet, retried (with backoff) from the adapter thread.
+
+    A ring's GNTTAB cache outlives the ring while any of its entries is stale: it is destroyed once the last
+    one is revoked (destroying a cache with entries out is a BUG).
+    """
+
+    def __init__(self, gnttab: InterfaceTable) -> None:
+        self.gnttab = gnttab
+        self.records: list[StaleGrants] = []
+        self._retired: list[Any] = []
+        self._lock = threading.Lock()  # add() runs in the DPC, retry() on the adapter thread
+        self._delay = REAP_FIRST_DELAY
+        self._next = 0.0
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return sum(len(r.entries) for r in self.records)
+
+    def add(self, record: StaleGrants) -> None:
+        log.warning("%s: %d grant(s) still mapped by the backend; pages kept out of use until revoked",
+                    record.what, len(record.entries))
+        with self._lock:
+            self.records.append(record)
+            self._delay, self._next = REAP_FIRST_DELAY, time.monotonic() + REAP_FIRST_DELAY
+
+    def retire(self, cache: Any) -> None:
+        """The cache's ring is gone: destroy the cache now, or once its stale entries are revoked."""
+        with self._lock:
+            self._retired.append(cache)
+        self._destroy_idle_caches()
+
+    def retry(self, force: bool = False) -> int:
+        """Try the stale grants again (when their backoff has run out, or `force`); returns how many are left."""
+        now = time.monotonic()
+        with self._lock:
+            if not self.records or (not force and now < self._next):
+                return sum(len(r.entries) for r in self.records)
+            records = list(self.records)
+        progress = False
+        for record in records:
+            left = [e for e in record.entries
+                    if not NT_SUCCESS(self.gnttab.GnttabRevokeForeignAccess(record.cache, False, e))]
+            progress |= len(left) < len(record.entries)
+            record.entries = left
+            if record.done:
+                log.info("%s: the backend let go; its stale grants are revoked", record.what)
+                if record.pages is not None:
+                    current_mm().MmFreePagesFromMdl(record.pages)
+                    record.pages = None
+        with self._lock:
+            self.records = [r for r in self.records if not r.done]
+            self._delay = REAP_FIRST_DELAY if progress else min(self._delay * 2, REAP_MAX_DELAY)
+            self._next = now + self._delay
+            left = sum(len(r.entries) for r in self.records)
+        self._destroy_idle_caches()
+        return left
+
+    def _destroy_idle_caches(self) -> None:
+        with self._lock:
+            busy = {id(r.cache) for r in self.records}
+            idle = [c for c in self._retired if id(c) not in busy]
+            self._retired = [c for c in self._retired if id(c) in busy]
+        for cache in idle:
+            self.gnttab.GnttabDestroyCache(cache)
 
 
 @dataclass(eq=False)
@@ -57,6 +159,13 @@ class Submitted:
     indirect: Mdl | None = None
     submitted_at: float = 0.0
     cancelled: bool = False
+    # Grants of earlier submissions the backend still mapped when they were revoked (see GrantReaper).
+    stale: list[StaleGrants] = field(default_factory=list)
+
+    @property
+    def granted(self) -> bool:
+        """True while a backend may still reach the request's pages (live or stale grants)."""
+        return bool(self.grants) or any(not r.done for r in self.stale)
 
     def describe(self) -> str:
         r = self.request
@@ -70,12 +179,14 @@ class RingInterfaces:
 
 
 class BlkifRing:
-    def __init__(self, name: str, index: int, order: int, interfaces: RingInterfaces, backend_domid: int) -> None:
+    def __init__(self, name: str, index: int, order: int, interfaces: RingInterfaces, backend_domid: int,
+                 reaper: GrantReaper) -> None:
         self.name = f"{name}q{index}"
         self.index = index
         self.order = order
         self.interfaces = interfaces
         self.backend_domid = backend_domid
+        self.reaper = reaper
         self.lock = KSpinLock(f"{self.name} ring")
         self.prepared: deque[Submitted] = deque()
         self.submitted: dict[int, Submitted] = {}
@@ -106,9 +217,11 @@ class BlkifRing:
             self.name, 0, GRANT_CACHE_CAP, lambda _a: None, lambda _a: None, None)
         if not NT_SUCCESS(status):
             raise RingError(f"{self.name}: GnttabCreateCache: {status:#x}")
-        mm = current_mm()
-        self.mdl = mm.MmAllocatePagesForMdl(1 << self.order)
-        self.view = mm.view(self.mdl)
+        self.mdl = allocate_pages(1 << self.order)
+        if self.mdl is None:
+            self.RingDisconnect()
+            raise RingError(f"{self.name}: no memory for a {1 << self.order}-page ring")
+        self.view = current_mm().view(self.mdl)
         self.front = FrontRing(self.view, REQUEST, RESPONSE, init=True)
         for pfn in self.mdl.pfns:
             status, entry = gnttab.GnttabPermitForeignAccess(self.gnttab_cache, False, self.backend_domid, pfn, False)
@@ -151,19 +264,16 @@ class BlkifRing:
         if self.view is not None:
             self.view.release()
             self.view = None
-        leaked = False
-        for entry in self.ring_grants:
-            if not NT_SUCCESS(self.interfaces.gnttab.GnttabRevokeForeignAccess(self.gnttab_cache, False, entry)):
-                leaked = True
+        stale = [e for e in self.ring_grants
+                 if not NT_SUCCESS(self.interfaces.gnttab.GnttabRevokeForeignAccess(self.gnttab_cache, False, e))]
         self.ring_grants = []
-        if self.mdl is not None:
-            if leaked:
-                log.warning("%s: the backend still maps the ring; pages %s kept out of use", self.name, self.mdl.pfns)
-            else:
-                current_mm().MmFreePagesFromMdl(self.mdl)
-            self.mdl = None
-        if self.gnttab_cache is not None and not leaked:
-            self.interfaces.gnttab.GnttabDestroyCache(self.gnttab_cache)
+        if stale:
+            self.reaper.add(StaleGrants(f"{self.name} ring", self.gnttab_cache, stale, self.mdl))
+        elif self.mdl is not None:
+            current_mm().MmFreePagesFromMdl(self.mdl)
+        self.mdl = None
+        if self.gnttab_cache is not None:
+            self.reaper.retire(self.gnttab_cache)
             self.gnttab_cache = None
         return orphans
 
@@ -195,7 +305,8 @@ class BlkifRing:
                 status = self._grant(item)
                 if not NT_SUCCESS(status):
                     self.prepared.appendleft(item)
-                    log.warning("%s: out of grant entries; %d requests wait", self.name, len(self.prepared))
+                    log.warning("%s: out of grant entries or memory; %d requests wait", self.name,
+                                len(self.prepared))
                     break
                 item.id = next(self._ids)
                 grefs = [self.interfaces.gnttab.GnttabGetReference(g) for g in item.grants]
@@ -219,7 +330,9 @@ class BlkifRing:
         pfns = [item.buffer.pfns[p] for p in item.request.pages] if item.buffer is not None else []
         if item.request.indirect:
             if item.indirect is None:
-                item.indirect = current_mm().MmAllocatePagesForMdl(item.request.indirect_pages)
+                item.indirect = allocate_pages(item.request.indirect_pages)
+                if item.indirect is None:
+                    return STATUS_INSUFFICIENT_RESOURCES
             pages = [(pfn, read_only) for pfn in pfns] + [(pfn, True) for pfn in item.indirect.pfns]
         else:
             pages = [(pfn, read_only) for pfn in pfns]
@@ -232,18 +345,20 @@ class BlkifRing:
         return STATUS_SUCCESS
 
     def _revoke(self, item: Submitted) -> bool:
-        """Revoke the request's grants; False if the backend still maps one (its pages must stay out)."""
-        ok = True
-        for entry in item.grants:
-            if not NT_SUCCESS(self.interfaces.gnttab.GnttabRevokeForeignAccess(self.gnttab_cache, True, entry)):
-                ok = False
+        """Revoke the request's grants; False if the backend still maps one. Those go to the reaper with the
+        indirect table, and the request keeps a note of them (its buffer must stay out of use until they
+        are revoked); a replay grants the pages afresh."""
+        stale = [e for e in item.grants
+                 if not NT_SUCCESS(self.interfaces.gnttab.GnttabRevokeForeignAccess(self.gnttab_cache, True, e))]
         item.grants = []
-        if item.indirect is not None and ok:
+        if stale:
+            record = StaleGrants(f"{self.name} {item.describe()}", self.gnttab_cache, stale, item.indirect)
+            item.stale.append(record)
+            self.reaper.add(record)
+        elif item.indirect is not None:
             current_mm().MmFreePagesFromMdl(item.indirect)
-            item.indirect = None
-        if not ok:
-            log.warning("%s: %s: backend still maps its pages", self.name, item.describe())
-        return ok
+        item.indirect = None
+        return not stale
 
     # -- completion -------------------------------------------------------------------------------
 

@@ -12,8 +12,13 @@ Leaving CONNECTED without being asked (backend Closing or InitWait, its director
 stalled for WATCHDOG_SECONDS, a broken ring) disconnects the rings and keeps what was submitted but not
 answered for replay, then closes the handshake (Closing -> backend Closing/Closed -> Closed) and, while
 the backend is `online`, starts again from Initialising: a restarted blkback is met exactly like a new
-one. When the toolstack takes the device away (online=0, or the directories removed) everything queued is
+one, on new rings (the old ones are never handed to it: their slots hold requests answered long ago).
+When the toolstack takes the device away (online=0, or the directories removed) everything queued is
 failed instead. TargetDestroy closes cleanly (Closing, Closed) with bounded waits.
+
+Grants a backend still maps when they are revoked go to the target's GrantReaper (ring.py), retried on
+every FrontendStep; an I/O whose buffer they cover parks the buffer until they are revoked, so no page a
+backend can still reach goes back to the allocator.
 
 The disk: TargetRead/TargetWrite/TargetFlush/TargetDiscard at PASSIVE_LEVEL, in units of the backend's
 sector-size, each split into blkif requests (request.py) spread over the rings; each waits for its
@@ -39,7 +44,7 @@ from xenpv.xenabi.xenbus import XenbusState
 
 from .request import (OPERATION_NAMES, BlkRequest, PrepareDiscard, PrepareFlush, PrepareReadWrite, RequestError,
                       max_segments)
-from .ring import BlkifRing, RingError, RingInterfaces, Submitted
+from .ring import BlkifRing, GrantReaper, RingError, RingInterfaces, Submitted, allocate_pages
 
 if TYPE_CHECKING:
     from .adapter import XenvbdAdapter
@@ -129,6 +134,9 @@ class XenvbdTarget:
         self.connections = 0
         self._next_ring = 0
         self._removing = False
+        self.reaper = GrantReaper(adapter.gnttab)
+        # I/O buffers that completed while a backend could still reach them: freed by _reap.
+        self.parked: list[Io] = []
 
     def _print(self, text: str) -> None:
         self.adapter._print(f"Target[{self.target_id}]: {text}")
@@ -193,6 +201,7 @@ class XenvbdTarget:
 
     def FrontendStep(self) -> None:
         """Act on the backend's state (adapter thread, PASSIVE_LEVEL, kernel lock held)."""
+        self._reap()
         if self.state == FrontendState.GONE:
             return
         be = self.backend_state()
@@ -297,7 +306,7 @@ class XenvbdTarget:
         keys: dict[str, str] = {}
         try:
             for q in range(f.max_queues):
-                ring = BlkifRing(f"vbd{self.devid}", q, self.order, interfaces, self.backend_domid)
+                ring = BlkifRing(f"vbd{self.devid}", q, self.order, interfaces, self.backend_domid, self.reaper)
                 self.rings.append(ring)
                 base = "" if f.max_queues == 1 else f"queue-{q}/"
                 keys |= {base + k: v for k, v in ring.RingConnect().items()}
@@ -387,10 +396,37 @@ class XenvbdTarget:
             if attached:
                 self._wait_backend((XenbusState.Closed,))
         self._fail_waiting("target removed")
+        self._reap_before_removal()
         if self.watch is not None:
             self.adapter.store.StoreWatchRemove(self.watch)
             self.watch = None
         self.state = FrontendState.GONE
+
+    def _reap(self, force: bool = False) -> None:
+        """Retry stale grants; free the parked buffers no backend can reach any more."""
+        self.reaper.retry(force)
+        if self.parked:
+            free = [io for io in self.parked if not any(p.granted for p in io.parts)]
+            self.parked = [io for io in self.parked if io not in free]
+            for io in free:
+                log.info("vbd %d: %s buffer %s back in use: the backend let go", self.devid, io.kind,
+                         io.buffer.pfns if io.buffer is not None else [])
+                if io.buffer is not None:
+                    current_mm().MmFreePagesFromMdl(io.buffer)
+
+    def _reap_before_removal(self) -> None:
+        """The backend has closed (or was given up on): give it until CLOSE_WAIT_SECONDS to let go of its
+        mappings; whatever it still holds stays out of use for good."""
+        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        while True:
+            self._reap(force=True)
+            if not self.parked and not self.reaper.outstanding:
+                return
+            if time.monotonic() >= deadline:
+                self._print(f"{self.reaper.outstanding} grant(s) still mapped by the backend at removal; "
+                            f"{len(self.parked)} buffer(s) kept out of use")
+                return
+            KeWaitForSingleObject(self.adapter.event, 0.05)
 
     def _wait_backend(self, states: tuple[XenbusState, ...]) -> None:
         deadline = time.monotonic() + CLOSE_WAIT_SECONDS
@@ -453,11 +489,13 @@ class XenvbdTarget:
             raise XenvbdIoError(self, io.kind, f"backend answered blkif status {io.status}")
 
     def _free(self, io: Io) -> None:
-        """Give the buffer back unless a cancelled request still grants its pages to the backend."""
+        """Give the buffer back, or park it while a backend may still reach it (a cancelled request still
+        on the ring, or grants of an earlier submission that could not be revoked)."""
         if io.buffer is None:
             return
-        if any(p.grants for p in io.parts):
-            log.warning("vbd %d: %s buffer %s kept: still granted", self.devid, io.kind, io.buffer.pfns)
+        if any(p.granted for p in io.parts):
+            log.warning("vbd %d: %s buffer %s parked: still granted", self.devid, io.kind, io.buffer.pfns)
+            self.parked.append(io)
             return
         current_mm().MmFreePagesFromMdl(io.buffer)
 
@@ -475,10 +513,16 @@ class XenvbdTarget:
             elif buffer is not None:
                 current_mm().MmFreePagesFromMdl(buffer)
 
+    def _buffer(self, kind: str, size: int) -> Mdl:
+        buffer = allocate_pages(-(-size // PAGE_SIZE))
+        if buffer is None:
+            raise XenvbdIoError(self, kind, f"no memory for a {size}-byte buffer (STATUS_INSUFFICIENT_RESOURCES)")
+        return buffer
+
     def TargetRead(self, lba: int, count: int, timeout: float = IO_TIMEOUT_SECONDS) -> bytes:
         sector, sectors = self._units(lba, count)
         requests = PrepareReadWrite(BLKIF_OP_READ, sector, sectors, self._segments())
-        buffer = current_mm().MmAllocatePagesForMdl(-(-sectors * BLKIF_SECTOR_SIZE // PAGE_SIZE))
+        buffer = self._buffer("read", sectors * BLKIF_SECTOR_SIZE)
         data: list[bytes] = []
         io = None
         try:
@@ -498,7 +542,7 @@ class XenvbdTarget:
             raise XenvbdIoError(self, "write", f"{len(data)} bytes is not a whole number of {size}-byte sectors")
         sector, sectors = self._units(lba, len(data) // size)
         requests = PrepareReadWrite(BLKIF_OP_WRITE, sector, sectors, self._segments())
-        buffer = current_mm().MmAllocatePagesForMdl(-(-len(data) // PAGE_SIZE))
+        buffer = self._buffer("write", len(data))
         current_mm().write(buffer, 0, data)
         self._io("write", requests, buffer, timeout)
 
