@@ -37,7 +37,7 @@ import gc
 import struct
 import threading
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Callable, Self
 
 from xenpv.xenabi.atomic import AtomicU32
 from xenpv.xenabi.layout import XenStruct, XenUnion
@@ -159,7 +159,8 @@ class _SharedRing:
         if self.nr_ents == 0:
             view.release()
             raise ValueError(f"{len(view)} bytes hold no {self.slot_size}-byte slot")
-        self._lock = threading.RLock()
+        # Not re-entrant: public methods take it once and work through the _locked helpers.
+        self._lock = threading.Lock()
         self._closed = False
         self._view = view
         # req_prod, req_event, rsp_prod, rsp_event in word order.  Loads of them are plain aligned 32-bit
@@ -168,7 +169,7 @@ class _SharedRing:
         self._index = [AtomicU32(view, n * 4) for n in range(4)]
 
     def _check_open(self) -> None:
-        # Under _lock.  Names the ring so a use after close is easy to trace to its owner.
+        # Under _lock, first thing.  Names the ring so a use after close is easy to trace to its owner.
         if self._closed:
             raise RingClosedError(f"{type(self).__name__} of {self.nr_ents} slots used after close()")
 
@@ -223,6 +224,14 @@ class _SharedRing:
         with self._lock:
             self._check_open()
             self._index[word].exchange(value)
+
+    def _final_check(self, unconsumed: Callable[[], int], event_word: int, event: int) -> bool:
+        # RING_FINAL_CHECK_FOR_*, under _lock: re-arm the event index (xchg: the xen_mb() between this
+        # store and the load of the producer index), then look again so nothing is missed.
+        if unconsumed():
+            return True
+        self._index[event_word].exchange(event)
+        return unconsumed() > 0
 
     @property
     def sring_req_prod(self) -> int:
@@ -299,7 +308,12 @@ class FrontRing(_SharedRing):
 
     def unconsumed_responses(self) -> int:
         """XEN_RING_NR_UNCONSUMED_RESPONSES, refusing a producer index no honest back end can publish."""
-        prod = self.sring_rsp_prod
+        with self._lock:
+            self._check_open()
+            return self._unconsumed_responses_locked()
+
+    def _unconsumed_responses_locked(self) -> int:
+        prod = self._index[_RSP_PROD].load()
         if self.response_prod_overflow(prod):
             raise RingOverflowError(f"rsp_prod {prod} is more than {self.nr_ents} past rsp_cons {self.rsp_cons}")
         return _sub(prod, self.rsp_cons)
@@ -311,7 +325,8 @@ class FrontRing(_SharedRing):
     def get_response_bytes(self) -> bytes:
         """Copy out the next response and consume it."""
         with self._lock:
-            if self.unconsumed_responses() == 0:
+            self._check_open()
+            if self._unconsumed_responses_locked() == 0:
                 raise RingEmptyError("no unconsumed response")
             data = self._copy_slot(self.rsp_cons, self.response.size)
             self.rsp_cons = (self.rsp_cons + 1) & _IDX_MASK
@@ -323,10 +338,8 @@ class FrontRing(_SharedRing):
     def final_check_for_responses(self) -> bool:
         """RING_FINAL_CHECK_FOR_RESPONSES: re-arm rsp_event, then look again so no response is missed."""
         with self._lock:
-            if self.unconsumed_responses():
-                return True
-            self._publish(_RSP_EVENT, (self.rsp_cons + 1) & _IDX_MASK)
-            return self.unconsumed_responses() > 0
+            self._check_open()
+            return self._final_check(self._unconsumed_responses_locked, _RSP_EVENT, (self.rsp_cons + 1) & _IDX_MASK)
 
 
 class BackRing(_SharedRing):
@@ -352,7 +365,12 @@ class BackRing(_SharedRing):
 
     def unconsumed_requests(self) -> int:
         """XEN_RING_NR_UNCONSUMED_REQUESTS, bounded by the slots whose responses have been produced."""
-        prod = self.sring_req_prod
+        with self._lock:
+            self._check_open()
+            return self._unconsumed_requests_locked()
+
+    def _unconsumed_requests_locked(self) -> int:
+        prod = self._index[_REQ_PROD].load()
         if self.request_prod_overflow(prod):
             raise RingOverflowError(
                 f"req_prod {prod} is more than {self.nr_ents} past rsp_prod_pvt {self.rsp_prod_pvt}")
@@ -361,7 +379,8 @@ class BackRing(_SharedRing):
     def get_request_bytes(self) -> bytes:
         """Copy out the next request (once) and consume it; validate the returned copy, not the slot."""
         with self._lock:
-            if self.unconsumed_requests() == 0:
+            self._check_open()
+            if self._unconsumed_requests_locked() == 0:
                 raise RingEmptyError("no unconsumed request")
             data = self._copy_slot(self.req_cons, self.request.size)
             self.req_cons = (self.req_cons + 1) & _IDX_MASK
@@ -373,7 +392,8 @@ class BackRing(_SharedRing):
     def get_requests_bytes(self, count: int) -> list[bytes]:
         """Copy out and consume up to ``count`` requests at once (one index check for the batch)."""
         with self._lock:
-            count = min(count, self.unconsumed_requests())  # checks the ring is open
+            self._check_open()
+            count = min(count, self._unconsumed_requests_locked())
             view, mask, size, cons = self._view, self.nr_ents - 1, self.slot_size, self.req_cons
             length = self.request.size
             out = []
@@ -423,7 +443,5 @@ class BackRing(_SharedRing):
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look again so no request is missed."""
         with self._lock:
-            if self.unconsumed_requests():
-                return True
-            self._publish(_REQ_EVENT, (self.req_cons + 1) & _IDX_MASK)
-            return self.unconsumed_requests() > 0
+            self._check_open()
+            return self._final_check(self._unconsumed_requests_locked, _REQ_EVENT, (self.req_cons + 1) & _IDX_MASK)
