@@ -1,24 +1,16 @@
 """`net ...`: the guest's network adapters (XENNET over XENVIF) from the console.
 
-    net [-i N] OP ...              -i: use adapter (vif) N instead of the one on the address's network
-    net list                       adapters: instance, MAC, address, state
-    net ping ADDR [COUNT]          ICMP echo; prints "N/M replies"
-    net udp-echo ADDR PORT SIZE    one datagram of SIZE bytes to an echo server; prints "echo SIZE ok|MISMATCH"
-    net tcp-get ADDR PORT BYTES    connect, read BYTES, close; prints "tcp-get N bytes sha256 HEX SECONDS s"
-    net tcp-put ADDR PORT BYTES    connect, send BYTES of the seeded pattern, close; prints its sha256
-    net stats                      adapter and XENVIF statistics, then per adapter its frontend's
-                                   queues, reconnects and per-queue packet counts
-
-The adapter's IPv4 address comes from the guest definition (PvNic.address, else the address after
-PvNic.peer, else 10.200.<devid>.2/24), the same rule as harness/netns.addressing() for the namespace side.
-`adapters(rt)` / `configure(rt)` are the Python API behind the commands."""
+The adapter's IPv4 address comes from the guest definition (guests.schema.PvNic.addressing: PvNic.address,
+else the address after PvNic.peer, else 10.200.<devid>.2/24), the rule harness/netns.addressing() follows
+for the namespace side. `adapters(rt)` is the Python API behind the commands."""
 from __future__ import annotations
 
 import hashlib
 import ipaddress
 import time
 
-from xenpv.stack.agent.console import command
+from xenpv.guests.schema import nic_addressing
+from xenpv.stack.agent.console import UsageError, command, parse_int
 from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.drivers.xennet.driver import XennetAdapter
 from xenpv.stack.drivers.xenvif.frontend import Frontend, format_mac
@@ -30,16 +22,9 @@ TRANSFER_TIMEOUT = 120.0
 
 def guest_interface(rt: GuestRuntime, devid: int) -> ipaddress.IPv4Interface:
     nics = rt.config.guest.pv_nics
-    nic = nics[devid] if devid < len(nics) else None
-    peer = None
-    if nic is not None and nic.peer:
-        peer = ipaddress.IPv4Interface(nic.peer if "/" in nic.peer else f"{nic.peer}/24")
-    if nic is not None and nic.address:
-        return ipaddress.IPv4Interface(nic.address if "/" in nic.address
-                                       else f"{nic.address}/{peer.network.prefixlen if peer else 24}")
-    if peer is not None:
-        return ipaddress.IPv4Interface(f"{peer.ip + 1}/{peer.network.prefixlen}")
-    return ipaddress.IPv4Interface(f"10.200.{devid}.2/24")
+    if devid < len(nics):
+        return nics[devid].addressing(devid)[1]  # validated when the definition was loaded
+    return nic_addressing(None, None, devid)[1]
 
 
 def adapters(rt: GuestRuntime) -> list[XennetAdapter]:
@@ -79,14 +64,33 @@ def pattern(seed: int, size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-@command("net", "net list|ping|udp-echo|tcp-get|tcp-put|stats: the XENNET adapters")
+@command("net", "the XENNET adapters", (
+    "list", "stats", "[-i VIF] ping ADDR [COUNT]", "[-i VIF] udp-echo ADDR PORT SIZE",
+    "[-i VIF] tcp-get ADDR PORT BYTES", "[-i VIF] tcp-put ADDR PORT BYTES"), details="""\
+list       adapters: instance, MAC, address, state
+stats      adapter and XENVIF statistics, then per adapter its frontend's queues, reconnects and
+           per-queue packet counts
+ping       ICMP echo; prints "N/M replies"
+udp-echo   one datagram of SIZE bytes to an echo server; prints "echo SIZE ok|MISMATCH"
+tcp-get    connect, read BYTES, close; prints "tcp-get N bytes sha256 HEX SECONDS s"
+tcp-put    connect, send BYTES of the seeded pattern, close; prints its sha256
+-i VIF     use adapter (vif) VIF instead of the one on ADDR's network""")
 def _net(rt: GuestRuntime, args: list[str]) -> str:
-    if not args:
-        return __doc__.split("\n\n")[1]
     instance = None
-    if args[0] == "-i" and len(args) > 2:
+    if args[0] == "-i":
         instance, args = args[1], args[2:]
     op, rest = args[0], args[1:]
+    # The values, checked before any driver code runs.
+    if op in ("ping", "udp-echo", "tcp-get", "tcp-put"):
+        try:
+            address = ipaddress.IPv4Address(rest[0])
+        except ValueError:
+            raise UsageError(f"ADDR must be an IPv4 address, got {rest[0]!r}") from None
+    if op == "ping":
+        count = parse_int(rest[1], "COUNT", 1, 1000) if len(rest) > 1 else 1
+    elif op in ("udp-echo", "tcp-get", "tcp-put"):
+        port = parse_int(rest[1], "PORT", 1, 0xFFFF)
+        size = parse_int(rest[2], "SIZE" if op == "udp-echo" else "BYTES", 0, 1 << 32)
     with rt.kernel.cpu.lock:
         if op == "list":
             lines = []
@@ -112,14 +116,11 @@ def _net(rt: GuestRuntime, args: list[str]) -> str:
                     lines.append(f"{a.instance} queues={len(frontend.queues)} reconnects={frontend.reconnects} "
                                  f"{per_queue}".rstrip())
             return "\n".join(lines) or "(no adapters)"
-        if op == "ping" and rest:
-            address = ipaddress.IPv4Address(rest[0])
-            count = int(rest[1]) if len(rest) > 1 else 1
+        if op == "ping":
             ip = _adapter(rt, address, instance).ip
             replies = sum(ip.ping(address, seq, f"xennet ping {seq}".encode()) for seq in range(1, count + 1))
             return f"{replies}/{count} replies from {address}"
-        if op == "udp-echo" and len(rest) == 3:
-            address, port, size = ipaddress.IPv4Address(rest[0]), int(rest[1]), int(rest[2])
+        if op == "udp-echo":
             ip = _adapter(rt, address, instance).ip
             payload = pattern(rt.config.guest.seed or 0, size)
             sport = ip.ephemeral_port()
@@ -131,20 +132,18 @@ def _net(rt: GuestRuntime, args: list[str]) -> str:
                 ip.udp_close(sport)
             ok = data == payload and (src, rport) == (str(address), port)
             return f"echo {size} {'ok' if ok else f'MISMATCH ({len(data)} bytes from {src}:{rport})'}"
-        if op in ("tcp-get", "tcp-put") and len(rest) == 3:
-            address, port, size = ipaddress.IPv4Address(rest[0]), int(rest[1]), int(rest[2])
-            ip = _adapter(rt, address, instance).ip
-            start = time.monotonic()
-            connection = ip.tcp_connect(address, port)
-            try:
-                if op == "tcp-get":
-                    data = ip.tcp_recv_all(connection, size, TRANSFER_TIMEOUT)
-                else:
-                    data = pattern(rt.config.guest.seed or 0, size)
-                    ip.tcp_send_all(connection, data, TRANSFER_TIMEOUT)
-            finally:
-                ip.tcp_close(connection)
-            seconds = time.monotonic() - start
-            return (f"{op} {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()} {seconds:.2f} s "
-                    f"retransmits {connection.retransmits}")
-    return "usage: net [-i N] list | ping ADDR [COUNT] | udp-echo ADDR PORT SIZE | tcp-get|tcp-put ADDR PORT BYTES | stats"
+        # tcp-get or tcp-put: the usage admits nothing else.
+        ip = _adapter(rt, address, instance).ip
+        start = time.monotonic()
+        connection = ip.tcp_connect(address, port)
+        try:
+            if op == "tcp-get":
+                data = ip.tcp_recv_all(connection, size, TRANSFER_TIMEOUT)
+            else:
+                data = pattern(rt.config.guest.seed or 0, size)
+                ip.tcp_send_all(connection, data, TRANSFER_TIMEOUT)
+        finally:
+            ip.tcp_close(connection)
+        seconds = time.monotonic() - start
+        return (f"{op} {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()} {seconds:.2f} s "
+                f"retransmits {connection.retransmits}")

@@ -9,8 +9,8 @@ log under SETUP, as setupapi's log would have it.
 `fault` injects the mistakes the drivers' history is made of (reference windows-pv-drivers.md 7, 9):
 - `irql-query-interface [CLASS]`: a child driver's DPC sends IRP_MN_QUERY_INTERFACE to its PDO at
   DISPATCH_LEVEL (the bugcheck names the child's module);
-- `leak-ref INTERFACE`: acquire a XENBUS interface and never release it (then `power S4` hits the
-  FdoS3ToS4 rule);
+- `leak-ref INTERFACE`: acquire a XENBUS interface (STORE, or XENBUS.STORE as `interfaces` shows it) and
+  never release it (then `power S4` hits the FdoS3ToS4 rule);
 - `grant [DOMID]` then `revoke-in-use`: permit a page to a back-end domain, and, once the back-end has
   mapped it, try to revoke it (GnttabRevokeForeignAccess fails and the grant stays in use).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xenpv.stack.agent.console import command
+from xenpv.stack.agent.console import UsageError, command, parse_int
 from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.install.installer import (IMAGES_KEY, InstallError, InstallResult, InstallVetoed, Installer,
                                      PlatformPciDevice, installed_packages, reboot_requests)
@@ -69,16 +69,16 @@ def _list(rt: GuestRuntime) -> str:
     return "\n".join(lines) or "(no packages installed)"
 
 
-@command("pkg", "pkg list | install NAME [VERSION] | upgrade NAME [VERSION] | remove NAME: driver packages")
+@command("pkg", "driver packages: list, install, upgrade, remove (at the next boot)",
+         ("list", "install NAME [VERSION]", "upgrade NAME [VERSION]", "remove NAME"),
+         details="NAME: xenbus, xenvif, xennet, xenvbd or xeniface; VERSION: such as 9.1.0.10 (default: the "
+                 "newest of the guest's era)")
 def _pkg(rt: GuestRuntime, args: list[str]) -> str:
-    usage = "usage: pkg list | install NAME [VERSION] | upgrade NAME [VERSION] | remove NAME"
-    if not args:
-        return usage
     op, rest = args[0], args[1:]
-    if op == "list" and not rest:
+    if op == "list":
         return _list(rt)
     installer = _installer(rt)
-    if op in ("install", "upgrade") and len(rest) in (1, 2):
+    if op in ("install", "upgrade"):
         name, version = rest[0], rest[1] if len(rest) == 2 else None
         # Without a version: the newest package of the guest's era.
         era = Era(rt.config.guest.drivers.era) if version is None else None
@@ -90,13 +90,11 @@ def _pkg(rt: GuestRuntime, args: list[str]) -> str:
         except (InstallError, LookupError) as exc:
             return _print(rt, f"{op} {what}: failed: {exc}")
         return _print(rt, _describe("upgraded" if op == "upgrade" else "installed", result))
-    if op == "remove" and len(rest) == 1:
-        try:
-            package = installer.remove(rest[0])
-        except InstallError as exc:
-            return _print(rt, f"remove {rest[0]}: failed: {exc}")
-        return _print(rt, f"removed {package}")
-    return usage
+    try:
+        package = installer.remove(rest[0])
+    except InstallError as exc:
+        return _print(rt, f"remove {rest[0]}: failed: {exc}")
+    return _print(rt, f"removed {package}")
 
 
 @command("reboot", "restart Windows on the same machine (the hive persists, volatile keys go)")
@@ -107,18 +105,15 @@ def _reboot(rt: GuestRuntime, args: list[str]) -> str:
     return f"boot {rt.boots}" + (f" (reboot requested by {', '.join(pending)})" if pending else "")
 
 
-@command("reg", r"reg add KEY /v NAME /t REG_DWORD|REG_SZ /d DATA: set a registry value (reg.exe syntax)")
+@command("reg", "set a registry value (reg.exe syntax)", ("add KEY /v NAME /t REG_DWORD|REG_SZ /d DATA",),
+         details="KEY: quote it ('HKLM\\SOFTWARE\\X'); DATA: a number (0x10, 16) for REG_DWORD")
 def _reg(rt: GuestRuntime, args: list[str]) -> str:
-    usage = r"usage: reg add KEY /v NAME /t REG_DWORD|REG_SZ /d DATA"
-    if len(args) != 8 or args[0].lower() != "add" or [a.lower() for a in args[2::2]] != ["/v", "/t", "/d"]:
-        return usage
-    key, name, kind, data = args[1], args[3], args[5].upper(), args[7]
+    key, name, kind, data = args[1], args[3], args[5], args[7]
     if kind == "REG_DWORD":
-        rt.kernel.registry.set_value(key, name, REG_DWORD, int(data, 0))
-    elif kind == "REG_SZ":
-        rt.kernel.registry.set_value(key, name, REG_SZ, data)
+        typed: tuple[int, int | str] = (REG_DWORD, parse_int(data, "DATA", 0, 0xFFFFFFFF))
     else:
-        return usage
+        typed = (REG_SZ, data)
+    rt.kernel.registry.set_value(key, name, *typed)
     return "The operation completed successfully."
 
 
@@ -163,9 +158,11 @@ def _irql_query_interface(rt: GuestRuntime, args: list[str]) -> str:
 
 def _leak_ref(rt: GuestRuntime, args: list[str]) -> str:
     fdo = _active_fdo(rt)
-    if len(args) != 1 or args[0].upper() not in fdo.interfaces:
-        return f"usage: fault leak-ref INTERFACE ({', '.join(fdo.interfaces)})"
-    context = fdo.interfaces[args[0].upper()]
+    # As `interfaces` names them (XENBUS.STORE) or bare (STORE).
+    name = args[0].upper().removeprefix("XENBUS.")
+    if name not in fdo.interfaces:
+        raise UsageError(f"XENBUS has no interface {args[0]!r} (it has {', '.join(fdo.interfaces)})")
+    context = fdo.interfaces[name]
     with rt.kernel.cpu.lock:
         status = context.acquire()
     if not NT_SUCCESS(status):
@@ -174,8 +171,8 @@ def _leak_ref(rt: GuestRuntime, args: list[str]) -> str:
 
 
 def _grant(rt: GuestRuntime, args: list[str]) -> str:
+    domid = parse_int(args[0], "DOMID", 0, 0x7FEF) if args else 0  # DOMID_FIRST_RESERVED - 1
     fdo = _active_fdo(rt)
-    domid = int(args[0], 0) if args else 0
     gnttab = fdo.interfaces["GNTTAB"]
     assert rt.kernel.mm is not None
     with rt.kernel.cpu.lock:
@@ -218,8 +215,10 @@ _FAULTS = {"irql-query-interface": _irql_query_interface, "leak-ref": _leak_ref,
            "revoke-in-use": _revoke_in_use}
 
 
-@command("fault", "fault irql-query-interface [CLASS] | leak-ref INTERFACE | grant [DOMID] | revoke-in-use")
+@command("fault", "inject a fault (the drivers' bug classes)",
+         ("irql-query-interface [CLASS]", "leak-ref INTERFACE", "grant [DOMID]", "revoke-in-use"),
+         details="CLASS: a XENBUS child (VBD, VIF, IFACE...; default VBD); INTERFACE: a XENBUS interface as "
+                 "`interfaces` names it, with or without XENBUS. (STORE or XENBUS.STORE); DOMID: the back-end "
+                 "domain to grant to (default 0)")
 def _fault(rt: GuestRuntime, args: list[str]) -> str:
-    if not args or args[0] not in _FAULTS:
-        return f"usage: fault {' | '.join(_FAULTS)}"
     return _FAULTS[args[0]](rt, args[1:])

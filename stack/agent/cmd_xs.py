@@ -1,4 +1,4 @@
-"""`xs read|write|ls|rm PATH`: xenstore as the guest sees it, through XENBUS's STORE interface."""
+"""`xs read|ls|write|rm PATH`: xenstore as the guest sees it, through XENBUS's STORE interface."""
 from __future__ import annotations
 
 from xenpv.stack.agent.console import command
@@ -13,11 +13,13 @@ def _store(rt: GuestRuntime):
     return fdo.interfaces["STORE"]
 
 
-@command("xs", "xs read|ls|write|rm PATH [VALUE]: the guest's xenstore, through STORE")
+@command("xs", "the guest's xenstore, through XENBUS's STORE interface",
+         ("read PATH", "ls PATH", "write PATH [VALUE...]", "rm PATH"),
+         details="PATH: relative to the domain's home (/local/domain/<domid>) unless it starts with /; "
+                 "write joins VALUE's words with single spaces (quote to keep others)")
 def _xs(rt: GuestRuntime, args: list[str]) -> str:
-    if len(args) < 2 or args[0] not in ("read", "ls", "write", "rm"):
-        return "usage: xs read|ls|write|rm PATH [VALUE]"
-    store, op, path = _store(rt), args[0], args[1]
+    op, path = args[0], args[1]
+    store = _store(rt)
     with rt.kernel.cpu.lock:
         if store.acquire() != 0:
             return "STORE: acquire failed"
