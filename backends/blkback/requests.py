@@ -117,6 +117,10 @@ def indirect_pages(nr_segments: int) -> int:
 
 def decode_indirect_segments(pages: list[bytes], nr_segments: int, rid: int) -> tuple[Segment, ...]:
     """The segments of an INDIRECT request from copies of its indirect pages."""
+    # decode() refuses a count outside 1..max, but this decoder must not rely on it (an empty list has
+    # no max() below).
+    if nr_segments <= 0:
+        raise BadRequest(f"indirect request {rid:#x}: {nr_segments} segments")
     # Built and checked with C-level iteration (map over the unpacked tuples): a Python loop per segment
     # was the largest cost of serving a 64 KiB request after the copy itself.
     segs: list[Segment] = []
