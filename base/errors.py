@@ -6,6 +6,11 @@ class HarnessError(Exception):
     """Base of every error the harness raises on purpose."""
 
 
+class ConfigError(HarnessError):
+    """A setting the user gave (option, environment variable, path) cannot be used; the message names it
+    and says why. The command line exits with status 2 for it, as for a usage error."""
+
+
 class ProcessDied(HarnessError):
     """A supervised process exited while something was waiting on it."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
 from xenpv.base.errors import ProcessDied, WaitTimeout
+from xenpv.base.owner import child_env
 
 log = logging.getLogger("harness.process")
 
@@ -52,7 +53,8 @@ def read_tail(path: Path, lines: int = 20, max_bytes: int = 16384) -> str:
 
 @dataclass(eq=False)
 class Supervised:
-    """A child process in its own session and process group, with stdout+stderr in `log_path`."""
+    """A child process in its own session and process group, with stdout+stderr in `log_path`; its
+    environment names its owner (base.owner), so a reaper finds it and its children if we die."""
 
     name: str
     argv: Sequence[str]
@@ -71,7 +73,7 @@ class Supervised:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 pass_fds=tuple(self.pass_fds),
-                env=self.env,
+                env=child_env(self.env),
                 cwd=self.cwd,
                 start_new_session=True,
                 preexec_fn=_child_setup,
@@ -131,6 +133,26 @@ class Supervised:
         status = self.popen.wait()
         _running.discard(self)
         return status
+
+
+# The signals that end a run (harness.cleanup); a shielded command never sees them.
+_SHIELDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def run_shielded(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a short command that a signal must not cut short (`ip netns del` half done leaves a namespace).
+
+    It gets a session of its own, so a terminal's Ctrl-C or hang-up is not sent to it, and it starts with
+    SIGINT, SIGTERM and SIGHUP blocked: subprocess may vfork, and its child resets every handler to the
+    default before setsid(), so a signal to our process group in that instant would kill it. Blocked
+    here, they wait for us until the command is done; the command inherits the mask and never sees them.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELDED)
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, start_new_session=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def unix_socket_accepting(path: Path) -> bool:

@@ -19,6 +19,7 @@ import pexpect
 
 from xenpv.backends.toolstack import CreatedDomain, Toolstack
 from xenpv.base.errors import HarnessError, WaitTimeout
+from xenpv.base.owner import child_env
 if TYPE_CHECKING:
     from xenpv.harness.dom0 import Dom0Backends
 from xenpv.harness.machine import Machine
@@ -46,8 +47,9 @@ class GuestConsole:
     def __init__(self, argv: list[str], log_path: Path, machine: Machine, timeout: float = 30.0) -> None:
         self.machine = machine
         self._logfile = open(log_path, "a")
+        # The agent is a session leader on its own pty; its environment names its owner (base.owner).
         self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
-                                   logfile=self._logfile, timeout=timeout, echo=False)
+                                   logfile=self._logfile, timeout=timeout, echo=False, env=child_env())
 
     def wait_booted(self, timeout: float = 30.0) -> None:
         self._expect_prompt("boot", timeout)

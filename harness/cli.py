@@ -1,13 +1,15 @@
 """`xenpv`: the command line of the harness.
 
 Each command group lives beside what it drives and exposes `add_parser(subparsers)`; `COMMAND_MODULES`
-lists them. A handler returns the process exit status.
+lists them. A handler returns the process exit status: 0 success, 1 a failure (a check, a process), 2 a
+setting or input that cannot be used (named in one line), 128+N when signal N ended the run.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 COMMAND_MODULES = (
@@ -36,13 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    from xenpv.base.errors import HarnessError
+    from xenpv.base.errors import ConfigError, GuestDefinitionError, HarnessError
+    from xenpv.harness.cleanup import Interrupted
 
     try:
         return int(args.func(args) or 0)
+    except (ConfigError, GuestDefinitionError) as exc:
+        # What the user gave cannot be used: one line naming it, and the status of a usage error.
+        print(f"xenpv: {exc}", file=sys.stderr)
+        return 2
     except HarnessError as exc:
         print(f"xenpv: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        try:  # after SIGHUP the terminal may be gone
+            print(f"xenpv: interrupted by {signal.Signals(exc.signum).name}; cleaned up", file=sys.stderr)
+        except OSError:
+            pass
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
 

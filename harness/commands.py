@@ -1,20 +1,28 @@
-"""`xenpv run`, `xenpv pci` and `xenpv version`."""
+"""`xenpv run`, `xenpv pci`, `xenpv clean` and `xenpv version`."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xenpv.base.rundir import base_dir, make_artifacts_dir, make_run_dir, remove_run_dir
+from xenpv.harness.cleanup import reap, reap_stale, run_guarded
 from xenpv.harness.machine import Machine, qemu_binary
+from xenpv.stack.vcpu.pci import PciBus, PciFunction
 
 if TYPE_CHECKING:
+    from xenpv.guests.schema import GuestDefinition
     from xenpv.harness.agent import Guest
-from xenpv.base.rundir import make_run_dir, remove_run_dir
-from xenpv.stack.vcpu.pci import PciBus, PciFunction
+    from xenpv.harness.dom0 import Dom0Backends
+
+log = logging.getLogger("harness.commands")
 
 # Names for what the harness expects to find on its machines; anything else prints as "unknown".
 KNOWN_FUNCTIONS = {
@@ -40,62 +48,171 @@ def print_bus(functions: list[PciFunction]) -> None:
             print(f"    {bar}")
 
 
-def _boot(args: argparse.Namespace) -> tuple[Machine, Path]:
-    from xenpv.harness.plugin import resolve_guest
+# What the guest console prints for a command that failed (stack.agent.console), as line prefixes.
+CONSOLE_FAILURES = ("error: ", "usage: ", "unknown command ")
+# Where the PV disk check writes: past the first MiB, which a guest's boot sector and tables would use.
+PV_DISK_CHECK_LBA = 2048
+PV_DISK_CHECK_SECTORS = 16
+PINGS = 3
+_TARGET_LINE = re.compile(r"^target (\d+) vbd (\d+) .*\bsectors (\d+)\b", re.M)
+_REFUSED_LINE = re.compile(r"^vbd (\d+) refused: (.*)$", re.M)
 
-    guest = resolve_guest(args.guest)
-    artifacts = Path(args.artifacts) if args.artifacts else make_run_dir("art")
-    return Machine(guest, artifacts, binary=args.qemu), artifacts
+
+def _guest(args: argparse.Namespace) -> GuestDefinition:
+    from xenpv.harness.plugin import resolve_guest  # not at import: it brings pytest in
+
+    return resolve_guest(args.guest)
+
+
+def _artifacts_dir(args: argparse.Namespace) -> Path | None:
+    """`--artifacts DIR`: this run's own new subdirectory DIR/<date>-<time>-<pid>, so two runs given the
+    same DIR never share (or overwrite) a log, a transcript or a registry hive."""
+    if not args.artifacts:
+        return None
+    return make_artifacts_dir(Path(args.artifacts), "--artifacts")
+
+
+@dataclass
+class MainJob:
+    """The main job's checks on a booted guest; every failed check is recorded, printed at the end, and
+    makes `xenpv run` exit 1."""
+
+    guest: Guest
+    machine: Machine
+    backends: Dom0Backends
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, step: str, why: str) -> None:
+        self.failures.append(f"{step}: {why}")
+
+    def show(self, step: str, command: str, timeout: float = 30.0) -> str:
+        """Run a console command, print its output, and record each line that says it failed."""
+        out = self.guest.console.run(command, timeout=timeout)
+        print(out)
+        for line in out.splitlines():
+            if line.startswith(CONSOLE_FAILURES):
+                self.fail(step, f"`{command}`: {line}")
+        return out
+
+    def run(self) -> None:
+        g = self.machine.guest
+        for title, command in (("PCI bus 0, as the firmware left it", "pci"), ("Device tree (first boot)", "devices"),
+                               ("Interfaces", "interfaces")):
+            print(f"\n== {title} ==")
+            self.show(title, command)
+        expectations = {kind: g.pv_expectation(kind) for kind in ("disks", "nics")}
+        if not any(e.expected for e in expectations.values()):
+            reasons = sorted({e.reason for e in expectations.values()})
+            print("\n== PV checks skipped on purpose ==\n" + "\n".join(reasons))
+            return
+        if self.guest.domain is None:
+            self.fail("boot", "the guest expects PV devices but is not a Xen domain")
+            return
+        print("\n== Reboot: the unplug the PV drivers requested takes effect ==")
+        self.show("reboot", "reboot", timeout=60)
+        qmp = self.machine.qmp
+        assert qmp is not None, "the machine is running"
+        emulated = [f"{b['qdev']}: {'present' if 'inserted' in b else 'unplugged'}" for b in qmp.command("query-block")]
+        nics = [d["qdev_id"] for b in qmp.command("query-pci") for d in b["devices"]
+                if d["class_info"]["class"] == 0x0200]
+        print("emulated disks (QMP): " + (", ".join(emulated) or "none"))
+        print("emulated NICs (QMP): " + (", ".join(nics) or "none left"))
+        print("\n== Device tree (second boot) ==")
+        self.show("device tree (second boot)", "devices")
+        print("\n== PV disk ==")
+        if expectations["disks"].expected:
+            self.check_disks()
+        else:
+            print(f"skipped on purpose: {expectations['disks'].reason}")
+        print("\n== PV NIC ==")
+        if expectations["nics"].expected:
+            self.check_nics()
+        else:
+            print(f"skipped on purpose: {expectations['nics'].reason}")
+
+    def check_disks(self) -> None:
+        """Every PV disk of the guest is a XENVBD target, and a write to it reads back the same."""
+        step = "PV disk"
+        listing = self.show(step, "vbd list")
+        targets = {int(vbd): (int(t), int(sectors)) for t, vbd, sectors in _TARGET_LINE.findall(listing)}
+        refused = {int(vbd): why for vbd, why in _REFUSED_LINE.findall(listing)}
+        for disk in self.machine.guest.pv_disks:
+            if disk.vdev not in targets:
+                self.fail(step, f"vbd {disk.vdev} is not a XENVBD target"
+                                + (f" (refused: {refused[disk.vdev]})" if disk.vdev in refused else ""))
+                continue
+            target, sectors = targets[disk.vdev]
+            count = min(PV_DISK_CHECK_SECTORS, sectors)
+            lba = min(PV_DISK_CHECK_LBA, sectors - count)
+            wrote = re.search(r"sha256 (\w+)", self.show(step, f"vbd write {target} {lba} seq {count}"))
+            read = re.search(r"^sha256 (\w+)", self.show(step, f"vbd read {target} {lba} {count}"), re.M)
+            if not (wrote and read and wrote.group(1) == read.group(1)):
+                self.fail(step, f"target {target} (vbd {disk.vdev}): what was read back is not what was written")
+
+    def check_nics(self) -> None:
+        """Every vif answers pings from its peer, the kernel on the other end of its TAP."""
+        step = "PV NIC"
+        self.show(step, "net list")
+        domain = self.guest.domain
+        taps = self.backends.taps.get(domain.domid, []) if domain is not None else []
+        if len(taps) != len(self.machine.guest.pv_nics):
+            self.fail(step, f"{len(self.machine.guest.pv_nics)} PV NICs but {len(taps)} TAPs in dom0")
+        for tap in taps:
+            out = self.show(step, f"net ping {tap.peer.ip} {PINGS}")
+            if f"{PINGS}/{PINGS} replies" not in out:
+                self.fail(step, f"{tap.tap}: {out.splitlines()[-1] if out else 'no answer'}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: dom0 (xenhv, xenstored, blkback, netback), the machine, its domain and the guest
     agent; what the guest finds (PCI, device tree, interfaces); then a reboot, so the unplug its PV
-    drivers asked for takes effect, and I/O through the PV disk and NIC."""
+    drivers asked for takes effect, and I/O through every PV disk and NIC. Exits 1 when any of it failed,
+    0 when all of it worked or the guest says why it has no PV devices to check (then it says so).
+
+    SIGINT, SIGTERM and SIGHUP end the run through its teardown (harness.cleanup.run_guarded); what a
+    killed run left behind is removed by the next run or by `xenpv clean`."""
     from xenpv.harness.agent import Guest
     from xenpv.harness.dom0 import Dom0Backends
     from xenpv.backends.host import HostServices
 
-    machine, artifacts = _boot(args)
-    with contextlib.ExitStack() as cleanup:
-        if not args.artifacts:
+    # Everything the user gave is checked before anything is made, so a bad setting leaves nothing behind.
+    guest_def = _guest(args)
+    base_dir()
+    kept = _artifacts_dir(args)
+    if kept is not None:
+        print(f"artifacts: {kept}")
+
+    def main_job(cleanup: contextlib.ExitStack) -> MainJob:
+        reap_stale()
+        artifacts = kept or make_run_dir("art")
+        if kept is None:
             cleanup.callback(remove_run_dir, artifacts)
         host = HostServices.start(artifacts / "host")
         cleanup.callback(host.stop)
         backends = Dom0Backends.start(host, artifacts / "host")
         cleanup.callback(backends.stop)
-        machine.launch()
+        machine = Machine(guest_def, artifacts, binary=args.qemu)
         cleanup.callback(machine.shutdown)
+        machine.launch()
         guest = Guest.boot(host, machine, backends=backends)
         cleanup.callback(guest.shutdown)
         g = machine.guest
         domain = f"domain {guest.domain.domid}" if guest.domain else "no Xen platform device: not a Xen domain"
+        pid = machine.process.pid if machine.process else "?"
         print(f"guest {g.name}: {g.memory_mib} MiB, seed {g.seed}, {domain}; QEMU {machine.binary} "
-              f"(pid {machine.process.pid}) ready in {machine.launch_seconds * 1000:.0f} ms")
-        show = guest.console.run
-        for title, command in (("PCI bus 0, as the firmware left it", "pci"), ("Device tree (first boot)", "devices"),
-                               ("Interfaces", "interfaces")):
-            print(f"\n== {title} ==\n{show(command)}")
-        if guest.domain is not None:
-            print("\n== Reboot: the unplug the PV drivers requested takes effect ==")
-            show("reboot", timeout=60)
-            emulated = [f"{b['qdev']}: {'present' if 'inserted' in b else 'unplugged'}"
-                        for b in machine.qmp.command("query-block")]
-            nics = [d["qdev_id"] for b in machine.qmp.command("query-pci") for d in b["devices"]
-                    if d["class_info"]["class"] == 0x0200]
-            print("emulated disks (QMP): " + (", ".join(emulated) or "none"))
-            print("emulated NICs (QMP): " + (", ".join(nics) or "none left"))
-            print(f"\n== Device tree (second boot) ==\n{show('devices')}")
-            print(f"\n== PV disk ==\n{show('vbd list')}")
-            if "target 0" in show("vbd list"):
-                print(show("vbd write 0 2048 seq 16"))
-                print(show("vbd read 0 2048 16"))
-            print(f"\n== PV NIC ==\n{show('net list')}")
-            taps = backends.taps.get(guest.domain.domid, [])
-            if taps:
-                print(show(f"net ping {taps[0].peer.ip} 3"))
+              f"(pid {pid}) ready in {machine.launch_seconds * 1000:.0f} ms")
+        job = MainJob(guest, machine, backends)
+        job.run()
         if args.console:
             _interactive(guest)
+        return job
+
+    job = run_guarded(main_job)
+    if job.failures:
+        print(f"\nxenpv run: {len(job.failures)} check(s) failed:", file=sys.stderr)
+        for f in job.failures:
+            print(f"  {f}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -112,12 +229,35 @@ def _interactive(guest: Guest) -> None:
 
 
 def cmd_pci(args: argparse.Namespace) -> int:
-    machine, artifacts = _boot(args)
-    with machine:
+    guest_def = _guest(args)
+    base_dir()
+    kept = _artifacts_dir(args)
+
+    def enumerate_bus(cleanup: contextlib.ExitStack) -> None:
+        reap_stale()
+        artifacts = kept or make_run_dir("art")
+        if kept is None:
+            cleanup.callback(remove_run_dir, artifacts)
+        machine = Machine(guest_def, artifacts, binary=args.qemu)
+        cleanup.callback(machine.shutdown)
+        machine.launch()
         bus = PciBus(machine.qtest)
         print_bus(bus.assign_resources() if args.assign else bus.enumerate())
-    if not args.artifacts:
-        remove_run_dir(artifacts)
+
+    run_guarded(enumerate_bus)
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove what runs that died left behind: their processes, network namespaces (with their TAPs and
+    /run/netns mounts) and run directories under $XENPV_RUNDIR_BASE. A live run's are never touched."""
+    base_dir()
+    reaped = reap(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for line in reaped.lines():
+        print(f"{verb} {line}")
+    if not reaped:
+        print("nothing left behind by runs that died")
     return 0
 
 
@@ -136,7 +276,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     def machine_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("guest", nargs="?", default="guests/default.yaml", help="guest YAML (default: %(default)s)")
         p.add_argument("--qemu", default=None, help="QEMU binary (default: $XENPV_QEMU or the Xen build)")
-        p.add_argument("--artifacts", default=None, help="keep logs and the qtest transcript in this directory")
+        p.add_argument("--artifacts", default=None, metavar="DIR",
+                       help="keep logs and the qtest transcript in a new directory of this run's own inside DIR "
+                            "(DIR/<date>-<time>-<pid>; runs given the same DIR never share one)")
 
     p = sub.add_parser("run", help="boot a guest (dom0 services, machine, agent) and show what it finds")
     machine_args(p)
@@ -146,5 +288,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     machine_args(p)
     p.add_argument("--assign", action="store_true", help="assign BARs first, as firmware would")
     p.set_defaults(func=cmd_pci)
+    p = sub.add_parser("clean", help="remove what runs that died left behind (processes, network namespaces, "
+                                     "run directories); a live run's are never touched")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(func=cmd_clean)
     p = sub.add_parser("version", help="print versions")
     p.set_defaults(func=cmd_version)

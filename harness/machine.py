@@ -109,7 +109,9 @@ class Machine:
         self.name = name or guest.name
         self.binary = binary or qemu_binary()
         artifacts.mkdir(parents=True, exist_ok=True)
-        self.paths = MachinePaths(make_run_dir(self.name), artifacts)
+        self.artifacts = artifacts
+        # Made by launch(), so a machine that is never launched leaves no run directory behind.
+        self._paths: MachinePaths | None = None
         self.process: Supervised | None = None
         self.qmp: QmpSession | None = None
         self._qtest: Qtest | None = None
@@ -126,11 +128,20 @@ class Machine:
                 with open(self.paths.run_dir / f"{d.id}.img", "wb") as f:
                     f.truncate(d.size)
 
+    @property
+    def paths(self) -> MachinePaths:
+        if self._paths is None:
+            raise LaunchFailure(f"{self.name} was never launched: it has no run directory")
+        return self._paths
+
     def launch(self, timeout: float = 10.0) -> "Machine":
+        if self._paths is not None:
+            raise LaunchFailure(f"{self.name} was launched already")
         t0 = time.monotonic()
-        self._make_images()
+        self._paths = MachinePaths(make_run_dir(self.name), self.artifacts)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            self._make_images()
             self.argv = qemu_argv(
                 self.guest, binary=self.binary, ram=self.paths.ram, image_dir=self.paths.run_dir,
                 qtest=f"unix:{self.paths.qtest_socket},server=on,wait=off",
@@ -140,11 +151,14 @@ class Machine:
             (self.paths.artifacts / "argv.txt").write_text(shlex.join(self.argv) + "\n")
             self.process = Supervised(f"QEMU ({self.name})", self.argv, self.paths.qemu_log,
                                       pass_fds=(theirs.fileno(),))
-            try:
-                self.process.start()
-            except OSError as exc:
-                self.shutdown()
+            self.process.start()
+        except BaseException as exc:
+            # Whatever stopped the launch here (an interrupt too), the run directory goes.
+            ours.close()
+            self.shutdown()
+            if isinstance(exc, OSError) and self.process is not None and self.process.popen is None:
                 raise LaunchFailure(f"cannot start {self.binary}: {exc.strerror}") from None
+            raise
         finally:
             theirs.close()
         try:
@@ -228,7 +242,8 @@ class Machine:
                 memory, self._memory = self._memory, None
                 memory.close()  # raises if someone still views guest RAM: a leak worth reporting
         finally:
-            remove_run_dir(self.paths.run_dir)
+            if self._paths is not None:
+                remove_run_dir(self._paths.run_dir)
         return status
 
     def hand_over_qtest(self) -> Path:

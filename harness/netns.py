@@ -4,7 +4,12 @@ Each test gets a namespace of its own (a unique name from the run) holding one p
 addressed from the guest definition (PvNic.peer is the namespace side, PvNic.address the guest's) or from
 10.200.<devid>.0/24, which exists only inside that namespace. Nothing is routed out of it: the namespace
 has no other interface than its loopback and its TAPs. `close()` deletes the TAPs and the namespace and is
-safe to call after any failure."""
+safe to call after any failure.
+
+A namespace's name records its owner (`xpv-<tag>-<pid>.<start>-<hex>`, base.owner), and its TAPs live
+only inside it, so a namespace left by a run that died is removed with its TAPs by the next run or by
+`xenpv clean` (harness.cleanup). `ip` runs shielded from the signals that end a run (base.process
+.run_shielded): a Ctrl-C reaches the harness, which cleans up, and never kills an `ip netns del` half-way."""
 from __future__ import annotations
 
 import contextlib
@@ -20,11 +25,13 @@ from typing import Iterator
 from xenpv.backends.netback.tap import tap_name
 from xenpv.guests.schema import PvNic
 from xenpv.base.errors import HarnessError
+from xenpv.base.process import run_shielded
+from xenpv.base.rundir import owned_prefix
 
 log = logging.getLogger("harness.netns")
 
 CLONE_NEWNET = 0x40000000
-PREFIX = "xpv-"
+NETNS_DIR = "/run/netns"
 
 
 class NetnsError(HarnessError):
@@ -32,7 +39,10 @@ class NetnsError(HarnessError):
 
 
 def _ip(*args: str) -> str:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    try:
+        r = run_shielded(["ip", *args], timeout=30)
+    except subprocess.TimeoutExpired:
+        raise NetnsError(f"ip {' '.join(args)}: no answer within 30 s") from None
     if r.returncode != 0:
         raise NetnsError(f"ip {' '.join(args)}: {r.stderr.strip() or r.returncode}")
     return r.stdout
@@ -40,6 +50,16 @@ def _ip(*args: str) -> str:
 
 def list_namespaces() -> list[str]:
     return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
+
+
+def delete_namespace(name: str) -> bool:
+    """Delete namespace `name` (its TAPs go with it); False when there was none. `ip netns del` also
+    removes a /run/netns entry whose mount an interrupted `ip netns add` never made."""
+    if not os.path.lexists(f"{NETNS_DIR}/{name}"):
+        return False
+    _ip("netns", "del", name)
+    log.info("namespace %s removed", name)
+    return True
 
 
 @dataclass(frozen=True)
@@ -66,12 +86,13 @@ class NetNamespace:
 
     @classmethod
     def create(cls, tag: str = "") -> "NetNamespace":
-        name = f"{PREFIX}{tag[:12]}{'-' if tag else ''}{uuid.uuid4().hex[:8]}"
-        _ip("netns", "add", name)
+        name = f"{owned_prefix(tag)}{uuid.uuid4().hex[:8]}"
         ns = cls(name)
         try:
+            _ip("netns", "add", name)
             _ip("-n", name, "link", "set", "lo", "up")
         except BaseException:
+            # Also when `ip netns add` itself was interrupted: it may have made the entry already.
             ns.close()
             raise
         log.info("namespace %s created", name)
@@ -113,6 +134,4 @@ class NetNamespace:
             except NetnsError as exc:
                 log.debug("%s: %s", self.name, exc)
         self.taps.clear()
-        if self.name in list_namespaces():
-            _ip("netns", "del", self.name)
-            log.info("namespace %s removed", self.name)
+        delete_namespace(self.name)

@@ -5,19 +5,27 @@
 - fixtures: `artifacts` (a per-test directory, kept when the test fails), `guest_factory` (launch a
   machine from a guest YAML; all are torn down after the test), `machine` (the default guest);
 - a failure report section naming the artifact directory with the tail of each machine's log;
-- at the end of the session, any process the harness started and did not stop is an error.
+- every session has artifact directories of its own: <root>/<date>-<time>-<pid>/ (root: --xenpv-artifacts,
+  default <rootdir>/artifacts), and under pytest-xdist one subdirectory per worker (.../gw0/), so two
+  sessions from one checkout, or two workers, never write, keep or delete each other's files;
+- at the start of a session, what runs that died left behind is removed (harness.cleanup); at its end,
+  any process, network namespace or run directory the session made and did not remove is an error.
 """
 from __future__ import annotations
 
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
+from xenpv.base.errors import ConfigError
+from xenpv.base.owner import Owner
+from xenpv.base.rundir import make_artifacts_dir
 from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from xenpv.harness.agent import Guest
+from xenpv.harness.cleanup import reap, reap_stale
 from xenpv.harness.machine import Machine
 from xenpv.base.process import read_tail, running
 from xenpv.backends.host import HostServices
@@ -32,6 +40,10 @@ MARKERS = {
 _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _artifacts_key = pytest.StashKey[Path]()
 _machines_key = pytest.StashKey[list[Machine]]()
+_session_artifacts_key = pytest.StashKey[Path]()
+_WORKERINPUT_KEY = "xenpv_session_artifacts"
+# Sessions running in this process (pytester can nest one); only the outermost sweeps at its end.
+_sessions = 0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,6 +59,51 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, help_ in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {help_}")
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None and _WORKERINPUT_KEY in workerinput:
+        # An xdist worker: a subdirectory of the session's directory, named after the worker.
+        config.stash[_session_artifacts_key] = Path(workerinput[_WORKERINPUT_KEY]) / workerinput["workerid"]
+    else:
+        try:
+            config.stash[_session_artifacts_key] = make_artifacts_dir(_artifacts_root(config), "--xenpv-artifacts")
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist, in the controller: tell a worker the session's artifact directory."""
+    node.workerinput[_WORKERINPUT_KEY] = str(node.config.stash[_session_artifacts_key])
+
+
+def session_artifacts(config: pytest.Config) -> Path:
+    """This session's (or xdist worker's) own artifact directory; made on first use."""
+    path = config.stash[_session_artifacts_key]
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Nothing failed, nothing kept: the session's directory goes if it is empty (it is only ever ours).
+    path = config.stash.get(_session_artifacts_key, None)
+    if path is not None:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _sessions
+    _sessions += 1
+    if not hasattr(session.config, "workerinput"):  # the controller reaps once for all its workers
+        reap_stale()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    path = config.stash.get(_session_artifacts_key, None)
+    if path is not None and path.is_dir() and any(path.iterdir()):
+        terminalreporter.write_line(f"xenpv: this session's artifacts are kept in {path}")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -81,9 +138,14 @@ def _artifacts_root(config: pytest.Config) -> Path:
 def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
     """This test's artifact directory: removed when the test passes, kept (and named) when it fails."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-120:]
-    path = _artifacts_root(request.config) / name
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    root = session_artifacts(request.config)
+    path = root / name
+    for n in range(1, 1000):  # the same test twice in one session: a directory each, nothing overwritten
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            path = root / f"{name}-{n}"
     request.node.stash[_artifacts_key] = path
     yield path
     reports = request.node.stash.get(_report_key, {})
@@ -131,7 +193,7 @@ def guest_factory(request: pytest.FixtureRequest, artifacts: Path) -> Iterator[C
 @pytest.fixture(scope="session")
 def host(request: pytest.FixtureRequest) -> Iterator[HostServices]:
     """The dom0 services (xenhv, xenstored), shared by every test of the session."""
-    logs = _artifacts_root(request.config) / "host-services"
+    logs = session_artifacts(request.config) / "host-services"
     services = HostServices.start(logs)
     yield services
     services.stop()
@@ -179,6 +241,8 @@ def machine(guest_factory: Callable[..., Machine]) -> Machine:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _sessions
+    _sessions -= 1
     left = running()
     if left:
         names = ", ".join(f"{p.name} (pid {p.pid})" for p in left)
@@ -186,3 +250,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             p.stop(timeout=0.5)
         print(f"\nxenpv: processes left running by tests were killed: {names}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if _sessions == 0:
+        # Whatever else of ours is still there (an agent, a namespace, a run directory) was leaked by a test.
+        swept = reap(only=Owner.current())
+        if swept:
+            print("\nxenpv: tests left these behind; removed:\n  " + "\n  ".join(swept.lines()))
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -28,12 +28,14 @@ def test_failed_test_keeps_artifacts_and_names_them(pytester: pytest.Pytester, t
     art = tmp_path / "art"
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--xenpv-artifacts={art}")
     result.assert_outcomes(passed=1, failed=1)
-    kept = [p.name for p in art.iterdir()]
+    (session,) = art.iterdir()  # the session's own directory: <date>-<time>-<pid>
+    kept = [p.name for p in session.iterdir()]
     assert kept == ["test_inner.py_test_fails"]
-    result.stdout.fnmatch_lines([f"*artifacts kept in {art}/test_inner.py_test_fails*", "*qemu.log*", "*qtest.log*"])
-    transcript = (art / "test_inner.py_test_fails" / "vendor-c000" / "qtest.log").read_text()
+    result.stdout.fnmatch_lines([f"*artifacts kept in {session}/test_inner.py_test_fails*", "*qemu.log*",
+                                 "*qtest.log*", f"xenpv: this session's artifacts are kept in {session}"])
+    transcript = (session / "test_inner.py_test_fails" / "vendor-c000" / "qtest.log").read_text()
     assert "[R +" in transcript and "outb 0x80 0x1" in transcript
-    assert (art / "test_inner.py_test_fails" / "vendor-c000" / "replay.sh").exists()
+    assert (session / "test_inner.py_test_fails" / "vendor-c000" / "replay.sh").exists()
 
 
 def test_unknown_marker_is_an_error(pytester: pytest.Pytester) -> None:
