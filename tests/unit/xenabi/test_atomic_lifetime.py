@@ -5,49 +5,32 @@ from __future__ import annotations
 
 import mmap
 import struct
-import threading
+from typing import TYPE_CHECKING
 
 import pytest
 
 from xenpv.xenabi.atomic import AtomicMemory, AtomicMemoryReleasedError, AtomicU32
 
+if TYPE_CHECKING:  # fixtures of conftest.py
+    from conftest import Gate, ReleaseCheck
+
 
 class _SlowValue(int):
-    """A value whose conversion for the store blocks: holds a thread inside AtomicMemory.store."""
+    """A value whose conversion for the store passes through the gate: holds a thread inside AtomicMemory.store."""
 
-    entered = threading.Event()
-    release = threading.Event()
+    gate: Gate
 
     def to_bytes(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
-        self.entered.set()
-        assert self.release.wait(10), "the test never opened the gate"
+        self.gate.enter()
         return int(self).to_bytes(*args, **kwargs)  # type: ignore[arg-type]
 
 
-def test_release_waits_for_an_operation_in_progress() -> None:
+def test_release_waits_for_an_operation_in_progress(gate: Gate, release_waits_for_user: ReleaseCheck) -> None:
     buf = mmap.mmap(-1, 4096)
     mem = AtomicMemory(memoryview(buf))
-    _SlowValue.entered.clear()
-    _SlowValue.release.clear()
-    failures: list[BaseException] = []
-
-    def store() -> None:
-        try:
-            mem.store(8, 4, _SlowValue(0x1234))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            failures.append(exc)
-
-    user = threading.Thread(target=store)
-    user.start()
-    assert _SlowValue.entered.wait(5)
-    releaser = threading.Thread(target=mem.release)
-    releaser.start()
-    releaser.join(0.3)
-    assert releaser.is_alive(), "release() returned while an atomic operation was still on the page"
-    _SlowValue.release.set()
-    user.join(5)
-    releaser.join(5)
-    assert not user.is_alive() and not releaser.is_alive() and failures == []
+    value = _SlowValue(0x1234)
+    value.gate = gate
+    release_waits_for_user(lambda: mem.store(8, 4, value), mem.release, "AtomicMemory.release()")
     assert struct.unpack_from("<I", buf, 8)[0] == 0x1234
     buf.close()  # every view was given back
 

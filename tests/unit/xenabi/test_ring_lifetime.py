@@ -8,13 +8,15 @@ import ctypes
 import mmap
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from xenpv.xenabi.ring import BackRing, FrontRing, RingClosedError, RingError, SringHeader, ring_bytes
+
+if TYPE_CHECKING:  # fixtures of conftest.py
+    from conftest import Gate, ReleaseCheck
 
 ENTRY = struct.Struct("<Q")
 
@@ -46,49 +48,25 @@ def test_a_ring_pins_its_mapping_until_closed(side: type[FrontRing] | type[BackR
     buf.close()
 
 
-class _Gate:
-    """A response field whose packing blocks: holds a thread inside BackRing.put_responses."""
+class _GatedField:
+    """A response field whose packing passes through the gate: holds a thread inside BackRing.put_responses."""
 
-    entered = threading.Event()
-    release = threading.Event()
-
-    def __init__(self, value: int) -> None:
-        self.value = value
+    def __init__(self, value: int, gate: Gate) -> None:
+        self.value, self.gate = value, gate
 
     def __index__(self) -> int:
-        self.entered.set()
-        assert self.release.wait(10), "the test never opened the gate"
+        self.gate.enter()
         return self.value
 
 
-def test_close_waits_for_a_user_in_progress() -> None:
+def test_close_waits_for_a_user_in_progress(gate: Gate, release_waits_for_user: ReleaseCheck) -> None:
     buf = mmap.mmap(-1, ring_bytes(0))
     front = FrontRing(buf, ENTRY, ENTRY, init=True)
     back = BackRing(buf, ENTRY, ENTRY)
     front.put_request(1)
     front.push_requests()
     assert back.get_requests_bytes(1) == [ENTRY.pack(1)]
-    _Gate.entered.clear()
-    _Gate.release.clear()
-    failures: list[BaseException] = []
-
-    def respond() -> None:
-        try:
-            back.put_responses([(_Gate(7),)])
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            failures.append(exc)
-
-    user = threading.Thread(target=respond)
-    user.start()
-    assert _Gate.entered.wait(5)
-    closer = threading.Thread(target=back.close)
-    closer.start()
-    closer.join(0.3)
-    assert closer.is_alive(), "close() returned while a user was still writing to the ring"
-    _Gate.release.set()
-    user.join(5)
-    closer.join(5)
-    assert not user.is_alive() and not closer.is_alive() and failures == []
+    release_waits_for_user(lambda: back.put_responses([(_GatedField(7, gate),)]), back.close, "BackRing.close()")
     front.close()
     buf.close()  # both rings gave the buffer back
     with pytest.raises(RingClosedError):
