@@ -203,8 +203,8 @@ class _SharedRing:
         return SRING_RING_OFFSET + (idx & (self.nr_ents - 1)) * self.slot_size
 
     def _copy_slot(self, idx: int, size: int) -> bytes:
-        # Under _lock, after _check_open.  RING_COPY_*: one copy out of shared memory; callers parse and validate only the copy, so the
-        # peer cannot change a field between the check and the use.
+        # Under _lock, after _check_open.  RING_COPY_*: one copy out of shared memory; callers parse and
+        # validate only the copy, so the peer cannot change a field between the check and the use.
         offset = self._slot_offset(idx)
         return bytes(self._view[offset:offset + size])
 
