@@ -1,7 +1,10 @@
-"""Start blkback as a supervised process and wait until it watches xenstore."""
+"""Start blkback as a supervised process and wait until it watches xenstore; or keep one that tests kill
+and start again."""
 from __future__ import annotations
 
+import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from xenpv.base.process import Supervised, wait_for
@@ -23,3 +26,32 @@ def start_blkback(run_dir: Path, xenstored_socket: Path, xenhv_socket: Path, log
         proc.stop()
         raise
     return proc
+
+
+@dataclass
+class RestartableBlkback:
+    """A blkback that a test kills (SIGKILL: no teardown) and starts again; each start logs to its own
+    `blkback-<n>.log` in `logs`."""
+
+    run_dir: Path
+    xenstored_socket: Path
+    xenhv_socket: Path
+    logs: Path
+    proc: Supervised | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.proc = start_blkback(self.run_dir, self.xenstored_socket, self.xenhv_socket,
+                                  self.logs / f"blkback-{self.starts}.log")
+
+    def kill(self) -> None:
+        assert self.proc is not None, "blkback is not running"
+        self.proc.signal_group(signal.SIGKILL)
+        self.proc.stop()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None

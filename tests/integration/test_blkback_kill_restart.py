@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import re
-import signal
 import struct
 import subprocess
 import threading
@@ -34,11 +33,10 @@ from typing import Iterator
 
 import pytest
 
-from xenpv.backends.blkback.launch import start_blkback
+from xenpv.backends.blkback.launch import RestartableBlkback
 from xenpv.backends.host import HostServices
 from xenpv.backends.toolstack.layout import disk_image
 from xenpv.base.errors import WaitTimeout
-from xenpv.base.process import Supervised
 from xenpv.guests.schema import load_guest
 from xenpv.harness.agent import Guest
 
@@ -169,33 +167,9 @@ class Writer:
             self.error = exc
 
 
-@dataclass
-class Blkback:
-    host: HostServices
-    logs: Path
-    proc: Supervised | None = None
-    starts: int = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.proc = start_blkback(self.host.run_dir, self.host.xenstored_socket, self.host.xenhv_socket,
-                                  self.logs / f"blkback-{self.starts}.log")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.signal_group(signal.SIGKILL)
-        self.proc.stop()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-
 @pytest.fixture
-def blkback(host: HostServices, artifacts: Path) -> Iterator[Blkback]:
-    bb = Blkback(host, artifacts)
+def blkback(host: HostServices, artifacts: Path) -> Iterator[RestartableBlkback]:
+    bb = RestartableBlkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, artifacts)
     bb.start()
     yield bb
     bb.stop()
@@ -278,8 +252,8 @@ def check_disk(fmt: str, target: int, ops: list[Op], kills: list[tuple[int, int]
                                                       "lost"] if problems else [])
 
 
-def test_acknowledged_writes_survive_blkback_kills_and_no_page_leaks(host: HostServices, blkback: Blkback,
-                                                                     boot_guest, tmp_path: Path) -> None:
+def test_acknowledged_writes_survive_blkback_kills_and_no_page_leaks(blkback: RestartableBlkback, boot_guest,
+                                                                     tmp_path: Path) -> None:
     rng = random.Random(SEED)
     definition = tmp_path / "kill-restart.yaml"
     definition.write_text(GUEST)

@@ -9,17 +9,15 @@ new rings instead.
 """
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from xenpv.backends.blkback.launch import start_blkback
+from xenpv.backends.blkback.launch import RestartableBlkback
 from xenpv.backends.host import HostServices
 from xenpv.backends.xenstored.client import XsClient
-from xenpv.base.process import Supervised
 from xenpv.harness.frontends.blkfront import BlkFront, add_vbd, pack_request
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.xenabi.blkif import BLKIF_OP_WRITE, BLKIF_RSP_OKAY
@@ -44,16 +42,13 @@ def platform(xen_guest_factory) -> Iterator[XenPlatform]:
         p.close()
 
 
-def _start(host: HostServices, log: Path) -> Supervised:
-    return start_blkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, log)
-
-
 def test_restarted_blkback_does_not_serve_the_old_rings_again(host: HostServices, platform: XenPlatform,
                                                               tmp_path: Path, artifacts: Path) -> None:
     image = tmp_path / "r.img"
     with open(image, "wb") as f:
         f.truncate(1 << 20)
-    blkback = _start(host, artifacts / "blkback-1.log")
+    blkback = RestartableBlkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, artifacts)
+    blkback.start()
     xs = XsClient(host.xenstored_socket)
     front = BlkFront(platform, XVDB)
     try:
@@ -67,9 +62,8 @@ def test_restarted_blkback_does_not_serve_the_old_rings_again(host: HostServices
         assert image.read_bytes()[LBA * SECTOR:(LBA + 8) * SECTOR] == acked
         front.write_page(slot.gfns[0], bytes(8 * SECTOR))  # the frontend reuses its buffer
 
-        blkback.signal_group(signal.SIGKILL)
-        blkback.stop()
-        blkback = _start(host, artifacts / "blkback-2.log")
+        blkback.kill()
+        blkback.start()
         # The frontend is still Connected to the old rings: the new blkback publishes InitWait and stays.
         time.sleep(1.0)
         assert image.read_bytes()[LBA * SECTOR:(LBA + 8) * SECTOR] == acked, "a stale slot was served again"
@@ -84,7 +78,8 @@ def test_restarted_blkback_does_not_serve_the_old_rings_again(host: HostServices
         again.connect()
         assert again.read(LBA, 8) == acked
         again.close()
-        blkback.check_alive("the test")
+        assert blkback.proc is not None
+        blkback.proc.check_alive("the test")
     finally:
         front.abandon()  # after a failure: the rings' views go, whatever the backend still does
         blkback.stop()

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from xenpv.backends.blkback.launch import start_blkback
+from xenpv.backends.blkback.launch import RestartableBlkback
 from xenpv.harness.agent import Guest
 from xenpv.base.errors import WaitTimeout
-from xenpv.base.process import Supervised
 from xenpv.backends.host import HostServices
 from xenpv.stack.agent.cmd_vbd import sector_pattern
 
@@ -27,35 +24,9 @@ VBD_PDO = r"XENBUS\VEN_XP&DEV_VBD\_"
 REQUEST_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
 
 
-@dataclass
-class Blkback:
-    """The blkback process of this test, which the test may kill and start again."""
-
-    host: HostServices
-    log: Path
-    proc: Supervised | None = None
-    starts: int = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        self.proc = start_blkback(self.host.run_dir, self.host.xenstored_socket, self.host.xenhv_socket,
-                                  self.log.with_name(f"blkback-{self.starts}.log"))
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.signal_group(signal.SIGKILL)
-        self.proc.stop()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-
 @pytest.fixture
-def blkback(host: HostServices, artifacts: Path) -> Iterator[Blkback]:
-    bb = Blkback(host, artifacts / "blkback.log")
+def blkback(host: HostServices, artifacts: Path) -> Iterator[RestartableBlkback]:
+    bb = RestartableBlkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, artifacts)
     bb.start()
     yield bb
     bb.stop()
@@ -77,7 +48,7 @@ def hda_image(g: Guest) -> Path:
 
 
 @pytest.fixture
-def rebooted(host: HostServices, blkback: Blkback, boot_guest) -> tuple[Guest, dict[str, str]]:
+def rebooted(host: HostServices, blkback: RestartableBlkback, boot_guest) -> tuple[Guest, dict[str, str]]:
     """The default guest after its first boot (emulated twin present, DISKS unplug not yet requested) and
     a `reboot` (same machine, domain and hive): returns the guest and what the first boot showed."""
     g = boot_guest("default")
@@ -155,7 +126,7 @@ def _image_sectors(g: Guest, lba: int, count: int) -> bytes:
         return f.read(count * SECTOR)
 
 
-def test_blkback_killed_requests_fail_by_deadline_and_the_frontend_closes(rebooted, blkback: Blkback) -> None:
+def test_blkback_killed_requests_fail_by_deadline_and_the_frontend_closes(rebooted, blkback: RestartableBlkback) -> None:
     g, _ = rebooted
     assert g.console.run("vbd write 0 100 seq 8").startswith("wrote 8")
     blkback.kill()
@@ -168,7 +139,7 @@ def test_blkback_killed_requests_fail_by_deadline_and_the_frontend_closes(reboot
     assert _image_sectors(g, 100, 8) == sector_pattern("seq", 100, 8, SECTOR)
 
 
-def test_blkback_restarted_reconnects_and_replays(rebooted, blkback: Blkback) -> None:
+def test_blkback_restarted_reconnects_and_replays(rebooted, blkback: RestartableBlkback) -> None:
     g, _ = rebooted
     blkback.kill()
     g.console.child.sendline("vbd write 0 300 seq 16")  # in flight while there is no backend
