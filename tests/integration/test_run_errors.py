@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from xenpv.base.rundir import AF_UNIX_PATH_MAX, ENV as RUNDIR_ENV
+from xenpv.base.rundir import AF_UNIX_PATH_MAX, ENV as RUNDIR_ENV, owner_of
 from xenpv.harness.netns import list_namespaces
 
 pytestmark = pytest.mark.integration
@@ -38,12 +38,15 @@ def _xenpv(*args: str, env: dict[str, str] | None = None, read_only: Path | None
     argv = [sys.executable, "-m", "xenpv.harness.cli", command, *args]
     if read_only is not None:
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", RO_MOUNT, str(read_only), *argv]
-    namespaces = set(list_namespaces())
-    out = subprocess.run(argv, cwd=TOP, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(argv, cwd=TOP, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    stdout, stderr = proc.communicate(timeout=120)
+    out = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, out.stderr
-    assert set(list_namespaces()) <= namespaces, "a namespace was left behind"
+    # unshare and sh exec what they run: xenpv is the process started here, whose pid its namespace would name.
+    ours = [n for n in list_namespaces() if (o := owner_of(n)) is not None and o.pid == proc.pid]
+    assert not ours, f"namespaces left behind: {ours}"
     return out, lines[0]
 
 
