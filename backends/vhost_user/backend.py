@@ -296,15 +296,21 @@ class VhostUserBackend:
             while not self._stopping:
                 for key, _ in self._sel.select(_TICK):
                     kind = key.data[0]
-                    if kind == "listen":
-                        self._accept()
-                    elif kind == "sock":
-                        self._on_readable(key.data[1])
-                    elif kind == "kick":
-                        self._on_kick(key.data[1], key.data[2], key.fd)
+                    try:
+                        if kind == "listen":
+                            self._accept()
+                        elif kind == "sock":
+                            self._on_readable(key.data[1])
+                        elif kind == "kick":
+                            self._on_kick(key.data[1], key.data[2], key.fd)
+                    except Exception as exc:
+                        # Per-session errors are guarded; this is a defect of the library. It ends that
+                        # session (if it was one), not the server and every other connection.
+                        log.exception("%s: internal error handling a %s event", self.name, kind)
+                        if kind in ("sock", "kick"):
+                            self._force_drop(key.data[1], f"internal error: {exc!r}")
                 self._expire_partial_messages()
         except Exception:
-            # Per-session errors never get here; this is a bug in the loop itself.
             log.exception("%s: event loop failed", self.name)
         finally:
             for s in list(self.sessions):
@@ -375,6 +381,14 @@ class VhostUserBackend:
                 s.reader.discard()
                 self._drop(s, f"protocol error: timed out after {self.message_timeout:.1f}s mid-message")
 
+    def _force_drop(self, session: BackendSession, reason: str) -> None:
+        try:
+            self._drop(session, reason)
+        except Exception:
+            log.exception("%s: dropping the session failed too", session.name)
+            if session in self.sessions:
+                self.sessions.remove(session)
+
     def _drop(self, session: BackendSession, reason: str, quiet: bool = False) -> None:
         with session._lock:
             if session.closed:
@@ -415,13 +429,24 @@ class VhostUserBackend:
             self._guard(session, lambda: session.device.on_kick(session, index))
 
     def _watch_kick(self, session: BackendSession, vr: Vring, fd: int) -> None:
-        os.set_blocking(fd, False)
+        """Watch `fd` (ours now) as the kick of `vr`; an fd epoll cannot watch is the peer's error."""
+        try:
+            os.set_blocking(fd, False)
+            self._sel.register(fd, selectors.EVENT_READ, ("kick", session, vr.index))
+        except (OSError, ValueError) as exc:
+            # A regular file (memfd) cannot be polled: EPERM. Only a registered fd becomes the kick fd,
+            # so the session's cleanup never unregisters what was never registered.
+            os.close(fd)
+            raise VhostUserProtocolError(f"kick fd of vring {vr.index} cannot be watched: {exc}",
+                                         Request.SET_VRING_KICK) from None
         vr.kick_fd = fd
-        self._sel.register(fd, selectors.EVENT_READ, ("kick", session, vr.index))
 
     def _unwatch_kick(self, vr: Vring) -> None:
         if vr.kick_fd is not None:
-            self._sel.unregister(vr.kick_fd)
+            try:
+                self._sel.unregister(vr.kick_fd)
+            except (KeyError, ValueError):
+                log.error("kick fd %d of vring %d was not watched", vr.kick_fd, vr.index)
             os.close(vr.kick_fd)
             vr.kick_fd = None
 

@@ -232,3 +232,34 @@ def test_hostile_messages_end_only_their_connection_with_a_clear_reason(server: 
     finally:
         fresh.close()
     wait_gone(server, before)
+
+
+def test_a_kick_fd_that_cannot_be_polled_ends_only_its_connection(server: Server) -> None:
+    """Found by the fuzz: a memfd as kick fd made epoll refuse it after the vring had taken it, and the
+    session's cleanup then unregistered an fd never registered: the KeyError ended the server's loop."""
+    before = open_fds()
+    fe = VhostUserFrontend.connect(server.path, timeout=2)
+    try:
+        fe.negotiate()
+        assert send(fe.sock, Msg(Request.SET_VRING_KICK, VERSION, U64.pack(3), None, ("memfd",), False))
+        assert not drain_until_closed(fe.sock)
+    finally:
+        fe.close()
+    wait_gone(server, before)
+    assert server.backend._thread is not None and server.backend._thread.is_alive()
+    assert server.backend.closed_sessions[-1].closed_reason.startswith(
+        "protocol error: kick fd of vring 3 cannot be watched")
+    fresh = VhostUserFrontend.connect(server.path, timeout=2)
+    fresh.negotiate()
+    fresh.close()
+    wait_gone(server, before)
+
+
+def drain_until_closed(sock: socket.socket, timeout: float = 2.0) -> bool:
+    """True if the connection is still open after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not drain(sock):
+            return False
+        time.sleep(0.01)
+    return True
