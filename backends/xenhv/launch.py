@@ -9,7 +9,7 @@ from xenpv.base.process import Supervised, unix_socket_accepting, wait_for
 
 def start_xenhv(run_dir: Path, log_path: Path, verbose: bool = False, timeout: float = 10.0) -> Supervised:
     """Launch `python -m xenpv.backends.xenhv` and return once its control socket accepts connections."""
-    argv = [sys.executable, "-m", "backends.xenhv", "--run-dir", str(run_dir), "--log", str(log_path)]
+    argv = [sys.executable, "-m", "xenpv.backends.xenhv", "--run-dir", str(run_dir), "--log", str(log_path)]
     if verbose:
         argv.append("--verbose")
     proc = Supervised("xenhv", argv, log_path.with_suffix(".out")).start()

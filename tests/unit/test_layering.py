@@ -309,3 +309,26 @@ def test_every_package_folder_installs() -> None:
     missing = [str(d.relative_to(TOP)) for folder in MAY_IMPORT for d in [TOP / folder, *(TOP / folder).rglob("*")]
                if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py")) and not (d / "__init__.py").exists()]
     assert not missing, f"package folders without __init__.py: {missing}"
+
+
+def started_modules(tree: ast.AST) -> list[tuple[int, str]]:
+    """`[sys.executable, "-m", NAME, ...]`: the modules a launcher starts as processes."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.List):
+            items = node.elts
+            for a, b in zip(items, items[1:]):
+                if isinstance(a, ast.Constant) and a.value == "-m" and isinstance(b, ast.Constant) \
+                        and isinstance(b.value, str) and not b.value[:1].isdigit():
+                    found.append((b.lineno, b.value))
+    return found
+
+
+def test_every_started_process_is_a_xenpv_module() -> None:
+    """`python -m backends.xenhv` worked only with the checkout as the working directory, and would start
+    whatever `backends` the environment has."""
+    wrong = [f"{path.relative_to(TOP)}:{line}: python -m {name}"
+             for folder, path in project_modules() for line, name in started_modules(ast.parse(path.read_text()))
+             if name.split(".")[0] in MAY_IMPORT]
+    assert not wrong, "processes started outside the xenpv namespace:\n" + "\n".join(wrong)
+    assert started_modules(ast.parse('argv = [sys.executable, "-m", "backends.xenhv"]')) == [(1, "backends.xenhv")]
