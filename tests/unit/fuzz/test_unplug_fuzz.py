@@ -114,7 +114,8 @@ def test_any_port_accesses_keep_the_unplug_model_exact(accesses: list[tuple[str,
             if (port, size) == (U.UNPLUG_PORT_VERSION, 1):
                 assert got == U.UNPLUG_PROTOCOL_VERSION
         else:
-            ports.write(port, size, value & ((1 << (8 * size)) - 1))
+            value &= (1 << (8 * size)) - 1  # xenhv refuses a value wider than the access before this
+            ports.write(port, size, value)
             if (port, size) == (U.UNPLUG_PORT_MASK, 2):
                 mask |= value
         assert qemu.refused == [], f"the model asked QEMU for what it had to refuse: {qemu.refused}"
