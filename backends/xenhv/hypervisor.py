@@ -367,7 +367,12 @@ class Hypervisor:
         owner = self.domain(target) if target in self.domains else dom
         for i in range(op.nr_frames):
             gfn = owner.memory.gfn_of(owner.grant_frame_index(i))
-            write_struct(dom, op.frame_list + 8 * i, ctypes.c_uint64(INVALID_GFN if gfn is None else gfn))
+            try:
+                write_struct(dom, op.frame_list + 8 * i, ctypes.c_uint64(INVALID_GFN if gfn is None else gfn))
+            except XenError as exc:
+                # Xen's gnttab_setup_table: a frame list it cannot copy to is the op's status, not the
+                # hypercall's return (the table has grown all the same).
+                raise GrantError(G.GNTST_bad_virt_addr, f"frame_list[{i}] at {op.frame_list + 8 * i:#x}: {exc}") from exc
 
     # -- grants for dom0's back-ends ---------------------------------------------------------------
 

@@ -269,6 +269,11 @@ def _grant_table_op(g: SparseDomain) -> list[tuple[str, int, int]]:
         ("setup_table of a million frames", g.hypercall("grant_table_op", G.GNTTABOP_setup_table, setup, 1), 0),
     ]
     assert g.get(G.GnttabSetupTable, setup).status < 0
+    # Xen's gnttab_setup_table: a frame list it cannot write is GNTST_bad_virt_addr in the op, rc 0.
+    unwritable = g.put(OP + 0x200, G.GnttabSetupTable(dom=E.DOMID_SELF, nr_frames=1, frame_list=1 << 52))
+    calls.append(("setup_table with an unwritable frame list",
+                  g.hypercall("grant_table_op", G.GNTTABOP_setup_table, unwritable, 1), 0))
+    assert g.get(G.GnttabSetupTable, unwritable).status == G.GNTST_bad_virt_addr
     copy_op = G.GnttabCopy(len=4096, flags=G.GNTCOPY_source_gref)
     copy_op.source.u.ref, copy_op.source.domid, copy_op.dest.u.gmfn, copy_op.dest.domid = 7, 0, 2, E.DOMID_SELF
     g.put(OP, copy_op)
