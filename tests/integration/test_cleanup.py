@@ -3,7 +3,8 @@
 Each test starts the main job as a user would (`xenpv run`, in a session of its own so that a signal to its
 process group is what a terminal's Ctrl-C or hang-up sends), signals it at one point, and then looks for
 what the run owned: network namespaces (and so their TAPs and /run/netns mounts), run directories, and
-processes, found by the owner mark (base.owner) and by the process groups the run's children had."""
+processes, found by the owner mark (base.owner) and by the process groups the run's children had.
+Other sessions may run at the same time: only what carries this run's mark counts."""
 from __future__ import annotations
 
 import os
@@ -67,29 +68,28 @@ def left_by(owner: Owner, base: Path) -> Left:
                 sorted(p.pid for p in marked_processes() if p.owner == owner))
 
 
-def _in_groups(pgids: set[int]) -> list[int]:
+def _ticks_now() -> int:
+    """Now, in the unit of a process's start time (clock ticks after boot)."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK")) + 1
+
+
+def _in_groups(pgids: set[int], started_before: int) -> list[int]:
+    """Live processes in these process groups that are older than `started_before`: pids are reused (often,
+    with pid_max 32768), and a group number with them, but what was in the groups when the snapshot was
+    taken is older than that."""
     found = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             st = proc_stat(int(entry.name))
-            if st is not None and st.pgid in pgids and st.state not in ("Z", "X"):
+            if st is not None and st.pgid in pgids and st.state not in ("Z", "X") and st.start < started_before:
                 found.append(st.pid)
     return found
 
 
-def _netns_inode_in_use(inode: int) -> list[str]:
-    """Who still holds the network namespace with this inode: a process's ns link or a mount."""
-    users = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry.name}/ns/net") == f"net:[{inode}]":
-                    users.append(f"pid {entry.name}")
-            except OSError:
-                pass
-    for mounts in ("/proc/self/mountinfo", "/proc/1/mountinfo"):
-        users += [line for line in Path(mounts).read_text().splitlines() if f"net:[{inode}]" in line]
-    return users
+def _netns_mounts(name: str) -> list[str]:
+    """The mounts of namespace `name`'s /run/netns entry, in our mount namespace and init's."""
+    return [line for mounts in ("/proc/self/mountinfo", "/proc/1/mountinfo")
+            for line in Path(mounts).read_text().splitlines() if f"/run/netns/{name} " in line]
 
 
 @dataclass
@@ -150,30 +150,33 @@ class Run:
 
 @dataclass
 class Snapshot:
-    """What the run holds while it runs: its namespace (with the inode that outlives its name), whether the
-    namespace has the domain's TAP, and the process groups of its children."""
+    """What the run holds while it runs: its namespace, whether the namespace has the domain's TAP, and the
+    process groups of its children."""
 
     namespace: str
-    inode: int
     has_tap: bool
     pgids: set[int]
+    taken: int  # clock ticks after boot
 
 
 def snapshot(run: Run) -> Snapshot:
     _wait(lambda: any(owner_of(n) == run.owner for n in list_namespaces()), "the run's namespace", run.proc)
     (ns,) = [n for n in list_namespaces() if owner_of(n) == run.owner]
-    inode = os.stat(f"/run/netns/{ns}").st_ino
     links = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True, text=True).stdout
     pgids = {p.pgid for p in marked_processes() if p.owner == run.owner}
-    return Snapshot(ns, inode, bool(re.search(r"\bvif\d+\.\d+\b", links)), pgids)
+    return Snapshot(ns, bool(re.search(r"\bvif\d+\.\d+\b", links)), pgids, _ticks_now())
 
 
 def assert_nothing_left(run: Run, snap: Snapshot) -> None:
+    """A TAP lives only inside its namespace, and the namespace lives while its /run/netns mount or a
+    process in it does: with the name, the mount and every process of the run gone, so are the TAPs.
+    (The namespace's inode is no witness: the kernel gives it to the next namespace made.)"""
     left = left_by(run.owner, run.base)
     assert not left, f"left behind: {left}\n{run.text[-3000:]}"
     assert snap.namespace not in list_namespaces()
-    assert not _netns_inode_in_use(snap.inode), "the namespace (and its TAPs) still exists"
-    assert not _in_groups(snap.pgids), f"processes left in the run's process groups {sorted(snap.pgids)}"
+    assert not os.path.lexists(f"/run/netns/{snap.namespace}")
+    assert not _netns_mounts(snap.namespace), "the namespace's mount is still there"
+    assert not _in_groups(snap.pgids, snap.taken), f"processes left in the run's process groups {sorted(snap.pgids)}"
 
 
 def _send(run: Run, sig: int) -> None:

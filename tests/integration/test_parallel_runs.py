@@ -54,10 +54,10 @@ def _run(pytester: pytest.Pytester, art: Path, *args: str, fail: str | None = No
         env["XENPV_INNER_FAIL"] = fail
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--rootdir={pytester.path}",
            f"--xenpv-artifacts={art}", *args, str(pytester.path / "test_inner.py")]
-    # From the checkout, as the suite runs: backends.xenhv.launch starts `python -m backends.xenhv`, which
-    # only resolves there.
-    return subprocess.Popen(cmd, cwd=TOP, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **env})
+    # An inner session is a session of its own, even when this one is an xdist worker.
+    outer = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    return subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**outer, **env})
 
 
 def _finish(p: subprocess.Popen[str]) -> tuple[int, str]:
