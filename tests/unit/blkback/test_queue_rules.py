@@ -1,0 +1,220 @@
+"""blkback's request rules at their exact bounds, through BlkQueue._serve with and without persistent grants
+(the two paths: transient mappings checked per request, and cached plans of persistent grants checked per
+use), issue 18: a read-only disk refuses every kind of write; a request must lie inside the disk (its last
+sector may be the disk's last); an indirect request has 1..max segments, each inside one page. Grant and
+guest-memory access is a fake xenhv that refuses a writable map of a read-only grant, as the real one does
+(Linux blkback's xen_vbd_translate and xen_blkbk_parse_indirect are the references)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from xenpv.backends.blkback.image import RawImage
+from xenpv.backends.blkback.queue import BlkQueue, DiskConfig
+from xenpv.backends.vhost_user.memory import GuestMemoryError
+from xenpv.backends.xenhv.control import XenhvError
+from xenpv.harness.frontends.blkfront import pack_discard, pack_indirect, pack_request
+from xenpv.xenabi.blkif import (BLKIF_NATIVE, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ,
+                                BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
+                                BLKIF_SECTOR_SIZE)
+from xenpv.xenabi.ring import XEN_PAGE_SIZE
+
+PAGES = 64
+DISK_SECTORS = 64          # 32 KiB
+MAX_INDIRECT = 32
+INDIRECT_REF = 60          # a guest page holding indirect segments
+OK, ERR = BLKIF_RSP_OKAY, BLKIF_RSP_ERROR
+
+
+@dataclass
+class FakeXenhv:
+    """Grant ref N is guest frame N; refs in `readonly` are granted read-only."""
+    memory: bytearray
+    readonly: set[int] = field(default_factory=set)
+    live: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    maps: list[tuple[int, bool]] = field(default_factory=list)
+    _handles: Iterator[int] = field(default_factory=count)
+
+    def call(self, op: str, **kw: Any) -> dict[str, int]:
+        if op == "gnttab_map":
+            ref, readonly = kw["ref"], kw["readonly"]
+            self.maps.append((ref, readonly))
+            if not 0 <= ref < PAGES or (ref in self.readonly and not readonly):
+                raise XenhvError(op, f"ref {ref} refused", None, -1)
+            handle = next(self._handles)
+            self.live[handle] = (ref, readonly)
+            return {"handle": handle, "gfn": ref}
+        if op == "gnttab_unmap":
+            del self.live[kw["handle"]]
+            return {}
+        raise AssertionError(op)
+
+
+@dataclass
+class FakeMemory:
+    ram: bytearray
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        if gpa < 0 or length < 0 or gpa + length > len(self.ram):
+            raise GuestMemoryError(gpa, length, "outside guest RAM")
+        return memoryview(self.ram)[gpa:gpa + length]
+
+
+@dataclass
+class FakeLink:
+    memory: FakeMemory
+    domid: int = 1
+
+
+@dataclass
+class Disk:
+    queue: BlkQueue
+    xenhv: FakeXenhv
+    ram: bytearray
+    path: Path
+
+    def serve(self, raw: bytes) -> int:
+        rid, op, status = self.queue._serve(raw)
+        assert (rid, op) == (int.from_bytes(raw[8:16], "little"), raw[0])
+        return status
+
+    def image(self) -> bytes:
+        return self.path.read_bytes()
+
+
+@pytest.fixture(params=[False, True], ids=["transient", "persistent"])
+def persistent(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
+@pytest.fixture
+def make_disk(tmp_path: Path, persistent: bool) -> Iterator[Any]:
+    disks: list[Disk] = []
+
+    def make(readonly: bool = False, discard: bool = True) -> Disk:
+        path = tmp_path / f"disk{len(disks)}.raw"
+        path.write_bytes(bytes(range(256)) * (DISK_SECTORS * BLKIF_SECTOR_SIZE // 256))
+        ram = bytearray(PAGES * XEN_PAGE_SIZE)
+        xenhv = FakeXenhv(ram)
+        config = DiskConfig(RawImage(path, readonly=readonly), DISK_SECTORS, readonly, discard, MAX_INDIRECT,
+                            persistent)
+        queue = BlkQueue("test q0", backend=cast(Any, xenhv), link=cast(Any, FakeLink(FakeMemory(ram))),
+                         layouts=BLKIF_NATIVE, disk=config, ring_grefs=[], remote_port=0,
+                         on_fatal=lambda reason: pytest.fail(reason))
+        disk = Disk(queue, xenhv, ram, path)
+        disks.append(disk)
+        return disk
+
+    yield make
+    for d in disks:
+        d.queue._clear_plans()
+        for page in d.queue._persistent.values():
+            page.release()
+        d.queue._persistent.clear()
+        d.queue.disk.image.close()
+
+
+# ---- a read-only disk ------------------------------------------------------------------------------
+
+def test_read_only_disk_refuses_every_write(make_disk) -> None:
+    d = make_disk(readonly=True)
+    before = d.image()
+    assert d.serve(pack_request(BLKIF_OP_READ, 1, 0, [(3, 0, 7)])) == OK    # reads are served...
+    for raw in (pack_request(BLKIF_OP_WRITE, 2, 0, [(3, 0, 7)]),
+                pack_request(BLKIF_OP_WRITE, 3, 8, [(3, 0, 7)]),           # ...a write in the same shape is not
+                pack_request(BLKIF_OP_WRITE_BARRIER, 4, 0, [(3, 0, 0)]),
+                pack_request(BLKIF_OP_FLUSH_DISKCACHE, 5, 0, [(3, 0, 0)]),
+                pack_discard(6, 0, 8)):
+        assert d.serve(raw) == ERR, raw[0]
+    _put_segments(d, [(4, 0, 7)])
+    assert d.serve(pack_indirect(BLKIF_OP_WRITE, 7, 0, 1, [INDIRECT_REF])) == ERR
+    assert d.serve(pack_request(BLKIF_OP_FLUSH_DISKCACHE, 8, 0, [])) == OK  # a flush alone writes nothing
+    assert d.image() == before
+
+
+def test_writable_disk_takes_the_same_writes(make_disk) -> None:
+    d = make_disk()
+    d.ram[3 * XEN_PAGE_SIZE:4 * XEN_PAGE_SIZE] = b"W" * XEN_PAGE_SIZE
+    assert d.serve(pack_request(BLKIF_OP_WRITE, 2, 8, [(3, 0, 7)])) == OK
+    assert d.image()[8 * 512:16 * 512] == b"W" * 4096
+    assert d.serve(pack_discard(6, 0, 8)) == OK
+
+
+def test_reads_map_writable_and_writes_map_read_only(make_disk) -> None:
+    d = make_disk()
+    d.xenhv.readonly.add(5)  # the guest granted this page read-only: only a write may use it
+    d.ram[5 * XEN_PAGE_SIZE:6 * XEN_PAGE_SIZE] = b"R" * XEN_PAGE_SIZE
+    assert d.serve(pack_request(BLKIF_OP_READ, 1, 0, [(5, 0, 7)])) == ERR
+    assert d.ram[5 * XEN_PAGE_SIZE:6 * XEN_PAGE_SIZE] == b"R" * XEN_PAGE_SIZE
+    # A write reads guest memory only: it maps the grant read-only (after a refused persistent mapping,
+    # which is always writable, with persistent grants).
+    assert d.serve(pack_request(BLKIF_OP_WRITE, 2, 0, [(5, 0, 7)])) == OK
+    assert d.xenhv.maps[-1] == (5, True) and d.image()[:4096] == b"R" * 4096
+    assert not d.xenhv.live, "a transient mapping outlived its request"
+
+
+# ---- the disk's range ------------------------------------------------------------------------------
+
+def test_read_and_write_up_to_the_last_sector(make_disk) -> None:
+    d = make_disk()
+    last = DISK_SECTORS - 8
+    for op in (BLKIF_OP_READ, BLKIF_OP_WRITE):
+        assert d.serve(pack_request(op, 1, 0, [(3, 0, 7)])) == OK          # (caches the shape's plan)
+        assert d.serve(pack_request(op, 2, last, [(3, 0, 7)])) == OK       # ends on the last sector
+        assert d.serve(pack_request(op, 3, last + 1, [(3, 0, 7)])) == ERR  # one sector beyond
+        assert d.serve(pack_request(op, 4, DISK_SECTORS, [(3, 0, 0)])) == ERR
+        assert d.serve(pack_request(op, 5, (1 << 64) - 1, [(3, 0, 7)])) == ERR
+        assert d.serve(pack_request(op, 6, DISK_SECTORS - 1, [(3, 7, 7)])) == OK
+        assert d.serve(pack_request(op, 7, last, [(3, 0, 7), (4, 0, 0)])) == ERR  # 9 sectors from `last`
+
+
+def test_write_beyond_the_end_changes_nothing(make_disk) -> None:
+    d = make_disk()
+    before = d.image()
+    d.ram[3 * XEN_PAGE_SIZE:4 * XEN_PAGE_SIZE] = b"X" * XEN_PAGE_SIZE
+    assert d.serve(pack_request(BLKIF_OP_WRITE, 1, DISK_SECTORS - 7, [(3, 0, 7)])) == ERR
+    assert d.image() == before and os.path.getsize(d.path) == DISK_SECTORS * BLKIF_SECTOR_SIZE
+
+
+def test_discard_up_to_the_last_sector(make_disk) -> None:
+    d = make_disk()
+    assert d.serve(pack_discard(1, 8, DISK_SECTORS - 8)) == OK
+    assert d.serve(pack_discard(2, 8, DISK_SECTORS - 7)) == ERR
+    assert d.serve(pack_discard(3, DISK_SECTORS, 1)) == ERR
+    assert d.serve(pack_discard(4, 1, (1 << 64) - 1)) == ERR
+
+
+# ---- indirect segments -----------------------------------------------------------------------------
+
+def _put_segments(d: Disk, segments: list[tuple[int, int, int]], ref: int = INDIRECT_REF) -> None:
+    page = bytearray(XEN_PAGE_SIZE)
+    for i, (gref, first, last) in enumerate(segments):
+        page[i * 8:i * 8 + 8] = gref.to_bytes(4, "little") + bytes([first, last, 0, 0])
+    d.ram[ref * XEN_PAGE_SIZE:(ref + 1) * XEN_PAGE_SIZE] = page
+
+
+def test_indirect_segment_count_bounds(make_disk) -> None:
+    d = make_disk()
+    _put_segments(d, [(1 + i % 40, 0, 0) for i in range(MAX_INDIRECT + 1)])  # one sector per segment
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 1, 0, MAX_INDIRECT, [INDIRECT_REF])) == OK
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 2, 0, 1, [INDIRECT_REF])) == OK
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 3, 0, MAX_INDIRECT + 1, [INDIRECT_REF])) == ERR
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 4, 0, 0, [INDIRECT_REF])) == ERR
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 5, DISK_SECTORS - MAX_INDIRECT, MAX_INDIRECT,
+                                 [INDIRECT_REF])) == OK
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 6, DISK_SECTORS - MAX_INDIRECT + 1, MAX_INDIRECT,
+                                 [INDIRECT_REF])) == ERR
+
+
+@pytest.mark.parametrize("segment, status", [((7, 0, 7), OK), ((7, 7, 7), OK), ((7, 0, 8), ERR),
+                                             ((7, 5, 4), ERR), ((7, 8, 8), ERR)])
+def test_indirect_segments_stay_inside_their_page(make_disk, segment: tuple[int, int, int], status: int) -> None:
+    d = make_disk()
+    _put_segments(d, [(6, 0, 7), segment])
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 1, 0, 2, [INDIRECT_REF])) == status

@@ -1,0 +1,107 @@
+"""Driver-model rules that a one-line change would break without the older tests noticing (issue 18):
+
+* XENFILT never unplugs in safe mode (reference windows-pv-drivers.md §6: ENABLED -> PENDING unplugs only
+  if the active device is present *and* this is not safe mode), whatever was requested;
+* XENBUS's FdoS3ToS4 bugchecks for an outstanding reference on exactly SUSPEND, SHARED_INFO, EVTCHN, STORE,
+  CONSOLE and GNTTAB (and BALLOON, which this model does not have), and lets DEBUG, RANGE_SET, CACHE and
+  UNPLUG stay referenced (§7, a10d605/28420a4); the check runs on the S4 SET_POWER, not on S3.
+"""
+from __future__ import annotations
+
+import pytest
+
+from xenpv.stack.drivers.xenbus.fdo import S4_UNREFERENCED
+from xenpv.stack.kernel import (IRP_MN_POWER, POWER_STATE_TYPE, Irp, IoCallDriver, IoGetAttachedDevice,
+                                PowerParameters, Registry)
+from xenpv.stack.kernel.bugcheck import BugCheck, BugCheckCode
+from xenpv.stack.kernel.power import S3, S4
+
+from .test_unplug import CONTROL_KEY, _arm_children
+
+MUST_BE_UNREFERENCED = ("SUSPEND", "SHARED_INFO", "EVTCHN", "STORE", "CONSOLE", "GNTTAB")
+MAY_STAY_REFERENCED = ("DEBUG", "RANGE_SET", "CACHE", "UNPLUG")
+
+
+# ---- XENFILT: no unplug in safe mode --------------------------------------------------------------
+
+@pytest.mark.parametrize("options", ["NOEXECUTE=OPTIN  SAFEBOOT:MINIMAL", "SAFEBOOT:NETWORK",
+                                     "SAFEBOOT:MINIMAL(ALTERNATESHELL) NOGUIBOOT"])
+def test_safe_mode_boot_unplugs_nothing_and_keeps_the_emulated_disk(rig, machine, options: str) -> None:
+    registry = Registry()
+    m = machine(0x0001)
+    _arm_children(rig.boot(m, registry))          # XENVBD and XENVIF asked for unplug at the next boot
+    registry.set_sz(CONTROL_KEY, "SystemStartOptions", options)
+    safe = rig.boot(m, registry)
+    assert m.unplug_writes == [] and safe.xenfilt.unplugged_mask == 0
+    assert [n.instance_id for n in safe.nodes("IDE\\")] == ["0.0.0"]
+    assert safe.xenfilt.emulated.EmulatedIsDiskPresent(0)
+    assert any("nothing unplugged" in line for line in safe.kernel.log.tail(200))
+
+
+def test_leaving_safe_mode_unplugs_again(rig, machine) -> None:
+    registry = Registry()
+    m = machine(0x0001)
+    _arm_children(rig.boot(m, registry))
+    registry.set_sz(CONTROL_KEY, "SystemStartOptions", "SAFEBOOT:MINIMAL")
+    _arm_children(rig.boot(m, registry))
+    assert m.unplug_writes == []
+    registry.set_sz(CONTROL_KEY, "SystemStartOptions", "NOEXECUTE=OPTIN")  # an option, but not safe mode
+    normal = rig.boot(m, registry)
+    assert m.unplug_writes == [0x9, 0x2] and normal.nodes("IDE\\") == []
+
+
+# ---- XENBUS: FdoS3ToS4's list -------------------------------------------------------------------------
+
+def test_the_s4_list_is_the_reference_list() -> None:
+    assert set(S4_UNREFERENCED) == set(MUST_BE_UNREFERENCED) | {"BALLOON"}
+
+
+@pytest.fixture
+def fdo(rig, machine):
+    booted = rig.boot(machine(0x0001), Registry())
+    fdo = booted.xenbus.active_fdo
+    assert set(MUST_BE_UNREFERENCED + MAY_STAY_REFERENCED) <= fdo.interfaces.keys()
+    assert all(fdo.interfaces[name].references == 0 for name in MUST_BE_UNREFERENCED)
+    return booted, fdo
+
+
+def _system_power(booted, fdo, state) -> None:
+    """The system SET_POWER IRP as the power manager sends it, to the top of the XENBUS device's stack."""
+    irp = Irp.power(IRP_MN_POWER.SET_POWER, PowerParameters(POWER_STATE_TYPE.SystemPowerState, state))
+    with booted.kernel.cpu.lock:
+        IoCallDriver(IoGetAttachedDevice(fdo.pdo), irp)
+    assert irp.completed
+
+
+@pytest.mark.parametrize("name", MUST_BE_UNREFERENCED)
+def test_an_outstanding_reference_on_entry_to_s4_bugchecks(fdo, name: str) -> None:
+    booted, fdo = fdo
+    fdo.interfaces[name].references += 1          # a child that never released it
+    try:
+        _system_power(booted, fdo, S3)            # S3 keeps the domain: references may stay
+        with pytest.raises(BugCheck) as info:
+            fdo.FdoS3ToS4()
+        assert info.value.code == BugCheckCode.ASSERTION_FAILURE
+        assert f"{name} INTERFACE HAS 1 OUTSTANDING REFERENCE(S) ON ENTRY TO S4" in info.value.message
+    finally:
+        fdo.interfaces[name].references -= 1
+
+
+@pytest.mark.parametrize("name", MAY_STAY_REFERENCED)
+def test_references_that_may_stay_across_s4(fdo, name: str) -> None:
+    booted, fdo = fdo
+    fdo.interfaces[name].references += 1
+    try:
+        fdo.FdoS3ToS4()
+    finally:
+        fdo.interfaces[name].references -= 1
+
+
+def test_s4_set_power_runs_the_check(fdo) -> None:
+    booted, fdo = fdo
+    fdo.interfaces["EVTCHN"].references += 1
+    try:
+        with pytest.raises(BugCheck, match="EVTCHN INTERFACE HAS 1 OUTSTANDING"):
+            _system_power(booted, fdo, S4)
+    finally:
+        fdo.interfaces["EVTCHN"].references -= 1

@@ -1,0 +1,197 @@
+"""Rules of xenstored that a one-line change would break without the older tests noticing (issue 18):
+the node quota when a write creates missing parents, the permission RM needs (WRITE on the node, READ on the
+parent of a missing node), and DIRECTORY_PART's byte accounting at the end of the child list
+(reference xen-abi.md §1; C xenstored core.c send_directory_part, do_rm, and domain.c's node quota)."""
+from __future__ import annotations
+
+import pytest
+
+from xenpv.backends.xenstored.core import XenstoreCore
+from xenpv.backends.xenstored.quotas import Quotas
+from xenpv.xenabi.xs_wire import XENSTORE_PAYLOAD_MAX, XsdSockmsgType as T
+
+from .peers import Peer, peer
+
+GUEST = 3
+HOME = f"/local/domain/{GUEST}"
+
+
+def guest_home(core: XenstoreCore, *perms: str) -> Peer:
+    """dom0 makes the guest's home, owned by the guest unless `perms` say otherwise; returns dom0."""
+    d0 = Peer(core)
+    d0.write(HOME, "")
+    d0.set_perms(HOME, *(perms or (f"n{GUEST}",)))
+    return d0
+
+
+# ---- node quota when a write creates missing parents ------------------------------------------------
+
+@pytest.fixture
+def ten_nodes() -> XenstoreCore:
+    core = XenstoreCore(Quotas(nodes=10))
+    guest_home(core)
+    return core
+
+
+def test_every_missing_parent_counts_against_the_node_quota(ten_nodes: XenstoreCore) -> None:
+    g = peer(ten_nodes, GUEST)
+    tree = ten_nodes.tree
+    g.write("a/b/c", "v")                      # three new nodes, all owned by the creator
+    assert tree.count_owned(GUEST) == 4
+    for i in range(5):
+        g.write(f"x{i}", "")
+    assert tree.count_owned(GUEST) == 9        # one node left
+    # Two new nodes do not fit in one: refused whole, and no parent is left behind.
+    assert g.err(T.WRITE, b"p/q\0v") == "ENOSPC"
+    assert g.err(T.MKDIR, b"p/q\0") == "ENOSPC"
+    assert f"{HOME}/p" not in tree.nodes and tree.count_owned(GUEST) == 9
+    g.write("p", "")                           # the last one fits: the quota is a maximum, not a bound below it
+    assert tree.count_owned(GUEST) == 10
+    assert g.err(T.WRITE, b"z\0") == "ENOSPC"
+    g.write("p", "rewritten")                  # rewriting an existing node creates nothing
+    # dom0 has no quota; what it creates under the guest's home inherits the guest as owner and counts.
+    Peer(ten_nodes).write(f"{HOME}/dom0/made/these", "")
+    assert tree.count_owned(GUEST) == 13
+
+
+def test_node_quota_with_parents_inside_a_transaction(ten_nodes: XenstoreCore) -> None:
+    g = peer(ten_nodes, GUEST)
+    for i in range(7):
+        g.write(f"x{i}", "")
+    tx = g.tx_start()
+    assert g.err(T.WRITE, b"p/q/r\0v", tx) == "ENOSPC"   # 8 owned + 3 new > 10
+    g.write("p/q", "v", tx)                              # 8 + 2 = 10 fits
+    assert g.tx_end(tx) == "OK"
+    assert ten_nodes.tree.count_owned(GUEST) == 10
+
+
+# ---- RM: WRITE on an existing node, READ on the parent of a missing one ----------------------------
+
+def test_rm_of_an_existing_node_needs_write_not_read(core: XenstoreCore) -> None:
+    d0 = guest_home(core, "n0", f"r{GUEST}")
+    d0.write(f"{HOME}/readable/child", "1")
+    d0.set_perms(f"{HOME}/readable", "n0", f"r{GUEST}")
+    d0.write(f"{HOME}/writable/child", "2")
+    d0.set_perms(f"{HOME}/writable", "n0", f"w{GUEST}")
+    g = peer(core, GUEST)
+    assert g.read("readable") == b""               # a reader, not the owner
+    assert g.err(T.RM, b"readable\0") == "EACCES"
+    assert f"{HOME}/readable/child" in core.tree.nodes, "a reader must not remove a node"
+    assert g.err(T.RM, f"{HOME}/readable\0".encode()) == "EACCES"
+    assert g.err(T.READ, b"writable\0") == "EACCES"  # a writer that cannot read...
+    g.rm("writable")                                 # ...may remove it, with its subtree
+    assert f"{HOME}/writable" not in core.tree.nodes and f"{HOME}/writable/child" not in core.tree.nodes
+    assert d0.directory(HOME) == ["readable"]
+
+
+def test_rm_by_a_domain_with_no_access_to_the_node(core: XenstoreCore) -> None:
+    d0 = guest_home(core, "n0", f"r{GUEST}")
+    d0.write(f"{HOME}/closed", "")
+    d0.set_perms(f"{HOME}/closed", "n0")
+    d0.write(f"{HOME}/other", "")
+    d0.set_perms(f"{HOME}/other", "n0", f"b{GUEST + 1}")
+    g = peer(core, GUEST)
+    assert g.err(T.RM, b"closed\0") == "EACCES"
+    assert g.err(T.RM, b"other\0") == "EACCES"          # another domain's entry is not this one's
+    assert {f"{HOME}/closed", f"{HOME}/other"} <= core.tree.nodes.keys()
+
+
+def test_rm_of_a_missing_node_needs_read_on_its_parent(core: XenstoreCore) -> None:
+    d0 = guest_home(core, "n0", f"r{GUEST}")
+    d0.write(f"{HOME}/wonly", "")
+    d0.set_perms(f"{HOME}/wonly", "n0", f"w{GUEST}")
+    g = peer(core, GUEST)
+    before = core.dump()
+    g.rm("missing")                                       # parent readable: OK, and nothing changes
+    assert g.err(T.RM, b"wonly/missing\0") == "EACCES"    # parent not readable: hidden, even if writable
+    assert g.err(T.RM, b"missing/deeper\0") == "ENOENT"   # parent missing, grandparent readable
+    d0.set_perms(HOME, "n0")
+    assert g.err(T.RM, b"missing\0") == "EACCES"
+    assert g.err(T.RM, b"missing/deeper\0") == "EACCES"   # nearest existing ancestor not readable
+    assert core.dump() == {**before, HOME: (b"", "n0\0")}
+
+
+def test_rm_inside_a_transaction_checks_the_same_permissions(core: XenstoreCore) -> None:
+    d0 = guest_home(core, "n0", f"r{GUEST}")
+    d0.write(f"{HOME}/node", "")
+    g = peer(core, GUEST)
+    tx = g.tx_start()
+    assert g.err(T.RM, b"node\0", tx) == "EACCES"
+    assert g.tx_end(tx) == "OK"
+    assert f"{HOME}/node" in core.tree.nodes
+
+
+# ---- DIRECTORY_PART at the end of the list ---------------------------------------------------------
+
+GEN_DIGITS = 7
+
+
+def _children_totalling(total: int, prefix: str = "c") -> list[str]:
+    """Child names whose NUL-joined list (each name plus its NUL) is exactly `total` bytes."""
+    sizes, left = [], total
+    while left > 300:  # 200-byte entries, then one of 101..300 bytes: every name fits its "cNNNN" stem
+        sizes.append(200)
+        left -= 200
+    sizes.append(left)
+    names = [f"{prefix}{i:04d}".ljust(size - 1, "x") for i, size in enumerate(sizes)]
+    assert sum(len(n) + 1 for n in names) == total
+    return names
+
+
+def _directory_part(d0: Peer, path: str, offset: int) -> tuple[bytes, bytes]:
+    body = d0.ok(T.DIRECTORY_PART, f"{path}\0{offset}\0".encode())
+    assert len(body) <= XENSTORE_PAYLOAD_MAX
+    gen, rest = body.split(b"\0", 1)
+    return gen, rest
+
+
+def _page_all(d0: Peer, path: str) -> tuple[list[bytes], list[str]]:
+    chunks: list[bytes] = []
+    offset, names = 0, []
+    while True:
+        _, rest = _directory_part(d0, path, offset)
+        chunks.append(rest)
+        if rest == b"\0" or rest.endswith(b"\0\0"):
+            names += [n.decode() for n in rest[:-1].split(b"\0")[:-1]]
+            return chunks, names
+        assert rest.endswith(b"\0") and len(chunks) < 10, rest[-20:]
+        names += [n.decode() for n in rest.split(b"\0")[:-1]]
+        offset += len(rest)
+
+
+@pytest.mark.parametrize("excess", [-2, -1, 0, 1, 2, 40])
+def test_directory_part_fills_each_reply_and_ends_the_list_once(core: XenstoreCore, excess: int) -> None:
+    d0 = Peer(core)
+    core.tree.gen = 10 ** (GEN_DIGITS - 1)  # generation numbers of a fixed width while the test writes
+    room = XENSTORE_PAYLOAD_MAX - (GEN_DIGITS + 1) - 1  # core.c: maxlen = PAYLOAD_MAX - genlen - 1
+    names = _children_totalling(room + excess)
+    for n in names:
+        d0.write(f"/dp/{n}", "")
+    gen, _ = _directory_part(d0, "/dp", 0)
+    assert len(gen) == GEN_DIGITS
+    chunks, got = _page_all(d0, "/dp")
+    assert got == names
+    data = b"".join(n.encode() + b"\0" for n in names)
+    if excess <= 0:
+        # Everything fits: one reply, the list and its empty-string terminator, at most the whole payload.
+        assert chunks == [data + b"\0"]
+        assert len(gen) + 1 + len(chunks[0]) == XENSTORE_PAYLOAD_MAX + excess
+    else:
+        # The first reply takes every child that fits in `room` bytes, no terminator; the rest follows.
+        first = chunks[0]
+        assert not first.endswith(b"\0\0") and len(first) <= room
+        assert len(first) + len(names[len(first.split(b"\0")) - 1]) + 1 > room, "a child that fit was left out"
+        assert b"".join(chunks) == data + b"\0"
+
+
+def test_directory_part_offset_at_and_past_the_end(core: XenstoreCore) -> None:
+    d0 = Peer(core)
+    for n in ("a", "bb", "ccc"):
+        d0.write(f"/dp/{n}", "")
+    size = len(b"a\0bb\0ccc\0")
+    assert _directory_part(d0, "/dp", size)[1] == b"\0"
+    assert _directory_part(d0, "/dp", size + 1)[1] == b"\0"
+    assert _directory_part(d0, "/dp", size - 4)[1] == b"ccc\0\0"
+    assert _directory_part(d0, "/dp", 2)[1] == b"bb\0ccc\0\0"
+    empty_gen, empty = _directory_part(d0, "/dp/a", 0)
+    assert empty == b"\0" and empty_gen.isdigit()
