@@ -285,8 +285,8 @@ class GuestRing:
             elif not self.doorbell.wait(deadline - time.monotonic()) and time.monotonic() >= deadline:
                 raise TimeoutError("xenstore request ring stayed full")
 
-    def send(self, mtype: int, payload: bytes, req_id: int = 0, tx_id: int = 0) -> None:
-        self.write(XSD_SOCKMSG.pack(mtype, req_id, tx_id, len(payload)) + payload)
+    def send(self, mtype: int, payload: bytes, req_id: int = 0, tx_id: int = 0, timeout: float = 5.0) -> None:
+        self.write(XSD_SOCKMSG.pack(mtype, req_id, tx_id, len(payload)) + payload, timeout)
 
     def read_message(self, timeout: float = 5.0) -> tuple[int, int, int, bytes]:
         deadline = time.monotonic() + timeout

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 from xenpv.base.crashtrace import enable_crash_traces
+from xenpv.base.errors import ConfigError
 from xenpv.guests.schema import load_guest
 from xenpv.stack.agent import console
 from xenpv.stack.agent.runtime import AgentConfig, GuestRuntime
 from xenpv.stack.kernel import BugCheck
+from xenpv.stack.timescale import HarnessTooSlow, time_scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +30,28 @@ def main(argv: list[str] | None = None) -> int:
     enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     logging.basicConfig(filename=args.log, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        time_scale()  # checked once up front: every deadline of the model reads it
+    except ConfigError as exc:
+        p.exit(2, f"{p.prog}: {exc}\n")
     config = AgentConfig(load_guest(args.guest), args.qtest, args.ram, args.registry, args.dump_dir,
                          args.transcript, args.hv, args.domid)
-    rt = GuestRuntime.connect(config)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        rt = GuestRuntime.connect(config)
+    except HarnessTooSlow as late:
+        return console.too_slow(None, late, emit)
     try:
         try:
             rt.boot()
         except BugCheck as bugcheck:
-            return console.stop(rt, bugcheck, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            return console.stop(rt, bugcheck, emit)
+        except HarnessTooSlow as late:
+            return console.too_slow(rt, late, emit)
         return console.run(rt)
     finally:
         try:

@@ -1,5 +1,8 @@
 """The guest console: one command per line, output, then the prompt. A bugcheck prints the STOP screen,
-the crash dump's path on a line of its own, and ends the guest (exit status STOP_EXIT).
+the crash dump's path on a line of its own, and ends the guest (exit status STOP_EXIT). A deadline of the
+harness that passed in the guest model (stack.timescale.HarnessTooSlow, on any thread) is no STOP: it
+prints one line after TOO_SLOW_MARKER saying what was late, writes no dump, and ends the guest with
+TOO_SLOW_EXIT.
 
 The console is a `cmd.Cmd`. A bad line never ends the session: a line that does not parse (an unbalanced
 quote), an unknown command, a command line its usage does not admit and a command that fails each answer
@@ -31,14 +34,18 @@ from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.agent.usage import Usage, UsageError
 from xenpv.stack.kernel import S0, S3, S4, S5, BugCheck, KeBugCheckEx
 from xenpv.stack.kernel.bugcheck import bugcheck_name
+from xenpv.stack.timescale import HarnessTooSlow
 
-__all__ = ["COMMANDS", "PROMPT", "STOP_EXIT", "STOP_MARKER", "ConsoleShell", "UsageError", "command", "run"]
+__all__ = ["COMMANDS", "PROMPT", "STOP_EXIT", "STOP_MARKER", "TOO_SLOW_EXIT", "TOO_SLOW_MARKER", "ConsoleShell",
+           "UsageError", "command", "run"]
 
 log = logging.getLogger("stack.agent.console")
 
 PROMPT = "guest> "
 STOP_MARKER = "*** GUEST STOPPED"
 STOP_EXIT = 3
+TOO_SLOW_MARKER = "*** HARNESS TOO SLOW"
+TOO_SLOW_EXIT = 4
 QUIT_WORDS = ("quit", "exit")
 HISTORY_LENGTH = 1000
 
@@ -335,6 +342,9 @@ class AgentConsole(ConsoleShell):
         except BugCheck as bugcheck:
             self.exit_status = stop(self.rt, bugcheck, self._emit)
             return ""
+        except HarnessTooSlow as late:
+            self.exit_status = too_slow(self.rt, late, self._emit)
+            return ""
         except Exception as exc:  # a command's failure is reported; the guest keeps running
             log.info("%r failed", line, exc_info=True)
             return f"error: {type(exc).__name__}: {exc}"
@@ -353,3 +363,14 @@ def stop(rt: GuestRuntime, bugcheck: BugCheck, emit: Callable[[str], None]) -> i
     emit("\n" + rt.kernel.crash_dump(bugcheck).stop_screen() + "\n")
     emit(f"{STOP_MARKER} 0x{bugcheck.code:08X} {bugcheck_name(bugcheck.code)} dump={path}\n")
     return STOP_EXIT
+
+
+def too_slow(rt: GuestRuntime | None, late: HarnessTooSlow, emit: Callable[[str], None]) -> int:
+    """The harness gave up on the guest (`rt`, None before it had one): the processor stops, so no other
+    thread runs driver code, and one line says what was late. No STOP screen, no crash dump: the drivers
+    broke no rule."""
+    log.error("%s", late, exc_info=late)
+    if rt is not None:
+        rt.kernel.cpu.give_up(late)
+    emit(f"\n{TOO_SLOW_MARKER}: {late.describe()}\n")
+    return TOO_SLOW_EXIT

@@ -113,7 +113,11 @@ class GuestRuntime:
         self.pci = self.drivers.pci
 
     def poll(self) -> None:
-        """Deferred driver work (xenstore watches, re-enumeration) before each console command."""
+        """Deferred driver work (xenstore watches, re-enumeration) before each console command. A STOP or
+        a give-up (stack.timescale) on another thread since the last command is raised here."""
+        halted = self.kernel.cpu.halted
+        if halted is not None:
+            raise halted
         if self.drivers is not None and self.stopped is None:
             self.drivers.poll()
 
@@ -124,7 +128,7 @@ class GuestRuntime:
         return path
 
     def close(self) -> None:
-        if self.drivers is not None and self.stopped is None:
+        if self.drivers is not None and self.stopped is None and self.kernel.cpu.halted is None:
             # An orderly end is a Windows shutdown: S5 goes down the tree (children first), so drivers
             # close their frontends and release their interfaces, and dom0 sees them go. Devices are
             # not removed: a removal would undo the children's unplug requests for the next boot.

@@ -11,10 +11,18 @@ QEMU's own unplug: no disk at that position. Channel PDOs carry the hardware ID
 `Internal_IDE_Channel`; disk PDOs are `IDE\\Disk<model>` with InstanceID "C.T.0" (channel, target, lun),
 the form XENFILT's IsDiskPresent parses. Only ATA disks are reported: ATAPI devices (the CD-ROM) abort
 IDENTIFY DEVICE and are not disks.
+
+Timing, as atapi's WaitOnBusy: after a command the status register is polled, with short sleeps, until BSY
+clears, for up to BUSY_WAIT_SECONDS (scaled, stack.timescale). QEMU's READ SECTORS is asynchronous and
+stays BSY while its host I/O runs, which on a loaded host takes longer than any fixed number of reads; a
+drive still BSY at the deadline means the harness fell behind (HarnessTooSlow), never "no disk", which
+would end the boot in INACCESSIBLE_BOOT_DEVICE. Before each command the channel must be neither BSY nor
+DRQ, because QEMU ignores a command (and a device select) written while it is.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +30,7 @@ from xenpv.stack.drivers.bus import BusDriver
 from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice)
 from xenpv.stack.kernel.status import STATUS_SUCCESS
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 
 log = logging.getLogger("stack.drivers.atapi")
 
@@ -31,7 +40,11 @@ ATA_IDENTIFY_DEVICE = 0xEC
 ATA_READ_SECTORS = 0x20
 DEVICE_LBA = 0x40
 STATUS_ERR, STATUS_DRQ, STATUS_BSY = 0x01, 0x08, 0x80
-_POLLS = 100
+SECTOR_WORDS = 256
+FLOATING_BUS = 0xFF
+# atapi's WaitOnBusy: 20000 polls 150 us apart.
+BUSY_WAIT_SECONDS = 3.0
+BUSY_POLL_SECONDS = 0.001
 
 
 class PortIO(Protocol):
@@ -40,23 +53,59 @@ class PortIO(Protocol):
     def outb(self, port: int, value: int) -> None: ...
 
 
+def _wait_not_busy(io: PortIO, channel: int, target: int, during: str, idle: bool = False) -> int:
+    """Poll the status register until BSY is clear (with `idle`, DRQ too: a transfer an earlier command
+    left is drained); returns the status. HarnessTooSlow when BSY outlasts BUSY_WAIT_SECONDS (scaled)."""
+    base, _ = CHANNEL_PORTS[channel]
+    timeout = scaled(BUSY_WAIT_SECONDS)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = io.inb(base + 7)
+        if status == FLOATING_BUS:
+            return status  # no controller answers there: nothing to wait for
+        busy = status & STATUS_BSY
+        if not busy and not (idle and status & STATUS_DRQ):
+            return status
+        if not busy:
+            log.warning("IDE %d: a transfer nobody read (status %#04x) %s: drained", channel, status, during)
+            _drain(io, base)
+        if time.monotonic() >= deadline:
+            raise HarnessTooSlow(f"IDE {channel}.{target} still busy (status {status:#04x}) {during}", timeout)
+        if busy:
+            time.sleep(BUSY_POLL_SECONDS)
+
+
+def _drain(io: PortIO, base: int) -> None:
+    for _ in range(SECTOR_WORDS):
+        io.inw(base)
+
+
+def _command(io: PortIO, channel: int, target: int, command: int, registers: dict[int, int], what: str) -> int:
+    """Select `target`, load the task file `registers` {offset: value}, write `command` and wait until the
+    drive has taken it (BSY clear); returns the status."""
+    base, _ = CHANNEL_PORTS[channel]
+    _wait_not_busy(io, channel, target, f"before {what}", idle=True)
+    io.outb(base + 6, 0xA0 | registers.get(6, 0) | target << 4)
+    for offset, value in registers.items():
+        if offset != 6:
+            io.outb(base + offset, value)
+    io.outb(base + 7, command)
+    return _wait_not_busy(io, channel, target, f"after {what}")
+
+
 def ata_identify(io: PortIO, channel: int, target: int) -> str | None:
     """The model string of the ATA disk at (channel, target), or None if there is none."""
     base, _ = CHANNEL_PORTS[channel]
+    _wait_not_busy(io, channel, target, "before selecting a drive", idle=True)
     io.outb(base + 6, 0xA0 | target << 4)
-    if io.inb(base + 7) in (0x00, 0xFF):
+    if io.inb(base + 7) in (0x00, FLOATING_BUS):
         return None
-    io.outb(base + 7, ATA_IDENTIFY_DEVICE)
-    for _ in range(_POLLS):
-        status = io.inb(base + 7)
-        if status & STATUS_BSY:
-            continue
-        if status & STATUS_ERR or not status & STATUS_DRQ:
-            return None
-        words = [io.inw(base) for _ in range(256)]
-        raw = b"".join(w.to_bytes(2, "big") for w in words[27:47])
-        return raw.decode("ascii", "replace").strip() or "UNKNOWN"
-    return None
+    status = _command(io, channel, target, ATA_IDENTIFY_DEVICE, {}, "IDENTIFY DEVICE")
+    if status & STATUS_ERR or not status & STATUS_DRQ:
+        return None
+    words = [io.inw(base) for _ in range(SECTOR_WORDS)]
+    raw = b"".join(w.to_bytes(2, "big") for w in words[27:47])
+    return raw.decode("ascii", "replace").strip() or "UNKNOWN"
 
 
 def ata_has_medium(io: PortIO, channel: int, target: int) -> bool:
@@ -66,23 +115,15 @@ def ata_has_medium(io: PortIO, channel: int, target: int) -> bool:
     detached drive from a disk.
     """
     base, _ = CHANNEL_PORTS[channel]
-    io.outb(base + 6, 0xA0 | DEVICE_LBA | target << 4)
-    io.outb(base + 2, 1)  # sector count
-    for port in (base + 3, base + 4, base + 5):  # LBA 0
-        io.outb(port, 0)
-    io.outb(base + 7, ATA_READ_SECTORS)
-    for _ in range(_POLLS):
-        status = io.inb(base + 7)
-        if status & STATUS_BSY:
-            continue
-        if status & STATUS_ERR or not status & STATUS_DRQ:
-            log.info("IDE %d.%d: IDENTIFY answers but READ SECTORS fails (status %#04x, error %#04x): "
-                     "no medium", channel, target, status, io.inb(base + 1))
-            return False
-        for _ in range(256):  # drain the sector so the drive leaves DRQ
-            io.inw(base)
-        return True
-    return False
+    # Sector count 1, LBA 0.
+    status = _command(io, channel, target, ATA_READ_SECTORS, {6: DEVICE_LBA, 2: 1, 3: 0, 4: 0, 5: 0},
+                      "READ SECTORS")
+    if status & STATUS_ERR or not status & STATUS_DRQ:
+        log.info("IDE %d.%d: IDENTIFY answers but READ SECTORS fails (status %#04x, error %#04x): "
+                 "no medium", channel, target, status, io.inb(base + 1))
+        return False
+    _drain(io, base)  # so the drive leaves DRQ
+    return True
 
 
 @dataclass

@@ -56,9 +56,6 @@ class BugCheckCode(IntEnum):
     # The PV drivers' include/assert.h: `#define ASSERTION_FAILURE 0x0000DEAD`; BUG(text) calls
     # KeBugCheckEx(ASSERTION_FAILURE, text, __FILE__, __LINE__, 0). Windows' own codes never use 0xDEAD.
     ASSERTION_FAILURE = 0xDEAD
-    # Model-only: Windows would hang forever in an unbounded wait; the model stops instead so the test
-    # ends with a dump that shows where it waited. Not a Windows code (the value spells "WAIT").
-    MODEL_WAIT_DEADLINE_EXCEEDED = 0x57414954
 
 
 def bugcheck_name(code: int) -> str:
@@ -161,6 +158,9 @@ def KeBugCheckEx(code: int, p1: object = 0, p2: object = 0, p3: object = 0, p4: 
     cpu = current_processor()
     if cpu.crashed is not None:
         raise cpu.crashed
+    if cpu.too_slow is not None:
+        # The harness gave up on this processor first (stack.timescale): nothing after that is evidence.
+        raise cpu.too_slow
     raw = (p1, p2, p3, p4)
     bugcheck = BugCheck(
         code,

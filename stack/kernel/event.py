@@ -6,16 +6,18 @@ stay signalled; synchronization events reset when a wait is satisfied.
 
 A wait gives the kernel lock away (see irql.py) so the interrupt thread can run the ISR/DPC that will set
 the event, and takes it back before returning. Windows would wait forever on an event nobody sets; the
-model bounds "forever" by `WAIT_DEADLINE_SECONDS` and then stops with MODEL_WAIT_DEADLINE_EXCEEDED, so a
-hung guest ends its test with a dump that shows the waiter.
+model bounds "forever" by `WAIT_DEADLINE_SECONDS` (scaled, stack.timescale) and then gives up with
+HarnessTooSlow: what the waiter waited for comes from outside the guest (a back-end, xenstored, the
+interrupt thread), so a wait that long says the harness fell behind, not that a driver broke a rule.
 
 While the lock is given away other threads run kernel code on the one processor, so the wait checks on
 return that the IRQL is the caller's again; anything else is a bug of the model (an ISR or DPC delivery
 that did not restore it), reported as such instead of as the 0xD1 the caller's next call would cause. A
-crash on another thread wakes the waiter, which then raises that bugcheck: the CPU has stopped.
+crash on another thread wakes the waiter, which then raises that bugcheck: the CPU has stopped; so does
+a give-up (HarnessTooSlow) on another thread.
 
 `wait_for_thread` is the same kind of wait on a thread of the model (the driver's KeWaitForSingleObject
-on a thread object when it stops one), bounded by a deadline whose expiry is the harness's error.
+on a thread object when it stops one), bounded by a (scaled) deadline whose expiry is the harness's error.
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ import logging
 import threading
 import time
 
-from xenpv.base.threads import join_stopped
+from xenpv.base import threads
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 
-from .bugcheck import BugCheckCode, KeBugCheckEx
 from .irql import APC_LEVEL, DISPATCH_LEVEL, KernelModelError, Processor, assert_max_irql, current_processor, irql_name
 from .status import STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
 
@@ -68,11 +70,11 @@ class KEvent:
             self._condition.notify_all()
 
     def _wait(self, timeout: float | None, cpu: Processor | None = None) -> bool:
-        """False on timeout, or as soon as `cpu` has crashed."""
+        """False on timeout, or as soon as `cpu` has stopped (a crash, or the harness gave up)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
             while not self._signaled:
-                if cpu is not None and cpu.crashed is not None:
+                if cpu is not None and cpu.halted is not None:
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -98,7 +100,7 @@ def KeWaitForSingleObject(event: KEvent, timeout: float | None = None) -> NTSTAT
         return STATUS_SUCCESS if event._wait(0) else STATUS_TIMEOUT
     assert_max_irql(APC_LEVEL, "KeWaitForSingleObject")
     cpu = current_processor()
-    bounded = WAIT_DEADLINE_SECONDS if timeout is None else timeout
+    bounded = scaled(WAIT_DEADLINE_SECONDS) if timeout is None else timeout
     irql = cpu.irql
     cpu.waiting.add(event)
     depth = cpu.lock.release_all()
@@ -111,15 +113,15 @@ def KeWaitForSingleObject(event: KEvent, timeout: float | None = None) -> NTSTAT
     if satisfied:
         return STATUS_SUCCESS
     if timeout is None:
-        raise KeBugCheckEx(BugCheckCode.MODEL_WAIT_DEADLINE_EXCEEDED, event, int(bounded), 0, 0,
-                           message=f"waited {bounded:g}s for {event}, which nothing set")
+        raise HarnessTooSlow(f"{event} not set (a wait without a timeout, endless on Windows)", bounded)
     return STATUS_TIMEOUT
 
 
 def _check_resumed(cpu: Processor, irql: int, what: str) -> None:
-    """After a wait that gave the CPU away: the STOP of another thread, or the caller's IRQL back."""
-    if cpu.crashed is not None:
-        raise cpu.crashed
+    """After a wait that gave the CPU away: the STOP (or give-up) of another thread, or the caller's IRQL
+    back."""
+    if cpu.halted is not None:
+        raise cpu.halted
     if cpu.irql != irql:
         found = cpu.irql
         cpu.irql = irql
@@ -130,13 +132,13 @@ def _check_resumed(cpu: Processor, irql: int, what: str) -> None:
 def wait_for_thread(thread: threading.Thread, what: str, timeout: float | None = None) -> None:
     """Wait for `thread` (already told to stop) to end, giving the kernel lock away meanwhile: the thread
     may need it to finish what it is doing (an interrupt line firing, say). WaitTimeout, naming `what`,
-    if it is still running after `timeout` (base.threads.join_stopped): the caller must then leave alone
-    whatever the thread uses."""
+    if it is still running after `timeout` (default base.threads.THREAD_EXIT_DEADLINE, scaled; see
+    join_stopped): the caller must then leave alone whatever the thread uses."""
     cpu = current_processor()
     irql = cpu.irql
     depth = cpu.lock.release_all()
     try:
-        join_stopped(thread, what, timeout)
+        threads.join_stopped(thread, what, scaled(threads.THREAD_EXIT_DEADLINE) if timeout is None else timeout)
     finally:
         cpu.lock.restore(depth)
     if depth:

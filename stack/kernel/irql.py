@@ -15,6 +15,9 @@ DISPATCH_LEVEL) when the IRQL drops below DISPATCH_LEVEL. Both happen inside `Ke
 A stopped processor runs nothing more: once a bugcheck is recorded (on whichever thread), a thread that
 takes the kernel lock gets that bugcheck raised instead of the CPU, and a thread blocked in a wait is woken
 to raise it, so the STOP reaches the agent's main thread at once rather than as a later, unrelated STOP.
+The processor stops the same way, without a STOP, when a deadline of the harness passed on any thread
+(`give_up` with stack.timescale.HarnessTooSlow): what ran late cannot be trusted to have left the guest
+as Windows would, so nothing runs after it, and the first of the two (STOP or give-up) is what is reported.
 
 Bugcheck codes are the ones Windows' HAL and kernel use: raising to a lower level is
 IRQL_NOT_GREATER_OR_EQUAL (0x9); lowering to a higher level is IRQL_NOT_LESS_OR_EQUAL (0xA); an operation
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from xenpv.base.errors import HarnessError
+from xenpv.stack.timescale import HarnessTooSlow
 
 from .bugcheck import BugCheck, BugCheckCallback, BugCheckCode, KeBugCheckEx, caller_module
 
@@ -75,15 +79,15 @@ class KernelLock:
     """The one lock that serialises all kernel and driver code (the model's "owning the CPU").
 
     Re-entrant. `release_all`/`restore` let a wait give up every recursion level and take them back.
-    Once `stopped` is set (the processor crashed) a thread that newly takes the lock gets that bugcheck
-    raised instead: a stopped CPU runs no more kernel or driver code.
+    Once `stopped` is set (the processor crashed, or the harness gave up on it) a thread that newly takes
+    the lock gets that exception raised instead: a stopped CPU runs no more kernel or driver code.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
-        self.stopped: BugCheck | None = None
+        self.stopped: BugCheck | HarnessTooSlow | None = None
 
     def acquire(self, timeout: float = -1) -> bool:
         me = threading.get_ident()
@@ -157,6 +161,8 @@ class Processor:
     running: list[str] = field(default_factory=list)
     bugcheck_callbacks: list[BugCheckCallback] = field(default_factory=list)
     crashed: BugCheck | None = None
+    # Set instead of `crashed` when a deadline of the harness passed (give_up): stopped, but no STOP.
+    too_slow: HarnessTooSlow | None = None
     # Objects threads are blocked on in KeWaitForSingleObject, so a crash can wake them.
     waiting: set[Waiter] = field(default_factory=set)
     _delivering: bool = False
@@ -189,9 +195,28 @@ class Processor:
             except Exception:  # noqa: BLE001
                 log.exception("bugcheck callback %r failed", callback)
 
+    @property
+    def halted(self) -> BugCheck | HarnessTooSlow | None:
+        """Why this processor runs nothing more (the first bugcheck or give-up), or None."""
+        return self.crashed if self.crashed is not None else self.too_slow
+
+    def give_up(self, too_slow: HarnessTooSlow) -> None:
+        """A deadline of the harness passed on some thread: stop the processor without a STOP, and wake
+        every waiter so the agent's main thread reports it at once. A processor already stopped keeps
+        its first reason."""
+        if self.halted is not None:
+            return
+        log.error("%s; the processor stops", too_slow)
+        self.too_slow = too_slow
+        self.lock.stopped = too_slow
+        self.dpc_queue.clear()
+        self.pending_interrupts.clear()
+        for waiter in list(self.waiting):
+            waiter.wake()
+
     def request_interrupt(self, level: int, item: Deliverable) -> None:
         """An interrupt at `level` arrives: run it now if the IRQL allows, else keep it pending."""
-        if self.crashed is not None:
+        if self.halted is not None:
             return
         self.pending_interrupts.append((level, item))
         if self.irql < level:
@@ -209,7 +234,7 @@ class Processor:
             return
         self._delivering = True
         try:
-            while self.crashed is None:
+            while self.halted is None:
                 runnable = [entry for entry in self.pending_interrupts if entry[0] > self.irql]
                 if runnable:
                     entry = max(runnable, key=lambda e: e[0])

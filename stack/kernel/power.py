@@ -12,7 +12,8 @@ Windows order, as modelled:
 - Every IRP must complete before the power manager moves on. One that is still pending after
   `irp_timeout` seconds stops the guest with DRIVER_POWER_STATE_FAILURE (0x9F), p1 = 3 ("a device object
   has been blocking an IRP for too long"), p2 = the PDO, p3 = the top device, p4 = the IRP, blaming the
-  driver that holds it. (Windows' watchdog is ten minutes; a test wants seconds.)
+  driver that holds it. (Windows' watchdog is ten minutes; a test wants seconds. The seconds are scaled
+  by XENPV_TIME_SCALE, stack.timescale, so a loaded machine does not turn a slow IRP into a 0x9F.)
 
 Simplifications: no power relations, no idle detection, no wait-wake arming, no PoStartNextPowerIrp
 serialisation (it is a no-op since Vista anyway); Sx -> Sy without S0 in between is refused.
@@ -23,6 +24,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from xenpv.stack.timescale import scaled
 
 from .bugcheck import BugCheckCode, KeBugCheckEx
 from .debuglog import DbgLevel, DebugLog
@@ -111,14 +114,15 @@ class PowerManager:
         irp.on_complete.append(lambda _irp: done.set())
         top = IoGetAttachedDevice(pdo)
         IoCallDriver(top, irp)
+        timeout = scaled(self.irp_timeout)
         if not irp.completed:
-            KeWaitForSingleObject(done, self.irp_timeout)
+            KeWaitForSingleObject(done, timeout)
         if not irp.completed:
             holder = irp.stack[-1].device if irp.stack else top
             raise KeBugCheckEx(BugCheckCode.DRIVER_POWER_STATE_FAILURE, 3, pdo, top, irp,
                                module=holder.driver.module,
                                message=f"{irp.name()} {irp.parameters.describe()} not completed by "
-                                       f"{holder!r} within {self.irp_timeout:g}s")
+                                       f"{holder!r} within {timeout:g}s")
         return irp.io_status.status
 
     def request_device_irp(self, device: DeviceObject, minor: int, state: DEVICE_POWER_STATE,

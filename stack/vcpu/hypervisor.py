@@ -1,5 +1,10 @@
 """The vCPU's side of the trap protocol (backends/xenhv/wire.py): hypercalls, and port I/O that
-xenhv claims. Upcalls arrive on an eventfd the vCPU hands over in HELLO."""
+xenhv claims. Upcalls arrive on an eventfd the vCPU hands over in HELLO.
+
+A trap is a VM exit on Xen: it always returns. Here xenhv answers over a socket, so each exchange has a
+deadline (`timeout`, scaled by XENPV_TIME_SCALE); a live xenhv that does not answer in time is
+TrapTooSlow, a stack.timescale.HarnessTooSlow, and never an OSError a driver's thread would take for
+the platform going away."""
 from __future__ import annotations
 
 import mmap
@@ -11,6 +16,7 @@ from pathlib import Path
 
 from xenpv.xenabi.trap import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
 from xenpv.base.errors import HarnessError
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 from xenpv.stack.vcpu.guestmem import close_mapping
 
 
@@ -18,13 +24,18 @@ class HypervisorError(HarnessError):
     pass
 
 
+class TrapTooSlow(HarnessTooSlow):
+    """xenhv did not answer a trap (or the toolstack did not create the domain's trap socket) in time."""
+
+
 class HypervisorLink:
     def __init__(self, path: Path | str, domid: int, timeout: float = 10.0) -> None:
         self.domid = domid
         self._lock = threading.Lock()
+        self.timeout = scaled(timeout)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
+        self.sock.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
         while True:  # the toolstack may still be creating the domain (and its trap socket)
             try:
                 self.sock.connect(str(path))
@@ -32,7 +43,7 @@ class HypervisorLink:
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() >= deadline:
                     self.sock.close()
-                    raise HypervisorError(f"no trap socket {path} for dom{domid} within {timeout:.0f}s") from None
+                    raise TrapTooSlow(f"no trap socket {path} for dom{domid}", self.timeout) from None
                 time.sleep(0.01)
         self.upcall_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         theirs = os.dup(self.upcall_fd)
@@ -49,7 +60,10 @@ class HypervisorLink:
         self.frames = memoryview(self._frames)
 
     def _reply(self, what: str, expect_fds: int = 0) -> tuple[int, int, int, list[int]]:
-        data, fds, _, _ = socket.recv_fds(self.sock, REPLY.size, max(expect_fds, 1))
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, REPLY.size, max(expect_fds, 1))
+        except TimeoutError:
+            raise TrapTooSlow(f"no answer from xenhv to {what} for dom{self.domid}", self.timeout) from None
         if len(data) != REPLY.size:
             for fd in fds:
                 os.close(fd)
@@ -60,7 +74,10 @@ class HypervisorLink:
     def _trap(self, kind: TrapKind, *args: int) -> tuple[int, int]:
         regs = list(args) + [0] * (6 - len(args))
         with self._lock:  # driver code traps from the vCPU thread and the interrupt thread alike
-            self.sock.sendall(TRAP.pack(kind, 0, *regs))
+            try:
+                self.sock.sendall(TRAP.pack(kind, 0, *regs))
+            except TimeoutError:
+                raise TrapTooSlow(f"xenhv taking the {kind.name} trap for dom{self.domid}", self.timeout) from None
             result, v0, _, fds = self._reply(kind.name)
         for fd in fds:
             os.close(fd)

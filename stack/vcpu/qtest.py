@@ -5,6 +5,9 @@ Arguments are validated before they are sent because QEMU g_asserts on some bad 
 `IRQ raise/lower N` lines are routed to `irq_levels` and an optional callback wherever they appear in
 the stream. Every exchange is recorded in QEMU's `-qtest-log` format, so a test's machine-side trace
 replays with `qemu ... -qtest stdio < transcript` (see `replay_requests`).
+
+A reply that does not come within `timeout` seconds (scaled by XENPV_TIME_SCALE) while QEMU is alive is
+QtestTooSlow, a stack.timescale.HarnessTooSlow: QEMU answers qtest at once unless the host is overloaded.
 """
 from __future__ import annotations
 
@@ -17,12 +20,17 @@ from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from xenpv.base.errors import QtestError
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 
 log = logging.getLogger("stack.vcpu.qtest")
 
 _WIDTH_MAX = {"b": 0xFF, "w": 0xFFFF, "l": 0xFFFFFFFF, "q": 0xFFFFFFFFFFFFFFFF}
 _ADDR_MAX = 0xFFFFFFFFFFFFFFFF
 _LOG_LINE = re.compile(r"^\[(?P<dir>[RSI]) \+?(?P<t>[0-9.]+)\] ?(?P<text>.*)$")
+
+
+class QtestTooSlow(HarnessTooSlow):
+    """QEMU, still alive, did not answer a qtest command in time."""
 
 
 class Qtest:
@@ -60,7 +68,8 @@ class Qtest:
         return exc or QtestError(f"qtest connection closed {during}")
 
     def _readline(self, during: str) -> str:
-        deadline = time.monotonic() + self.timeout
+        timeout = scaled(self.timeout)
+        deadline = time.monotonic() + timeout
         while True:
             nl = self._buf.find(b"\n")
             if nl >= 0:
@@ -74,7 +83,7 @@ class Qtest:
                 if self._on_dead is not None and (exc := self._on_dead(during, False)) is not None:
                     raise exc from None
                 if time.monotonic() > deadline:
-                    raise QtestError(f"no reply within {self.timeout:.1f}s {during}") from None
+                    raise QtestTooSlow(f"no qtest reply from QEMU ({during})", timeout) from None
                 continue
             except OSError as exc:
                 raise self._dead(during) from exc

@@ -2,20 +2,30 @@
 
 This is the transport XENBUS's STORE interface sits on: requests and replies in order, watch events
 queued as they arrive between replies, errors as the errno names of xs_wire.h. The ring protocol itself
-is the guest end in backends/xenstored/ring.py (GuestRing); notifications go through the store event
-channel (EVTCHNOP_send) and arrive through the upcall dispatcher.
+is the guest end in xenabi/xs_ring.py (GuestRing); notifications go through the store event channel
+(EVTCHNOP_send) and arrive through the upcall dispatcher.
+
+Each request carries a req_id of its own and only the reply that echoes it is taken as its answer; any
+other is stale and dropped. The driver's StoreSubmitRequest waits as long as xenstored takes; the model's
+wait ends at `timeout` (scaled by XENPV_TIME_SCALE) with XenstoreTooSlow, a stack.timescale.HarnessTooSlow:
+xenstored answers within milliseconds unless the harness's machine is overloaded.
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
 import time
 from collections import deque
 from typing import Callable
 
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 from xenpv.xenabi.xs_ring import GuestRing
 from xenpv.stack.vcpu.hypercalls import Hypercalls
 from xenpv.stack.vcpu.upcall import UpcallDispatcher
 from xenpv.xenabi.xs_wire import XsdSockmsgType as T
+
+log = logging.getLogger("stack.vcpu.xenstore")
 
 
 class XenstoreError(Exception):
@@ -24,6 +34,10 @@ class XenstoreError(Exception):
     def __init__(self, op: str, path: str, errno: str) -> None:
         self.op, self.path, self.errno = op, path, errno
         super().__init__(f"xenstore {op} {path}: {errno}")
+
+
+class XenstoreTooSlow(HarnessTooSlow):
+    """xenstored did not take a request, or did not answer it, in time."""
 
 
 class EventChannelDoorbell:
@@ -59,21 +73,35 @@ class GuestXenstore:
         # the others queue for wait_event. So several users of one connection never take each other's.
         self._handlers: dict[str, Callable[[str, str], None]] = {}
         self._lock = threading.RLock()
+        self._req_ids = itertools.count(1)
 
     def request(self, mtype: T, payload: bytes, tx: int = 0, what: str = "") -> bytes:
+        timeout = scaled(self.timeout)
         with self._lock:
-            self.ring.send(mtype, payload, tx_id=tx)
-            deadline = time.monotonic() + self.timeout
-            while True:
-                rtype, _, _, body = self.ring.read_message(max(0.0, deadline - time.monotonic()))
-                if rtype == T.WATCH_EVENT:
-                    self._queue_event(body)
-                    continue
-                if rtype == T.ERROR:
-                    raise XenstoreError(mtype.name, what, body.rstrip(b"\0").decode())
-                if rtype != mtype:
-                    raise XenstoreError(mtype.name, what, f"reply of type {rtype}")
-                return body
+            req_id = next(self._req_ids) & 0xFFFFFFFF
+            deadline = time.monotonic() + timeout
+            try:
+                self.ring.send(mtype, payload, req_id=req_id, tx_id=tx, timeout=timeout)
+            except TimeoutError:
+                raise XenstoreTooSlow(f"room on the full request ring for {mtype.name} {what}".rstrip(),
+                                      timeout) from None
+            try:
+                while True:
+                    rtype, rid, _, body = self.ring.read_message(max(0.0, deadline - time.monotonic()))
+                    if rtype == T.WATCH_EVENT:
+                        self._queue_event(body)
+                        continue
+                    if rid != req_id:
+                        log.warning("reply of type %d to request %d dropped: waiting for the reply to request "
+                                    "%d (%s %s)", rtype, rid, req_id, mtype.name, what)
+                        continue
+                    if rtype == T.ERROR:
+                        raise XenstoreError(mtype.name, what, body.rstrip(b"\0").decode())
+                    if rtype != mtype:
+                        raise XenstoreError(mtype.name, what, f"reply of type {rtype}")
+                    return body
+            except TimeoutError:
+                raise XenstoreTooSlow(f"no reply from xenstored to {mtype.name} {what}".rstrip(), timeout) from None
 
     def close(self) -> None:
         """Drop the ring, and with it every view of the ring page (the page may then be unmapped)."""

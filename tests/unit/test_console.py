@@ -9,6 +9,7 @@ import pty
 import sys
 import termios
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pexpect
@@ -16,8 +17,11 @@ import pytest
 
 from xenpv.stack.agent import console
 from xenpv.stack.agent.console import COMMANDS, PROMPT, ConsoleShell, person_at_terminal, run_command
+from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.agent.usage import Group, Literal, Placeholder, Usage
 from xenpv.stack.kernel import BugCheck
+from xenpv.stack.kernel.irql import Processor
+from xenpv.stack.timescale import HarnessTooSlow
 
 console.load_command_modules()
 
@@ -272,3 +276,43 @@ def test_a_person_gets_completion_history_and_ctrl_c(tmp_path: Path) -> None:
         child.close(force=True)
     assert child.exitstatus == 0
     assert history.read_text().splitlines()[-2:] == ["fault leak-ref ", "quit"]
+
+
+class Late:
+    """A runtime whose processor the harness gave up on (stack.timescale) while the console was idle."""
+
+    poll = GuestRuntime.poll
+
+    def __init__(self) -> None:
+        self.kernel = SimpleNamespace(cpu=Processor())
+        self.drivers = self.stopped = None
+
+    def write_dump(self, bugcheck: BugCheck) -> Path:
+        raise AssertionError("no crash dump for the harness being too slow")
+
+
+def test_a_deadline_passed_in_a_command_ends_the_guest_without_a_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    late = HarnessTooSlow("no reply from xenstored to READ device/vbd", 5.0)
+
+    def command(rt: object, args: list[str]) -> str:
+        raise late
+
+    monkeypatch.setitem(COMMANDS, "slow", console.ConsoleCommand("slow", command, "", Usage(("",))))
+    rt = Late()
+    stdout = io.StringIO()
+    status = console.run(rt, io.StringIO("slow\nlog\n"), stdout)  # type: ignore[arg-type]
+    assert status == console.TOO_SLOW_EXIT == 4
+    out = stdout.getvalue()
+    assert out.endswith(f"\n{console.TOO_SLOW_MARKER}: no reply from xenstored to READ device/vbd within 5s "
+                        "(XENPV_TIME_SCALE=1)\n")  # and the session ended: `log` did not run
+    assert "STOP" not in out and console.STOP_MARKER not in out
+    assert rt.kernel.cpu.too_slow is late  # the other threads of the guest stop too
+
+
+def test_a_give_up_on_another_thread_is_reported_at_the_next_command() -> None:
+    rt = Late()
+    rt.kernel.cpu.give_up(HarnessTooSlow("no answer from xenhv to HYPERCALL for dom3", 10.0))
+    stdout = io.StringIO()
+    assert console.run(rt, io.StringIO("help\n"), stdout) == console.TOO_SLOW_EXIT  # type: ignore[arg-type]
+    assert stdout.getvalue() == (f"{PROMPT}\n{console.TOO_SLOW_MARKER}: no answer from xenhv to HYPERCALL for dom3 "
+                                 "within 10s (XENPV_TIME_SCALE=1)\n")

@@ -10,7 +10,8 @@ from typing import Iterator
 import pytest
 
 from xenpv.base.errors import QtestError
-from xenpv.stack.vcpu.qtest import Qtest, parse_transcript
+from xenpv.stack.timescale import TIME_SCALE_ENV, HarnessTooSlow
+from xenpv.stack.vcpu.qtest import Qtest, QtestTooSlow, parse_transcript
 
 
 class Peer:
@@ -112,6 +113,21 @@ def test_peer_closing_is_reported_through_on_dead(make) -> None:
     peer.close()
     with pytest.raises(RuntimeError, match="gone .* lost=True"):
         q.inb(0x80)
+
+
+def test_a_live_qemu_that_does_not_answer_in_time_is_the_harness_too_slow(monkeypatch) -> None:
+    """Not a QtestError a driver could take for a device's answer: the harness fell behind."""
+    monkeypatch.setenv(TIME_SCALE_ENV, "2")
+    ours, theirs = socket.socketpair()
+    try:
+        q = Qtest(ours, timeout=0.1, on_dead=lambda during, lost: None)  # QEMU is alive, just silent
+        with pytest.raises(QtestTooSlow, match=r"no qtest reply from QEMU \(waiting for the reply to 'inb "
+                                               r"0x1f7'\) within 0\.2s") as late:
+            q.inb(0x1F7)
+        assert isinstance(late.value, HarnessTooSlow) and not isinstance(late.value, Exception)
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_transcript_is_in_qtest_log_format(make) -> None:

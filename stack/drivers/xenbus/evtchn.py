@@ -38,9 +38,10 @@ from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCa
 from xenpv.stack.kernel.bugcheck import BUG, BugCheck
 from xenpv.stack.kernel.dpc import IoConnectInterrupt, IoDisconnectInterrupt, KInterrupt
 from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thread
-from xenpv.stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
+from xenpv.stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql, current_processor
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
 from xenpv.stack.vcpu.hypercalls import Hypercalls
+from xenpv.stack.timescale import HarnessTooSlow
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.xenabi import event_channel as E
 from xenpv.xenabi import xen as X
@@ -192,6 +193,12 @@ class EvtchnInterface(Interface):
                 # The guest stopped (in this ISR's DPC or elsewhere): the STOP reaches the main thread
                 # through the processor; an interrupt line of a stopped machine delivers nothing more.
                 log.info("interrupt line ends: %s", stop.describe())
+                return
+            except HarnessTooSlow as late:
+                # A deadline of the harness passed in the ISR or a DPC (a trap xenhv did not answer, say):
+                # the processor stops and the main thread reports it; nothing more is delivered.
+                current_processor().give_up(late)
+                log.info("interrupt line ends: %s", late)
                 return
             except Exception:
                 # The ISR and DPCs turn their own exceptions into a STOP (dpc.py), so this is the model's

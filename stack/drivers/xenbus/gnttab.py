@@ -9,7 +9,11 @@ constructor pops a reference from that set and whose destructor puts it back.
 Permit writes domid and frame before the flags (GrantTableFrontend orders the stores). Revoke is the
 driver's CAS loop: at most 100 attempts to clear the flags while the back-end has neither GTF_reading
 nor GTF_writing set, yielding between attempts; after that STATUS_UNSUCCESSFUL and the entry stays out
-(its page must not be reused while mapped).
+(its page must not be reused while mapped). The driver's yield (SchedYield) lets Xen finish a grant copy
+on another CPU, which takes microseconds; here the copy runs in xenhv, another process the host may
+deschedule for milliseconds, so each yield is a sleep of REVOKE_PAUSE_SECONDS (scaled by
+XENPV_TIME_SCALE, stack.timescale): a transient pin outlasts 100 attempts only when the machine is far
+behind, while a back-end that really keeps the grant mapped is still refused after 100.
 
 The grant frames are the ones XenPlatform mapped at start-up (the driver maps them on demand); the
 SUSPEND EARLY re-mapping has nothing to do here because the model's frames survive. MapForeignPages and
@@ -35,6 +39,7 @@ from xenpv.stack.drivers.xenbus.range_set import RangeSet, RangeSetInterface
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER,
                                  STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, NTSTATUS)
+from xenpv.stack.timescale import scaled
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.xenabi.grant_table import GTF_permit_access, GTF_readonly, GTF_type_mask
 
@@ -46,6 +51,7 @@ GNTTAB_RESERVED_CONSOLE = 0
 GNTTAB_RESERVED_XENSTORE = 1
 RESERVED_ENTRY_COUNT = 32
 REVOKE_ATTEMPTS = 100
+REVOKE_PAUSE_SECONDS = 0.0005
 
 _addresses = itertools.count(0xFFFFE000_01600000, 0x40)
 
@@ -169,11 +175,12 @@ class GnttabInterface(Interface):
         return STATUS_SUCCESS, entry
 
     def GnttabRevokeForeignAccess(self, Cache: GnttabCache, Locked: bool, Entry: GnttabEntry) -> NTSTATUS:
+        pause = scaled(REVOKE_PAUSE_SECONDS)
         for _ in range(REVOKE_ATTEMPTS):
             if self.platform.grants.end_foreign_access(Entry.Reference):
                 self.cache.CachePut(Cache.cache, Entry.cache_object, Locked)
                 return STATUS_SUCCESS
-            time.sleep(0)  # SchedYield: give the back-end a chance to unmap
+            time.sleep(pause)  # SchedYield: give the back-end a chance to finish with it
         log.warning("revoke of reference %d to dom%d: still mapped after %d attempts", Entry.Reference,
                     Entry.Domain, REVOKE_ATTEMPTS)
         return STATUS_UNSUCCESSFUL

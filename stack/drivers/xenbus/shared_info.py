@@ -14,6 +14,7 @@ before XENBUS loads, so masking them all would cut the platform's own xenstore c
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.stack.drivers.interface import Interface, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, XEN_LEGACY_MAX_VCPUS, SharedInfo, VcpuInfo, VcpuTimeInfo
 
@@ -35,7 +37,10 @@ _MASK = SharedInfo.evtchn_mask.offset
 _VCPU_INFO_SIZE = SharedInfo.vcpu_info.size // XEN_LEGACY_MAX_VCPUS
 # 100 ns intervals between 1601-01-01 (the Windows epoch) and 1970-01-01 (Xen's wall clock epoch).
 _EPOCH_1601_TO_1970 = 116_444_736_000_000_000
-_SEQLOCK_ATTEMPTS = 100
+# The driver retries a torn read of the time records for as long as it takes: the hypervisor's update is
+# over in microseconds. xenhv is another process the host may deschedule mid-update, so the model retries
+# until this deadline (scaled) and then gives up with HarnessTooSlow.
+SEQLOCK_DEADLINE_SECONDS = 1.0
 
 # Event(Argument, Port) -> handled something
 SharedInfoEvent = Callable[[Any, int], bool]
@@ -148,7 +153,9 @@ class SharedInfoInterface(Interface):
         shared_info's wc_* plus vCPU 0's system_time, read under both seqlocks; Local is FALSE because
         Xen's wall clock is UTC."""
         time_info = self._vcpu(0) + VcpuInfo.time.offset
-        for _ in range(_SEQLOCK_ATTEMPTS):
+        timeout = scaled(SEQLOCK_DEADLINE_SECONDS)
+        deadline = time.monotonic() + timeout
+        while True:
             wc_version = self.mem.load(SharedInfo.wc_version.offset, 4)
             time_version = self.mem.load(time_info + VcpuTimeInfo.version.offset, 4)
             seconds = (self.mem.load(SharedInfo.wc_sec_hi.offset, 4) << 32
@@ -158,7 +165,10 @@ class SharedInfoInterface(Interface):
             if (wc_version & 1 or time_version & 1
                     or wc_version != self.mem.load(SharedInfo.wc_version.offset, 4)
                     or time_version != self.mem.load(time_info + VcpuTimeInfo.version.offset, 4)):
+                if time.monotonic() >= deadline:
+                    raise HarnessTooSlow("a consistent read of the shared_info time records (xenhv still "
+                                         "updating them)", timeout)
+                time.sleep(0)  # let the writer finish
                 continue
             total_ns = seconds * 1_000_000_000 + nanoseconds + system_time
             return _EPOCH_1601_TO_1970 + total_ns // 100, False
-        raise RuntimeError(f"shared_info time records kept changing over {_SEQLOCK_ATTEMPTS} reads")

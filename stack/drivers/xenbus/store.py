@@ -15,6 +15,10 @@ xenstored errors become NTSTATUS values (ENOENT -> STATUS_OBJECT_NAME_NOT_FOUND,
 STATUS_ACCESS_DENIED, EAGAIN -> STATUS_RETRY, ...). On the SUSPEND EARLY callback open transactions
 become inactive (their TransactionEnd answers STATUS_RETRY); the LATE callback signals every watch, as
 the driver does after resume, so clients re-read what they watch.
+
+A request waits for xenstored's reply as the driver's StoreSubmitRequest does, without a timeout of its
+own; the connection's deadline (stack.vcpu.xenstore) is the harness's and its expiry, HarnessTooSlow, is
+not turned into a status the client would act on.
 """
 from __future__ import annotations
 
@@ -31,10 +35,12 @@ from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.event import KEvent, KeSetEvent, wait_for_thread
+from xenpv.stack.kernel.irql import current_processor
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_ACCESS_DENIED, STATUS_BUFFER_OVERFLOW, STATUS_INVALID_PARAMETER,
                                  STATUS_NO_MEMORY, STATUS_NOT_IMPLEMENTED, STATUS_OBJECT_NAME_COLLISION,
                                  STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS, STATUS_UNSUCCESSFUL,
                                  NTSTATUS)
+from xenpv.stack.timescale import HarnessTooSlow
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.stack.vcpu.xenstore import XenstoreError
 from xenpv.xenabi.xs_wire import XsdSockmsgType as T
@@ -207,6 +213,11 @@ class StoreInterface(Interface):
                 # The ring went away under us (the platform is closing): nothing more will arrive.
                 log.debug("watch thread: store connection closed")
                 return
+            except HarnessTooSlow as late:
+                # The notification trap was not answered in time: the processor stops and the main
+                # thread reports it (stack.timescale).
+                current_processor().give_up(late)
+                return
             self._stopping.wait(WATCH_POLL_SECONDS)
 
     def _fire(self, path: str, token: str) -> None:
@@ -226,9 +237,6 @@ class StoreInterface(Interface):
             status = errno_to_status(error.errno)
             log.debug("%s %s: %s", what, path, error.errno)
             return status, None
-        except TimeoutError:
-            log.warning("%s %s: xenstored did not answer", what, path)
-            return STATUS_IO_TIMEOUT, None
 
     @staticmethod
     def _tx(transaction: StoreTransaction | None) -> int:

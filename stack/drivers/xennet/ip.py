@@ -3,7 +3,8 @@ echo (answers, and pings), UDP (with IP fragmentation and reassembly) and TCP cl
 Frames are built and parsed with dpkt, which also computes every checksum.
 
 Received frames arrive at DISPATCH_LEVEL from XENVIF's DPC; callers (the console) run at PASSIVE_LEVEL and
-wait with KeWaitForSingleObject, which lets the DPC run."""
+wait with KeWaitForSingleObject, which lets the DPC run. Their timeouts are scaled by XENPV_TIME_SCALE
+(stack.timescale), so a loaded machine does not read as a lost packet."""
 from __future__ import annotations
 
 import ipaddress
@@ -17,6 +18,7 @@ from typing import Any
 import dpkt
 
 from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.timescale import scaled
 
 from .tcp import TcpConnection, TcpState
 
@@ -26,6 +28,7 @@ BROADCAST = b"\xff" * 6
 IP_HEADER = 20
 REASSEMBLY_LIMIT = 64  # datagrams being reassembled at once; the oldest is dropped beyond that
 POLL_SECONDS = 0.02
+ARP_RETRY_SECONDS = 0.2
 
 
 class NetError(Exception):
@@ -171,7 +174,8 @@ class Ipv4:
     # -- callers at PASSIVE_LEVEL ---------------------------------------------------------------------------
 
     def wait(self, predicate: Callable[[], bool], timeout: float, tick: Callable[[], Any] | None = None) -> bool:
-        deadline = time.monotonic() + timeout
+        """Until `predicate()`, for `timeout` seconds (scaled); False if it did not come true in time."""
+        deadline = time.monotonic() + scaled(timeout)
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -183,12 +187,12 @@ class Ipv4:
         return True
 
     def resolve(self, address: ipaddress.IPv4Address, timeout: float = 3.0) -> bytes:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while address.packed not in self.arp:
             self._arp(dpkt.arp.ARP_OP_REQUEST, b"\0" * 6, address.packed, BROADCAST)
-            if not self.wait(lambda: address.packed in self.arp, min(0.2, max(0.0, deadline - time.monotonic()))):
+            if not self.wait(lambda: address.packed in self.arp, ARP_RETRY_SECONDS):
                 if time.monotonic() >= deadline:
-                    raise NetError(f"no ARP reply from {address}")
+                    raise NetError(f"no ARP reply from {address} within {scaled(timeout):g}s")
         return self.arp[address.packed]
 
     def ping(self, address: ipaddress.IPv4Address, seq: int, payload: bytes = b"xennet", timeout: float = 2.0) -> bool:
@@ -221,7 +225,7 @@ class Ipv4:
     def udp_recv(self, port: int, timeout: float = 5.0) -> tuple[str, int, bytes]:
         queue = self.udp[port]
         if not self.wait(lambda: bool(queue), timeout):
-            raise NetError(f"no UDP datagram on port {port} within {timeout}s")
+            raise NetError(f"no UDP datagram on port {port} within {scaled(timeout):g}s")
         return queue.popleft()
 
     def tcp_connect(self, address: ipaddress.IPv4Address, port: int, timeout: float = 5.0) -> TcpConnection:
@@ -251,12 +255,12 @@ class Ipv4:
 
     def tcp_send_all(self, connection: TcpConnection, data: bytes, timeout: float) -> None:
         view, sent = memoryview(data), 0
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while sent < len(data) or connection.unacked:
             if connection.reset:
                 raise NetError("TCP connection reset by the peer")
             if time.monotonic() >= deadline:
-                raise NetError(f"TCP send: {sent} of {len(data)} bytes after {timeout}s")
+                raise NetError(f"TCP send: {sent} of {len(data)} bytes after {scaled(timeout):g}s")
             sent += connection.send(bytes(view[sent:]))
             before = connection.snd_una
             self.wait(lambda: connection.snd_una != before or connection.reset, 0.05, connection.tick)

@@ -23,6 +23,9 @@ backend can still reach goes back to the allocator.
 The disk: TargetRead/TargetWrite/TargetFlush/TargetDiscard at PASSIVE_LEVEL, in units of the backend's
 sector-size, each split into blkif requests (request.py) spread over the rings; each waits for its
 completion with a deadline and fails with XenvbdIoError rather than hanging or dropping data.
+
+Every wait on the backend here (the watchdog's stall, the close waits, an I/O's deadline) is scaled by
+XENPV_TIME_SCALE (stack.timescale), so a loaded machine does not read as a dead backend.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from xenpv.stack.kernel.irql import assert_passive
 from xenpv.stack.kernel.mm import Mdl, current_mm
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS,
                                  STATUS_TIMEOUT)
+from xenpv.stack.timescale import scaled
 from xenpv.xenabi.blkif import (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE,
                           XEN_IO_PROTO_ABI_X86_64)
 from xenpv.xenabi.xenbus import XenbusState
@@ -214,7 +218,7 @@ class XenvbdTarget:
             broken = next((r.broken for r in self.rings if r.broken), None)
             if be != XenbusState.Connected:
                 self._backend_left(f"backend went {be.name}")
-            elif broken or stalled > WATCHDOG_SECONDS:
+            elif broken or stalled > scaled(WATCHDOG_SECONDS):
                 self._backend_left(broken or f"no response for {stalled:.1f}s")
             return
         if self.state == FrontendState.INITIALISED:
@@ -417,7 +421,7 @@ class XenvbdTarget:
     def _reap_before_removal(self) -> None:
         """The backend has closed (or was given up on): give it until CLOSE_WAIT_SECONDS to let go of its
         mappings; whatever it still holds stays out of use for good."""
-        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        deadline = time.monotonic() + scaled(CLOSE_WAIT_SECONDS)
         while True:
             self._reap(force=True)
             if not self.parked and not self.reaper.outstanding:
@@ -429,7 +433,7 @@ class XenvbdTarget:
             KeWaitForSingleObject(self.adapter.event, 0.05)
 
     def _wait_backend(self, states: tuple[XenbusState, ...]) -> None:
-        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        deadline = time.monotonic() + scaled(CLOSE_WAIT_SECONDS)
         while True:
             be = self.backend_state()
             if be is None or be in states:
@@ -476,6 +480,7 @@ class XenvbdTarget:
         return io
 
     def _wait(self, io: Io, timeout: float) -> None:
+        timeout = scaled(timeout)
         if io.parts and KeWaitForSingleObject(io.event, timeout) == STATUS_TIMEOUT:
             for part in io.parts:
                 part.cancelled = True

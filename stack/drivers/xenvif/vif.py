@@ -29,6 +29,7 @@ from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
 from xenpv.stack.kernel.irql import assert_passive
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
                                  STATUS_TIMEOUT, NTSTATUS)
+from xenpv.stack.timescale import scaled
 
 log = logging.getLogger("stack.drivers.xenvif.vif")
 
@@ -237,7 +238,7 @@ class VifInterface(Interface):
         if self.callback is None:
             BUG("VIF NOT ENABLED")
         self.frontend.FrontendDisable()
-        if self.outstanding and KeWaitForSingleObject(self.returned, DISABLE_WAIT_SECONDS) == STATUS_TIMEOUT:
+        if self.outstanding and KeWaitForSingleObject(self.returned, scaled(DISABLE_WAIT_SECONDS)) == STATUS_TIMEOUT:
             log.warning("VifDisable: %d packet(s) still with the client", self.outstanding)
         self.callback = self.argument = None
 

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 
+from xenpv.stack.drivers.xenbus import shared_info as shared_info_module
 from xenpv.stack.drivers.xenbus.evtchn import EVTCHN_FIXED, EVTCHN_UNBOUND, EVTCHN_VIRQ
 from xenpv.stack.kernel.bugcheck import BugCheck
 from xenpv.stack.kernel.irql import DIRQL, HIGH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
 from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_TIMEOUT
+from xenpv.stack.timescale import HarnessTooSlow
+from xenpv.stack.vcpu.hypervisor import TrapTooSlow
+from xenpv.xenabi.xen import SharedInfo, VcpuInfo, VcpuTimeInfo
 
 from .stack_of import interfaces, table_of
 
@@ -127,3 +133,56 @@ def test_suspend_makes_channels_inactive_and_release_with_channels_is_a_bug(plat
     with pytest.raises(BugCheck) as stop:
         ev.EvtchnRelease()
     assert stop.value.message == "BUG: OUTSTANDING CHANNELS"
+
+
+def _time_version_odd_for(si, seconds: float) -> threading.Timer:
+    """xenhv descheduled in the middle of updating vCPU 0's time record: its version stays odd a while."""
+    offset = SharedInfo.vcpu_info.offset + VcpuInfo.time.offset + VcpuTimeInfo.version.offset
+    si.Context.mem.store(offset, 4, 1)
+    done = threading.Timer(seconds, si.Context.mem.store, args=(offset, 4, 2))
+    done.start()
+    return done
+
+
+def test_get_time_waits_out_a_writer_that_was_descheduled_mid_update(platform) -> None:
+    si = table_of(interfaces(platform).shared_info)
+    assert si.SharedInfoAcquire() == STATUS_SUCCESS
+    done = _time_version_odd_for(si, 0.05)
+    try:
+        assert si.SharedInfoGetTime() == (116_444_736_000_000_000, False)
+    finally:
+        done.join()
+        si.SharedInfoRelease()
+
+
+def test_get_time_against_a_record_that_never_settles_is_the_harness_too_slow(platform, monkeypatch) -> None:
+    monkeypatch.setattr(shared_info_module, "SEQLOCK_DEADLINE_SECONDS", 0.05)
+    si = table_of(interfaces(platform).shared_info)
+    assert si.SharedInfoAcquire() == STATUS_SUCCESS
+    done = _time_version_odd_for(si, 5.0)
+    try:
+        with pytest.raises(HarnessTooSlow, match="shared_info time records"):
+            si.SharedInfoGetTime()
+    finally:
+        done.cancel()
+        si.SharedInfoRelease()
+
+
+def test_a_deadline_passed_in_the_isr_stops_the_processor_and_wakes_the_waiter_without_a_stop(platform, cpu) -> None:
+    """A trap xenhv does not answer in time inside an ISR: no 0x1E blamed on the driver, no interrupt line
+    dying quietly while the main thread waits for an event that cannot come."""
+    late = TrapTooSlow("no answer from xenhv to HYPERCALL for dom7", 10.0)
+
+    def callback(_intr: object, _arg: object) -> bool:
+        raise late
+
+    with cpu.lock:
+        ev = table_of(interfaces(platform).evtchn)
+        ev.EvtchnAcquire()
+        channel = ev.EvtchnOpen(EVTCHN_UNBOUND, callback, None, 0, False)
+        platform.upcalls.raise_event(ev.EvtchnGetPort(channel))
+        with pytest.raises(HarnessTooSlow) as woken:
+            ev.EvtchnWait(channel, 1, 3.0)
+    assert woken.value is late and cpu.too_slow is late and cpu.crashed is None
+    ev.EvtchnClose(channel)
+    ev.EvtchnRelease()
