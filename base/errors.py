@@ -37,6 +37,12 @@ class WaitTimeout(HarnessError):
     """A deadline passed while the processes waited on were all still alive."""
 
 
+class HarnessTooSlow(WaitTimeout):
+    """The guest model gave up on one of its deadlines (stack.timescale; "*** HARNESS TOO SLOW" on the
+    guest's console): the machine running the harness fell behind, no driver broke a rule. XENPV_TIME_SCALE
+    gives every deadline of the guest model more time."""
+
+
 class QtestError(HarnessError):
     """QEMU answered a qtest command with FAIL or ERR, or the command was refused before sending."""
 

@@ -3,7 +3,9 @@ console the harness drives with pexpect.
 
 `GuestConsole.run("devices")` returns a command's output; a bugcheck at any point raises
 `GuestBugcheck` carrying the crash dump, so a test fails with the STOP code, the module and the dump's
-path instead of a timeout.
+path instead of a timeout. A guest that gave up on a deadline of the harness (no STOP: the machine was too
+slow) raises `HarnessTooSlow` saying what was late. The console's deadlines are scaled by XENPV_TIME_SCALE
+as the guest model's are.
 """
 from __future__ import annotations
 
@@ -18,14 +20,15 @@ from typing import TYPE_CHECKING
 import pexpect
 
 from xenpv.backends.toolstack import CreatedDomain, Toolstack
-from xenpv.base.errors import HarnessError, WaitTimeout
+from xenpv.base.errors import HarnessError, HarnessTooSlow, WaitTimeout
 from xenpv.base.owner import child_env
 if TYPE_CHECKING:
     from xenpv.harness.dom0 import Dom0Backends
 from xenpv.harness.machine import Machine
 from xenpv.backends.host import HostServices
-from xenpv.stack.agent.console import PROMPT, STOP_MARKER
+from xenpv.stack.agent.console import PROMPT, STOP_MARKER, TOO_SLOW_MARKER
 from xenpv.stack.kernel import CrashDump
+from xenpv.stack.timescale import scaled, time_scale
 
 log = logging.getLogger("harness.agent")
 
@@ -55,10 +58,11 @@ class GuestConsole:
         self._expect_prompt("boot", timeout)
 
     def _expect_prompt(self, during: str, timeout: float) -> str:
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         while True:
             # Short slices, so a QEMU that died is reported as such rather than as a timeout.
-            i = self.child.expect_exact([PROMPT, STOP_MARKER, pexpect.EOF, pexpect.TIMEOUT],
+            i = self.child.expect_exact([PROMPT, STOP_MARKER, pexpect.EOF, pexpect.TIMEOUT, TOO_SLOW_MARKER],
                                         timeout=min(0.5, max(0.01, deadline - time.monotonic())))
             if i == 0:
                 return self.child.before.replace("\r\n", "\n")
@@ -68,6 +72,12 @@ class GuestConsole:
                 path = Path(m.group(3)) if m else Path("?")
                 self.child.expect(pexpect.EOF, timeout=5)
                 raise GuestBugcheck(CrashDump.load(path), path, during)
+            if i == 4:
+                self.child.expect(r"\n")
+                what = self.child.before.removeprefix(":").strip()
+                self.child.expect(pexpect.EOF, timeout=5)
+                raise HarnessTooSlow(f"the guest gave up during {during}, the harness being too slow: {what}; "
+                                     "XENPV_TIME_SCALE=N gives every deadline N times as long")
             if i == 2:
                 self.child.close()
                 raise HarnessError(f"the guest agent exited during {during} (status {self.child.exitstatus}, "
@@ -117,6 +127,7 @@ class Guest:
     def boot(cls, host: HostServices, machine: Machine, timeout: float = 30.0,
              backends: "Dom0Backends | None" = None) -> "Guest":
         """`backends`: dom0's blkback and netback; the domain's vifs get their TAPs before it boots."""
+        time_scale()  # a ConfigError naming XENPV_TIME_SCALE now, not an agent that will not start
         art = machine.paths.artifacts
         toolstack = domain = None
         argv = [sys.executable, "-m", "xenpv.stack.agent", "--guest", str(machine.guest.path),
