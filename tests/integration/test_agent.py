@@ -1,9 +1,15 @@
-"""The guest agent as a user drives it: boot, console commands, a bugcheck that fails with its dump."""
+"""The guest agent as a user drives it: boot, console commands, a bugcheck that fails with its dump, and
+a harness too slow for the guest model's deadlines, which is no STOP."""
 from __future__ import annotations
+
+import os
+import signal
 
 import pytest
 
+from xenpv.base.errors import HarnessTooSlow
 from xenpv.harness.agent import GuestBugcheck
+from xenpv.stack.agent.console import TOO_SLOW_EXIT, TOO_SLOW_MARKER
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +52,19 @@ def test_guest_xenstore_through_the_store_interface(boot_guest) -> None:
     assert "hello" in g.console.run("xs ls data").splitlines()
     assert "STATUS_ACCESS_DENIED" in g.console.run("xs write /local/domain/0/x y")
     assert g.console.run("interfaces") == before  # every reference the commands took was released
+
+
+def test_a_xenstored_that_stops_answering_is_the_harness_too_slow_not_a_stop(boot_guest, host) -> None:
+    """xenstored frozen (as a host far too loaded would leave it): the guest gives up on its deadline and
+    says so; no STOP screen, no crash dump, and the harness raises HarnessTooSlow, not GuestBugcheck."""
+    g = boot_guest("default")
+    os.kill(host.xenstored.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(HarnessTooSlow, match="the harness being too slow: no reply from xenstored to "):
+            g.console.run("xs read name")
+    finally:
+        os.kill(host.xenstored.pid, signal.SIGCONT)
+    assert g.console.child.wait() == TOO_SLOW_EXIT
+    log = (g.artifacts / "console.log").read_text()
+    assert TOO_SLOW_MARKER in log and "*** STOP" not in log
+    assert not list(g.artifacts.glob("crash-*.json"))
