@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import re
 import subprocess
 import sys
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
     from xenpv.harness.agent import Guest
     from xenpv.harness.dom0 import Dom0Backends
 
-log = logging.getLogger("harness.commands")
 
 # Names for what the harness expects to find on its machines; anything else prints as "unknown".
 KNOWN_FUNCTIONS = {

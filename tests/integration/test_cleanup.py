@@ -7,6 +7,7 @@ processes, found by the owner mark (base.owner) and by the process groups the ru
 Other sessions may run at the same time: only what carries this run's mark counts."""
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -245,11 +246,17 @@ def test_signals_during_teardown_do_not_cut_it_short(rundir_base: Path, sig: sig
     assert_nothing_left(run, snap)
 
 
-def _killed_run(base: Path) -> tuple[Run, Snapshot, subprocess.Popen[bytes]]:
+def _xenpv(base: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xenpv.harness.cli", *args], cwd=TOP, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, RUNDIR_ENV: str(base)})
+
+
+@pytest.fixture
+def killed_run(rundir_base: Path) -> Iterator[tuple[Run, Snapshot, subprocess.Popen[bytes]]]:
     """A run killed with SIGKILL at its console, and a process marked as its own that outlived it (as a
     helper that escaped its parent-death signal would). Other sessions on the machine may reap that
     process too (it is theirs to reap), so tests only ask that it is gone, not who said so."""
-    run = Run(base, console=True)
+    run = Run(rundir_base, console=True)
     try:
         run.wait_for_output("guest> ")
         snap = snapshot(run)
@@ -259,44 +266,29 @@ def _killed_run(base: Path) -> tuple[Run, Snapshot, subprocess.Popen[bytes]]:
         run.kill_for_good()
     straggler = subprocess.Popen(["sleep", "300"], env={**os.environ, OWNER_ENV: str(run.owner)},
                                  start_new_session=True)
-    # The run directories are in this test's own base, out of other sessions' reach: they must be there.
-    assert left_by(run.owner, base).run_dirs
-    return run, snap, straggler
-
-
-def test_xenpv_clean_removes_what_a_killed_run_left(rundir_base: Path) -> None:
-    run, snap, straggler = _killed_run(rundir_base)
     try:
-        left = left_by(run.owner, rundir_base)
-        out = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "clean"], cwd=TOP, capture_output=True,
-                             text=True, timeout=60, env={**os.environ, RUNDIR_ENV: str(rundir_base)})
-        assert out.returncode == 0, out.stderr
-        assert straggler.wait(10) == -signal.SIGKILL
-        for d in left.run_dirs:
-            assert f"removed run directory {d}" in out.stdout
-        assert_nothing_left(run, snap)
+        # The run directories are in this test's own base, out of other sessions' reach: they must be there.
+        assert left_by(run.owner, rundir_base).run_dirs
+        yield run, snap, straggler
     finally:
         if straggler.poll() is None:
             straggler.kill()
-            straggler.wait()
+        straggler.wait()
 
 
-def test_the_next_run_removes_what_a_killed_run_left(rundir_base: Path) -> None:
-    run, snap, straggler = _killed_run(rundir_base)
-    try:
-        left = left_by(run.owner, rundir_base)
-        out = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "run", "guests/no-platform.yaml"], cwd=TOP,
-                             capture_output=True, text=True, timeout=180, env={**os.environ, RUNDIR_ENV: str(rundir_base)})
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "removed what earlier runs that died left behind" in out.stderr
-        for d in left.run_dirs:
-            assert f"run directory {d}" in out.stderr
-        assert straggler.wait(10) == -signal.SIGKILL
-        assert_nothing_left(run, snap)
-    finally:
-        if straggler.poll() is None:
-            straggler.kill()
-            straggler.wait()
+@pytest.mark.parametrize("command, says", [
+    (["clean"], "removed run directory {}"),
+    (["run", "guests/no-platform.yaml"], "xenpv: removed what earlier runs that died left behind:*run directory {}"),
+], ids=["xenpv clean", "the next run"])
+def test_what_a_killed_run_left_is_removed(killed_run, rundir_base: Path, command: list[str], says: str) -> None:
+    run, snap, straggler = killed_run
+    left = left_by(run.owner, rundir_base)
+    out = _xenpv(rundir_base, *command)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for d in left.run_dirs:
+        assert fnmatch.fnmatch(out.stdout + out.stderr, f"*{says.format(d)}*")
+    assert straggler.wait(10) == -signal.SIGKILL
+    assert_nothing_left(run, snap)
 
 
 def test_clean_never_touches_a_live_run(rundir_base: Path) -> None:
@@ -304,8 +296,7 @@ def test_clean_never_touches_a_live_run(rundir_base: Path) -> None:
     try:
         run.wait_for_output("guest> ")
         before = left_by(run.owner, rundir_base)
-        out = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "clean"], cwd=TOP, capture_output=True,
-                             text=True, timeout=60, env={**os.environ, RUNDIR_ENV: str(rundir_base)})
+        out = _xenpv(rundir_base, "clean")
         assert out.returncode == 0, out.stderr
         assert left_by(run.owner, rundir_base) == before
         assert run.proc.stdin is not None
