@@ -99,7 +99,7 @@ def marked_processes() -> Iterator[MarkedProcess]:
         pid = int(entry.name)
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+        except OSError:  # gone meanwhile, or not ours to read
             continue
         for var in environ.split(b"\0"):
             if var.startswith(_ENV_PREFIX):
