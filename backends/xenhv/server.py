@@ -121,12 +121,19 @@ class Server:
 
     def serve_forever(self) -> None:
         while not self._stopping:
-            for key, _ in self.sel.select(timeout=0.2):
-                self._ready(key)
+            self._dispatch(self.sel.select(timeout=0.2))
         self.hv.destroy_all()
         for key in list(self.sel.get_map().values()):
             if not isinstance(key.fileobj, int):
                 key.fileobj.close()
+
+    def _dispatch(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, _ in events:
+            # One event's handler may close another connection of the same batch (a destroyed domain drops
+            # its vCPU's trap connections; a dropped control client its back-end fds): that key is stale,
+            # its socket closed or its fd already reused by a new registration.
+            if self.sel.get_map().get(key.fd) is key:
+                self._ready(key)
 
     def _ready(self, key: selectors.SelectorKey) -> None:
         kind, obj = key.data
