@@ -44,6 +44,7 @@ class Domain:
     state: RunState = RunState.PAUSED
     shutdown_reason: int | None = None
     upcall_fd: int | None = None
+    vcpu_parked: bool = False  # in SCHEDOP_shutdown(SHUTDOWN_suspend), its trap not answered yet
     upcalls: int = 0
     on_shutdown: Callable[["Domain"], None] | None = None
 

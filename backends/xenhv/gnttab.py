@@ -239,6 +239,20 @@ class GrantTable:
             raise GrantError(GNTST_bad_gntref, f"dom{self.domid}: ref {ref} is beyond {self.nr_entries} entries")
         return read_entry(self._frames, ref)
 
+    def clear_transfer_flags(self) -> int:
+        """Clear GTF_reading/GTF_writing on every entry no mapping of this table pins (a restored table's
+        bits belong to the source domain's mappings); returns how many entries had them."""
+        cleared = 0
+        with self._lock:
+            for ref in range(self.nr_entries):
+                if ref in self._active:
+                    continue
+                mem, off = entry_location(self._frames, ref)
+                if mem.load(off + FLAGS, FLAGS_BYTES) & (GTF_reading | GTF_writing):
+                    self._clear_flags(ref, GTF_reading | GTF_writing)
+                    cleared += 1
+        return cleared
+
     def release(self) -> None:
         """Drop the atomic views of the frames; call before their mapping is closed."""
         with self._lock:

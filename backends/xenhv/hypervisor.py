@@ -28,6 +28,9 @@ from xenpv.xenabi.unplug import XEN_PLATFORM_VENDOR_ID
 log = logging.getLogger("xenhv")
 
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
+# SCHEDOP_shutdown(SHUTDOWN_suspend) returns 1 when the suspend was cancelled and the domain resumed in
+# place (xc_domain_resume's modify_returncode); a domain restored elsewhere sees the 0 it was saved with.
+SUSPEND_CANCELLED = 1
 MAX_GNTTAB_BATCH = 4096
 INVALID_GFN = (1 << 64) - 1
 UNMODELLED_EVTCHNOPS = frozenset({E.EVTCHNOP_bind_pirq, E.EVTCHNOP_bind_vcpu, E.EVTCHNOP_reset,
@@ -47,6 +50,8 @@ class Hypervisor:
         self.on_domain_destroyed: Callable[[int], None] | None = None
         self.on_shutdown: Callable[[Domain, int], None] | None = None
         self.on_unpause: Callable[[int], None] | None = None
+        # The server answers a vCPU parked in SCHEDOP_shutdown(SHUTDOWN_suspend) with this value.
+        self.on_resume: Callable[[int, int], None] | None = None
         # The server's selector, for the call eventfds of back-end channels.
         self.register_fd: Callable[[int, Callable[[], None]], None] = lambda fd, fn: None
         self.unregister_fd: Callable[[int], None] = lambda fd: None
@@ -160,6 +165,12 @@ class Hypervisor:
             raise XenError(X.XEN_EBUSY, f"dom{domid} already has event channels: restore into a new domain")
         self.grant_table(dom).grow(int(state["grant_frames"]))
         dom.memory.frames[:] = frames
+        # GTF_reading/GTF_writing described mappings of the source's back-ends, which died with it: no
+        # back-end of this domain maps anything yet, and a stale bit would make the guest's revoke of that
+        # entry fail for ever (gnttab.c's end-of-access check).
+        cleared = self.grant_table(dom).clear_transfer_flags()
+        if cleared:
+            log.info("dom%d restored: GTF_reading/GTF_writing cleared on %d entries", domid, cleared)
         for index, gfn in state["hv_frames"].items():
             dom.memory.map_hv_frame(int(index), int(gfn))
         dom.params = {int(k): int(v) for k, v in state["params"].items()}
@@ -167,6 +178,20 @@ class Hypervisor:
 
     def control_pause(self, domid: int) -> None:
         self.domain(domid).state = RunState.PAUSED
+
+    def control_resume_domain(self, domid: int) -> None:
+        """xc_domain_resume(fast=1), the checkpoint and the cancelled suspend: the domain that shut down
+        with SHUTDOWN_suspend runs on where it stopped, and its SCHEDOP_shutdown returns 1 (the guest's
+        SchedShutdown turns that into STATUS_CANCELLED, so no resume callback runs)."""
+        dom = self.domain(domid)
+        if dom.state is not RunState.SHUTDOWN or dom.shutdown_reason != X.SHUTDOWN_suspend:
+            raise XenError(X.XEN_EINVAL, f"dom{domid} is not suspended (state {dom.state.value}, "
+                                         f"reason {dom.shutdown_reason})")
+        dom.state = RunState.RUNNING
+        dom.shutdown_reason = None
+        log.info("dom%d resumed in place (suspend cancelled)", domid)
+        if self.on_resume is not None:
+            self.on_resume(domid, SUSPEND_CANCELLED)
 
     def control_unpause(self, domid: int) -> None:
         dom = self.domain(domid)
@@ -178,7 +203,8 @@ class Hypervisor:
 
     def control_list_domains(self) -> list[dict[str, Any]]:
         return [{"domid": d.domid, "name": d.config.name, "state": d.state.value,
-                 "shutdown_reason": d.shutdown_reason} for d in self.domains.values()]
+                 "shutdown_reason": d.shutdown_reason, "vcpu_parked": d.vcpu_parked}
+                for d in self.domains.values()]
 
     def control_set_param(self, domid: int, index: int, value: int) -> None:
         self.domain(domid).params[index] = value
@@ -199,6 +225,9 @@ class Hypervisor:
     def shutdown(self, dom: Domain, reason: int) -> None:
         dom.state = RunState.SHUTDOWN
         dom.shutdown_reason = reason
+        # A suspending vCPU does not come back from the hypercall until the domain is resumed (checkpoint,
+        # cancel) or its saved state runs in another domain: the server keeps its trap unanswered.
+        dom.vcpu_parked = reason == X.SHUTDOWN_suspend
         log.info("dom%d shut down, reason %d", dom.domid, reason)
         if self.on_shutdown:
             self.on_shutdown(dom, reason)

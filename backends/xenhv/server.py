@@ -73,7 +73,11 @@ class Server:
         hv.on_domain_created = self._domain_created
         hv.on_domain_destroyed = self._domain_destroyed
         hv.on_unpause = self._domain_unpaused
+        hv.on_resume = self._domain_resumed
         self._paused_hellos: dict[int, list[TrapConn]] = {}
+        # vCPUs in SCHEDOP_shutdown(SHUTDOWN_suspend): their trap is answered when the domain resumes in
+        # place; when it is destroyed instead (saved, migrated away) the connection is closed unanswered.
+        self._parked: dict[int, TrapConn] = {}
         hv.register_fd = self._register_fd
         hv.unregister_fd = self._unregister_fd
         self.internal_errors = InternalErrors()
@@ -105,7 +109,21 @@ class Server:
         self.sel.register(s, selectors.EVENT_READ, ("trap-listen", domid))
         return str(self.trap_path(domid))
 
+    def _domain_resumed(self, domid: int, result: int) -> None:
+        dom = self.hv.domains.get(domid)
+        t = self._parked.pop(domid, None)
+        if dom is not None:
+            dom.vcpu_parked = False
+        if t is None or t.sock.fileno() < 0:
+            log.info("dom%d resumed with no parked vCPU to answer", domid)
+            return
+        try:
+            t.sock.sendall(REPLY.pack(result, 0, 0))
+        except OSError as exc:
+            self._drop(t.sock, f"dom{domid}: answering the parked suspend: {exc}")
+
     def _domain_destroyed(self, domid: int) -> None:
+        self._parked.pop(domid, None)  # its connection is closed with the domain's other traps below
         s = self._listeners.pop(domid, None)
         if s is not None:
             self.sel.unregister(s)
@@ -268,6 +286,12 @@ class Server:
             except Exception as exc:
                 self.internal_errors.record(f"dom{t.domid}: {_describe_trap(kind, a)}", exc)
                 result, v0 = -XEN_EIO, 0
+            if dom.vcpu_parked and t.domid not in self._parked:
+                # This trap suspended the domain: the vCPU stays in the hypercall (no reply) until
+                # resume_domain answers it, or the domain is destroyed (the reply never comes).
+                self._parked[t.domid] = t
+                log.info("dom%d: vCPU parked in SCHEDOP_shutdown(SHUTDOWN_suspend)", t.domid)
+                return
         t.sock.sendall(REPLY.pack(result, v0, 0))
 
     def _trap(self, dom: Domain, kind: int, a: list[int]) -> tuple[int, int]:

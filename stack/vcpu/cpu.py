@@ -80,6 +80,11 @@ class Vcpu:
             self._hv_pages.clear()  # the p2m may change
         return self.hv.hypercall(nr, *args)
 
+    def forget_hypervisor_pages(self) -> None:
+        """The p2m is another domain's now (a restore or a power-on): where hypervisor frames sit is asked
+        again."""
+        self._hv_pages.clear()
+
     def _hv_offset(self, gfn: int) -> int | None:
         if self.hv is None:
             return None

@@ -7,6 +7,8 @@ rather than silently disagreeing with what qtest sees.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import mmap
 import os
@@ -61,9 +63,46 @@ class GuestMemory:
     def page(self, pfn: int) -> memoryview:
         return self.view(pfn * PAGE_SIZE, PAGE_SIZE)
 
+    def remap(self, path: Path) -> None:
+        """Guest RAM is now `path` (a restored or powered-on machine's RAM file): the same guest-physical
+        addresses, a new backing. Remapped in place (remap_shared), so every view of guest RAM the drivers
+        hold sees the new file, as a guest's physical addresses do not move when its RAM is reloaded."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            remap_shared(self._map, fd, self.size, f"guest RAM {path}")
+        finally:
+            os.close(fd)
+        self.path = path
+
     def close(self) -> None:
         self._view.release()
         close_mapping(self._map, f"guest RAM {self.path}")
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_MAP_FIXED = 0x10
+
+
+def remap_shared(mapping: mmap.mmap, fd: int, size: int, what: str) -> None:
+    """Put the first `size` bytes of file `fd` where `mapping` is (mmap MAP_SHARED|MAP_FIXED over it).
+
+    The kernel swaps the pages atomically; the mmap object, and every memoryview of it, keeps its address
+    and now reads and writes the new file. Refused unless the mapping is exactly `size` bytes and the file
+    holds at least that many, so no access through an existing view can fault (SIGBUS) afterwards."""
+    if len(mapping) != size:
+        raise GuestMemoryError(f"{what}: the mapping is {len(mapping)} bytes, not {size}")
+    actual = os.fstat(fd).st_size
+    if actual < size:
+        raise GuestMemoryError(f"{what} holds {actual} bytes, {size} needed")
+    anchor = (ctypes.c_char * 1).from_buffer(mapping)
+    address = ctypes.addressof(anchor)
+    del anchor  # the buffer export would keep the mapping from being closed
+    got = _libc.mmap(address, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    if got != address:
+        err = ctypes.get_errno()
+        raise GuestMemoryError(f"{what}: mmap MAP_FIXED over {address:#x} failed: {os.strerror(err)}")
 
 
 def close_mapping(mapping: mmap.mmap, what: str) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from xenpv.xenabi.trap import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
 from xenpv.base.errors import HarnessError
 from xenpv.stack.timescale import HarnessTooSlow, scaled
-from xenpv.stack.vcpu.guestmem import close_mapping
+from xenpv.stack.vcpu.guestmem import close_mapping, remap_shared
 
 
 class HypervisorError(HarnessError):
@@ -33,43 +36,111 @@ class HypervisorLink:
         self.domid = domid
         self._lock = threading.Lock()
         self.timeout = scaled(timeout)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        deadline = time.monotonic() + self.timeout
-        while True:  # the toolstack may still be creating the domain (and its trap socket)
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() >= deadline:
-                    self.sock.close()
-                    raise TrapTooSlow(f"no trap socket {path} for dom{domid}", self.timeout) from None
-                time.sleep(0.01)
         self.upcall_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        theirs = os.dup(self.upcall_fd)
         try:
-            socket.send_fds(self.sock, [TRAP.pack(TrapKind.HELLO, 0, domid, 0, 0, 0, 0, 0)], [theirs])
-        finally:
-            os.close(theirs)
-        result, size, flags, fds = self._reply("HELLO", expect_fds=1)
+            self.sock, size, flags, self.frames_fd = self._hello(path, domid)
+        except BaseException:
+            os.close(self.upcall_fd)
+            raise
         self.platform_ports = bool(flags & HELLO_PLATFORM_PORTS)
-        if result != 0 or len(fds) != 1:
-            raise HypervisorError(f"xenhv refused HELLO for dom{domid}: {result}")
-        self.frames_fd = fds[0]
         self._frames = mmap.mmap(self.frames_fd, size, mmap.MAP_SHARED)
         self.frames = memoryview(self._frames)
 
-    def _reply(self, what: str, expect_fds: int = 0) -> tuple[int, int, int, list[int]]:
+    def _hello(self, path: Path | str, domid: int) -> tuple[socket.socket, int, int, int]:
+        """Connect to a domain's trap socket and say HELLO with this vCPU's upcall eventfd: (socket, size
+        of the frames memfd, HELLO flags, the memfd)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, REPLY.size, max(expect_fds, 1))
-        except TimeoutError:
-            raise TrapTooSlow(f"no answer from xenhv to {what} for dom{self.domid}", self.timeout) from None
-        if len(data) != REPLY.size:
-            for fd in fds:
-                os.close(fd)
-            raise HypervisorError(f"xenhv closed the trap socket during {what}")
-        result, v0, v1 = REPLY.unpack(data)
-        return result, v0, v1, fds
+            deadline = time.monotonic() + self.timeout
+            while True:  # the toolstack may still be creating the domain (and its trap socket)
+                try:
+                    sock.connect(str(path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() >= deadline:
+                        raise TrapTooSlow(f"no trap socket {path} for dom{domid}", self.timeout) from None
+                    time.sleep(0.01)
+            theirs = os.dup(self.upcall_fd)
+            try:
+                socket.send_fds(sock, [TRAP.pack(TrapKind.HELLO, 0, domid, 0, 0, 0, 0, 0)], [theirs])
+            finally:
+                os.close(theirs)
+            result, size, flags, fds = _reply(sock, f"HELLO for dom{domid}", self.timeout, expect_fds=1)
+            if result != 0 or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise HypervisorError(f"xenhv refused HELLO for dom{domid}: {result}")
+            return sock, size, flags, fds[0]
+        except BaseException:
+            sock.close()
+            raise
+
+    def _relink_locked(self, path: Path | str, domid: int) -> None:
+        """The vCPU now belongs to domain `domid` (trap socket `path`): HELLO there with the same upcall
+        eventfd, and its hypervisor frames replace the old domain's at the same address (remap_shared), so
+        the views of shared_info and the grant frames stay valid. The caller holds the trap lock."""
+        sock, size, flags, frames_fd = self._hello(path, domid)
+        try:
+            remap_shared(self._frames, frames_fd, size, f"dom{domid}'s hypervisor frames")
+        except BaseException:
+            os.close(frames_fd)
+            sock.close()
+            raise
+        old_sock, old_fd = self.sock, self.frames_fd
+        self.sock, self.frames_fd, self.domid = sock, frames_fd, domid
+        self.platform_ports = bool(flags & HELLO_PLATFORM_PORTS)
+        old_sock.close()
+        os.close(old_fd)
+
+    def relink(self, path: Path | str, domid: int) -> None:
+        """_relink_locked for a vCPU that is not in a hypercall (powered on after hibernation)."""
+        with self._lock:
+            self._relink_locked(path, domid)
+
+    def parked_hypercall(self, nr: int, args: tuple[int, ...], relocation_fd: int, timeout: float,
+                         relocate: Callable[[], Any]) -> tuple[int | None, Any]:
+        """A hypercall that parks the vCPU (SCHEDOP_shutdown(SHUTDOWN_suspend)): xenhv answers it only
+        when the domain resumes in place; a domain destroyed instead closes the socket unanswered, and the
+        vCPU then waits for its saved state to be loaded into another domain, which `relocation_fd`
+        (readable) announces. `relocate()` then moves the vCPU (with the trap lock held: no other thread
+        traps on a half-moved link) and its value is returned as (None, value); an answer is (result,
+        None). The wait ends with TrapTooSlow after `timeout` seconds (scaled); a relocation that fails
+        keeps the vCPU parked, waiting for another one."""
+        if len(args) > 5:
+            raise HypervisorError(f"hypercall {nr} takes at most 5 arguments")
+        regs = list(args) + [0] * (5 - len(args))
+        timeout = scaled(timeout)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            try:
+                self.sock.sendall(TRAP.pack(TrapKind.HYPERCALL, 0, nr, *regs))
+            except TimeoutError:
+                raise TrapTooSlow(f"xenhv taking the suspend hypercall of dom{self.domid}", self.timeout) from None
+            watching = [self.sock, relocation_fd]
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TrapTooSlow(f"dom{self.domid} parked in the suspend hypercall: neither resumed "
+                                      "nor restored", timeout)
+                ready, _, _ = select.select(watching, [], [], remaining)
+                if self.sock in ready:
+                    try:
+                        data = self.sock.recv(REPLY.size)
+                    except OSError:
+                        data = b""
+                    if len(data) == REPLY.size:
+                        return REPLY.unpack(data)[0], None
+                    # The domain was destroyed with the vCPU in it: what runs next is a restore.
+                    watching = [relocation_fd]
+                if relocation_fd in ready:
+                    try:
+                        return None, relocate()
+                    except HarnessError:
+                        continue  # relocate() reported it to whoever asked; the vCPU stays parked
+
+    def _reply(self, what: str, expect_fds: int = 0) -> tuple[int, int, int, list[int]]:
+        return _reply(self.sock, f"{what} for dom{self.domid}", self.timeout, expect_fds)
 
     def _trap(self, kind: TrapKind, *args: int) -> tuple[int, int]:
         regs = list(args) + [0] * (6 - len(args))
@@ -119,3 +190,16 @@ class HypervisorLink:
         os.close(self.frames_fd)
         os.close(self.upcall_fd)
         self.sock.close()
+
+
+def _reply(sock: socket.socket, what: str, timeout: float, expect_fds: int = 0) -> tuple[int, int, int, list[int]]:
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, REPLY.size, max(expect_fds, 1))
+    except TimeoutError:
+        raise TrapTooSlow(f"no answer from xenhv to {what}", timeout) from None
+    if len(data) != REPLY.size:
+        for fd in fds:
+            os.close(fd)
+        raise HypervisorError(f"xenhv closed the trap socket during {what}")
+    result, v0, v1 = REPLY.unpack(data)
+    return result, v0, v1, fds

@@ -119,6 +119,16 @@ class Qtest:
         if self.on_irq is not None:
             self.on_irq(n, level)
 
+    def rebind(self, sock: socket.socket) -> None:
+        """Continue on another QEMU (the machine a restored or powered-on guest runs on): the old
+        connection is closed and whatever it had buffered dropped; the transcript goes on."""
+        old, self._sock = self._sock, sock
+        self._sock.settimeout(0.1)
+        self._buf.clear()
+        self.irq_levels.clear()
+        old.close()
+        self._log("I", "OPENED", absolute=True)
+
     def close(self) -> None:
         self._log("I", "CLOSED")
         if self._transcript is not None:
