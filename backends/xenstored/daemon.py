@@ -254,11 +254,7 @@ class Daemon:
         sel, dirty = self.sel, self.dirty
         try:
             while not self._stopping:
-                for key, mask in sel.select(None if not dirty else 0):
-                    try:
-                        key.data.on_event(mask)
-                    except Exception as exc:
-                        self._contain(key.data, "event", exc)
+                self._dispatch(sel.select(None if not dirty else 0))
                 while dirty:
                     batch = dirty[:]
                     dirty.clear()
@@ -269,6 +265,15 @@ class Daemon:
                             self._contain(ch, "flush", exc)
         finally:
             self.close()
+
+    def _dispatch(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, mask in events:
+            if self.sel.get_map().get(key.fd) is not key:
+                continue  # closed by an earlier event of this batch (a released domain's ring, a client)
+            try:
+                key.data.on_event(mask)
+            except Exception as exc:
+                self._contain(key.data, "event", exc)
 
     def _contain(self, target: object, what: str, exc: Exception) -> None:
         """A defect outside any one request: it ends the channel it happened on, nothing else."""
