@@ -295,8 +295,6 @@ class VhostUserBackend:
         try:
             while not self._stopping:
                 for key, _ in self._sel.select(_TICK):
-                    if self._sel.get_map().get(key.fd) is not key:
-                        continue  # closed by an earlier event of this batch (its session was dropped)
                     kind = key.data[0]
                     try:
                         if kind == "listen":
