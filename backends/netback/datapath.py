@@ -183,10 +183,12 @@ class TxPath:
         first, rest = pkt.requests[0], pkt.requests[1:]
         total = first.size
         first_len = total - sum(r.size for r in rest)
-        if total < ETH_HLEN:
-            pkt.error = f"tx size {total} is below an Ethernet header"
-        elif first_len <= 0:
+        if first_len < 0:
             pkt.error = f"tx size {total} is smaller than its fragments ({total - first_len} bytes)"
+        elif first_len < ETH_HLEN:
+            # Linux netback (xenvif_tx_build_gops) drops a packet whose first slot holds less than an
+            # Ethernet header, whatever its total; xen-netfront bounces such a packet to avoid that.
+            pkt.error = f"tx first slot holds {first_len} of {total} bytes, less than an Ethernet header"
         else:
             for r, n in [(first, first_len)] + [(r, r.size) for r in rest]:
                 if r.offset + n > XEN_PAGE_SIZE:
