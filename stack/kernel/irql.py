@@ -42,6 +42,7 @@ from xenpv.base.errors import HarnessError
 from xenpv.stack.timescale import HarnessTooSlow
 
 from .bugcheck import BugCheck, BugCheckCallback, BugCheckCode, KeBugCheckEx, caller_module
+from .schedule import Scheduler
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -165,6 +166,8 @@ class Processor:
     too_slow: HarnessTooSlow | None = None
     # Objects threads are blocked on in KeWaitForSingleObject, so a crash can wake them.
     waiting: set[Waiter] = field(default_factory=set)
+    # The seeded scheduling mode (stack.kernel.schedule); None: FIFO DPCs, arrival-ordered interrupts.
+    scheduler: Scheduler | None = None
     _delivering: bool = False
 
     def running_driver(self) -> str | None:
@@ -207,10 +210,10 @@ class Processor:
         if self.halted is not None:
             return
         log.error("%s; the processor stops", too_slow)
+        # Called from any thread, with or without the kernel lock: the DPC and interrupt queues are left
+        # as they are (their owner may be walking them); nothing queued runs on a halted processor.
         self.too_slow = too_slow
         self.lock.stopped = too_slow
-        self.dpc_queue.clear()
-        self.pending_interrupts.clear()
         for waiter in list(self.waiting):
             waiter.wake()
 
@@ -237,12 +240,20 @@ class Processor:
             while self.halted is None:
                 runnable = [entry for entry in self.pending_interrupts if entry[0] > self.irql]
                 if runnable:
-                    entry = max(runnable, key=lambda e: e[0])
+                    top = max(e[0] for e in runnable)
+                    highest = [e for e in runnable if e[0] == top]
+                    entry = highest[self.scheduler.pick("interrupt", len(highest))] if self.scheduler else highest[0]
                     self.pending_interrupts.remove(entry)
                     entry[1].deliver(self)
                     continue
                 if self.irql < DISPATCH_LEVEL and self.dpc_queue:
-                    self.dpc_queue.popleft().deliver(self)
+                    if self.scheduler is not None and len(self.dpc_queue) > 1:
+                        index = self.scheduler.pick("dpc", len(self.dpc_queue))
+                        dpc = self.dpc_queue[index]
+                        del self.dpc_queue[index]
+                    else:
+                        dpc = self.dpc_queue.popleft()
+                    dpc.deliver(self)
                     continue
                 break
         finally:
