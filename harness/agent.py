@@ -2,14 +2,21 @@
 console the harness drives with pexpect.
 
 `GuestConsole.run("devices")` returns a command's output; a bugcheck at any point raises
-`GuestBugcheck` carrying the crash dump, so a test fails with the STOP code, the module and the dump's
-path instead of a timeout. A guest that gave up on a deadline of the harness (no STOP: the machine was too
+`GuestBugcheck` carrying the crash dump, so a test fails with the STOP line, the bucket, the dump's path
+and the tails of the console and the agent's log instead of a timeout.
+
+Every booted guest keeps a run record (base.runrecord) in `run-record.jsonl` of its artifacts: the harness
+writes the header (guest YAML, seed, schedule, versions) and its own dom0-side events
+(`guest.record.event(kind, **data)`); the agent appends each console line it runs. A crash dump embeds it.
+XENPV_SCHEDULE (`os`, `seeded` or `seeded:SEED`) picks how the guest model schedules its deferred work
+(stack.kernel.schedule); `seeded` alone takes the guest's seed. A guest that gave up on a deadline of the harness (no STOP: the machine was too
 slow) raises `HarnessTooSlow` saying what was late. The console's deadlines are scaled by XENPV_TIME_SCALE
 as the guest model's are.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -21,7 +28,10 @@ import pexpect
 
 from xenpv.backends.toolstack import CreatedDomain, Toolstack
 from xenpv.base.errors import HarnessError, HarnessTooSlow, WaitTimeout
+from xenpv.base.errors import ConfigError
 from xenpv.base.owner import child_env
+from xenpv.base.process import read_tail
+from xenpv.base.runrecord import JOURNAL_NAME, RunJournal, RunRecordError, Schedule, new_record
 if TYPE_CHECKING:
     from xenpv.harness.dom0 import Dom0Backends
 from xenpv.harness.machine import Machine
@@ -33,22 +43,59 @@ from xenpv.stack.timescale import scaled, time_scale
 log = logging.getLogger("harness.agent")
 
 _STOP_LINE = re.compile(re.escape(STOP_MARKER) + r" (0x[0-9A-F]{8}) (\S+) dump=(\S+)")
+SCHEDULE_ENV = "XENPV_SCHEDULE"
+REPORT_TAIL_LINES = 20
+
+
+def schedule_from_env(seed: int, environ: dict[str, str] | None = None) -> Schedule:
+    """$XENPV_SCHEDULE: `os` (default), `seeded` (the guest's seed) or `seeded:SEED`; ConfigError naming it."""
+    raw = (os.environ if environ is None else environ).get(SCHEDULE_ENV, "").strip()
+    if not raw:
+        return Schedule()
+    try:
+        return Schedule("seeded", seed) if raw == "seeded" else Schedule.parse(raw)
+    except RunRecordError as exc:
+        raise ConfigError(f"{SCHEDULE_ENV}={raw!r}: {exc}") from None
 
 
 class GuestBugcheck(HarnessError):
-    """The guest stopped with a bugcheck; `dump` is its crash dump."""
+    """The guest stopped with a bugcheck; `dump` is its crash dump. The message is the failure report:
+    the STOP line, the bucket, the dump's path and the tails of the console and the agent's log."""
 
-    def __init__(self, dump: CrashDump, dump_path: Path, during: str) -> None:
+    def __init__(self, dump: CrashDump, dump_path: Path, during: str, *, console_log: Path | None = None,
+                 agent_log: Path | None = None) -> None:
         self.dump = dump
         self.dump_path = dump_path
-        super().__init__(f"guest bugchecked during {during}: STOP 0x{dump.code:08X} {dump.name} in "
-                         f"{dump.module}{' - ' + dump.message if dump.message else ''}\n"
-                         f"crash dump: {dump_path}\n{dump.stop_screen()}")
+        self.during = during
+        self.console_log = console_log
+        self.agent_log = agent_log
+        super().__init__(self.report())
+
+    @property
+    def bucket(self) -> str:
+        return self.dump.bucket
+
+    def report(self) -> str:
+        dump = self.dump
+        lines = [f"guest bugchecked during {self.during}: {dump.stop_line()}",
+                 f"bucket: {dump.bucket}",
+                 f"crash dump: {self.dump_path}",
+                 f"replay: xenpv repro {self.dump_path}" + ("" if dump.record else " (no run record: cannot replay)")]
+        for name, path in (("console", self.console_log), ("agent log", self.agent_log)):
+            tail = read_tail(path, REPORT_TAIL_LINES) if path is not None and path.exists() else ""
+            if tail.strip():
+                lines += [f"--- last lines of the {name} ({path}) ---", tail.rstrip("\n")]
+        if not (self.console_log and self.console_log.exists()):
+            lines.append(dump.stop_screen().rstrip("\n"))
+        return "\n".join(lines)
 
 
 class GuestConsole:
-    def __init__(self, argv: list[str], log_path: Path, machine: Machine, timeout: float = 30.0) -> None:
+    def __init__(self, argv: list[str], log_path: Path, machine: Machine, timeout: float = 30.0,
+                 agent_log: Path | None = None) -> None:
         self.machine = machine
+        self.log_path = log_path
+        self.agent_log = agent_log
         self._logfile = open(log_path, "a")
         # The agent is a session leader on its own pty; its environment names its owner (base.owner).
         self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
@@ -71,7 +118,9 @@ class GuestConsole:
                 m = _STOP_LINE.match(STOP_MARKER + self.child.before)
                 path = Path(m.group(3)) if m else Path("?")
                 self.child.expect(pexpect.EOF, timeout=5)
-                raise GuestBugcheck(CrashDump.load(path), path, during)
+                self._logfile.flush()
+                raise GuestBugcheck(CrashDump.load(path), path, during, console_log=self.log_path,
+                                    agent_log=self.agent_log)
             if i == 4:
                 self.child.expect(r"\n")
                 what = self.child.before.removeprefix(":").strip()
@@ -122,18 +171,32 @@ class Guest:
     domain: CreatedDomain | None = None
     toolstack: Toolstack | None = None
     artifacts: Path = field(default=Path("."))
+    record: RunJournal | None = None
 
     @classmethod
     def boot(cls, host: HostServices, machine: Machine, timeout: float = 30.0,
-             backends: "Dom0Backends | None" = None) -> "Guest":
-        """`backends`: dom0's blkback and netback; the domain's vifs get their TAPs before it boots."""
+             backends: "Dom0Backends | None" = None, *, schedule: Schedule | None = None,
+             labels: dict[str, str] | None = None) -> "Guest":
+        """`backends`: dom0's blkback and netback; the domain's vifs get their TAPs before it boots.
+        `schedule`: how the guest model schedules deferred work (default: $XENPV_SCHEDULE, else `os`);
+        `labels`: what the run record says about who made this guest and why."""
         time_scale()  # a ConfigError naming XENPV_TIME_SCALE now, not an agent that will not start
+        guest = machine.guest
+        schedule = schedule or schedule_from_env(guest.seed)
         art = machine.paths.artifacts
         toolstack = domain = None
+        try:
+            yaml_text = guest.path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{guest.path}: cannot read the guest YAML for the run record: {exc.strerror}") from None
+        record = RunJournal.create(art / JOURNAL_NAME, new_record(
+            guest.name, str(guest.path.resolve()), yaml_text, guest.seed, schedule=schedule,
+            qemu_binary=machine.binary, labels=labels))
         argv = [sys.executable, "-m", "xenpv.stack.agent", "--guest", str(machine.guest.path),
                 "--qtest", str(machine.paths.qtest_socket), "--ram", str(machine.paths.ram),
                 "--registry", str(art / "registry.json"), "--dump-dir", str(art),
-                "--transcript", str(machine.hand_over_qtest()), "--log", str(art / "agent.log")]
+                "--transcript", str(machine.hand_over_qtest()), "--log", str(art / "agent.log"),
+                "--record", str(record.path), "--schedule", schedule.argument()]
         console = None
         try:
             if machine.guest.platform:
@@ -144,25 +207,30 @@ class Guest:
                 if backends is not None:
                     backends.prepare(machine.guest, domid)
                 argv += ["--hv", str(host.run_dir / f"hv-{domid}.sock"), "--domid", str(domid)]
-                console = GuestConsole(argv, art / "console.log", machine, timeout)
+                console = GuestConsole(argv, art / "console.log", machine, timeout, agent_log=art / "agent.log")
                 domain = toolstack.create(machine, domid=domid)
             else:
-                console = GuestConsole(argv, art / "console.log", machine, timeout)
+                console = GuestConsole(argv, art / "console.log", machine, timeout, agent_log=art / "agent.log")
             console.wait_booted(timeout)
         except BaseException:
-            if console is not None:
-                console.close()
-            if toolstack is not None:
-                if domain is not None:
-                    toolstack.destroy(domain.domid)
-                toolstack.close()
+            try:
+                if console is not None:
+                    console.close()
+                if toolstack is not None:
+                    if domain is not None:
+                        toolstack.destroy(domain.domid)
+                    toolstack.close()
+            finally:
+                record.close()
             raise
-        return cls(machine, console, domain, toolstack, art)
+        return cls(machine, console, domain, toolstack, art, record)
 
     def shutdown(self) -> None:
         try:
             self.console.close()
         finally:
+            if self.record is not None:
+                self.record.close()
             if self.toolstack is not None:
                 try:
                     if self.domain is not None:

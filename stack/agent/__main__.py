@@ -8,6 +8,7 @@ from pathlib import Path
 
 from xenpv.base.crashtrace import enable_crash_traces
 from xenpv.base.errors import ConfigError
+from xenpv.base.runrecord import RunRecordError, Schedule
 from xenpv.guests.schema import load_guest
 from xenpv.stack.agent import console
 from xenpv.stack.agent.runtime import AgentConfig, GuestRuntime
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hv", type=Path, help="xenhv's trap socket for this domain (absent: not a Xen guest)")
     p.add_argument("--domid", type=int)
     p.add_argument("--log", type=Path, help="the agent's own log")
+    p.add_argument("--record", type=Path, help="the run record's journal to append console lines to "
+                                               "(base.runrecord; its header written by the harness)")
+    p.add_argument("--schedule", default="os", help="scheduling of deferred work: os (default) or seeded:SEED "
+                                                     "(stack.kernel.schedule)")
     args = p.parse_args(argv)
     enable_crash_traces()  # a crash leaves every thread's Python stack on stderr (the process log)
     logging.basicConfig(filename=args.log, level=logging.INFO,
@@ -34,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         time_scale()  # checked once up front: every deadline of the model reads it
     except ConfigError as exc:
         p.exit(2, f"{p.prog}: {exc}\n")
+    try:
+        schedule = Schedule.parse(args.schedule)
+    except RunRecordError as exc:
+        p.exit(2, f"{p.prog}: --schedule: {exc}\n")
     config = AgentConfig(load_guest(args.guest), args.qtest, args.ram, args.registry, args.dump_dir,
-                         args.transcript, args.hv, args.domid)
+                         args.transcript, args.hv, args.domid, record=args.record, schedule=schedule)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)

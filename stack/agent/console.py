@@ -336,6 +336,7 @@ class AgentConsole(ConsoleShell):
             return f"error: cannot split the line into words: {exc}"
         if not words:
             return ""
+        self.rt.record_line(line.strip())
         try:
             self.rt.poll()
             return run_command(self.rt, words)
@@ -361,7 +362,7 @@ def run(rt: GuestRuntime, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
 def stop(rt: GuestRuntime, bugcheck: BugCheck, emit: Callable[[str], None]) -> int:
     path = rt.write_dump(bugcheck)
     emit("\n" + rt.kernel.crash_dump(bugcheck).stop_screen() + "\n")
-    emit(f"{STOP_MARKER} 0x{bugcheck.code:08X} {bugcheck_name(bugcheck.code)} dump={path}\n")
+    emit(f"{STOP_MARKER} 0x{bugcheck.code:08X} {bugcheck_name(bugcheck.code)} dump={path} bucket={bugcheck.bucket}\n")
     return STOP_EXIT
 
 

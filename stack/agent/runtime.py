@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from xenpv.base.runrecord import RunJournal, RunRecordError, Schedule, SCHEDULE_SEEDED, console_kind
 from xenpv.guests.schema import GuestDefinition
 from xenpv.stack.drivers.boot import boot_stack, inbox_catalog
 from xenpv.stack.install.catalog import RegistryCatalog
 from xenpv.stack.install.guest import install_from_guest
 from xenpv.stack.install.installer import installed_packages, installed_version
 from xenpv.stack.kernel import S5, BugCheck, Kernel, Registry
+from xenpv.stack.kernel.schedule import Scheduler
 from xenpv.stack.vcpu.cpu import Vcpu
 from xenpv.stack.vcpu.guestmem import GuestMemory
 from xenpv.stack.vcpu.hypervisor import HypervisorLink
@@ -33,6 +35,8 @@ class AgentConfig:
     transcript: Path
     hv_socket: Path | None = None
     domid: int | None = None
+    record: Path | None = None  # the run record's journal (base.runrecord) the console appends to
+    schedule: Schedule = field(default_factory=Schedule)
 
 
 @dataclass
@@ -47,6 +51,8 @@ class GuestRuntime:
     stopped: BugCheck | None = None
     drivers: Any = None  # what the driver stack's boot returned (its handles for the console)
     boots: int = 1
+    journal: RunJournal | None = None
+    scheduler: Scheduler | None = None
     _transcript: TextIO | None = None
 
     @classmethod
@@ -62,8 +68,11 @@ class GuestRuntime:
                 raise ValueError("a hypervisor link needs the domain id")
             link = HypervisorLink(config.hv_socket, config.domid)
         registry = Registry.load(config.registry_path) if config.registry_path.exists() else Registry(config.registry_path)
-        kernel = Kernel(registry=registry, seed=config.guest.seed).activate()
-        return cls(config, qtest, memory, Vcpu(qtest, memory, link), kernel, link, _transcript=transcript)
+        scheduler = Scheduler(config.schedule.seed) if config.schedule.mode == SCHEDULE_SEEDED else None
+        journal = RunJournal.attach(config.record, "agent") if config.record is not None else None
+        kernel = Kernel(registry=registry, seed=config.guest.seed, scheduler=scheduler).activate()
+        return cls(config, qtest, memory, Vcpu(qtest, memory, link), kernel, link, journal=journal,
+                   scheduler=scheduler, _transcript=transcript)
 
     def boot(self) -> None:
         """First boot installs the guest's driver packages; then firmware (PCI resources) and Windows
@@ -86,7 +95,7 @@ class GuestRuntime:
             self.drivers.close()
             self.drivers = None
         registry = Registry.load(self.config.registry_path)
-        self.kernel = Kernel(registry=registry, seed=self.config.guest.seed).activate()
+        self.kernel = Kernel(registry=registry, seed=self.config.guest.seed, scheduler=self.scheduler).activate()
         self.boots += 1
         self.kernel.log.print("setup", f"boot {self.boots}")
         self._start_windows()
@@ -109,7 +118,7 @@ class GuestRuntime:
 
         self.drivers = boot_stack(self.vcpu, guest.memory_mib << 8, kernel=self.kernel, catalog=catalog,
                                   seed=guest.seed, boot_options=guest.boot_options,
-                                  module_versions=self.module_versions())
+                                  module_versions=self.module_versions(), bugs=guest.bugs)
         self.pci = self.drivers.pci
 
     def poll(self) -> None:
@@ -121,10 +130,24 @@ class GuestRuntime:
         if self.drivers is not None and self.stopped is None:
             self.drivers.poll()
 
+    def record_line(self, line: str) -> None:
+        """Put a console line in the run record before it runs (a `fault` event for fault injections)."""
+        if self.journal is not None:
+            try:
+                self.journal.event(console_kind(line), line=line)
+            except (OSError, RunRecordError) as exc:  # the guest goes on; its dump will lack the line
+                log.warning("console line not recorded: %s", exc)
+
     def write_dump(self, bugcheck: BugCheck) -> Path:
         self.stopped = bugcheck
         path = self.config.dump_dir / f"crash-{bugcheck.code:08x}.json"
-        self.kernel.write_crash_dump(bugcheck, path)
+        record = None
+        if self.journal is not None:
+            try:
+                record = self.journal.read().to_dict()
+            except RunRecordError as exc:  # the dump of the STOP matters more than its record
+                log.error("run record not embedded in the crash dump: %s", exc)
+        self.kernel.write_crash_dump(bugcheck, path, record=record)
         return path
 
     def close(self) -> None:
@@ -140,6 +163,8 @@ class GuestRuntime:
                 log.warning("driver stack shutdown: %r", exc)
         if self.link is not None:
             self.link.close()
+        if self.journal is not None:
+            self.journal.close()
         self.qtest.close()
         if self._transcript is not None:
             self._transcript.close()

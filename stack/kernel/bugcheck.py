@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import traceback
 import zlib
 from collections.abc import Callable, Mapping
@@ -30,6 +31,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from xenpv.base.errors import ConfigError
+
+from .bucket import bucket_id, clean_function, function_name, in_kernel_model
 from .debuglog import DbgLevel, current_log
 
 log = logging.getLogger("stack.kernel.bugcheck")
@@ -122,23 +126,47 @@ def caller_module(start: FrameType | None = None) -> str:
     return "ntoskrnl.exe"
 
 
+def faulting_function(module: str, start: FrameType | None) -> str:
+    """The model function to name in a STOP's bucket (stack.kernel.bucket): from `start` outward, the
+    innermost frame of the blamed driver module; else (a STOP blamed on the kernel or the agent, or on a
+    driver whose code is not on the stack, such as a DPC's owner) the innermost frame outside the kernel
+    model, which is the code that called into the rule it broke; else `unknown`."""
+    frame = start
+    while frame is not None:
+        if module_of_frame(frame) == module:
+            return function_name(frame)
+        frame = frame.f_back
+    frame = start
+    while frame is not None:
+        if not in_kernel_model(frame):
+            return function_name(frame)
+        frame = frame.f_back
+    return "unknown"
+
+
 class BugCheck(BaseException):
     """The guest stopped. Carries everything the STOP screen and the crash dump need."""
 
     def __init__(self, code: int, params: tuple[int, int, int, int], *, module: str,
                  param_notes: tuple[str | None, ...] = (None, None, None, None), irql: int = 0,
-                 message: str = "") -> None:
+                 message: str = "", function: str = "unknown") -> None:
         self.code = code
         self.params = params
         self.param_notes = param_notes
         self.module = module
         self.irql = irql
         self.message = message
+        self.function = function
         super().__init__(self.describe())
 
     @property
     def name(self) -> str:
         return bugcheck_name(self.code)
+
+    @property
+    def bucket(self) -> str:
+        return bucket_id(self.code, self.module, self.function, irql=self.irql, params=self.params,
+                         notes=self.param_notes)
 
     def describe(self) -> str:
         params = ", ".join(f"0x{p:016X}" for p in self.params)
@@ -150,9 +178,10 @@ BugCheckCallback = Callable[[BugCheck], None]
 
 
 def KeBugCheckEx(code: int, p1: object = 0, p2: object = 0, p3: object = 0, p4: object = 0, *,
-                 module: str | None = None, message: str = "") -> BugCheck:
+                 module: str | None = None, message: str = "", function: str | None = None) -> BugCheck:
     """Stop the guest. Never returns; the return annotation lets callers write `raise KeBugCheckEx(...)`
-    where a linter needs to see that control ends."""
+    where a linter needs to see that control ends. `function`: the model function to blame in the bucket
+    when the caller knows it better than the stack does (see faulting_function)."""
     from .irql import current_processor  # see caller_module
 
     cpu = current_processor()
@@ -162,13 +191,16 @@ def KeBugCheckEx(code: int, p1: object = 0, p2: object = 0, p3: object = 0, p4: 
         # The harness gave up on this processor first (stack.timescale): nothing after that is evidence.
         raise cpu.too_slow
     raw = (p1, p2, p3, p4)
+    caller = sys._getframe(1)
+    culprit = module or caller_module(caller)
     bugcheck = BugCheck(
         code,
         tuple(address_of(p) for p in raw),  # type: ignore[arg-type]
-        module=module or caller_module(sys._getframe(1)),
+        module=culprit,
         param_notes=tuple(_note(p) for p in raw),
         irql=cpu.irql,
         message=message,
+        function=clean_function(function) if function else faulting_function(culprit, caller),
     )
     cpu.crash(bugcheck)
     log.error("bugcheck: %s", bugcheck.describe())
@@ -185,14 +217,17 @@ def KeUnhandledException(exc: BaseException, routine: object, *, module: str) ->
     the dump's traceback shows the original exception as the context of the STOP.
     """
     culprit = module
+    faulting: str | None = None  # the innermost driver frame: where the exception was raised
     tb = exc.__traceback__
     while tb is not None:
-        culprit = module_of_frame(tb.tb_frame) or culprit
+        frame_module = module_of_frame(tb.tb_frame)
+        if frame_module is not None:
+            culprit, faulting = frame_module, function_name(tb.tb_frame)
         tb = tb.tb_next
     what = f"{type(exc).__name__}: {exc}"
     name = getattr(routine, "__qualname__", None) or str(routine)
     return KeBugCheckEx(BugCheckCode.KMODE_EXCEPTION_NOT_HANDLED, what, name, 0, 0, module=culprit,
-                        message=f"unhandled {what} in {name}")
+                        message=f"unhandled {what} in {name}", function=faulting or name)
 
 
 def BUG(text: str, *, module: str | None = None) -> BugCheck:
@@ -230,12 +265,21 @@ def KeDeregisterBugCheckCallback(callback: BugCheckCallback) -> bool:
     return False
 
 
-CRASH_DUMP_FORMAT = 1
+# 2: function, bucket, the run record, the schedule and the time written. Format 1 dumps are still read
+# (without a record they cannot be replayed; their bucket names the function `unknown`).
+CRASH_DUMP_FORMAT = 2
+KNOWN_DUMP_FORMATS = (1, 2)
+_FORMAT_2_FIELDS = ("function", "bucket", "record", "schedule", "written")
+
+
+class CrashDumpError(ConfigError, ValueError):
+    """A crash dump that cannot be read: names the file and the reason (an unknown format, say)."""
 
 
 @dataclass
 class CrashDump:
-    """What the agent writes when the guest stops; enough to read the failure without the guest."""
+    """What the agent writes when the guest stops; enough to read the failure without the guest, and
+    (with its run record, base.runrecord) to replay it."""
 
     code: int
     name: str
@@ -251,11 +295,22 @@ class CrashDump:
     debug_log: list[str]
     format: int = CRASH_DUMP_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    function: str = "unknown"
+    bucket: str = ""
+    record: dict[str, Any] | None = None  # base.runrecord.RunRecord.to_dict() of the run up to the STOP
+    schedule: dict[str, Any] = field(default_factory=dict)  # stack.kernel.schedule: mode, seed, decisions
+    written: str = ""  # UTC, ISO 8601
+
+    def __post_init__(self) -> None:
+        if not self.bucket:
+            self.bucket = bucket_id(self.code, self.module, self.function, irql=self.irql, params=self.params,
+                                    notes=self.param_notes)
 
     @classmethod
     def from_bugcheck(cls, bugcheck: BugCheck, *, device_tree: str = "",
                       reference_providers: Mapping[str, Callable[[], Mapping[str, int]]] | None = None,
-                      seed: int | None = None, debug_log: list[str] | None = None) -> CrashDump:
+                      seed: int | None = None, debug_log: list[str] | None = None,
+                      record: dict[str, Any] | None = None, schedule: dict[str, Any] | None = None) -> CrashDump:
         references: dict[str, int] = {}
         for provider_name, provider in (reference_providers or {}).items():
             # A broken provider must not lose the dump of the real failure.
@@ -277,26 +332,46 @@ class CrashDump:
             irql=bugcheck.irql,
             seed=seed,
             debug_log=list(debug_log or []),
+            function=bugcheck.function,
+            bucket=bugcheck.bucket,
+            record=record,
+            schedule=dict(schedule or {}),
+            written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> CrashDump:
-        data = json.loads(text)
-        if data.get("format") != CRASH_DUMP_FORMAT:
-            raise ValueError(f"crash dump format {data.get('format')!r}, expected {CRASH_DUMP_FORMAT}")
+    def from_json(cls, text: str, where: str = "crash dump") -> CrashDump:
+        """`where` names the dump in errors (its path)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CrashDumpError(f"{where}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise CrashDumpError(f"{where}: a crash dump is a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt not in KNOWN_DUMP_FORMATS:
+            raise CrashDumpError(f"{where}: crash dump format {fmt!r} is not one this xenpv reads "
+                                 f"({', '.join(map(str, KNOWN_DUMP_FORMATS))}); a newer xenpv wrote it, "
+                                 "or it is no crash dump")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        allowed = known - set(_FORMAT_2_FIELDS) if fmt == 1 else known
+        unknown = set(data) - allowed
         if unknown:
-            raise ValueError(f"crash dump has unknown fields: {sorted(unknown)}")
-        return cls(**data)
+            raise CrashDumpError(f"{where}: crash dump format {fmt} has unknown fields: {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a field missing
+            raise CrashDumpError(f"{where}: malformed crash dump: {exc}") from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+        # Readable by the other users of a shared machine (mkstemp makes 0600): a dump is for reading.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as handle:
             handle.write(self.to_json())
         os.replace(tmp, target)
@@ -304,7 +379,16 @@ class CrashDump:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CrashDump:
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise CrashDumpError(f"{path}: cannot read the crash dump: {exc.strerror}") from None
+        return cls.from_json(text, str(path))
+
+    def stop_line(self) -> str:
+        """One line: the STOP code, its name, the module and the bucket."""
+        return (f"STOP 0x{self.code:08X} {self.name} in {self.module}"
+                + (f" - {self.message}" if self.message else "") + f" [bucket {self.bucket}]")
 
     def stop_screen(self) -> str:
         params = ",".join(f"0x{p:016X}" for p in self.params)

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .bugcheck import BugCheck, CrashDump
 from .debuglog import DebugLog, set_current_log
@@ -17,6 +18,7 @@ from .mm import MemoryManager
 from .pnp import DriverCatalog, InMemoryCatalog, PnpManager
 from .power import PowerManager
 from .registry import Registry
+from .schedule import Scheduler, summary
 
 log = logging.getLogger("stack.kernel.system")
 
@@ -25,8 +27,10 @@ ReferenceProvider = Callable[[], Mapping[str, int]]
 
 class Kernel:
     def __init__(self, *, registry: Registry | None = None, catalog: DriverCatalog | None = None,
-                 seed: int | None = None, log_capacity: int = 10_000, power_irp_timeout: float = 5.0) -> None:
-        self.cpu = Processor()
+                 seed: int | None = None, log_capacity: int = 10_000, power_irp_timeout: float = 5.0,
+                 scheduler: Scheduler | None = None) -> None:
+        # `scheduler`: the seeded scheduling mode (stack.kernel.schedule); one per guest, kept across reboots.
+        self.cpu = Processor(scheduler=scheduler)
         self.log = DebugLog(log_capacity)
         self.registry = registry if registry is not None else Registry()
         self.catalog = catalog if catalog is not None else InMemoryCatalog()
@@ -52,13 +56,17 @@ class Kernel:
         """`provider()` -> {"XENBUS.STORE": 2, ...}: interface reference counts for the crash dump."""
         self.reference_providers[name] = provider
 
-    def crash_dump(self, bugcheck: BugCheck, *, log_lines: int = 200) -> CrashDump:
+    def crash_dump(self, bugcheck: BugCheck, *, log_lines: int = 200,
+                   record: dict[str, Any] | None = None) -> CrashDump:
+        """`record`: the run record to embed (base.runrecord.RunRecord.to_dict())."""
         try:
             tree = self.pnp.dump_tree()
         except Exception as exc:  # noqa: BLE001 - the tree may be mid-update; the dump must still be written
             tree = f"<device tree unavailable: {exc!r}>"
         return CrashDump.from_bugcheck(bugcheck, device_tree=tree, reference_providers=self.reference_providers,
-                                       seed=self.seed, debug_log=self.log.tail(log_lines))
+                                       seed=self.seed, debug_log=self.log.tail(log_lines), record=record,
+                                       schedule=summary(self.cpu.scheduler))
 
-    def write_crash_dump(self, bugcheck: BugCheck, path: str | os.PathLike[str]) -> Path:
-        return self.crash_dump(bugcheck).save(path)
+    def write_crash_dump(self, bugcheck: BugCheck, path: str | os.PathLike[str], *,
+                         record: dict[str, Any] | None = None) -> Path:
+        return self.crash_dump(bugcheck, record=record).save(path)

@@ -53,9 +53,13 @@ class Quiet:
 
     def __init__(self) -> None:
         self.polls = 0
+        self.recorded: list[str] = []
 
     def poll(self) -> None:
         self.polls += 1
+
+    def record_line(self, line: str) -> None:
+        self.recorded.append(line)
 
 
 def expansions(items: tuple, values: dict[str, str]) -> Iterator[list[str]]:
@@ -282,10 +286,11 @@ class Late:
     """A runtime whose processor the harness gave up on (stack.timescale) while the console was idle."""
 
     poll = GuestRuntime.poll
+    record_line = GuestRuntime.record_line
 
     def __init__(self) -> None:
         self.kernel = SimpleNamespace(cpu=Processor())
-        self.drivers = self.stopped = None
+        self.drivers = self.stopped = self.journal = None
 
     def write_dump(self, bugcheck: BugCheck) -> Path:
         raise AssertionError("no crash dump for the harness being too slow")
