@@ -13,6 +13,7 @@ import logging
 from xenpv.stack.vcpu.guestmem import PAGE_SIZE, GuestMemory
 from xenpv.stack.vcpu.hypervisor import HypervisorLink
 from xenpv.stack.vcpu.qtest import Qtest
+from xenpv.stack.vcpu.relocation import Relocation
 from xenpv.xenabi import unplug as unplug_abi
 from xenpv.xenabi import xen as X
 
@@ -25,6 +26,8 @@ class Vcpu:
         self.memory = memory
         self.hv = hypervisor
         self._hv_pages: dict[int, int | None] = {}
+        # How the harness hands this vCPU another machine (a restore, a power-on after S4).
+        self.relocation = Relocation()
 
     def _xenhv_port(self, port: int) -> bool:
         return self.hv is not None and self.hv.platform_ports and unplug_abi.UNPLUG_PORT_BASE <= port < (

@@ -101,5 +101,29 @@ class XenPlatform:
         self._free_refs.append(ref)
         return True
 
+    @property
+    def hole(self) -> int:
+        """The first frame of the platform BAR: where shared_info goes, the grant frames after it."""
+        return next(b for b in self.device.bars if b.kind == "mem").address >> 12
+
+    def map_shared_info(self) -> None:
+        """XENMEM_add_to_physmap of shared_info at the hole (SharedInfoMap)."""
+        self.hypercalls.add_to_physmap(X.XENMAPSPACE_shared_info, 0, self.hole)
+        self.vcpu.forget_hypervisor_pages()
+
+    def map_grant_frames(self) -> None:
+        """XENMEM_add_to_physmap of every grant frame after shared_info (GnttabMap)."""
+        for i in range(self.grants.nr_entries // GRANT_ENTRIES_V1_PER_FRAME):
+            self.hypercalls.add_to_physmap(X.XENMAPSPACE_grant_table, i, self.hole + 1 + i)
+        self.vcpu.forget_hypervisor_pages()
+
+    def reconnect_store(self) -> int:
+        """The store connection of the domain the guest runs in now: HVM_PARAM_STORE_EVTCHN read again,
+        the doorbell moved to that port (unmasked), a partial reply dropped. Returns the port."""
+        port = self.hypercalls.get_param(hvm.HVM_PARAM_STORE_EVTCHN)
+        self.store.reset(port)
+        self.hypercalls.evtchn_unmask(port)
+        return port
+
     def close(self) -> None:
         self._cleanup.close()

@@ -19,14 +19,32 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from xenpv.base.errors import HarnessError
 from xenpv.stack.timescale import HarnessTooSlow, scaled
-from xenpv.stack.vcpu.cpu import Vcpu
 
 log = logging.getLogger("stack.vcpu.relocation")
 
 CONNECT_SECONDS = 5.0
+# How long a vCPU stays parked in the suspend hypercall, or powered off after S4, waiting for the toolstack
+# to resume or restore it (a save and a restore run by hand are minutes apart, not hours).
+PARK_SECONDS = 3600.0
+
+WAITING_SUSPENDED = "suspended"  # parked in SCHEDOP_shutdown(SHUTDOWN_suspend)
+WAITING_POWERED_OFF = "powered off"  # after S4: the machine is gone
+
+
+class MovableVcpu(Protocol):
+    """What moving needs of a vCPU (stack.vcpu.cpu.Vcpu, which gives each vCPU its Relocation line; a
+    Protocol because cpu.py imports this module)."""
+
+    memory: Any
+    hv: Any
+    qtest: Any
+    relocation: "Relocation"
+
+    def forget_hypervisor_pages(self) -> None: ...
 
 
 class RelocationError(HarnessError):
@@ -54,26 +72,34 @@ class Relocation:
     the outcome, which `post`'s caller gets from `wait_result`."""
 
     def __init__(self) -> None:
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pipe: tuple[int, int] | None = None  # made on first use: most vCPUs never move
         self._lock = threading.Lock()
         self._pending: MachineContext | None = None
         self._done = threading.Event()
         self._outcome: str | None = None
+        # Why the vCPU is not running driver code (WAITING_*), or None: the agent's console then runs
+        # no deferred driver work, which would wait for a processor that is not there.
+        self.waiting: str | None = None
 
     @property
     def fd(self) -> int:
-        return self._r
+        with self._lock:
+            if self._pipe is None:
+                self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            return self._pipe[0]
 
     def post(self, context: MachineContext) -> None:
+        fd = self.fd
         with self._lock:
             self._pending = context
             self._done.clear()
             self._outcome = None
-        os.write(self._w, b"x")
+            assert self._pipe is not None and fd == self._pipe[0]
+            os.write(self._pipe[1], b"x")
 
     def take(self) -> MachineContext | None:
         try:
-            while os.read(self._r, 64):
+            while os.read(self.fd, 64):
                 pass
         except BlockingIOError:
             pass
@@ -94,8 +120,11 @@ class Relocation:
         return self._outcome
 
     def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
+        with self._lock:
+            if self._pipe is not None:
+                os.close(self._pipe[0])
+                os.close(self._pipe[1])
+                self._pipe = None
 
 
 def _connect_qtest(path: Path) -> socket.socket:
@@ -116,7 +145,7 @@ def _connect_qtest(path: Path) -> socket.socket:
             raise RelocationError(f"cannot connect to {path}: {exc}") from None
 
 
-def relocate(vcpu: Vcpu, context: MachineContext, *, trap_lock_held: bool = False) -> None:
+def relocate(vcpu: MovableVcpu, context: MachineContext, *, trap_lock_held: bool = False) -> None:
     """Move `vcpu` to `context`'s machine (see the module docstring). With `trap_lock_held` the caller is
     inside the trap link's parked hypercall; otherwise the link is taken here. RelocationError (the vCPU
     unchanged, or - after the RAM was remapped - its machine gone for good) names what failed."""
@@ -140,3 +169,31 @@ def relocate(vcpu: Vcpu, context: MachineContext, *, trap_lock_held: bool = Fals
     vcpu.qtest.rebind(sock)
     vcpu.forget_hypervisor_pages()
     log.info("vCPU moved to %s (RAM %s)", context.describe(), context.ram_path)
+
+
+def parked_hypercall(vcpu: MovableVcpu, nr: int, args: tuple[int, ...], timeout: float = PARK_SECONDS) -> int:
+    """The suspend hypercall as the vCPU sees it: its return value when the domain resumed in place (1:
+    cancelled), or 0 when the vCPU was moved into another domain (what a restored domain sees). A move
+    that fails is reported to whoever asked and the vCPU stays parked."""
+    if vcpu.hv is None:
+        raise RelocationError("a vCPU without a hypervisor cannot suspend its domain")
+    line = vcpu.relocation
+
+    def move() -> MachineContext:
+        context = line.take()
+        if context is None:
+            raise RelocationError("woken with no machine to move to")
+        try:
+            relocate(vcpu, context, trap_lock_held=True)
+        except RelocationError as exc:
+            log.warning("staying parked: %s", exc)
+            line.report(str(exc))
+            raise
+        return context
+
+    line.waiting = WAITING_SUSPENDED
+    try:
+        result, moved = vcpu.hv.parked_hypercall(nr, args, line.fd, timeout, move)
+    finally:
+        line.waiting = None
+    return 0 if moved is not None else int(result)

@@ -59,6 +59,13 @@ class EventChannelDoorbell:
     def drain(self) -> None:
         self._event.clear()
 
+    def rebind(self, port: int) -> None:
+        """The store event channel of a new domain (after a restore or S4): the old port is forgotten."""
+        self.dispatcher.unbind(self.port)
+        self.port = port
+        self._event.clear()
+        self.dispatcher.bind(port, lambda _: self._event.set())
+
     def close(self) -> None:
         self.dispatcher.unbind(self.port)
 
@@ -103,6 +110,20 @@ class GuestXenstore:
             except TimeoutError:
                 raise XenstoreTooSlow(f"no reply from xenstored to {mtype.name} {what}".rstrip(), timeout) from None
 
+    def held(self) -> threading.RLock:
+        """The connection's lock: whoever holds it (`with store.held():`) has the ring to itself - the
+        suspend path holds it across the suspend hypercall so no other thread is inside the ring when the
+        domain goes away."""
+        return self._lock
+
+    def reset(self, port: int) -> None:
+        """StoreDisable/StoreResetResponse/StoreEnable after the domain was rebuilt: a partial reply and
+        queued watch events belonged to the old xenstored connection; the doorbell is the new port."""
+        with self._lock:
+            self.ring.inbuf = b""
+            self.events.clear()
+            self.doorbell.rebind(port)
+
     def close(self) -> None:
         """Drop the ring, and with it every view of the ring page (the page may then be unmapped)."""
         with self._lock:
@@ -146,6 +167,10 @@ class GuestXenstore:
         except BaseException:
             self._handlers.pop(token, None)
             raise
+
+    def forget(self, token: str) -> None:
+        """Stop delivering `token`'s events without telling xenstored (a watch of a domain that is gone)."""
+        self._handlers.pop(token, None)
 
     def unwatch(self, path: str, token: str) -> None:
         try:

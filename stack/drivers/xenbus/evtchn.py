@@ -34,7 +34,8 @@ from typing import Any
 from xenpv.stack.drivers.interface import Interface, InterfaceTable, acquire_all, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
-from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
+from xenpv.stack.drivers.xenbus.suspend import (SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback,
+                                                SuspendInterface)
 from xenpv.stack.kernel.bugcheck import BUG, BugCheck
 from xenpv.stack.kernel.dpc import IoConnectInterrupt, IoDisconnectInterrupt, KInterrupt
 from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thread
@@ -119,6 +120,7 @@ class EvtchnInterface(Interface):
         self._hypercall_lock = threading.Lock()
         self._debug_callback: DebugCallback | None = None
         self._suspend_callback: SuspendCallback | None = None
+        self._suspend_callback_late: SuspendCallback | None = None
 
     # -- Acquire/Release --------------------------------------------------------------------------
 
@@ -137,6 +139,8 @@ class EvtchnInterface(Interface):
         _, self._debug_callback = self.debug.DebugRegister("XENBUS|EVTCHN", self._dump, None)
         _, self._suspend_callback = self.suspend.SuspendRegister(SUSPEND_CALLBACK_EARLY, self._suspend_early,
                                                                  None)
+        _, self._suspend_callback_late = self.suspend.SuspendRegister(SUSPEND_CALLBACK_LATE, self._suspend_late,
+                                                                      None)
         return STATUS_SUCCESS
 
     def teardown(self) -> None:
@@ -144,6 +148,8 @@ class EvtchnInterface(Interface):
             BUG("OUTSTANDING CHANNELS")
         assert self._suspend_callback is not None and self._debug_callback is not None
         assert self._interrupt is not None and self._line is not None
+        assert self._suspend_callback_late is not None
+        self.suspend.SuspendDeregister(self._suspend_callback_late)
         self.suspend.SuspendDeregister(self._suspend_callback)
         self.debug.DebugDeregister(self._debug_callback)
         IoDisconnectInterrupt(self._interrupt)
@@ -154,7 +160,7 @@ class EvtchnInterface(Interface):
         wait_for_thread(self._line, "XENBUS EVTCHN teardown")
         self.platform.pages.free(self._scratch)
         self._scratch, self._hypercalls, self._interrupt, self._line = [], None, None, None
-        self._suspend_callback = self._debug_callback = None
+        self._suspend_callback = self._suspend_callback_late = self._debug_callback = None
         for dependency in (self.shared_info, self.debug, self.suspend):
             dependency.release()
 
@@ -169,6 +175,14 @@ class EvtchnInterface(Interface):
             if channel.Active:
                 channel.Active = False
                 self._unhash(channel)
+
+    def _suspend_late(self, _argument: Any) -> None:
+        """EvtchnSuspendCallbackLate: the 2-level ABI has nothing of its own to set up again (the FIFO ABI's
+        control blocks would be re-initialised here); the upcall (EvtchnInterruptDisable/Enable) is the vCPU's
+        eventfd, which followed it into the new domain, so an upcall that came before this point is
+        looked for once more."""
+        self.platform.upcalls.scan()
+        log.info("EVTCHN: LATE: 2-level ABI, upcall re-enabled")
 
     # -- delivery ---------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from xenpv.stack.drivers.interface import Interface, acquire_all, table
 from xenpv.stack.drivers.xenbus.cache import Cache, CacheInterface, CacheLock, CacheObject
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.range_set import RangeSet, RangeSetInterface
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER,
                                  STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, NTSTATUS)
@@ -86,22 +87,28 @@ class GnttabInterface(Interface):
     TABLES = {2: table(2, *(m for m in _V4 if m != "QueryReference")), 3: table(3, *_V4), 4: table(4, *_V4)}
 
     def __init__(self, platform: XenPlatform, debug: DebugInterface, cache: CacheInterface,
-                 range_set: RangeSetInterface) -> None:
+                 range_set: RangeSetInterface, suspend: SuspendInterface | None = None) -> None:
         super().__init__()
         self.platform = platform
         self.debug = debug
         self.cache = cache
         self.range_set = range_set
+        self.suspend = suspend
         self.caches: list[GnttabCache] = []
         self._free: RangeSet | None = None
         self._debug_callback: DebugCallback | None = None
+        self._suspend_callback: SuspendCallback | None = None
 
     # -- Acquire/Release --------------------------------------------------------------------------
 
     def setup(self) -> int:
-        status = acquire_all((self.debug, self.cache, self.range_set))
+        status = acquire_all((self.debug, self.cache, self.range_set)
+                             + ((self.suspend,) if self.suspend is not None else ()))
         if not NT_SUCCESS(status):
             return status
+        if self.suspend is not None:
+            _, self._suspend_callback = self.suspend.SuspendRegister(SUSPEND_CALLBACK_EARLY, self._suspend_early,
+                                                                     None)
         _, self._free = self.range_set.RangeSetCreate("gnttab")
         entries = self.platform.grants.nr_entries
         self.range_set.RangeSetPut(self._free, RESERVED_ENTRY_COUNT, entries - RESERVED_ENTRY_COUNT)
@@ -118,8 +125,18 @@ class GnttabInterface(Interface):
         self.range_set.RangeSetDestroy(self._free)
         self.debug.DebugDeregister(self._debug_callback)
         self._free = self._debug_callback = None
+        if self.suspend is not None and self._suspend_callback is not None:
+            self.suspend.SuspendDeregister(self._suspend_callback)
+            self._suspend_callback = None
+            self.suspend.release()
         for dependency in (self.range_set, self.cache, self.debug):
             dependency.release()
+
+    def _suspend_early(self, _argument: Any) -> None:
+        """GnttabSuspendCallbackEarly (GnttabMap): the table's frames are mapped again in the new domain.
+        The entries' owners (frontends) revoke and grant again as they reconnect."""
+        self.platform.map_grant_frames()
+        log.info("GNTTAB: EARLY: grant frames mapped again")
 
     def _dump(self, _argument: Any, _crashing: bool) -> None:
         for gnttab_cache in self.caches:

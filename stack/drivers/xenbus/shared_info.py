@@ -10,6 +10,11 @@ evtchn_upcall_pending and pending_sel); `EvtchnPoll` is the same scan as the dri
 poll (and for tests), and - as in the driver - it leaves acknowledging each port to the Event callback.
 The real Acquire also masks every port; here the store and console ports of the platform are live
 before XENBUS loads, so masking them all would cut the platform's own xenstore connection.
+
+SUSPEND EARLY callback (SharedInfoSuspendCallbackEarly): after a resume in a new domain, shared_info is
+mapped again (XENMEM_add_to_physmap at the same frame) and every port masked (SharedInfoEvtchnMaskAll):
+the ports are the old domain's; whoever opens a channel in the new one unmasks it (the platform's store
+port included, in the STORE LATE callback).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any
 from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.stack.drivers.interface import Interface, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
 from xenpv.stack.timescale import HarnessTooSlow, scaled
 from xenpv.stack.vcpu.platform import XenPlatform
@@ -62,18 +68,27 @@ class SharedInfoInterface(Interface):
         4: table(4, "UpcallSupported", *_V2, "GetTime"),   # v4 added UpcallSupported
     }
 
-    def __init__(self, platform: XenPlatform, debug: DebugInterface) -> None:
+    def __init__(self, platform: XenPlatform, debug: DebugInterface, suspend: SuspendInterface | None = None) -> None:
         super().__init__()
         self.platform = platform
         self.debug = debug
+        self.suspend = suspend
         self._page: memoryview | None = None
         self._mem: AtomicMemory | None = None
         self._debug_callback: DebugCallback | None = None
+        self._suspend_callback: SuspendCallback | None = None
 
     def setup(self) -> int:
         status = self.debug.acquire()
         if not NT_SUCCESS(status):
             return status
+        if self.suspend is not None:
+            status = self.suspend.acquire()
+            if not NT_SUCCESS(status):
+                self.debug.release()
+                return status
+            _, self._suspend_callback = self.suspend.SuspendRegister(SUSPEND_CALLBACK_EARLY, self._suspend_early,
+                                                                     None)
         self._page = self.platform.vcpu.page(shared_info_gfn(self.platform))
         self._mem = AtomicMemory(self._page)
         _, self._debug_callback = self.debug.DebugRegister("XENBUS|SHARED_INFO", self._dump, None)
@@ -85,7 +100,18 @@ class SharedInfoInterface(Interface):
         self._mem.release()
         self._page.release()
         self._mem = self._page = self._debug_callback = None
+        if self.suspend is not None and self._suspend_callback is not None:
+            self.suspend.SuspendDeregister(self._suspend_callback)
+            self._suspend_callback = None
+            self.suspend.release()
         self.debug.release()
+
+    def _suspend_early(self, _argument: Any) -> None:
+        """SharedInfoMap + SharedInfoEvtchnMaskAll in the new domain."""
+        self.platform.map_shared_info()
+        for word in range(EVTCHN_WORDS):
+            self.mem.store(_MASK + word * _WORD, _WORD, (1 << EVTCHN_WORD_BITS) - 1)
+        log.info("SHARED_INFO: EARLY: mapped again at gfn %#x, every port masked", shared_info_gfn(self.platform))
 
     @property
     def mem(self) -> AtomicMemory:

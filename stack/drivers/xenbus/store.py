@@ -12,9 +12,14 @@ as on Windows). While STORE is acquired it owns the platform connection's watch 
 tokens it did not issue are logged and dropped.
 
 xenstored errors become NTSTATUS values (ENOENT -> STATUS_OBJECT_NAME_NOT_FOUND, EACCES ->
-STATUS_ACCESS_DENIED, EAGAIN -> STATUS_RETRY, ...). On the SUSPEND EARLY callback open transactions
-become inactive (their TransactionEnd answers STATUS_RETRY); the LATE callback signals every watch, as
-the driver does after resume, so clients re-read what they watch.
+STATUS_ACCESS_DENIED, EAGAIN -> STATUS_RETRY, ...).
+
+Suspend (store.c StoreSuspendCallbackEarly/Late): on EARLY open transactions and watches become inactive
+(a transaction's end answers STATUS_RETRY; an inactive watch never fires again and its removal sends no
+UNWATCH: the new domain's xenstored never had it). On LATE the connection is rebuilt for the domain the
+guest runs in now (StoreDisable, StoreResetResponse, StoreEnable: HVM_PARAM_STORE_EVTCHN read again, the
+new port unmasked) and every watch's event is set, so each client notices, removes its watch and adds it
+again.
 
 A request waits for xenstored's reply as the driver's StoreSubmitRequest does, without a timeout of its
 own; the connection's deadline (stack.vcpu.xenstore) is the harness's and its expiry, HarnessTooSlow, is
@@ -122,6 +127,7 @@ class StoreWatch:
     Path: str
     Event: KEvent
     Token: str
+    Active: bool = True
     address: int = field(default_factory=lambda: next(_addresses))
 
 
@@ -196,8 +202,12 @@ class StoreInterface(Interface):
     def _suspend_early(self, _argument: Any) -> None:
         for transaction in self.transactions:
             transaction.Active = False
+        for watch in self.watches.values():
+            watch.Active = False
 
     def _suspend_late(self, _argument: Any) -> None:
+        port = self.platform.reconnect_store()
+        log.info("STORE: DISABLE; ENABLE (%d)", port)
         for watch in self.watches.values():
             KeSetEvent(watch.Event)
 
@@ -224,6 +234,8 @@ class StoreInterface(Interface):
         watch = self.watches.get(token)
         if watch is None:
             log.info("watch event %s for unknown token %r dropped", path, token)
+            return
+        if not watch.Active:
             return
         log.debug("watch %s fired: %s", token, path)
         KeSetEvent(watch.Event)
@@ -341,6 +353,9 @@ class StoreInterface(Interface):
         if self.watches.get(Watch.Token) is not Watch:
             BUG("UNKNOWN WATCH")
         del self.watches[Watch.Token]
+        if not Watch.Active:
+            self.platform.store.forget(Watch.Token)
+            return STATUS_SUCCESS
         return self._request("unwatch", Watch.Path, self.platform.store.unwatch, Watch.Path, Watch.Token)[0]
 
     def StorePoll(self) -> None:

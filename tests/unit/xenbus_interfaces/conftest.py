@@ -84,6 +84,10 @@ class FakeUpcalls:
     def unbind(self, port: int) -> None:
         self.handlers.pop(port, None)
 
+    def scan(self) -> None:
+        """The 2-level scan after a resume (EVTCHN's LATE callback): nothing is pending in the fake."""
+        self.scans = getattr(self, "scans", 0) + 1
+
     def raise_event(self, port: int) -> None:
         thread = threading.Thread(target=self.handlers[port], args=(port,))
         thread.start()
@@ -160,6 +164,9 @@ class FakeStore:
     def unwatch(self, path: str, token: str) -> None:
         del self.watches[path]
 
+    def forget(self, token: str) -> None:
+        self.handlers.pop(token, None)
+
     def transaction_start(self) -> int:
         tx, self._next_tx = self._next_tx, self._next_tx + 1
         self.transactions[tx] = {"@generation": str(self.generation).encode()}
@@ -207,7 +214,11 @@ def platform() -> SimpleNamespace:
     vcpu = FakeVcpu()
     hole = BAR_ADDRESS >> 12
     grants = GrantTableFrontend([vcpu.page(hole + 1 + i) for i in range(GRANT_FRAMES)])
+    resumed: list[str] = []  # what the resume callbacks asked the platform to do, in order
     return SimpleNamespace(
         vcpu=vcpu,
         device=SimpleNamespace(bars=(SimpleNamespace(kind="mem", address=BAR_ADDRESS, size=0x100000),)),
-        upcalls=FakeUpcalls(), grants=grants, store=FakeStore(), pages=PageAllocator(0x400), domid=7)
+        upcalls=FakeUpcalls(), grants=grants, store=FakeStore(), pages=PageAllocator(0x400), domid=7,
+        resumed=resumed, map_shared_info=lambda: resumed.append("map_shared_info"),
+        map_grant_frames=lambda: resumed.append("map_grant_frames"),
+        reconnect_store=lambda: resumed.append("reconnect_store") or 99)
