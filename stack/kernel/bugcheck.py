@@ -44,18 +44,27 @@ class BugCheckCode(IntEnum):
 
     IRQL_NOT_GREATER_OR_EQUAL = 0x09
     IRQL_NOT_LESS_OR_EQUAL = 0x0A
+    # KeWaitForMultipleObjects: more objects than THREAD_WAIT_OBJECTS without a wait block array.
+    MAXIMUM_WAIT_OBJECTS_EXCEEDED = 0x0C
     SPIN_LOCK_ALREADY_OWNED = 0x0F
     SPIN_LOCK_NOT_OWNED = 0x10
     # An exception nothing handled in kernel mode outside a system thread's start frame: in an ISR or a
     # DPC (KiRetireDpcList has no handler of its own). A system thread's would be 0x7E.
     KMODE_EXCEPTION_NOT_HANDLED = 0x1E
     MULTIPLE_IRP_COMPLETE_REQUESTS = 0x44
+    # The memory rules of pool.py: a fault on an address nothing maps (below DISPATCH_LEVEL), an
+    # exception no handler took in a system thread, bad pool calls, and freed special pool.
+    PAGE_FAULT_IN_NONPAGED_AREA = 0x50
     INACCESSIBLE_BOOT_DEVICE = 0x7B
+    SYSTEM_THREAD_EXCEPTION_NOT_HANDLED = 0x7E
     DRIVER_POWER_STATE_FAILURE = 0x9F
     INTERNAL_POWER_ERROR = 0xA0
+    BAD_POOL_CALLER = 0xC2
     IRQL_UNEXPECTED_VALUE = 0xC8
     PNP_DETECTED_FATAL_ERROR = 0xCA
+    PAGE_FAULT_IN_FREED_SPECIAL_POOL = 0xCC
     DRIVER_IRQL_NOT_LESS_OR_EQUAL = 0xD1
+    DRIVER_PAGE_FAULT_IN_FREED_SPECIAL_POOL = 0xD5
     MANUALLY_INITIATED_CRASH = 0xE2
     # The PV drivers' include/assert.h: `#define ASSERTION_FAILURE 0x0000DEAD`; BUG(text) calls
     # KeBugCheckEx(ASSERTION_FAILURE, text, __FILE__, __LINE__, 0). Windows' own codes never use 0xDEAD.

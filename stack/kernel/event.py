@@ -29,6 +29,7 @@ import time
 from xenpv.base import threads
 from xenpv.stack.timescale import HarnessTooSlow, scaled
 
+from .bugcheck import BugCheckCode, KeBugCheckEx
 from .irql import APC_LEVEL, DISPATCH_LEVEL, KernelModelError, Processor, assert_max_irql, current_processor, irql_name
 from .status import STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
 
@@ -115,6 +116,47 @@ def KeWaitForSingleObject(event: KEvent, timeout: float | None = None) -> NTSTAT
     if timeout is None:
         raise HarnessTooSlow(f"{event} not set (a wait without a timeout, endless on Windows)", bounded)
     return STATUS_TIMEOUT
+
+
+# ke.h: the wait blocks a thread carries for itself; more objects need the caller's WaitBlockArray.
+THREAD_WAIT_OBJECTS = 3
+MAXIMUM_WAIT_OBJECTS = 64
+WAIT_ALL = 0
+WAIT_ANY = 1
+MAXIMUM_WAIT_OBJECTS_EXCEEDED = BugCheckCode.MAXIMUM_WAIT_OBJECTS_EXCEEDED
+
+
+def KeWaitForMultipleObjects(objects: list[KEvent], wait_type: int = WAIT_ALL, timeout: float | None = None,
+                             wait_block_array: list[object] | None = None) -> NTSTATUS:
+    """Wait for all (WAIT_ALL) or any (WAIT_ANY) of `objects`. Windows checks the count first: more than
+    THREAD_WAIT_OBJECTS without a WaitBlockArray, or more than MAXIMUM_WAIT_OBJECTS at all, stops the
+    system with MAXIMUM_WAIT_OBJECTS_EXCEEDED (0xC, no parameters). WAIT_ALL waits for each in turn,
+    which is the same as waiting for all at once for notification events (the model's synchronization
+    events are never waited for together). WAIT_ANY returns STATUS_WAIT_0 + the index (STATUS_SUCCESS
+    is STATUS_WAIT_0)."""
+    count = len(objects)
+    if count > MAXIMUM_WAIT_OBJECTS or (count > THREAD_WAIT_OBJECTS and wait_block_array is None):
+        raise KeBugCheckEx(MAXIMUM_WAIT_OBJECTS_EXCEEDED,
+                           message=f"KeWaitForMultipleObjects: {count} objects, "
+                                   f"{'no wait block array' if wait_block_array is None else 'too many'} "
+                                   f"(THREAD_WAIT_OBJECTS {THREAD_WAIT_OBJECTS})")
+    if wait_block_array is not None and len(wait_block_array) < count:
+        raise KernelModelError(f"a WaitBlockArray of {len(wait_block_array)} for {count} objects")
+    if wait_type == WAIT_ALL:
+        for event in objects:
+            status = KeWaitForSingleObject(event, timeout)
+            if status != STATUS_SUCCESS:
+                return status
+        return STATUS_SUCCESS
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for index, event in enumerate(objects):
+            if KeWaitForSingleObject(event, 0) == STATUS_SUCCESS:
+                return STATUS_SUCCESS + index
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return STATUS_TIMEOUT
+        KeWaitForSingleObject(objects[0], min(0.01, remaining) if remaining is not None else 0.01)
 
 
 def _check_resumed(cpu: Processor, irql: int, what: str) -> None:
