@@ -90,6 +90,15 @@ class GuestBugcheck(HarnessError):
         return "\n".join(lines)
 
 
+class AgentExited(HarnessError):
+    """The guest agent process ended without a STOP or a give-up: it crashed, or was killed."""
+
+    def __init__(self, message: str, status: int | None, signal_status: int | None) -> None:
+        self.status = status
+        self.signal_status = signal_status
+        super().__init__(message)
+
+
 class GuestConsole:
     def __init__(self, argv: list[str], log_path: Path, machine: Machine, timeout: float = 30.0,
                  agent_log: Path | None = None) -> None:
@@ -129,8 +138,9 @@ class GuestConsole:
                                      "XENPV_TIME_SCALE=N gives every deadline N times as long")
             if i == 2:
                 self.child.close()
-                raise HarnessError(f"the guest agent exited during {during} (status {self.child.exitstatus}, "
-                                   f"signal {self.child.signalstatus}):\n{self.child.before[-2000:]}")
+                raise AgentExited(f"the guest agent exited during {during} (status {self.child.exitstatus}, "
+                                  f"signal {self.child.signalstatus}):\n{self.child.before[-2000:]}",
+                                  self.child.exitstatus, self.child.signalstatus)
             self.machine.check_alive(f"the guest console ({during})")
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"no guest prompt within {timeout:.1f}s during {during}")

@@ -106,6 +106,12 @@ class NetNamespace:
         _ip("-n", self.name, "addr", "add", str(a.peer), "dev", a.tap)
         _ip("-n", self.name, "link", "set", a.tap, "up")
 
+    def remove_tap(self, tap: str) -> None:
+        """Delete one TAP (its domain is gone), so the next domain's TAP can take its addresses."""
+        if tap in self.taps:
+            self.taps.remove(tap)
+            _ip("-n", self.name, "link", "del", tap)
+
     def exec_argv(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xenpv.base.process import Supervised, wait_for
+from xenpv.base.runrecord import DOM0, broadcast
 
 
 def start_blkback(run_dir: Path, xenstored_socket: Path, xenhv_socket: Path, log_path: Path,
@@ -31,7 +32,8 @@ def start_blkback(run_dir: Path, xenstored_socket: Path, xenhv_socket: Path, log
 @dataclass
 class RestartableBlkback:
     """A blkback that a test kills (SIGKILL: no teardown) and starts again; each start logs to its own
-    `blkback-<n>.log` in `logs`."""
+    `blkback-<n>.log` in `logs`. Kills and restarts go into the run record of every guest of the process
+    (base.runrecord.broadcast), as the harness caused them."""
 
     run_dir: Path
     xenstored_socket: Path
@@ -44,12 +46,15 @@ class RestartableBlkback:
         self.starts += 1
         self.proc = start_blkback(self.run_dir, self.xenstored_socket, self.xenhv_socket,
                                   self.logs / f"blkback-{self.starts}.log")
+        if self.starts > 1:
+            broadcast(DOM0, action="backend-start", backend="blkback")
 
     def kill(self) -> None:
         assert self.proc is not None, "blkback is not running"
         self.proc.signal_group(signal.SIGKILL)
         self.proc.stop()
         self.proc = None
+        broadcast(DOM0, action="backend-kill", backend="blkback")
 
     def stop(self) -> None:
         if self.proc is not None:
