@@ -74,6 +74,14 @@ def _list(rt: GuestRuntime) -> str:
          details="NAME: xenbus, xenvif, xennet, xenvbd or xeniface; VERSION: such as 9.1.0.10 (default: the "
                  "newest of the guest's era)")
 def _pkg(rt: GuestRuntime, args: list[str]) -> str:
+    # The installer writes the registry (ZwSetValueKey: PASSIVE_LEVEL only), so it runs owning the CPU, as
+    # every console command that runs kernel code does: without the kernel lock, a driver thread holding
+    # the CPU at DISPATCH_LEVEL meanwhile made the write a false 0xA (found by `xenpv explore`).
+    with rt.kernel.cpu.lock:
+        return _pkg_locked(rt, args)
+
+
+def _pkg_locked(rt: GuestRuntime, args: list[str]) -> str:
     op, rest = args[0], args[1:]
     if op == "list":
         return _list(rt)
@@ -113,7 +121,8 @@ def _reg(rt: GuestRuntime, args: list[str]) -> str:
         typed: tuple[int, int | str] = (REG_DWORD, parse_int(data, "DATA", 0, 0xFFFFFFFF))
     else:
         typed = (REG_SZ, data)
-    rt.kernel.registry.set_value(key, name, *typed)
+    with rt.kernel.cpu.lock:  # see _pkg
+        rt.kernel.registry.set_value(key, name, *typed)
     return "The operation completed successfully."
 
 
