@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xenpv.base.errors import ConfigError
 from xenpv.base.rundir import base_dir, make_artifacts_dir, make_run_dir, remove_run_dir
 from xenpv.harness.cleanup import reap, reap_stale, run_guarded
 from xenpv.harness.machine import Machine, qemu_binary
@@ -184,7 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         reap_stale()
         artifacts = kept or make_run_dir("art")
         if kept is None:
-            cleanup.callback(remove_run_dir, artifacts)
+            # Registered first, so it runs last (after every process has stopped writing to it): the run's
+            # directory goes, unless the guest bugchecked: then its dump and logs are kept (crashes.py).
+            cleanup.push(lambda kind, exc, tb: _artifacts_after(artifacts, exc))
         host = HostServices.start(artifacts / "host")
         cleanup.callback(host.stop)
         backends = Dom0Backends.start(host, artifacts / "host")
@@ -212,6 +215,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {f}", file=sys.stderr)
         return 1
     return 0
+
+
+def _artifacts_after(artifacts: Path, exc: BaseException | None) -> None:
+    """Remove the run's artifact directory, or keep it when the guest bugchecked (its dump and logs moved
+    to ./artifacts/<date>-<time>-<pid>, and the GuestBugcheck's report made to name the new paths)."""
+    from xenpv.harness.agent import GuestBugcheck
+    from xenpv.harness.crashes import keep_crash_artifacts, moved
+
+    if not isinstance(exc, GuestBugcheck):
+        remove_run_dir(artifacts)
+        return
+    try:
+        target = keep_crash_artifacts(artifacts)
+    except (OSError, ConfigError) as err:
+        exc.add_note(f"the crash artifacts could not be kept ({err}); they are in {artifacts} until the next "
+                     "run or `xenpv clean` removes them")
+        return
+    remove_run_dir(artifacts)
+    exc.dump_path = moved(exc.dump_path, artifacts, target)
+    exc.console_log = moved(exc.console_log, artifacts, target) if exc.console_log else None
+    exc.agent_log = moved(exc.agent_log, artifacts, target) if exc.agent_log else None
+    exc.args = (exc.report() + f"\nartifacts kept in {target}",)
 
 
 def _interactive(guest: Guest) -> None:

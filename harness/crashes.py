@@ -169,6 +169,33 @@ def _minimize(args: argparse.Namespace, target: Target, env: ReplayEnv, schedule
     return 0
 
 
+# -- keeping a crash's artifacts ---------------------------------------------------------------------------
+
+KEPT_CRASHES = Path("artifacts")
+
+
+def keep_crash_artifacts(source: Path, root: Path = KEPT_CRASHES) -> Path:
+    """Move a run's artifact directory (a run directory the run would remove) to a new directory of its
+    own in `root`, readable by everyone (directories 0755, files 0644): a bugcheck's dump must outlive
+    the run. Returns the new directory."""
+    target = make_artifacts_dir(root, "the crash artifacts directory")
+    for entry in sorted(source.iterdir()):
+        shutil.move(str(entry), target / entry.name)
+    for path in [target, *target.rglob("*")]:
+        try:
+            path.chmod(0o755 if path.is_dir() else 0o644 | (path.stat().st_mode & 0o111))
+        except OSError:
+            pass
+    return target
+
+
+def moved(path: Path, source: Path, target: Path) -> Path:
+    try:
+        return target / path.relative_to(source)
+    except ValueError:
+        return path
+
+
 # -- triage -----------------------------------------------------------------------------------------------
 
 @dataclass

@@ -5,6 +5,9 @@
 - fixtures: `artifacts` (a per-test directory, kept when the test fails), `guest_factory` (launch a
   machine from a guest YAML; all are torn down after the test), `machine` (the default guest);
 - a failure report section naming the artifact directory with the tail of each machine's log;
+- a test that fails on a guest's bugcheck (harness.agent.GuestBugcheck) reports the STOP line, the bucket,
+  the crash dump and the tails of the console and agent log instead of the harness's traceback, and the
+  dump and bucket are JUnit XML properties (`xenpv_crash_dump`, `xenpv_bucket`), as record_property makes;
 - every session has artifact directories of its own: <root>/<date>-<time>-<pid>/ (root: --xenpv-artifacts,
   default <rootdir>/artifacts), and under pytest-xdist one subdirectory per worker (.../gw0/), so two
   sessions from one checkout, or two workers, never write, keep or delete each other's files;
@@ -24,7 +27,7 @@ from xenpv.base.errors import ConfigError
 from xenpv.base.owner import Owner
 from xenpv.base.rundir import make_artifacts_dir
 from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
-from xenpv.harness.agent import Guest
+from xenpv.harness.agent import Guest, GuestBugcheck
 from xenpv.harness.cleanup import reap, reap_stale
 from xenpv.harness.machine import Machine
 from xenpv.base.process import read_tail, running
@@ -110,6 +113,15 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report: pytest.TestReport = yield
     item.stash.setdefault(_report_key, {})[report.when] = report
+    stop = call.excinfo.value if call.excinfo is not None else None
+    if report.failed and isinstance(stop, GuestBugcheck):
+        # The guest's failure, not the harness's: what a driver developer reads first is the STOP, the
+        # bucket and where the dump is; the traceback would only show the console wait that saw it.
+        for name, value in (("xenpv_crash_dump", str(stop.dump_path)), ("xenpv_bucket", stop.bucket)):
+            if (name, value) not in item.user_properties:
+                item.user_properties.append((name, value))
+        report.user_properties = list(item.user_properties)
+        report.longrepr = f"{item.nodeid}: {stop.report()}"
     if report.failed and _artifacts_key in item.stash:
         for m in item.stash.get(_machines_key, []):
             m.flush_logs()

@@ -19,6 +19,7 @@ triage read as they read crash dumps (`load_failure`).
 """
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import json
 import logging
@@ -111,7 +112,7 @@ class Failure:
 
 def _epoch(text: str, path: Path) -> float:
     try:
-        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
     except (ValueError, TypeError):
         return path.stat().st_mtime
 

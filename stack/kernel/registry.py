@@ -222,6 +222,7 @@ class Registry:
         text = json.dumps({"format": HIVE_FORMAT, "root": self.root.to_json()}, indent=1)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
         try:
+            os.fchmod(fd, 0o644)  # an artifact of the run, kept with its crash dump for others to read
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
                 handle.flush()
