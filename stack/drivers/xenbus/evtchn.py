@@ -41,8 +41,8 @@ from xenpv.stack.kernel.dpc import IoConnectInterrupt, IoDisconnectInterrupt, KI
 from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thread
 from xenpv.stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql, current_processor
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
-from xenpv.stack.vcpu.hypercalls import Hypercalls
 from xenpv.stack.timescale import HarnessTooSlow
+from xenpv.stack.vcpu.hypercalls import Hypercalls
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.xenabi import event_channel as E
 from xenpv.xenabi import xen as X
