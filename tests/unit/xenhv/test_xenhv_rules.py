@@ -8,7 +8,10 @@
 * XENMEM_add_to_physmap checks the index per space: shared_info has index 0 only, grant frames
   0..max_grant_frames-1, any other space is refused;
 * GNTTABOP_copy bounds the source range as well as the destination (grant_table.c gnttab_copy_one:
-  ``src.offset + len > PAGE_SIZE || dest.offset + len > PAGE_SIZE`` is GNTST_bad_copy_arg).
+  ``src.offset + len > PAGE_SIZE || dest.offset + len > PAGE_SIZE`` is GNTST_bad_copy_arg);
+* sched_op's shutdown reasons end at SHUTDOWN_MAX; an HVM param never set reads 0; EVTCHNOP_status writes
+  the union member of the port's state only (event_channel.c evtchn_status), and port tables exist for
+  domids below DOMID_FIRST_RESERVED, with 1..4096 ports and 1..XEN_LEGACY_MAX_VCPUS vcpus.
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ from pathlib import Path
 import pytest
 
 from xenpv.backends.xenhv.domain import Domain
-from xenpv.backends.xenhv.errors import GrantError
+from xenpv.backends.xenhv.errors import GrantError, XenError
+from xenpv.backends.xenhv.evtchn import EventChannelHub, EventChannels
 from xenpv.backends.xenhv.hypervisor import Hypervisor
 from xenpv.stack.vcpu.grants import GrantTableFrontend
+from xenpv.xenabi import event_channel as E
 from xenpv.xenabi import grant_table as G
 from xenpv.xenabi import hvm
 from xenpv.xenabi import xen as X
@@ -135,6 +140,43 @@ def test_hvm_param_index_bounds(w: World, op: int) -> None:
         assert w.result(hvm.XenHvmParam).value == 7
 
 
+def test_a_param_never_set_reads_zero(w: World) -> None:
+    w.guest.params[hvm.HVM_PARAM_CALLBACK_IRQ] = 5
+    for index in (hvm.HVM_PARAM_CALLBACK_IRQ, hvm.HVM_PARAM_MCA_CAP):
+        assert w.call("hvm_op", hvm.HVMOP_get_param, hvm.XenHvmParam(domid=DOMID_SELF, index=index,
+                                                                     value=0xFFFF)) == 0
+        assert w.result(hvm.XenHvmParam).value == (5 if index == hvm.HVM_PARAM_CALLBACK_IRQ else 0)
+
+
+# ---- sched_op ----------------------------------------------------------------------------------------
+
+def _sched(w: World, cmd: int, op: ctypes.Structure | None = None) -> int:
+    if op is not None:
+        w.guest.memory.write(OP_GPA, bytes(op))
+    return w.hv.hypercalls.dispatch(w.guest, HC["sched_op"], [cmd, OP_GPA, 0, 0, 0])
+
+
+def test_sched_op_shutdown_reasons_up_to_the_last(w: World) -> None:
+    w.hv.control_unpause(GUEST)
+    assert _sched(w, X.SCHEDOP_yield) == 0
+    assert _sched(w, X.SCHEDOP_poll, X.SchedPoll()) == 0
+    # poll reads its argument (a guest pointer), as Xen's copy_from_guest does: a bad one is EFAULT.
+    assert w.hv.hypercalls.dispatch(w.guest, HC["sched_op"], [X.SCHEDOP_poll, RAM + PAGE, 0, 0, 0]) == -X.XEN_EFAULT
+    assert w.hv.hypercalls.dispatch(w.guest, HC["sched_op"], [X.SCHEDOP_shutdown, RAM + PAGE, 0, 0, 0]) \
+        == -X.XEN_EFAULT
+    assert _sched(w, X.SCHEDOP_remote_shutdown, X.SchedShutdown()) == -X.XEN_ENOSYS
+    for reason in (X.SHUTDOWN_MAX + 1, 0xFFFFFFFF):
+        assert _sched(w, X.SCHEDOP_shutdown, X.SchedShutdown(reason=reason)) == -X.XEN_EINVAL
+    assert w.guest.state.value == "running" and w.guest.shutdown_reason is None
+    assert _sched(w, X.SCHEDOP_shutdown, X.SchedShutdown(reason=X.SHUTDOWN_MAX)) == 0
+    assert (w.guest.state.value, w.guest.shutdown_reason) == ("shutdown", X.SHUTDOWN_MAX)
+
+
+def test_sched_op_shutdown_reports_its_reason(w: World) -> None:
+    assert _sched(w, X.SCHEDOP_shutdown, X.SchedShutdown(reason=X.SHUTDOWN_reboot)) == 0
+    assert (w.guest.state.value, w.guest.shutdown_reason) == ("shutdown", X.SHUTDOWN_reboot)
+
+
 # ---- XENMEM_add_to_physmap index per space ---------------------------------------------------------
 
 def _add_to_physmap(w: World, space: int, idx: int, gpfn: int) -> int:
@@ -224,3 +266,66 @@ def test_copy_from_a_grant_is_bounded_and_unpinned(w: World) -> None:
     assert _copy(w, (0, PAGE - 8), (DATA_GFN + 1, 0), 8, src_ref=11) == G.GNTST_okay
     assert w.guest.memory.read((DATA_GFN + 1) * PAGE, 9) == b"\xcc" * 8 + b"\0"
     assert w.flags(11) == G.GTF_permit_access | G.GTF_readonly
+
+
+# ---- event channels: who may have a port table, and EVTCHNOP_status's fields per state --------------
+
+def test_port_table_bounds() -> None:
+    hub = EventChannelHub()
+    hub.create(E.DOMID_FIRST_RESERVED - 1)
+    for domid in (E.DOMID_FIRST_RESERVED, DOMID_SELF, -1):
+        with pytest.raises(ValueError):
+            hub.create(domid)
+    one = hub.create(1, max_ports=1, max_vcpus=X.XEN_LEGACY_MAX_VCPUS)  # port 0 only, and it is reserved
+    with pytest.raises(XenError) as info:
+        one.alloc_unbound(DOMID_SELF, 0)
+    assert info.value.errno == X.XEN_ENOSPC
+    assert one.max_vcpus == X.XEN_LEGACY_MAX_VCPUS
+    hub.create(2, max_ports=E.EVTCHN_2L_NR_CHANNELS)
+    for bad in ({"max_ports": 0}, {"max_ports": E.EVTCHN_2L_NR_CHANNELS + 1}, {"max_vcpus": 0},
+                {"max_vcpus": X.XEN_LEGACY_MAX_VCPUS + 1}):
+        with pytest.raises(ValueError):
+            hub.create(3, **bad)  # type: ignore[arg-type]
+    assert hub.get(3) is None
+
+
+def _status(ch: EventChannels, port: int) -> E.EvtchnStatus:
+    out = E.EvtchnStatus(dom=DOMID_SELF, port=port)
+    ctypes.memset(ctypes.addressof(out.u), 0xAB, ctypes.sizeof(out.u))  # what the guest left there
+    ch.status(DOMID_SELF, port).fill(out)
+    return out
+
+
+def test_status_fields_of_every_state() -> None:
+    hub = EventChannelHub()
+    dom0 = hub.create(0, privileged=True)
+    guest = hub.create(5, max_vcpus=2)
+    to_dom0 = guest.alloc_unbound(DOMID_SELF, 0)
+    to_dom7 = guest.alloc_unbound(DOMID_SELF, 7)
+    s = _status(guest, to_dom0)
+    assert (s.status, s.vcpu, s.u.unbound.dom) == (E.EVTCHNSTAT_unbound, 0, 0)
+    assert _status(guest, to_dom7).u.unbound.dom == 7
+    back = dom0.bind_interdomain(5, to_dom0)
+    s = _status(guest, to_dom0)
+    assert (s.status, s.u.interdomain.dom, s.u.interdomain.port) == (E.EVTCHNSTAT_interdomain, 0, back)
+    s = _status(dom0, back)
+    assert (s.status, s.u.interdomain.dom, s.u.interdomain.port) == (E.EVTCHNSTAT_interdomain, 5, to_dom0)
+    timer = guest.bind_virq(E.VIRQ_TIMER, 1)
+    s = _status(guest, timer)
+    assert (s.status, s.vcpu, s.u.virq) == (E.EVTCHNSTAT_virq, 1, E.VIRQ_TIMER)
+    assert _status(guest, guest.bind_virq(E.VIRQ_DEBUG, 0)).u.virq == E.VIRQ_DEBUG
+    ipi = guest.bind_ipi(1)
+    s = _status(guest, ipi)
+    assert (s.status, s.vcpu) == (E.EVTCHNSTAT_ipi, 1)
+    assert bytes(s.u) == b"\xab" * ctypes.sizeof(s.u), "an IPI's status has no union fields to write"
+    s = _status(guest, 100)
+    assert (s.status, s.vcpu) == (E.EVTCHNSTAT_closed, 0) and bytes(s.u) == b"\xab" * ctypes.sizeof(s.u)
+
+
+def test_a_guest_has_one_vcpu_for_its_event_channels(w: World) -> None:
+    ch = w.hv.channels(w.guest)
+    ch.bind_ipi(0)
+    for bind in (lambda: ch.bind_ipi(1), lambda: ch.bind_virq(E.VIRQ_TIMER, 1)):
+        with pytest.raises(XenError) as info:
+            bind()
+        assert info.value.errno == X.XEN_ENOENT  # event_channel.c: no such vcpu

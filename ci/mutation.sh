@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut 2) of the modules that enforce the harness's rules, one module group at a time, for
+# the nightly job (issue 18). Prints the score per group: killed / (killed + survived), where mutants that
+# cannot change a rule are skipped before they run (logging calls, error-message text, and the equivalent
+# mutants listed with a reason in ci/mutation-equivalent.txt; see ci/mutmut_config.py).
+#
+#   ci/mutation.sh [--out DIR] [--minutes N] [--target PCT] [GROUP...]    (default: every group)
+#   ci/mutation.sh --list
+#
+# Each group runs in a private copy of the work tree (mutmut rewrites the files it mutates), its own fixed
+# list of unit test files as the runner (pytest -x: the first failure kills the mutant), niced, one mutant at
+# a time, for at most --minutes (default 120; mutants not reached are reported as untested). Results per
+# group go to OUT/<group>/: the mutmut cache (a later run with the same tests only tries what is new), the
+# log, survivors.txt (the to-do list: add the test that kills each, or list it as equivalent) and
+# summary.json. Exit status: 0, or 1 if a group could not run (its tests fail unmutated), or 2 if a group
+# scored below --target (default 85).
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+py="$top/.venv/bin/python"
+out="$top/artifacts/mutation-$(date +%Y%m%d-%H%M%S)"
+minutes=120
+target=85
+
+groups=(requests xenstored xenhv driver-model)
+declare -A paths tests
+# Back-ends' request and ring validation.
+paths[requests]="backends/blkback/requests.py,backends/blkback/queue.py,backends/netback/datapath.py,xenabi/ring.py"
+tests[requests]="tests/unit/blkback/test_requests.py tests/unit/blkback/test_queue_rules.py
+  tests/unit/blkback/test_queue_stop.py tests/unit/netback/test_datapath.py tests/unit/netback/test_datapath_rules.py
+  tests/unit/xenabi/test_xenabi_ring.py tests/unit/xenabi/test_xenabi_ring_batch.py
+  tests/unit/xenabi/test_ring_lifetime.py tests/unit/fuzz/test_blkif_fuzz.py tests/unit/fuzz/test_netif_fuzz.py"
+# xenstored's core, permissions, quotas, transactions, paths and ring (both ends of the ring are xenabi's).
+paths[xenstored]="backends/xenstored/core.py,backends/xenstored/perms.py,backends/xenstored/quotas.py,backends/xenstored/transactions.py,backends/xenstored/tree.py,backends/xenstored/paths.py,xenabi/xs_ring.py"
+tests[xenstored]="tests/unit/xenstored/test_xs_rules.py tests/unit/xenstored/test_xs_edge_cases.py
+  tests/unit/xenstored/test_xs_libxenstore_cases.py tests/unit/xenstored/test_xs_qemu_node_cases.py
+  tests/unit/xenstored/test_xs_ring.py tests/unit/fuzz/test_xs_ring_fuzz.py tests/unit/xenstored/test_xs_stateful.py
+  tests/unit/xenstored/test_xs_fuzz.py"
+# xenhv's hypercalls, event channels, grant table and unplug ports.
+paths[xenhv]="backends/xenhv/hypercall.py,backends/xenhv/evtchn.py,backends/xenhv/gnttab.py,backends/xenhv/unplug.py"
+tests[xenhv]="tests/unit/xenhv/test_xenhv_rules.py tests/unit/xenhv/test_xenhv_gnttab.py
+  tests/unit/xenhv/test_xenhv_evtchn.py tests/unit/xenhv/test_xenhv_gnttab_concurrency.py
+  tests/unit/xenhv/test_xenhv_server_containment.py tests/unit/fuzz/test_unplug_fuzz.py tests/unit/fuzz/test_xenhv_fuzz.py"
+# The driver model: XENFILT, XENBUS FDO/PDO, xen.sys unplug, the installer.
+paths[driver-model]="stack/drivers/xenfilt/driver.py,stack/drivers/xenbus/fdo.py,stack/drivers/xenbus/pdo.py,stack/drivers/xen/unplug.py,stack/install/installer.py"
+tests[driver-model]="tests/unit/drivers_core/test_safe_mode_and_s4.py tests/unit/drivers_core/test_unplug.py
+  tests/unit/install/test_installer_veto_bounds.py tests/unit/install/test_installer.py
+  tests/unit/drivers_core/test_pdo_ids.py tests/unit/drivers_core/test_query_interface.py
+  tests/unit/drivers_core/test_set_active.py tests/unit/drivers_core/test_emulated.py"
+
+selected=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out=$2; shift 2 ;;
+    --minutes) minutes=$2; shift 2 ;;
+    --target) target=$2; shift 2 ;;
+    --list) for g in "${groups[@]}"; do echo "$g: ${paths[$g]}"; done; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -*) echo "mutation.sh: unknown option $1" >&2; exit 2 ;;
+    *) [ -n "${paths[$1]:-}" ] || { echo "mutation.sh: no group $1 (try --list)" >&2; exit 2; }
+       selected+=("$1"); shift ;;
+  esac
+done
+[ ${#selected[@]} -gt 0 ] || selected=("${groups[@]}")
+
+if ! "$py" -c 'import mutmut' 2>/dev/null; then
+  "$py" -m pip install -q --disable-pip-version-check -e "$top[mutation]" >&2 || { echo "mutation.sh: cannot install mutmut" >&2; exit 1; }
+fi
+mkdir -p "$out"
+work=""
+cleanup() { [ -n "$work" ] && rm -rf "$work"; work=""; }
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
+
+status=0
+for g in "${selected[@]}"; do
+  gout="$out/$g"
+  mkdir -p "$gout"
+  # A private copy of the tree (tracked and new files), importable as `xenpv` ahead of the editable install.
+  work=$(mktemp -d /tmp/xenpv-mutation.XXXXXX)
+  (cd "$top" && git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$work") || exit 1
+  mkdir -p "$work/.xenpv-ns/xenpv"
+  for f in harness stack backends base xenabi guests; do ln -s "../../$f" "$work/.xenpv-ns/xenpv/$f"; done
+  cp "$top/ci/mutmut_config.py" "$work/mutmut_config.py"
+  [ -f "$gout/mutmut-cache" ] && cp "$gout/mutmut-cache" "$work/.mutmut-cache"
+  export PYTHONPATH="$work/.xenpv-ns" XENPV_MUTATION_EQUIVALENT="$top/ci/mutation-equivalent.txt"
+  runner="$py -m pytest -p no:cacheprovider -x -q --no-header $(echo ${tests[$g]})"
+  echo "mutation: $g: ${paths[$g]} (at most $minutes min)" >&2
+  start=$(date +%s)
+  # SIGINT at the deadline: mutmut restores the file it mutated and stops; what it did not reach is untested.
+  (cd "$work" && timeout --signal=INT --kill-after=60 "${minutes}m" nice -n 10 "$py" -m mutmut run \
+      --paths-to-mutate "${paths[$g]}" --tests-dir tests --runner "$runner" --simple-output --no-progress --CI) \
+      > "$gout/mutmut.log" 2>&1
+  rc=$?
+  seconds=$(( $(date +%s) - start ))
+  cp "$work/.mutmut-cache" "$gout/mutmut-cache" 2>/dev/null
+  (cd "$work" && "$py" - "$g" "$gout" "$seconds" "$rc" "$target" <<'EOF'
+import json, sqlite3, sys
+from pathlib import Path
+from mutmut import Context, RelativeMutationID, mutate
+import mutmut_config
+
+group, gout, seconds, rc, target = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+db = sqlite3.connect(".mutmut-cache")
+rows = db.execute("SELECT f.filename, l.line, l.line_number, m.\"index\", m.status FROM Mutant m "
+                  "JOIN Line l ON m.line = l.id JOIN SourceFile f ON l.sourcefile = f.id "
+                  "ORDER BY f.filename, l.line_number, m.\"index\"").fetchall() if Path(".mutmut-cache").exists() else []
+counts = {"killed": 0, "timeout": 0, "survived": 0, "untested": 0}
+skipped: dict[str, int] = {}
+survivors = []
+sources: dict[str, str] = {}
+for filename, line, line_number, index, status in rows:
+    if status in ("ok_killed", "ok_suspicious"):
+        counts["killed"] += 1
+    elif status == "bad_timeout":
+        counts["timeout"] += 1
+    elif status == "untested":
+        counts["untested"] += 1
+    else:
+        source = sources.setdefault(filename, Path(filename).read_text())
+        mutated, _ = mutate(Context(source=source, mutation_id=RelativeMutationID(line, index, line_number),
+                                    filename=filename))
+        new = mutated.split("\n")[line_number]
+        if status == "skipped":
+            why = mutmut_config.classify(filename, line_number, line, new) or "skipped"
+            why = why.split(":")[0]
+            skipped[why] = skipped.get(why, 0) + 1
+        else:
+            counts["survived"] += 1
+            survivors.append(f"{filename}:{line_number + 1}\n  - {line.strip()}\n  + {new.strip()}\n"
+                             f"  equivalent? {filename} || {line.strip()} || {new.strip()} || <reason>\n")
+detected = counts["killed"] + counts["timeout"]
+tested = detected + counts["survived"]
+score = 100.0 * detected / tested if tested else 0.0
+summary = {"group": group, "seconds": seconds, "mutmut_exit": rc, "score": round(score, 1), "target": target,
+           **counts, "skipped": skipped, "total": len(rows)}
+(gout / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+(gout / "survivors.txt").write_text("".join(survivors))
+print(f"{group:13} score {score:5.1f}%  killed {detected} (timeouts {counts['timeout']})  survived "
+      f"{counts['survived']}  untested {counts['untested']}  skipped {sum(skipped.values())} {skipped}  "
+      f"{seconds // 60} min {seconds % 60} s")
+sys.exit(1 if not tested else 2 if score < target or counts["untested"] else 0)
+EOF
+  ) | tee -a "$out/scores.txt"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 1 ]; then
+    echo "mutation: $g: nothing was tested; see $gout/mutmut.log" >&2; status=1
+  elif [ "$rc" -eq 2 ] && [ "$status" -eq 0 ]; then
+    status=2
+  fi
+  cleanup
+done
+echo "mutation results in $out (status $status)"
+exit $status
