@@ -47,7 +47,11 @@ class BootedStack:
     pci: list[PciFunction]  # the bus as the firmware step left it
 
     def poll(self) -> None:
-        """Run deferred work: xenstore watch events of the active FDO, then queued re-enumerations."""
+        """Run deferred work: xenstore watch events of the active FDO, then queued re-enumerations. Not while
+        the vCPU is parked in the suspend hypercall or powered off (stack.vcpu.relocation): no processor
+        runs driver code then, and the console must still hand it its next machine."""
+        if self.vcpu.relocation.waiting is not None:
+            return
         with self.kernel.cpu.lock:
             for fdo in self.xenbus.fdos:
                 fdo.poll()

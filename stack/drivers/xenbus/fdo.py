@@ -2,8 +2,23 @@
 
 Every platform device (0001, 0002, C000) gets an FDO; `FdoSetActive` picks exactly one. Only the active
 FDO does anything (`if (!Active) goto not_active`): at START it brings up the platform (BAR hole,
-shared_info and grant frames, upcalls, the store ring), creates the interface contexts, watches `device`
-in xenstore and reports one child PDO per class. Inactive FDOs pass everything down.
+shared_info and grant frames, upcalls, the store ring), creates the interface contexts, goes D3 -> D0 and
+reports one child PDO per class. Inactive FDOs pass everything down.
+
+D0 (FdoD3ToD0, as fdo.c): the FDO acquires DEBUG, SUSPEND, RANGE_SET, EVTCHN, STORE and CONSOLE itself,
+watches `device` (the scan) and `control/shutdown` (the suspend thread), writes control/feature-suspend=1
+and registers a SUSPEND LATE callback that goes D0 -> D3 -> D0 on the watches and feature key (they are dead
+in a new domain). D3 (FdoD0ToD3) undoes all of it after the suspend thread is idle.
+
+The suspend thread (FdoSuspend) wakes on the control/shutdown watch; in D0, when the node reads "suspend",
+it writes "" (the toolstack's acknowledgement) and calls SUSPEND.Trigger, which parks the vCPU in the
+suspend hypercall until the domain resumes in place or its saved state runs in a new domain.
+
+System power (FdoSetSystemPower): to S3/S4 the FDO goes D0 -> D3 (its children, which get the IRP first,
+have released theirs), then on the way to S4 FdoS3ToS4 BUGs on any reference still held to SUSPEND,
+SHARED_INFO, EVTCHN, STORE, CONSOLE, GNTTAB or BALLOON; back to S0 from S4, FdoS4ToS3 logs the resume and
+unplugs the emulated devices again (a new domain's device model has them), then D3 -> D0. S5 passes down.
+The D-IRPs the real FDO requests with PoRequestPowerIrp are its own D0/D3 steps here, done inline.
 
 Imports driver.py (its parent, for types) and pdo.py (PdoCreate), which import it back: the three mirror
 XB's driver.c, fdo.c and pdo.c and their headers (see driver.py; tests/unit/test_layering.py allows it).
@@ -23,15 +38,22 @@ from xenpv.stack.drivers.interface import Interface, InterfaceTable
 from xenpv.stack.drivers.pci import (BUS_INTERFACE_STANDARD_SIZE, DEVICE_TEXT_LOCATION_INFORMATION,
                                GUID_BUS_INTERFACE_STANDARD, BusInterfaceStandard, QueryDeviceTextParameters)
 from xenpv.stack.drivers.revision import vendor_name
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_LATE
 from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE, EmulatedStatus
-from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S4, BusQueryIdType,
+from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S3, S4, BusQueryIdType,
                           DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
                           IoDetachDevice, IoGetAttachedDevice, IoInvalidateDeviceRelations, IoSynchronousCallDriver,
                           QueryIdParameters, QueryInterfaceParameters, forward)
-from xenpv.stack.kernel.bugcheck import BUG, BUG_ON
+from xenpv.stack.kernel.bugcheck import BUG, BUG_ON, BugCheck
 from xenpv.stack.kernel.debuglog import DbgLevel
+from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thread
+from xenpv.stack.kernel.irql import DISPATCH_LEVEL, KeLowerIrql, KeRaiseIrql, assert_passive, current_processor
+from xenpv.stack.kernel.power import D0, D3
 from xenpv.stack.kernel.registry import RegistryError
-from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_CANCELLED, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
+                                       STATUS_UNSUCCESSFUL, status_name)
+from xenpv.stack.timescale import HarnessTooSlow
+from xenpv.stack.vcpu.relocation import parked_hypercall
 from xenpv.stack.vcpu.xenstore import XenstoreError
 from xenpv.xenabi import xen as X
 
@@ -55,6 +77,10 @@ INTERFACE_MODULES = (("DEBUG", "debug"), ("SUSPEND", "suspend"), ("SHARED_INFO",
                      ("GNTTAB", "gnttab"), ("CONSOLE", "console"))
 # FdoS3ToS4: these must be unreferenced when the domain is about to be rebuilt (a10d605, 28420a4).
 S4_UNREFERENCED = ("SUSPEND", "SHARED_INFO", "EVTCHN", "STORE", "CONSOLE", "GNTTAB", "BALLOON")
+# What FdoD3ToD0 acquires for the FDO itself, in order (CONSOLE may fail: ConsoleAcquired stays FALSE).
+FDO_HELD_INTERFACES = ("DEBUG", "SUSPEND", "RANGE_SET", "EVTCHN", "STORE", "CONSOLE")
+# How often the suspend thread looks at whether it was asked to stop, between watch events.
+SUSPEND_THREAD_PERIOD = 0.25
 
 
 @dataclass
@@ -74,20 +100,36 @@ class XenbusFdo:
     interfaces: dict[str, Interface] = field(default_factory=dict)
     children: dict[str, DeviceObject] = field(default_factory=dict)
     system_power: int = S0
-    # Set by the `device` watch (on whichever thread reads the store ring); FdoScan runs from poll().
-    _device_changed: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def watch_token(self) -> str:
-        # Unique per FDO, as XENBUS's tokens are watch addresses: a reboot reuses the store connection.
-        return f"xenbus-fdo-{self.device.address:x}"
+    device_power: int = D3
+    # The scan watch's event (ScanThread's) and the suspend thread's; FdoScan runs from poll().
+    _scan_event: KEvent = field(default_factory=lambda: KEvent("XENBUS scan", synchronization=True))
+    _suspend_event: KEvent = field(default_factory=lambda: KEvent("XENBUS suspend", synchronization=True))
+    # Set by the suspend thread each time round (Fdo->SuspendEvent): FdoD0ToD3 waits for it.
+    _suspend_idle: KEvent = field(default_factory=lambda: KEvent("XENBUS suspend idle"))
+    _suspend_thread: threading.Thread | None = None
+    _stopping: bool = False
+    _scan_watch: Any = None
+    _suspend_watch: Any = None
+    _suspend_callback_late: Any = None
+    _held: list[str] = field(default_factory=list)
+    # Fault injection: the FDO leaves control/shutdown=suspend unanswered (a guest that never suspends).
+    ignore_suspend: bool = False
+    suspends: int = 0
 
     def FdoStop(self) -> None:
-        """Drop the watch and the platform (FDO removal, or the end of this boot)."""
+        """Go D3, stop the suspend thread, drop the platform (FDO removal, or the end of this boot)."""
         if self.platform is None:
             return
         try:
-            self.platform.store.unwatch("device", self.watch_token)
+            try:
+                with current_processor().lock:  # the agent's shutdown calls this outside any dispatch routine
+                    if self.device_power == D0:
+                        self.FdoD0ToD3()
+                    self._stop_suspend_thread()
+            except (BugCheck, HarnessTooSlow):
+                # A stopped processor runs no more driver code: the interfaces stay as they are (the dump
+                # shows them); the suspend thread sees the stop and ends.
+                self._stop_suspend_thread()
         finally:
             self.platform.close()
             self.platform = None
@@ -142,21 +184,35 @@ class XenbusFdo:
             self._print(f"FdoStart: the platform did not start: {exc}", DbgLevel.ERROR)
             return STATUS_UNSUCCESSFUL
         self._create_interfaces()
-        self.platform.store.watch("device", self.watch_token, lambda path, token: self._device_changed.set())
+        self._start_suspend_thread()
+        status = self.FdoD3ToD0()
+        if not NT_SUCCESS(status):
+            return status
         self.FdoScan()
         return STATUS_SUCCESS
 
     def _suspend_domain(self) -> int:
+        """xen.sys SchedShutdown(SHUTDOWN_suspend): the vCPU parks in the hypercall (stack.vcpu.relocation);
+        1 means the suspend was cancelled (the domain resumed in place), as sched.c maps it."""
         assert self.platform is not None
-        rc, _ = self.platform.hypercalls.op(X.HYPERCALL_NUMBERS["sched_op"], X.SCHEDOP_shutdown,
-                                            ctypes.c_uint32(X.SHUTDOWN_suspend))
-        return STATUS_SUCCESS if rc >= 0 else STATUS_UNSUCCESSFUL
+        hc = self.platform.hypercalls
+        hc.vcpu.write_phys(hc.scratch, bytes(X.SchedShutdown(reason=X.SHUTDOWN_suspend)))
+        rc = parked_hypercall(hc.vcpu, X.HYPERCALL_NUMBERS["sched_op"], (X.SCHEDOP_shutdown, hc.scratch))
+        if rc < 0:
+            return STATUS_UNSUCCESSFUL
+        return STATUS_CANCELLED if rc == 1 else STATUS_SUCCESS
+
+    def _sync_capture(self) -> Any:
+        """The model's SyncCapture: no other thread of the guest inside the xenstore ring meanwhile."""
+        assert self.platform is not None
+        return self.platform.store.held()
 
     def _create_interfaces(self) -> None:
         pool: dict[str, Any] = {"platform": self.platform, "kernel": self.driver.kernel, "fdo": self,
                                 "xen": self.driver.xen, "vcpu": self.driver.xen.vcpu,
                                 "registry": self.driver.xen.registry, "debug_log": self.driver.xen.debug_log,
-                                "suspend_domain": self._suspend_domain}
+                                "suspend_domain": self._suspend_domain, "sync_capture": self._sync_capture,
+                                "unplug_devices": self.driver.xen.unplug.UnplugDevices}
         for name, module_name in INTERFACE_MODULES:
             context = self._create_interface(name, module_name, pool)
             if context is not None:
@@ -227,14 +283,159 @@ class XenbusFdo:
         return changed
 
     def poll(self) -> None:
-        """Act on queued `device` watch events (the FDO's watch thread, run from the agent's loop)."""
-        if self.platform is None:
+        """Act on a `device` watch event (the FDO's scan thread, run from the agent's loop)."""
+        if self.platform is None or self.device_power != D0:
             return
         self.platform.store.pump()
-        fired = self._device_changed.is_set()
-        self._device_changed.clear()
+        fired = self._scan_event.read_state()
+        self._scan_event.clear()
         if fired and self.FdoScan():
             IoInvalidateDeviceRelations(self.pdo)
+
+    # -- D0 <-> D3 (fdo.c FdoD3ToD0 / FdoD0ToD3) ----------------------------------------------------
+
+    def FdoD3ToD0(self) -> int:
+        assert_passive("FdoD3ToD0")
+        if self.active:
+            old = KeRaiseIrql(DISPATCH_LEVEL)
+            try:
+                for name in FDO_HELD_INTERFACES:
+                    context = self.interfaces.get(name)
+                    if context is None:
+                        continue
+                    status = context.acquire()
+                    if not NT_SUCCESS(status):
+                        if name == "CONSOLE":
+                            continue  # Fdo->ConsoleAcquired stays FALSE
+                        self._print(f"FdoD3ToD0: {name} Acquire: {status_name(status)}", DbgLevel.ERROR)
+                        self._release_held()
+                        return status
+                    self._held.append(name)
+                self._d3_to_d0()
+                suspend = self.interfaces["SUSPEND"]
+                _, self._suspend_callback_late = suspend.SuspendRegister(SUSPEND_CALLBACK_LATE,
+                                                                         self.FdoSuspendCallbackLate, None)
+            finally:
+                KeLowerIrql(old)
+        self.device_power = D0
+        self._print("FdoD3ToD0: D0")
+        return STATUS_SUCCESS
+
+    def FdoD0ToD3(self) -> None:
+        assert_passive("FdoD0ToD3")
+        self.device_power = D3
+        if self.active:
+            # The suspend thread must not be in the middle of a suspend when the interfaces go.
+            self._suspend_idle.clear()
+            self._suspend_event.set()
+            if self._suspend_thread is not None and self._suspend_thread.is_alive():
+                KeWaitForSingleObject(self._suspend_idle, 30.0)
+            old = KeRaiseIrql(DISPATCH_LEVEL)
+            try:
+                if self._suspend_callback_late is not None:
+                    self.interfaces["SUSPEND"].SuspendDeregister(self._suspend_callback_late)
+                    self._suspend_callback_late = None
+                self._d0_to_d3()
+                self._release_held()
+            finally:
+                KeLowerIrql(old)
+        self._print("FdoD0ToD3: D3")
+
+    def _release_held(self) -> None:
+        for name in reversed(self._held):
+            self.interfaces[name].release()
+        self._held.clear()
+
+    def _d3_to_d0(self) -> None:
+        """__FdoD3ToD0: the scan and suspend watches, control/feature-suspend."""
+        store = self.interfaces["STORE"]
+        status, self._scan_watch = store.StoreWatchAdd(None, "device", self._scan_event)
+        if not NT_SUCCESS(status):
+            self._print(f"device watch: {status_name(status)}", DbgLevel.WARNING)
+        status, self._suspend_watch = store.StoreWatchAdd("control", "shutdown", self._suspend_event)
+        if not NT_SUCCESS(status):
+            self._print(f"control/shutdown watch: {status_name(status)}", DbgLevel.WARNING)
+        status = store.StorePrintf(None, "control", "feature-suspend", "%u", 1)
+        if not NT_SUCCESS(status):
+            self._print(f"control/feature-suspend: {status_name(status)}", DbgLevel.WARNING)
+
+    def _d0_to_d3(self) -> None:
+        """__FdoD0ToD3."""
+        store = self.interfaces["STORE"]
+        store.StoreRemove(None, "control", "feature-suspend")
+        for attribute in ("_suspend_watch", "_scan_watch"):
+            watch = getattr(self, attribute)
+            if watch is not None:
+                store.StoreWatchRemove(watch)
+                setattr(self, attribute, None)
+
+    def FdoSuspendCallbackLate(self, _argument: Any) -> None:
+        """In a new domain the watches are dead and the feature key is gone: D0 -> D3 -> D0 on them."""
+        self._d0_to_d3()
+        self._d3_to_d0()
+
+    # -- the suspend thread (fdo.c FdoSuspend) -------------------------------------------------------
+
+    def _start_suspend_thread(self) -> None:
+        self._stopping = False
+        self._suspend_thread = threading.Thread(target=self._run_suspend_thread, name="xenbus-suspend", daemon=True)
+        self._suspend_thread.start()
+
+    def _stop_suspend_thread(self) -> None:
+        thread, self._suspend_thread = self._suspend_thread, None
+        if thread is None:
+            return
+        self._stopping = True
+        self._suspend_event.set()
+        if thread is not threading.current_thread():
+            wait_for_thread(thread, "XENBUS suspend thread")
+
+    def _run_suspend_thread(self) -> None:
+        cpu = current_processor()
+        try:
+            while not self._stopping:
+                with cpu.lock:
+                    if cpu.halted is not None:
+                        return
+                    KeWaitForSingleObject(self._suspend_event, SUSPEND_THREAD_PERIOD)
+                    if self._stopping:
+                        return
+                    if self._suspend_event.read_state():
+                        self._suspend_event.clear()
+                        self.FdoSuspend()
+                    self._suspend_idle.set()
+        except BugCheck:
+            return  # the guest stopped; its dump says why
+        except HarnessTooSlow as late:
+            cpu.give_up(late)
+        except (OSError, ValueError, AttributeError) as exc:
+            # The platform (and its xenstore connection) goes away when the agent shuts down.
+            log.info("suspend thread ends: %r", exc)
+        finally:
+            self._suspend_idle.set()
+
+    def FdoSuspend(self) -> None:
+        """One round of FdoSuspend: in D0, a "suspend" request is acknowledged and SUSPEND.Trigger runs."""
+        if self.device_power != D0 or not self.active:
+            return  # it is not safe to use interfaces before this point
+        store = self.interfaces["STORE"]
+        status, buffer = store.StoreRead(None, "control", "shutdown")
+        if not NT_SUCCESS(status):
+            return
+        request = buffer.Value.decode(errors="replace")
+        store.StoreFree(buffer)
+        if request != "suspend":
+            return
+        if self.ignore_suspend:
+            self._print("FdoSuspend: control/shutdown=suspend ignored (fault injection)", DbgLevel.WARNING)
+            return
+        store.StorePrintf(None, "control", "shutdown", "")
+        self._print("FdoSuspend: suspend requested")
+        self.interfaces["SUSPEND"].SuspendTrigger()
+        self.suspends += 1
+        assert self.platform is not None
+        # Whoever handed the parked vCPU a new machine hears that the guest runs there now.
+        self.platform.vcpu.relocation.report(None)
 
     # -- IRPs ----------------------------------------------------------------------------------
 
@@ -267,24 +468,44 @@ class XenbusFdo:
         return status
 
     def dispatch_power(self, irp: Irp) -> int:
+        """FdoSetSystemPower: down to S3/S4 the FDO's D3 comes first, and FdoS3ToS4's check after it; up
+        from S3/S4 the bus is back first, then FdoS4ToS3 and D0. S5 passes down (FdoSetSystemPowerDown)."""
         params = irp.parameters
-        if (self.active and irp.minor == IRP_MN_POWER.SET_POWER
+        if not (self.platform is not None and irp.minor == IRP_MN_POWER.SET_POWER
                 and params.type == POWER_STATE_TYPE.SystemPowerState):
-            if params.state == S4:
+            return forward(irp, self.lower)
+        state = params.state
+        if state in (S3, S4) and self.system_power == S0:
+            if self.device_power == D0:
+                self.FdoD0ToD3()
+            if state == S4:
+                self.system_power = S3
                 self.FdoS3ToS4()
-            elif params.state == S0 and self.system_power == S4:
+            self.system_power = state
+            return forward(irp, self.lower)
+        if state == S0 and self.system_power in (S3, S4):
+            status = forward(irp, self.lower)
+            if self.system_power == S4:
                 self.FdoS4ToS3()
-            self.system_power = params.state
+            self.system_power = S0
+            if self.device_power != D0:
+                self.FdoD3ToD0()
+            return status
+        self.system_power = state
         return forward(irp, self.lower)
 
     def FdoS3ToS4(self) -> None:
+        if not self.active:
+            return
         for name in S4_UNREFERENCED:
             context = self.interfaces.get(name)
             if context is not None and context.references != 0:
                 BUG(f"{name} INTERFACE HAS {context.references} OUTSTANDING REFERENCE(S) ON ENTRY TO S4")
 
     def FdoS4ToS3(self) -> None:
-        # The domain was rebuilt: its emulated devices are back until unplugged again.
+        if not self.active:
+            return
+        # LogResume, then UnplugDevices: the domain was rebuilt and its emulated devices are back.
         self._print("FdoS4ToS3: resume from S4")
         self.driver.xen.unplug.UnplugDevices()
 

@@ -15,6 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import ctypes
+import threading
+from types import SimpleNamespace
+
 import pytest
 
 import xenpv.stack.drivers.boot as boot_module
@@ -23,7 +27,10 @@ from xenpv.stack.kernel import Registry
 from xenpv.stack.kernel.debuglog import DebugLog, current_log, set_current_log
 from xenpv.stack.kernel.irql import Processor, current_processor, set_current_processor
 from xenpv.stack.kernel.mm import set_current_mm
+from xenpv.stack.vcpu.grants import GrantTableFrontend
+from xenpv.stack.vcpu.pages import PageAllocator
 from xenpv.stack.vcpu.xenstore import XenstoreError
+from xenpv.xenabi import event_channel as E
 from xenpv.xenabi import unplug as U
 from xenpv.xenabi import xen as X
 
@@ -140,6 +147,8 @@ class FakeMachine:
     xen_console: list[str] = field(default_factory=list)
     _qemu_buf: bytearray = field(default_factory=bytearray)
     _xen_buf: bytearray = field(default_factory=bytearray)
+    # The vCPU's relocation line (stack.vcpu.relocation): this machine's vCPU never moves.
+    relocation: Any = field(default_factory=lambda: SimpleNamespace(waiting=None, report=lambda error: None))
 
     @property
     def hv(self) -> FakeHypervisor | None:
@@ -265,12 +274,32 @@ class FakeMachine:
 
 @dataclass
 class FakeStore:
-    """The guest's view of its xenstore home: `device/<class>` names, and the `device` watch."""
+    """The guest's view of its xenstore home: `device/<class>` names, the `device` and `control/shutdown`
+    watches, and the keys the FDO writes (control/feature-suspend) in `values`."""
 
     classes: list[str]
     watches: list[tuple[str, str]] = field(default_factory=list)
     events: deque[tuple[str, str]] = field(default_factory=deque)
     handlers: dict = field(default_factory=dict)
+    values: dict[str, bytes] = field(default_factory=dict)
+    doorbell: Any = None  # the store event channel; nothing rings it here
+
+    def read(self, path: str, tx: int = 0) -> bytes:
+        if path not in self.values:
+            raise XenstoreError("read", path, "ENOENT")
+        return self.values[path]
+
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
+        self.values[path] = value.encode() if isinstance(value, str) else value
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        self.values.pop(path, None)
+
+    def forget(self, token: str) -> None:
+        self.handlers.pop(token, None)
+
+    def held(self) -> threading.RLock:
+        return threading.RLock()
 
     def directory(self, path: str) -> list[str]:
         assert path == "device"
@@ -286,6 +315,7 @@ class FakeStore:
 
     def unwatch(self, path: str, token: str) -> None:
         self.watches.remove((path, token))
+        self.handlers.pop(token, None)
 
     def pump(self) -> None:
         kept = []
@@ -305,10 +335,66 @@ class FakeStore:
         self.events.extend(("device/" + device_class, token) for _, token in self.watches)
 
 
+class FakeVcpu:
+    """Pages as bytearrays and a hypervisor that answers event channel ops: what the XENBUS FDO's own
+    interfaces (EVTCHN, SHARED_INFO, CONSOLE) touch when it goes D0."""
+
+    def __init__(self) -> None:
+        self.memory: dict[int, bytearray] = {}
+        self.next_port = 10
+        self.relocation = SimpleNamespace(waiting=None, report=lambda error: None)
+
+    def page(self, gfn: int) -> memoryview:
+        return memoryview(self.memory.setdefault(gfn, bytearray(4096)))
+
+    def read_phys(self, gpa: int, length: int) -> bytes:
+        return bytes(self.page(gpa >> 12)[gpa & 0xFFF:(gpa & 0xFFF) + length])
+
+    def write_phys(self, gpa: int, data: bytes) -> None:
+        self.page(gpa >> 12)[gpa & 0xFFF:(gpa & 0xFFF) + len(data)] = data
+
+    def hypercall(self, nr: int, cmd: int, gpa: int, *_: int) -> int:
+        if nr != X.HYPERCALL_NUMBERS["event_channel_op"]:
+            return -X.XEN_ENOSYS
+        layout = E.EVTCHNOP_ARGUMENTS[cmd]
+        op = layout.from_buffer_copy(self.read_phys(gpa, ctypes.sizeof(layout)))
+        if cmd in (E.EVTCHNOP_alloc_unbound, E.EVTCHNOP_bind_interdomain, E.EVTCHNOP_bind_virq):
+            setattr(op, "local_port" if cmd == E.EVTCHNOP_bind_interdomain else "port", self.next_port)
+            self.next_port += 1
+        self.write_phys(gpa, bytes(op))
+        return 0
+
+
+@dataclass
+class FakeUpcalls:
+    handlers: dict[int, Callable[[int], None]] = field(default_factory=dict)
+
+    def bind(self, port: int, handler: Callable[[int], None]) -> None:
+        self.handlers[port] = handler
+
+    def unbind(self, port: int) -> None:
+        self.handlers.pop(port, None)
+
+    def scan(self) -> None:
+        pass
+
+
+PLATFORM_BAR = 0xF000_0000
+
+
 @dataclass
 class FakePlatform:
     store: FakeStore
     closed: bool = False
+    vcpu: FakeVcpu = field(default_factory=FakeVcpu)
+    upcalls: FakeUpcalls = field(default_factory=FakeUpcalls)
+    pages: PageAllocator = field(default_factory=lambda: PageAllocator(0x400))
+    device: Any = field(default_factory=lambda: SimpleNamespace(
+        bars=(SimpleNamespace(kind="mem", address=PLATFORM_BAR, size=0x100000),)))
+    grants: GrantTableFrontend = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grants = GrantTableFrontend([self.vcpu.page((PLATFORM_BAR >> 12) + 1)])
 
     def close(self) -> None:
         self.closed = True
