@@ -99,9 +99,12 @@ def test_store_read_does_not_turn_a_late_xenstored_into_a_status(xenstored, plat
 def test_a_late_trap_under_the_watch_thread_stops_the_processor_without_a_stop(platform, cpu) -> None:
     """The watch thread's ring reads notify xenstored through a trap; one xenhv does not answer in time."""
     late = TrapTooSlow("no answer from xenhv to HYPERCALL for dom7", 10.0)
+    calls: list[str] = []
 
     def pump() -> None:
-        raise late
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:  # the watch thread's first read; xenhv answers again afterwards
+            raise late
 
     platform.store.pump = pump
     st = table_of(interfaces(platform).store)
@@ -111,3 +114,4 @@ def test_a_late_trap_under_the_watch_thread_stops_the_processor_without_a_stop(p
             KeWaitForSingleObject(KEvent("a watch"), 3.0)
     st.StoreRelease()
     assert woken.value is late and cpu.too_slow is late and cpu.crashed is None
+    assert calls[0] == "xenbus-store-watch"
