@@ -27,7 +27,7 @@ from xenpv.stack.drivers.xenbus.cache import CACHE_GUID
 from xenpv.stack.drivers.xenbus.evtchn import EVTCHN_GUID
 from xenpv.stack.drivers.xenbus.gnttab import GNTTAB_GUID
 from xenpv.stack.drivers.xenbus.store import STORE_GUID
-from xenpv.stack.drivers.xenbus.suspend import SUSPEND_GUID
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_LATE, SUSPEND_GUID
 from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE, XENBUS_UNPLUG_DEVICE_TYPE_DISKS
 from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
 from xenpv.stack.kernel import (IRP_MN_PNP, DeviceObject, Irp, IoSynchronousCallDriver, KEvent, KeWaitForSingleObject,
@@ -112,6 +112,8 @@ class XenvbdAdapter:
     _watch: Any = None
     _thread: threading.Thread | None = None
     _stopping: bool = False
+    _suspend_callback: Any = None
+    _resumed: bool = False
 
     def _print(self, text: str, level: DbgLevel = DbgLevel.INFO) -> None:
         current_log().print("XENVBD", text, level)
@@ -189,6 +191,9 @@ class XenvbdAdapter:
         if not NT_SUCCESS(status):
             self._watch = None
             self._print(f"device/vbd watch: {status_name(status)}", DbgLevel.WARNING)
+        suspend = self.interfaces.get("SUSPEND")
+        if suspend is not None:
+            _, self._suspend_callback = suspend.SuspendRegister(SUSPEND_CALLBACK_LATE, self._suspend_late, None)
         self.refused.clear()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="xenvbd-adapter", daemon=True)
@@ -202,12 +207,34 @@ class XenvbdAdapter:
             # The targets are destroyed below: the thread that steps them must be gone first.
             wait_for_thread(self._thread, "XENVBD adapter stop")
         self._thread = None
+        if self._suspend_callback is not None:
+            self.interfaces["SUSPEND"].SuspendDeregister(self._suspend_callback)
+            self._suspend_callback = None
         for target in list(self.targets.values()):
             target.TargetDestroy()
         self.targets.clear()
         if self._watch is not None:
             self.store.StoreWatchRemove(self._watch)
             self._watch = None
+
+    def _suspend_late(self, _argument: Any) -> None:
+        """SUSPEND LATE in a new domain (DISPATCH_LEVEL): every target goes CLOSED now; the adapter's thread
+        re-adds the device/vbd watch and each target's backend watch and walks them back (AdapterResume)."""
+        for target in self.targets.values():
+            target.TargetSuspendLate()
+        self._resumed = True
+        self.event.set()
+
+    def AdapterResume(self) -> None:
+        """On the adapter's thread after a resume: the watches of the old domain are replaced."""
+        if self._watch is not None:
+            self.store.StoreWatchRemove(self._watch)
+        status, self._watch = self.store.StoreWatchAdd(None, "device/vbd", self.event)
+        if not NT_SUCCESS(status):
+            self._watch = None
+        for target in self.targets.values():
+            target.TargetResume()
+        self._print("adapter resumed: watches re-added")
 
     def AdapterD0ToD3(self) -> None:
         """Sleep, hibernate or shutdown: frontends closed and every interface released (XENBUS checks the
@@ -249,6 +276,9 @@ class XenvbdAdapter:
                 with cpu.lock:
                     if cpu.crashed is not None or self._stopping:
                         return
+                    if self._resumed:
+                        self._resumed = False
+                        self.AdapterResume()
                     self.AdapterEnumerate()
                     for target in list(self.targets.values()):
                         target.FrontendStep()

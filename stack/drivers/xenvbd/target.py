@@ -136,6 +136,7 @@ class XenvbdTarget:
         self.waiting: deque[Submitted] = deque()
         self.watch: Any = None
         self.connections = 0
+        self.resumes = 0
         self._next_ring = 0
         self._removing = False
         self.reaper = GrantReaper(adapter.gnttab)
@@ -246,6 +247,40 @@ class XenvbdTarget:
                 # The backend leaves Closed for InitWait when it sees us Initialising again.
                 self._set_state(XenbusState.Initialising)
                 self.state = FrontendState.PREPARED
+
+    # -- suspend/resume (frontend.c FrontendSuspendCallback) ----------------------------------------
+
+    def TargetSuspendLate(self) -> None:
+        """In a new domain (SUSPEND LATE, DISPATCH_LEVEL): CLOSED - the rings of the old domain dropped
+        without a handshake (its backend went with it; the channels are inactive, the restored grant table
+        lets every revoke succeed), what was submitted and not answered kept to be issued again - and then
+        back to the state it had. The way back (the backend's InitWait, the new rings, Connected, the
+        requests replayed) runs on the adapter's thread at PASSIVE_LEVEL after TargetResume, the model's
+        backend waits giving the processor away."""
+        if self.state == FrontendState.GONE:
+            return
+        self._print(f"resumed in a new domain: {self.state.value} -> closed, back to {self.state.value}")
+        self._disconnect_rings(replay=True)
+        self.state = FrontendState.CLOSED
+        self.resumes += 1
+
+    def TargetResume(self) -> None:
+        """After TargetSuspendLate, on the adapter's thread: the backend's path in the new domain is read
+        again and its state watch (dead since EARLY) replaced."""
+        if self.state == FrontendState.GONE:
+            return
+        if self.watch is not None:
+            self.adapter.store.StoreWatchRemove(self.watch)
+            self.watch = None
+        backend = self._read(f"{self.frontend}/backend")
+        domid = self._read(f"{self.frontend}/backend-id")
+        if backend is None or domid is None or not domid.isdigit():
+            self._lost("no backend in the new domain")
+            return
+        self.backend, self.backend_domid = backend, int(domid)
+        status, self.watch = self.adapter.store.StoreWatchAdd(None, f"{self.backend}/state", self.adapter.event)
+        if not NT_SUCCESS(status):
+            self.watch = None
 
     def _backend_left(self, why: str) -> None:
         self._print(f"backend gone ({why}); requests kept for replay")

@@ -558,14 +558,27 @@ class Frontend:
     # -- suspend/resume hooks -----------------------------------------------------------------------------
 
     def _suspend_early(self, _argument: Any) -> None:
+        """FrontendSuspendCallbackEarly: Online = FALSE."""
         self.online = False
 
     def _suspend_late(self, _argument: Any) -> None:
-        # XV's VIF LATE callback re-enables the frontend and advertises the addresses (gratuitous ARP);
-        # the MAC_STATE_CHANGE callback is where the client does the latter.
+        """FrontendSuspendCallbackLate (__FrontendSuspend: UNKNOWN, then __FrontendResume: CLOSED) and the
+        VIF's LATE callback (FrontendSetState(ENABLED), the addresses advertised three times).
+
+        What belonged to the old domain goes without a handshake: its backend directory and channels went
+        with it (the channels are inactive since EARLY; closing them, like revoking the grants of the
+        restored table, asks nothing of a backend). Packets in flight come back DROPPED. The walk up to
+        the state the frontend had runs on its watchdog thread at PASSIVE_LEVEL, the model's backend waits
+        giving the processor away; reaching ENABLED raises MAC_STATE_CHANGE, on which XENNET sends its
+        three gratuitous ARPs (XV's FrontendAdvertiseIpAddresses)."""
         self.resumes += 1
-        self.online = True
-        self.vif.mac_state_change()
+        self.online = False
+        self.FrontendDisableStep()  # registered again on the way back to ENABLED
+        self._queues_destroy()
+        self.state = FrontendState.FRONTEND_UNKNOWN
+        log.info("%s: resumed in a new domain: %s; back to %s on the watchdog thread", self, self.state.name,
+                 self.wanted.name)
+        self._watchdog_event.set()
 
     # -- VIF entry points ---------------------------------------------------------------------------------
 
