@@ -42,14 +42,25 @@ class LateStore:
         raise self.late
 
 
+class Suspend:
+    """SUSPEND for the adapter's resume callback, which this test never fires."""
+
+    def SuspendRegister(self, kind: int, callback: object, argument: object) -> tuple[int, object]:
+        return STATUS_SUCCESS, callback
+
+    def SuspendDeregister(self, callback: object) -> None:
+        pass
+
+
 def test_a_late_xenstored_under_the_adapter_thread_stops_the_processor_without_a_stop(cpu: Processor) -> None:
     late = XenstoreTooSlow("no reply from xenstored to DIRECTORY device/vbd", 5.0)
     store = LateStore(late)
     adapter = XenvbdAdapter(device=None, lower=None, registry=Registry())  # type: ignore[arg-type]
     adapter.interfaces["STORE"] = store  # type: ignore[assignment]
-    adapter._enable()
+    adapter.interfaces["SUSPEND"] = Suspend()  # type: ignore[assignment]
     try:
         with cpu.lock:
+            adapter._enable()  # its thread needs the CPU, which this wait gives away
             with pytest.raises(HarnessTooSlow) as woken:
                 KeWaitForSingleObject(KEvent("the disk's response"), 3.0)
     finally:
