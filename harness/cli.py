@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from xenpv.base.errors import ConfigError, GuestDefinitionError, HarnessError
     from xenpv.harness.cleanup import Interrupted
+    from xenpv.stack.timescale import HarnessTooSlow as ModelTooSlow  # the harness's own vCPU links raise it
 
     try:
         return int(args.func(args) or 0)
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except HarnessError as exc:
         print(f"xenpv: {exc}", file=sys.stderr)
+        return 1
+    except ModelTooSlow as exc:
+        print(f"xenpv: {exc} (XENPV_TIME_SCALE gives every deadline more time)", file=sys.stderr)
         return 1
     except Interrupted as exc:
         try:  # after SIGHUP the terminal may be gone
