@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 import yaml
 
 from xenpv.base.errors import GuestDefinitionError
+from xenpv.guests.bugs import BUGS_KEY, CATALOGUE, unknown_switch_message
 
 GUESTS_DIR = Path(__file__).resolve().parent
 
@@ -135,6 +136,8 @@ class GuestDefinition:
     registry: dict[str, dict[str, Any]]
     boot_options: tuple[str, ...]
     not_expected: dict[str, str] = field(default_factory=dict)  # "disks"/"nics" -> the file's reason
+    # Historical defects put back into the model (guests.bugs.CATALOGUE names), in the file's order.
+    bugs: tuple[str, ...] = ()
 
     def pv_expectation(self, kind: str) -> PvExpectation:
         """What the main job may demand of this guest's PV `kind` ("disks" or "nics")."""
@@ -281,7 +284,7 @@ def load_guest(path: str | Path) -> GuestDefinition:
 def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefinition:
     r = _Reader(shown or str(path))
     top = r.mapping(doc, "", {"name", "memory", "seed", "platform", "emulated", "pv", "drivers", "registry", "boot",
-                              "not-expected"})
+                              "not-expected", "bugs"})
     base = path.parent
 
     def image(value: Any, fieldpath: str) -> Path | None:
@@ -455,15 +458,30 @@ def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefiniti
                 raise r.fail(f"{fp}.{vname}", f"must be a DWORD, a string or a list of strings, got {v!r}")
             if isinstance(v, int) and not 0 <= v <= 0xFFFFFFFF:
                 raise r.fail(f"{fp}.{vname}", f"a DWORD must fit in 32 bits, got {v}")
+        if key.upper() == BUGS_KEY.upper():
+            for vname, v in vals.items():
+                if vname not in CATALOGUE:
+                    raise r.fail(f"{fp}.{vname}", unknown_switch_message(vname))
+                if not isinstance(v, int):
+                    raise r.fail(f"{fp}.{vname}", f"a bug switch is a DWORD (0 off, else on), got {v!r}")
         registry[key] = dict(vals)
 
     boot = r.mapping(top.get("boot"), "boot", {"options"})
     options = tuple(r.choice(o, f"boot.options[{i}]", BOOT_OPTIONS) for i, o in enumerate(r.sequence(boot.get("options"), "boot.options")))
 
+    bugs: list[str] = []
+    for i, switch in enumerate(r.sequence(top.get("bugs"), "bugs")):
+        if switch not in CATALOGUE:
+            raise r.fail(f"bugs[{i}]", unknown_switch_message(switch))
+        if switch in bugs:
+            raise r.fail(f"bugs[{i}]", f"names {switch} twice")
+        bugs.append(switch)
+
     return GuestDefinition(
         name=name, path=path, memory_mib=memory >> 20, seed=seed, platform=platform,
         emulated_disks=emu_disks, emulated_nics=emu_nics, pv_disks=pv_disks, pv_nics=pv_nics,
         drivers=drivers, registry=registry, boot_options=options, not_expected=not_expected,
+        bugs=tuple(bugs),
     )
 
 

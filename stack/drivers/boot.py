@@ -12,9 +12,10 @@ there at the end (the emulated primary master, or a XENBUS VBD child), else INAC
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from xenpv.stack.drivers import bugs as bug_switches
 from xenpv.stack.drivers.atapi import IDE_CHANNEL_ID, AtapiDriver
 from xenpv.stack.drivers.pci import PNP0A03_IDS, PciDriver
 from xenpv.stack.drivers.revision import VENDOR_PREFIX
@@ -105,11 +106,13 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
                seed: int | None = None, boot_options: tuple[str, ...] = (), version: tuple[int, int, int, int] = PACKAGE_VERSION,
                prefix: str = VENDOR_PREFIX, extra_drivers: dict[str, Callable[..., int]] | None = None,
                kernel: Kernel | None = None,
-               module_versions: Mapping[str, tuple[int, int, int, int]] | None = None) -> BootedStack:
+               module_versions: Mapping[str, tuple[int, int, int, int]] | None = None,
+               bugs: Iterable[str] = ()) -> BootedStack:
     """Boot; `catalog(drivers)` builds the DriverCatalog from the images {service: DriverEntry}. A
     `kernel` made by the caller (who then holds it for a crash dump if boot bugchecks) brings its registry.
     `module_versions` {"XEN"|"XENFILT"|"XENBUS": version} gives each image its own build (the versions of
-    the files on disk, which XenTouch compares); a module not named is `version`."""
+    the files on disk, which XenTouch compares); a module not named is `version`. `bugs`: the historical
+    bug switches of the guest YAML (guests.bugs), joined by those the registry turns on."""
     versions = {module: (module_versions or {}).get(module, version) for module in ("XEN", "XENFILT", "XENBUS")}
     if kernel is None:
         kernel = Kernel(registry=registry if registry is not None else Registry(), seed=seed)
@@ -118,6 +121,7 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     bus = PciBus(vcpu)
     pci = bus.assign_resources()
     kernel.activate()
+    bug_switches.activate(bugs, registry, kernel.log)  # before xen.sys loads: 080720a lives in its DllInitialize
     xen = Xen.load(registry, kernel.log, vcpu, versions["XEN"])
     xenfilt = XenfiltDriver(xen, versions["XENFILT"])
     kernel.mm = MemoryManager(PageAllocator(ram_pages), vcpu)

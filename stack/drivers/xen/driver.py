@@ -4,8 +4,9 @@
 - `XenTouch(module, major, minor, micro, build)` is called by every module's DriverEntry: the module
   must have been built from exactly this package version, else it is STATUS_INCOMPATIBLE_DRIVER_BLOCKED
   and "NOT COMPATIBLE (REBOOT REQUIRED)" is logged (6816d05): the old xen.sys is still loaded until reboot.
-- Outside Xen (the vCPU has no hypervisor link) `XenVersion` is STATUS_NOT_IMPLEMENTED and the modules
-  quiesce (080720a: touching the hypercall page there was the bug).
+- Outside Xen (the vCPU has no hypervisor link) HypercallInitialize finds no Xen CPUID leaves and leaves
+  the hypercall page unpopulated; `XenVersion` then is STATUS_NOT_IMPLEMENTED and the modules quiesce
+  (080720a: calling through the unpopulated page was the bug; switch `xenbus-080720a` calls anyway).
 - Boot options come from `Control\\SystemStartOptions` (`XEN:BOOT_EMULATED=TRUE` ...).
 - `XEN\\Parameters\\XenLogLevel` and `QemuLogLevel` are masks of (1 << DPFLTR level); records that match go
   out byte by byte on port 0xE9 (Xen's debug console) and port 0x12 (QEMU's log port, through xenhv).
@@ -15,7 +16,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from xenpv.stack.drivers import bugs
 from xenpv.stack.kernel.debuglog import DbgLevel, DebugLog, DebugRecord
+from xenpv.stack.kernel.pool import CodePage, MmExecute
 from xenpv.stack.kernel.registry import Registry, RegistryError
 from xenpv.stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_NOT_IMPLEMENTED, STATUS_SUCCESS
 from xenpv.stack.vcpu.cpu import Vcpu
@@ -32,6 +35,7 @@ XEN_PARAMETERS = SERVICES + r"\XEN\Parameters"
 CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
 XEN_DEBUG_PORT = 0xE9
 XENVER_VERSION = 0
+HYPERCALL_GATE_SIZE = 32  # hypercall.c: typedef UCHAR HYPERCALL_GATE[32], one per hypercall number
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class Xen:
         self.unplug = Unplug(registry, debug_log, vcpu if hypervisor else None, version,
                              boot_emulated=self.options.boot_emulated)
         self.xen_log: XenLog | None = None
+        # The image's .hypercall section: zeroes until HypercallInitialize has Xen fill it.
+        self.hypercall_page = CodePage("hypercall page")
 
     @classmethod
     def load(cls, registry: Registry, debug_log: DebugLog, vcpu: Vcpu | None,
@@ -99,6 +105,7 @@ class Xen:
         """DllInitialize: log set-up, then the unplug requests for this boot (only inside Xen)."""
         xen = cls(registry, debug_log, vcpu, version)
         xen._start_logging()
+        xen.HypercallInitialize()
         status, _ = xen.XenVersion()
         if status == STATUS_NOT_IMPLEMENTED:
             xen._print("not running on Xen: quiescent")
@@ -144,12 +151,26 @@ class Xen:
     def is_xen(self) -> bool:
         return self.vcpu is not None and self.vcpu.hv is not None
 
+    def HypercallInitialize(self) -> None:
+        """Find Xen's CPUID leaves and have it write the hypercall page (the hypercall MSR); on any other
+        hypervisor there are no such leaves and the page keeps its zeroes."""
+        if self.is_xen:
+            self.hypercall_page.populated = True
+        else:
+            self._print("HypercallInitialize: no Xen CPUID leaves: hypercall page not populated", DbgLevel.WARNING)
+
+    def HypercallCall(self, name: str, *arguments: int) -> int:
+        """A call through the page's gate for hypercall `name`."""
+        number = X.HYPERCALL_NUMBERS[name]
+        MmExecute(self.hypercall_page, number * HYPERCALL_GATE_SIZE, name)
+        assert self.vcpu is not None
+        return self.vcpu.hypercall(number, *arguments)
+
     def XenVersion(self) -> tuple[int, tuple[int, int] | None]:
         """(status, (major, minor)); the version is None when the hypervisor does not report one."""
-        if not self.is_xen:
+        if not self.hypercall_page.populated and not bugs.enabled("xenbus-080720a"):
             return STATUS_NOT_IMPLEMENTED, None
-        assert self.vcpu is not None
-        rc = self.vcpu.hypercall(X.HYPERCALL_NUMBERS["xen_version"], XENVER_VERSION, 0)
+        rc = self.HypercallCall("xen_version", XENVER_VERSION, 0)
         return STATUS_SUCCESS, ((rc >> 16, rc & 0xFFFF) if rc > 0 else None)
 
     def XenTouch(self, module: str, major: int, minor: int, micro: int, build: int) -> int:

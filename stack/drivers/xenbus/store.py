@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
+from xenpv.stack.drivers import bugs
 from xenpv.stack.drivers.interface import Interface, acquire_all, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.event import KEvent, KeSetEvent, wait_for_thread
 from xenpv.stack.kernel.irql import current_processor
+from xenpv.stack.kernel.pool import MmAccess
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_ACCESS_DENIED, STATUS_BUFFER_OVERFLOW, STATUS_INVALID_PARAMETER,
                                  STATUS_NO_MEMORY, STATUS_NOT_IMPLEMENTED, STATUS_OBJECT_NAME_COLLISION,
                                  STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS, STATUS_UNSUCCESSFUL,
@@ -158,6 +160,9 @@ class StoreInterface(Interface):
         self._stopping = threading.Event()
         self._debug_callback: DebugCallback | None = None
         self._suspend_callbacks: list[SuspendCallback] = []
+        # Context->Channel: the store event channel while enabled. The model's is the doorbell of the
+        # platform's xenstore connection, which the connection object stands for here.
+        self.channel: Any = None
 
     # -- Acquire/Release --------------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class StoreInterface(Interface):
         self._stopping.clear()
         self._watch_thread = threading.Thread(target=self._run_watches, name="xenbus-store-watch", daemon=True)
         self._watch_thread.start()
+        self.StoreEnable()
         return STATUS_SUCCESS
 
     def teardown(self) -> None:
@@ -191,6 +197,28 @@ class StoreInterface(Interface):
         self._watch_thread, self._debug_callback, self._suspend_callbacks = None, None, []
         self.debug.release()
         self.suspend.release()
+        # StoreRelease, under Context->Lock: a last poll for what the ring still holds, then StoreDisable.
+        # Before 0250399 the two ran the other way round, so the poll read the channel Disable had NULLed.
+        with self._lock.held():
+            if bugs.enabled("xenbus-0250399"):
+                self.StoreDisable()
+                self.StorePollLocked()
+            else:
+                self.StorePollLocked()
+                self.StoreDisable()
+
+    def StoreEnable(self) -> None:
+        self.channel = self.platform.store
+
+    def StoreDisable(self) -> None:
+        """Close the store event channel and forget it (Context->Channel = NULL)."""
+        self.channel = None
+
+    def StorePollLocked(self) -> None:
+        """With the lock held: EVTCHN GetCount on the store channel (a read through Context->Channel),
+        then whatever requests and responses the ring holds."""
+        MmAccess(self.channel, "EVTCHN_CHANNEL.Count")
+        self.platform.store.pump()
 
     def _dump(self, _argument: Any, _crashing: bool) -> None:
         for watch in self.watches.values():

@@ -34,6 +34,7 @@ from typing import Any
 from xenpv.stack.drivers.interface import Interface, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.kernel.bugcheck import BUG
+from xenpv.stack.kernel.pool import MmAccess
 from xenpv.stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, KeLowerIrql, KeRaiseIrql, assert_passive
 from xenpv.stack.kernel.debuglog import current_log
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, NTSTATUS, status_name
@@ -115,10 +116,14 @@ class SuspendInterface(Interface):
         return STATUS_SUCCESS, callback
 
     def SuspendDeregister(self, Callback: SuspendCallback) -> None:
-        callbacks = self.early if Callback.Type == SUSPEND_CALLBACK_EARLY else self.late
-        if Callback not in callbacks:
-            BUG("UNKNOWN CALLBACK")
-        callbacks.remove(Callback)
+        # suspend.c: RemoveEntryList(&Callback->ListEntry) under Context->Lock, i.e. at DISPATCH_LEVEL; a
+        # NULL Callback (a client deregistering twice, xennet 0e04a15) faults right there.
+        with self._lock.held():
+            MmAccess(Callback, "ListEntry", write=True)
+            callbacks = self.early if Callback.Type == SUSPEND_CALLBACK_EARLY else self.late
+            if Callback not in callbacks:
+                BUG("UNKNOWN CALLBACK")
+            callbacks.remove(Callback)
 
     def _print(self, text: str) -> None:
         # suspend.c's LogPrintf lines: the guest's debug log is how a test sees which way it came back.

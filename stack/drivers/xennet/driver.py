@@ -8,6 +8,14 @@ XV's after-resume advertisement. REMOVE_DEVICE disables and releases.
 
 The adapter object (`XennetAdapter`) is what the agent's `net` commands and tests drive: send/receive
 Ethernet frames, and the IPv4 layer in `ip.py`. Every entry point expects the kernel lock held.
+
+As XN's adapter.c, the adapter also takes SUSPEND (delegated by the XENVIF PDO to XENBUS) while enabled
+and registers a LATE callback with it (AdapterSetDistribution). The NDIS side of power is modelled where
+it calls the miniport: a system power IRP below S0 pauses the miniport (MiniportPause, AdapterDisable)
+before it reaches the bus, S0 restarts it (MiniportRestart, AdapterEnable), and S5 then shuts it down
+(MiniportShutdownEx, AdapterDisable again: NDIS may call it in any state, Paused included). A second
+AdapterDisable returns at once; before 0e04a15 (switch `xennet-0e04a15`) it went on and deregistered the
+callback handle the first one had set to NULL.
 """
 from __future__ import annotations
 
@@ -17,11 +25,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from xenpv.stack.drivers import bugs
 from xenpv.stack.drivers.interface import InterfaceTable
 from xenpv.stack.drivers.revision import XENNET_BINDS_XENVIF_REVISION, XENVIF_REVISIONS
+from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_LATE, SUSPEND_GUID
 from xenpv.stack.drivers.xenvif.vif import (GUID_XENVIF_VIF_INTERFACE, ReceiverQueueParameters, XenvifCallbackType,
                                       XenvifOffloadOptions, XenvifTransmitterPacketStatus)
-from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DeviceObject, DriverObject, Irp,
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S5, DeviceKind, DeviceObject, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, status_name
@@ -52,8 +62,11 @@ class XennetAdapter:
     lower: DeviceObject
     vif: InterfaceTable
     instance: str
+    suspend: InterfaceTable | None = None
     ip: Ipv4 | None = None
     enabled: bool = False
+    paused: bool = False  # by NDIS for a system power transition, until MiniportRestart
+    suspend_callback_late: Any = None
     statistics: dict[str, int] = field(default_factory=lambda: {
         "tx_queued": 0, "tx_ok": 0, "tx_dropped": 0, "tx_error": 0, "rx_frames": 0, "rx_octets": 0,
         "state_changes": 0, "announcements": 0})
@@ -73,9 +86,23 @@ class XennetAdapter:
         status = self.vif.VifAcquire()
         if not NT_SUCCESS(status):
             return status
-        self.ip = Ipv4(self.mac, self.send_frame, self.vif.VifMacQueryMaximumFrameSize() - 14, seed)
+        if self.suspend is not None:
+            status = self.suspend.SuspendAcquire()
+            if not NT_SUCCESS(status):
+                self.vif.VifRelease()
+                return status
+            status = self.AdapterSetDistribution()
+            if not NT_SUCCESS(status):
+                self.suspend.SuspendRelease()
+                self.vif.VifRelease()
+                return status
+        if self.ip is None:  # kept across a pause, with the address and the ARP cache
+            self.ip = Ipv4(self.mac, self.send_frame, self.vif.VifMacQueryMaximumFrameSize() - 14, seed)
         status = self.vif.VifEnable(self._callback, self)
         if not NT_SUCCESS(status):
+            if self.suspend is not None:
+                self.AdapterClearDistribution()
+                self.suspend.SuspendRelease()
             self.vif.VifRelease()
             return status
         self.enabled = True
@@ -83,10 +110,29 @@ class XennetAdapter:
         return STATUS_SUCCESS
 
     def AdapterDisable(self) -> None:
-        if self.enabled:
-            self.enabled = False
-            self.vif.VifDisable()
-            self.vif.VifRelease()
+        if not self.enabled and not bugs.enabled("xennet-0e04a15"):
+            return  # 0e04a15: `if (!Adapter->Enabled) return;` (it was ASSERT(Adapter->Enabled))
+        self.enabled = False
+        self.vif.VifDisable()
+        if self.suspend is not None:
+            self.AdapterClearDistribution()
+            self.suspend.SuspendRelease()
+        self.vif.VifRelease()
+
+    def AdapterSetDistribution(self) -> int:
+        assert self.suspend is not None
+        status, self.suspend_callback_late = self.suspend.SuspendRegister(SUSPEND_CALLBACK_LATE,
+                                                                          self._suspend_late, self)
+        return status
+
+    def AdapterClearDistribution(self) -> None:
+        assert self.suspend is not None
+        self.suspend.SuspendDeregister(self.suspend_callback_late)
+        self.suspend_callback_late = None
+
+    def _suspend_late(self, _argument: Any) -> None:
+        """AdapterSuspendCallbackLate: the receive-side scaling distribution is set again after a resume;
+        the model has one processor and no RSS, so there is nothing to redistribute."""
 
     def send_frame(self, frame: bytes) -> bool:
         status = self.vif.VifTransmitterQueuePacket(frame, XenvifOffloadOptions(), 0, 0, flow_hash(frame), False,
@@ -149,7 +195,17 @@ class XennetDriver:
             IoDeleteDevice(device)
             return status if not NT_SUCCESS(status) else STATUS_UNSUCCESSFUL
         instance = str(pdo.device_node.instance_id) if pdo.device_node is not None else "?"
-        device.extension = XennetAdapter(device, lower, irp.parameters.interface, instance)
+        suspend_version = XENVIF_REVISIONS[XENNET_BINDS_XENVIF_REVISION]["SUSPEND"]
+        query = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(SUSPEND_GUID, 4096, suspend_version,
+                                                                             None))
+        status = IoSynchronousCallDriver(lower, query)
+        if not NT_SUCCESS(status) or query.parameters.interface is None:
+            log.error("AdapterInitialize: SUSPEND v%d: %s", suspend_version, status_name(status))
+            IoDetachDevice(lower)
+            IoDeleteDevice(device)
+            return status if not NT_SUCCESS(status) else STATUS_UNSUCCESSFUL
+        device.extension = XennetAdapter(device, lower, irp.parameters.interface, instance,
+                                         suspend=query.parameters.interface)
         self.adapters.append(device.extension)
         return STATUS_SUCCESS
 
@@ -173,6 +229,22 @@ class XennetDriver:
         return forward(irp, adapter.lower)
 
     def dispatch_power(self, device: DeviceObject, irp: Irp) -> int:
+        """NDIS's part of a system power transition, before the IRP goes down: MiniportPause below S0
+        (and MiniportShutdownEx after it for S5), MiniportRestart back at S0."""
+        adapter: XennetAdapter = device.extension
+        params = irp.parameters
+        if (irp.minor == IRP_MN_POWER.SET_POWER and params is not None
+                and params.type == POWER_STATE_TYPE.SystemPowerState):
+            if params.state != S0 and adapter.enabled:
+                adapter.AdapterDisable()  # MiniportPause
+                adapter.paused = True
+            if params.state == S5:
+                adapter.AdapterDisable()  # MiniportShutdownEx, in whatever state the miniport is
+            elif params.state == S0 and adapter.paused:
+                adapter.paused = False
+                status = adapter.AdapterEnable(self.seed)  # MiniportRestart
+                if not NT_SUCCESS(status):
+                    log.error("%s: MiniportRestart: %s", adapter.instance, status_name(status))
         return forward(irp, device.extension.lower)
 
 

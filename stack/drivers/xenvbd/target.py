@@ -26,9 +26,16 @@ completion with a deadline and fails with XenvbdIoError rather than hanging or d
 
 Every wait on the backend here (the watchdog's stall, the close waits, an I/O's deadline) is scaled by
 XENPV_TIME_SCALE (stack.timescale), so a loaded machine does not read as a dead backend.
+
+Kept as the C driver keeps them, for the historical bug switches (guests.bugs): the per-queue ring table
+Ring->Ring[MaxQueues] (RingCreate/RingDestroy, switch `xenvbd-9f7f8b2`), the page 0x80/0x83 inquiry
+overrides the backend may publish under sm-data (Base64Decode/Base64Free, `xenvbd-4a32464`) and the four
+objects the target's destruction waits for (`xenvbd-667456d`).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
 from collections import deque
@@ -36,9 +43,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject
+from xenpv.stack.drivers import bugs
+from xenpv.stack.kernel.event import WAIT_ALL, KEvent, KeWaitForMultipleObjects, KeWaitForSingleObject
 from xenpv.stack.kernel.irql import assert_passive
 from xenpv.stack.kernel.mm import Mdl, current_mm
+from xenpv.stack.kernel.pool import POOL_TYPE, ExAllocatePoolWithTag, ExFreePoolWithTag, MmAccessElement, PoolBlock, pool_tag
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS,
                                  STATUS_TIMEOUT)
 from xenpv.stack.timescale import scaled
@@ -67,6 +76,27 @@ FRONTEND_MAX_QUEUES = 2
 FRONTEND_MAX_INDIRECT_SEGMENTS = 256
 # Keys a previous connection may have left that a new one must not inherit.
 STALE_KEYS = ("ring-ref", "ring-page-order", "event-channel", "multi-queue-num-queues", "protocol")
+RING_POOL_TAG = pool_tag("XRng")  # ring.c 'gnRX'
+BASE64_POOL_TAG = pool_tag("XB64")  # base64.c '46BX'
+POINTER_SIZE = 8
+# sm-data keys of the SCSI INQUIRY pages the toolstack may override (frontend.c FrontendReadInquiryOverrides).
+INQUIRY_OVERRIDES = {"page80": "sm-data/scsi/0x12/0x80", "page83": "sm-data/scsi/0x12/0x83"}
+
+
+def Base64Decode(text: str) -> PoolBlock | None:
+    """The decoded bytes in a pool block of their own (base64.c), or None if the text is not base64."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return ExAllocatePoolWithTag(POOL_TYPE.NonPagedPool, max(1, len(data)), BASE64_POOL_TAG, contents=data)
+
+
+def Base64Free(buffer: PoolBlock | None) -> None:
+    """Give a decoded buffer back. 4a32464 made it NULL-safe (ExFreePoolWithTag is not)."""
+    if buffer is None and not bugs.enabled("xenvbd-4a32464"):
+        return
+    ExFreePoolWithTag(buffer, BASE64_POOL_TAG)
 
 
 class FrontendState(Enum):
@@ -142,6 +172,19 @@ class XenvbdTarget:
         self.reaper = GrantReaper(adapter.gnttab)
         # I/O buffers that completed while a backend could still reach them: freed by _reap.
         self.parked: list[Io] = []
+        # The frontend's queue maximum and the ring table sized by it (RingCreate: one BLKIF ring per queue).
+        self.max_queues = self._feature("multi-queue-max-queues", FRONTEND_MAX_QUEUES, FRONTEND_MAX_QUEUES)
+        self.ring_table: PoolBlock | None = ExAllocatePoolWithTag(
+            POOL_TYPE.NonPagedPool, POINTER_SIZE * self.max_queues, RING_POOL_TAG,
+            contents=[f"blkif ring {i}" for i in range(self.max_queues)])
+        # Inquiry page overrides from the backend's sm-data, read at connect, freed at disconnect.
+        self.inquiry: dict[str, PoolBlock | None] = {}
+        # What the target's destruction waits for (pdo.c PdoDestroy): the removal of the last reference
+        # and the request, segment and mapping lists running empty.
+        self.remove_event = KEvent(f"vbd {devid} references")
+        self.requests_empty = KEvent(f"vbd {devid} requests empty")
+        self.segments_empty = KEvent(f"vbd {devid} segments empty")
+        self.mappings_empty = KEvent(f"vbd {devid} mappings empty")
 
     def _print(self, text: str) -> None:
         self.adapter._print(f"Target[{self.target_id}]: {text}")
@@ -302,6 +345,7 @@ class XenvbdTarget:
                 item.on_complete(item, BLKIF_RSP_ERROR)
 
     def _disconnect_rings(self, *, replay: bool) -> None:
+        self.FrontendDisconnect()
         orphans: list[Submitted] = []
         for ring in self.rings:
             orphans += ring.RingDisconnect()
@@ -411,12 +455,23 @@ class XenvbdTarget:
         f.sectors = self._backend_int("sectors")
         f.sector_size = self._backend_int("sector-size", BLKIF_SECTOR_SIZE) or BLKIF_SECTOR_SIZE
         f.info = self._backend_int("info")
+        self.FrontendReadInquiryOverrides()
         self._set_state(XenbusState.Connected)
         self.state = FrontendState.CONNECTED
         self.connections += 1
         self._print(f"connected: {f.sectors} sectors of {f.sector_size} bytes, info {f.info:#x}")
         replay, self.waiting = list(self.waiting), deque()
         self._dispatch(replay)
+
+    def FrontendReadInquiryOverrides(self) -> None:
+        for page, key in INQUIRY_OVERRIDES.items():
+            text = self._backend(key)
+            self.inquiry[page] = Base64Decode(text) if text is not None else None
+
+    def FrontendDisconnect(self) -> None:
+        """What a connection read is given back: the inquiry overrides (NULL where the backend had none)."""
+        for page in list(self.inquiry):
+            Base64Free(self.inquiry.pop(page))
 
     # -- removal ----------------------------------------------------------------------------------
 
@@ -440,6 +495,41 @@ class XenvbdTarget:
             self.adapter.store.StoreWatchRemove(self.watch)
             self.watch = None
         self.state = FrontendState.GONE
+        self.FrontendDestroy()
+        # PdoDestroy: wait until nothing refers to the target and its lists are empty. Whatever the backend
+        # still maps at this point was given up on by _reap_before_removal (kept out of use for good), so
+        # every list counts as empty here.
+        self.remove_event.set()
+        if not self.waiting:
+            self.requests_empty.set()
+        self.segments_empty.set()
+        self.mappings_empty.set()
+        objects = [self.remove_event, self.requests_empty, self.segments_empty, self.mappings_empty]
+        # 667456d: four objects exceed THREAD_WAIT_OBJECTS, so the wait needs a KWAIT_BLOCK array.
+        wait_blocks = None if bugs.enabled("xenvbd-667456d") else [object() for _ in objects]
+        KeWaitForMultipleObjects(objects, WAIT_ALL, None, wait_blocks)
+
+    def FrontendDestroy(self) -> None:
+        # 9f7f8b2 moved `MaxQueues = 0` after RingDestroy, which counts its rings by it.
+        if bugs.enabled("xenvbd-9f7f8b2"):
+            self.max_queues = 0
+        self.RingDestroy()
+        self.max_queues = 0
+
+    def RingDestroy(self) -> None:
+        """Destroy the BLKIF rings from the last queue down to 1, then free the table. Index is a ULONG:
+        MaxQueues = 0 makes the first --Index 0xFFFFFFFF, which `> 0` (and `!= 0`) lets through."""
+        if self.ring_table is None:
+            return
+        index = self.max_queues
+        while True:
+            index = (index - 1) & 0xFFFFFFFF
+            if index == 0:
+                break
+            MmAccessElement(self.ring_table, index, POINTER_SIZE, "Ring->Ring", write=True)
+            self.ring_table.contents[index] = None
+        ExFreePoolWithTag(self.ring_table, RING_POOL_TAG)
+        self.ring_table = None
 
     def _reap(self, force: bool = False) -> None:
         """Retry stale grants; free the parked buffers no backend can reach any more."""

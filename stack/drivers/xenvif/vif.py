@@ -236,7 +236,7 @@ class VifInterface(Interface):
     def VifDisable(self) -> None:
         assert_passive("VifDisable")
         if self.callback is None:
-            BUG("VIF NOT ENABLED")
+            return  # vif.c VifDisable: `if (!Context->Enabled) goto done`
         self.frontend.FrontendDisable()
         if self.outstanding and KeWaitForSingleObject(self.returned, scaled(DISABLE_WAIT_SECONDS)) == STATUS_TIMEOUT:
             log.warning("VifDisable: %d packet(s) still with the client", self.outstanding)
