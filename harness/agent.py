@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pexpect
 
@@ -30,6 +30,7 @@ from xenpv.backends.toolstack import CreatedDomain, Toolstack
 from xenpv.base.errors import HarnessError, HarnessTooSlow, WaitTimeout
 from xenpv.base.errors import ConfigError
 from xenpv.base.owner import child_env
+from xenpv.base.rundir import remove_run_dir
 from xenpv.base.process import read_tail
 from xenpv.base.runrecord import JOURNAL_NAME, RunJournal, RunRecordError, Schedule, new_record
 if TYPE_CHECKING:
@@ -113,6 +114,16 @@ class GuestConsole:
     def wait_booted(self, timeout: float = 30.0) -> None:
         self._expect_prompt("boot", timeout)
 
+    @property
+    def pid(self) -> int:
+        return int(self.child.pid)
+
+    def check_alive(self, during: str = "") -> None:
+        """HarnessError if the agent process has gone (a guest parked or powered off still has it)."""
+        if not self.child.isalive():
+            raise HarnessError(f"the guest agent exited {during} (status {self.child.exitstatus}, "
+                               f"signal {self.child.signalstatus})")
+
     def _expect_prompt(self, during: str, timeout: float) -> str:
         timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
@@ -191,6 +202,64 @@ class Guest:
     toolstack: Toolstack | None = None
     artifacts: Path = field(default=Path("."))
     record: RunJournal | None = None
+    host: HostServices | None = None
+    backends: "Dom0Backends | None" = None
+    # Losing and regaining the domain (harness.lifecycle): "running", "saved" (the vCPU parked, no
+    # machine, no domain) or "off" (after hibernation); the disk images kept across machines, and the
+    # machines this guest launched itself (the first one is its creator's).
+    state: str = "running"
+    storage: Path | None = None
+    owned: list[Machine] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.machine.name
+
+    @property
+    def last_machine(self) -> Machine:
+        return self.machine
+
+    def save(self, path: Path, *, checkpoint: bool = False, ack_timeout: float | None = None,
+             timeout: float | None = None) -> Any:
+        """Xen save (harness.lifecycle.save): the guest suspends, its state goes to `path`, the source is torn
+        down (with `checkpoint`, it runs on instead). SaveFailed, the guest running on, if it never suspends."""
+        from xenpv.harness import lifecycle
+        return lifecycle.save(self, Path(path), checkpoint=checkpoint, ack_timeout=ack_timeout, timeout=timeout)
+
+    def restore(self, path: Path) -> Any:
+        """Xen restore of this guest's own save image into a new QEMU and a new domain (new domid)."""
+        from xenpv.harness import lifecycle
+        return lifecycle.restore(self, Path(path))
+
+    def migrate(self) -> Any:
+        """Local migration into a new QEMU and a new domain; the source is torn down."""
+        from xenpv.harness import lifecycle
+        return lifecycle.migrate(self)
+
+    def drop_machine(self) -> None:
+        """The current machine's QEMU goes (its run directory too; disks live on in `storage`)."""
+        self.machine.shutdown()
+
+    def new_machine(self, *, incoming: bool = False) -> Machine:
+        """A new QEMU for this guest on the same disk images, launched; shut down with the guest."""
+        base = self.machine.guest.name
+        name = f"{base}-m{len(self.owned) + 2}"
+        m = Machine(self.machine.guest, self.machine.artifacts.parent / name, binary=self.machine.binary,
+                    name=name, image_dir=self.storage, incoming=incoming)
+        self.owned.append(m)
+        m.launch()
+        return m
+
+    def new_domain(self, machine: Machine, *, restore_from: Path | None = None, name: str | None = None) -> CreatedDomain:
+        """A domain with a new domid for `machine` (TAPs first, as at boot); it becomes the guest's."""
+        assert self.host is not None and self.toolstack is not None
+        domid = self.host.allocate_domid()
+        if self.backends is not None:
+            self.backends.prepare(machine.guest, domid)
+        domain = self.toolstack.create(machine, domid=domid, restore_from=restore_from, name=name)
+        self.machine, self.domain = machine, domain
+        self.console.machine = machine
+        return domain
 
     @classmethod
     def boot(cls, host: HostServices, machine: Machine, timeout: float = 30.0,
@@ -242,17 +311,26 @@ class Guest:
             finally:
                 record.close()
             raise
-        return cls(machine, console, domain, toolstack, art, record)
+        return cls(machine, console, domain, toolstack, art, record, host=host, backends=backends)
 
     def shutdown(self) -> None:
         try:
-            self.console.close()
+            # A parked or powered-off guest cannot run its shutdown: its agent is simply ended.
+            self.console.close(timeout=5.0 if self.state == "running" else 0.5)
         finally:
             if self.record is not None:
                 self.record.close()
-            if self.toolstack is not None:
-                try:
-                    if self.domain is not None:
-                        self.toolstack.destroy(self.domain.domid)
-                finally:
-                    self.toolstack.close()
+            try:
+                if self.toolstack is not None:
+                    try:
+                        if self.domain is not None:
+                            self.toolstack.destroy(self.domain.domid)
+                            if self.backends is not None:
+                                self.backends.release(self.domain.domid)
+                    finally:
+                        self.toolstack.close()
+            finally:
+                for m in reversed(self.owned):
+                    m.shutdown()
+                if self.storage is not None:
+                    remove_run_dir(self.storage)

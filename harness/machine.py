@@ -41,6 +41,13 @@ def qemu_binary() -> str:
 class MachinePaths:
     run_dir: Path
     artifacts: Path
+    # Where the guest's disk images are (created when missing): the run directory unless the machine was
+    # given a directory that outlives it (a guest that moves to another machine keeps its disks).
+    images: Path | None = None
+
+    @property
+    def image_dir(self) -> Path:
+        return self.images if self.images is not None else self.run_dir
 
     @property
     def ram(self) -> Path:
@@ -104,9 +111,14 @@ class Machine:
     """One QEMU machine. Use as a context manager, or call launch() and shutdown()."""
 
     def __init__(self, guest: GuestDefinition, artifacts: Path, *, binary: str | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, image_dir: Path | None = None, incoming: bool = False) -> None:
+        """`image_dir`: where the disk images are and stay (default: the run directory, removed with the
+        machine). `incoming`: QEMU starts with `-incoming defer`, to load a saved device state (QMP
+        migrate-incoming) before it runs."""
         self.guest = guest
         self.name = name or guest.name
+        self.image_dir = image_dir
+        self.incoming = incoming
         self.binary = binary or qemu_binary()
         artifacts.mkdir(parents=True, exist_ok=True)
         self.artifacts = artifacts
@@ -124,8 +136,9 @@ class Machine:
 
     def _make_images(self) -> None:
         for d in self.guest.emulated_disks:
-            if d.image is None:
-                with open(self.paths.run_dir / f"{d.id}.img", "wb") as f:
+            path = self.paths.image_dir / f"{d.id}.img"
+            if d.image is None and not path.exists():
+                with open(path, "wb") as f:
                     f.truncate(d.size)
 
     @property
@@ -138,16 +151,16 @@ class Machine:
         if self._paths is not None:
             raise LaunchFailure(f"{self.name} was launched already")
         t0 = time.monotonic()
-        self._paths = MachinePaths(make_run_dir(self.name), self.artifacts)
+        self._paths = MachinePaths(make_run_dir(self.name), self.artifacts, self.image_dir)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._make_images()
             self.argv = qemu_argv(
-                self.guest, binary=self.binary, ram=self.paths.ram, image_dir=self.paths.run_dir,
+                self.guest, binary=self.binary, ram=self.paths.ram, image_dir=self.paths.image_dir,
                 qtest=f"unix:{self.paths.qtest_socket},server=on,wait=off",
                 monitors=[f"-chardev socket,id=qmp0,fd={theirs.fileno()}", "-mon chardev=qmp0,mode=control",
                           f"-qmp unix:{self.paths.dm_qmp_socket},server=on,wait=off"],
-            )
+            ) + (["-incoming", "defer"] if self.incoming else [])
             (self.paths.artifacts / "argv.txt").write_text(shlex.join(self.argv) + "\n")
             self.process = Supervised(f"QEMU ({self.name})", self.argv, self.paths.qemu_log,
                                       pass_fds=(theirs.fileno(),))

@@ -1,5 +1,16 @@
 """Create and destroy a domain the way libxl does: the hypervisor domain, its xenstore directories, the
-xenstore ring page and event channel, INTRODUCE, the split devices, unpause; and the reverse.
+xenstore ring page and event channel, INTRODUCE, the split devices, unpause; and the reverse. Suspend and
+restore too, as libxl's save/restore (libxl_dom_suspend.c, libxl_create.c's restore path):
+
+- suspend_domain: control/shutdown=suspend; the guest acknowledges by writing "" (within SUSPEND_ACK_SECONDS,
+  else the request is withdrawn and the save fails naming why, the domain running on), then its vCPU shuts
+  the domain down with SHUTDOWN_suspend (within SUSPEND_SECONDS);
+- a cancelled suspend or a checkpoint resumes the same domain (xenhv resume_domain: the guest's hypercall
+  returns 1);
+- restore is create_domain with `restore_from`: a NEW domid, xenhv's saved state loaded before the domain
+  is populated, then the same xenstore tree, a cleared store page and a new store event channel (libxc
+  clears the special pages of a restored HVM guest), INTRODUCE, the device directories the guest
+  definition gives (the back-ends attach) and unpause.
 
 Every xenstore batch runs in one transaction retried on EAGAIN (XsClient.transact), as libxl's
 `retry_transaction` loops do, so backends and the guest never see half a directory.
@@ -9,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +34,7 @@ from xenpv.guests.schema import GuestDefinition, PvDisk
 from xenpv.base.errors import HarnessError
 from xenpv.backends.host import HostServices
 from xenpv.xenabi.hvm import HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN
+from xenpv.xenabi.xen import SHUTDOWN_suspend as SHUTDOWN_SUSPEND
 from xenpv.xenabi.xenbus import XenbusState
 
 log = logging.getLogger("toolstack")
@@ -118,14 +131,19 @@ def _make_scratch_image(path: Path, disk: PvDisk) -> None:
 
 
 def create_domain(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: int, paths: MachineFiles,
-                  *, name: str | None = None, backend_domid: int = L.DOM0) -> CreatedDomain:
-    """Create domain `domid` for a launched machine; on any failure what was done is undone."""
+                  *, name: str | None = None, backend_domid: int = L.DOM0,
+                  restore_from: Path | None = None) -> CreatedDomain:
+    """Create domain `domid` for a launched machine; with `restore_from` (a xenhv save_domain file) the new
+    domain gets that saved state first. On any failure what was done is undone."""
     name = name or guest.name
     ram_size = guest.memory_mib << 20
     with _step(domid, "xenhv create_domain"):
         ctl.call("create_domain", domid=domid, name=name, ram_path=str(paths.ram), ram_size=ram_size,
                  dm_qmp=str(paths.dm_qmp_socket))
     try:
+        if restore_from is not None:
+            with _step(domid, f"xenhv restore_domain from {restore_from}"):
+                ctl.call("restore_domain", domid=domid, path=str(restore_from))
         return _populate(xs, ctl, guest, domid, paths, name, ram_size, backend_domid)
     except BaseException as exc:
         try:
@@ -163,8 +181,10 @@ def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: in
     with _step(domid, f"INTRODUCE {domid}|{gfn}|{port}|"):
         xs.introduce(domid, gfn, port)
 
-    devset = L.guest_devices(guest, domid, paths.run_dir, backend_domid)
+    devset = L.guest_devices(guest, domid, paths.image_dir, backend_domid)
     for image, disk in devset.scratch_images:
+        if image.exists():
+            continue  # a restored domain's disk: its data is what the guest wrote before the save
         with _step(domid, f"creating the scratch image {image}"):
             _make_scratch_image(image, disk)
     for dev in devset.devices:
@@ -256,6 +276,75 @@ def destroy_domain(xs: XsClient, ctl: XenhvControl, domid: int, *, backend_domid
     log.info("dom%d destroyed", domid)
 
 
+SUSPEND_ACK_SECONDS = 5.0
+SUSPEND_SECONDS = 10.0
+SUSPEND_POLL_SECONDS = 0.005
+
+
+def domain_info(ctl: XenhvControl, domid: int) -> dict | None:
+    return next((d for d in ctl.call("list_domains") if d["domid"] == domid), None)
+
+
+def suspend_domain(xs: XsClient, ctl: XenhvControl, domid: int, *, ack_timeout: float = SUSPEND_ACK_SECONDS,
+                   timeout: float = SUSPEND_SECONDS, alive: Callable[[], None] | None = None) -> float:
+    """Ask the guest to suspend (libxl's pvcontrol path) and wait until its domain has shut down with
+    SHUTDOWN_suspend; returns the seconds it took. `alive()` is called while waiting and raises if what
+    runs the guest died. A guest that does not acknowledge within `ack_timeout` has the request withdrawn
+    (control/shutdown back to "" if it still says suspend) and is left running: ToolstackError."""
+    node = f"{L.domain_path(domid)}/control/shutdown"
+    start = time.monotonic()
+    with _step(domid, "writing control/shutdown=suspend"):
+        if domain_info(ctl, domid) is None:
+            raise ToolstackError(domid, "suspend", "no such domain")
+        xs.write(node, "suspend")
+    ack_deadline, deadline = start + ack_timeout, start + timeout
+    acknowledged = False
+    while True:
+        with _step(domid, "waiting for the suspend"):
+            info = domain_info(ctl, domid)
+            if info is None:
+                raise ToolstackError(domid, "suspend", "the domain went away while suspending")
+            if info["state"] == "shutdown":
+                if info["shutdown_reason"] != SHUTDOWN_SUSPEND:
+                    raise ToolstackError(domid, "suspend", f"the domain shut down with reason "
+                                                           f"{info['shutdown_reason']}, not suspend")
+                elapsed = time.monotonic() - start
+                log.info("dom%d suspended in %.0f ms", domid, elapsed * 1000)
+                return elapsed
+            if not acknowledged:
+                acknowledged = xs.read(node) != b"suspend"
+        if alive is not None:
+            alive()
+        now = time.monotonic()
+        if not acknowledged and now >= ack_deadline:
+            withdrawn = _withdraw_suspend(xs, node)
+            raise ToolstackError(domid, "suspend", f"the guest did not acknowledge control/shutdown=suspend within "
+                                                   f"{ack_timeout:g}s (its PV drivers never answered); "
+                                                   + ("request withdrawn, " if withdrawn else "")
+                                                   + "the domain runs on")
+        if now >= deadline:
+            raise ToolstackError(domid, "suspend", f"the guest acknowledged the suspend request but its domain did "
+                                                   f"not shut down with SHUTDOWN_suspend within {timeout:g}s")
+        time.sleep(SUSPEND_POLL_SECONDS)
+
+
+def _withdraw_suspend(xs: XsClient, node: str) -> bool:
+    """libxl's cancel: control/shutdown back to "" in a transaction, only if it still asks to suspend."""
+    def body(tx: int) -> bool:
+        try:
+            if xs.read(node, tx) != b"suspend":
+                return False
+        except XsRequestError:
+            return False
+        xs.write(node, "", tx)
+        return True
+    try:
+        return xs.transact(body)
+    except (XsRequestError, XsConnectionError) as exc:
+        log.warning("withdrawing the suspend request at %s: %s", node, exc)
+        return False
+
+
 def _pause_if_present(ctl: XenhvControl, domid: int) -> None:
     if any(d["domid"] == domid for d in ctl.call("list_domains")):
         ctl.call("pause", domid=domid)
@@ -271,6 +360,8 @@ class MachineFiles(Protocol):
 
     @property
     def run_dir(self) -> Path: ...
+    @property
+    def image_dir(self) -> Path: ...  # the guest's disk images (the PV disks' scratch images go there too)
     @property
     def ram(self) -> Path: ...
     @property
@@ -298,11 +389,26 @@ class Toolstack:
             raise
         self.domains: dict[int, CreatedDomain] = {}
 
-    def create(self, machine: DeviceModel, domid: int | None = None) -> CreatedDomain:
+    def create(self, machine: DeviceModel, domid: int | None = None, *, restore_from: Path | None = None,
+               name: str | None = None) -> CreatedDomain:
         domid = self.host.allocate_domid() if domid is None else domid
-        d = create_domain(self.xs, self.ctl, machine.guest, domid, machine.paths, name=machine.name)
+        d = create_domain(self.xs, self.ctl, machine.guest, domid, machine.paths, name=name or machine.name,
+                          restore_from=restore_from)
         self.domains[domid] = d
         return d
+
+    def suspend(self, domid: int, **waits: object) -> float:
+        return suspend_domain(self.xs, self.ctl, domid, **waits)  # type: ignore[arg-type]
+
+    def save_state(self, domid: int, path: Path) -> None:
+        """xenhv's part of a save: what Xen keeps outside guest RAM."""
+        with _step(domid, f"xenhv save_domain to {path}"):
+            self.ctl.call("save_domain", domid=domid, path=str(path))
+
+    def resume_cancelled(self, domid: int) -> None:
+        """The checkpoint's end, or a failed save's: the suspended domain runs on where it stopped."""
+        with _step(domid, "xenhv resume_domain"):
+            self.ctl.call("resume_domain", domid=domid)
 
     def destroy(self, domid: int) -> None:
         self.domains.pop(domid, None)

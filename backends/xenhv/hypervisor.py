@@ -141,8 +141,8 @@ class Hypervisor:
         where the guest placed its hypervisor frames, and their contents (shared_info, grant frames).
         Event channels are not saved: as on Xen, a resumed guest rebinds them."""
         dom = self.domain(domid)
-        if dom.state is not RunState.PAUSED:
-            raise XenError(X.XEN_EBUSY, f"dom{domid} must be paused to be saved")
+        if dom.state is RunState.RUNNING:
+            raise XenError(X.XEN_EBUSY, f"dom{domid} must be paused or shut down (suspended) to be saved")
         state = {"domid": domid, "params": {str(k): v for k, v in dom.params.items()},
                  "hv_frames": {str(i): g for i, g in dom.memory.hv_mappings().items()},
                  "grant_frames": self.grant_table(dom).nr_frames,

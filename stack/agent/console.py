@@ -68,7 +68,8 @@ class ConsoleCommand:
 COMMANDS: dict[str, ConsoleCommand] = {}
 
 # Command groups that live beside the drivers they drive; each registers with @command when imported.
-COMMAND_MODULES = ("xenpv.stack.agent.cmd_vbd", "xenpv.stack.agent.cmd_net", "xenpv.stack.agent.cmd_xs", "xenpv.stack.agent.cmd_pkg")
+COMMAND_MODULES = ("xenpv.stack.agent.cmd_vbd", "xenpv.stack.agent.cmd_net", "xenpv.stack.agent.cmd_xs", "xenpv.stack.agent.cmd_pkg",
+                   "xenpv.stack.agent.cmd_lifecycle")
 
 
 def command(name: str, summary: str, usage: tuple[str, ...] = ("",), details: str = "") -> Callable[[Command], Command]:

@@ -40,7 +40,7 @@ from xenpv.stack.drivers.pci import (BUS_INTERFACE_STANDARD_SIZE, DEVICE_TEXT_LO
 from xenpv.stack.drivers.revision import vendor_name
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_LATE
 from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE, EmulatedStatus
-from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S3, S4, BusQueryIdType,
+from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S3, S4, S5, BusQueryIdType,
                           DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
                           IoDetachDevice, IoGetAttachedDevice, IoInvalidateDeviceRelations, IoSynchronousCallDriver,
                           QueryIdParameters, QueryInterfaceParameters, forward)
@@ -124,7 +124,10 @@ class XenbusFdo:
             try:
                 with current_processor().lock:  # the agent's shutdown calls this outside any dispatch routine
                     if self.device_power == D0:
-                        self.FdoD0ToD3()
+                        # After S5 (a restart) Windows sends the FDO no D-IRP: what it wrote to xenstore stays
+                        # (control/feature-suspend, which the guest could not create again); the model
+                        # still gives back what the boot holds.
+                        self.FdoD0ToD3(keep_store_keys=self.system_power == S5)
                     self._stop_suspend_thread()
             except (BugCheck, HarnessTooSlow):
                 # A stopped processor runs no more driver code: the interfaces stay as they are (the dump
@@ -321,7 +324,7 @@ class XenbusFdo:
         self._print("FdoD3ToD0: D0")
         return STATUS_SUCCESS
 
-    def FdoD0ToD3(self) -> None:
+    def FdoD0ToD3(self, keep_store_keys: bool = False) -> None:
         assert_passive("FdoD0ToD3")
         self.device_power = D3
         if self.active:
@@ -335,7 +338,7 @@ class XenbusFdo:
                 if self._suspend_callback_late is not None:
                     self.interfaces["SUSPEND"].SuspendDeregister(self._suspend_callback_late)
                     self._suspend_callback_late = None
-                self._d0_to_d3()
+                self._d0_to_d3(remove_feature=not keep_store_keys)
                 self._release_held()
             finally:
                 KeLowerIrql(old)
@@ -359,10 +362,11 @@ class XenbusFdo:
         if not NT_SUCCESS(status):
             self._print(f"control/feature-suspend: {status_name(status)}", DbgLevel.WARNING)
 
-    def _d0_to_d3(self) -> None:
+    def _d0_to_d3(self, remove_feature: bool = True) -> None:
         """__FdoD0ToD3."""
         store = self.interfaces["STORE"]
-        store.StoreRemove(None, "control", "feature-suspend")
+        if remove_feature:
+            store.StoreRemove(None, "control", "feature-suspend")
         for attribute in ("_suspend_watch", "_scan_watch"):
             watch = getattr(self, attribute)
             if watch is not None:
@@ -397,11 +401,11 @@ class XenbusFdo:
                 with cpu.lock:
                     if cpu.halted is not None:
                         return
-                    KeWaitForSingleObject(self._suspend_event, SUSPEND_THREAD_PERIOD)
+                    # A synchronization event: a satisfied wait has reset it.
+                    woken = KeWaitForSingleObject(self._suspend_event, SUSPEND_THREAD_PERIOD) == STATUS_SUCCESS
                     if self._stopping:
                         return
-                    if self._suspend_event.read_state():
-                        self._suspend_event.clear()
+                    if woken:
                         self.FdoSuspend()
                     self._suspend_idle.set()
         except BugCheck:
