@@ -97,8 +97,8 @@ def _interleaving(outcome: Outcome, target: Target) -> str:
 def cmd_repro(args: argparse.Namespace) -> int:
     target = load_target(Path(args.dump))
     schedule = _schedule(args.schedule, target.record)
-    if args.runs < 1:
-        raise ConfigError(f"--runs {args.runs}: at least 1")
+    if args.runs < 1 or args.tries < 1:
+        raise ConfigError(f"--runs {args.runs} --tries {args.tries}: each at least 1")
     if not 0 <= args.min_rate <= 1:
         raise ConfigError(f"--min-rate {args.min_rate}: a fraction between 0 and 1")
     base_dir()
@@ -140,13 +140,20 @@ def _minimize(args: argparse.Namespace, target: Target, env: ReplayEnv, schedule
     runs = 0
 
     def replay(events: list[Any]) -> str | None:
+        """The bucket of the first of --tries replays that reaches the target, else of the last one: a
+        bug that does not show on every replay must not make ddmin keep actions it does not need."""
         nonlocal runs
-        runs += 1
-        outcome = env.replay(record, events, name=f"min-{runs}", pace=args.pace, watchdog=args.watchdog)
-        print(f"  test {runs}: {len(events)} actions -> {outcome.bucket or outcome.kind}", flush=True)
-        if not kept:
-            shutil.rmtree(artifacts / f"min-{runs}", ignore_errors=True)
-        return outcome.bucket
+        bucket = None
+        for _ in range(args.tries):
+            runs += 1
+            outcome = env.replay(record, events, name=f"min-{runs}", pace=args.pace, watchdog=args.watchdog)
+            print(f"  replay {runs}: {len(events)} actions -> {outcome.bucket or outcome.kind}", flush=True)
+            if not kept:
+                shutil.rmtree(artifacts / f"min-{runs}", ignore_errors=True)
+            bucket = outcome.bucket
+            if bucket == target.bucket:
+                break
+        return bucket
 
     result = Minimizer(target.bucket, replay).run(record.events)
     out = Path(args.out) if args.out else target.path.parent / f"{target.path.stem}-minimized"
@@ -156,10 +163,11 @@ def _minimize(args: argparse.Namespace, target: Target, env: ReplayEnv, schedule
         raise ConfigError(f"--out {out}: cannot be made: {exc.strerror}") from None
     name = slug(target.bucket)
     summary = f"{len(record.events)} recorded actions minimised to {len(result.events)}"
-    test = write_regression_test(out / f"test_{name}.py", record, result.events, target.bucket, target.path, summary)
+    test = write_regression_test(out / f"test_{name}.py", record, result.events, target.bucket, target.path, summary,
+                                 tries=args.tries)
     script = write_console_script(out / f"{name}.console", out / f"{name}.yaml", record, result.events,
                                   target.bucket, target.path)
-    print(f"minimised {len(record.events)} actions to {len(result.events)} in {result.tests} replays "
+    print(f"minimised {len(record.events)} actions to {len(result.events)} in {result.tests} tests, {runs} replays "
           f"({result.seconds:.0f} s), still bucket {target.bucket}:")
     from xenpv.harness.minimize import script_line
 
@@ -171,14 +179,14 @@ def _minimize(args: argparse.Namespace, target: Target, env: ReplayEnv, schedule
 
 # -- keeping a crash's artifacts ---------------------------------------------------------------------------
 
-KEPT_CRASHES = Path("artifacts")
+KEPT_CRASHES = Path("artifacts")  # relative to the working directory, as pytest's <rootdir>/artifacts
 
 
-def keep_crash_artifacts(source: Path, root: Path = KEPT_CRASHES) -> Path:
+def keep_crash_artifacts(source: Path, root: Path | None = None) -> Path:
     """Move a run's artifact directory (a run directory the run would remove) to a new directory of its
-    own in `root`, readable by everyone (directories 0755, files 0644): a bugcheck's dump must outlive
-    the run. Returns the new directory."""
-    target = make_artifacts_dir(root, "the crash artifacts directory")
+    own in `root` (default ./artifacts), readable by everyone (directories 0755, files 0644): a
+    bugcheck's dump must outlive the run. Returns the new directory (absolute)."""
+    target = make_artifacts_dir((root or KEPT_CRASHES).absolute(), "the crash artifacts directory")
     for entry in sorted(source.iterdir()):
         shutil.move(str(entry), target / entry.name)
     for path in [target, *target.rglob("*")]:
@@ -356,6 +364,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="delta-debug the actions down to those that keep the bucket; write a regression test "
                         "and a console script")
     p.add_argument("--out", default=None, metavar="DIR", help="where --minimize writes (default: beside the dump)")
+    p.add_argument("--tries", type=int, default=1, metavar="K",
+                   help="with --minimize, a candidate reproduces when one of K replays does (for bugs that "
+                        "do not show every time; default %(default)s)")
     p.add_argument("--schedule", default=None, help="override the recorded schedule: os, seeded or seeded:SEED")
     p.add_argument("--pace", choices=("recorded", "asap"), default="recorded",
                    help="keep the recorded gaps between actions (default), or none")
