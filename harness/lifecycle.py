@@ -33,7 +33,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from xenpv.backends.toolstack import ToolstackError
 from xenpv.backends.toolstack import layout as L
@@ -41,10 +41,9 @@ from xenpv.base.errors import HarnessError, WaitTimeout
 from xenpv.base.qmp import QmpSession
 from xenpv.base.rundir import make_run_dir, remove_run_dir
 from xenpv.harness.machine import Machine
+from xenpv.backends.host import HostServices
+from xenpv.backends.toolstack import CreatedDomain, Toolstack
 from xenpv.stack.timescale import scaled
-
-if TYPE_CHECKING:
-    from xenpv.harness.agent import Guest
 
 log = logging.getLogger("harness.lifecycle")
 
@@ -59,6 +58,42 @@ RESUME_SECONDS = 60.0
 MIGRATE_POLL_SECONDS = 0.002
 
 _RESUMED_LINE = re.compile(r"^resumed: running in dom(\d+); suspend count (\d+)$")
+
+
+class GuestConsoleLike(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    def run(self, command: str, timeout: float = 30.0) -> str: ...
+
+    def check_alive(self, during: str = "") -> None: ...
+
+
+class Guest(Protocol):
+    """What this module needs of a booted guest (harness.agent.Guest, whose save/restore/migrate methods
+    call here; a Protocol because agent.py imports this module)."""
+
+    machine: Machine
+    console: GuestConsoleLike
+    domain: CreatedDomain | None
+    toolstack: Toolstack | None
+    host: HostServices | None
+    backends: Any
+    state: str
+    storage: Path | None
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def last_machine(self) -> Machine: ...
+
+    def drop_machine(self) -> None: ...
+
+    def new_machine(self, *, incoming: bool = False) -> Machine: ...
+
+    def new_domain(self, machine: Machine, *, restore_from: Path | None = None,
+                   name: str | None = None) -> CreatedDomain: ...
 
 
 class LifecycleError(HarnessError):
