@@ -75,6 +75,16 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         scenario="power S4: the children release STORE on the way to D3, the last release runs StoreRelease",
         why="the commit names a D1: the NULL read happens under the store's spin lock, at DISPATCH_LEVEL"),
     BugSwitch(
+        name="xenbus-55384e7", repository="xcp-ng/win-xenbus", commit="55384e7f2a1f7861bbe90878a9c1b6707bf2eb68",
+        date="2016-05-12", stop=0xC2, stop_name="BAD_POOL_CALLER", module="xenbus.sys",
+        function="EvtchnInterface.HashTableRemove",
+        defect="the EVTCHN EARLY suspend callback unhashes every channel, and the hash table freed each node "
+               "in place: at HIGH_LEVEL with interrupts off, where pool can be neither allocated nor freed",
+        scenario="a PV disk connects (its ring has an event channel); a local migration resumes the guest in "
+                 "a new domain, where the EARLY callbacks run",
+        why="ExFreePoolWithTag above DISPATCH_LEVEL: BAD_POOL_CALLER 0x09 (free at an invalid IRQL); the "
+            "commit feared memory corruption, a checked pool stops at once"),
+    BugSwitch(
         name="xenbus-080720a", repository="xcp-ng/win-xenbus", commit="080720ac3fce2eeec9ca430bf44e0f9833d049cd",
         date="2019-09-16", stop=0x7E, stop_name="SYSTEM_THREAD_EXCEPTION_NOT_HANDLED", module="xen.sys",
         function="Xen.HypercallCall",
@@ -125,8 +135,6 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
 
 # Section 9 rows the model cannot express (yet), with the reason; the README lists them under the table.
 NOT_EXPRESSED: dict[str, str] = {
-    "xenbus-55384e7": "free at HIGH_LEVEL in the EVTCHN early SUSPEND callback: needs a resume from Xen "
-                      "suspend, which the model has no trigger for yet (issue 13)",
     "xenbus-633403e": "transaction check raced a suspend: needs Xen suspend/resume (issue 13)",
     "xenbus-08def99": "emulated devices back after migration: needs save/restore (issue 13)",
     "xenbus-124869c": "PdoSuspend with the FDO in D3 (XENVIF 5b89542): the model's PnP manager has no "

@@ -58,6 +58,9 @@ def _lifecycle(rt: GuestRuntime, args: list[str]) -> str:
     context = MachineContext(Path(args[1]), Path(args[2]), Path(args[3]), domid)
     line.post(context)
     error = line.wait_result(RESUME_SECONDS)
+    halted = rt.kernel.cpu.halted
+    if halted is not None:
+        raise halted  # a STOP in the resume (an EARLY or LATE callback): the console's STOP path reports it
     if error is not None:
         return f"error: the vCPU stays parked: {error}"
     rt.config.qtest_socket, rt.config.ram_path = context.qtest_socket, context.ram_path

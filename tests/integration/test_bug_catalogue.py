@@ -107,6 +107,18 @@ def _pv_disk_reboot(g: Guest) -> None:
     _wait_console(g, "vbd list", connected)
 
 
+def _pv_disk_migrate(g: Guest) -> None:
+    """Local migration: the toolstack's suspend, save, restore into a new QEMU and domain, where the
+    vCPU's suspend hypercall returns and XENBUS runs the EARLY and LATE callbacks."""
+    connected = rf"target 1 vbd {XVDB} connected"
+    _wait_console(g, "vbd list", connected)
+    first = g.domain.domid
+    g.migrate()
+    assert g.domain.domid != first
+    _wait_console(g, "vbd list", connected)
+    assert g.console.run("vbd write 1 0 seq 8").startswith("wrote 8 sectors")
+
+
 def _boot_only(g: Guest) -> None:
     tree = g.console.run("devices")
     assert r"IDE\DiskQEMU_HARDDISK\0.0.0" in tree and "XENBUS" not in tree
@@ -116,6 +128,7 @@ def _boot_only(g: Guest) -> None:
 SCENARIOS: dict[str, Scenario] = {
     "xenbus-0250399": Scenario(_default(), _s4_and_back),
     "xenbus-080720a": Scenario(NON_XEN_GUEST, _boot_only),
+    "xenbus-55384e7": Scenario(PV_DISK_GUEST, _pv_disk_migrate, blkback=True),
     "xennet-0e04a15": Scenario(_default(), _reboot),
     "xenvbd-667456d": Scenario(PV_DISK_GUEST, _pv_disk_reboot, blkback=True),
     "xenvbd-9f7f8b2": Scenario(PV_DISK_GUEST, _pv_disk_reboot, blkback=True),

@@ -31,15 +31,18 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from xenpv.stack.drivers import bugs
 from xenpv.stack.drivers.interface import Interface, InterfaceTable, acquire_all, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
 from xenpv.stack.drivers.xenbus.suspend import (SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback,
                                                 SuspendInterface)
 from xenpv.stack.kernel.bugcheck import BUG, BugCheck
-from xenpv.stack.kernel.dpc import IoConnectInterrupt, IoDisconnectInterrupt, KInterrupt
+from xenpv.stack.kernel.dpc import (KDpc, IoConnectInterrupt, IoDisconnectInterrupt, KeInitializeDpc, KeInsertQueueDpc,
+                                    KeRemoveQueueDpc, KInterrupt)
 from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thread
 from xenpv.stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql, current_processor
+from xenpv.stack.kernel.pool import POOL_TYPE, ExAllocatePoolWithTag, ExFreePoolWithTag, PoolBlock, pool_tag
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
 from xenpv.stack.timescale import HarnessTooSlow
 from xenpv.stack.vcpu.hypercalls import Hypercalls
@@ -50,6 +53,8 @@ from xenpv.xenabi import xen as X
 log = logging.getLogger("stack.drivers.xenbus.evtchn")
 
 EVTCHN_GUID = uuid.UUID("BE2440AC-1098-4150-AF4D-452FADCEF923")
+HASH_TABLE_TAG = pool_tag("HTab")  # hash_table.c: one node per hashed port
+HASH_TABLE_NODE_SIZE = 32
 
 # KSERVICE_ROUTINE: Callback(Interrupt, Argument) -> BOOLEAN
 ServiceRoutine = Callable[[KInterrupt | None, Any], bool]
@@ -109,6 +114,11 @@ class EvtchnInterface(Interface):
         self.shared_info = shared_info
         self.channels: list[EvtchnChannel] = []
         self._ports: dict[int, EvtchnChannel] = {}
+        # The port hash table's nodes (hash_table.c). A removed node is freed by a DPC, not in place:
+        # removal happens in the EARLY callback, at HIGH_LEVEL, where no pool may be freed (55384e7).
+        self._nodes: dict[int, PoolBlock] = {}
+        self._removed_nodes: list[PoolBlock] = []
+        self._hash_table_dpc: KDpc = KeInitializeDpc(self._free_removed_nodes, None, module="xenbus.sys")
         self._pending: deque[int] = deque()
         self._pending_lock = threading.Lock()
         self._line_wake = threading.Event()
@@ -158,6 +168,8 @@ class EvtchnInterface(Interface):
         # The line may be firing (waiting for the kernel lock): wait_for_thread gives the lock away. The
         # scratch page is its hypercall argument page, so it is freed only once the line has ended.
         wait_for_thread(self._line, "XENBUS EVTCHN teardown")
+        KeRemoveQueueDpc(self._hash_table_dpc)
+        self._free_removed_nodes(self._hash_table_dpc, None, None, None)
         self.platform.pages.free(self._scratch)
         self._scratch, self._hypercalls, self._interrupt, self._line = [], None, None, None
         self._suspend_callback = self._suspend_callback_late = self._debug_callback = None
@@ -246,6 +258,8 @@ class EvtchnInterface(Interface):
         self._interrupt.fire()
 
     def _hash(self, channel: EvtchnChannel) -> None:
+        self._nodes[channel.LocalPort] = ExAllocatePoolWithTag(POOL_TYPE.NonPagedPool, HASH_TABLE_NODE_SIZE,
+                                                               HASH_TABLE_TAG, contents=channel)
         self._ports[channel.LocalPort] = channel
         self.platform.upcalls.bind(channel.LocalPort, self._upcall)
 
@@ -253,6 +267,23 @@ class EvtchnInterface(Interface):
         if self._ports.get(channel.LocalPort) is channel:
             del self._ports[channel.LocalPort]
             self.platform.upcalls.unbind(channel.LocalPort)
+            self.HashTableRemove(channel.LocalPort)
+
+    def HashTableRemove(self, port: int) -> None:
+        """Unlink the port's node; its memory goes to the DPC (55384e7: it was freed right here)."""
+        node = self._nodes.pop(port, None)
+        if node is None:
+            return
+        if bugs.enabled("xenbus-55384e7"):
+            ExFreePoolWithTag(node, HASH_TABLE_TAG)
+        else:
+            self._removed_nodes.append(node)
+            KeInsertQueueDpc(self._hash_table_dpc)
+
+    def _free_removed_nodes(self, _dpc: Any, _context: Any, _argument1: Any, _argument2: Any) -> None:
+        """HashTableDpc: free the nodes removed since it last ran (at DISPATCH_LEVEL)."""
+        while self._removed_nodes:
+            ExFreePoolWithTag(self._removed_nodes.pop(), HASH_TABLE_TAG)
 
     def _hypercall(self, op: int, argument: Any) -> tuple[int, Any]:
         assert self._hypercalls is not None

@@ -408,8 +408,12 @@ class XenbusFdo:
                     if woken:
                         self.FdoSuspend()
                     self._suspend_idle.set()
-        except BugCheck:
-            return  # the guest stopped; its dump says why
+        except BugCheck as stop:
+            # The guest stopped (in SUSPEND.Trigger's EARLY or LATE callbacks, say); whoever handed the
+            # parked vCPU its new machine hears it instead of waiting for a resume that will not come.
+            if self.platform is not None:
+                self.platform.vcpu.relocation.report(f"the guest stopped: {stop.describe()}")
+            return
         except HarnessTooSlow as late:
             cpu.give_up(late)
         except (OSError, ValueError, AttributeError) as exc:
