@@ -9,19 +9,77 @@ lost its domain, and what it asks it.
 - `lifecycle status`: running, suspended (parked) or powered off; the domain and SUSPEND's count.
 - `lifecycle ignore-suspend on|off`: fault injection - XENBUS leaves control/shutdown=suspend unanswered,
   as a guest whose PV drivers hang would, so the toolstack's save must fail and the guest keep running.
+- `lifecycle background-write T LBA PATTERN COUNT` / `lifecycle background-result`: a disk write (as `vbd
+  write`) on a thread of its own, so it can be in flight while the domain is saved and restored; the
+  result says how it ended and how many times it completed.
 
 These commands never take the processor: the vCPU may be parked holding it.
 """
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from xenpv.stack.agent.console import command, parse_int
+from xenpv.stack.agent.cmd_vbd import _target, sector_pattern
+from xenpv.stack.agent.console import UsageError, command, parse_int
 from xenpv.stack.agent.runtime import GuestRuntime
+from xenpv.stack.kernel import BugCheck
+from xenpv.stack.timescale import HarnessTooSlow
 from xenpv.stack.vcpu.relocation import WAITING_SUSPENDED, MachineContext
 
 # From the machine named to the guest running there again: the move, the EARLY and LATE callbacks.
 RESUME_SECONDS = 60.0
+
+
+# A background write waits this long for its back-end (a save and a restore may lie in between).
+BACKGROUND_IO_SECONDS = 120.0
+
+
+@dataclass
+class BackgroundWrite:
+    description: str
+    thread: threading.Thread | None = None
+    outcomes: list[str] = field(default_factory=list)  # one per completion: "ok sha256 ..." or "failed: ..."
+    started: float = field(default_factory=time.monotonic)
+
+
+_background: dict[int, BackgroundWrite] = {}  # by GuestRuntime id: one at a time
+
+
+def _background_write(rt: GuestRuntime, target_id: int, lba: int, pattern: str, count: int) -> str:
+    current = _background.get(id(rt))
+    if current is not None and current.thread is not None and current.thread.is_alive():
+        return f"error: {current.description} is still in flight"
+    job = BackgroundWrite(f"write of {count} sectors at {lba} of target {target_id}")
+
+    def run() -> None:
+        try:
+            with rt.kernel.cpu.lock:
+                target = _target(rt, target_id)
+                data = sector_pattern(pattern, lba, count, target.features.sector_size)
+                target.TargetWrite(lba, data, BACKGROUND_IO_SECONDS)
+            job.outcomes.append(f"ok sha256 {hashlib.sha256(data).hexdigest()}")
+        except (BugCheck, HarnessTooSlow) as stop:
+            job.outcomes.append(f"failed: the processor stopped: {stop}")
+        except Exception as exc:  # a failed write is a result, reported to whoever asks
+            job.outcomes.append(f"failed: {type(exc).__name__}: {exc}")
+
+    job.thread = threading.Thread(target=run, name="lifecycle-background-write", daemon=True)
+    _background[id(rt)] = job
+    job.thread.start()
+    return f"started {job.description}"
+
+
+def _background_result(rt: GuestRuntime) -> str:
+    job = _background.get(id(rt))
+    if job is None:
+        return "error: no background write was started"
+    if job.thread is not None and job.thread.is_alive():
+        return f"in flight for {time.monotonic() - job.started:.1f}s: {job.description}"
+    return f"completed {len(job.outcomes)} time(s): " + "; ".join(job.outcomes)
 
 
 def _fdo(rt: GuestRuntime):
@@ -40,13 +98,23 @@ def _status(rt: GuestRuntime) -> str:
 
 
 @command("lifecycle", "the guest losing and regaining its domain (the harness drives this)",
-         ("resume QTEST RAM HV NEWDOMID", "status", "ignore-suspend on|off"),
+         ("resume QTEST RAM HV NEWDOMID", "status", "ignore-suspend on|off", "background-write T LBA PATTERN COUNT",
+          "background-result"),
          details="resume: hand the vCPU parked in the suspend hypercall the machine its saved state runs on now "
                  "(QTEST: the new QEMU's qtest socket; RAM: its RAM file; HV: the new domain's trap socket)")
 def _lifecycle(rt: GuestRuntime, args: list[str]) -> str:
     op = args[0]
     if op == "status":
         return _status(rt)
+    if op == "background-result":
+        return _background_result(rt)
+    if op == "background-write":
+        target_id, lba, count = (parse_int(args[i], name, 0) for i, name in ((1, "T"), (2, "LBA"), (4, "COUNT")))
+        try:
+            bytes.fromhex(args[3])
+        except ValueError:
+            raise UsageError(f"PATTERN must be hex bytes, got {args[3]!r}") from None
+        return _background_write(rt, target_id, lba, args[3], count)
     if op == "ignore-suspend":
         fdo = _fdo(rt)
         fdo.ignore_suspend = args[1] == "on"

@@ -163,3 +163,149 @@ def test_save_then_restore_into_a_new_domain(io_guest, dom0: Dom0Backends, tmp_p
     finally:
         capture.close()
     assert "SUSPEND: EARLY (0)" in g.console.run("log 400")
+
+
+def test_checkpoint_resumes_the_same_domain_and_runs_no_resume_callback(io_guest, tmp_path: Path) -> None:
+    """SCHEDOP_shutdown returns 1 (cancelled): SchedShutdown's STATUS_CANCELLED, so neither SuspendEarly nor
+    the LATE list runs (suspend.c); the guest runs on in the same domain, devices connected as they were."""
+    g = io_guest("default")
+    domid, machine = g.domain.domid, g.machine
+    marker = write_marker(g, "5a")
+    before = references(g)
+    g.save(tmp_path / "checkpoint.save", checkpoint=True)
+    assert g.state == "running" and g.domain.domid == domid and g.machine is machine
+    assert read_manifest(tmp_path / "checkpoint.save").checkpoint
+    assert g.console.run("lifecycle status") == f"running in dom{domid}; suspend count 0"
+    log = g.console.run("log 200")
+    assert "SCHEDOP_shutdown:SHUTDOWN_suspend <==== (c0000120 STATUS_CANCELLED)" in log
+    assert "SUSPEND: EARLY" not in log and "SUSPEND: LATE" not in log
+    assert machine.qmp.command("query-status")["status"] == "running"
+    out = g.console.run(f"vbd read 0 {DATA_LBA} {DATA_SECTORS}")
+    assert re.search(rf"^sha256 {marker}\b", out, re.M), out
+    assert "connections 1" in g.console.run("vbd list")  # the connection the save found, never rebuilt
+    assert references(g) == before
+    with pytest.raises(LifecycleError, match="needs a saved guest"):
+        g.restore(tmp_path / "checkpoint.save")
+
+
+def test_local_migration_to_a_new_qemu_and_domid_tears_the_source_down(io_guest, dom0: Dom0Backends) -> None:
+    g = io_guest("default")
+    source_domid, source = g.domain.domid, g.machine
+    marker = write_marker(g, "e7")
+    before = references(g)
+    capture = ArpCapture(dom0.netns)
+    try:
+        g.migrate()
+        assert g.domain.domid != source_domid and g.machine is not source
+        assert source.process.popen.poll() is not None  # the source QEMU is gone
+        assert all(d["domid"] != source_domid for d in g.toolstack.ctl.call("list_domains"))
+        assert source_domid not in dom0.taps
+        check_after_resume(g, before, marker, dom0, capture)
+    finally:
+        capture.close()
+    assert g.console.run("lifecycle status").endswith("suspend count 1")
+
+
+def test_a_guest_that_ignores_the_suspend_request_is_not_saved_and_runs_on(io_guest, tmp_path: Path) -> None:
+    g = io_guest("default")
+    domid = g.domain.domid
+    assert g.console.run("lifecycle ignore-suspend on") == "control/shutdown=suspend is ignored"
+    with pytest.raises(SaveFailed, match=r"did not acknowledge control/shutdown=suspend within 1s.*request "
+                                         r"withdrawn.*runs on"):
+        g.save(tmp_path / "never.save", ack_timeout=1.0)
+    assert not (tmp_path / "never.save").exists()
+    assert g.state == "running" and g.domain.domid == domid
+    assert g.toolstack.xs.read(f"/local/domain/{domid}/control/shutdown") == b""
+    info = next(d for d in g.toolstack.ctl.call("list_domains") if d["domid"] == domid)
+    assert info["state"] == "running" and not info["vcpu_parked"]
+    assert g.machine.qmp.command("query-status")["status"] == "running"
+    marker = write_marker(g, "11")
+    assert image_sha(g) == marker
+    # Answered again, the same guest saves and restores.
+    assert g.console.run("lifecycle ignore-suspend off") == "control/shutdown=suspend is answered"
+    g.save(tmp_path / "now.save")
+    g.restore(tmp_path / "now.save")
+    assert image_sha(g) == marker
+
+
+def test_a_backend_missing_at_restore_is_waited_for_and_connected_when_it_appears(io_guest, dom0: Dom0Backends,
+                                                                                  tmp_path: Path) -> None:
+    g = io_guest("default")
+    marker = write_marker(g, "b4")
+    g.save(tmp_path / "guest.save")
+    dom0.kill("blkback")
+    g.restore(tmp_path / "guest.save")
+    time.sleep(1.0)
+    assert "connected" not in g.console.run("vbd list").split("backend")[0]  # waiting for a back-end
+    dom0.start_backend("blkback")
+    wait_for(g, "vbd list", r"^target 0 vbd \d+ connected", timeout=20)
+    out = g.console.run(f"vbd read 0 {DATA_LBA} {DATA_SECTORS}")
+    assert re.search(rf"^sha256 {marker}\b", out, re.M), out
+
+
+def test_a_write_in_flight_at_the_save_completes_exactly_once_after_the_restore(io_guest, dom0: Dom0Backends,
+                                                                                tmp_path: Path) -> None:
+    """blkback stopped (SIGSTOP) with the write on the ring: the guest suspends with it unanswered (blkback
+    runs again once the vCPU is parked, so the toolstack can tear the source down); the restored frontend
+    issues it again on its new ring, and the write completes once, with its data."""
+    import signal
+    import threading
+
+    g = io_guest("default")
+    domid = g.domain.domid
+    blkback = dom0.blkback
+    parked, stop = threading.Event(), threading.Event()
+
+    def continue_blkback_once_parked() -> None:
+        ctl = g.host.xenhv_control()
+        try:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not (parked.is_set() or stop.is_set()):
+                if any(d["domid"] == domid and d["vcpu_parked"] for d in ctl.call("list_domains")):
+                    parked.set()
+                time.sleep(0.005)
+        finally:
+            ctl.close()
+            blkback.signal_group(signal.SIGCONT)
+
+    blkback.signal_group(signal.SIGSTOP)
+    waker = threading.Thread(target=continue_blkback_once_parked)
+    try:
+        assert g.console.run(f"lifecycle background-write 0 {DATA_LBA} 9d {DATA_SECTORS}").startswith("started")
+        time.sleep(0.2)
+        assert g.console.run("lifecycle background-result").startswith("in flight")
+        waker.start()
+        g.save(tmp_path / "guest.save")
+    finally:
+        stop.set()
+        if waker.ident:
+            waker.join()
+        blkback.signal_group(signal.SIGCONT)
+    assert parked.is_set()  # the vCPU parked with the write unanswered
+    g.restore(tmp_path / "guest.save")
+    deadline = time.monotonic() + 20
+    while (result := g.console.run("lifecycle background-result")).startswith("in flight"):
+        assert time.monotonic() < deadline, result
+        time.sleep(0.1)
+    m = re.fullmatch(r"completed 1 time\(s\): ok sha256 (\w+)", result)
+    assert m, result
+    assert image_sha(g) == m.group(1)
+    assert re.search(r"\d+ requests outstanding: replayed on reconnect", g.console.run("log 400"))
+
+
+def test_two_disks_and_two_nics_survive_a_migration(io_guest, dom0: Dom0Backends) -> None:
+    g = io_guest("two-disks-two-nics")
+    wait_for(g, "vbd list", r"^target 1 vbd \d+ .*connected", timeout=20)
+    markers = {t: re.search(r"sha256 (\w+)", g.console.run(f"vbd write {t} {DATA_LBA} {p} {DATA_SECTORS}")).group(1)
+               for t, p in ((0, "d0"), (1, "d1"))}
+    before = references(g)
+    g.migrate()
+    for t, marker in markers.items():
+        wait_for(g, "vbd list", rf"^target {t} vbd \d+ .*connected", timeout=20)
+        out = g.console.run(f"vbd read {t} {DATA_LBA} {DATA_SECTORS}")
+        assert re.search(rf"^sha256 {marker}\b", out, re.M), out
+    disks, nics = emulated(g.machine)
+    assert disks.get("hda") is False and disks.get("hdb") is False and not nics, (disks, nics)
+    for i, tap in enumerate(dom0.taps[g.domain.domid]):
+        wait_for(g, f"net -i {i} ping {tap.peer.ip} 3", r"3/3 replies", timeout=20)
+    assert references(g) == before
