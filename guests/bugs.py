@@ -34,8 +34,9 @@ class BugSwitch:
 
     `stop` is the bugcheck code the harness must report with the switch on, `module` the image it blames
     and `function` the model function the STOP names (the faulting function of the dump's bucket).
-    `why` says how that STOP follows from the defect (from the commit message where it names one, else
-    derived from the kind of fault and the IRQL it happens at)."""
+    `bucket` is the crash bucket the dump must carry (stack.kernel.bucket's rule, README "Crash dumps,
+    buckets and replays"). `why` says how that STOP follows from the defect (from the commit message where
+    it names one, else derived from the kind of fault and the IRQL it happens at)."""
 
     name: str
     repository: str
@@ -45,6 +46,7 @@ class BugSwitch:
     stop_name: str
     module: str
     function: str
+    bucket: str
     defect: str
     scenario: str
     why: str
@@ -70,6 +72,7 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         name="xenbus-0250399", repository="xcp-ng/win-xenbus", commit="0250399a8151388188ebd345d02e18a527e7d4c9",
         date="2020-03-04", stop=0xD1, stop_name="DRIVER_IRQL_NOT_LESS_OR_EQUAL", module="xenbus.sys",
         function="StoreInterface.StorePollLocked",
+        bucket="0xD1_xenbus!StoreInterface.StorePollLocked+irql-dispatch",
         defect="StoreRelease called StoreDisable (closes and NULLs the store event channel) before "
                "StorePollLocked, which reads the channel's count through the NULL pointer",
         scenario="power S4: the children release STORE on the way to D3, the last release runs StoreRelease",
@@ -78,6 +81,7 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         name="xenbus-55384e7", repository="xcp-ng/win-xenbus", commit="55384e7f2a1f7861bbe90878a9c1b6707bf2eb68",
         date="2016-05-12", stop=0xC2, stop_name="BAD_POOL_CALLER", module="xenbus.sys",
         function="EvtchnInterface.HashTableRemove",
+        bucket="0xC2_xenbus!EvtchnInterface.HashTableRemove",
         defect="the EVTCHN EARLY suspend callback unhashes every channel, and the hash table freed each node "
                "in place: at HIGH_LEVEL with interrupts off, where pool can be neither allocated nor freed",
         scenario="a PV disk connects (its ring has an event channel); a local migration resumes the guest in "
@@ -88,6 +92,7 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         name="xenbus-080720a", repository="xcp-ng/win-xenbus", commit="080720ac3fce2eeec9ca430bf44e0f9833d049cd",
         date="2019-09-16", stop=0x7E, stop_name="SYSTEM_THREAD_EXCEPTION_NOT_HANDLED", module="xen.sys",
         function="Xen.HypercallCall",
+        bucket="0x7E_xen!Xen.HypercallCall",
         defect="outside Xen the hypercall page is never populated, yet XenVersion (from DllInitialize and "
                "XenTouch) calls through it instead of failing with STATUS_NOT_IMPLEMENTED",
         scenario="boot a disk with the PV drivers installed on a machine without Xen (no platform device)",
@@ -97,6 +102,7 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         name="xennet-0e04a15", repository="xcp-ng/win-xennet", commit="0e04a15e00b799715143427607467a64cd8a9c68",
         date="2024-03-26", stop=0xD1, stop_name="DRIVER_IRQL_NOT_LESS_OR_EQUAL", module="xenbus.sys",
         function="SuspendInterface.SuspendDeregister",
+        bucket="0xD1_xenbus!SuspendInterface.SuspendDeregister+irql-dispatch",
         defect="AdapterDisable asserted Enabled instead of returning when the adapter is already disabled; "
                "MiniportShutdownEx after MiniportPause disables twice and deregisters the SUSPEND callback "
                "whose handle the first call set to NULL",
@@ -107,6 +113,7 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         name="xenvbd-667456d", repository="xcp-ng/win-xenvbd", commit="667456d5dd390c6b3cab60a34a1600b49de42b12",
         date="2014-04-22", stop=0x0C, stop_name="MAXIMUM_WAIT_OBJECTS_EXCEEDED", module="xenvbd.sys",
         function="XenvbdTarget.TargetDestroy",
+        bucket="0xC_xenvbd!XenvbdTarget.TargetDestroy",
         defect="PdoDestroy (TargetDestroy since) waited for its 4 list-empty events with KeWaitForMultipleObjects and no wait "
                "block array; the thread's built-in blocks cover THREAD_WAIT_OBJECTS (3)",
         scenario="a PV disk with no emulated twin connects on the first boot; reboot destroys its target",
@@ -116,6 +123,7 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         name="xenvbd-9f7f8b2", repository="xcp-ng/win-xenvbd", commit="9f7f8b221516c51e23beeda516fe5d37dfb12a6b",
         date="2018-09-26", stop=0x50, stop_name="PAGE_FAULT_IN_NONPAGED_AREA", module="xenvbd.sys",
         function="XenvbdTarget.RingDestroy",
+        bucket="0x50_xenvbd!XenvbdTarget.RingDestroy",
         defect="FrontendDestroy zeroed MaxQueues before RingDestroy, whose `while (--Index > 0)` then starts "
                "at 0xFFFFFFFF and reads Ring->Ring[0xFFFFFFFE], far beyond the array",
         scenario="a PV disk with no emulated twin connects on the first boot; reboot destroys its target",
@@ -124,6 +132,7 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         name="xenvbd-4a32464", repository="xcp-ng/win-xenvbd", commit="4a32464d0175784c03551ef1827c3a6507f9819e",
         date="2017-10-02", stop=0xC2, stop_name="BAD_POOL_CALLER", module="xenvbd.sys",
         function="Base64Free",
+        bucket="0xC2_xenvbd!Base64Free",
         defect="Base64Free passed its buffer to ExFreePoolWithTag without a NULL check; FrontendDisconnect frees "
                "the page 0x80/0x83 inquiry overrides, which are NULL when the backend has no sm-data",
         scenario="a PV disk with no emulated twin connects on the first boot (blkback writes no sm-data); "

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from xenpv.backends.blkback.launch import RestartableBlkback
 from xenpv.backends.host import HostServices
 from xenpv.base.errors import WaitTimeout
 from xenpv.guests.bugs import CATALOGUE
 from xenpv.guests.schema import GUESTS_DIR
 from xenpv.harness.agent import Guest, GuestBugcheck
+from xenpv.harness.dom0 import Dom0Backends
+from xenpv.harness.machine import Machine
 
 pytestmark = pytest.mark.integration
 
@@ -65,12 +66,11 @@ XVDB = (202 << 8) | 16
 @dataclass(frozen=True)
 class Scenario:
     """`base`: the guest YAML (text) the switch is added to; `steps(guest)`: the console actions, which
-    assert what a healthy guest answers (they only finish with the switch off); `blkback`: whether dom0's
-    block back-end runs."""
+    assert what a healthy guest answers (they only finish with the switch off). Every scenario runs with
+    dom0's back-ends (blkback, netback in a namespace), as `xenpv repro` replays it."""
 
     base: str
     steps: Callable[[Guest], None]
-    blkback: bool = False
 
 
 def _default() -> str:
@@ -128,28 +128,32 @@ def _boot_only(g: Guest) -> None:
 SCENARIOS: dict[str, Scenario] = {
     "xenbus-0250399": Scenario(_default(), _s4_and_back),
     "xenbus-080720a": Scenario(NON_XEN_GUEST, _boot_only),
-    "xenbus-55384e7": Scenario(PV_DISK_GUEST, _pv_disk_migrate, blkback=True),
+    "xenbus-55384e7": Scenario(PV_DISK_GUEST, _pv_disk_migrate),
     "xennet-0e04a15": Scenario(_default(), _reboot),
-    "xenvbd-667456d": Scenario(PV_DISK_GUEST, _pv_disk_reboot, blkback=True),
-    "xenvbd-9f7f8b2": Scenario(PV_DISK_GUEST, _pv_disk_reboot, blkback=True),
-    "xenvbd-4a32464": Scenario(PV_DISK_GUEST, _pv_disk_reboot, blkback=True),
+    "xenvbd-667456d": Scenario(PV_DISK_GUEST, _pv_disk_reboot),
+    "xenvbd-9f7f8b2": Scenario(PV_DISK_GUEST, _pv_disk_reboot),
+    "xenvbd-4a32464": Scenario(PV_DISK_GUEST, _pv_disk_reboot),
 }
 
 
 @pytest.fixture
-def backends(request, host: HostServices, artifacts: Path) -> Iterator[Callable[[Scenario], None]]:
-    """`backends(scenario)` starts the dom0 back-ends the scenario needs; they stop after the test."""
-    started: list[RestartableBlkback] = []
+def boot(host: HostServices, guest_factory: Callable[..., Machine], artifacts: Path) -> Iterator[Callable[[Path], Guest]]:
+    """`boot(yaml)` boots the guest with dom0's back-ends; everything goes after the test."""
+    dom0 = Dom0Backends.start(host, artifacts / "dom0")
+    guests: list[Guest] = []
 
-    def start(scenario: Scenario) -> None:
-        if scenario.blkback:
-            bb = RestartableBlkback(host.run_dir, host.xenstored_socket, host.xenhv_socket, artifacts)
-            bb.start()
-            started.append(bb)
+    def start(path: Path) -> Guest:
+        g = Guest.boot(host, guest_factory(path), backends=dom0)
+        guests.append(g)
+        return g
 
-    yield start
-    for bb in started:
-        bb.stop()
+    try:
+        yield start
+    finally:
+        for g in reversed(guests):
+            g.shutdown()
+        dom0.stop()
+    host.check_alive("after the test")
 
 
 def test_every_switch_has_a_scenario() -> None:
@@ -173,22 +177,18 @@ def _innermost_driver_function(dump, module: str) -> str | None:
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))
-def test_switch_on_stops_with_the_historical_stop(name: str, boot_guest, backends, tmp_path: Path) -> None:
+def test_switch_on_stops_with_the_historical_stop(name: str, boot, tmp_path: Path) -> None:
     switch, scenario = CATALOGUE[name], SCENARIOS[name]
-    backends(scenario)
     with pytest.raises(GuestBugcheck) as stop:
-        scenario.steps(boot_guest(_write(tmp_path, name, scenario, [name])))
+        scenario.steps(boot(_write(tmp_path, name, scenario, [name])))
     dump = stop.value.dump
     assert (dump.code, dump.module) == (switch.stop, switch.module), dump.stop_screen() + dump.traceback
     assert dump.name == switch.stop_name
     assert _innermost_driver_function(dump, switch.module) == switch.function.split(".")[-1], dump.traceback
-    function = getattr(dump, "function", None)  # the bucket's function, where the dump records one
-    if function is not None:
-        assert function == switch.function
+    assert (dump.function, dump.bucket) == (switch.function, switch.bucket)
 
 
 @pytest.mark.parametrize("name", sorted(CATALOGUE))
-def test_switch_off_the_same_scenario_passes(name: str, boot_guest, backends, tmp_path: Path) -> None:
+def test_switch_off_the_same_scenario_passes(name: str, boot, tmp_path: Path) -> None:
     scenario = SCENARIOS[name]
-    backends(scenario)
-    scenario.steps(boot_guest(_write(tmp_path, name, scenario, [])))
+    scenario.steps(boot(_write(tmp_path, name, scenario, [])))

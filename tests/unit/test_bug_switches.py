@@ -12,6 +12,7 @@ from xenpv.base.errors import GuestDefinitionError
 from xenpv.guests.bugs import BUGS_KEY, CATALOGUE, NOT_EXPRESSED
 from xenpv.guests.schema import GUESTS_DIR, load_guest
 from xenpv.stack.drivers import bugs
+from xenpv.stack.kernel.bucket import IRQL_CODES, bucket_id
 from xenpv.stack.kernel.debuglog import DebugLog
 from xenpv.stack.kernel.registry import REG_DWORD, Registry
 
@@ -73,6 +74,13 @@ def test_a_driver_asking_for_an_unknown_switch_is_a_model_bug() -> None:
         bugs.activate(["xenbus-typo123"])
 
 
+def test_each_bucket_follows_the_bucket_rule() -> None:
+    for switch in CATALOGUE.values():
+        # The IRQL rules' STOPs here all happen at DISPATCH_LEVEL (under a spin lock).
+        irql = 2 if switch.stop in IRQL_CODES else 0
+        assert switch.bucket == bucket_id(switch.stop, switch.module, switch.function, irql=irql), switch.name
+
+
 def test_catalogue_rows_are_consistent() -> None:
     for name, switch in CATALOGUE.items():
         assert name == switch.name and name.endswith(switch.commit[:7]) and len(switch.commit) == 40
@@ -100,5 +108,6 @@ def test_the_readme_table_is_the_catalogue() -> None:
         assert f"{switch.repository}@{switch.short}" in cells[1], cells
         assert cells[2] == f"0x{switch.stop:X} {switch.stop_name}", cells
         assert cells[3] == f"{switch.module}!{switch.function}", cells
+        assert cells[4] == f"`{switch.bucket}`", cells
     for name in NOT_EXPRESSED:
         assert name in _readme_section(), name
