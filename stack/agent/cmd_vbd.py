@@ -1,5 +1,6 @@
-"""`vbd list|read|write|flush|discard`: the PV disks as XENVBD's targets, through the driver's disk API.
+"""`vbd list|pages|read|write|flush|discard`: the PV disks as XENVBD's targets, through the driver's disk API.
 
+`vbd pages` prints the guest's free pages and the grant entries in use (what a leak would show).
 `vbd read T LBA COUNT [hex]` prints the sha256 of the data (or its hex with `hex`); `vbd write T LBA PATTERN
 COUNT` writes COUNT sectors of PATTERN (hex bytes, repeated; or `seq` for a pattern that differs in every
 sector: the sector number as 8 little-endian bytes, repeated); both take `--timeout S`. Driver code runs
@@ -13,6 +14,7 @@ from xenpv.stack.agent.console import UsageError, command, parse_int
 from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.drivers.xenvbd.adapter import XenvbdAdapter
 from xenpv.stack.drivers.xenvbd.target import IO_TIMEOUT_SECONDS, XenvbdIoError, XenvbdTarget
+from xenpv.xenabi.grant_table import GTF_type_mask
 
 def sector_pattern(pattern: str, lba: int, count: int, sector_size: int) -> bytes:
     """The bytes `vbd write` writes: PATTERN's hex bytes repeated, or `seq` (each sector holds its LBA)."""
@@ -45,7 +47,7 @@ _NUMBERS = {"read": ("T", "LBA", "COUNT"), "write": ("T", "LBA", None, "COUNT"),
 
 
 @command("vbd", "the PV disks (XENVBD targets)",
-         ("list", "read T LBA COUNT [hex] [--timeout S]", "write T LBA PATTERN COUNT [--timeout S]",
+         ("list", "pages", "read T LBA COUNT [hex] [--timeout S]", "write T LBA PATTERN COUNT [--timeout S]",
           "flush T [--timeout S]", "discard T LBA COUNT [--timeout S]"),
          details="T: a target number (vbd list); LBA, COUNT: sectors; PATTERN: hex bytes, repeated, or seq "
                  "(each sector holds its LBA); read prints the data's sha256, or its hex with `hex`; "
@@ -76,6 +78,14 @@ def _vbd(rt: GuestRuntime, args: list[str]) -> str:
                 lines += [t.describe() for t in adapter.targets.values()]
                 lines += [f"vbd {devid} refused: {why}" for devid, why in sorted(adapter.refused.items())]
             return "\n".join(lines) or "(no targets)"
+        if op == "pages":
+            assert rt.kernel.mm is not None
+            gnttab = next((a.interfaces["GNTTAB"] for a in _adapters(rt) if "GNTTAB" in a.interfaces), None)
+            if gnttab is None:
+                return "XENVBD holds no GNTTAB interface"
+            grants = gnttab.Context.platform.grants
+            granted = sum(1 for ref in range(grants.nr_entries) if grants.entry(ref).flags & GTF_type_mask)
+            return f"free {rt.kernel.mm.pages.available} granted {granted}"
         target = _target(rt, numbers[0])
         try:
             if op == "read":
