@@ -47,10 +47,14 @@ from xenpv.stack.timescale import scaled
 
 log = logging.getLogger("harness.lifecycle")
 
-# The save image: MAGIC, the sections back to back, the manifest (JSON), then the trailer.
+# The save image: MAGIC, the sections back to back, the manifest (JSON), then the trailer. The RAM section
+# holds only the RAM_CHUNK-sized pieces of guest RAM that are not all zero, each after a RAM_RECORD header
+# (its offset in RAM and its length): a restored machine's RAM file starts out zero.
 SAVE_MAGIC = b"XENPV-SAVE\x00\x01"
 SAVE_TRAILER = struct.Struct("<QQ16s")  # manifest offset, manifest length, SAVE_MAGIC padded
-SAVE_FORMAT = 1
+RAM_RECORD = struct.Struct("<QI")  # offset in guest RAM, length
+RAM_CHUNK = 64 << 10
+SAVE_FORMAT = 2
 MAX_MANIFEST = 1 << 20
 COPY_CHUNK = 8 << 20
 MIGRATE_SECONDS = 30.0
@@ -185,6 +189,34 @@ class SaveImageWriter:
                 copied += len(chunk)
         self.sections.append(Section(name, offset, copied, crc))
 
+    def add_ram(self, path: Path, size: int) -> None:
+        """Guest RAM from its file, as RAM_RECORDs of the chunks that are not all zero. The file is sparse
+        (QEMU's memory-backend-file: pages the guest never touched are holes), so only its data extents
+        are read (SEEK_DATA/SEEK_HOLE): a guest's untouched RAM costs nothing."""
+        offset = self._f.tell()
+        crc = 0
+        zero = bytes(RAM_CHUNK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_size < size:
+                raise LifecycleError(f"{path} holds fewer than the guest's {size} bytes of RAM")
+            for start, end in _data_extents(fd, size):
+                at = start - start % RAM_CHUNK
+                while at < end:
+                    length = min(RAM_CHUNK, size - at)
+                    chunk = os.pread(fd, length, at)
+                    if len(chunk) != length:
+                        raise LifecycleError(f"{path}: short read at {at:#x}")
+                    if chunk != zero[:length]:
+                        header = RAM_RECORD.pack(at, length)
+                        crc = zlib.crc32(chunk, zlib.crc32(header, crc))
+                        self._f.write(header)
+                        self._f.write(chunk)
+                    at += RAM_CHUNK
+        finally:
+            os.close(fd)
+        self.sections.append(Section("ram", offset, self._f.tell() - offset, crc))
+
     def finish(self, manifest: SaveManifest) -> None:
         manifest.sections = self.sections
         data = json.dumps(asdict(manifest)).encode()
@@ -199,6 +231,28 @@ class SaveImageWriter:
     def abandon(self) -> None:
         self._f.close()
         self._tmp.unlink(missing_ok=True)
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The [start, end) ranges of the first `size` bytes of a file that hold data (not holes), merged so
+    that no RAM_CHUNK is visited twice."""
+    extents: list[tuple[int, int]] = []
+    at = 0
+    while at < size:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after `at`
+            break
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        chunk_start = start - start % RAM_CHUNK
+        if extents and chunk_start <= extents[-1][1]:
+            extents[-1] = (extents[-1][0], max(extents[-1][1], end))
+        else:
+            extents.append((start, end))
+        at = end
+    return extents
 
 
 def read_manifest(path: Path) -> SaveManifest:
@@ -239,9 +293,43 @@ def read_manifest(path: Path) -> SaveManifest:
             manifest.section(name)
         except KeyError:
             raise bad(f"no {name} section") from None
-    if manifest.section("ram").length != manifest.ram_size:
-        raise bad(f"the RAM section holds {manifest.section('ram').length} bytes, the guest has {manifest.ram_size}")
+    if manifest.ram_size <= 0 or manifest.ram_size % 4096:
+        raise bad(f"a RAM size of {manifest.ram_size} bytes")
     return manifest
+
+
+def load_ram(image: Path, section: Section, ram: Path, size: int) -> int:
+    """Write the RAM section's chunks into a fresh (all zero) RAM file of `size` bytes, checking every
+    record's bounds and the section's CRC; returns the bytes written."""
+    crc = 0
+    written = 0
+    fd = os.open(ram, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with open(image, "rb") as f:
+            f.seek(section.offset)
+            left = section.length
+            while left:
+                header = f.read(RAM_RECORD.size)
+                if len(header) != RAM_RECORD.size or left < RAM_RECORD.size:
+                    raise BadSaveImage(f"{image}: the RAM section ends inside a record header")
+                at, length = RAM_RECORD.unpack(header)
+                left -= RAM_RECORD.size
+                if length == 0 or length > RAM_CHUNK or at % RAM_CHUNK or at + length > size or length > left:
+                    raise BadSaveImage(f"{image}: a RAM record of {length} bytes at {at:#x} does not fit the guest's "
+                                       f"{size} bytes of RAM or the section")
+                data = f.read(length)
+                if len(data) != length:
+                    raise BadSaveImage(f"{image}: the RAM section ends early")
+                crc = zlib.crc32(data, zlib.crc32(header, crc))
+                if os.pwrite(fd, data, at) != length:
+                    raise LifecycleError(f"{ram}: short write at {at:#x}")
+                left -= length
+                written += length
+    finally:
+        os.close(fd)
+    if crc != section.crc32:
+        raise BadSaveImage(f"{image}: the RAM section fails its CRC (stored {section.crc32:#010x}, read {crc:#010x})")
+    return written
 
 
 def extract_section(image: Path, section: Section, dest: Path | int, *, dest_offset: int = 0) -> None:
@@ -373,7 +461,7 @@ def save(guest: Guest, path: Path, *, checkpoint: bool = False, ack_timeout: flo
         toolstack.save_state(domid, xenhv_state)
         writer.add_file("qemu", state)
         writer.add_file("xenhv", xenhv_state)
-        writer.add_file("ram", machine.paths.ram, machine.guest.memory_mib << 20)
+        writer.add_ram(machine.paths.ram, machine.guest.memory_mib << 20)
         devices = [asdict(d) for d in L.guest_devices(machine.guest, domid, machine.paths.image_dir).devices]
         writer.finish(SaveManifest(SAVE_FORMAT, str(machine.guest.path.resolve()), machine.guest.name,
                                    guest.domain.name, domid, machine.guest.memory_mib << 20, checkpoint,
@@ -432,11 +520,7 @@ def restore(guest: Guest, path: Path) -> Timings:
                            f"not {old.guest.name!r} with {old.guest.memory_mib << 20}")
     machine = guest.new_machine(incoming=True)
     t = timings.add("launch", t)
-    fd = os.open(machine.paths.ram, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        extract_section(path, manifest.section("ram"), fd)
-    finally:
-        os.close(fd)
+    load_ram(path, manifest.section("ram"), machine.paths.ram, manifest.ram_size)
     state = machine.paths.run_dir / "incoming.state"
     xenhv_state = machine.paths.run_dir / "xenhv.json"
     extract_section(path, manifest.section("qemu"), state)

@@ -20,6 +20,7 @@ BENCH_MODULES = (
     "xenpv.harness.bench.evtchn",
     "xenpv.harness.bench.blk",
     "xenpv.harness.bench.net",
+    "xenpv.harness.bench.resume",
 )
 
 
