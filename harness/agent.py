@@ -213,7 +213,8 @@ class Guest:
 
     @property
     def name(self) -> str:
-        return self.machine.name
+        """The guest definition's name: the same whichever machine the guest runs on now."""
+        return self.machine.guest.name
 
     @property
     def last_machine(self) -> Machine:

@@ -14,6 +14,7 @@ import sys
 
 COMMAND_MODULES = (
     "xenpv.harness.commands",
+    "xenpv.harness.lifecycle_cli",
     "xenpv.harness.crashes",
     "xenpv.harness.bench",
     "xenpv.backends.xenstored.cli",

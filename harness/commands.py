@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from xenpv.base.errors import ConfigError
 from xenpv.base.rundir import base_dir, make_artifacts_dir, make_run_dir, remove_run_dir
 from xenpv.harness.cleanup import reap, reap_stale, run_guarded
+from xenpv.harness.lifecycle_cli import LifecycleServer
 from xenpv.harness.machine import Machine, qemu_binary
 from xenpv.stack.vcpu.pci import PciBus, PciFunction
 
@@ -205,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         job = MainJob(guest, machine, backends)
         job.run()
         if args.console:
+            # `xenpv save|restore|migrate` from another shell reach this guest through this socket.
+            cleanup.callback(LifecycleServer(guest, host.run_dir).close)
             _interactive(guest)
         return job
 

@@ -309,3 +309,43 @@ def test_two_disks_and_two_nics_survive_a_migration(io_guest, dom0: Dom0Backends
     for i, tap in enumerate(dom0.taps[g.domain.domid]):
         wait_for(g, f"net -i {i} ping {tap.peer.ip} 3", r"3/3 replies", timeout=20)
     assert references(g) == before
+
+
+def test_xenpv_save_restore_and_migrate_commands_drive_a_console_session(tmp_path: Path) -> None:
+    """The CLI as a user runs it: `xenpv run --console` in one shell, `xenpv save|restore|migrate` in
+    another; the session's guest moves to a new domain each time and its console still answers."""
+    import subprocess
+    import sys
+
+    import pexpect
+
+    def xenpv(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "xenpv.harness.cli", *argv], capture_output=True, text=True,
+                              timeout=120)
+
+    session = pexpect.spawn(sys.executable, ["-m", "xenpv.harness.cli", "run", "guests/default.yaml", "--console", "--artifacts", str(tmp_path / "art")],
+                            encoding="utf-8", timeout=180)
+    try:
+        session.expect_exact("guest> ")
+        assert re.search(r"domain (\d+)", session.before)
+        missing = xenpv("save", "nosuchguest", str(tmp_path / "x.save"))
+        assert missing.returncode == 2 and "no running `xenpv run --console` session has domain 'nosuchguest'" in missing.stderr
+        saved = xenpv("save", "default", str(tmp_path / "guest.save"))
+        assert saved.returncode == 0 and re.match(r"save: default is saved \(", saved.stdout), saved.stdout + saved.stderr
+        restored = xenpv("restore", str(tmp_path / "guest.save"))
+        m = re.match(r"restore: default is running in dom(\d+) ", restored.stdout)
+        assert restored.returncode == 0 and m, restored.stdout + restored.stderr
+        migrated = xenpv("migrate", m.group(1))
+        m2 = re.match(r"migrate: default is running in dom(\d+) ", migrated.stdout)
+        assert migrated.returncode == 0 and m2 and m2.group(1) != m.group(1), migrated.stdout + migrated.stderr
+        again = xenpv("restore", str(tmp_path / "guest.save"))
+        assert again.returncode == 1 and "needs a saved guest" in again.stdout
+        session.sendline("lifecycle status")
+        session.expect(r"running in dom(\d+); suspend count 2")
+        assert session.match.group(1) == m2.group(1)
+        session.expect_exact("guest> ")
+        session.sendline("quit")
+        session.expect(pexpect.EOF, timeout=60)
+    finally:
+        session.close(force=True)
+    assert session.exitstatus == 0, session.before
