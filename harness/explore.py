@@ -4,7 +4,10 @@ From one seed the explorer draws actions and carries them out on a booted guest 
 ReplayEnv.step, so each lands in the guest's run record exactly as a replay will make it):
 
 - driver packages installed, upgraded and removed across the catalogue's versions and eras, and reboots
-  (which make them take effect);
+  (which make them take effect). XENBUS and XENVBD are installed again (in a drawn version) in the same
+  action that removes them: the model's `reboot` keeps the machine, so disks an earlier boot unplugged
+  stay unplugged, where real Xen restarts QEMU and gives them back; a guest rebooted without them would
+  stop with a 0x7B (INACCESSIBLE_BOOT_DEVICE) that no real guest gets;
 - power transitions S3 and S4, each followed by the wake to S0;
 - I/O through the PV disks and NICs (reads, writes, pings) and the guest's own xenstore;
 - back-end kills and restarts (blkback, netback);
@@ -48,6 +51,7 @@ from xenpv.stack.install.packages import PACKAGE_NAMES, packages_named
 log = logging.getLogger("harness.explore")
 
 ACTIONS_PER_BOOT = 40
+BOOT_PATH_PACKAGES = ("xenbus", "xenvbd")  # without them the boot disk is gone once it was unplugged
 XENBUS_STATES = (1, 2, 3, 4, 5, 6)  # Initialising .. Closed (xenabi.xenbus_state); 0 and 7 are no state
 
 
@@ -113,9 +117,12 @@ class ActionSpace:
     def package(self, state: GuestState) -> Plan:
         name = self.rng.choice(PACKAGE_NAMES)
         op = self.rng.choice(("install", "upgrade", "remove"))
-        if op == "remove":
-            return Plan("pkg-remove", [_console(f"pkg remove {name}")])
         version = self.rng.choice(packages_named(name)).version
+        if op == "remove":
+            if name in BOOT_PATH_PACKAGES:  # see the module docstring
+                return Plan("pkg-remove-reinstall", [_console(f"pkg remove {name}"),
+                                                     _console(f"pkg install {name} {version}")])
+            return Plan("pkg-remove", [_console(f"pkg remove {name}")])
         return Plan(f"pkg-{op}", [_console(f"pkg {op} {name} {version}")])
 
     def reboot(self, state: GuestState) -> Plan:
