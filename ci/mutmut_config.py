@@ -129,9 +129,11 @@ def classify(filename: str, line_number: int, original: str, mutated: str, relpa
     col = next((i for i, (a, b) in enumerate(zip(original, mutated)) if a != b), min(len(original), len(mutated)))
     if any(_covers(span, line, col) for span in spans["annotation"]):
         return "annotation"
-    if _only_string_text(original, mutated) and any(_covers(span, line, col - 1)
-                                                    for span in spans["error message text"]):
-        return "error message text"  # the XX lands just inside the opening quote
+    # Any change inside a message string (its text, or an expression an f-string formats into it); a
+    # string mutation's XX lands just inside the opening quote.
+    if any(_covers(span, line, col) or (_only_string_text(original, mutated) and _covers(span, line, col - 1))
+           for span in spans["error message text"]):
+        return "error message text"
     return None
 
 

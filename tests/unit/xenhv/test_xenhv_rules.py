@@ -34,6 +34,7 @@ from xenpv.xenabi import grant_table as G
 from xenpv.xenabi import hvm
 from xenpv.xenabi import xen as X
 from xenpv.xenabi.event_channel import DOMID_SELF
+from xenpv.xenabi.layout import from_bytes
 
 RAM = 1 << 20
 PAGE = 4096
@@ -329,3 +330,59 @@ def test_a_guest_has_one_vcpu_for_its_event_channels(w: World) -> None:
         with pytest.raises(XenError) as info:
             bind()
         assert info.value.errno == X.XEN_ENOENT  # event_channel.c: no such vcpu
+
+
+class SharedPage:
+    """A guest's shared_info page, read and written as the guest does (xenabi's SharedInfo layout)."""
+
+    def __init__(self, hub: EventChannelHub, domid: int, vcpus: int) -> None:
+        self.page = bytearray(PAGE)
+        self.ch = hub.create(domid, shared_info=memoryview(self.page), max_vcpus=vcpus)
+
+    def info(self) -> X.SharedInfo:
+        return from_bytes(X.SharedInfo, self.page[:ctypes.sizeof(X.SharedInfo)])
+
+    def selector(self, vcpu: int) -> int:
+        return self.info().vcpu_info[vcpu].evtchn_pending_sel
+
+    def upcall(self, vcpu: int) -> int:
+        return self.info().vcpu_info[vcpu].evtchn_upcall_pending
+
+    def pending(self, port: int) -> bool:
+        word, bit = divmod(port, X.EVTCHN_WORD_BITS)
+        return bool(self.info().evtchn_pending[word] >> bit & 1)
+
+    def mask(self, port: int) -> None:
+        word, bit = divmod(port, X.EVTCHN_WORD_BITS)
+        offset = X.SharedInfo.evtchn_mask.offset + word * 8
+        value = int.from_bytes(self.page[offset:offset + 8], "little") | 1 << bit
+        self.page[offset:offset + 8] = value.to_bytes(8, "little")
+
+
+def test_unmask_delivers_on_the_ports_vcpu_and_word() -> None:
+    hub = EventChannelHub()
+    g = SharedPage(hub, 1, vcpus=2)
+    for _ in range(70):                       # ports 1..70: the IPI below lands in the second word
+        g.ch.alloc_unbound(DOMID_SELF, 0)
+    ipi = g.ch.bind_ipi(1)
+    assert ipi // X.EVTCHN_WORD_BITS == 1
+    g.mask(ipi)
+    g.ch.send(ipi)
+    assert g.pending(ipi) and g.selector(1) == 0 and g.upcall(1) == 0   # masked: pending only
+    g.ch.unmask(ipi)
+    assert g.selector(1) == 1 << 1 and g.upcall(1) == 1
+    assert g.selector(0) == 0 and g.upcall(0) == 0
+
+
+def test_raise_virq_finds_global_virqs_on_vcpu0_and_per_vcpu_ones_on_their_vcpu() -> None:
+    hub = EventChannelHub()
+    g = SharedPage(hub, 1, vcpus=2)
+    console = g.ch.bind_virq(E.VIRQ_CONSOLE, 0)  # global
+    timer = g.ch.bind_virq(E.VIRQ_TIMER, 1)      # per vcpu
+    assert g.ch.raise_virq(E.VIRQ_CONSOLE) and g.pending(console)
+    g.ch.close(console)
+    console = g.ch.bind_virq(E.VIRQ_CONSOLE, 0)
+    assert g.ch.raise_virq(E.VIRQ_CONSOLE, 1) and g.pending(console)
+    assert not g.ch.raise_virq(E.VIRQ_TIMER)  # vcpu 0 has no timer bound
+    assert not g.pending(timer)
+    assert g.ch.raise_virq(E.VIRQ_TIMER, 1) and g.pending(timer) and g.selector(1)
