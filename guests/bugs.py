@@ -143,25 +143,38 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
 
 
 # Section 9 rows the model cannot express (yet), with the reason; the README lists them under the table.
+# Each was read upstream (the commit, or the report) before it was put here.
 NOT_EXPRESSED: dict[str, str] = {
-    "xenbus-633403e": "transaction check raced a suspend: needs Xen suspend/resume (issue 13)",
-    "xenbus-08def99": "emulated devices back after migration: needs save/restore (issue 13)",
+    "xenbus-633403e": "transaction check raced a suspend: the window lies between two steps of "
+                      "StoreTransactionEnd that hold the model's one processor throughout (no preemption there)",
+    "xenbus-08def99": "emulated devices back after migration: no STOP (the emulated disk and NIC reappear in "
+                      "the new QEMU); a catalogue row needs one",
     "xenbus-124869c": "PdoSuspend with the FDO in D3 (XENVIF 5b89542): the model's PnP manager has no "
                       "rebalance (STOP_DEVICE) and removes no child while the FDO is in D3",
     "xenfilt-6ac33ae": "list walk stuck on a missing PDO: the model never sees an emulated device vanish "
                        "after boot (no ACPI eject), so no exposed filter PDO goes missing",
-    "xenbus-bfcf8f7": "stale unplug keys with rebinding children: lives in the removed co-installer, which "
-                      "the installer model does not carry for the era it applied to",
+    "xenbus-bfcf8f7": "stale unplug keys with rebinding children: lives in the co-installer of the 2015-2023 "
+                      "era, which the installer model does not carry (it has the subscriber and current eras)",
     "xenbus-b7dcbf9": "MDL use-after-free in __FdoFreeBuffer: runs only when the active XENBUS FDO is "
                       "removed, which no model scenario does",
     "xenbus-2025-08": "boot chain missing from the driver store: the installer model keeps every image",
-    "xenvif-2a70618": "backend path re-acquired on resume while CLOSED: needs Xen suspend/resume (issue 13)",
+    "xenvif-2a70618": "backend path re-acquired on resume while CLOSED: the model registers XENVIF's LATE "
+                      "callback only while ENABLED (upstream: at every PDO resume), so no CLOSED frontend "
+                      "has one",
     "xenvif-2e9aff5": "UNPLUG held across S3/S4: not a STOP (FdoS3ToS4 allows UNPLUG references)",
-    "xenvbd-8f6df40": "Initialized transition on resume: needs Xen suspend/resume (issue 13)",
+    "xenvbd-8f6df40": "Initialized transition on resume: the model creates and starts a target in one step "
+                      "on the adapter thread, so no suspend finds one still INITIALIZED",
     "xenvbd-3eef364": "PDO vanished mid-enumeration in XENDISK: the disk filter is not modelled",
     "xenvbd-6b697d1": "crash kernel grant refs >= 32: xencrsh (the hibernate/crash path) is not modelled",
+    "xennet-4abbd6f": "NBL completed while its next NB is sent: needs a completion on another processor while "
+                      "TransmitterSendNetBufferLists runs at DISPATCH_LEVEL; the model has one vCPU",
+    "xennet-9278ceb": "next NB read after its NBL completed: the same race as 4abbd6f (one vCPU)",
     "xeniface-1019522": "double free in GnttabPermitForeignAccess: XENIFACE is not modelled",
-    "xeniface-fa2c84a": "evtchn DPC use-after-free: XENIFACE is not modelled",
+    "xeniface-fa2c84a": "evtchn DPC use-after-free: XENIFACE is not modelled (and the window needs a second "
+                        "processor)",
+    "xcp-ng/xcp#402": "field report, 0x139/0x1E on 8.2.2: the thread names no defect to put back",
+    "QubesOS/qubes-issues#10779": "field report, 0x7B with the PV disk driver on Windows 10 LTSC 2021: "
+                                  "undiagnosed upstream",
 }
 
 

@@ -35,19 +35,20 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
+from xenpv.base import threads
 from xenpv.stack.drivers import bugs
 from xenpv.stack.drivers.interface import Interface, acquire_all, table
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.bugcheck import BUG
-from xenpv.stack.kernel.event import KEvent, KeSetEvent, wait_for_thread
+from xenpv.stack.kernel.event import KEvent, KeSetEvent
 from xenpv.stack.kernel.irql import current_processor
 from xenpv.stack.kernel.pool import MmAccess
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_ACCESS_DENIED, STATUS_BUFFER_OVERFLOW, STATUS_INVALID_PARAMETER,
                                  STATUS_NO_MEMORY, STATUS_NOT_IMPLEMENTED, STATUS_OBJECT_NAME_COLLISION,
                                  STATUS_OBJECT_NAME_NOT_FOUND, STATUS_RETRY, STATUS_SUCCESS, STATUS_UNSUCCESSFUL,
                                  NTSTATUS)
-from xenpv.stack.timescale import HarnessTooSlow
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.stack.vcpu.xenstore import XenstoreError
 from xenpv.xenabi.xs_wire import XsdSockmsgType as T
@@ -189,8 +190,10 @@ class StoreInterface(Interface):
         assert self._watch_thread is not None and self._debug_callback is not None
         self._stopping.set()
         # The thread reads the ring through the platform's store connection: it must be gone before
-        # this interface is released and the platform can go.
-        wait_for_thread(self._watch_thread, "XENBUS STORE teardown")
+        # this interface is released and the platform can go. It never takes the processor (it pumps the
+        # ring and sets events), so it is joined without giving the processor away: StoreRelease may run
+        # at DISPATCH_LEVEL (FdoD0ToD3 raises to it), where no other thread may run driver code.
+        threads.join_stopped(self._watch_thread, "XENBUS STORE teardown", scaled(threads.THREAD_EXIT_DEADLINE))
         for callback in self._suspend_callbacks:
             self.suspend.SuspendDeregister(callback)
         self.debug.DebugDeregister(self._debug_callback)
