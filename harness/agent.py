@@ -237,6 +237,17 @@ class Guest:
         from xenpv.harness import lifecycle
         return lifecycle.migrate(self)
 
+    def hibernate(self) -> Any:
+        """S4 for real (harness.lifecycle.hibernate): the image in the hiberfile, QEMU powered off, the domain
+        destroyed; the guest is "off" until power_on."""
+        from xenpv.harness import lifecycle
+        return lifecycle.hibernate(self)
+
+    def power_on(self) -> str:
+        """A new QEMU and a new domain; the guest resumes from its hiberfile (or boots afresh)."""
+        from xenpv.harness import lifecycle
+        return lifecycle.power_on(self)
+
     def drop_machine(self) -> None:
         """The current machine's QEMU goes (its run directory too; disks live on in `storage`)."""
         self.machine.shutdown()

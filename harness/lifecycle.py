@@ -563,3 +563,62 @@ def migrate(guest: Guest) -> Timings:
         return timings
     finally:
         remove_run_dir(work)
+
+
+# -- S4: hibernation and power-on ----------------------------------------------------------------------
+
+HIBERNATE_SECONDS = 120.0
+POWER_OFF_SECONDS = 10.0
+POWER_ON_SECONDS = 120.0
+
+
+def hibernate(guest: Guest, timeout: float = HIBERNATE_SECONDS) -> Timings:
+    """`power S4` in the guest: its image goes to the hiberfile area of its system disk and the real QEMU
+    powers off (QMP SUSPEND_DISK, then the process ends); the toolstack destroys the domain (the back-ends
+    see their frontends go) and the machine goes. The agent stays, powered off, for `power_on`."""
+    if guest.state != "running" or guest.domain is None or guest.toolstack is None:
+        raise LifecycleError(f"{guest.name} cannot hibernate: it is {guest.state}"
+                             + ("" if guest.domain is not None else ", not a Xen domain"))
+    timings = Timings()
+    machine, domid = guest.machine, guest.domain.domid
+    t = time.monotonic()
+    out = guest.console.run("power S4", timeout=timeout)
+    if not out.startswith("power S4: hibernated"):
+        raise LifecycleError(f"{guest.name} did not hibernate: {out}")
+    t = timings.add("hibernate", t)
+    assert machine.qmp is not None and machine.process is not None and machine.process.popen is not None
+    machine.qmp.wait_event("SUSPEND_DISK", timeout=scaled(POWER_OFF_SECONDS))
+    try:
+        machine.process.popen.wait(scaled(POWER_OFF_SECONDS))
+    except Exception as exc:  # subprocess.TimeoutExpired
+        raise LifecycleError(f"{guest.name}: QEMU sent SUSPEND_DISK but did not power off: {exc}") from None
+    t = timings.add("power_off", t)
+    keep_disks(guest)
+    guest.toolstack.destroy(domid)
+    if guest.backends is not None:
+        guest.backends.release(domid)
+    guest.drop_machine()
+    guest.domain = None
+    guest.state = "off"
+    timings.add("teardown", t)
+    log.info("%s hibernated; QEMU powered off (exit status %s), dom%d destroyed", guest.name,
+             machine.process.popen.returncode, domid)
+    return timings
+
+
+def power_on(guest: Guest, timeout: float = POWER_ON_SECONDS) -> str:
+    """The power button after hibernation: a new QEMU on the same disks, a new domain, and the guest's
+    resume loader (or a fresh boot when it finds no usable image). Returns what the guest said."""
+    if guest.state != "off":
+        raise LifecycleError(f"{guest.name} is {guest.state}, not powered off")
+    machine = guest.new_machine()
+    domain = guest.new_domain(machine)
+    host = guest.host
+    assert host is not None
+    machine.hand_over_qtest()
+    out = guest.console.run(f"lifecycle poweron {machine.paths.qtest_socket} {machine.paths.ram} "
+                            f"{host.run_dir / f'hv-{domain.domid}.sock'} {domain.domid}", timeout=timeout)
+    if not out.startswith(("resumed from hibernation", "fresh boot")):
+        raise LifecycleError(f"{guest.name} did not come back on power-on: {out}")
+    guest.state = "running"
+    return out

@@ -6,7 +6,13 @@ lost its domain, and what it asks it.
   hypercall since the save, moves there (stack.vcpu.relocation) and the hypercall returns 0; XENBUS then
   runs the EARLY and LATE callbacks. The command answers once the guest runs again (SUSPEND.Trigger done),
   or with why the vCPU could not move (it stays parked).
+- `lifecycle poweron QTEST RAM HV NEWDOMID`: the power button after hibernation: the vCPU moves to the new
+  machine and domain, the resume loader reads the hiberfile through the emulated IDE disk and the guest
+  resumes (or boots afresh when there is no usable image); see stack.agent.hibernate.
 - `lifecycle status`: running, suspended (parked) or powered off; the domain and SUSPEND's count.
+- `lifecycle memory-mark PATTERN` / `lifecycle memory-check`: a page of guest RAM a driver would hold (taken
+  from the kernel's page allocator and filled with PATTERN), and its sha256 now: what must survive
+  hibernation in the hiberfile.
 - `lifecycle ignore-suspend on|off`: fault injection - XENBUS leaves control/shutdown=suspend unanswered,
   as a guest whose PV drivers hang would, so the toolstack's save must fail and the guest keep running.
 - `lifecycle background-write T LBA PATTERN COUNT` / `lifecycle background-result`: a disk write (as `vbd
@@ -28,7 +34,8 @@ from xenpv.stack.agent.console import UsageError, command, parse_int
 from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.kernel import BugCheck
 from xenpv.stack.timescale import HarnessTooSlow
-from xenpv.stack.vcpu.relocation import WAITING_SUSPENDED, MachineContext
+from xenpv.stack.agent.hibernate import power_on
+from xenpv.stack.vcpu.relocation import WAITING_POWERED_OFF, WAITING_SUSPENDED, MachineContext, RelocationError
 
 # From the machine named to the guest running there again: the move, the EARLY and LATE callbacks.
 RESUME_SECONDS = 60.0
@@ -82,6 +89,29 @@ def _background_result(rt: GuestRuntime) -> str:
     return f"completed {len(job.outcomes)} time(s): " + "; ".join(job.outcomes)
 
 
+_marked: dict[int, int] = {}  # by GuestRuntime id: the gfn of `memory-mark`'s page
+
+
+def _memory(rt: GuestRuntime, args: list[str]) -> str:
+    mm = rt.kernel.mm
+    if mm is None:
+        return "error: no memory manager"
+    if args[0] == "memory-mark":
+        try:
+            unit = bytes.fromhex(args[1])
+        except ValueError:
+            unit = b""
+        if not unit:
+            raise UsageError(f"PATTERN must be hex bytes, got {args[1]!r}")
+        gfn = _marked.get(id(rt)) or mm.pages.alloc(1)[0]
+        _marked[id(rt)] = gfn
+        rt.vcpu.write_phys(gfn << 12, (unit * (4096 // len(unit) + 1))[:4096])
+    gfn = _marked.get(id(rt))
+    if gfn is None:
+        return "error: no page was marked"
+    return f"gfn {gfn:#x} sha256 {hashlib.sha256(rt.vcpu.read_phys(gfn << 12, 4096)).hexdigest()}"
+
+
 def _fdo(rt: GuestRuntime):
     fdo = rt.drivers.xenbus.active_fdo if rt.drivers is not None else None
     if fdo is None or fdo.platform is None:
@@ -98,14 +128,16 @@ def _status(rt: GuestRuntime) -> str:
 
 
 @command("lifecycle", "the guest losing and regaining its domain (the harness drives this)",
-         ("resume QTEST RAM HV NEWDOMID", "status", "ignore-suspend on|off", "background-write T LBA PATTERN COUNT",
-          "background-result"),
+         ("resume QTEST RAM HV NEWDOMID", "poweron QTEST RAM HV NEWDOMID", "status", "ignore-suspend on|off",
+          "background-write T LBA PATTERN COUNT", "background-result", "memory-mark PATTERN", "memory-check"),
          details="resume: hand the vCPU parked in the suspend hypercall the machine its saved state runs on now "
                  "(QTEST: the new QEMU's qtest socket; RAM: its RAM file; HV: the new domain's trap socket)")
 def _lifecycle(rt: GuestRuntime, args: list[str]) -> str:
     op = args[0]
     if op == "status":
         return _status(rt)
+    if op in ("memory-mark", "memory-check"):
+        return _memory(rt, args)
     if op == "background-result":
         return _background_result(rt)
     if op == "background-write":
@@ -121,6 +153,13 @@ def _lifecycle(rt: GuestRuntime, args: list[str]) -> str:
         return f"control/shutdown=suspend is {'ignored' if fdo.ignore_suspend else 'answered'}"
     domid = parse_int(args[4], "NEWDOMID", 1, 0x7FEF)
     line = rt.vcpu.relocation
+    if op == "poweron":
+        if line.waiting != WAITING_POWERED_OFF:
+            return f"error: the machine is not powered off ({_status(rt)})"
+        try:
+            return power_on(rt, MachineContext(Path(args[1]), Path(args[2]), Path(args[3]), domid))
+        except RelocationError as exc:
+            return f"error: the vCPU stays off: {exc}"
     if line.waiting != WAITING_SUSPENDED:
         return f"error: the vCPU is not parked in the suspend hypercall ({_status(rt)})"
     context = MachineContext(Path(args[1]), Path(args[2]), Path(args[3]), domid)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+from xenpv.stack.agent.hibernate import hibernate
 from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.agent.usage import Usage, UsageError
 from xenpv.stack.kernel import S0, S3, S4, S5, BugCheck, KeBugCheckEx
@@ -177,6 +178,8 @@ def _log(rt: GuestRuntime, args: list[str]) -> str:
 
 @command("power", "change the system power state", ("S0|S3|S4|S5",))
 def _power(rt: GuestRuntime, args: list[str]) -> str:
+    if args[0] == "S4":
+        return hibernate(rt)  # the real thing: the image is written, the machine powers off
     state = {"S0": S0, "S3": S3, "S4": S4, "S5": S5}[args[0]]
     with rt.kernel.cpu.lock:
         ok = rt.kernel.power.set_system_state(state)

@@ -57,3 +57,9 @@ class PageAllocator:
     @property
     def available(self) -> int:
         return len(self._free)
+
+    def in_use(self) -> list[int]:
+        """The allocated frames, ascending (what a hibernation image must hold; reserved frames are not
+        the guest's)."""
+        with self._lock:
+            return sorted(self._used)

@@ -47,7 +47,7 @@ from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, 
 from xenpv.stack.kernel.bugcheck import BUG, BUG_ON, BugCheck
 from xenpv.stack.kernel.debuglog import DbgLevel
 from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thread
-from xenpv.stack.kernel.irql import DISPATCH_LEVEL, KeLowerIrql, KeRaiseIrql, assert_passive, current_processor
+from xenpv.stack.kernel.irql import assert_passive, current_processor
 from xenpv.stack.kernel.power import D0, D3
 from xenpv.stack.kernel.registry import RegistryError
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_CANCELLED, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
@@ -300,26 +300,25 @@ class XenbusFdo:
     def FdoD3ToD0(self) -> int:
         assert_passive("FdoD3ToD0")
         if self.active:
-            old = KeRaiseIrql(DISPATCH_LEVEL)
-            try:
-                for name in FDO_HELD_INTERFACES:
-                    context = self.interfaces.get(name)
-                    if context is None:
-                        continue
-                    status = context.acquire()
-                    if not NT_SUCCESS(status):
-                        if name == "CONSOLE":
-                            continue  # Fdo->ConsoleAcquired stays FALSE
-                        self._print(f"FdoD3ToD0: {name} Acquire: {status_name(status)}", DbgLevel.ERROR)
-                        self._release_held()
-                        return status
-                    self._held.append(name)
-                self._d3_to_d0()
-                suspend = self.interfaces["SUSPEND"]
-                _, self._suspend_callback_late = suspend.SuspendRegister(SUSPEND_CALLBACK_LATE,
-                                                                         self.FdoSuspendCallbackLate, None)
-            finally:
-                KeLowerIrql(old)
+            # fdo.c takes and gives back the interfaces at DISPATCH_LEVEL; the model's interfaces start and
+            # stop threads in their first Acquire and last Release (STORE's watch thread, EVTCHN's line),
+            # which waits - legal only at PASSIVE - so the model stays there.
+            for name in FDO_HELD_INTERFACES:
+                context = self.interfaces.get(name)
+                if context is None:
+                    continue
+                status = context.acquire()
+                if not NT_SUCCESS(status):
+                    if name == "CONSOLE":
+                        continue  # Fdo->ConsoleAcquired stays FALSE
+                    self._print(f"FdoD3ToD0: {name} Acquire: {status_name(status)}", DbgLevel.ERROR)
+                    self._release_held()
+                    return status
+                self._held.append(name)
+            self._d3_to_d0()
+            suspend = self.interfaces["SUSPEND"]
+            _, self._suspend_callback_late = suspend.SuspendRegister(SUSPEND_CALLBACK_LATE,
+                                                                     self.FdoSuspendCallbackLate, None)
         self.device_power = D0
         self._print("FdoD3ToD0: D0")
         return STATUS_SUCCESS
@@ -333,15 +332,12 @@ class XenbusFdo:
             self._suspend_event.set()
             if self._suspend_thread is not None and self._suspend_thread.is_alive():
                 KeWaitForSingleObject(self._suspend_idle, 30.0)
-            old = KeRaiseIrql(DISPATCH_LEVEL)
-            try:
-                if self._suspend_callback_late is not None:
-                    self.interfaces["SUSPEND"].SuspendDeregister(self._suspend_callback_late)
-                    self._suspend_callback_late = None
-                self._d0_to_d3(remove_feature=not keep_store_keys)
-                self._release_held()
-            finally:
-                KeLowerIrql(old)
+            # At PASSIVE_LEVEL in the model, as FdoD3ToD0 says.
+            if self._suspend_callback_late is not None:
+                self.interfaces["SUSPEND"].SuspendDeregister(self._suspend_callback_late)
+                self._suspend_callback_late = None
+            self._d0_to_d3(remove_feature=not keep_store_keys)
+            self._release_held()
         self._print("FdoD0ToD3: D3")
 
     def _release_held(self) -> None:
@@ -516,6 +512,14 @@ class XenbusFdo:
         # LogResume, then UnplugDevices: the domain was rebuilt and its emulated devices are back.
         self._print("FdoS4ToS3: resume from S4")
         self.driver.xen.unplug.UnplugDevices()
+        # What SHARED_INFO's, GNTTAB's and STORE's Acquire set up in the real driver is the platform's
+        # here (made once at start): shared_info and the grant frames are mapped in the new domain and the
+        # store connection moves to its event channel before D3 -> D0 takes the interfaces again.
+        assert self.platform is not None
+        self.platform.map_shared_info()
+        self.platform.map_grant_frames()
+        port = self.platform.reconnect_store()
+        self._print(f"FdoS4ToS3: platform mapped in the new domain, store port {port}")
 
     def delegate(self, irp: Irp) -> int:
         """FdoDelegateIrp: a clone of `irp` to the top of this FDO's own stack, waited for."""

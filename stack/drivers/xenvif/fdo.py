@@ -196,10 +196,12 @@ class XenvifFdo:
         return status
 
     def FdoD0ToD3(self) -> None:
+        # PdoSuspend -> FrontendSuspend: each frontend goes all the way down to UNKNOWN, so that coming
+        # back it reads its backend's path again (after S4 the domain, and so that path, is a new one).
         for device in self.children.values():
             frontend = device.extension.frontend
             self._resume_states[frontend.index] = frontend.state
-            frontend.FrontendSetState(FrontendState.FRONTEND_CLOSED)
+            frontend.FrontendSetState(FrontendState.FRONTEND_UNKNOWN)
         self._release(list(HELD_INTERFACES))
         self.powered = False
 
