@@ -239,13 +239,13 @@ class GrantTable:
             raise GrantError(GNTST_bad_gntref, f"dom{self.domid}: ref {ref} is beyond {self.nr_entries} entries")
         return read_entry(self._frames, ref)
 
-    def clear_transfer_flags(self) -> int:
-        """Clear GTF_reading/GTF_writing on every entry no mapping of this table pins (a restored table's
-        bits belong to the source domain's mappings); returns how many entries had them."""
+    def clear_transfer_flags(self, refs: Iterable[int] | None = None) -> int:
+        """Clear GTF_reading/GTF_writing on the entries `refs` (default: all) that no mapping of this table
+        pins (a restored table's bits belong to the source domain's mappings); returns how many had them."""
         cleared = 0
         with self._lock:
-            for ref in range(self.nr_entries):
-                if ref in self._active:
+            for ref in (range(self.nr_entries) if refs is None else refs):
+                if ref in self._active or not 0 <= ref < self.nr_entries:
                     continue
                 mem, off = entry_location(self._frames, ref)
                 if mem.load(off + FLAGS, FLAGS_BYTES) & (GTF_reading | GTF_writing):

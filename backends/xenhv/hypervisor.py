@@ -37,6 +37,15 @@ UNMODELLED_EVTCHNOPS = frozenset({E.EVTCHNOP_bind_pirq, E.EVTCHNOP_bind_vcpu, E.
                                   E.EVTCHNOP_set_priority})
 
 
+def _transfer_flagged(frames: bytes, grant_frames: int) -> list[int]:
+    """The grant references whose saved entry has GTF_reading or GTF_writing set (frames: shared_info then
+    the grant frames, as the domain's hypervisor-frame memfd holds them)."""
+    start = (SHARED_INFO_FRAME + 1) * 4096
+    table = frames[start:start + grant_frames * 4096]
+    entries = (G.GrantEntryV1 * (len(table) // ctypes.sizeof(G.GrantEntryV1))).from_buffer_copy(table)
+    return [ref for ref, e in enumerate(entries) if e.flags & (G.GTF_reading | G.GTF_writing)]
+
+
 class Hypervisor:
     def __init__(self) -> None:
         self.domains: dict[int, Domain] = {}
@@ -168,7 +177,7 @@ class Hypervisor:
         # GTF_reading/GTF_writing described mappings of the source's back-ends, which died with it: no
         # back-end of this domain maps anything yet, and a stale bit would make the guest's revoke of that
         # entry fail for ever (gnttab.c's end-of-access check).
-        cleared = self.grant_table(dom).clear_transfer_flags()
+        cleared = self.grant_table(dom).clear_transfer_flags(_transfer_flagged(frames, int(state["grant_frames"])))
         if cleared:
             log.info("dom%d restored: GTF_reading/GTF_writing cleared on %d entries", domid, cleared)
         for index, gfn in state["hv_frames"].items():
