@@ -137,6 +137,11 @@ def check_after_resume(g: Guest, before: dict, marker: str, dom0: Dom0Backends, 
     assert references(g) == before, (references(g), before)
     assert g.console.run("xs write data/probe resumed") == "OK"
     assert g.console.run("xs read data/probe") == "resumed"
+    # The FDO's `device` watch was dead in the new domain and added again (its LATE callback): a device
+    # the toolstack adds now is found (a new XENBUS child), which only that watch makes the FDO look for.
+    assert "DEV_VKBD" not in g.console.run("devices")
+    g.toolstack.xs.write(f"/local/domain/{g.domain.domid}/device/vkbd/0/state", "1")
+    wait_for(g, "devices", r"XENBUS\\VEN_XP&DEV_VKBD", timeout=10)
 
 
 

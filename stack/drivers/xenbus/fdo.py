@@ -415,6 +415,14 @@ class XenbusFdo:
         except (OSError, ValueError, AttributeError) as exc:
             # The platform (and its xenstore connection) goes away when the agent shuts down.
             log.info("suspend thread ends: %r", exc)
+        except Exception as exc:
+            # A system thread's unhandled exception stops Windows: the model stops the guest the same way,
+            # a STOP naming xenbus.sys, rather than a thread that silently stops answering suspends.
+            log.exception("xenbus-suspend thread: unhandled exception")
+            try:
+                BUG(f"unhandled {type(exc).__name__} in the suspend thread: {exc}", module="xenbus.sys")
+            except BugCheck:
+                pass
         finally:
             self._suspend_idle.set()
 
