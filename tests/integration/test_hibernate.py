@@ -110,3 +110,22 @@ def test_save_restore_then_s4_on_one_guest(lc, io_guest, dom0, tmp_path: Path) -
         capture.close()
     assert g.console.run("lifecycle memory-check") == memory
     assert g.console.run("lifecycle status").endswith("suspend count 1")
+
+
+def test_two_disks_and_two_nics_hibernate_and_resume(lc, io_guest, dom0) -> None:
+    g = io_guest("two-disks-two-nics")
+    lc.wait_for(g, "vbd list", r"^target 1 vbd \d+ .*connected", timeout=20)
+    markers = {t: re.search(r"sha256 (\w+)", g.console.run(f"vbd write {t} {lc.DATA_LBA} {p} {lc.DATA_SECTORS}")).group(1)
+               for t, p in ((0, "e0"), (1, "e1"))}
+    before = lc.references(g)
+    g.hibernate()
+    assert g.power_on().startswith("resumed from hibernation")
+    for t, marker in markers.items():
+        lc.wait_for(g, "vbd list", rf"^target {t} vbd \d+ .*connected", timeout=20)
+        out = g.console.run(f"vbd read {t} {lc.DATA_LBA} {lc.DATA_SECTORS}")
+        assert re.search(rf"^sha256 {marker}\b", out, re.M), out
+    disks, nics = lc.emulated(g.machine)
+    assert disks.get("hda") is False and disks.get("hdb") is False and not nics, (disks, nics)
+    for i, tap in enumerate(dom0.taps[g.domain.domid]):
+        lc.wait_for(g, f"net -i {i} ping {tap.peer.ip} 3", r"3/3 replies", timeout=20)
+    assert lc.references(g) == before
