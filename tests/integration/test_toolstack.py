@@ -147,11 +147,12 @@ def test_default_guest_tree_watches_and_teardown(host, guest_factory, toolstack,
         assert d.store_gfn == gfn
         assert domain_part(ls, d.domid, d.vm_path) == expected_default(
             d.domid, d.vm_path, uuid, str(m.paths.run_dir / "hda.img"), d.store_evtchn, gfn)
-        # Nothing else changed but the empty parents the new directories needed.
+        # Nothing else changed but the empty parents the new directories needed (those an earlier test of
+        # the session's shared xenstored left behind were there already).
         assert {p for p in ls if p not in before and p not in domain_part(ls, d.domid, d.vm_path)} == {
             "/local", "/local/domain", "/local/domain/0", "/local/domain/0/backend",
             "/local/domain/0/backend/vbd", f"/local/domain/0/backend/vbd/{d.domid}",
-            "/local/domain/0/backend/vif", f"/local/domain/0/backend/vif/{d.domid}", "/vm"}
+            "/local/domain/0/backend/vif", f"/local/domain/0/backend/vif/{d.domid}", "/vm"} - set(before)
 
         assert xs.get_domain_path(d.domid) == f"/local/domain/{d.domid}"
         assert is_introduced(xs, d.domid)
