@@ -75,7 +75,8 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         bucket="0xD1_xenbus!StoreInterface.StorePollLocked+irql-dispatch",
         defect="StoreRelease called StoreDisable (closes and NULLs the store event channel) before "
                "StorePollLocked, which reads the channel's count through the NULL pointer",
-        scenario="power S4: the children release STORE on the way to D3, the last release runs StoreRelease",
+        scenario="hibernate (power S4): the children, then the XENBUS FDO, release STORE on the way to D3; "
+                 "the last release runs StoreRelease",
         why="the commit names a D1: the NULL read happens under the store's spin lock, at DISPATCH_LEVEL"),
     BugSwitch(
         name="xenbus-55384e7", repository="xcp-ng/win-xenbus", commit="55384e7f2a1f7861bbe90878a9c1b6707bf2eb68",
