@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xenpv.base.runrecord import CONSOLE, DOM0, XENSTORE, RecordEvent, Schedule, console_kind
+from xenpv.base.runrecord import DOM0, XENSTORE, RecordEvent, Schedule, console_kind
 from xenpv.guests.schema import GuestDefinition
-from xenpv.harness.agent import Guest, GuestBugcheck
-from xenpv.harness.replay import (COMMAND_WATCHDOG, STOP, TOO_SLOW, UNREPLAYABLE, Outcome, ReplayEnv,
-                                  fill_domid)
+from xenpv.harness.agent import GuestBugcheck
+from xenpv.harness.replay import COMMAND_WATCHDOG, STOP, TOO_SLOW, UNREPLAYABLE, Outcome, ReplayEnv
 from xenpv.base.errors import HarnessTooSlow
 from xenpv.stack.install.packages import PACKAGE_NAMES, packages_named
 
@@ -254,7 +253,7 @@ def _one_boot(env: ReplayEnv, space: ActionSpace, guest: GuestDefinition, run_di
             report.actions += 1
             for event in plan.events:
                 index += 1
-                outcome = env.step(booted, _for(booted, event), index, run_dir, state.down, watchdog=watchdog)
+                outcome = env.step(booted, event, index, run_dir, state.down, watchdog=watchdog)
                 if outcome is None:
                     outcome = env.check_dom0(machine, booted, index, run_dir, state.down)
                 if outcome is None:
@@ -271,11 +270,4 @@ def _one_boot(env: ReplayEnv, space: ActionSpace, guest: GuestDefinition, run_di
     return False
 
 
-def _for(guest: Guest, event: RecordEvent) -> RecordEvent:
-    """Events keep `{domid}` in their paths (apply fills it in): nothing to do but check it is a Xen guest."""
-    if event.kind == XENSTORE and guest.domain is None:
-        raise AssertionError("dom0 xenstore actions are only drawn for Xen guests")
-    return event
-
-
-__all__ = ["ActionSpace", "ExploreReport", "explore", "fill_domid", "CONSOLE"]
+__all__ = ["ActionSpace", "ExploreReport", "GuestState", "Plan", "explore"]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from xenpv.base.errors import ConfigError
-from xenpv.base.runrecord import (CONSOLE, DOM0, XENSTORE, RecordEvent, RunRecord, Schedule, console_kind,
+from xenpv.base.runrecord import (DOM0, XENSTORE, RecordEvent, RunRecord, Schedule, console_kind,
                                   new_record)
 
 log = logging.getLogger("harness.minimize")
@@ -276,5 +276,5 @@ def parse_console_script(path: Path) -> ConsoleScript:
     return ConsoleScript(record.with_events(events), meta.get("expect"))
 
 
-__all__ = ["CONSOLE", "ConsoleScript", "Minimized", "Minimizer", "ddmin", "parse_console_script", "simpler_lines",
+__all__ = ["ConsoleScript", "Minimized", "Minimizer", "ddmin", "parse_console_script", "simpler_lines",
            "simplify_parameters", "write_console_script", "write_regression_test"]

@@ -20,7 +20,6 @@ triage read as they read crash dumps (`load_failure`).
 from __future__ import annotations
 
 import calendar
-import dataclasses
 import json
 import logging
 import os
@@ -509,10 +508,6 @@ class ReplayEnv:
         path = write_finding(run_dir, HANG, bucket, message, self._record_of(guest),
                              logs=[run_dir / "console.log", run_dir / "agent.log"])
         return Outcome(HANG, message, bucket, path, index)
-
-
-def with_fields(event: RecordEvent, **data: Any) -> RecordEvent:
-    return dataclasses.replace(event, data={**event.data, **data})
 
 
 def require_record(failure: Failure) -> RunRecord:
