@@ -386,3 +386,50 @@ def test_raise_virq_finds_global_virqs_on_vcpu0_and_per_vcpu_ones_on_their_vcpu(
     assert not g.ch.raise_virq(E.VIRQ_TIMER)  # vcpu 0 has no timer bound
     assert not g.pending(timer)
     assert g.ch.raise_virq(E.VIRQ_TIMER, 1) and g.pending(timer) and g.selector(1)
+
+
+def _second_word_ipi(ch: EventChannels, vcpu: int = 0) -> int:
+    """An IPI port in the second 64-bit word of the bitmaps (ports 1..70 are taken first)."""
+    for _ in range(70):
+        ch.alloc_unbound(DOMID_SELF, 0)
+    port = ch.bind_ipi(vcpu)
+    assert port // X.EVTCHN_WORD_BITS == 1
+    return port
+
+
+def test_pending_and_mask_of_a_port_in_a_later_word() -> None:
+    hub = EventChannelHub()
+    g = SharedPage(hub, 1, vcpus=1)
+    port = _second_word_ipi(g.ch)
+    assert not g.ch.is_pending(port) and not g.ch.is_masked(port)
+    g.mask(port)
+    assert g.ch.is_masked(port) and not g.ch.is_masked(port - X.EVTCHN_WORD_BITS)
+    g.ch.send(port)
+    assert g.ch.is_pending(port) and not g.ch.is_pending(port - X.EVTCHN_WORD_BITS)
+
+
+def test_notifier_takes_over_an_event_pending_in_a_later_word() -> None:
+    hub = EventChannelHub()
+    g = SharedPage(hub, 1, vcpus=1)
+    port = _second_word_ipi(g.ch)
+    g.ch.send(port)
+    calls: list[int] = []
+    g.ch.set_port_notifier(port, lambda: calls.append(port))
+    assert calls == [port] and not g.pending(port)
+
+
+def test_attaching_shared_info_carries_over_pending_events_and_selectors() -> None:
+    hub = EventChannelHub()
+    ch = hub.create(1, max_vcpus=2)          # no shared_info yet: a private page
+    low, high = ch.bind_ipi(1), _second_word_ipi(ch, 1)
+    ch.send(low)
+    ch.send(high)
+    page = bytearray(PAGE)
+    ch.attach_shared_info(memoryview(page))
+    info = from_bytes(X.SharedInfo, page[:ctypes.sizeof(X.SharedInfo)])
+    assert info.evtchn_pending[0] == 1 << low and info.evtchn_pending[1] == 1 << (high - X.EVTCHN_WORD_BITS)
+    assert info.vcpu_info[1].evtchn_pending_sel == 0b11 and info.vcpu_info[1].evtchn_upcall_pending == 1
+    assert info.vcpu_info[0].evtchn_pending_sel == 0
+    with pytest.raises(ValueError):
+        ch.attach_shared_info(memoryview(bytearray(PAGE)))  # only once
+    ch.release()
