@@ -166,7 +166,9 @@ NOT_EXPRESSED: dict[str, str] = {
     "xenvbd-8f6df40": "Initialized transition on resume: the model creates and starts a target in one step "
                       "on the adapter thread, so no suspend finds one still INITIALIZED",
     "xenvbd-3eef364": "PDO vanished mid-enumeration in XENDISK: the disk filter is not modelled",
-    "xenvbd-6b697d1": "crash kernel grant refs >= 32: xencrsh (the hibernate/crash path) is not modelled",
+    "xenvbd-6b697d1": "crash kernel grant refs >= 32: no STOP in the model's xencrsh path, where no XENBUS "
+                      "grant is live (FdoS3ToS4 requires GNTTAB unreferenced) and crash dumps do not go "
+                      "through the disk",
     "xennet-4abbd6f": "NBL completed while its next NB is sent: needs a completion on another processor while "
                       "TransmitterSendNetBufferLists runs at DISPATCH_LEVEL; the model has one vCPU",
     "xennet-9278ceb": "next NB read after its NBL completed: the same race as 4abbd6f (one vCPU)",
