@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from xenpv.backends.toolstack import ToolstackError
+from xenpv.backends.toolstack.domain import SUSPEND_ACK_SECONDS, SUSPEND_SECONDS
 from xenpv.backends.toolstack import layout as L
 from xenpv.base.errors import HarnessError, WaitTimeout
 from xenpv.base.qmp import QmpSession
@@ -437,11 +438,10 @@ def save(guest: Guest, path: Path, *, checkpoint: bool = False, ack_timeout: flo
                          + ("" if guest.domain is not None else ", not a Xen domain"))
     timings = Timings()
     domid, machine, toolstack = guest.domain.domid, guest.machine, guest.toolstack
-    waits: dict[str, float] = {}
-    if ack_timeout is not None:
-        waits["ack_timeout"] = scaled(ack_timeout)
-    if timeout is not None:
-        waits["timeout"] = scaled(timeout)
+    # The toolstack's deadlines, scaled by XENPV_TIME_SCALE as the guest model's are (a loaded machine
+    # answers late, it does not refuse).
+    waits = {"ack_timeout": scaled(SUSPEND_ACK_SECONDS if ack_timeout is None else ack_timeout),
+             "timeout": scaled(SUSPEND_SECONDS if timeout is None else timeout)}
     t = time.monotonic()
     try:
         toolstack.suspend(domid, alive=lambda: _alive(guest), **waits)

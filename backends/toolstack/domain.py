@@ -276,8 +276,8 @@ def destroy_domain(xs: XsClient, ctl: XenhvControl, domid: int, *, backend_domid
     log.info("dom%d destroyed", domid)
 
 
-SUSPEND_ACK_SECONDS = 5.0
-SUSPEND_SECONDS = 10.0
+SUSPEND_ACK_SECONDS = 10.0  # libxl waits longer still; a guest answers in milliseconds
+SUSPEND_SECONDS = 20.0
 SUSPEND_POLL_SECONDS = 0.005
 
 
