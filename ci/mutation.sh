@@ -15,6 +15,8 @@
 # summary.json. Exit status: 0, or 1 if a group could not run (its tests fail unmutated), or 2 if a group
 # scored below --target (default 85).
 set -uo pipefail
+# The whole script is one function, read by bash before it runs: editing this file during a run is safe.
+main() {
 top=$(cd "$(dirname "$0")/.." && pwd)
 py="$top/.venv/bin/python"
 out="$top/artifacts/mutation-$(date +%Y%m%d-%H%M%S)"
@@ -142,7 +144,7 @@ for filename, line, line_number, index, status in rows:
         else:
             counts["survived"] += 1
             survivors.append(f"{filename}:{line_number + 1}\n  - {line.strip()}\n  + {new.strip()}\n"
-                             f"  equivalent? {filename} || {line.strip()} || {new.strip()} || <reason>\n")
+                             f"  equivalent? {filename} || {line.strip()} || {new.strip() or mutmut_config.DELETED} || <reason>\n")
 detected = counts["killed"] + counts["timeout"]
 tested = detected + counts["survived"]
 score = 100.0 * detected / tested if tested else 0.0
@@ -167,3 +169,5 @@ EOF
 done
 echo "mutation results in $out (status $status)"
 exit $status
+}
+main "$@"

@@ -23,6 +23,7 @@ LOG_RECEIVERS = {"log", "logger", "logging"}
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log", "getLogger"}
 ERRNO_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 LABEL_PARAMS = {"op", "what", "which", "where"}
+DELETED = "<deleted>"  # the mutated line of a mutant that removes a line (a decorator)
 
 
 def _equivalent_file() -> Path:
@@ -42,7 +43,7 @@ def equivalents() -> dict[tuple[str, str, str], str]:
         parts = [p.strip() for p in raw.split(" || ")]  # `||` is no Python operator, `|` is
         if len(parts) != 4 or not all(parts):
             raise ValueError(f"{path}:{n}: want 'path || original line || mutated line || reason', got {raw!r}")
-        table[(parts[0], parts[1], parts[2])] = parts[3]
+        table[(parts[0], parts[1], "" if parts[2] == DELETED else parts[2])] = parts[3]
     return table
 
 
