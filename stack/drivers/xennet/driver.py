@@ -31,9 +31,9 @@ from xenpv.stack.drivers.revision import XENNET_BINDS_XENVIF_REVISION, XENVIF_RE
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_LATE, SUSPEND_GUID
 from xenpv.stack.drivers.xenvif.vif import (GUID_XENVIF_VIF_INTERFACE, ReceiverQueueParameters, XenvifCallbackType,
                                       XenvifOffloadOptions, XenvifTransmitterPacketStatus)
-from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S5, DeviceKind, DeviceObject, DriverObject, Irp,
-                          IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
-                          IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
+from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, S5, DeviceKind, DeviceObject,
+                          DriverObject, Irp, IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice,
+                          IoDeleteDevice, IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, status_name
 
 from .ip import Ipv4
