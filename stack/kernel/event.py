@@ -30,7 +30,7 @@ from xenpv.base import threads
 from xenpv.stack.timescale import HarnessTooSlow, scaled
 
 from .bugcheck import BugCheckCode, KeBugCheckEx
-from .irql import APC_LEVEL, DISPATCH_LEVEL, KernelModelError, Processor, assert_max_irql, current_processor, irql_name
+from .irql import APC_LEVEL, DISPATCH_LEVEL, KernelModelError, Processor, assert_max_irql, current_processor
 from .status import STATUS_SUCCESS, STATUS_TIMEOUT, NTSTATUS
 
 log = logging.getLogger("stack.kernel.event")
@@ -102,15 +102,13 @@ def KeWaitForSingleObject(event: KEvent, timeout: float | None = None) -> NTSTAT
     assert_max_irql(APC_LEVEL, "KeWaitForSingleObject")
     cpu = current_processor()
     bounded = scaled(WAIT_DEADLINE_SECONDS) if timeout is None else timeout
-    irql = cpu.irql
     cpu.waiting.add(event)
-    depth = cpu.lock.release_all()
+    saved = cpu.give_away()
     try:
         satisfied = event._wait(bounded, cpu)
     finally:
-        cpu.lock.restore(depth)
         cpu.waiting.discard(event)
-    _check_resumed(cpu, irql, f"waiting for {event}")
+        cpu.take_back(saved, f"waiting for {event}")
     if satisfied:
         return STATUS_SUCCESS
     if timeout is None:
@@ -159,29 +157,14 @@ def KeWaitForMultipleObjects(objects: list[KEvent], wait_type: int = WAIT_ALL, t
         KeWaitForSingleObject(objects[0], min(0.01, remaining) if remaining is not None else 0.01)
 
 
-def _check_resumed(cpu: Processor, irql: int, what: str) -> None:
-    """After a wait that gave the CPU away: the STOP (or give-up) of another thread, or the caller's IRQL
-    back."""
-    if cpu.halted is not None:
-        raise cpu.halted
-    if cpu.irql != irql:
-        found = cpu.irql
-        cpu.irql = irql
-        raise KernelModelError(f"the IRQL was {irql_name(irql)} before {what} and {irql_name(found)} after it: "
-                               "another thread of the model changed it without restoring it")
-
-
 def wait_for_thread(thread: threading.Thread, what: str, timeout: float | None = None) -> None:
     """Wait for `thread` (already told to stop) to end, giving the kernel lock away meanwhile: the thread
     may need it to finish what it is doing (an interrupt line firing, say). WaitTimeout, naming `what`,
     if it is still running after `timeout` (default base.threads.THREAD_EXIT_DEADLINE, scaled; see
     join_stopped): the caller must then leave alone whatever the thread uses."""
     cpu = current_processor()
-    irql = cpu.irql
-    depth = cpu.lock.release_all()
+    saved = cpu.give_away()
     try:
         threads.join_stopped(thread, what, scaled(threads.THREAD_EXIT_DEADLINE) if timeout is None else timeout)
     finally:
-        cpu.lock.restore(depth)
-    if depth:
-        _check_resumed(cpu, irql, f"stopping thread {thread.name}")
+        cpu.take_back(saved, f"stopping thread {thread.name}")

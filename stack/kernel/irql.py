@@ -150,6 +150,14 @@ class Waiter(Protocol):
 
 
 @dataclass
+class ThreadContext:
+    """What a thread that gives the CPU away while it waits takes with it (Processor.give_away)."""
+
+    depth: int
+    irql: int
+
+
+@dataclass
 class Processor:
     """CPU 0: current IRQL, held spin locks, queued DPCs, pending interrupts and the crash state."""
 
@@ -181,6 +189,32 @@ class Processor:
             yield
         finally:
             self.running.pop()
+
+    def give_away(self) -> ThreadContext | None:
+        """Give the CPU away for a wait: this thread's IRQL goes with it, and whoever runs meanwhile starts at
+        PASSIVE_LEVEL, as another thread would on Windows. Without this the next thread inherited the waiter's
+        DISPATCH_LEVEL and stopped with a false 0xD1 in its first wait. None if this thread does not own
+        the CPU."""
+        if not self.lock.owned():
+            return None
+        saved = ThreadContext(0, self.irql)
+        self.irql = PASSIVE_LEVEL
+        saved.depth = self.lock.release_all()
+        return saved
+
+    def take_back(self, saved: ThreadContext | None, what: str) -> None:
+        """Own the CPU again after `give_away`, at this thread's IRQL. A stop meanwhile is raised (the STOP of
+        another thread, or the harness giving up); a CPU another thread left raised is an error of the
+        model, not of a driver."""
+        if saved is None:
+            return
+        self.lock.restore(saved.depth)
+        left, self.irql = self.irql, saved.irql
+        if self.halted is not None:
+            raise self.halted
+        if left != PASSIVE_LEVEL:
+            raise KernelModelError(f"while this thread was {what}, another thread of the model left the CPU at "
+                                   f"{irql_name(left)}")
 
     def crash(self, bugcheck: BugCheck) -> None:
         """Record the first bugcheck, go to HIGH_LEVEL as KeBugCheckEx does and run the callbacks."""

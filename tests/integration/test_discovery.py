@@ -113,7 +113,7 @@ def test_unplug_on_the_second_boot_before_children_start(xen_guest_factory) -> N
 
 def test_query_interface_at_dispatch_bugchecks_naming_the_module(xen_guest_factory) -> None:
     from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
-    from xenpv.stack.kernel import BugCheck, BugCheckCode, KeInitializeDpc, KeInsertQueueDpc
+    from xenpv.stack.kernel import PASSIVE_LEVEL, BugCheck, BugCheckCode, KeInitializeDpc, KeInsertQueueDpc
     d = xen_guest_factory("default")
     booted = _boot(d)
     try:
@@ -124,7 +124,10 @@ def test_query_interface_at_dispatch_bugchecks_naming_the_module(xen_guest_facto
         assert stop.value.code == BugCheckCode.DRIVER_IRQL_NOT_LESS_OR_EQUAL
         assert booted.kernel.crash_dump(stop.value).module == "xenvbd.sys"
     finally:
-        booted.kernel.cpu.crashed = None
+        # The STOP was the harness's own doing in this process: un-stop the CPU so the drivers tear down and
+        # let go of guest RAM (a real guest's machine would be gone with it).
+        cpu = booted.kernel.cpu
+        cpu.crashed, cpu.lock.stopped, cpu.irql = None, None, PASSIVE_LEVEL
         booted.close()
 
 
