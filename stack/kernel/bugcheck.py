@@ -12,6 +12,9 @@ object, an IRP) the model passes a stable pseudo-address from `address_of` and k
 The module that caused the bugcheck is given explicitly, or else it is the innermost Python frame under
 `stack/drivers/<module>/` (reported as `<module>.sys`), or else the driver whose code the I/O manager is
 running (dispatch, AddDevice, DriverEntry, completion routine, ISR, DPC), or else `ntoskrnl.exe`.
+
+bugcheck.py and irql.py import each other: a STOP acts on the processor and the IRQL rules raise STOPs;
+the imports of irql here are inside functions.
 """
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ TargetCreate refuses target 0 under XEN:BOOT_EMULATED, and any target whose emul
 present (EMULATED.IsDiskPresent(TargetId)): STATUS_RETRY and UNPLUG.Reboot("XENVBD"), so that xenbus_monitor
 asks for the reboot that unplugs the twin. AdapterStop (REMOVE_DEVICE) destroys the targets,
 UNPLUG.Request(DISKS, FALSE) and releases every interface.
+
+The adapter and its targets (target.py) import each other, as adapter.c and target.c do.
 """
 from __future__ import annotations
 

@@ -31,6 +31,8 @@ Kept as the C driver keeps them, for the historical bug switches (guests.bugs): 
 Ring->Ring[MaxQueues] (RingCreate/RingDestroy, switch `xenvbd-9f7f8b2`), the page 0x80/0x83 inquiry
 overrides the backend may publish under sm-data (Base64Decode/Base64Free, `xenvbd-4a32464`) and the four
 objects the target's destruction waits for (`xenvbd-667456d`).
+
+The target and its adapter (adapter.py) import each other, as target.c and adapter.c do.
 """
 from __future__ import annotations
 
