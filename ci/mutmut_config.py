@@ -1,7 +1,8 @@
 """mutmut 2 hooks for ci/mutation.sh (copied into the private work tree as `mutmut_config.py`).
 
 A mutant is skipped before it runs when it cannot change a rule:
-- it sits in a logging call (log.*, self._print(...)), or in `logging.getLogger(...)`;
+- it sits in a logging call (log.*, the driver model's self._print(...) and debug_log.print(...)), or in
+  `logging.getLogger(...)`;
 - it only changes the text of an error message: a string inside a `raise`'s call, except the first argument
   when that is an errno or status name (XsError("EACCES", ...): the name is part of the rule), or a string
   passed to a helper's `op`/`what`/`which`/`where` parameter, which only names the caller in messages;
@@ -84,7 +85,8 @@ def _not_rules(filename: str) -> tuple[frozenset[int], dict[str, list[Span]]]:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             receiver = node.func.value
             name = receiver.id if isinstance(receiver, ast.Name) else getattr(receiver, "attr", None)
-            if (name in LOG_RECEIVERS and node.func.attr in LOG_METHODS) or node.func.attr == "_print":
+            if ((name in LOG_RECEIVERS and node.func.attr in LOG_METHODS) or node.func.attr == "_print"
+                    or (name == "debug_log" and node.func.attr == "print")):  # the guest's DbgPrint
                 log_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
         if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
             args = list(node.exc.args)
