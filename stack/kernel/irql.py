@@ -209,9 +209,9 @@ class Processor:
         if saved is None:
             return
         self.lock.restore(saved.depth)
-        left, self.irql = self.irql, saved.irql
         if self.halted is not None:
-            raise self.halted
+            raise self.halted  # at the IRQL the stop left (HIGH_LEVEL), not this thread's
+        left, self.irql = self.irql, saved.irql
         if left != PASSIVE_LEVEL:
             raise KernelModelError(f"while this thread was {what}, another thread of the model left the CPU at "
                                    f"{irql_name(left)}")

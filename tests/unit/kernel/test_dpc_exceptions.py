@@ -176,3 +176,30 @@ def test_a_thread_that_runs_while_another_waits_at_dispatch_starts_at_passive(cp
         KeLowerIrql(old)
     assert seen == [PASSIVE_LEVEL, "waited"]
     assert cpu.crashed is None
+
+
+def test_a_waiter_woken_by_a_stop_leaves_the_cpu_at_high_level(cpu: Processor) -> None:
+    """A STOP wakes every waiter, which raises it; taking the CPU back must not put the waiter's own IRQL
+    over the STOP's HIGH_LEVEL while the bugcheck callbacks run (XENBUS's debug callback then stopped on
+    'BUG: DEBUG CALLBACKS BELOW HIGH_LEVEL')."""
+    from xenpv.stack.kernel import HIGH_LEVEL, KeBugCheckEx
+
+    waiting = threading.Event()
+    seen: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            with cpu.lock:
+                waiting.set()
+                KeWaitForSingleObject(KEvent("never set"), 10.0)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            seen.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert waiting.wait(5)
+    with pytest.raises(BugCheck) as stop:
+        KeBugCheckEx(BugCheckCode.MANUALLY_INITIATED_CRASH)
+    thread.join(5)
+    assert seen == [stop.value]
+    assert cpu.irql == HIGH_LEVEL
