@@ -11,8 +11,11 @@ with its time in seconds since the header was written:
   drove the console (a test, a person at `xenpv run --console`, a replay);
 - `dom0`: a dom0-side action the harness caused (a back-end started, killed or restarted);
 - `xenstore`: a dom0 xenstore write or removal made through the harness for a test;
-- `toolstack`, and any other kind a component adds with `journal.event(kind, **data)` (save, restore
-  and S4 hooks, say): recorded as given; a replayer must know the kind to replay it.
+- `lifecycle`: a hibernation, power-on, save, restore or migration the harness made (harness.agent.Guest's
+  methods), recorded before it starts; the console lines it makes the agent run (`power S4`, `lifecycle
+  ...`) follow it in the record and are part of it;
+- `toolstack`, and any other kind a component adds with `journal.event(kind, **data)`: recorded as given;
+  a replayer must know the kind to replay it.
 
 Two processes append to one journal (the harness and the agent), each line with a single write(2) on an
 O_APPEND descriptor, so lines never interleave and the file order is the order things happened. A crash
@@ -54,6 +57,7 @@ FAULT = "fault"
 DOM0 = "dom0"
 XENSTORE = "xenstore"
 TOOLSTACK = "toolstack"
+LIFECYCLE = "lifecycle"
 
 # Console commands that inject a fault: recorded as `fault` events.
 FAULT_COMMANDS = frozenset({"fault", "bugcheck"})

@@ -32,7 +32,7 @@ from xenpv.base.errors import ConfigError
 from xenpv.base.owner import child_env
 from xenpv.base.rundir import remove_run_dir
 from xenpv.base.process import read_tail
-from xenpv.base.runrecord import JOURNAL_NAME, RunJournal, RunRecordError, Schedule, new_record
+from xenpv.base.runrecord import JOURNAL_NAME, LIFECYCLE, RunJournal, RunRecordError, Schedule, new_record
 if TYPE_CHECKING:
     from xenpv.harness.dom0 import Dom0Backends
 from xenpv.harness.machine import Machine
@@ -220,32 +220,46 @@ class Guest:
     def last_machine(self) -> Machine:
         return self.machine
 
+    def record_event(self, kind: str, **data: object) -> None:
+        """Put a dom0-side action in this guest's run record (base.runrecord); one that cannot be written
+        is logged: the action goes on."""
+        if self.record is not None:
+            try:
+                self.record.event(kind, **data)
+            except (OSError, RunRecordError) as exc:
+                log.warning("%s event not recorded: %s", kind, exc)
+
     def save(self, path: Path, *, checkpoint: bool = False, ack_timeout: float | None = None,
              timeout: float | None = None) -> Any:
         """Xen save (harness.lifecycle.save): the guest suspends, its state goes to `path`, the source is torn
         down (with `checkpoint`, it runs on instead). SaveFailed, the guest running on, if it never suspends."""
         from xenpv.harness import lifecycle
+        self.record_event(LIFECYCLE, op="save", checkpoint=checkpoint)
         return lifecycle.save(self, Path(path), checkpoint=checkpoint, ack_timeout=ack_timeout, timeout=timeout)
 
     def restore(self, path: Path) -> Any:
         """Xen restore of this guest's own save image into a new QEMU and a new domain (new domid)."""
         from xenpv.harness import lifecycle
+        self.record_event(LIFECYCLE, op="restore")
         return lifecycle.restore(self, Path(path))
 
     def migrate(self) -> Any:
         """Local migration into a new QEMU and a new domain; the source is torn down."""
         from xenpv.harness import lifecycle
+        self.record_event(LIFECYCLE, op="migrate")
         return lifecycle.migrate(self)
 
     def hibernate(self) -> Any:
         """S4 for real (harness.lifecycle.hibernate): the image in the hiberfile, QEMU powered off, the domain
         destroyed; the guest is "off" until power_on."""
         from xenpv.harness import lifecycle
+        self.record_event(LIFECYCLE, op="hibernate")
         return lifecycle.hibernate(self)
 
     def power_on(self) -> str:
         """A new QEMU and a new domain; the guest resumes from its hiberfile (or boots afresh)."""
         from xenpv.harness import lifecycle
+        self.record_event(LIFECYCLE, op="power-on")
         return lifecycle.power_on(self)
 
     def drop_machine(self) -> None:

@@ -27,7 +27,7 @@ from xenpv.base.errors import ConfigError
 from xenpv.base.rundir import base_dir, make_artifacts_dir, make_run_dir, remove_run_dir
 from xenpv.base.runrecord import RunRecord, Schedule
 from xenpv.harness.cleanup import reap_stale, run_guarded
-from xenpv.harness.replay import STOP, Failure, Outcome, ReplayEnv, load_failure, require_record
+from xenpv.harness.replay import STOP, Failure, Outcome, ReplayEnv, load_failure, replayable, require_record
 
 DUMP_PATTERNS = ("crash-*.json", "finding-*.json")
 
@@ -102,7 +102,7 @@ def cmd_repro(args: argparse.Namespace) -> int:
     if not 0 <= args.min_rate <= 1:
         raise ConfigError(f"--min-rate {args.min_rate}: a fraction between 0 and 1")
     base_dir()
-    events = target.record.events
+    events = replayable(target.record.events)
     print(f"replaying {target.path}: guest {target.record.guest_name}, {len(events)} actions, schedule "
           f"{(schedule or target.record.schedule).argument()}; expecting bucket {target.bucket}")
 
@@ -155,19 +155,20 @@ def _minimize(args: argparse.Namespace, target: Target, env: ReplayEnv, schedule
                 break
         return bucket
 
-    result = Minimizer(target.bucket, replay).run(record.events)
+    events = replayable(record.events)
+    result = Minimizer(target.bucket, replay).run(events)
     out = Path(args.out) if args.out else target.path.parent / f"{target.path.stem}-minimized"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot be made: {exc.strerror}") from None
     name = slug(target.bucket)
-    summary = f"{len(record.events)} recorded actions minimised to {len(result.events)}"
+    summary = f"{len(events)} recorded actions minimised to {len(result.events)}"
     test = write_regression_test(out / f"test_{name}.py", record, result.events, target.bucket, target.path, summary,
                                  tries=args.tries)
     script = write_console_script(out / f"{name}.console", out / f"{name}.yaml", record, result.events,
                                   target.bucket, target.path)
-    print(f"minimised {len(record.events)} actions to {len(result.events)} in {result.tests} tests, {runs} replays "
+    print(f"minimised {len(events)} actions to {len(result.events)} in {result.tests} tests, {runs} replays "
           f"({result.seconds:.0f} s), still bucket {target.bucket}:")
     from xenpv.harness.minimize import script_line
 

@@ -8,7 +8,8 @@ ReplayEnv.step, so each lands in the guest's run record exactly as a replay will
   action that removes them: the model's `reboot` keeps the machine, so disks an earlier boot unplugged
   stay unplugged, where real Xen restarts QEMU and gives them back; a guest rebooted without them would
   stop with a 0x7B (INACCESSIBLE_BOOT_DEVICE) that no real guest gets;
-- power transitions S3 and S4, each followed by the wake to S0;
+- power transitions: S3 and the wake to S0; on a Xen guest S4 for real (Guest.hibernate: the hiberfile,
+  QEMU powered off) and the power-on (a new QEMU and domain), and a local migration (save and restore);
 - I/O through the PV disks and NICs (reads, writes, pings) and the guest's own xenstore;
 - back-end kills and restarts (blkback, netback);
 - dom0 xenstore writes and removals under the guest's device paths (the back-end `state` and `online`
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xenpv.base.runrecord import DOM0, XENSTORE, RecordEvent, Schedule, console_kind
+from xenpv.base.runrecord import DOM0, LIFECYCLE, XENSTORE, RecordEvent, Schedule, console_kind
 from xenpv.guests.schema import GuestDefinition
 from xenpv.harness.agent import GuestBugcheck
 from xenpv.harness.replay import COMMAND_WATCHDOG, STOP, TOO_SLOW, UNREPLAYABLE, Outcome, ReplayEnv
@@ -68,6 +69,10 @@ def _console(line: str) -> RecordEvent:
 
 def _dom0(action: str, backend: str) -> RecordEvent:
     return RecordEvent(0.0, DOM0, "harness", {"action": action, "backend": backend})
+
+
+def _lifecycle(op: str) -> RecordEvent:
+    return RecordEvent(0.0, LIFECYCLE, "harness", {"op": op})
 
 
 def _xs(op: str, path: str, value: str = "") -> RecordEvent:
@@ -100,7 +105,7 @@ class ActionSpace:
         self.table: list[tuple[int, Any]] = [(6, self.package), (3, self.reboot), (3, self.power), (8, self.io),
                                              (3, self.guest_xenstore), (2, self.look)]
         if self.xen:
-            self.table += [(2, self.backend), (3, self.dom0_xenstore)]
+            self.table += [(2, self.backend), (3, self.dom0_xenstore), (1, self.migrate)]
         if faults:
             self.table.append((2, self.fault))
 
@@ -128,8 +133,12 @@ class ActionSpace:
         return Plan("reboot", [_console("reboot")])
 
     def power(self, state: GuestState) -> Plan:
-        target = self.rng.choice(("S3", "S4"))
-        return Plan(f"power-{target}", [_console(f"power {target}"), _console("power S0")])
+        if self.xen and self.rng.random() < 0.5:
+            return Plan("power-S4", [_lifecycle("hibernate"), _lifecycle("power-on")])
+        return Plan("power-S3", [_console("power S3"), _console("power S0")])
+
+    def migrate(self, state: GuestState) -> Plan:
+        return Plan("migrate", [_lifecycle("migrate")])
 
     def io(self, state: GuestState) -> Plan:
         choices = ["vbd list", "net list"]

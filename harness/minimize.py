@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from xenpv.base.errors import ConfigError
-from xenpv.base.runrecord import (DOM0, XENSTORE, RecordEvent, RunRecord, Schedule, console_kind,
+from xenpv.base.runrecord import (DOM0, LIFECYCLE, XENSTORE, RecordEvent, RunRecord, Schedule, console_kind,
                                   new_record)
 
 log = logging.getLogger("harness.minimize")
@@ -191,11 +191,16 @@ def test_{name}(artifacts: Path) -> None:
     return path
 
 
+LIFECYCLE_OPS = ("hibernate", "power-on", "migrate", "save", "restore")
+
+
 def script_line(e: RecordEvent) -> str:
     if e.line is not None:
         return e.line
     if e.kind == DOM0:
         return f"!{e.data.get('action')} {e.data.get('backend')}"
+    if e.kind == LIFECYCLE:
+        return f"!{e.data.get('op')}" + (" checkpoint" if e.data.get("checkpoint") else "")
     if e.kind == XENSTORE:
         if e.data.get("op") == "write":
             return f"!xenstore-write {shlex.quote(str(e.data.get('path')))} {shlex.quote(str(e.data.get('value', '')))}"
@@ -214,7 +219,8 @@ def write_console_script(path: Path, guest_file: Path, record: RunRecord, events
         f"# expect: {bucket}",
         "# Replay it with `xenpv repro THIS-FILE`, or type the lines at `xenpv run GUEST --console`.",
         "# Lines starting with ! are dom0 actions, which only a replay makes: !backend-kill|backend-start|",
-        "# backend-restart NAME, !xenstore-write PATH VALUE, !xenstore-rm PATH ({domid}: the guest's domain).",
+        "# backend-restart NAME, !xenstore-write PATH VALUE, !xenstore-rm PATH ({domid}: the guest's domain),",
+        "# !hibernate, !power-on, !migrate, !save [checkpoint], !restore.",
     ]
     guest_file.write_text(record.guest_yaml)
     path.write_text("\n".join(header + [script_line(e) for e in events]) + "\n")
@@ -256,6 +262,12 @@ def parse_console_script(path: Path) -> ConsoleScript:
                 events.append(RecordEvent(t, XENSTORE, "harness", {"op": "write", "path": words[1], "value": words[2]}))
             elif len(words) == 2 and words[0] == "xenstore-rm":
                 events.append(RecordEvent(t, XENSTORE, "harness", {"op": "rm", "path": words[1]}))
+            elif words and words[0] in LIFECYCLE_OPS and (len(words) == 1 or words[1:] == ["checkpoint"] and
+                                                         words[0] == "save"):
+                data: dict[str, object] = {"op": words[0]}
+                if words[0] == "save":
+                    data["checkpoint"] = len(words) == 2
+                events.append(RecordEvent(t, LIFECYCLE, "harness", data))
             else:
                 raise ConfigError(f"{path}:{number}: not a dom0 action: {line}")
             continue

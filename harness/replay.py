@@ -8,6 +8,10 @@ from the recorded guest YAML, with the recorded scheduling mode, driven through 
 - `console` and `fault` events: the console line;
 - `dom0` events: the back-end action (Dom0Backends.kill, start_backend, restart);
 - `xenstore` events: the dom0 write or removal, the recorded `{domid}` standing for the new domain's;
+- `lifecycle` events: Guest.hibernate, power_on, migrate, save (to a file of the run) and restore; the
+  console lines such an operation makes the agent run (`power S4` after a hibernation, `lifecycle ...`)
+  are part of it and not replayed on their own (`replayable`); a `power S4` line of its own on a Xen
+  guest is replayed as a hibernation too, since the harness must tear down the machine QEMU powers off;
 - any other kind: the replayer registered for it with `register_replayer(kind, fn)` (save/restore/S4
   hooks register theirs), else the replay stops and says the kind cannot be replayed.
 
@@ -35,11 +39,12 @@ from xenpv.backends.host import HostServices
 from xenpv.backends.xenstored.client import XsClient
 from xenpv.base.errors import ConfigError, HarnessError, HarnessTooSlow, ProcessDied, WaitTimeout, describe_status
 from xenpv.base.process import read_tail
-from xenpv.base.runrecord import (CONSOLE, DOM0, FAULT, XENSTORE, RecordEvent, RunRecord, RunRecordError,
-                                  Schedule, new_record, read_journal)
+from xenpv.base.runrecord import (CONSOLE, DOM0, FAULT, LIFECYCLE, XENSTORE, RecordEvent, RunRecord,
+                                  RunRecordError, Schedule, new_record, read_journal)
 from xenpv.guests.schema import GuestDefinition, load_guest
 from xenpv.harness.agent import AgentExited, Guest, GuestBugcheck
 from xenpv.harness.dom0 import BACKENDS, Dom0Backends
+from xenpv.harness.lifecycle import LifecycleError
 from xenpv.harness.machine import Machine
 from xenpv.stack.kernel.bugcheck import CrashDump, CrashDumpError
 
@@ -222,6 +227,30 @@ class RecordedXenstore:
         self.close()
 
 
+# -- what of a record is replayed ------------------------------------------------------------------------
+
+INTERNAL_PREFIX = "lifecycle "  # console commands only the harness issues, with arguments of one machine
+SAVE_IMAGE = "replay-save.img"
+
+
+def replayable(events: Sequence[RecordEvent]) -> list[RecordEvent]:
+    """The actions of a record without the console lines a lifecycle action made the agent run: every
+    `lifecycle ...` line, and the `power S4` a hibernation sent (the replay's hibernation sends it again)."""
+    out: list[RecordEvent] = []
+    after_hibernate = False
+    for event in events:
+        line = event.line
+        if event.kind in (CONSOLE, FAULT) and line is not None:
+            if line.startswith(INTERNAL_PREFIX) or (after_hibernate and line == "power S4"):
+                after_hibernate = False
+                continue
+            after_hibernate = False
+        elif event.kind == LIFECYCLE:
+            after_hibernate = event.data.get("op") == "hibernate"
+        out.append(event)
+    return out
+
+
 # -- the guest a record names ---------------------------------------------------------------------------
 
 def guest_from_record(record: RunRecord, workdir: Path) -> GuestDefinition:
@@ -343,7 +372,11 @@ class ReplayEnv:
         if event.kind in (CONSOLE, FAULT):
             if event.line is None:
                 raise NotReplayable(f"{event.kind} event without a line: {event.data}")
+            if event.line.strip() == "power S4" and guest.domain is not None:
+                return self._lifecycle(guest, "hibernate", event)
             return guest.console.run(event.line, timeout=watchdog)
+        if event.kind == LIFECYCLE:
+            return self._lifecycle(guest, str(event.data.get("op")), event)
         if event.kind == DOM0:
             assert self.backends is not None
             action, name = event.data.get("action"), event.data.get("backend")
@@ -383,6 +416,27 @@ class ReplayEnv:
         replayer(self, guest, event)
         return ""
 
+    def _lifecycle(self, guest: Guest, op: str, event: RecordEvent) -> str:
+        """A lifecycle action; one the guest refuses (vetoed, in the wrong state) is its answer, as it was
+        the recorded run's, not a finding. A STOP during it raises GuestBugcheck as any console line."""
+        image = guest.artifacts / SAVE_IMAGE
+        try:
+            if op == "hibernate":
+                guest.hibernate()
+            elif op == "power-on":
+                return guest.power_on()
+            elif op == "migrate":
+                guest.migrate()
+            elif op == "save":
+                guest.save(image, checkpoint=bool(event.data.get("checkpoint")))
+            elif op == "restore":
+                guest.restore(image)
+            else:
+                raise NotReplayable(f"lifecycle operation {op!r}")
+        except LifecycleError as exc:
+            return f"{op}: {exc}"
+        return ""
+
     # -- a whole replay -------------------------------------------------------------------------------
 
     def replay(self, record: RunRecord, events: Sequence[RecordEvent] | None = None, *, name: str | None = None,
@@ -390,7 +444,7 @@ class ReplayEnv:
                watchdog: float = COMMAND_WATCHDOG) -> Outcome:
         """Boot the recorded guest and replay `events` (default: the record's); the outcome."""
         self.runs += 1
-        events = record.events if events is None else events
+        events = replayable(record.events if events is None else events)
         run_dir = self.artifacts / (name or f"run-{self.runs}")
         guest_def = guest_from_record(record, run_dir)
         labels = {**record.labels, "replay-of": record.guest_name, **(labels or {})}
@@ -457,13 +511,17 @@ class ReplayEnv:
         return None
 
     def check_dom0(self, machine: Machine, guest: Guest, index: int, run_dir: Path, down: set[str]) -> Outcome | None:
-        """A dom0 daemon or QEMU that died without an action killing it: a finding."""
+        """A dom0 daemon or QEMU that died without an action killing it: a finding. The machine checked is
+        the guest's current one (a power-on or a restore gives it a new one); a guest that is off or saved
+        has none."""
         dead = self.dead_daemons(down)
         if dead:
             return self._died(DOM0_DIED, f"DOM0_{_word(dead[0].split()[0])}_DIED", "dom0 daemons died: " +
                               ", ".join(dead), run_dir, index, guest)
+        if guest.state != "running":
+            return None
         try:
-            machine.check_alive("after the replay")
+            guest.machine.check_alive("after the replay")
         except ProcessDied as exc:
             return self._died(MACHINE_DIED, f"QEMU_{_status_word(exc.returncode, None)}", str(exc), run_dir,
                               index, guest)

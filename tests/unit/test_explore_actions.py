@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from xenpv.base.runrecord import CONSOLE, DOM0, FAULT, XENSTORE
+from xenpv.base.runrecord import CONSOLE, DOM0, FAULT, LIFECYCLE, XENSTORE
 from xenpv.guests.schema import GUESTS_DIR, load_guest
 from xenpv.harness.explore import ActionSpace, GuestState
 
@@ -29,9 +29,13 @@ def test_one_seed_draws_one_sequence() -> None:
 def test_every_kind_is_drawn_and_each_is_replayable() -> None:
     plans = draws("default", 1)
     kinds = {e.kind for p in plans for e in p.events}
-    assert kinds == {CONSOLE, DOM0, XENSTORE}  # no fault without --faults
+    assert kinds == {CONSOLE, DOM0, XENSTORE, LIFECYCLE}  # no fault without --faults
     names = {p.name for p in plans}
-    assert {"reboot", "power-S3", "power-S4", "pkg-install", "pkg-upgrade", "backend-restart", "dom0-xs-state"} <= names
+    assert {"reboot", "power-S3", "power-S4", "migrate", "pkg-install", "pkg-upgrade", "backend-restart",
+            "dom0-xs-state"} <= names
+    for p in plans:
+        if p.name == "power-S4":  # S4 for real powers QEMU off: the power-on is part of the action
+            assert [e.data["op"] for e in p.events] == ["hibernate", "power-on"]
     for p in plans:
         for e in p.events:
             if e.kind == XENSTORE:

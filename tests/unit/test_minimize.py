@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from xenpv.base.errors import ConfigError
-from xenpv.base.runrecord import DOM0, FAULT, XENSTORE, RecordEvent, Schedule, new_record
+from xenpv.base.runrecord import CONSOLE, DOM0, FAULT, LIFECYCLE, XENSTORE, RecordEvent, Schedule, new_record
 from xenpv.harness.minimize import (Minimizer, ddmin, parse_console_script, simpler_lines, simplify_parameters,
                                     write_console_script, write_regression_test)
-from xenpv.harness.replay import domid_template, fill_domid
+from xenpv.harness.replay import domid_template, fill_domid, replayable
 
 
 class Counting:
@@ -104,7 +104,10 @@ def test_console_script_round_trip_with_dom0_actions(tmp_path: Path) -> None:
               RecordEvent(2.0, XENSTORE, "harness", {"op": "write", "path": "/local/domain/0/backend/vbd/{domid}/768/state",
                                                       "value": "6"}),
               RecordEvent(3.0, XENSTORE, "harness", {"op": "rm", "path": "/local/domain/{domid}/data/x y"}),
-              RecordEvent(4.0, "console", "agent", {"line": "power S4"})]
+              RecordEvent(4.0, LIFECYCLE, "harness", {"op": "hibernate"}),
+              RecordEvent(5.0, LIFECYCLE, "harness", {"op": "power-on"}),
+              RecordEvent(6.0, LIFECYCLE, "harness", {"op": "save", "checkpoint": True}),
+              RecordEvent(7.0, "console", "agent", {"line": "power S4"})]
     script = write_console_script(tmp_path / "s.console", tmp_path / "s.yaml", record, events, "0xDEAD_x!y", Path("d"))
     parsed = parse_console_script(script)
     assert parsed.expect == "0xDEAD_x!y"
@@ -136,3 +139,16 @@ def test_a_console_script_that_cannot_be_used_names_why(tmp_path: Path, text: st
 def test_recorded_xenstore_paths_name_the_guest_by_template(path: str, template: str) -> None:
     assert domid_template(path, 5) == template
     assert fill_domid(template, 5) == path
+
+
+def test_the_console_lines_of_a_lifecycle_action_are_part_of_it_not_replayed_alone() -> None:
+    def ev(kind: str, **data: object) -> RecordEvent:
+        return RecordEvent(0.0, kind, "agent" if kind == CONSOLE else "harness", dict(data))
+
+    recorded = [ev(CONSOLE, line="vbd list"), ev(LIFECYCLE, op="hibernate"), ev(CONSOLE, line="power S4"),
+                ev(LIFECYCLE, op="power-on"), ev(CONSOLE, line="lifecycle poweron /tmp/q.sock /tmp/ram /tmp/hv 7 3"),
+                ev(CONSOLE, line="power S4"), ev(LIFECYCLE, op="migrate"),
+                ev(CONSOLE, line="lifecycle resume /tmp/q2.sock /tmp/ram2 /tmp/hv2 8")]
+    assert [e.describe() for e in replayable(recorded)] == [
+        "console: vbd list", "lifecycle: op=hibernate", "lifecycle: op=power-on", "console: power S4",
+        "lifecycle: op=migrate"]
