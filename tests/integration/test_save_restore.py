@@ -7,6 +7,7 @@ save is on the image (read from outside) and the PV disk reads and writes, the P
 sent its three gratuitous ARPs into the namespace, xenstore watches fire (fixtures and checks: conftest.py)."""
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -201,20 +202,25 @@ def test_xenpv_save_restore_and_migrate_commands_drive_a_console_session(lc, tmp
         return subprocess.run([sys.executable, "-m", "xenpv.harness.cli", *argv], capture_output=True, text=True,
                               timeout=120)
 
-    session = pexpect.spawn(sys.executable, ["-m", "xenpv.harness.cli", "run", "guests/default.yaml", "--console", "--artifacts", str(tmp_path / "art")],
+    # A guest name of its own: the commands find a session by name among every `xenpv run --console` on the
+    # machine, and another run's "default" (a parallel test session) would make the name ambiguous.
+    name = f"sr{os.getpid()}"
+    guest = tmp_path / f"{name}.yaml"
+    guest.write_text(Path("guests/default.yaml").read_text().replace("name: default", f"name: {name}", 1))
+    session = pexpect.spawn(sys.executable, ["-m", "xenpv.harness.cli", "run", str(guest), "--console", "--artifacts", str(tmp_path / "art")],
                             encoding="utf-8", timeout=180)
     try:
         session.expect_exact("guest> ")
         assert re.search(r"domain (\d+)", session.before)
         missing = xenpv("save", "nosuchguest", str(tmp_path / "x.save"))
         assert missing.returncode == 2 and "no running `xenpv run --console` session has domain 'nosuchguest'" in missing.stderr
-        saved = xenpv("save", "default", str(tmp_path / "guest.save"))
-        assert saved.returncode == 0 and re.match(r"save: default is saved \(", saved.stdout), saved.stdout + saved.stderr
+        saved = xenpv("save", name, str(tmp_path / "guest.save"))
+        assert saved.returncode == 0 and re.match(rf"save: {name} is saved \(", saved.stdout), saved.stdout + saved.stderr
         restored = xenpv("restore", str(tmp_path / "guest.save"))
-        m = re.match(r"restore: default is running in dom(\d+) ", restored.stdout)
+        m = re.match(rf"restore: {name} is running in dom(\d+) ", restored.stdout)
         assert restored.returncode == 0 and m, restored.stdout + restored.stderr
-        migrated = xenpv("migrate", m.group(1))
-        m2 = re.match(r"migrate: default is running in dom(\d+) ", migrated.stdout)
+        migrated = xenpv("migrate", name)
+        m2 = re.match(rf"migrate: {name} is running in dom(\d+) ", migrated.stdout)
         assert migrated.returncode == 0 and m2 and m2.group(1) != m.group(1), migrated.stdout + migrated.stderr
         again = xenpv("restore", str(tmp_path / "guest.save"))
         assert again.returncode == 1 and "needs a saved guest" in again.stdout
