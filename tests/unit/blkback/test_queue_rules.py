@@ -102,8 +102,8 @@ def make_disk(tmp_path: Path, persistent: bool) -> Iterator[Any]:
         path.write_bytes(bytes(range(256)) * (DISK_SECTORS * BLKIF_SECTOR_SIZE // 256))
         ram = bytearray(PAGES * XEN_PAGE_SIZE)
         xenhv = FakeXenhv(ram)
-        config = DiskConfig(RawImage(path, readonly=readonly), DISK_SECTORS, readonly, discard, MAX_INDIRECT,
-                            persistent)
+        # The image itself stays writable: a read-only disk must be refused by the queue's own checks.
+        config = DiskConfig(RawImage(path), DISK_SECTORS, readonly, discard, MAX_INDIRECT, persistent)
         queue = BlkQueue("test q0", backend=cast(Any, xenhv), link=cast(Any, FakeLink(FakeMemory(ram))),
                          layouts=BLKIF_NATIVE, disk=config, ring_grefs=[], remote_port=0,
                          on_fatal=lambda reason: pytest.fail(reason))
@@ -125,7 +125,8 @@ def make_disk(tmp_path: Path, persistent: bool) -> Iterator[Any]:
 def test_read_only_disk_refuses_every_write(make_disk) -> None:
     d = make_disk(readonly=True)
     before = d.image()
-    assert d.serve(pack_request(BLKIF_OP_READ, 1, 0, [(3, 0, 7)])) == OK    # reads are served...
+    assert d.serve(pack_request(BLKIF_OP_READ, 1, 0, [(3, 0, 7)])) == OK    # reads are served (the second
+    assert d.serve(pack_request(BLKIF_OP_READ, 9, 8, [(3, 0, 7)])) == OK    # from a persistent-grant plan)...
     for raw in (pack_request(BLKIF_OP_WRITE, 2, 0, [(3, 0, 7)]),
                 pack_request(BLKIF_OP_WRITE, 3, 8, [(3, 0, 7)]),           # ...a write in the same shape is not
                 pack_request(BLKIF_OP_WRITE_BARRIER, 4, 0, [(3, 0, 0)]),
