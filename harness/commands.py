@@ -6,6 +6,7 @@ import contextlib
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -207,8 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         job.run()
         if args.console:
             # `xenpv save|restore|migrate` from another shell reach this guest through this socket.
-            cleanup.callback(LifecycleServer(guest, host.run_dir).close)
-            _interactive(guest)
+            server = LifecycleServer(guest, host.run_dir)
+            cleanup.callback(server.close)
+            _interactive(guest, server.lock)
         return job
 
     job = run_guarded(main_job)
@@ -242,7 +244,9 @@ def _artifacts_after(artifacts: Path, exc: BaseException | None) -> None:
     exc.args = (exc.report() + f"\nartifacts kept in {target}",)
 
 
-def _interactive(guest: Guest) -> None:
+def _interactive(guest: Guest, lifecycle_lock: threading.Lock) -> None:
+    """The session's console. Each command holds the lifecycle server's lock: a `xenpv save` from another
+    shell must not stop the vCPU under a command half done, nor a command run on a guest being saved."""
     print("\nguest console; 'quit' to leave")
     while True:
         try:
@@ -251,7 +255,9 @@ def _interactive(guest: Guest) -> None:
             return
         if line.strip() in ("quit", "exit"):
             return
-        print(guest.console.run(line))
+        with lifecycle_lock:
+            answer = guest.console.run(line)
+        print(answer)
 
 
 def cmd_pci(args: argparse.Namespace) -> int:
