@@ -6,7 +6,7 @@ active device and reboot requests, and logging to the debug ports.
 """
 from .config import ActiveDevice, Config
 from .driver import PACKAGE_VERSION, BootOptions, Xen, XenLog
-from .unplug import UNPLUG_DISKS, UNPLUG_NICS, UNPLUG_TYPES, Unplug, UnplugPortError
+from .unplug import UNPLUG_DISKS, UNPLUG_NICS, UNPLUG_TYPES, Unplug
 
 __all__ = ["ActiveDevice", "BootOptions", "Config", "PACKAGE_VERSION", "UNPLUG_DISKS", "UNPLUG_NICS",
-           "UNPLUG_TYPES", "Unplug", "UnplugPortError", "Xen", "XenLog"]
+           "UNPLUG_TYPES", "Unplug", "Xen", "XenLog"]

@@ -88,7 +88,7 @@ class Xen:
         self.debug_log = debug_log
         self.vcpu = vcpu
         self.version = version
-        self.config = Config(registry)
+        self.config = Config(registry, debug_log)
         self.options = BootOptions.parse(self._start_options())
         hypervisor = vcpu is not None and vcpu.hv is not None
         # Unplug ports exist only where xenhv serves them; anywhere else port I/O reaches plain QEMU,

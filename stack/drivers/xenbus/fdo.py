@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("stack.drivers.xenbus.fdo")
 
 XEN_PLATFORM_VENDOR_ID = 0x5853
-ENUM_PCI = r"HKLM\SYSTEM\CurrentControlSet\Enum\PCI"
 PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS\Parameters"
 DEFAULT_SUPPORTED_CLASSES = ["VIF", "VBD", "VKBD", "IFACE", "CONS"]
 DEFAULT_SYNTHETIC_CLASSES = ["IFACE", "CONS"]
@@ -156,27 +155,16 @@ class XenbusFdo:
         if status != EmulatedStatus.NEUTRAL:
             self.active = status == EmulatedStatus.FORCE_ACTIVATED
             if self.active:
+                # (VOID) ConfigSetActive: a refusal (legacy device) leaves the FDO active anyway.
                 config.ConfigSetActive(self.device_id, self.instance_id, self.location)
         elif (current := config.ConfigGetActive()) is not None:
             self.active = current.device_id.upper() == self.device_id.upper()
             if self.active:
-                config.ConfigUpdateActive(self.device_id, self.instance_id, self.location)
+                config.ConfigUpdateActive(self.device_id, self.instance_id, self.location)  # (VOID) too
         else:
-            self.active = self._set_active()
+            self.active = NT_SUCCESS(config.ConfigSetActive(self.device_id, self.instance_id, self.location))
         self._print(f"FdoSetActive: {self.device_id}\\{self.instance_id}: {'ACTIVE' if self.active else 'inactive'}"
                     + (f" ({status.name})" if status != EmulatedStatus.NEUTRAL else ""))
-
-    def _set_active(self) -> bool:
-        vdid = self.driver.vendor_device_id
-        if self.pci_device_id != vdid:
-            vendor_key = (f"{ENUM_PCI}\\VEN_{XEN_PLATFORM_VENDOR_ID:04X}&DEV_{vdid:04X}"
-                          f"&SUBSYS_{vdid:04X}{XEN_PLATFORM_VENDOR_ID:04X}&REV_01")
-            if self.driver.xen.registry.key_exists(vendor_key):
-                self._print(f"FdoSetActive: {self.device_id} is a legacy device and the vendor device "
-                            f"DEV_{vdid:04X} exists: not activating", DbgLevel.WARNING)
-                return False
-        self.driver.xen.config.ConfigSetActive(self.device_id, self.instance_id, self.location)
-        return True
 
     # -- start and the interfaces --------------------------------------------------------------
 

@@ -139,6 +139,8 @@ class FakeMachine:
     channels: tuple[FakeChannel, FakeChannel] = field(
         default_factory=lambda: (FakeChannel({0: FakeDrive("QEMU HARDDISK")}), FakeChannel({0: FakeDrive("QEMU DVD-ROM", cdrom=True)})))
     xen: bool = True
+    # What port 0x10 reads: QEMU never blacklists, a device model that did would answer 0xd249.
+    magic: int = U.UNPLUG_MAGIC
     config_address: int = 0
     unplug_writes: list[int] = field(default_factory=list)
     product: int | None = None
@@ -208,7 +210,7 @@ class FakeMachine:
             offset = (self.config_address & 0xFC) + port - 0xCFC
             return sum(function.config(offset + i) << 8 * i for i in range(size))
         if self.has_platform and port == U.UNPLUG_PORT_MAGIC and size == 2:
-            return U.UNPLUG_MAGIC
+            return self.magic
         if self.has_platform and port == U.UNPLUG_PORT_VERSION and size == 1:
             return U.UNPLUG_PROTOCOL_VERSION
         if (found := self._channel(port)) is not None:

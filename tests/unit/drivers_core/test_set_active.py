@@ -1,9 +1,12 @@
 """FdoSetActive (reference 4): exactly one XENBUS FDO works; which one follows the registry and XENFILT."""
 from __future__ import annotations
 
-from xenpv.stack.drivers.xen.config import XENFILT_PARAMETERS
+import pytest
+
+from xenpv.stack.drivers.xen.config import XENFILT_PARAMETERS, Config
 from xenpv.stack.drivers.xenfilt.emulated import EmulatedStatus
 from xenpv.stack.kernel import Registry, RegistryError
+from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
 
 DEV_0001 = r"PCI\VEN_5853&DEV_0001&SUBSYS_00015853&REV_01"
 DEV_0002 = r"PCI\VEN_5853&DEV_0002&SUBSYS_00015853&REV_01"
@@ -102,3 +105,54 @@ def test_removing_the_active_fdo_clears_the_active_device(rig, machine) -> None:
     assert _active_value(registry, "ActiveInstanceID") is None
     assert _active_value(registry, "ActiveLocationInformation") is not None  # config.c keeps it
     assert rig.platforms[0].closed
+
+
+# -- the legacy-device refusal lives in ConfigSetActive and ConfigUpdateActive (XB src/xen/config.c) --
+
+@pytest.mark.parametrize("device_id,vendor_seen,vendor_device_id,refused", [
+    (DEV_0001, True, 0xC000, True),
+    (DEV_0001, False, 0xC000, False),   # no vendor Enum key: __ConfigIsVendorDevicePresent is FALSE
+    (DEV_C000.lower(), True, 0xC000, False),  # _strnicmp: the vendor device is never legacy
+    (DEV_0001, True, None, False),      # built without VENDOR_DEVICE_ID: never refused
+])
+def test_config_set_and_update_active_refuse_a_legacy_device(device_id, vendor_seen, vendor_device_id,
+                                                              refused) -> None:
+    """config.c ConfigSetActive / ConfigUpdateActive: fail2 (STATUS_UNSUCCESSFUL) before any write when
+    __ConfigIsDeviceLegacy(DeviceID) && __ConfigIsVendorDevicePresent()."""
+    registry = Registry()
+    if vendor_seen:
+        registry.create_key(VENDOR_ENUM_KEY)
+    config = Config(registry, vendor_device_id=vendor_device_id)
+    expected = STATUS_UNSUCCESSFUL if refused else STATUS_SUCCESS
+    assert config.ConfigUpdateActive(device_id, "3&0&0&10", "PCI bus 0, device 2, function 0") == expected
+    assert (_active_value(registry, "ActiveInstanceID") is None) == refused
+    registry = Registry()
+    if vendor_seen:
+        registry.create_key(VENDOR_ENUM_KEY)
+    config = Config(registry, vendor_device_id=vendor_device_id)
+    assert config.ConfigSetActive(device_id, "3&0&0&10", "PCI bus 0, device 2, function 0") == expected
+    assert _active_value(registry, "ActiveDeviceID") == (None if refused else device_id)
+
+
+def test_a_stored_legacy_active_device_stays_active_but_update_active_fills_nothing(rig, machine) -> None:
+    """fdo.c FdoSetActive: with ActiveDeviceID stored, Active is the stricmp match and ConfigUpdateActive's
+    status is dropped, so a refused UpdateActive leaves the FDO active with the values missing."""
+    registry = Registry()
+    registry.create_key(VENDOR_ENUM_KEY)
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0001)
+    booted = rig.boot(machine(0x0001), registry)
+    assert _states(booted) == {"0001": True}
+    assert _active_value(registry, "ActiveInstanceID") is None
+    assert _active_value(registry, "ActiveLocationInformation") is None
+    assert any("ConfigUpdateActive" in line and "legacy device" in line for line in booted.kernel.log.tail(200))
+
+
+def test_forced_activation_of_a_legacy_device_is_active_but_not_recorded(rig, machine) -> None:
+    """fdo.c FdoSetActive: FORCE_ACTIVATED makes the FDO active and calls (VOID) ConfigSetActive, which
+    refuses the legacy device once the vendor device has been seen: nothing is recorded."""
+    registry = Registry()
+    registry.create_key(VENDOR_ENUM_KEY)
+    registry.set_dword(PRECEDENCE, r"PCI\VEN_5853&DEV_0001", 1)
+    booted = rig.boot(machine(0x0001), registry)
+    assert _states(booted) == {"0001": True}
+    assert _active_value(registry, "ActiveDeviceID") is None

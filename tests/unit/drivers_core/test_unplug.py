@@ -10,7 +10,8 @@ from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
 from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters, Registry, RegistryError
 from xenpv.stack.kernel.debuglog import DebugLog
 from xenpv.stack.kernel.pnp import CmProblem
-from xenpv.stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_SUCCESS
+from xenpv.stack.kernel.status import (STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_INVALID_PARAMETER,
+                                       STATUS_NOT_SUPPORTED, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS)
 from xenpv.xenabi import unplug as U
 
 CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
@@ -63,12 +64,76 @@ def test_request_counts_up_and_down_for_the_next_boot(machine) -> None:
     registry = Registry()
     xen = Xen.load(registry, DebugLog(), machine(0x0001))
     unplug = xen.unplug
-    unplug.UnplugRequest(UNPLUG_DISKS, True)
+    unplug.UnplugRequest(UNPLUG_DISKS, True)  # a missing value counts as 0
     unplug.UnplugRequest(UNPLUG_DISKS, True)
     unplug.UnplugRequest(UNPLUG_DISKS, False)
-    unplug.UnplugRequest(UNPLUG_NICS, False)  # never below zero
-    assert (_value(registry, UNPLUG_KEY, "DISKS"), _value(registry, UNPLUG_KEY, "NICS")) == (1, 0)
+    unplug.UnplugRequest(UNPLUG_NICS, False)  # missing: fails, writes nothing (see the next test)
+    assert (_value(registry, UNPLUG_KEY, "DISKS"), _value(registry, UNPLUG_KEY, "NICS")) == (1, None)
     assert not unplug.UnplugIsRequested(UNPLUG_DISKS)  # this boot was decided at load
+
+
+@pytest.mark.parametrize("stored,status", [(None, STATUS_OBJECT_NAME_NOT_FOUND), (0, STATUS_INVALID_PARAMETER),
+                                           (0x80000000, STATUS_INVALID_PARAMETER)])
+def test_decrementing_a_missing_or_zero_counter_fails_and_writes_nothing(machine, stored, status) -> None:
+    """XB src/xen/unplug.c UnplugDecrementValue: the query fails (fail1) or --Value < 0 on the LONG
+    (fail2, STATUS_INVALID_PARAMETER); RegistryUpdateDwordValue is never reached."""
+    registry = Registry()
+    xen = Xen.load(registry, DebugLog(), machine(0x0001))
+    if stored is not None:
+        registry.set_dword(UNPLUG_KEY, "NICS", stored)
+    assert xen.unplug.UnplugDecrementValue(UNPLUG_NICS) == status
+    assert _value(registry, UNPLUG_KEY, "NICS") == stored
+    registry.set_dword(UNPLUG_KEY, "NICS", 2)
+    assert xen.unplug.UnplugDecrementValue(UNPLUG_NICS) == STATUS_SUCCESS
+    assert _value(registry, UNPLUG_KEY, "NICS") == 1
+
+
+def test_the_enum_check_matches_the_class_case_sensitively(machine) -> None:
+    """XB src/xen/unplug.c UnplugCheckEnumKeyCallback: strstr(Name, "VBD"), so only an upper-case class
+    name in an Enum\\XENBUS key keeps the request."""
+    registry = _with_children("vbd")
+    registry.set_dword(UNPLUG_KEY, "DISKS", 1)
+    xen = Xen.load(registry, DebugLog(), machine(0x0001))
+    assert not xen.unplug.UnplugIsRequested(UNPLUG_DISKS)
+
+
+@pytest.mark.parametrize("blacklisted_at", ["first read", "after registration"])
+def test_blacklisted_magic_sets_blacklisted_and_the_masks_are_still_written(machine, blacklisted_at) -> None:
+    """XB src/xen/unplug.c UnplugPreamble: 0xd249 sets Context->BlackListed and returns STATUS_SUCCESS;
+    UnplugDevices then writes each requested mask regardless."""
+    registry = _with_children("VBD", "VIF")
+    registry.set_dword(UNPLUG_KEY, "DISKS", 1)
+    registry.set_dword(UNPLUG_KEY, "NICS", 1)
+    m = machine(0x0001)
+    debug_log = DebugLog()
+    xen = Xen.load(registry, debug_log, m)
+    if blacklisted_at == "first read":
+        m.magic = U.UNPLUG_MAGIC_BLACKLISTED
+    else:
+        real_out = m._out
+
+        def blacklist_on_build(port: int, size: int, value: int) -> None:
+            real_out(port, size, value)
+            if port == U.UNPLUG_PORT_BUILD:
+                m.magic = U.UNPLUG_MAGIC_BLACKLISTED
+        m._out = blacklist_on_build  # type: ignore[method-assign]
+    assert xen.unplug.UnplugDevices() == 0xB
+    assert m.unplug_writes == [0x9, 0x2] and xen.unplug.blacklisted
+    # Blacklisted on the first read: no product/build registration happens.
+    assert (m.build is None) == (blacklisted_at == "first read")
+    assert any("PRE-AMBLE (DRIVERS BLACKLISTED)" in line for line in debug_log.tail(50))
+
+
+def test_the_preamble_runs_at_every_unplug(machine) -> None:
+    """UnplugDevices calls UnplugPreamble each time (boot, then each resume in a new domain)."""
+    registry = _with_children("VBD")
+    registry.set_dword(UNPLUG_KEY, "DISKS", 1)
+    m = machine(0x0001)
+    xen = Xen.load(registry, DebugLog(), m)
+    xen.unplug.UnplugDevices()
+    m.build = None
+    xen.unplug.UnplugDevices()
+    assert m.build is not None and m.unplug_writes == [0x9, 0x9]
 
 
 @pytest.mark.parametrize("options,masks", [("", [0x9, 0x2]), ("XEN:BOOT_EMULATED=TRUE", [0x4, 0x2])])
@@ -91,17 +156,22 @@ def test_nothing_requested_writes_no_mask(machine) -> None:
     m = machine(0x0001)
     xen = Xen.load(Registry(), DebugLog(), m)
     assert xen.unplug.UnplugDevices() == 0
-    assert m.unplug_writes == [] and m.build is None
+    # UnplugDevices runs the preamble whatever was requested: the build registers, no mask is written.
+    assert m.unplug_writes == [] and m.build is not None
 
 
 def test_without_the_platform_ports_the_preamble_says_unsupported(machine) -> None:
+    """XB src/xen/unplug.c UnplugDevices: the preamble's STATUS_NOT_SUPPORTED is only ASSERTed, so the
+    free build still writes the masks, here to a port nothing serves."""
     registry = _with_children("VBD")
     registry.set_dword(FORCE_UNPLUG_KEY, "DISKS", 1)
     m = machine()  # a Xen guest with no platform PCI device: the ports read 0xFFFF
     debug_log = DebugLog()
     xen = Xen.load(registry, debug_log, m)
-    assert xen.unplug.UnplugDevices() == 0 and m.unplug_writes == []
-    assert any("protocol not supported" in line for line in debug_log.tail(50))
+    assert xen.unplug.UnplugPreamble() == STATUS_NOT_SUPPORTED
+    assert xen.unplug.UnplugDevices() == 0x9 and m.unplug_writes == []  # nobody listens on port 0x10
+    log = "\n".join(debug_log.tail(50))
+    assert "protocol not supported" in log and "ASSERTION FAILED" in log
 
 
 def test_outside_xen_the_modules_quiesce(machine) -> None:
