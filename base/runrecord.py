@@ -68,7 +68,7 @@ SCHEDULE_SEEDED = "seeded"  # deferred work drained in an order drawn from the s
 SCHEDULE_MODES = (SCHEDULE_OS, SCHEDULE_SEEDED)
 
 # Packages whose versions a record names (the rest of the environment rarely changes a guest's fate).
-KEY_PACKAGES = ("pexpect", "PyYAML", "qemu.qmp", "pytest", "atomics")
+KEY_PACKAGES = ("pexpect", "PyYAML", "qemu.qmp", "pytest")
 
 # One event line stays below this: a longer one is refused rather than split (see `event`).
 MAX_EVENT_BYTES = 64 * 1024

@@ -30,9 +30,11 @@ fi
 # Reinstall only when the project's dependency list or package layout changed since the last install.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check -e . 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$venv/bin/python" -c 'import xenpv.harness, qemu.qmp, yaml, libvirt, atomics' || { echo "bootstrap: python install failed" >&2; exit 1; }
+  "$venv/bin/python" -c 'import xenpv.harness, qemu.qmp, yaml, libvirt' || { echo "bootstrap: python install failed" >&2; exit 1; }
   touch "$stamp"
 fi
+# The C helper of xenabi/atomic.py (xenabi/_atomic_ops.c): rebuilt only when its source changed.
+"$venv/bin/python" -m xenpv.xenabi.native >/dev/null || { echo "bootstrap: building xenabi/_atomic_ops.so failed" >&2; exit 1; }
 
 case "${1:-}" in
   run)  shift; exec "$venv/bin/xenpv" run "${@:-guests/default.yaml}" ;;

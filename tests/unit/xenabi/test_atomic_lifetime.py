@@ -9,30 +9,33 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from xenpv.xenabi import atomic
 from xenpv.xenabi.atomic import AtomicMemory, AtomicMemoryReleasedError, AtomicU32
 
 if TYPE_CHECKING:  # fixtures of conftest.py
     from conftest import Gate, ReleaseCheck
 
 
-class _SlowValue(int):
-    """A value whose conversion for the store passes through the gate: holds a thread inside AtomicMemory.store."""
+class _GatedOps:
+    """The C helper with its store held at the gate: holds a thread inside AtomicMemory.store, after it
+    computed the word's address and before the store."""
 
-    gate: Gate
+    def __init__(self, ops: object, gate: Gate) -> None:
+        self._ops, self._gate = ops, gate
 
-    def to_bytes(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
-        self.gate.enter()
-        return int(self).to_bytes(*args, **kwargs)  # type: ignore[arg-type]
+    def xpv_store(self, *args: object) -> None:
+        self._gate.enter()
+        self._ops.xpv_store(*args)  # type: ignore[attr-defined]
 
 
-def test_release_waits_for_an_operation_in_progress(gate: Gate, release_waits_for_user: ReleaseCheck) -> None:
+def test_release_waits_for_an_operation_in_progress(gate: Gate, release_waits_for_user: ReleaseCheck,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     buf = mmap.mmap(-1, 4096)
     mem = AtomicMemory(memoryview(buf))
-    value = _SlowValue(0x1234)
-    value.gate = gate
-    release_waits_for_user(lambda: mem.store(8, 4, value), mem.release, "AtomicMemory.release()")
+    monkeypatch.setattr(atomic, "_OPS", _GatedOps(atomic._OPS, gate))
+    release_waits_for_user(lambda: mem.store(8, 4, 0x1234), mem.release, "AtomicMemory.release()")
     assert struct.unpack_from("<I", buf, 8)[0] == 0x1234
-    buf.close()  # every view was given back
+    buf.close()  # the export was given back
 
 
 @pytest.mark.parametrize("op", ["load", "store", "exchange", "cmpxchg", "fetch_or", "test_and_set_bit"])
@@ -67,4 +70,13 @@ def test_atomic_u32_refuses_a_misaligned_word() -> None:
     buf = mmap.mmap(-1, 4096)
     with pytest.raises(ValueError, match="not 4-byte aligned"):
         AtomicU32(buf, 6)
+    buf.close()
+
+
+def test_memory_pins_its_mapping_until_released() -> None:
+    buf = mmap.mmap(-1, 4096)
+    mem = AtomicMemory(memoryview(buf))
+    with pytest.raises(BufferError):
+        buf.close()
+    mem.release()
     buf.close()
