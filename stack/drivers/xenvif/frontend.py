@@ -18,8 +18,15 @@ netback answers nothing and may leave its state Connected). If either fails, Fro
 frontend down to CLOSED (Closing -> Closed; packets in flight or in the backlog are returned DROPPED and
 counted in XENVIF_TRANSMITTER_PACKETS_DROPPED) and up again (Initialising -> Connected), retrying while no
 backend answers; a restarted netback is met exactly like a new one. Packets queued while the frontend is
-not online are dropped and counted at once. Known gap: a PnP or power transition arriving while the
-watchdog is inside a reconnect's backend wait (kernel lock released) walks the same state machine.
+not online are dropped and counted at once.
+
+One walk of the state machine at a time (XV frontend.c FrontendSetState holds Frontend->Lock across the
+whole walk): XV's walk polls the store at DISPATCH_LEVEL, where nothing else can run on its processor;
+the model's backend waits give the processor away, so its lock is a synchronization event a second
+walker waits on (a PnP or power transition arriving while the watchdog's reconnect waits for the
+backend, or the other way round). A resume's LATE callback that finds a walk under way leaves its
+teardown to that walker, which does it before it lets the lock go (XV: the suspend cannot start while
+a processor holds the spin lock, SyncCapture waits for it).
 
 Queues: min(FrontendMaxQueues, the backend's multi-queue-max-queues), where FrontendMaxQueues is the
 processor count (the model's one vCPU) capped at FRONTEND_MAX_QUEUES, unless a DWORD of that name in
@@ -216,6 +223,8 @@ class Frontend:
         self._close_wait = BACKEND_WAIT_SECONDS
         self._watchdog_event = KEvent(f"{self.path} watchdog", synchronization=True)
         self._watchdog_running = False
+        self._state_lock = KEvent(f"{self.path} state lock", synchronization=True, signaled=True)
+        self._resume_pending = False
 
     def __str__(self) -> str:
         return f"FRONTEND({self.path})"
@@ -266,13 +275,27 @@ class Frontend:
 
     def FrontendSetState(self, target: FrontendState) -> NTSTATUS:
         assert_passive("FrontendSetState")
-        self.wanted = FrontendState(target)
-        status = self._walk(self.wanted)
-        # Watched once connected: a frontend that never found a backend stays down, as before.
-        if self.state >= FrontendState.FRONTEND_CONNECTED and not self._watchdog_running:
-            self._watchdog_running = True
-            threading.Thread(target=self._watchdog_run, name=f"xenvif-{self.index}-watchdog", daemon=True).start()
+        self._lock_state()
+        try:
+            self.wanted = FrontendState(target)
+            status = self._walk(self.wanted)
+            # Watched once connected: a frontend that never found a backend stays down, as before.
+            if self.state >= FrontendState.FRONTEND_CONNECTED and not self._watchdog_running:
+                self._watchdog_running = True
+                threading.Thread(target=self._watchdog_run, name=f"xenvif-{self.index}-watchdog",
+                                 daemon=True).start()
+        finally:
+            self._unlock_state()
         return status
+
+    def _lock_state(self) -> None:
+        KeWaitForSingleObject(self._state_lock)
+
+    def _unlock_state(self) -> None:
+        if self._resume_pending:  # a resume came while this walk waited for the backend: see the docstring
+            self._resume_pending = False
+            self._resume()
+        self._state_lock.set()
 
     def _walk(self, target: FrontendState) -> NTSTATUS:
         try:
@@ -529,8 +552,15 @@ class Frontend:
         return time.monotonic() - oldest
 
     def FrontendWatchdog(self) -> None:
-        """Under the kernel lock: reconnect when the backend left Connected or stopped answering; retry a
-        reconnect that found no backend."""
+        """Under the kernel lock and the state lock: reconnect when the backend left Connected or stopped
+        answering; retry a reconnect that found no backend."""
+        self._lock_state()
+        try:
+            self._watchdog_check()
+        finally:
+            self._unlock_state()
+
+    def _watchdog_check(self) -> None:
         if self.state < FrontendState.FRONTEND_CONNECTED:
             if self.wanted >= FrontendState.FRONTEND_CONNECTED:
                 self._walk(self.wanted)
@@ -572,6 +602,19 @@ class Frontend:
         giving the processor away; reaching ENABLED raises MAC_STATE_CHANGE, on which XENNET sends its
         three gratuitous ARPs (XV's FrontendAdvertiseIpAddresses)."""
         self.resumes += 1
+        self.online = False
+        if KeWaitForSingleObject(self._state_lock, 0) != STATUS_SUCCESS:
+            self._resume_pending = True  # a walk waits for the backend: it does this when it is done
+            log.info("%s: resumed in a new domain during a state walk; the walk resets it", self)
+            return
+        try:
+            self._resume()
+        finally:
+            self._state_lock.set()
+
+    def _resume(self) -> None:
+        """With the state lock held: drop what belonged to the old domain, go UNKNOWN and let the watchdog
+        thread walk back up to the wanted state."""
         self.online = False
         self.FrontendDisableStep()  # registered again on the way back to ENABLED
         self._queues_destroy()
