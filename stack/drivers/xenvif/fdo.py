@@ -1,11 +1,12 @@
 """The XENVIF FDO on XENBUS's VIF PDO (XV src/xenvif/fdo.c).
 
 AddDevice queries, at PASSIVE_LEVEL, the XENBUS interfaces the frontends need at the versions of the
-XENBUS revision the XENVIF INF binds (CACHE, STORE, SUSPEND, EVTCHN, GNTTAB, UNPLUG) and the platform's PCI
-DeviceID through BUS_INTERFACE_STANDARD (for the children's VendorName). START_DEVICE acquires them,
-arms the NIC unplug for the next boot (UNPLUG.Request(NICS, TRUE), held only for the call) and creates
-one frontend and NET PDO per `device/vif/N`; REMOVE_DEVICE disarms it (Request(NICS, FALSE)) and
-releases everything. A `FrontendMaxQueues` DWORD in XENVIF\\Parameters, read at START_DEVICE, sets every
+XENBUS revision the XENVIF INF binds (CACHE, STORE, SUSPEND, EVTCHN, GNTTAB, UNPLUG) and its parent's
+BUS_INTERFACE_STANDARD, held for the FDO's life (__FdoAcquireLowerBusInterface: the NET PDOs' own bus
+interface reads config space through it), and reads the platform's PCI DeviceID through it (for the
+children's VendorName). START_DEVICE acquires them and creates one frontend and NET PDO per
+`device/vif/N` with the vif's `mac` as its permanent address; REMOVE_DEVICE releases everything. The
+NIC unplug is armed and disarmed by each NET PDO (pdo.py), not here. A `FrontendMaxQueues` DWORD in XENVIF\\Parameters, read at START_DEVICE, sets every
 frontend's queue maximum (the INF's FrontendMaxQueues).
 
 Imports driver.py (its parent, for types) and pdo.py (PdoCreate), which import it back: the three mirror
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xenpv.stack.drivers.interface import InterfaceTable
 from xenpv.stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
@@ -25,14 +26,14 @@ from xenpv.stack.drivers.xenbus.evtchn import EvtchnInterface
 from xenpv.stack.drivers.xenbus.gnttab import GnttabInterface
 from xenpv.stack.drivers.xenbus.store import StoreInterface
 from xenpv.stack.drivers.xenbus.suspend import SuspendInterface
-from xenpv.stack.drivers.xenbus.unplug import XENBUS_UNPLUG_DEVICE_TYPE_NICS, UnplugInterface
+from xenpv.stack.drivers.xenbus.unplug import UnplugInterface
 from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, DeviceObject, DeviceRelationType, Irp, IoCompleteRequest, IoDeleteDevice,
                           IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters, forward)
 from xenpv.stack.kernel.irql import assert_passive
 from xenpv.stack.kernel.registry import RegistryError
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, status_name
 
-from .frontend import Frontend, FrontendInterfaces, FrontendState
+from .frontend import Frontend, FrontendInterfaces, FrontendState, parse_mac
 
 if TYPE_CHECKING:
     from .driver import XenvifDriver
@@ -61,16 +62,13 @@ def query_interface(lower: DeviceObject, name: str, version: int) -> InterfaceTa
     return irp.parameters.interface
 
 
-def query_pci_device_id(lower: DeviceObject) -> int:
+def acquire_lower_bus_interface(lower: DeviceObject) -> Any:
+    """__FdoAcquireLowerBusInterface: the parent's BUS_INTERFACE_STANDARD v1, referenced until FdoRemove."""
     irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(GUID_BUS_INTERFACE_STANDARD,
                                                                        BUS_INTERFACE_STANDARD_SIZE, 1, None))
-    if not NT_SUCCESS(IoSynchronousCallDriver(lower, irp)):
+    if not NT_SUCCESS(IoSynchronousCallDriver(lower, irp)) or irp.parameters.interface is None:
         raise XenvifFdoError("BUS_INTERFACE_STANDARD: not served by the parent")
-    bus = irp.parameters.interface
-    try:
-        return int.from_bytes(bus.GetBusData(2, 2), "little")
-    finally:
-        bus.InterfaceDereference()
+    return irp.parameters.interface
 
 
 @dataclass
@@ -80,6 +78,7 @@ class XenvifFdo:
     lower: DeviceObject
     pdo: DeviceObject
     interfaces: dict[str, InterfaceTable]
+    lower_bus: Any  # the parent's BUS_INTERFACE_STANDARD (LowerBusInterface)
     pci_device_id: int
     prefix: str = VENDOR_PREFIX
     children: dict[int, DeviceObject] = field(default_factory=dict)
@@ -95,15 +94,22 @@ class XenvifFdo:
     def create(cls, driver: XenvifDriver, device: DeviceObject, lower: DeviceObject, pdo: DeviceObject) -> XenvifFdo:
         versions = XENBUS_REVISIONS[CHILD_BINDS_XENBUS_REVISION]
         interfaces = {name: query_interface(lower, name, versions[name]) for name in FDO_INTERFACES}
-        return cls(driver, device, lower, pdo, interfaces, query_pci_device_id(lower))
+        bus = acquire_lower_bus_interface(lower)
+        return cls(driver, device, lower, pdo, interfaces, bus, int.from_bytes(bus.GetBusData(2, 2), "little"))
 
-    def _unplug_request(self, make: bool) -> None:
-        unplug = self.interfaces["UNPLUG"]
-        if NT_SUCCESS(unplug.UnplugAcquire()):
-            try:
-                unplug.UnplugRequest(XENBUS_UNPLUG_DEVICE_TYPE_NICS, make)
-            finally:
-                unplug.UnplugRelease()
+    def FdoReadPermanentAddress(self, index: int) -> bytes:
+        """`device/vif/<N>/mac` (FdoEnumerate reads it for PdoCreate); zeroes when absent or malformed: the
+        frontend refuses such a vif when it connects, with the reason."""
+        store = self.interfaces["STORE"]
+        status, buffer = store.StoreRead(None, f"device/vif/{index}", "mac")
+        if not NT_SUCCESS(status):
+            return bytes(6)
+        try:
+            return parse_mac(buffer.Value.decode(errors="replace"))
+        except ValueError:
+            return bytes(6)
+        finally:
+            store.StoreFree(buffer)
 
     def FdoStart(self) -> int:
         acquired: list[str] = []
@@ -115,7 +121,6 @@ class XenvifFdo:
                 self._release(acquired)
                 return status
             acquired.append(name)
-        self._unplug_request(True)
         self.started = True
         store = self.interfaces["STORE"]
         status, buffer = store.StoreDirectory(None, None, "device/vif")
@@ -128,7 +133,8 @@ class XenvifFdo:
         from .pdo import PdoCreate
         max_queues = self.parameter("FrontendMaxQueues")
         for index in indices:
-            self.children[index] = PdoCreate(self, Frontend(index, xi, max_queues=max_queues or None))
+            self.children[index] = PdoCreate(self, Frontend(index, xi, max_queues=max_queues or None),
+                                             self.FdoReadPermanentAddress(index))
         log.info("FdoStart: vifs %s", indices or "none")
         return STATUS_SUCCESS
 
@@ -173,9 +179,10 @@ class XenvifFdo:
             IoDeleteDevice(device)
         self.children.clear()
         if self.started:
-            self._unplug_request(False)
             self._release(list(HELD_INTERFACES))
             self.started = False
+        # Before the parent PDO goes (fdo.c: "We must release our reference before the PDO is destroyed").
+        self.lower_bus.InterfaceDereference()
         status = forward(irp, self.lower)
         IoDetachDevice(self.lower)
         IoDeleteDevice(self.device)

@@ -52,7 +52,9 @@ def test_callback_form_per_version(version: int) -> None:
 
 def test_net_pdo_hardware_ids_cover_every_xenvif_revision() -> None:
     ids = pdo_hardware_ids("XP0001")
-    assert ids == [f"XENVIF\\VEN_XP0001&DEV_NET&REV_{r:08X}" for r in sorted(XENVIF_REVISIONS, reverse=True)]
+    # XV pdo.c PdoQueryId: every revision newest first, then XENDEVICE.
+    assert ids == [f"XENVIF\\VEN_XP0001&DEV_NET&REV_{r:08X}" for r in sorted(XENVIF_REVISIONS, reverse=True)] \
+        + ["XENDEVICE"]
 
 
 def test_mac_round_trip() -> None:
