@@ -26,6 +26,8 @@ DISK_FORMATS = ("raw", "qcow2")
 DRIVER_ERAS = ("subscriber", "current")
 DRIVER_PACKAGES = ("xenbus", "xenvif", "xennet", "xenvbd", "xeniface")
 BOOT_OPTIONS = ("BOOT_EMULATED",)
+# The PV drivers' build: a checked build (DBG=1) stops on a failed ASSERT, a free build runs past it.
+DRIVER_BUILDS = ("free", "checked")
 MAX_MEMORY_MIB = 3072  # below the PC's 32-bit PCI hole, so guest-physical == RAM file offset
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
@@ -138,6 +140,7 @@ class GuestDefinition:
     not_expected: dict[str, str] = field(default_factory=dict)  # "disks"/"nics" -> the file's reason
     # Historical defects put back into the model (guests.bugs.CATALOGUE names), in the file's order.
     bugs: tuple[str, ...] = ()
+    build: str = "free"  # DRIVER_BUILDS: which build of the PV drivers the guest runs
 
     def pv_expectation(self, kind: str) -> PvExpectation:
         """What the main job may demand of this guest's PV `kind` ("disks" or "nics")."""
@@ -284,7 +287,7 @@ def load_guest(path: str | Path) -> GuestDefinition:
 def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefinition:
     r = _Reader(shown or str(path))
     top = r.mapping(doc, "", {"name", "memory", "seed", "platform", "emulated", "pv", "drivers", "registry", "boot",
-                              "not-expected", "bugs"})
+                              "not-expected", "bugs", "build"})
     base = path.parent
 
     def image(value: Any, fieldpath: str) -> Path | None:
@@ -481,7 +484,7 @@ def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefiniti
         name=name, path=path, memory_mib=memory >> 20, seed=seed, platform=platform,
         emulated_disks=emu_disks, emulated_nics=emu_nics, pv_disks=pv_disks, pv_nics=pv_nics,
         drivers=drivers, registry=registry, boot_options=options, not_expected=not_expected,
-        bugs=tuple(bugs),
+        bugs=tuple(bugs), build=r.choice(top.get("build", "free"), "build", DRIVER_BUILDS),
     )
 
 

@@ -118,7 +118,7 @@ class GuestRuntime:
 
         self.drivers = boot_stack(self.vcpu, guest.memory_mib << 8, kernel=self.kernel, catalog=catalog,
                                   seed=guest.seed, boot_options=guest.boot_options,
-                                  module_versions=self.module_versions(), bugs=guest.bugs)
+                                  module_versions=self.module_versions(), bugs=guest.bugs, build=guest.build)
         self.pci = self.drivers.pci
 
     def poll(self) -> None:

@@ -22,7 +22,8 @@ from xenpv.stack.drivers.revision import VENDOR_PREFIX
 from xenpv.stack.drivers.xen import PACKAGE_VERSION, Xen
 from xenpv.stack.drivers.xenbus.driver import FiltersInstall, XenbusDriver
 from xenpv.stack.drivers.xenfilt import XenfiltDriver
-from xenpv.stack.kernel import BugCheckCode, DeviceNode, InMemoryCatalog, Kernel, KeBugCheckEx, Registry
+from xenpv.stack.kernel import BugCheckCode, DeviceNode, InMemoryCatalog, Kernel, KeBugCheckEx, Registry, RegistryError
+from xenpv.stack.kernel.assertion import set_build
 from xenpv.stack.kernel.pnp import DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
 from xenpv.stack.kernel.mm import MemoryManager, set_current_mm
 from xenpv.stack.vcpu.cpu import Vcpu
@@ -35,6 +36,7 @@ log = logging.getLogger("stack.drivers.boot")
 XENBUS_PCI_IDS = (r"PCI\VEN_5853&DEV_0001", r"PCI\VEN_5853&DEV_0002", r"PCI\VEN_5853&DEV_C000&SUBSYS_C0005853&REV_01")
 PIIX_IDE_ID = r"PCI\VEN_8086&DEV_7010"
 XENFILT_PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENFILT\Parameters"
+XENBUS_PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS\Parameters"
 CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
 
 
@@ -96,6 +98,13 @@ def prepare_registry(registry: Registry, *, boot_options: tuple[str, ...] = ()) 
     """What installing the XENBUS package leaves behind: the XENFILT type map and class filters."""
     registry.set_sz(XENFILT_PARAMETERS, "*PNP0A03", "PCI")
     registry.set_sz(XENFILT_PARAMETERS, IDE_CHANNEL_ID, "IDE")
+    # xenbus.inf XenBus_Parameters; kept if present, so a test can set its own (XENBUS reads no default).
+    for name, classes in (("SupportedClasses", ["VIF", "VBD", "VKBD", "IFACE", "CONS"]),
+                          ("SyntheticClasses", ["IFACE", "CONS"])):
+        try:
+            registry.query_value(XENBUS_PARAMETERS, name)
+        except RegistryError:
+            registry.set_multi_sz(XENBUS_PARAMETERS, name, classes)
     FiltersInstall(registry)
     if boot_options:
         registry.set_sz(CONTROL_KEY, "SystemStartOptions", " ".join(f"XEN:{o}=TRUE" for o in boot_options))
@@ -107,12 +116,13 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
                prefix: str = VENDOR_PREFIX, extra_drivers: dict[str, Callable[..., int]] | None = None,
                kernel: Kernel | None = None,
                module_versions: Mapping[str, tuple[int, int, int, int]] | None = None,
-               bugs: Iterable[str] = ()) -> BootedStack:
+               bugs: Iterable[str] = (), build: str = "free") -> BootedStack:
     """Boot; `catalog(drivers)` builds the DriverCatalog from the images {service: DriverEntry}. A
     `kernel` made by the caller (who then holds it for a crash dump if boot bugchecks) brings its registry.
     `module_versions` {"XEN"|"XENFILT"|"XENBUS": version} gives each image its own build (the versions of
     the files on disk, which XenTouch compares); a module not named is `version`. `bugs`: the historical
-    bug switches of the guest YAML (guests.bugs), joined by those the registry turns on."""
+    bug switches of the guest YAML (guests.bugs), joined by those the registry turns on. `build`: the
+    drivers' build, "free" or "checked" (stack.kernel.assertion: whether their ASSERTs stop the guest)."""
     versions = {module: (module_versions or {}).get(module, version) for module in ("XEN", "XENFILT", "XENBUS")}
     if kernel is None:
         kernel = Kernel(registry=registry if registry is not None else Registry(), seed=seed)
@@ -122,6 +132,7 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     pci = bus.assign_resources()
     kernel.activate()
     bug_switches.activate(bugs, registry, kernel.log)  # before xen.sys loads: 080720a lives in its DllInitialize
+    set_build(build)
     xen = Xen.load(registry, kernel.log, vcpu, versions["XEN"])
     xenfilt = XenfiltDriver(xen, versions["XENFILT"])
     kernel.mm = MemoryManager(PageAllocator(ram_pages), vcpu)
