@@ -69,6 +69,10 @@ class PowerManager:
         self.irp_timeout = irp_timeout
         self.system_state = S0
         self.last_veto: PowerVeto | None = None
+        # The power broadcast services get (SERVICE_CONTROL_POWEREVENT): called with the target state
+        # before the IRPs of a sleep (PBT_APMSUSPEND) and with S0 after a wake (PBT_APMRESUMEAUTOMATIC).
+        # On the transition's thread, holding the processor: a receiver takes note and returns.
+        self.broadcasts: list[Callable[[SYSTEM_POWER_STATE], None]] = []
         pnp.power = self
 
     def _started(self, children_first: bool) -> list[DeviceNode]:
@@ -100,10 +104,17 @@ class PowerManager:
                             self._system_irp(done, IRP_MN_POWER.SET_POWER, S0)
                         return False
                     queried.append(node)
+            self._broadcast(target)
             for node in nodes:
                 self._system_irp(node, IRP_MN_POWER.SET_POWER, target)
         self.system_state = target
+        if target == S0:
+            self._broadcast(S0)
         return True
+
+    def _broadcast(self, state: SYSTEM_POWER_STATE) -> None:
+        for receiver in list(self.broadcasts):
+            receiver(state)
 
     def _system_irp(self, node: DeviceNode, minor: IRP_MN_POWER, state: SYSTEM_POWER_STATE) -> int:
         irp = Irp.power(minor, PowerParameters(POWER_STATE_TYPE.SystemPowerState, state, _ACTIONS[state]))
