@@ -8,17 +8,22 @@ and Release (teardown on 1->0). `GetInterface(Version, Size)` answers IRP_MN_QUE
 an unknown version is STATUS_NOT_SUPPORTED, a buffer shorter than the version's table is
 STATUS_BUFFER_OVERFLOW, success copies the table and sets its Context.
 
-A provider module (one per interface) subclasses `Interface`, lists its tables with `table(version,
-members)` and implements the members as methods named as in C (`EvtchnOpen`...); Acquire and Release
-are `acquire`/`release` with `setup`/`teardown` overridden. The table a client receives exposes only
-the members of its version, under their C names: `table.EvtchnOpen(...)` is `If->EvtchnOpen(...)`.
+A provider module (one per interface) subclasses `Interface`, takes its tables from the catalogue of
+member lists (interface_layouts.LAYOUTS: each version's struct members exactly as the upstream header
+declares them, so every table's size is the real sizeof) and implements the members as methods named as
+in C (`EvtchnOpen`, and `EvtchnUnmaskVersion4` for the old version's member with its old semantics);
+Acquire and Release are `acquire`/`release` with `setup`/`teardown` overridden. The table a client
+receives exposes only the members of its version, under their C names: `table.EvtchnOpen(...)` is
+`If->EvtchnOpen(...)`. Two headers (SUSPEND, XENVIF's VIF) name their members without the interface
+prefix (`Register`); their tables answer to the prefixed name (`table.SuspendRegister`), as every other
+interface's do, and so do tables built with `table(version, members)` from short names.
 """
 from __future__ import annotations
 
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 from xenpv.stack.kernel.irql import KeAcquireSpinLock, KeReleaseSpinLock, KSpinLock
 from xenpv.stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
@@ -32,12 +37,21 @@ INTERFACE_HEADER_SIZE = 2 + 2 + 4 + 3 * POINTER_SIZE
 
 @dataclass(frozen=True)
 class TableLayout:
+    """One version's struct: the INTERFACE header, then one function pointer per member."""
+
     version: int
     members: tuple[str, ...]  # in C order, Acquire and Release first
 
     @property
     def size(self) -> int:
+        """sizeof (struct _<X>_INTERFACE_V<version>) on x64."""
         return INTERFACE_HEADER_SIZE + POINTER_SIZE * len(self.members)
+
+
+def member_key(prefix: str, member: str) -> str:
+    """The name a table answers to for `member`: the C name when it carries the interface prefix
+    (`EvtchnOpen`), else prefix + member (SUSPEND's `Register` is `SuspendRegister`)."""
+    return member if member.startswith(prefix) else prefix + member
 
 
 @dataclass
@@ -63,7 +77,7 @@ class Interface:
 
     NAME: ClassVar[str]
     GUID: ClassVar[uuid.UUID]
-    TABLES: ClassVar[dict[int, TableLayout]]
+    TABLES: ClassVar[Mapping[int, TableLayout]]
 
     def __init__(self) -> None:
         self.references = 0
@@ -87,10 +101,16 @@ class Interface:
             return STATUS_NOT_SUPPORTED, None
         if size < layout.size:
             return STATUS_BUFFER_OVERFLOW, None
-        prefix = self.NAME.title().replace("_", "")
-        methods = {prefix + name: {"Acquire": self.acquire, "Release": self.release}.get(name)
-                   or getattr(self, prefix + name) for name in layout.members}
+        prefix = self.prefix()
+        common = {prefix + "Acquire": self.acquire, prefix + "Release": self.release}
+        keys = [member_key(prefix, member) for member in layout.members]
+        methods = {key: common.get(key) or getattr(self, key) for key in keys}
         return STATUS_SUCCESS, InterfaceTable(layout.size, version, self, methods=methods)
+
+    @classmethod
+    def prefix(cls) -> str:
+        """The members' C prefix: `SharedInfo` for SHARED_INFO."""
+        return cls.NAME.title().replace("_", "")
 
     def acquire(self) -> int:
         irql = KeAcquireSpinLock(self._lock)
@@ -127,6 +147,7 @@ class Interface:
 
 
 def table(version: int, *members: str) -> TableLayout:
+    """A layout from short member names (`Open`), Acquire and Release put first."""
     return TableLayout(version, ("Acquire", "Release") + members)
 
 

@@ -4,8 +4,9 @@ destructor, a reservation built up front, and (v2) a cap.
 `Ctor(Argument, Object) -> NTSTATUS` initialises a fresh object, `Dtor(Argument, Object)` undoes it.
 `Lock(Argument)`/`Unlock(Argument)` are the client's lock: Get/Put take it around the cache's own lists
 unless the caller says it already holds it (Locked). Objects are `CacheObject`s: `Size` bytes in `.data`
-plus whatever attributes the constructor sets. Destroying a cache with objects still out is a BUG, as
-is releasing the interface with caches still alive.
+plus whatever attributes the constructor sets. Releasing the interface with caches still alive is a BUG;
+destroying a cache with objects still out is an ASSERT (cache.c CacheDestroy: CurrentObjects == 0): a
+checked build stops there, a free build destroys the free objects and leaks those still out.
 
 Simplification: the driver keeps per-CPU magazines and a monitor thread that trims the free list back
 to the reservation; with one vCPU the model keeps a single free list and trims nothing.
@@ -19,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenpv.stack.drivers.interface import Interface, InterfaceTable, table
+from xenpv.stack.drivers.interface import Interface
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INSUFFICIENT_RESOURCES, STATUS_INVALID_PARAMETER, STATUS_SUCCESS,
                                  NTSTATUS)
@@ -69,14 +72,14 @@ class Cache:
         return f"CACHE({self.Name})"
 
 
-# A v1 cache has no cap: it grows as long as the constructor succeeds.
-UNCAPPED = 1 << 32
+# Cap 0 at Create means no cap: cache.c CacheCreate makes it ULONG_MAX.
+ULONG_MAX = 0xFFFFFFFF
 
 
 class CacheInterface(Interface):
     NAME = "CACHE"
     GUID = CACHE_GUID
-    TABLES = {version: table(version, "Create", "Get", "Put", "Destroy") for version in (1, 2)}
+    TABLES = LAYOUTS["CACHE"]  # v1 creates with CreateVersion1 (no Cap)
 
     def __init__(self, debug: DebugInterface) -> None:
         super().__init__()
@@ -104,15 +107,10 @@ class CacheInterface(Interface):
             self.debug.DebugPrintf("%s: Size = %u Allocated = %u Free = %u Cap = %u", cache.Name, cache.Size,
                                    len(cache.allocated), len(cache.free), cache.Cap)
 
-    def get_interface(self, version: int, size: int) -> tuple[int, InterfaceTable | None]:
-        status, interface = super().get_interface(version, size)
-        if interface is not None and version == 1:
-            interface.methods["CacheCreate"] = self._create_v1
-        return status, interface
-
-    def _create_v1(self, Name: str, Size: int, Reservation: int, Ctor: CacheCtor, Dtor: CacheDtor,
-                   Lock: CacheLock, Unlock: CacheLock, Argument: Any) -> tuple[NTSTATUS, Cache | None]:
-        return self.CacheCreate(Name, Size, Reservation, UNCAPPED, Ctor, Dtor, Lock, Unlock, Argument)
+    def CacheCreateVersion1(self, Name: str, Size: int, Reservation: int, Ctor: CacheCtor, Dtor: CacheDtor,
+                            Lock: CacheLock, Unlock: CacheLock, Argument: Any) -> tuple[NTSTATUS, Cache | None]:
+        """v1: CacheCreate with Cap 0, which means no cap (cache.c CacheCreateVersion1)."""
+        return self.CacheCreate(Name, Size, Reservation, 0, Ctor, Dtor, Lock, Unlock, Argument)
 
     def _construct(self, cache: Cache) -> CacheObject | None:
         obj = CacheObject(cache.Size)
@@ -125,7 +123,9 @@ class CacheInterface(Interface):
 
     def CacheCreate(self, Name: str, Size: int, Reservation: int, Cap: int, Ctor: CacheCtor, Dtor: CacheDtor,
                     Lock: CacheLock, Unlock: CacheLock, Argument: Any) -> tuple[NTSTATUS, Cache | None]:
-        if Size <= 0 or Reservation < 0 or Cap <= 0 or Reservation > Cap:
+        if Cap == 0:
+            Cap = ULONG_MAX
+        if Size <= 0 or Reservation < 0 or Cap < 0 or Reservation > Cap:
             return STATUS_INVALID_PARAMETER, None
         cache = Cache(Name, Size, Reservation, Cap, Ctor, Dtor, Lock, Unlock, Argument)
         # The reservation is met before Create returns, so a failing constructor fails the Create.
@@ -167,10 +167,12 @@ class CacheInterface(Interface):
     def CacheDestroy(self, Cache: Cache) -> None:
         if Cache not in self.caches:
             BUG("UNKNOWN CACHE")
-        if Cache.outstanding:
-            BUG("OUTSTANDING OBJECTS")
         self.caches.remove(Cache)
-        for obj in Cache.allocated:
+        ASSERT(Cache.outstanding == 0, "Cache->CurrentObjects == 0")
+        if Cache.outstanding:
+            log.warning("%s destroyed with %d objects out: they leak", Cache, Cache.outstanding)
+        # CacheSpill(Cache, 0): the free objects are destructed; those still out are not the cache's to touch.
+        for obj in Cache.free:
             Cache.Dtor(Cache.Argument, obj)
         Cache.allocated.clear()
         Cache.free.clear()

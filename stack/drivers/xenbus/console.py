@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenpv.xenabi.atomic import AtomicMemory
-from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.interface import Interface
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.event import KEvent, KeSetEvent
@@ -52,7 +53,7 @@ class ConsoleWakeup:
 class ConsoleInterface(Interface):
     NAME = "CONSOLE"
     GUID = CONSOLE_GUID
-    TABLES = {1: table(1, "CanRead", "Read", "CanWrite", "Write", "WakeupAdd", "WakeupRemove")}
+    TABLES = LAYOUTS["CONSOLE"]
 
     def __init__(self, platform: XenPlatform, debug: DebugInterface) -> None:
         super().__init__()

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.interface import Interface
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.bugcheck import BUG, BugCheck, KeDeregisterBugCheckCallback, KeRegisterBugCheckCallback
 from xenpv.stack.kernel.debuglog import DbgLevel, current_log
 from xenpv.stack.kernel.irql import HIGH_LEVEL, KeGetCurrentIrql, KeLowerIrql, KeRaiseIrql
@@ -48,7 +50,7 @@ class DebugCallback:
 class DebugInterface(Interface):
     NAME = "DEBUG"
     GUID = DEBUG_GUID
-    TABLES = {1: table(1, "Register", "Printf", "Trigger", "Deregister")}
+    TABLES = LAYOUTS["DEBUG"]
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,13 +85,15 @@ class DebugInterface(Interface):
         self.callbacks.remove(Callback)
 
     def DebugPrintf(self, Format: str, *Arguments: Any) -> None:
+        """debug.c DebugPrintf: only a debug callback may print (ASSERT(Context->CallbackPrefix != NULL)); a
+        free build prints outside one too, with the NULL prefix as the CRT prints it, "(null)"."""
         callback = self._current
-        if callback is None:
-            BUG("PRINTF OUTSIDE A DEBUG CALLBACK")
+        ASSERT(callback is not None, "Context->CallbackPrefix != NULL")
+        prefix = callback.Prefix if callback is not None else "(null)"
         function = sys._getframe(1).f_code.co_name
         text = Format % Arguments if Arguments else Format
         for line in text.rstrip("\n").split("\n"):
-            current_log().print("xenbus", f"{callback.Prefix}|{function}: {line}", DbgLevel.INFO)
+            current_log().print("xenbus", f"{prefix}|{function}: {line}", DbgLevel.INFO)
 
     def DebugTrigger(self, Callback: DebugCallback | None) -> None:
         """Run one callback (or all) now, not crashing. Callbacks always run at HIGH_LEVEL."""

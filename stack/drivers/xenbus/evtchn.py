@@ -32,11 +32,13 @@ from enum import IntEnum
 from typing import Any
 
 from xenpv.stack.drivers import bugs
-from xenpv.stack.drivers.interface import Interface, InterfaceTable, acquire_all, table
+from xenpv.stack.drivers.interface import Interface, InterfaceTable, acquire_all
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
 from xenpv.stack.drivers.xenbus.suspend import (SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback,
                                                 SuspendInterface)
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.bugcheck import BUG, BugCheck
 from xenpv.stack.kernel.dpc import (KDpc, IoConnectInterrupt, IoDisconnectInterrupt, KeInitializeDpc, KeInsertQueueDpc,
                                     KeRemoveQueueDpc, KInterrupt)
@@ -95,15 +97,14 @@ class EvtchnChannel:
         return f"EVTCHN_CHANNEL({self.Type.name} port {self.LocalPort})"
 
 
-# The reference documents only v9's change (the VIRQ processor arguments of Open, eaf788a); v5-v8 are
-# given v9's member list, with the pre-v9 Open taking a VIRQ's Index alone.
-_MEMBERS = ("Open", "Bind", "Unmask", "Send", "Trigger", "GetCount", "Wait", "GetPort", "Close")
-
-
 class EvtchnInterface(Interface):
+    """v5 and v6 have no GetCount and wait for the next event (WaitVersion5); v5-v7 unmask with
+    UnmaskVersion4 (always forced, no result); v5 sends with SendVersion1 (which raises to DISPATCH_LEVEL
+    itself); before v9 Open takes a VIRQ's Index alone (evtchn.c EvtchnOpen: `Interface->Version < 9`)."""
+
     NAME = "EVTCHN"
     GUID = EVTCHN_GUID
-    TABLES = {version: table(version, *_MEMBERS) for version in range(5, 10)}
+    TABLES = LAYOUTS["EVTCHN"]
 
     def __init__(self, platform: XenPlatform, debug: DebugInterface, suspend: SuspendInterface,
                  shared_info: SharedInfoInterface) -> None:
@@ -155,7 +156,7 @@ class EvtchnInterface(Interface):
 
     def teardown(self) -> None:
         if self.channels:
-            BUG("OUTSTANDING CHANNELS")
+            BUG("OUTSTANDING EVENT CHANNELS")  # evtchn.c EvtchnRelease
         assert self._suspend_callback is not None and self._debug_callback is not None
         assert self._interrupt is not None and self._line is not None
         assert self._suspend_callback_late is not None
@@ -359,18 +360,26 @@ class EvtchnInterface(Interface):
         self._deliver_locally(Channel)
         return False
 
+    def EvtchnUnmaskVersion4(self, Channel: EvtchnChannel, InCallback: bool) -> None:
+        """v5-v7: EvtchnUnmask with Force, its result dropped (evtchn.c EvtchnUnmaskVersion4)."""
+        self.EvtchnUnmask(Channel, InCallback, True)
+
     def EvtchnSend(self, Channel: EvtchnChannel) -> None:
-        """Notify the remote end. Legal at any IRQL up to HIGH_LEVEL (raised to DISPATCH if below, so
-        a Close cannot race it)."""
-        old = KeRaiseIrql(DISPATCH_LEVEL) if KeGetCurrentIrql() < DISPATCH_LEVEL else None
+        """Notify the remote end. The caller keeps the domain from suspending by being at DISPATCH_LEVEL
+        or above (evtchn.c EvtchnSend: an ASSERT, so only a checked build stops a caller below it)."""
+        ASSERT(KeGetCurrentIrql() >= DISPATCH_LEVEL, "KeGetCurrentIrql() >= DISPATCH_LEVEL")
+        if Channel.Active:
+            rc, _ = self._hypercall(E.EVTCHNOP_send, E.EvtchnSend(port=Channel.LocalPort))
+            if rc:
+                log.warning("send on %s failed: %d", Channel, rc)
+
+    def EvtchnSendVersion1(self, Channel: EvtchnChannel) -> None:
+        """v5: raises to DISPATCH_LEVEL itself, so it may be called from any IRQL up to there."""
+        old = KeRaiseIrql(DISPATCH_LEVEL)
         try:
-            if Channel.Active:
-                rc, _ = self._hypercall(E.EVTCHNOP_send, E.EvtchnSend(port=Channel.LocalPort))
-                if rc:
-                    log.warning("send on %s failed: %d", Channel, rc)
+            self.EvtchnSend(Channel)
         finally:
-            if old is not None:
-                KeLowerIrql(old)
+            KeLowerIrql(old)
 
     def EvtchnTrigger(self, Channel: EvtchnChannel) -> None:
         """Deliver an event locally, as if the remote end had sent one."""
@@ -386,6 +395,10 @@ class EvtchnInterface(Interface):
             if KeWaitForSingleObject(Channel.delivered, Timeout) == STATUS_TIMEOUT:
                 return STATUS_TIMEOUT
         return STATUS_SUCCESS
+
+    def EvtchnWaitVersion5(self, Channel: EvtchnChannel, Timeout: float | None) -> NTSTATUS:
+        """v5/v6: wait for the next event after the call (evtchn.c EvtchnWaitVersion5: Count + 1)."""
+        return self.EvtchnWait(Channel, (self.EvtchnGetCount(Channel) + 1) & 0xFFFFFFFF, Timeout)
 
     def EvtchnGetPort(self, Channel: EvtchnChannel) -> int:
         return Channel.LocalPort

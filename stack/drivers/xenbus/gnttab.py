@@ -32,7 +32,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenpv.stack.drivers.interface import Interface, acquire_all, table
+from xenpv.stack.drivers.interface import Interface, acquire_all
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.cache import Cache, CacheInterface, CacheLock, CacheObject
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.range_set import RangeSet, RangeSetInterface
@@ -56,12 +57,6 @@ REVOKE_PAUSE_SECONDS = 0.0005
 
 _addresses = itertools.count(0xFFFFE000_01600000, 0x40)
 
-# Members as of v4. The reference documents only that QueryReference came in v3; v2 is v4 without it,
-# and v3 equals v4 (what v4 itself changed is not recorded there).
-_V4 = ("CreateCache", "PermitForeignAccess", "RevokeForeignAccess", "GetReference", "QueryReference",
-       "DestroyCache", "MapForeignPages", "UnmapForeignPages")
-
-
 @dataclass(eq=False)
 class GnttabEntry:
     """XENBUS_GNTTAB_ENTRY: a reference and what it currently grants."""
@@ -84,7 +79,7 @@ class GnttabCache:
 class GnttabInterface(Interface):
     NAME = "GNTTAB"
     GUID = GNTTAB_GUID
-    TABLES = {2: table(2, *(m for m in _V4 if m != "QueryReference")), 3: table(3, *_V4), 4: table(4, *_V4)}
+    TABLES = LAYOUTS["GNTTAB"]  # v2 and v3 create caches with CreateCacheVersion1 (no Cap); v3 added QueryReference
 
     def __init__(self, platform: XenPlatform, debug: DebugInterface, cache: CacheInterface,
                  range_set: RangeSetInterface, suspend: SuspendInterface | None = None) -> None:
@@ -169,6 +164,11 @@ class GnttabInterface(Interface):
         gnttab_cache = GnttabCache(Name, cache)
         self.caches.append(gnttab_cache)
         return STATUS_SUCCESS, gnttab_cache
+
+    def GnttabCreateCacheVersion1(self, Name: str, Reservation: int, Lock: CacheLock, Unlock: CacheLock,
+                                  Argument: Any) -> tuple[NTSTATUS, GnttabCache | None]:
+        """v2/v3: GnttabCreateCache with Cap 0, no cap (gnttab.c GnttabCreateCacheVersion1)."""
+        return self.GnttabCreateCache(Name, Reservation, 0, Lock, Unlock, Argument)
 
     def GnttabDestroyCache(self, Cache: GnttabCache) -> None:
         if Cache not in self.caches:

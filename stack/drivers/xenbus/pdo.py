@@ -2,7 +2,9 @@
 
 IDs (PdoQueryId): DeviceID `XENBUS\\VEN_<PREFIX>&DEV_<CLASS>`, InstanceID "_", HardwareIDs = CompatibleIDs =
 `XENBUS\\VEN_<VendorName>&DEV_<CLASS>&REV_%08X` for every revision newest first, then `XENCLASS`; the
-MULTI_SZ must stay under REGSTR_VAL_MAX_HCID_LEN.
+MULTI_SZ's bytes (WCHARs, up to XENCLASS's terminator) must stay under REGSTR_VAL_MAX_HCID_LEN, which is an
+ASSERT: a checked build stops there (at 13 revisions), a free build returns the whole list (its buffer
+holds MAX_DEVICE_ID_LEN WCHARs per revision).
 
 PdoQueryInterface: a status other than NOT_SUPPORTED is completed unchanged; BUS_INTERFACE_STANDARD v1 is
 a proxy onto the platform device's config space; the XENBUS interfaces come from the FDO's contexts
@@ -20,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from xenpv.stack.drivers.interface import Interface
 from xenpv.stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD, BusInterfaceStandard
-from xenpv.stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENBUS_REVISIONS, newest_first
+from xenpv.stack.drivers.revision import XENBUS_REVISIONS, newest_first
 from xenpv.stack.drivers.xenfilt.emulated import GUID_XENFILT_EMULATED_INTERFACE
 from xenpv.stack.kernel import (IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType, Irp,
                           IoCompleteRequest, IoCreateDevice, IoDeleteDevice)
-from xenpv.stack.kernel.bugcheck import BUG_ON
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.debuglog import DbgLevel
 from xenpv.stack.kernel.registry import RegistryError
 from xenpv.stack.kernel.status import (STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
@@ -46,6 +48,16 @@ def multi_sz_chars(strings: list[str]) -> int:
     return sum(len(s) + 1 for s in strings) + 1
 
 
+REGSTR_VAL_MAX_HCID_LEN = 1024  # pdo.c #define, compared with a length in bytes
+
+
+def multi_sz_bytes_before_final_terminator(strings: list[str]) -> int:
+    """What PdoQueryId compares with REGSTR_VAL_MAX_HCID_LEN: `(ULONG_PTR)Buffer - (ULONG_PTR)Id.Buffer`
+    once Buffer is past the last string's terminator, i.e. the WCHARs (2 bytes each) of every string and
+    its terminator, without the MULTI_SZ's final one."""
+    return 2 * sum(len(s) + 1 for s in strings)
+
+
 def pdo_device_id(prefix: str, device_class: str) -> str:
     return f"XENBUS\\VEN_{prefix}&DEV_{device_class}"
 
@@ -53,8 +65,9 @@ def pdo_device_id(prefix: str, device_class: str) -> str:
 def pdo_hardware_ids(vendor: str, device_class: str) -> list[str]:
     ids = [f"XENBUS\\VEN_{vendor}&DEV_{device_class}&REV_{revision:08X}"
            for revision in newest_first(XENBUS_REVISIONS)] + [XENCLASS]
-    BUG_ON(multi_sz_chars(ids) >= MAX_HARDWARE_IDS_CHARS,
-           f"HARDWARE IDS FOR {device_class} EXCEED REGSTR_VAL_MAX_HCID_LEN")
+    # pdo.c PdoQueryId: ASSERT3U((ULONG_PTR)Buffer - (ULONG_PTR)Id.Buffer, <, REGSTR_VAL_MAX_HCID_LEN)
+    ASSERT(multi_sz_bytes_before_final_terminator(ids) < REGSTR_VAL_MAX_HCID_LEN,
+           "(ULONG_PTR)Buffer - (ULONG_PTR)Id.Buffer < REGSTR_VAL_MAX_HCID_LEN")
     return ids
 
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from xenpv.xenabi.atomic import AtomicMemory
-from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.interface import Interface
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS
@@ -61,12 +62,8 @@ def shared_info_gfn(platform: XenPlatform) -> int:
 class SharedInfoInterface(Interface):
     NAME = "SHARED_INFO"
     GUID = SHARED_INFO_GUID
-    _V2 = ("UpcallPending", "EvtchnPoll", "EvtchnAck", "EvtchnMask", "EvtchnUnmask")
-    TABLES = {
-        2: table(2, *_V2),
-        3: table(3, *_V2, "GetTime"),                      # v3 added GetTime
-        4: table(4, "UpcallSupported", *_V2, "GetTime"),   # v4 added UpcallSupported
-    }
+    # v2's GetTimeVersion2 returns the time alone; v3 made it GetTime (Time, Local); v4 added UpcallSupported.
+    TABLES = LAYOUTS["SHARED_INFO"]
 
     def __init__(self, platform: XenPlatform, debug: DebugInterface, suspend: SuspendInterface | None = None) -> None:
         super().__init__()
@@ -198,3 +195,8 @@ class SharedInfoInterface(Interface):
                 continue
             total_ns = seconds * 1_000_000_000 + nanoseconds + system_time
             return _EPOCH_1601_TO_1970 + total_ns // 100, False
+
+    def SharedInfoGetTimeVersion2(self) -> int:
+        """v2: the LARGE_INTEGER alone (shared_info.c SharedInfoGetTimeVersion2)."""
+        time_value, _local = self.SharedInfoGetTime()
+        return time_value

@@ -37,7 +37,8 @@ from typing import Any
 
 from xenpv.base import threads
 from xenpv.stack.drivers import bugs
-from xenpv.stack.drivers.interface import Interface, acquire_all, table
+from xenpv.stack.drivers.interface import Interface, acquire_all
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
 from xenpv.stack.kernel.bugcheck import BUG
@@ -145,8 +146,7 @@ def _path(prefix: str | None, node: str) -> str:
 class StoreInterface(Interface):
     NAME = "STORE"
     GUID = STORE_GUID
-    TABLES = {2: table(2, "Free", "Read", "Printf", "PermissionsSet", "Remove", "Directory", "TransactionStart",
-                       "TransactionEnd", "WatchAdd", "WatchRemove", "Poll")}
+    TABLES = LAYOUTS["STORE"]
 
     def __init__(self, platform: XenPlatform, debug: DebugInterface, suspend: SuspendInterface) -> None:
         super().__init__()
@@ -186,7 +186,7 @@ class StoreInterface(Interface):
         if self.transactions:
             BUG("OUTSTANDING TRANSACTIONS")
         if self.buffers:
-            BUG("OUTSTANDING BUFFERS")
+            BUG("OUTSTANDING BUFFER")  # store.c StoreRelease
         assert self._watch_thread is not None and self._debug_callback is not None
         self._stopping.set()
         # The thread reads the ring through the platform's store connection: it must be gone before

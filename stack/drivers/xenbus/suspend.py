@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.interface import Interface
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.pool import MmAccess
 from xenpv.stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, KeLowerIrql, KeRaiseIrql, assert_passive
 from xenpv.stack.kernel.debuglog import current_log
-from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_SUCCESS, NTSTATUS, status_name
+from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_SUCCESS, NTSTATUS, status_name
 
 log = logging.getLogger("stack.drivers.xenbus.suspend")
 
@@ -68,7 +70,7 @@ class SuspendCallback:
 class SuspendInterface(Interface):
     NAME = "SUSPEND"
     GUID = SUSPEND_GUID
-    TABLES = {1: table(1, "Register", "Deregister", "Trigger", "GetCount")}
+    TABLES = LAYOUTS["SUSPEND"]  # its header names the members Register...; tables answer to SuspendRegister...
 
     def __init__(self, debug: DebugInterface, suspend_domain: Callable[[], int],
                  sync_capture: Callable[[], AbstractContextManager[Any]] | None = None,
@@ -107,12 +109,16 @@ class SuspendInterface(Interface):
 
     def SuspendRegister(self, Type: int, Function: SuspendFunction,
                         Argument: Any) -> tuple[NTSTATUS, SuspendCallback | None]:
-        try:
-            kind = SuspendCallbackType(Type)
-        except ValueError:
-            return STATUS_INVALID_PARAMETER, None
-        callback = SuspendCallback(kind, Function, Argument)
-        (self.early if kind == SUSPEND_CALLBACK_EARLY else self.late).append(callback)
+        """suspend.c SuspendRegister: an unknown Type is `default: ASSERT(FALSE)`; a free build returns
+        STATUS_SUCCESS with a callback on neither list, which never runs."""
+        callback = SuspendCallback(Type, Function, Argument)  # type: ignore[arg-type]
+        if Type == SUSPEND_CALLBACK_EARLY:
+            self.early.append(callback)
+        elif Type == SUSPEND_CALLBACK_LATE:
+            self.late.append(callback)
+        else:
+            ASSERT(False, "FALSE")
+            log.warning("SuspendRegister: unknown callback type %r: the callback will never run", Type)
         return STATUS_SUCCESS, callback
 
     def SuspendDeregister(self, Callback: SuspendCallback) -> None:

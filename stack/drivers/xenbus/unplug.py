@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import uuid
 
-from xenpv.stack.drivers.interface import Interface, table
+from xenpv.stack.drivers.interface import Interface
+from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xen import UNPLUG_TYPES, Xen
 from xenpv.stack.kernel.irql import assert_passive
 
@@ -22,9 +23,7 @@ XENBUS_UNPLUG_DEVICE_TYPE_DISKS = 2
 class UnplugInterface(Interface):
     NAME = "UNPLUG"
     GUID = GUID_XENBUS_UNPLUG_INTERFACE
-    TABLES = {1: table(1, "Request"),
-              2: table(2, "Request", "IsRequested"),
-              3: table(3, "Request", "IsRequested", "BootEmulated", "Reboot")}
+    TABLES = LAYOUTS["UNPLUG"]
 
     def __init__(self, xen: Xen) -> None:
         super().__init__()

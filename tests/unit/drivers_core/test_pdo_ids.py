@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 
 import xenpv.stack.drivers.xenbus.pdo as pdo_module
-from xenpv.stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENBUS_REVISIONS
-from xenpv.stack.drivers.xenbus.pdo import multi_sz_chars, pdo_hardware_ids
+from xenpv.stack.drivers.revision import XENBUS_REVISIONS
+from xenpv.stack.drivers.xenbus.pdo import (REGSTR_VAL_MAX_HCID_LEN, multi_sz_bytes_before_final_terminator,
+                                           pdo_hardware_ids)
 from xenpv.stack.kernel import IRP_MN_PNP, BugCheck, BusQueryIdType, Irp, IoSynchronousCallDriver, QueryIdParameters
+from xenpv.stack.kernel.assertion import STATUS_ASSERTION_FAILURE, set_build
+from xenpv.stack.kernel.bugcheck import BugCheckCode
 from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 CLASSES = ["VBD", "VIF", "VKBD", "IFACE", "CONS"]
@@ -36,7 +39,7 @@ def test_ids_of_every_class_on_every_platform_device(rig, machine, platform_id: 
             assert _query_id(pdo, BusQueryIdType.BusQueryInstanceID) == "_"
             assert _query_id(pdo, BusQueryIdType.BusQueryHardwareIDs) == expected
             assert _query_id(pdo, BusQueryIdType.BusQueryCompatibleIDs) == expected
-            assert multi_sz_chars(expected) < MAX_HARDWARE_IDS_CHARS
+            assert multi_sz_bytes_before_final_terminator(expected) < REGSTR_VAL_MAX_HCID_LEN
             node = pdo.device_node
             assert node.instance_path == f"XENBUS\\VEN_XP&DEV_{device_class}\\_"
             assert node.hardware_ids == node.compatible_ids == expected
@@ -52,17 +55,44 @@ def test_device_id_does_not_depend_on_the_platform_device(rig, machine) -> None:
 
 
 def test_classes_are_filtered_by_supported_classes_prefix(rig, machine) -> None:
-    rig.xenstore_classes = ["vbd", "vif", "console", "9pfs", "vusb"]
+    """XB fdo.c FdoScan: `strncmp(Class->Buffer, SupportedClasses[Entry].Buffer, Class->Length) == 0`:
+    the supported entry must start with the (upper-cased) class name, not the other way round."""
+    rig.xenstore_classes = ["vbd", "vif", "console", "con", "vb", "9pfs", "vusb"]
     fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
-    # CONSOLE passes by its CONS prefix (FdoScan's prefix match); 9pfs and vusb are not supported.
-    assert sorted(fdo.children) == sorted(["VBD", "VIF", "CONSOLE", "IFACE", "CONS"])
+    # CON and VB are prefixes of CONS and VBD: supported; CONSOLE is longer than CONS: not supported.
+    assert sorted(fdo.children) == sorted(["VBD", "VIF", "CON", "VB", "IFACE", "CONS"])
 
 
-def test_hardware_ids_over_the_registry_limit_bugcheck(monkeypatch) -> None:
-    many = {0x09000000 + i: XENBUS_REVISIONS[0x0900000C] for i in range(40)}
-    monkeypatch.setattr(pdo_module, "XENBUS_REVISIONS", many)
-    with pytest.raises(BugCheck, match="REGSTR_VAL_MAX_HCID_LEN"):
-        pdo_hardware_ids("XPC000", "IFACE")
+@pytest.fixture
+def checked_build():
+    set_build("checked")
+    yield
+    set_build("free")
+
+
+def _revisions(count: int) -> dict[int, object]:
+    return {0x09000000 + i: XENBUS_REVISIONS[0x0900000C] for i in range(count)}
+
+
+@pytest.mark.parametrize("device_class", ["VBD", "IFACE"])
+def test_hardware_ids_limit_is_a_checked_build_assert_counted_in_bytes(monkeypatch, checked_build, device_class) -> None:
+    """pdo.c PdoQueryId: ASSERT3U(bytes up to XENCLASS's terminator, <, REGSTR_VAL_MAX_HCID_LEN = 1024): 12
+    revisions fit (954 / 1002 bytes), 13 do not (1032 / 1084), though 13 are only about 540 characters."""
+    monkeypatch.setattr(pdo_module, "XENBUS_REVISIONS", _revisions(12))
+    assert len(pdo_hardware_ids("XPC000", device_class)) == 13
+    monkeypatch.setattr(pdo_module, "XENBUS_REVISIONS", _revisions(13))
+    with pytest.raises(BugCheck) as stop:
+        pdo_hardware_ids("XPC000", device_class)
+    assert stop.value.code == BugCheckCode.SYSTEM_THREAD_EXCEPTION_NOT_HANDLED
+    assert stop.value.params[0] == STATUS_ASSERTION_FAILURE and stop.value.module == "xenbus.sys"
+    assert stop.value.message == "ASSERTION FAILED: (ULONG_PTR)Buffer - (ULONG_PTR)Id.Buffer < REGSTR_VAL_MAX_HCID_LEN"
+
+
+def test_a_free_build_returns_hardware_ids_over_the_limit(monkeypatch) -> None:
+    """The free build compiles the ASSERT out; the buffer (MAX_DEVICE_ID_LEN WCHARs per revision) holds them."""
+    monkeypatch.setattr(pdo_module, "XENBUS_REVISIONS", _revisions(40))
+    ids = pdo_hardware_ids("XPC000", "IFACE")
+    assert len(ids) == 41 and ids[-1] == "XENCLASS"
 
 
 def test_a_vanished_class_loses_its_pdo(rig, machine) -> None:

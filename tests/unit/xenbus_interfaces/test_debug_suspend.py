@@ -5,7 +5,7 @@ import pytest
 from xenpv.stack.kernel.bugcheck import BugCheck, BugCheckCode, KeBugCheckEx
 from xenpv.stack.kernel.debuglog import current_log
 from xenpv.stack.kernel.irql import DISPATCH_LEVEL, HIGH_LEVEL, PASSIVE_LEVEL, KeGetCurrentIrql, KeRaiseIrql
-from xenpv.stack.kernel.status import STATUS_INVALID_PARAMETER, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendInterface
 
 from .stack_of import interfaces, table_of
@@ -31,12 +31,14 @@ def test_debug_callbacks_run_at_high_level_and_print_with_their_prefix(platform,
     assert cpu.bugcheck_callbacks == []
 
 
-def test_debug_printf_outside_a_callback_is_a_bug(platform) -> None:
+def test_debug_printf_outside_a_callback_prints_with_a_null_prefix_in_a_free_build(platform) -> None:
+    """debug.c DebugPrintf: ASSERT(Context->CallbackPrefix != NULL), compiled out of a free build (the
+    checked build's stop: test_checked_build.py)."""
     debug = table_of(interfaces(platform).debug)
     debug.DebugAcquire()
-    with pytest.raises(BugCheck) as stop:
-        debug.DebugPrintf("no")
-    assert stop.value.code == BugCheckCode.ASSERTION_FAILURE and stop.value.module == "xenbus.sys"
+    debug.DebugPrintf("no")
+    assert any("(null)|" in line and line.endswith(": no") for line in current_log().tail(5))
+    debug.DebugRelease()
 
 
 def test_a_crash_runs_the_debug_callbacks_into_the_log(platform, cpu) -> None:
@@ -68,7 +70,10 @@ def test_suspend_trigger_runs_early_at_high_then_late_at_dispatch_in_order(platf
     callbacks = [suspend.SuspendRegister(kind, lambda name: order.append((name, KeGetCurrentIrql())), name)[1]
                  for kind, name in ((SUSPEND_CALLBACK_LATE, "late1"), (SUSPEND_CALLBACK_EARLY, "early1"),
                                     (SUSPEND_CALLBACK_LATE, "late2"), (SUSPEND_CALLBACK_EARLY, "early2"))]
-    assert suspend.SuspendRegister(3, lambda _a: None, None) == (STATUS_INVALID_PARAMETER, None)
+    # suspend.c SuspendRegister: an unknown type is ASSERT(FALSE); a free build succeeds with a callback
+    # on neither list (test_checked_build.py has the checked build's stop).
+    status, stray = suspend.SuspendRegister(3, lambda _a: order.append(("stray", 0)), None)
+    assert status == STATUS_SUCCESS and stray is not None
     assert suspend.SuspendGetCount() == 0
     assert suspend.SuspendTrigger() == STATUS_SUCCESS
     assert order == [("early1", HIGH_LEVEL), ("early2", HIGH_LEVEL), ("late1", DISPATCH_LEVEL),

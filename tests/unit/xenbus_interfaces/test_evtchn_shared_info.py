@@ -132,7 +132,7 @@ def test_suspend_makes_channels_inactive_and_release_with_channels_is_a_bug(plat
     assert 10 not in platform.upcalls.handlers
     with pytest.raises(BugCheck) as stop:
         ev.EvtchnRelease()
-    assert stop.value.message == "BUG: OUTSTANDING CHANNELS"
+    assert stop.value.message == "BUG: OUTSTANDING EVENT CHANNELS"  # evtchn.c EvtchnRelease
 
 
 def _time_version_odd_for(si, seconds: float) -> threading.Timer:

@@ -30,8 +30,11 @@ def test_range_set_put_pop_get_and_vetoes(platform) -> None:
     assert rs.RangeSetGet(s, first + 10, 5) == STATUS_SUCCESS
     assert rs.RangeSetGet(s, first + 10, 1) == STATUS_OBJECT_NAME_NOT_FOUND
     assert rs.RangeSetPop(s, 1000) == (STATUS_INSUFFICIENT_RESOURCES, None)
-    with pytest.raises(BugCheck):
-        rs.RangeSetDestroy(s)  # not empty
+    # range_set.c RangeSetDestroy: ASSERT(__RangeSetIsEmpty(RangeSet)): a free build destroys a set that
+    # still holds ranges (they leak); the checked build's stop is in test_checked_build.py.
+    rs.RangeSetDestroy(s)
+    assert rs.Context.sets == []
+    rs.RangeSetRelease()
 
 
 def test_range_set_merges_what_is_put_back(platform) -> None:
@@ -61,16 +64,20 @@ def test_cache_reservation_cap_lock_and_destroy(platform) -> None:
     assert all(o is not None and len(o.data) == 64 for o in objs) and cache.CacheGet(c, True) is None  # cap
     assert locks[:2] == ["lock", "unlock"]
     cache.CachePut(c, objs[0], False)
-    with pytest.raises(BugCheck) as stop:
-        cache.CacheDestroy(c)
-    assert stop.value.message == "BUG: OUTSTANDING OBJECTS"
+    # cache.c CacheDestroy: ASSERT(Cache->CurrentObjects == 0): a free build destroys the cache, runs the
+    # destructor of the free object only and leaks the two still out (test_checked_build.py: the stop).
+    cache.CacheDestroy(c)
+    assert len(built) == 2 and ifs.cache.caches == []
+    cache.CacheRelease()
 
 
 def test_cache_v1_create_has_no_cap(platform) -> None:
     ifs = interfaces(platform)
     v1 = ifs.cache.get_interface(1, 4096)[1]
     v1.CacheAcquire()
-    status, c = v1.CacheCreate("v1", 8, 0, lambda a, o: STATUS_SUCCESS, lambda a, o: None, lambda a: None,
+    with pytest.raises(AttributeError):
+        v1.CacheCreate  # v1's member is CacheCreateVersion1 (include/cache_interface.h), without the Cap
+    status, c = v1.CacheCreateVersion1("v1", 8, 0, lambda a, o: STATUS_SUCCESS, lambda a, o: None, lambda a: None,
                                lambda a: None, None)
     assert status == STATUS_SUCCESS
     objs = [v1.CacheGet(c, True) for _ in range(50)]

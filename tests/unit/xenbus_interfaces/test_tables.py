@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from xenpv.stack.drivers.interface import INTERFACE_HEADER_SIZE, POINTER_SIZE
+from xenpv.stack.drivers.interface import INTERFACE_HEADER_SIZE, POINTER_SIZE, member_key
 from xenpv.stack.drivers.revision import XENBUS_REVISIONS, newest_first
 from xenpv.stack.kernel.status import STATUS_BUFFER_OVERFLOW, STATUS_NOT_SUPPORTED, STATUS_SUCCESS
 
@@ -47,7 +47,7 @@ def test_get_interface_rules_for_every_version(name: str, platform) -> None:
         assert status == STATUS_SUCCESS and tbl.Size == layout.size and tbl.Version == version
         assert tbl.Context is interface and tbl.InterfaceReference is None
         for member in layout.members:
-            assert callable(getattr(tbl, prefix + member))
+            assert callable(getattr(tbl, member_key(prefix, member)))
     assert interface.get_interface(interface.max_version() + 1, 4096)[0] == STATUS_NOT_SUPPORTED
     assert interface.get_interface(interface.min_version() - 1, 4096)[0] == STATUS_NOT_SUPPORTED
     assert interface.references == 0  # taking a table takes no reference
