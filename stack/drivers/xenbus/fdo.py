@@ -66,8 +66,6 @@ log = logging.getLogger("stack.drivers.xenbus.fdo")
 
 XEN_PLATFORM_VENDOR_ID = 0x5853
 PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS\Parameters"
-DEFAULT_SUPPORTED_CLASSES = ["VIF", "VBD", "VKBD", "IFACE", "CONS"]
-DEFAULT_SYNTHETIC_CLASSES = ["IFACE", "CONS"]
 
 # Interface contexts in creation order (later ones take earlier ones as constructor arguments), with
 # the module under stack/drivers/xenbus/ that provides each.
@@ -243,14 +241,21 @@ class XenbusFdo:
 
     # -- children ------------------------------------------------------------------------------
 
-    def _multi_sz(self, name: str, default: list[str]) -> list[str]:
+    def _classes_value(self, name: str) -> list[str]:
+        """RegistryQuerySzValue on XENBUS\\Parameters (REG_SZ or REG_MULTI_SZ), as stored; [] if absent."""
         try:
-            return [s.upper() for s in self.driver.xen.registry.get_multi_sz(PARAMETERS, name)]
+            data = self.driver.xen.registry.query_value(PARAMETERS, name).data
         except RegistryError:
-            return list(default)
+            return []
+        return [data] if isinstance(data, str) else [str(d) for d in data] if isinstance(data, list) else []
 
     def FdoScan(self) -> bool:
-        """Bring the child PDOs in line with `device/` + SyntheticClasses; True if anything changed."""
+        """Bring the child PDOs in line with `device/` + SyntheticClasses; True if anything changed.
+
+        fdo.c FdoScan: the store's class names are upper-cased, SyntheticClasses are taken as stored; a
+        class is kept when `strncmp(Class, Supported, strlen(Class)) == 0` for some SupportedClasses entry
+        (so the entry must start with the class name, case-sensitively). No SupportedClasses value, no
+        class is supported and no PDO is created; no SyntheticClasses value, no synthetic class."""
         assert self.platform is not None
         try:
             names = [n.upper() for n in self.platform.store.directory("device")]
@@ -258,9 +263,9 @@ class XenbusFdo:
             if exc.errno != "ENOENT":
                 raise
             names = []
-        supported = self._multi_sz("SupportedClasses", DEFAULT_SUPPORTED_CLASSES)
-        synthetic = self._multi_sz("SyntheticClasses", DEFAULT_SYNTHETIC_CLASSES)
-        wanted = [n for n in dict.fromkeys(names + synthetic) if any(n.startswith(s) for s in supported)]
+        supported = self._classes_value("SupportedClasses")
+        synthetic = self._classes_value("SyntheticClasses")
+        wanted = [n for n in dict.fromkeys(names + synthetic) if n and any(s.startswith(n) for s in supported)]
         changed = False
         for name in list(self.children):
             if name not in wanted:
