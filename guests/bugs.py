@@ -107,7 +107,8 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
         defect="AdapterDisable asserted Enabled instead of returning when the adapter is already disabled; "
                "MiniportShutdownEx after MiniportPause disables twice and deregisters the SUSPEND callback "
                "whose handle the first call set to NULL",
-        scenario="reboot: NDIS pauses the miniport for the Sx IRP, then calls MiniportShutdownEx",
+        scenario="a second reboot (the first unplugs the emulated NIC, so the miniport starts on boot 2): NDIS "
+                 "pauses the miniport for the Sx IRP, then calls MiniportShutdownEx",
         why="SUSPEND.Deregister unlinks the NULL callback under its spin lock, at DISPATCH_LEVEL: 0xD1 in "
             "xenbus.sys, the commit's 'bugcheck'"),
     BugSwitch(

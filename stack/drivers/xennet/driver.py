@@ -65,6 +65,7 @@ class XennetAdapter:
     suspend: InterfaceTable | None = None
     ip: Ipv4 | None = None
     enabled: bool = False
+    initialized: bool = False  # MiniportInitializeEx succeeded: only then does NDIS halt the miniport
     paused: bool = False  # by NDIS for a system power transition, until MiniportRestart
     suspend_callback_late: Any = None
     statistics: dict[str, int] = field(default_factory=lambda: {
@@ -215,9 +216,12 @@ class XennetDriver:
             status = IoSynchronousCallDriver(adapter.lower, irp)
             if NT_SUCCESS(status):
                 status = irp.io_status.status = adapter.AdapterEnable(self.seed)
+                adapter.initialized = NT_SUCCESS(status)
             IoCompleteRequest(irp)
             return status
-        if irp.minor in (IRP_MN_PNP.REMOVE_DEVICE, IRP_MN_PNP.SURPRISE_REMOVAL):
+        # A miniport whose START failed below it (XENVIF's STATUS_PNP_REBOOT_REQUIRED) was never
+        # initialized: NDIS neither halts nor shuts it down.
+        if irp.minor in (IRP_MN_PNP.REMOVE_DEVICE, IRP_MN_PNP.SURPRISE_REMOVAL) and adapter.initialized:
             adapter.AdapterDisable()
         if irp.minor == IRP_MN_PNP.REMOVE_DEVICE:
             if adapter in self.adapters:
