@@ -9,6 +9,7 @@ import select
 import threading
 from pathlib import Path
 
+from xenpv.backends import serving
 from xenpv.backends.blkback.device import VbdDevice
 from xenpv.backends.xenbackend import XenBackend
 from xenpv.backends.xenstored.client import XsClient, XsRequestError
@@ -41,14 +42,19 @@ class Blkback:
 
     def run(self) -> None:
         self.backend.start()
+        announced = None
         try:
             self.xs.watch(BACKEND_ROOT, ROOT_TOKEN)
+            announced = serving.announce(self.xs, "vbd")
             print("blkback ready", flush=True)
             while not self._stop.is_set():
                 self._step()
         finally:
+            if announced is not None:
+                serving.withdraw(self.xs, announced)
             for dev in list(self.devices.values()):
                 dev.destroy("blkback stopping")
+                serving.say_closed(self.xs, dev.path)
             self.devices.clear()
             self.xs.close()
             self.backend.stop()

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from xenpv.backends import serving
 from xenpv.backends.netback.vif import Vif
 from xenpv.backends.xenbackend import XenBackend
 from xenpv.backends.xenstored.client import XsClient, XsRequestError
@@ -55,7 +56,15 @@ class Netback:
         self._stop.set()
 
     def run(self) -> None:
-        self.backend.start()
+        # Announced before the vhost-user socket listens (what the launcher waits for), so a domain the
+        # toolstack makes once we are started gets its vif directories; one made before the watch below
+        # is found by the scan after it.
+        announced = serving.announce(self.xs, "vif")
+        try:
+            self.backend.start()
+        except BaseException:
+            serving.withdraw(self.xs, announced)
+            raise
         try:
             self.xs.watch(ROOT, "backend")
             self._scan()
@@ -78,8 +87,10 @@ class Netback:
                     last = time.monotonic()
                     self._write_stats()
         finally:
+            serving.withdraw(self.xs, announced)
             for vif in self.vifs.values():
                 vif.disconnect()
+                serving.say_closed(self.xs, vif.path)
             self._write_stats()
             self.backend.stop()
             self.xs.close()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 import xenpv.backends.toolstack.layout as L  # the sibling module, not the package (whose __init__ imports us)
+from xenpv.backends import serving
 from xenpv.backends.xenhv.control import XenhvControl, XenhvError
 from xenpv.backends.xenstored.client import XsClient, XsConnectionError, XsRequestError
 from xenpv.guests.schema import GuestDefinition, PvDisk
@@ -187,15 +188,22 @@ def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: in
             continue  # a restored domain's disk: its data is what the guest wrote before the save
         with _step(domid, f"creating the scratch image {image}"):
             _make_scratch_image(image, disk)
+    # A device gets its backend directory only when a back-end serves its kind (as libxl asks QEMU,
+    # libxl__query_qemu_backend): a frontend then waits only for a back-end that exists.
+    with _step(domid, "asking which device kinds a back-end serves"):
+        served = {kind: serving.served(xs, kind, backend_domid) for kind in {d.kind for d in devset.devices}}
     for dev in devset.devices:
         def add(tx: int, dev: L.XenbusDevice = dev) -> None:
             # As for the domain directory: no stale keys of an earlier device may survive.
             _rm_if_present(xs, L.frontend_path(domid, dev.kind, dev.devid), tx)
             _rm_if_present(xs, L.backend_path(backend_domid, dev.kind, domid, dev.devid), tx)
-            _write_nodes(xs, tx, L.device_nodes(dev, domid, backend_domid))
+            _write_nodes(xs, tx, L.device_nodes(dev, domid, backend_domid, served=served[dev.kind]))
 
         with _step(domid, f"adding {dev.kind} {dev.devid}"):
             xs.transact(add)
+        if not served[dev.kind]:
+            log.info("dom%d: no back-end serves %s: %s %d has no backend directory", domid, dev.kind,
+                     dev.kind, dev.devid)
 
     with _step(domid, "xenhv unpause"):
         ctl.call("unpause", domid=domid)

@@ -218,11 +218,18 @@ def guest_devices(guest: GuestDefinition, domid: int, run_dir: Path, backend_dom
     return out
 
 
-def device_nodes(dev: XenbusDevice, domid: int, backend_domid: int) -> list[XsNode]:
-    """libxl__device_generic_add: frontend directory then backend directory, each with its permissions."""
+def device_nodes(dev: XenbusDevice, domid: int, backend_domid: int, *, served: bool = True) -> list[XsNode]:
+    """libxl__device_generic_add: frontend directory then backend directory, each with its permissions.
+
+    `served` False: no back-end runs for the device's kind (backends.serving), so there is no backend
+    directory, only the frontend's, still naming where its backend would be. Its frontend finds that path
+    absent and gives up at once, as a frontend does whose backend disappeared; libxl would not add the
+    device at all (it waits for the backend's InitWait and fails the domain), but a guest here boots
+    without back-ends on purpose and its drivers still find the device."""
     fe, be = frontend_path(domid, dev.kind, dev.devid), backend_path(backend_domid, dev.kind, domid, dev.devid)
     nodes = [XsNode(fe, perms=tuple(frontend_perms(domid, backend_domid)))]
     nodes += [XsNode(f"{fe}/{k}", v) for k, v in dev.frontend.items()]
-    nodes.append(XsNode(be, perms=tuple(backend_perms(domid, backend_domid))))
-    nodes += [XsNode(f"{be}/{k}", v) for k, v in dev.backend.items()]
+    if served:
+        nodes.append(XsNode(be, perms=tuple(backend_perms(domid, backend_domid))))
+        nodes += [XsNode(f"{be}/{k}", v) for k, v in dev.backend.items()]
     return nodes

@@ -15,6 +15,7 @@ import select
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import dpkt
 
@@ -115,6 +116,7 @@ def _ns_mac(ns, dev: str) -> bytes:
 @benchmark("net", help="netback: 64 B and 1,500 B frames/s guest -> namespace -> guest vs a TAP written from Python",
            arguments=_arguments)
 def bench_net(args: argparse.Namespace) -> BenchReport:
+    from xenpv.backends.host import HostServices
     from xenpv.backends.netback.launch import start_netback
     from xenpv.harness.frontends.netfront import GuestIp, MiniNetfront
     from xenpv.harness.netns import NetNamespace, TapAddressing, addressing
@@ -124,10 +126,19 @@ def bench_net(args: argparse.Namespace) -> BenchReport:
     r = BenchReport(f"netback round trips through the whole path vs a TAP from Python ({WINDOW} frames in flight, "
                     "the namespace's kernel answering ICMP echo)")
     with contextlib.ExitStack() as cleanup:
-        rig = xen_domain_rig(cleanup, "benchnet")
-        work, host, machine, dom = rig.work, rig.host, rig.machine, rig.dom
         ns = NetNamespace.create("bench")
         cleanup.callback(ns.close)
+
+        netbacks = []
+
+        def start_netback_first(work: Path, host: HostServices) -> None:
+            # Before the domain: its vif gets a backend directory only when a back-end serves vifs.
+            netbacks.append(start_netback(host.xenstored_socket, host.xenhv_socket, work / "netback.sock",
+                                          ns.name, work / "netback.log", work / "netback-stats.json"))
+            cleanup.callback(netbacks[0].stop)
+
+        rig = xen_domain_rig(cleanup, "benchnet", before_domain=start_netback_first)
+        work, host, machine, dom, nb = rig.work, rig.host, rig.machine, rig.dom, netbacks[0]
         vif = addressing(machine.guest.pv_nics[0], dom.domid, 0)
         ns.add_tap(vif)
         base = TapAddressing(BASELINE_TAP, BASELINE_PEER, BASELINE_SENDER, 1500)
@@ -135,9 +146,6 @@ def bench_net(args: argparse.Namespace) -> BenchReport:
         # The baseline's sender is this process, which answers no ARP: the kernel is told its MAC.
         subprocess.run(ns.exec_argv("ip", "neigh", "add", str(BASELINE_SENDER), "lladdr",
                                     BASELINE_MAC.hex(":"), "dev", BASELINE_TAP), check=True)
-        nb = start_netback(host.xenstored_socket, host.xenhv_socket, work / "netback.sock", ns.name,
-                           work / "netback.log", work / "netback-stats.json")
-        cleanup.callback(nb.stop)
         platform = XenPlatform.start(dom.vcpu, machine.guest.memory_mib << 8)
         cleanup.callback(platform.close)
         nf = MiniNetfront(platform, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from xenpv.harness.machine import Machine
 from xenpv.harness.plugin import resolve_guest
@@ -21,11 +22,16 @@ class BenchRig:
     dom: XenDomain
 
 
-def xen_domain_rig(cleanup: contextlib.ExitStack, tag: str = "bench", guest: str = "default") -> BenchRig:
+def xen_domain_rig(cleanup: contextlib.ExitStack, tag: str = "bench", guest: str = "default",
+                   before_domain: Callable[[Path, HostServices], None] | None = None) -> BenchRig:
+    """`before_domain(work, host)` starts what must run before the domain is made: a back-end whose devices
+    the toolstack is to create (it adds a backend directory only for a kind a back-end serves)."""
     work = make_run_dir(tag)
     cleanup.callback(remove_run_dir, work)
     host = HostServices.start(work / "host")
     cleanup.callback(host.stop)
+    if before_domain is not None:
+        before_domain(work, host)
     machine = Machine(resolve_guest(guest), work / "machine").launch()
     cleanup.callback(machine.shutdown)
     dom = XenDomain.create(host, machine)

@@ -21,6 +21,7 @@ from xenpv.backends.netback.launch import start_netback
 from xenpv.backends.xenstored.client import XsClient
 from xenpv.harness.frontends.netfront import GuestIp, MiniNetfront
 from xenpv.harness.netns import NetNamespace, TapAddressing, addressing, list_namespaces
+from xenpv.harness.plugin import resolve_guest
 from xenpv.base.process import Supervised, wait_for
 from xenpv.base.rundir import make_run_dir, remove_run_dir
 from xenpv.stack.vcpu.platform import XenPlatform
@@ -56,9 +57,11 @@ def net_env(request: pytest.FixtureRequest, xen_guest_factory, host, artifacts: 
     run = make_run_dir("netback")
 
     def make(guest: str = "default", mtu: int = 1500) -> NetEnv:
-        d = xen_guest_factory(guest)
         ns = NetNamespace.create("nb")
-        addrs = [addressing(nic, d.domid, i, mtu) for i, nic in enumerate(d.machine.guest.pv_nics)]
+        # netback runs before the domain is made: the toolstack gives a vif a backend directory only when
+        # a back-end serves vifs (backends.serving).
+        domid = host.next_domid()
+        addrs = [addressing(nic, domid, i, mtu) for i, nic in enumerate(resolve_guest(guest).pv_nics)]
         stats = artifacts / "netback-stats.json"
 
         def launch() -> Supervised:
@@ -66,11 +69,13 @@ def net_env(request: pytest.FixtureRequest, xen_guest_factory, host, artifacts: 
                                         artifacts / "netback.log", stats)
             return env.netback
 
-        env = NetEnv(ns, d, None, addrs, launch, stats)  # type: ignore[arg-type]
+        env = NetEnv(ns, None, None, addrs, launch, stats)  # type: ignore[arg-type]
         envs.append(env)
         for a in addrs:
             ns.add_tap(a)
         launch()
+        env.domain = d = xen_guest_factory(guest)
+        assert d.domid == domid
         env.platform = XenPlatform.start(d.vcpu, d.machine.guest.memory_mib << 8)
         return env
 

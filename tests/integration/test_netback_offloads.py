@@ -24,6 +24,7 @@ from xenpv.backends.netback.tap import (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_
 from xenpv.base.rundir import make_run_dir, remove_run_dir
 from xenpv.harness.frontends.netfront import MiniNetfront
 from xenpv.harness.netns import NetNamespace, TapAddressing, addressing
+from xenpv.harness.plugin import resolve_guest
 from xenpv.stack.vcpu.platform import XenPlatform
 from xenpv.xenabi import netif as N
 from xenpv.xenabi.ring import XEN_PAGE_SIZE
@@ -57,15 +58,19 @@ def env(xen_guest_factory, host, artifacts: Path) -> Iterator[OffloadEnv]:
     run = make_run_dir("nboffload")
     with contextlib.ExitStack() as stack:
         stack.callback(remove_run_dir, run)
-        d = xen_guest_factory("default")
         ns = NetNamespace.create("nbo")
         stack.callback(ns.close)
-        tap = addressing(d.machine.guest.pv_nics[0], d.domid, 0)
+        # netback runs before the domain is made: the toolstack gives a vif a backend directory only when
+        # a back-end serves vifs (backends.serving).
+        domid = host.next_domid()
+        tap = addressing(resolve_guest("default").pv_nics[0], domid, 0)
         ns.add_tap(tap)
         stats = artifacts / "netback-stats.json"
         netback = start_netback(host.xenstored_socket, host.xenhv_socket, run / "netback.sock", ns.name,
                                 artifacts / "netback.log", stats)
         stack.callback(netback.stop)
+        d = xen_guest_factory("default")
+        assert d.domid == domid
         platform = XenPlatform.start(d.vcpu, d.machine.guest.memory_mib << 8)
         stack.callback(platform.close)
         nf = MiniNetfront(platform, 0)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from xenpv.backends import serving
 from xenpv.backends.toolstack import Toolstack, ToolstackError
 from xenpv.backends.toolstack import domain as toolstack_domain
 from xenpv.backends.toolstack.layout import vm_uuid
@@ -39,6 +40,16 @@ def toolstack(host: HostServices) -> Iterator[Toolstack]:
 def xs(host: HostServices) -> Iterator[XsClient]:
     with XsClient(host.xenstored_socket) as c:
         yield c
+
+
+@pytest.fixture
+def backends_serving(xs: XsClient) -> Iterator[None]:
+    """This test process stands in for blkback and netback: the toolstack adds a backend directory only for
+    a device kind a live back-end announced (backends.serving)."""
+    nodes = [serving.announce(xs, kind) for kind in ("vbd", "vif")]
+    yield
+    for node in nodes:
+        serving.withdraw(xs, node)
 
 
 def client_tree(xs: XsClient, path: str = "/") -> Tree:
@@ -128,7 +139,7 @@ def xenhv_domids(host: HostServices) -> list[int]:
         ctl.close()
 
 
-def test_default_guest_tree_watches_and_teardown(host, guest_factory, toolstack, xs) -> None:
+def test_default_guest_tree_watches_and_teardown(host, guest_factory, toolstack, xs, backends_serving) -> None:
     m = guest_factory("default")
     gfn = (128 << 20) // 4096 - 1
     m.memory.write(gfn << 12, b"\xff" * 4096)  # what a previous boot may have left in the page
@@ -180,7 +191,7 @@ def test_default_guest_tree_watches_and_teardown(host, guest_factory, toolstack,
     assert d.domid not in xenhv_domids(host)
 
 
-def test_two_disks_two_nics(host, guest_factory, toolstack, xs) -> None:
+def test_two_disks_two_nics(host, guest_factory, toolstack, xs, backends_serving) -> None:
     m = guest_factory("two-disks-two-nics")
     before = client_tree(xs)
     d = toolstack.create(m)
@@ -205,7 +216,7 @@ def test_two_disks_two_nics(host, guest_factory, toolstack, xs) -> None:
     assert d.domid not in xenhv_domids(host)
 
 
-def test_a_pv_only_qcow2_disk_gets_a_scratch_image(host, guest_factory, toolstack, xs) -> None:
+def test_a_pv_only_qcow2_disk_gets_a_scratch_image(host, guest_factory, toolstack, xs, backends_serving) -> None:
     xvda = 202 << 8
     g = dataclasses.replace(load_guest(GUESTS_DIR / "default.yaml"), name="qcow2-pv",
                             pv_disks=(PvDisk(vdev=xvda, size=8 << 20, format="qcow2"),))
@@ -222,7 +233,7 @@ def test_a_pv_only_qcow2_disk_gets_a_scratch_image(host, guest_factory, toolstac
         toolstack.destroy(d.domid)
 
 
-def test_backends_are_told_before_their_directories_go(host, guest_factory, toolstack, xs) -> None:
+def test_backends_are_told_before_their_directories_go(host, guest_factory, toolstack, xs, backends_serving) -> None:
     m = guest_factory("default")
     d = toolstack.create(m)
     be = f"/local/domain/0/backend/vbd/{d.domid}/768"
@@ -253,3 +264,26 @@ def test_failed_create_names_the_step_and_leaves_nothing(host, guest_factory, to
     assert client_tree(xs) == before
     assert 4000 not in xenhv_domids(host)
     assert not is_introduced(xs, 4000)
+
+
+def test_a_kind_no_back_end_serves_gets_no_backend_directory(host, guest_factory, toolstack, xs) -> None:
+    """Only the frontend directories, each still naming where its backend would be: a frontend finds that
+    path absent and gives up at once instead of waiting for a back-end that is not running."""
+    m = guest_factory("default")
+    before = client_tree(xs)
+    # A back-end that announced vifs and was killed (its process is gone) serves nothing.
+    stale = f"{serving.serving_root('vif')}/1-1"  # pid 1 with a start time that is not init's
+    xs.write(stale, "")
+    d = toolstack.create(m)
+    try:
+        tree = client_tree(xs)
+        assert not [p for p in tree if p.startswith("/local/domain/0/backend/")], sorted(tree)
+        fe = f"/local/domain/{d.domid}/device"
+        assert tree[f"{fe}/vbd/768/backend"][0] == f"/local/domain/0/backend/vbd/{d.domid}/768"
+        assert tree[f"{fe}/vif/0/backend"][0] == f"/local/domain/0/backend/vif/{d.domid}/0"
+        assert not xs.exists(stale)  # the dead back-end's announcement was removed on the way
+    finally:
+        toolstack.destroy(d.domid)
+    announcements = "/local/domain/0/backends"
+    assert {p: v for p, v in client_tree(xs).items() if not p.startswith(announcements)} == \
+        {p: v for p, v in before.items() if not p.startswith(announcements)}
