@@ -481,8 +481,12 @@ class XenvbdTarget:
         """Close the frontend (Closing, then Closed once the backend follows), give everything back."""
         self._removing = True
         # Only a backend that took the device (InitWait or later) follows our close; with none there
-        # is nothing to wait for.
-        attached = self.state in (FrontendState.CONNECTED, FrontendState.INITIALISED, FrontendState.PREPARED)
+        # is nothing to wait for. PREPARED is our Initialising written and the backend's InitWait not yet
+        # acted on: attached only if the backend did go to InitWait (one still Initialising or Closed, a
+        # back-end that is not running, would leave both close waits to run out).
+        attached = (self.state in (FrontendState.CONNECTED, FrontendState.INITIALISED)
+                    or (self.state == FrontendState.PREPARED
+                        and self.backend_state() in (XenbusState.InitWait, XenbusState.Connected)))
         if attached:
             self._set_state(XenbusState.Closing)
             self._wait_backend((XenbusState.Closing, XenbusState.Closed))

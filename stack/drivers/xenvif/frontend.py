@@ -256,14 +256,18 @@ class Frontend:
 
     def _wait_backend(self, wanted: set[S], timeout: float = BACKEND_WAIT_SECONDS) -> S:
         """Wait (PASSIVE) on a watch of the backend's state; re-read on a short period too, because a
-        watch event can be consumed by another reader of the connection."""
+        watch event can be consumed by another reader of the connection. A backend whose state node does
+        not exist is Unknown at once: nothing serves the device (the toolstack made no backend directory)
+        or it went away, and no wait brings it back (XV frontend.c
+        FrontendWaitForBackendXenbusStateChange: STATUS_OBJECT_NAME_NOT_FOUND -> "disappeared", break)."""
         event = KEvent(f"{self.path} backend state")
         status, watch = self.xi.store.StoreWatchAdd(self.backend_path, "state", event)
         deadline = time.monotonic() + scaled(timeout)
         try:
             while True:
-                state = self.backend_state()
-                if state in wanted or time.monotonic() >= deadline:
+                text = self._read(self.backend_path, "state")
+                state = S.parse(text)
+                if state in wanted or text is None or time.monotonic() >= deadline:
                     return state
                 KeWaitForSingleObject(event, 0.02)
                 event.clear()
