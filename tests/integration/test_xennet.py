@@ -63,8 +63,11 @@ def _add_taps(host, ns: NetNamespace, guest_spec: str) -> list[TapAddressing]:
 
 
 @pytest.fixture
-def net_guest(host, boot_guest, artifacts: Path) -> Iterator[Callable[..., NetGuest]]:
+def net_guest(host, guest_factory, artifacts: Path) -> Iterator[Callable[..., NetGuest]]:
+    """A booted guest with netback serving its vifs. Torn down guest first, then netback: XENVIF's close
+    handshake needs the back-end that is still there to answer it."""
     made: list[NetGuest] = []
+    booted: list[Guest] = []
     run = make_run_dir("xennet")
     namespaces: list[NetNamespace] = []
     netbacks: list[Supervised] = []
@@ -83,23 +86,28 @@ def net_guest(host, boot_guest, artifacts: Path) -> Iterator[Callable[..., NetGu
             return netback
 
         netback = launch()
-        g = boot_guest(spec)
-        env = NetGuest(ns, addrs, g, host, netback, launch)
+        booted.append(Guest.boot(host, guest_factory(spec)))
+        env = NetGuest(ns, addrs, booted[-1], host, netback, launch)
         made.append(env)
         if unplugged:
             _reboot_for_unplug(env)
         return env
 
     yield make
-    for env in made:
-        for extra in env.extra:
-            extra.shutdown()
-    for netback in netbacks:
-        netback.stop()
-    for ns in namespaces:
-        ns.close()
-        assert ns.name not in list_namespaces()
-    remove_run_dir(run)
+    try:
+        for env in made:
+            for extra in env.extra:
+                extra.shutdown()
+        for g in reversed(booted):
+            g.shutdown()
+        host.check_alive("after the test")
+    finally:
+        for netback in netbacks:
+            netback.stop()
+        for ns in namespaces:
+            ns.close()
+            assert ns.name not in list_namespaces()
+        remove_run_dir(run)
 
 
 def _reboot_for_unplug(env: NetGuest) -> None:
@@ -278,7 +286,7 @@ def test_emulated_nic_unplugged_on_the_second_boot_and_the_mac_kept(net_guest, h
     env = net_guest(unplugged=False)
     assert "DEV_8139" in env.run("devices")
     first = env.guest
-    # Power off (the boot_guest fixture still closes the first guest's toolstack): same hive, same
+    # Power off (the net_guest fixture still closes the first guest's toolstack): same hive, same
     # machine, a new domain on the next boot.
     first.console.close()
     first.toolstack.destroy(first.domain.domid)
