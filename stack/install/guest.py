@@ -28,7 +28,8 @@ def install_from_guest(registry: Registry, guest: GuestDefinition) -> list[Insta
 
 def _install_from_guest(registry: Registry, guest: GuestDefinition) -> list[InstallResult]:
     era = Era(guest.drivers.era)
-    installer = Installer(registry, platform=[PlatformPciDevice(d.device_id, d.revision) for d in guest.platform])
+    installer = Installer(registry, platform=[PlatformPciDevice(d.device_id, d.revision, slot=2 + i)
+                                              for i, d in enumerate(guest.platform)])
     results = []
     # Bus first: children bind to its PDOs (reference 10), then the rest in a fixed order.
     for name in sorted(guest.drivers.packages, key=PACKAGE_NAMES.index):

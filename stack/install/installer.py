@@ -81,6 +81,12 @@ class PlatformPciDevice:
 
     device_id: int
     revision: int = 1
+    slot: int = 2  # QEMU places the guest's -device functions from slot 2 on, in YAML order (harness.machine)
+
+    @property
+    def pnp_instance_id(self) -> str:
+        """pci.sys's InstanceID for function 0 of `slot` (stack.drivers.pci)."""
+        return f"3&0&0&{self.slot << 3:02X}"
 
     @property
     def pnp_device_id(self) -> str:
@@ -348,8 +354,11 @@ class Installer:
                 log.info("%s: no Xen platform device; no filters, no active device", package)
                 return
             filters_install(self.registry)
+            # coinst.c@d55a644^ SetActiveDeviceInstanceID: the DeviceID and InstanceID, no location (XENFILT
+            # hides an active device whose ActiveInstanceID is missing: xenfilt pdo.c PdoSetDeviceInformation).
             self.registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", active.pnp_device_id)
-            log.info("%s: active device %s", package, active.pnp_device_id)
+            self.registry.set_sz(XENFILT_PARAMETERS, "ActiveInstanceID", active.pnp_instance_id)
+            log.info("%s: active device %s\\%s", package, active.pnp_device_id, active.pnp_instance_id)
         # The co-installers set DI_NEEDREBOOT: bus and children start together after a reboot.
         result.reboot_required = bool(self.platform) or previous is not None
 

@@ -15,7 +15,8 @@ from xenpv.stack.drivers.interface import Interface, InterfaceTable, table
 from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 GUID_XENFILT_EMULATED_INTERFACE = uuid.UUID("959027A1-FCCE-4E78-BCF4-637384F499C5")
-# QEMU's emulated NVMe controllers count as disks for every index (emulated.c).
+# QEMU's emulated NVMe controllers count as disks for every index (emulated.c): 8086:5845 with
+# use-intel-id on, 1B36:0010 with it off, matched against a CompatibleID exactly.
 NVME_DEVICE_IDS = (r"PCI\VEN_8086&DEV_5845", r"PCI\VEN_1B36&DEV_0010")
 
 
@@ -30,6 +31,7 @@ class EmulatedDevice:
     device_id: str
     instance_id: str
     status: EmulatedStatus = EmulatedStatus.NEUTRAL
+    is_emulated_nvme: bool = False
 
 
 @dataclass
@@ -64,6 +66,32 @@ class Emulated(Interface):
                 found.methods["EmulatedIsDiskPresent"] = lambda c, t, l: self.EmulatedIsDiskPresent(t)
         return status, found
 
+    def EmulatedAddObject(self, object_type: str, device_id: str, instance_id: str, compatible_ids: list[str],
+                          force: EmulatedStatus) -> EmulatedDevice | EmulatedDisk | None:
+        """emulated.c EmulatedAddObject: a PCI function, or an IDE disk whose InstanceID is "C.T.0" with
+        C and T at most 1 (EmulatedSetObjectDiskData; anything else is not added). A PCI object is an
+        emulated NVMe controller when one of its CompatibleIDs is exactly one of QEMU's NVMe IDs."""
+        if object_type == "PCI":
+            nvme = any(c.upper() == n.upper() for c in compatible_ids for n in NVME_DEVICE_IDS)
+            device = EmulatedDevice(device_id, instance_id, force, nvme)
+            self.devices.append(device)
+            return device
+        parts = instance_id.split(".")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            return None
+        controller, target, lun = (int(p) for p in parts)
+        if controller > 1 or target > 1 or lun != 0:
+            return None
+        disk = EmulatedDisk(controller, target, lun)
+        self.disks.append(disk)
+        return disk
+
+    def EmulatedRemoveObject(self, emulated: EmulatedDevice | EmulatedDisk) -> None:
+        if isinstance(emulated, EmulatedDevice):
+            self.devices = [d for d in self.devices if d is not emulated]
+        else:
+            self.disks = [d for d in self.disks if d is not emulated]
+
     def EmulatedIsDevicePresent(self, device_id: str | None, instance_id: str | None) -> tuple[bool, EmulatedStatus]:
         for device in self.devices:
             if device_id is None:
@@ -77,6 +105,6 @@ class Emulated(Interface):
         return False, EmulatedStatus.NEUTRAL
 
     def EmulatedIsDiskPresent(self, index: int) -> bool:
-        if any(d.device_id.upper().startswith(nvme.upper()) for d in self.devices for nvme in NVME_DEVICE_IDS):
+        if any(d.is_emulated_nvme for d in self.devices):
             return True
         return any(disk.index == index for disk in self.disks)

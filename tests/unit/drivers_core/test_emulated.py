@@ -87,13 +87,33 @@ def test_a_drive_without_medium_answers_identify_but_is_not_a_disk(machine) -> N
     assert ata_identify(m, 0, 1) is None  # nothing there
 
 
-def test_ide_rescan_after_unplug_drops_the_disk_and_its_emulated_entry(rig, machine) -> None:
-    booted = rig.boot(machine(0x0001))
-    assert _emulated(booted, 3).EmulatedIsDiskPresent(0) is True
-    booted.vcpu.outw(0x10, 0x1)
-    channel = next(n for n in booted.nodes(r"PCIIDE\IDEChannel") if n.instance_id == "0")
+def _rescan_channel(booted, number: str) -> None:
+    channel = next(n for n in booted.nodes(r"PCIIDE\IDEChannel") if n.instance_id == number)
     with booted.kernel.cpu.lock:
         booted.kernel.pnp.invalidate(channel)
         booted.kernel.pnp.process_pending()
-    assert booted.nodes("IDE\\") == []
-    assert _emulated(booted, 3).EmulatedIsDiskPresent(0) is False
+
+
+def test_ide_rescan_after_unplug_drops_the_disk_and_its_emulated_entry(rig, machine) -> None:
+    """XB xenfilt fdo.c FdoEnumerate: a PDO the bus no longer reports is set missing and its EMULATED
+    object removed. AUX unplug (0x4) leaves the primary master, so channel 0 still has a child."""
+    m = machine(0x0001)
+    m.channels = (FakeChannel({0: FakeDrive("QEMU HARDDISK"), 1: FakeDrive("QEMU HARDDISK")}),
+                  FakeChannel({0: FakeDrive("QEMU DVD-ROM", cdrom=True)}))
+    booted = rig.boot(m)
+    assert _emulated(booted, 3).EmulatedIsDiskPresent(1) is True
+    booted.vcpu.outw(0x10, 0x4)
+    _rescan_channel(booted, "0")
+    assert [n.instance_id for n in booted.nodes("IDE\\")] == ["0.0.0"]
+    assert _emulated(booted, 3).EmulatedIsDiskPresent(1) is False
+
+
+def test_a_channel_whose_last_disk_went_keeps_reporting_it(rig, machine) -> None:
+    """XB xenfilt fdo.c FdoQueryDeviceRelations: `if (Relations->Count != 0) FdoEnumerate(...)`. When the
+    bus reports no child at all the list is not updated, so the filter (DISABLED) still reports the disk
+    it had, and EMULATED still says it is present."""
+    booted = rig.boot(machine(0x0001))
+    booted.vcpu.outw(0x10, 0x1)
+    _rescan_channel(booted, "0")
+    assert [n.instance_id for n in booted.nodes("IDE\\")] == ["0.0.0"]
+    assert _emulated(booted, 3).EmulatedIsDiskPresent(0) is True

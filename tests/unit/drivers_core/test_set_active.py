@@ -42,11 +42,40 @@ def test_first_fdo_wins_and_records_the_active_device(rig, machine) -> None:
 def test_the_stored_active_device_id_wins_and_missing_values_are_filled(rig, machine) -> None:
     registry = Registry()
     registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0002.lower())  # stricmp
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveInstanceID", "3&0&0&18")
     booted = rig.boot(machine(0x0001, 0x0002), registry)
     assert _states(booted) == {"0001": False, "0002": True}
     assert _active_value(registry, "ActiveDeviceID") == DEV_0002.lower()  # UpdateActive leaves the ID alone
-    assert _active_value(registry, "ActiveInstanceID") == "3&0&0&18"
     assert _active_value(registry, "ActiveLocationInformation") == "PCI bus 0, device 3, function 0"
+
+
+def test_a_stored_active_device_id_without_instance_id_hides_the_device(rig, machine) -> None:
+    """XB xenfilt pdo.c PdoSetDeviceInformation: the active (NEUTRAL) PDO takes ActiveInstanceID, and
+    when that value is missing PdoCreate fails (fail2): no filter PDO, so the device is never reported
+    and XENBUS never sees it; the other platform device, not the stored one, stays inactive."""
+    registry = Registry()
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0002)
+    booted = rig.boot(machine(0x0001, 0x0002), registry)
+    assert _states(booted) == {"0001": False}
+    assert not [n for n in booted.nodes("PCI\\VEN_5853&DEV_0002")]
+    assert booted.nodes("XENBUS\\") == []
+    assert any("ActiveInstanceID is missing: fail2" in line for line in booted.kernel.log.tail(200))
+
+
+def test_the_active_pdo_reports_the_stored_instance_id(rig, machine) -> None:
+    """XB xenfilt pdo.c: the active NEUTRAL PDO reports ActiveInstanceID (the instance path stays stable
+    when the device moves slot), while a FORCE_ACTIVATED one keeps its real InstanceID."""
+    registry = Registry()
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0001)
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveInstanceID", "3&0&0&99")
+    booted = rig.boot(machine(0x0001), registry)
+    assert [n.instance_id for n in booted.nodes("PCI\\VEN_5853")] == ["3&0&0&99"]
+    registry = Registry()
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0001)
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveInstanceID", "3&0&0&99")
+    registry.set_dword(PRECEDENCE, r"PCI\VEN_5853&DEV_0001", 1)
+    booted = rig.boot(machine(0x0001), registry)
+    assert [n.instance_id for n in booted.nodes("PCI\\VEN_5853")] == ["3&0&0&10"]
 
 
 def test_a_stored_active_device_that_is_absent_leaves_every_fdo_inert(rig, machine) -> None:
@@ -140,9 +169,9 @@ def test_a_stored_legacy_active_device_stays_active_but_update_active_fills_noth
     registry = Registry()
     registry.create_key(VENDOR_ENUM_KEY)
     registry.set_sz(XENFILT_PARAMETERS, "ActiveDeviceID", DEV_0001)
+    registry.set_sz(XENFILT_PARAMETERS, "ActiveInstanceID", "3&0&0&10")
     booted = rig.boot(machine(0x0001), registry)
     assert _states(booted) == {"0001": True}
-    assert _active_value(registry, "ActiveInstanceID") is None
     assert _active_value(registry, "ActiveLocationInformation") is None
     assert any("ConfigUpdateActive" in line and "legacy device" in line for line in booted.kernel.log.tail(200))
 

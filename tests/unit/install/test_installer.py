@@ -216,11 +216,13 @@ def test_subscriber_registry_written() -> None:
     assert registry.get_dword(rf"{SERVICES}\XENBUS\Interfaces\XENVIF", "EVTCHN") == 4
     assert registry.get_dword(rf"{SERVICES}\XENFILT\Interfaces\XENBUS", "UNPLUG") == 1
     assert registry.get_dword(rf"{SERVICES}\XENVIF\Interfaces\XENNET", "VIF") == 2
-    # Active-device post-install: filters, ActiveDeviceID, reboot.
+    # Active-device post-install (coinst.c@d55a644^ SetActiveDeviceInstanceID): filters, ActiveDeviceID
+    # and ActiveInstanceID (without it today's XENFILT hides the device), reboot.
     for guid in (SYSTEM_CLASS_GUID, HDC_CLASS_GUID):
         assert registry.get_multi_sz(rf"{CLASS_KEY}\{guid}", "UpperFilters") == ["XENFILT"]
     assert registry.get_sz(rf"{SERVICES}\XENFILT\Parameters", "ActiveDeviceID") == \
         r"PCI\VEN_5853&DEV_0001&SUBSYS_00015853&REV_01"
+    assert registry.get_sz(rf"{SERVICES}\XENFILT\Parameters", "ActiveInstanceID") == "3&0&0&10"
 
 
 def test_provider_before_subscriber_is_vetoed_then_subscriber_first_succeeds() -> None:
