@@ -132,7 +132,7 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     pci = bus.assign_resources()
     kernel.activate()
     bug_switches.activate(bugs, registry, kernel.log)  # before xen.sys loads: 080720a lives in its DllInitialize
-    set_build(build)
+    set_build(build, kernel.log)
     xen = Xen.load(registry, kernel.log, vcpu, versions["XEN"])
     xenfilt = XenfiltDriver(xen, versions["XENFILT"])
     kernel.mm = MemoryManager(PageAllocator(ram_pages), vcpu)

@@ -18,7 +18,7 @@ import sys
 from types import FrameType
 
 from .bugcheck import BugCheckCode, KeBugCheckEx, caller_module
-from .debuglog import DbgLevel, current_log
+from .debuglog import DbgLevel, DebugLog, current_log
 
 log = logging.getLogger("stack.kernel.assertion")
 
@@ -28,12 +28,14 @@ STATUS_ASSERTION_FAILURE = 0xC0000420
 _build = "free"
 
 
-def set_build(build: str) -> None:
-    """This boot's driver build: "free" (the default) or "checked"."""
+def set_build(build: str, debug_log: DebugLog | None = None) -> None:
+    """This boot's driver build: "free" (the default) or "checked"; a checked one is said in `debug_log`."""
     global _build
     if build not in BUILDS:
         raise ValueError(f"no driver build {build!r} (known: {', '.join(BUILDS)})")
     _build = build
+    if build != "free" and debug_log is not None:
+        debug_log.print("SETUP", f"PV drivers: {build} build (a failed ASSERT stops the guest)", DbgLevel.WARNING)
 
 
 def current_build() -> str:
