@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.debuglog import DbgLevel, DebugLog
 from xenpv.stack.kernel.registry import Registry, RegistryError
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_NOT_SUPPORTED,
@@ -179,10 +180,7 @@ class Unplug:
         if self.io is None:
             return 0  # not a Xen guest: DllInitialize set no request (and the model has no port to write)
         status = self.UnplugPreamble()
-        if not NT_SUCCESS(status):
-            # ASSERT(NT_SUCCESS(status)): a checked build stops here; the free build goes on.
-            self._print(f"Devices: ASSERTION FAILED: NT_SUCCESS(status) ({status_name(status)}): writing the "
-                        "masks anyway", DbgLevel.ERROR)
+        ASSERT(NT_SUCCESS(status), "NT_SUCCESS(status)", module="xen.sys")  # the free build goes on
         written = 0
         for device_type in wanted:
             mask = self.disks_mask() if device_type == UNPLUG_DISKS else U.UNPLUG_ALL_NICS

@@ -8,6 +8,8 @@ from xenpv.stack.drivers.xen import PACKAGE_VERSION, UNPLUG_DISKS, UNPLUG_NICS, 
 from xenpv.stack.drivers.xen.unplug import ENUM_XENBUS, FORCE_UNPLUG_KEY, UNPLUG_KEY
 from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
 from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters, Registry, RegistryError
+from xenpv.stack.kernel.assertion import STATUS_ASSERTION_FAILURE, set_build
+from xenpv.stack.kernel.bugcheck import BugCheck, BugCheckCode
 from xenpv.stack.kernel.debuglog import DebugLog
 from xenpv.stack.kernel.pnp import CmProblem
 from xenpv.stack.kernel.status import (STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_INVALID_PARAMETER,
@@ -170,8 +172,23 @@ def test_without_the_platform_ports_the_preamble_says_unsupported(machine) -> No
     xen = Xen.load(registry, debug_log, m)
     assert xen.unplug.UnplugPreamble() == STATUS_NOT_SUPPORTED
     assert xen.unplug.UnplugDevices() == 0x9 and m.unplug_writes == []  # nobody listens on port 0x10
-    log = "\n".join(debug_log.tail(50))
-    assert "protocol not supported" in log and "ASSERTION FAILED" in log
+    assert any("protocol not supported" in line for line in debug_log.tail(50))
+
+
+def test_an_unsupported_preamble_stops_a_checked_build(machine) -> None:
+    """The same ASSERT(NT_SUCCESS(status)) in a checked build (src/common/assert.h): STATUS_ASSERTION_FAILURE
+    unhandled in the calling thread, before any mask is written."""
+    registry = _with_children("VBD")
+    registry.set_dword(FORCE_UNPLUG_KEY, "DISKS", 1)
+    xen = Xen.load(registry, DebugLog(), machine())
+    set_build("checked")
+    try:
+        with pytest.raises(BugCheck) as stop:
+            xen.unplug.UnplugDevices()
+    finally:
+        set_build("free")
+    assert stop.value.code == BugCheckCode.SYSTEM_THREAD_EXCEPTION_NOT_HANDLED
+    assert stop.value.params[0] == STATUS_ASSERTION_FAILURE and xen.unplug.unplugged_mask == 0
 
 
 def test_outside_xen_the_modules_quiesce(machine) -> None:
