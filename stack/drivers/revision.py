@@ -45,7 +45,6 @@ CHILD_BINDS_XENBUS_REVISION = 0x0900000B
 XENNET_BINDS_XENVIF_REVISION = 0x09000005
 
 VENDOR_PREFIX = "XP"
-MAX_HARDWARE_IDS_CHARS = 1024  # REGSTR_VAL_MAX_HCID_LEN: the MULTI_SZ, terminators included
 
 
 def vendor_name(pci_device_id: int, prefix: str = VENDOR_PREFIX) -> str:

@@ -43,11 +43,6 @@ XENBUS_PDO_INTERFACES = ("DEBUG", "SUSPEND", "SHARED_INFO", "EVTCHN", "STORE", "
                          "UNPLUG", "CONSOLE")
 
 
-def multi_sz_chars(strings: list[str]) -> int:
-    """Characters of a REG_MULTI_SZ, every terminator included."""
-    return sum(len(s) + 1 for s in strings) + 1
-
-
 REGSTR_VAL_MAX_HCID_LEN = 1024  # pdo.c #define, compared with a length in bytes
 
 

@@ -32,16 +32,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from xenpv.stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
-from xenpv.stack.drivers.revision import MAX_HARDWARE_IDS_CHARS, XENVIF_REVISIONS, newest_first
+from xenpv.stack.drivers.revision import XENVIF_REVISIONS, newest_first
 from xenpv.stack.drivers.xenbus.cache import CacheInterface
-from xenpv.stack.drivers.xenbus.pdo import BusProxy, multi_sz_chars
+from xenpv.stack.drivers.xenbus.pdo import (REGSTR_VAL_MAX_HCID_LEN, BusProxy,
+                                           multi_sz_bytes_before_final_terminator)
 from xenpv.stack.drivers.xenbus.store import StoreInterface
 from xenpv.stack.drivers.xenbus.suspend import SuspendInterface
 from xenpv.stack.drivers.xenbus.unplug import XENBUS_UNPLUG_DEVICE_TYPE_NICS
 from xenpv.stack.kernel import (IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceObject, DeviceRelationType, Irp,
                           IoCompleteRequest, IoCreateDevice, IoDeleteDevice, IoSynchronousCallDriver,
                           QueryInterfaceParameters)
-from xenpv.stack.kernel.bugcheck import BUG_ON
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED,
                                        STATUS_PNP_REBOOT_REQUIRED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL)
 
@@ -67,7 +68,9 @@ def pdo_device_id(prefix: str) -> str:
 def pdo_hardware_ids(vendor: str) -> list[str]:
     ids = [f"XENVIF\\VEN_{vendor}&DEV_NET&REV_{revision:08X}" for revision in newest_first(XENVIF_REVISIONS)]
     ids.append(XENDEVICE)
-    BUG_ON(multi_sz_chars(ids) >= MAX_HARDWARE_IDS_CHARS, "XENVIF HARDWARE IDS EXCEED REGSTR_VAL_MAX_HCID_LEN")
+    # XV pdo.c PdoQueryId: ASSERT3U((ULONG_PTR)Buffer - (ULONG_PTR)Id.Buffer, <, REGSTR_VAL_MAX_HCID_LEN), in bytes
+    ASSERT(multi_sz_bytes_before_final_terminator(ids) < REGSTR_VAL_MAX_HCID_LEN,
+           "(ULONG_PTR)Buffer - (ULONG_PTR)Id.Buffer < REGSTR_VAL_MAX_HCID_LEN")
     return ids
 
 

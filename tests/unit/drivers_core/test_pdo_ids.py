@@ -88,6 +88,18 @@ def test_hardware_ids_limit_is_a_checked_build_assert_counted_in_bytes(monkeypat
     assert stop.value.message == "ASSERTION FAILED: (ULONG_PTR)Buffer - (ULONG_PTR)Id.Buffer < REGSTR_VAL_MAX_HCID_LEN"
 
 
+def test_xenvif_hardware_ids_limit_is_the_same_assert(monkeypatch, checked_build) -> None:
+    """XV pdo.c PdoQueryId has the same ASSERT3U: 12 XENVIF revisions and XENDEVICE fit (956 bytes), 13 not."""
+    import xenpv.stack.drivers.xenvif.pdo as vif_pdo
+
+    monkeypatch.setattr(vif_pdo, "XENVIF_REVISIONS", {0x09000000 + i: {} for i in range(12)})
+    assert len(vif_pdo.pdo_hardware_ids("XP0001")) == 13
+    monkeypatch.setattr(vif_pdo, "XENVIF_REVISIONS", {0x09000000 + i: {} for i in range(13)})
+    with pytest.raises(BugCheck) as stop:
+        vif_pdo.pdo_hardware_ids("XP0001")
+    assert stop.value.params[0] == STATUS_ASSERTION_FAILURE and stop.value.module == "xenvif.sys"
+
+
 def test_a_free_build_returns_hardware_ids_over_the_limit(monkeypatch) -> None:
     """The free build compiles the ASSERT out; the buffer (MAX_DEVICE_ID_LEN WCHARs per revision) holds them."""
     monkeypatch.setattr(pdo_module, "XENBUS_REVISIONS", _revisions(40))
