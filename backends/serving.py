@@ -8,10 +8,12 @@ back-ends are dom0 processes serving every domain, so each running one makes
 
     /local/domain/<backend domid>/backends/<kind>/<owner>
 
-where <owner> is the process's base.owner.Owner, <pid>-<start time> (a xenstore path has no dots): removed
-when the back-end stops, and recognised as stale when the process is gone (a SIGKILLed back-end cannot
-remove it). The node is dom0's alone (permission n<backend domid>): no guest can make the toolstack
-believe a back-end runs.
+where <owner> is the process's base.owner.Owner, <pid>-<start time> (a xenstore path has no dots), and
+removes it when it stops. A back-end killed without a word (SIGKILL) leaves its node: the kind is still
+served - a crashed back-end is expected back, and frontends wait for it as for any back-end that has not
+answered yet (a restore while blkback is down connects when it returns) - until the next back-end of the
+kind starts and takes the node of its dead predecessor away. The node is dom0's alone (permission
+n<backend domid>): no guest can make the toolstack believe a back-end runs.
 
 A stopping back-end says Closed on every device it still has (Linux's xenbus backends do the same in
 their remove path, netback_remove -> set_backend_state(be, XenbusStateClosed)), so a frontend closing
@@ -36,16 +38,40 @@ def serving_root(kind: str, backend_domid: int = DOM0) -> str:
 
 def announce(xs: XsClient, kind: str, backend_domid: int = DOM0) -> str:
     """This process serves `kind`: make its node (see the module's docstring) and return its path."""
+    root = serving_root(kind, backend_domid)
     owner = Owner.current()
-    path = f"{serving_root(kind, backend_domid)}/{owner.pid}-{owner.start}"
+    path = f"{root}/{owner.pid}-{owner.start}"
 
     def body(tx: int) -> None:
+        forget_dead(xs, kind, backend_domid, tx)
         xs.write(path, "", tx)
         xs.set_perms(path, [f"n{backend_domid}"], tx)
 
     xs.transact(body)
     log.info("serving %s: %s", kind, path)
     return path
+
+
+def forget_dead(xs: XsClient, kind: str, backend_domid: int = DOM0, tx: int = 0) -> list[str]:
+    """Remove the announcements of `kind` whose processes are gone (killed back-ends); their paths."""
+    root = serving_root(kind, backend_domid)
+    gone = []
+    for name in _announcements(xs, root, tx):
+        owner = Owner.parse(name.replace("-", ".", 1))
+        if owner is None or not owner.alive():
+            log.info("serving %s: %s/%s is gone (its process died without withdrawing)", kind, root, name)
+            xs.rm(f"{root}/{name}", tx)
+            gone.append(f"{root}/{name}")
+    return gone
+
+
+def _announcements(xs: XsClient, root: str, tx: int = 0) -> list[str]:
+    try:
+        return xs.directory(root, tx)
+    except XsRequestError as exc:
+        if exc.errno_name == "ENOENT":
+            return []
+        raise
 
 
 def withdraw(xs: XsClient, path: str) -> None:
@@ -58,24 +84,9 @@ def withdraw(xs: XsClient, path: str) -> None:
 
 
 def served(xs: XsClient, kind: str, backend_domid: int = DOM0) -> bool:
-    """Whether a live back-end process serves `kind` in `backend_domid`. Nodes of processes that are gone
-    are removed on the way (a killed back-end's)."""
-    root = serving_root(kind, backend_domid)
-    try:
-        owners = xs.directory(root)
-    except XsRequestError as exc:
-        if exc.errno_name == "ENOENT":
-            return False
-        raise
-    found = False
-    for name in owners:
-        owner = Owner.parse(name.replace("-", ".", 1))
-        if owner is not None and owner.alive():
-            found = True
-        else:
-            log.info("serving %s: %s/%s is stale (its process is gone); removed", kind, root, name)
-            withdraw(xs, f"{root}/{name}")
-    return found
+    """Whether a back-end announced `kind` in `backend_domid` and has not withdrawn (a killed one has not:
+    see the module's docstring)."""
+    return bool(_announcements(xs, serving_root(kind, backend_domid)))
 
 
 def say_closed(xs: XsClient, backend_path: str) -> bool:
