@@ -23,7 +23,9 @@ XEN_PLATFORM_VENDOR = 0x5853
 PLATFORM_DEVICE_IDS = (0x0001, 0x0002, 0xC000)
 NIC_MODELS = ("rtl8139", "e1000")
 DISK_FORMATS = ("raw", "qcow2")
-DRIVER_ERAS = ("subscriber", "current")
+# The installer eras of reference windows-pv-drivers.md 5: (a) subscriber registry, (b) co-installers
+# without it (07/2015 - 09/2023), (c)/(d) no co-installers.
+DRIVER_ERAS = ("subscriber", "coinstaller", "current")
 DRIVER_PACKAGES = ("xenbus", "xenvif", "xennet", "xenvbd", "xeniface")
 BOOT_OPTIONS = ("BOOT_EMULATED",)
 # The PV drivers' build: a checked build (DBG=1) stops on a failed ASSERT, a free build runs past it.
