@@ -390,7 +390,9 @@ class EvtchnInterface(Interface):
         return Channel.Count
 
     def EvtchnWait(self, Channel: EvtchnChannel, Count: int, Timeout: float | None) -> NTSTATUS:
-        """Wait until the channel's Count reaches Count (modulo 2^32, as the ULONG compare does)."""
+        """Wait until the channel's Count reaches Count (modulo 2^32, as the ULONG compare does). Up to
+        DISPATCH_LEVEL (evtchn.c EvtchnWait: an ASSERT)."""
+        ASSERT(KeGetCurrentIrql() <= DISPATCH_LEVEL, "KeGetCurrentIrql() <= DISPATCH_LEVEL")
         while ((Channel.Count - Count) & 0xFFFFFFFF) >= 0x80000000:
             if KeWaitForSingleObject(Channel.delivered, Timeout) == STATUS_TIMEOUT:
                 return STATUS_TIMEOUT
@@ -401,6 +403,8 @@ class EvtchnInterface(Interface):
         return self.EvtchnWait(Channel, (self.EvtchnGetCount(Channel) + 1) & 0xFFFFFFFF, Timeout)
 
     def EvtchnGetPort(self, Channel: EvtchnChannel) -> int:
+        """evtchn.c EvtchnGetPort: ASSERT(Channel->Active); a free build returns the old domain's port."""
+        ASSERT(Channel.Active, "Channel->Active")
         return Channel.LocalPort
 
     def EvtchnClose(self, Channel: EvtchnChannel) -> None:

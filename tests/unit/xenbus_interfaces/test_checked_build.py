@@ -14,7 +14,7 @@ from xenpv.stack.kernel.bugcheck import BugCheck, BugCheckCode
 from xenpv.stack.kernel.debuglog import current_log
 from xenpv.stack.kernel.dpc import KeInitializeDpc, KeInsertQueueDpc
 from xenpv.stack.kernel.event import KEvent
-from xenpv.stack.kernel.irql import DISPATCH_LEVEL, KeLowerIrql, KeRaiseIrql
+from xenpv.stack.kernel.irql import DIRQL, DISPATCH_LEVEL, KeLowerIrql, KeRaiseIrql
 from xenpv.stack.kernel.status import STATUS_SUCCESS
 
 from .stack_of import Interfaces, interfaces, table_of
@@ -63,13 +63,34 @@ def _evtchn_send_below_dispatch(ifs: Interfaces) -> None:
     evtchn.EvtchnSend(channel)
 
 
-# (what breaks the rule, the ASSERT's C expression, the upstream file and function)
+def _evtchn_get_port_after_suspend(ifs: Interfaces) -> None:
+    evtchn = table_of(ifs.evtchn)
+    evtchn.EvtchnAcquire()
+    channel = evtchn.EvtchnOpen(EVTCHN_UNBOUND, lambda _i, _a: True, None, 0, False)
+    assert ifs.suspend.SuspendTrigger() == STATUS_SUCCESS  # the channel belonged to the old domain
+    assert evtchn.EvtchnGetPort(channel) == 10
+
+
+def _evtchn_wait_above_dispatch(ifs: Interfaces) -> None:
+    evtchn = table_of(ifs.evtchn)
+    evtchn.EvtchnAcquire()
+    channel = evtchn.EvtchnOpen(EVTCHN_UNBOUND, lambda _i, _a: True, None, 0, False)
+    old = KeRaiseIrql(DIRQL)
+    try:
+        assert evtchn.EvtchnWait(channel, 0, 0.0) == STATUS_SUCCESS  # already reached
+    finally:
+        KeLowerIrql(old)
+
+
+# (what breaks the rule, the ASSERT's C expression), by upstream file and function
 ASSERTS: dict[str, tuple[Callable[[Interfaces], None], str]] = {
     "range_set.c RangeSetDestroy": (_range_set_destroy_non_empty, "__RangeSetIsEmpty(RangeSet)"),
     "cache.c CacheDestroy": (_cache_destroy_with_objects_out, "Cache->CurrentObjects == 0"),
     "suspend.c SuspendRegister": (_suspend_register_unknown_type, "FALSE"),
     "debug.c DebugPrintf": (_debug_printf_outside_a_callback, "Context->CallbackPrefix != NULL"),
     "evtchn.c EvtchnSend": (_evtchn_send_below_dispatch, "KeGetCurrentIrql() >= DISPATCH_LEVEL"),
+    "evtchn.c EvtchnGetPort": (_evtchn_get_port_after_suspend, "Channel->Active"),
+    "evtchn.c EvtchnWait": (_evtchn_wait_above_dispatch, "KeGetCurrentIrql() <= DISPATCH_LEVEL"),
 }
 
 
