@@ -106,6 +106,10 @@ class XenifaceFdo:
     gnttab_cache: Any = None
     gnttab_cache_lock: KSpinLock = field(default_factory=lambda: KSpinLock("xeniface-gnttab"))
     _suspend_callback_late: Any = None
+    # MAJOR_VERSION.MINOR_VERSION.MICRO_VERSION.BUILD_NUMBER, compiled into the image: the model reads the
+    # installed image's build once, at AddDevice (PASSIVE_LEVEL). FdoSetDistribution also runs in the
+    # SUSPEND LATE callback, at DISPATCH_LEVEL, where reading the registry is a 0xD1 XI never has.
+    version: str = DEFAULT_VERSION
 
     def __post_init__(self) -> None:
         self.state = XenIfaceState(self)
@@ -120,7 +124,9 @@ class XenifaceFdo:
         status, link = IoRegisterDeviceInterface(pdo, GUID_INTERFACE_XENIFACE)
         if not NT_SUCCESS(status):
             raise XenifaceFdoError(f"IoRegisterDeviceInterface: {status_name(status)}")
-        return cls(device, lower, pdo, interfaces, link, revision)
+        fdo = cls(device, lower, pdo, interfaces, link, revision)
+        fdo.version = fdo._image_version()
+        return fdo
 
     # -- the interfaces ----------------------------------------------------------------------------
 
@@ -200,7 +206,7 @@ class XenifaceFdo:
 
     # -- drivers/<n> (FdoSetDistribution, FdoClearDistribution) -------------------------------------------
 
-    def _version(self) -> str:
+    def _image_version(self) -> str:
         node = self.pdo.device_node
         if node is None:
             return DEFAULT_VERSION
@@ -217,7 +223,7 @@ class XenifaceFdo:
                 if status != STATUS_OBJECT_NAME_NOT_FOUND:
                     log.error("FdoSetDistribution: drivers/%d: %s", index, status_name(status))
                     return status
-                text = f"{distribution_vendor()} {PRODUCT} {self._version()} "  # ATTRIBUTES: "" in a free build
+                text = f"{distribution_vendor()} {PRODUCT} {self.version} "  # ATTRIBUTES: "" in a free build
                 store.StorePrintf(None, "drivers", str(index), "%s", text)
                 self.distribution = str(index)
                 current_log().print("XENIFACE", f"drivers/{index} = {text!r}")
