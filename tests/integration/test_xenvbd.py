@@ -151,3 +151,20 @@ def test_blkback_restarted_reconnects_and_replays(rebooted, blkback: Restartable
     # the frontend reconnects on new rings and replays.
     listing = g.console.run("vbd list")
     assert "connected backend Connected" in listing and "connections 2" in listing, listing
+
+
+def test_cdrom_vbd_hidden_unknown_vdev_retried_with_a_reboot_request(rebooted) -> None:
+    """VBD adapter.c __AdapterHiddenTarget: a vbd whose device-type is not "disk" is left alone (no target,
+    no refusal); target.c TargetCreate: a vdev __ParseVbd maps to no target is STATUS_RETRY, and
+    __AdapterEnumerate asks xenbus_monitor for a reboot. Both vbds are written by the toolstack into the
+    running guest's xenstore; the CD-ROM first, so the pass that refuses the other has seen it."""
+    g, _ = rebooted
+    home = f"/local/domain/{g.domain.domid}/device/vbd"
+    hdc, unknown = 22 << 8, 7 << 8
+    assert "XENVBD" not in g.console.run(f"registry '{REQUEST_KEY}'")
+    g.toolstack.xs.write(f"{home}/{hdc}/device-type", "cdrom")
+    g.toolstack.xs.write(f"{home}/{unknown}/device-type", "disk")
+    listing = wait_console(g, "vbd list", rf"vbd {unknown} refused: STATUS_RETRY")
+    assert f"vbd {hdc}" not in listing, listing
+    assert "XENVBD" in g.console.run(f"registry '{REQUEST_KEY}'")
+    assert re.search(r"^target 0 vbd 768 connected", listing, re.M), listing  # the disk is unaffected

@@ -151,7 +151,7 @@ def test_pv_expectations_of_the_shipped_shapes() -> None:
     no_platform = load_guest(GUESTS_DIR / "no-platform.yaml")
     assert not no_platform.expects_pv_drivers
     assert no_platform.pv_expectation("disks").reason.startswith("no PV drivers on purpose: not a Xen guest")
-    assert "STATUS_NOT_SUPPORTED" in load_guest(GUESTS_DIR / "boot-emulated.yaml").pv_expectation("disks").reason
+    assert "STATUS_UNSUCCESSFUL" in load_guest(GUESTS_DIR / "boot-emulated.yaml").pv_expectation("disks").reason
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

@@ -8,10 +8,15 @@ so the next boot unplugs the emulated disks. Then a `device/vbd` watch and the a
 driver's ScanThread and backend watch in one): AdapterEnumerate creates a target per device/vbd/<devid>
 and drops those that vanished, and every target's frontend follows its backend.
 
-TargetCreate refuses target 0 under XEN:BOOT_EMULATED, and any target whose emulated twin is still
-present (EMULATED.IsDiskPresent(TargetId)): STATUS_RETRY and UNPLUG.Reboot("XENVBD"), so that xenbus_monitor
-asks for the reboot that unplugs the twin. AdapterStop (REMOVE_DEVICE) destroys the targets,
-UNPLUG.Request(DISKS, FALSE) and releases every interface.
+__AdapterEnumerate skips, silently and without a refusal, a vbd that __AdapterHiddenTarget hides: one whose
+`ejected` reads non-zero (strtoul base 2) or whose `device-type` is missing or not "disk" (a CD-ROM
+stays with the emulated drive). TargetCreate (target.c) then refuses: a vdev __ParseVbd cannot map to a
+target below XENVBD_MAX_TARGETS with STATUS_RETRY; target 0 under XEN:BOOT_EMULATED with
+STATUS_UNSUCCESSFUL; a target AdapterIsTargetEmulated calls emulated with STATUS_RETRY. Targets above 3
+are never emulated; without EMULATED (not served, or its Acquire failing) targets 0-3 count as emulated,
+since nothing could unplug their twins. Any STATUS_RETRY of a pass asks xenbus_monitor for a reboot
+(UNPLUG.Reboot("XENVBD")). AdapterStop (REMOVE_DEVICE) destroys the targets, UNPLUG.Request(DISKS, FALSE)
+and releases every interface.
 
 The adapter and its targets (target.py) import each other, as adapter.c and target.c do.
 """
@@ -39,7 +44,8 @@ from xenpv.stack.kernel.event import wait_for_thread
 from xenpv.stack.kernel.debuglog import DbgLevel, current_log
 from xenpv.stack.kernel.irql import assert_passive, current_processor
 from xenpv.stack.kernel.registry import Registry, RegistryError
-from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_RETRY, STATUS_SUCCESS, status_name)
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_RETRY, STATUS_SUCCESS,
+                                       STATUS_UNSUCCESSFUL, status_name)
 from xenpv.stack.timescale import HarnessTooSlow
 
 from .target import XenvbdTarget
@@ -48,6 +54,8 @@ log = logging.getLogger("stack.drivers.xenvbd.adapter")
 
 PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENVBD\Parameters"
 XENVBD_MAX_TARGETS = 255
+MAX_EMULATED_TARGET = 3  # AdapterIsTargetEmulated: only the four IDE positions can have an emulated twin
+MODULE = "XENVBD"
 SCAN_INTERVAL_SECONDS = 0.05
 QUERY_SIZE = 4096  # the client's buffer: large enough for any version's table
 
@@ -59,7 +67,8 @@ EXTENDED = 1 << 28
 
 
 def ParseVbd(vdev: int) -> int | None:
-    """__ParseVbd: the target id of a vdev number (xen-abi.md 4's encodings); None if it names none."""
+    """__ParseVbd: the target id of a vdev number (xen-abi.md 4's encodings); None if it names none, or a
+    target TargetCreate cannot have (>= XENVBD_MAX_TARGETS)."""
     if vdev < 0 or vdev >= 1 << 29:
         return None
     if vdev & EXTENDED:
@@ -72,7 +81,22 @@ def ParseVbd(vdev: int) -> int | None:
             target = ((vdev & 0xC0) >> 6) + IDE_MAJOR_FIRST_DISK[major]
         else:
             return None
-    return target if target <= XENVBD_MAX_TARGETS else None
+    return target if target < XENVBD_MAX_TARGETS else None
+
+
+def strtoul_base2(text: str) -> int:
+    """strtoul(Buffer, NULL, 2): leading blanks, an optional sign, then the longest run of 0/1 (0 if none)."""
+    text = text.lstrip(" \t\n\v\f\r")
+    negative = text[:1] == "-"
+    if text[:1] in "+-" and text:
+        text = text[1:]
+    digits = ""
+    for ch in text:
+        if ch not in "01":
+            break
+        digits += ch
+    value = int(digits, 2) if digits else 0
+    return (-value) & 0xFFFFFFFF if negative else value & 0xFFFFFFFF
 
 
 class AdapterError(Exception):
@@ -305,6 +329,23 @@ class XenvbdAdapter:
                 except BugCheck:
                     return
 
+    def _read(self, path: str, name: str) -> str | None:
+        status, buffer = self.store.StoreRead(None, path, name)
+        if not NT_SUCCESS(status) or buffer is None:
+            return None
+        try:
+            return buffer.Value.decode(errors="replace")
+        finally:
+            self.store.StoreFree(buffer)
+
+    def AdapterHiddenTarget(self, devid: int) -> bool:
+        """__AdapterHiddenTarget: ejected media, and anything that is not a disk, are left alone."""
+        path = f"device/vbd/{devid}"
+        ejected = self._read(path, "ejected")
+        if ejected is not None and strtoul_base2(ejected):
+            return True
+        return self._read(path, "device-type") != "disk"
+
     def AdapterEnumerate(self) -> None:
         status, buffer = self.store.StoreDirectory(None, None, "device/vbd")
         names: list[str] = []
@@ -312,10 +353,17 @@ class XenvbdAdapter:
             names = [n for n in buffer.Value.decode(errors="replace").split("\0") if n]
             self.store.StoreFree(buffer)
         present = {int(n) for n in names if n.isdigit()}
+        need_reboot = False
         for devid in sorted(present - set(self.targets) - set(self.refused)):
+            if self.AdapterHiddenTarget(devid):
+                continue
             status = self.TargetCreate(devid)
+            if status == STATUS_RETRY:
+                need_reboot = True
             if not NT_SUCCESS(status):
                 self.refused[devid] = status_name(status)
+        if need_reboot:
+            self.AdapterRequestReboot()
         for devid in sorted(set(self.targets) - present):
             target = self.targets.pop(devid)
             self._print(f"vbd {devid} gone from xenstore")
@@ -324,23 +372,45 @@ class XenvbdAdapter:
         for devid in sorted(set(self.refused) - present):
             del self.refused[devid]
 
+    def AdapterRequestReboot(self) -> None:
+        if self.unplug.Version < 3:  # Reboot is UNPLUG v3's
+            return
+        if NT_SUCCESS(self.unplug.UnplugAcquire()):
+            try:
+                self.unplug.UnplugReboot(MODULE)
+            finally:
+                self.unplug.UnplugRelease()
+
+    def AdapterBootEmulated(self) -> bool:
+        return self.unplug.Version >= 3 and bool(self.unplug.UnplugBootEmulated())
+
+    def AdapterIsTargetEmulated(self, target_id: int) -> bool:
+        if target_id > MAX_EMULATED_TARGET:
+            return False
+        emulated = self.interfaces.get("EMULATED")
+        if emulated is None:
+            return True  # nothing can unplug the twin, so it must be assumed there
+        if not NT_SUCCESS(emulated.EmulatedAcquire()):
+            return True
+        try:
+            return bool(emulated.EmulatedIsDiskPresent(target_id))
+        finally:
+            emulated.EmulatedRelease()
+
     def TargetCreate(self, devid: int) -> int:
         target_id = ParseVbd(devid)
         if target_id is None:
-            self._print(f"vbd {devid}: not a valid vdev", DbgLevel.WARNING)
-            return STATUS_NOT_SUPPORTED
+            self._print(f"vbd {devid}: no target for this vdev: STATUS_RETRY, reboot requested", DbgLevel.WARNING)
+            return STATUS_RETRY
         if any(t.target_id == target_id for t in self.targets.values()):
             self._print(f"vbd {devid}: target {target_id} already exists", DbgLevel.WARNING)
             return STATUS_NOT_SUPPORTED
-        if target_id == 0 and self.unplug.Version >= 3 and self.unplug.UnplugBootEmulated():
+        if target_id == 0 and self.AdapterBootEmulated():
             self._print(f"Target[0]: vbd {devid}: BOOT_EMULATED, the emulated disk stays", DbgLevel.WARNING)
-            return STATUS_NOT_SUPPORTED
-        emulated = self.interfaces.get("EMULATED")
-        if emulated is not None and emulated.EmulatedIsDiskPresent(target_id):
+            return STATUS_UNSUCCESSFUL
+        if self.AdapterIsTargetEmulated(target_id):
             self._print(f"Target[{target_id}]: vbd {devid}: emulated disk present: STATUS_RETRY, reboot requested",
                         DbgLevel.WARNING)
-            if self.unplug.Version >= 3:
-                self.unplug.UnplugReboot("XENVBD")
             return STATUS_RETRY
         target = XenvbdTarget(self, devid, target_id)
         status = target.TargetStart()

@@ -24,14 +24,15 @@ from xenpv.xenabi.ring import BackRing, FrontRing
     ((22 << 8) | (0 << 6), "hdc", 2),
     ((22 << 8) | (1 << 6), "hdd", 3),
     ((1 << 28) | (16 << 8), "xvdq", 16),
-    ((1 << 28) | (255 << 8) | 1, "xvdiv1", 255),
+    ((1 << 28) | (254 << 8) | 1, "xvdiu1", 254),
 ])
 def test_parse_vbd_target_ids(vdev: int, name: str, target: int) -> None:
     assert vdev_name(vdev) == name  # the toolstack's encoding of the same disk
     assert ParseVbd(vdev) == target
 
 
-@pytest.mark.parametrize("vdev", [(1 << 28) | (256 << 8), (7 << 8), 1 << 29, -1])
+# 255 too: VBD target.c TargetCreate refuses `TargetId >= XENVBD_MAX_TARGETS` (255).
+@pytest.mark.parametrize("vdev", [(1 << 28) | (255 << 8), (1 << 28) | (256 << 8), (7 << 8), 1 << 29, -1])
 def test_parse_vbd_refuses_what_names_no_target(vdev: int) -> None:
     assert ParseVbd(vdev) is None
 
