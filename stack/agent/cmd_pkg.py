@@ -37,7 +37,8 @@ def _print(rt: GuestRuntime, text: str) -> str:
 
 
 def _installer(rt: GuestRuntime) -> Installer:
-    platform = [PlatformPciDevice(d.device_id, d.revision) for d in rt.config.guest.platform]
+    platform = [PlatformPciDevice(d.device_id, d.revision, slot=2 + i)
+                for i, d in enumerate(rt.config.guest.platform)]
     return Installer(rt.kernel.registry, platform=platform)
 
 

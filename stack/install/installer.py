@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from xenpv.stack.kernel.pnp import CLASS_KEY
 from xenpv.stack.kernel.registry import REG_DWORD, REG_EXPAND_SZ, KeyNotFound, Registry, ValueNotFound
 
-from .packages import (BUS_DEVICE_IDS, SERVICES_KEY, VENDOR_DEVICE_ID, XEN_PCI_VENDOR, XENFILT_FILTER_CLASSES, Era,
-                       Package, RegEntry, ServiceSpec, Version, get_package)
+from .packages import (BUS_DEVICE_IDS, SERVICES_KEY, UNPLUG_KEY, VENDOR_DEVICE_ID, XEN_PCI_VENDOR,
+                       XENFILT_FILTER_CLASSES, Era, Package, RegEntry, ServiceSpec, Version, get_package)
 
 log = logging.getLogger("stack.install.installer")
 
@@ -44,9 +44,16 @@ XENFILT_PARAMETERS = rf"{SERVICES_KEY}\XENFILT\Parameters"
 INF_HARDWARE_ID_RANK = 0x0000
 INF_COMPATIBLE_ID_RANK = 0x1000
 
+ERROR_FILE_NOT_FOUND = 2
 ERROR_ACCESS_DENIED = 5
+ERROR_BAD_FORMAT = 11
+ERROR_INSTALL_FAILURE = 1603
 ERROR_REVISION_MISMATCH = 1306
-WIN32_ERROR_NAMES = {ERROR_ACCESS_DENIED: "ERROR_ACCESS_DENIED", ERROR_REVISION_MISMATCH: "ERROR_REVISION_MISMATCH"}
+WIN32_ERROR_NAMES = {ERROR_FILE_NOT_FOUND: "ERROR_FILE_NOT_FOUND", ERROR_ACCESS_DENIED: "ERROR_ACCESS_DENIED",
+                     ERROR_BAD_FORMAT: "ERROR_BAD_FORMAT", ERROR_INSTALL_FAILURE: "ERROR_INSTALL_FAILURE",
+                     ERROR_REVISION_MISMATCH: "ERROR_REVISION_MISMATCH"}
+ENUM_KEY = r"HKLM\SYSTEM\CurrentControlSet\Enum"
+CONFIGFLAG_REINSTALL = 0x20
 
 
 class InstallError(Exception):
@@ -73,6 +80,10 @@ class InstallResult:
     previous: Version | None
     reboot_required: bool = False
     unbound: list[str] = field(default_factory=list)  # why children stay without a driver, one line each
+    # Era (b): what XENBUS's co-installer decided (DifInstallPreProcess's NewBinding, and whether its
+    # post-process cleared the XEN\Unplug requests).
+    new_binding: bool = False
+    unplug_cleared: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,6 +214,9 @@ class Installer:
                  f" over {previous.version}" if previous else "")
         if package.era == Era.SUBSCRIBER:
             self._support_registered_subscribers(package)
+        new_binding = False
+        if package.era == Era.COINSTALLER and package.name == "xenbus" and self._bound_devices(package):
+            new_binding = self.DifInstallPreProcess(package)
         if previous is not None:
             self._uninstall_records(previous)
         self._copy_files(package)
@@ -211,9 +225,16 @@ class Installer:
         for entry in package.add_reg:
             self._add_reg(entry.key, entry)
         self._record(package)
-        result = InstallResult(package, previous.version if previous else None)
+        self._set_driver_desc(package)
+        result = InstallResult(package, previous.version if previous else None, new_binding=new_binding)
         if package.era == Era.SUBSCRIBER:
             self._subscriber_post_install(package, previous, result)
+        elif package.era == Era.COINSTALLER:
+            if package.name == "xenbus":
+                for device in self._bound_devices(package):
+                    self.DifInstallPostProcess(device, result)
+            # setupapi's DI_NEEDREBOOT: the new images load at the next boot.
+            result.reboot_required = previous is not None or bool(self._bound_devices(package))
         else:
             self._current_post_install(package, previous, result)
         result.unbound = self.unbound_children()
@@ -280,7 +301,27 @@ class Installer:
             self._add_reg(rf"{key}\{entry.key}" if entry.key else key, entry)
 
     def _add_reg(self, key: str, entry: RegEntry) -> None:
+        if entry.append:
+            current = _read_filters(self.registry, key) if entry.name == "UpperFilters" else []
+            added = [s for s in entry.data if s.upper() not in (c.upper() for c in current)]  # type: ignore[union-attr]
+            self.registry.set_multi_sz(key, entry.name, current + added)
+            return
         self.registry.set_value(key, entry.name, entry.type, entry.data)
+
+    def _bound_devices(self, package: Package) -> list[PlatformPciDevice]:
+        """The platform devices present whose IDs the package's INF lists (DIF_INSTALLDEVICE runs for each)."""
+        ids = {i.upper() for i in package.hardware_ids}
+        return [d for d in self.platform
+                if d.pnp_device_id.upper() in ids or d.pnp_device_id.upper().rsplit("&SUBSYS_", 1)[0] in ids]
+
+    def _set_driver_desc(self, package: Package) -> None:
+        """setupapi writes the INF's device description for each device it installs the driver on. The model
+        keeps it on the device's Enum key (Windows: DriverDesc in the driver key its Driver value names)."""
+        if not package.driver_desc:
+            return
+        for device in self._bound_devices(package):
+            key = rf"{ENUM_KEY}\PCI\{device.pnp_device_id.removeprefix('PCI' + chr(92))}\{device.pnp_instance_id}"
+            self.registry.set_sz(key, "DriverDesc", package.driver_desc)
 
     def _record(self, package: Package) -> None:
         key = rf"{PACKAGES_KEY}\{package.key}"
@@ -368,6 +409,134 @@ class Installer:
         if VENDOR_DEVICE_ID in by_id:
             return by_id[VENDOR_DEVICE_ID]
         return next(iter(by_id.values()), None)
+
+    # -- co-installer era (reference 5b; XB src/coinst/coinst.c@5e3c42f^) ------------------------------
+
+    def DifInstallPreProcess(self, package: Package) -> bool:
+        """DIF_INSTALLDEVICE pre-processing of XENBUS's co-installer: AllowInstall, MatchExistingDriver,
+        SupportChildDrivers. A failure vetoes the install with its Win32 error; returns NewBinding."""
+        self.AllowInstall(package)
+        self.MatchExistingDriver(package)
+        return self.SupportChildDrivers(package)
+
+    def AllowInstall(self, package: Package) -> None:
+        """AllowUpdate for XEN, XENBUS and XENFILT: `AllowUpdate = 0` in any service key vetoes
+        (ERROR_ACCESS_DENIED); a value that is not a REG_DWORD fails the check (ERROR_BAD_FORMAT)."""
+        for driver in ("XEN", "XENBUS", "XENFILT"):
+            try:
+                value = self.registry.query_value(_service_key(driver), "AllowUpdate")
+            except (KeyNotFound, ValueNotFound):
+                continue
+            if value.type != REG_DWORD:
+                raise InstallVetoed(str(package), ERROR_BAD_FORMAT,
+                                    f"Services\\{driver}\\AllowUpdate is not a REG_DWORD")
+            if value.data == 0:
+                raise InstallVetoed(str(package), ERROR_ACCESS_DENIED,
+                                    f"Services\\{driver}\\AllowUpdate = 0: updates of the PV bus are disallowed")
+
+    def _device_instances(self, bus: str, prefix: str = "") -> list[tuple[str, str]]:
+        """(device key, instance key) of each `Enum\\<bus>` device whose name starts with `prefix`, with
+        the first instance that has a bound driver (GetDriverKeyName; the model's PnP manager records the
+        binding as the instance's Service value, Windows as its Driver value)."""
+        root = rf"{ENUM_KEY}\{bus}"
+        if not self.registry.key_exists(root):
+            return []
+        found = []
+        for device in self.registry.subkeys(root):
+            if not device.startswith(prefix):  # strncmp
+                continue
+            for instance in self.registry.subkeys(rf"{root}\{device}"):
+                path = rf"{root}\{device}\{instance}"
+                try:
+                    self.registry.get_sz(path, "Service")
+                except (KeyNotFound, ValueNotFound):
+                    continue
+                found.append((device, path))
+                break
+        return found
+
+    def MatchExistingDriver(self, package: Package) -> None:
+        """The driver bound to the first `Enum\\PCI\\VEN_5853&DEV_0001...` (else DEV_0002) device must be
+        "<PRODUCT_NAME> PV Bus": another vendor's bus driver fails the install (ERROR_INSTALL_FAILURE). No
+        such device, no bound driver or no DriverDesc: nothing to match."""
+        for prefix in (f"VEN_{XEN_PCI_VENDOR:04X}&DEV_0001", f"VEN_{XEN_PCI_VENDOR:04X}&DEV_0002"):
+            root = rf"{ENUM_KEY}\PCI"
+            devices = [d for d in (self.registry.subkeys(root) if self.registry.key_exists(root) else [])
+                       if d.startswith(prefix)]
+            if not devices:
+                continue
+            bound = self._device_instances("PCI", devices[0])
+            if not bound:
+                return
+            try:
+                desc = self.registry.get_sz(bound[0][1], "DriverDesc")
+            except (KeyNotFound, ValueNotFound):
+                return
+            if desc != package.driver_desc:
+                raise InstallVetoed(str(package), ERROR_INSTALL_FAILURE,
+                                    f"{devices[0]} is driven by '{desc}', not '{package.driver_desc}' "
+                                    "(MatchExistingDriver)")
+            return
+
+    def SupportChildDrivers(self, package: Package) -> bool:
+        """Every `Enum\\XENBUS` child with a bound driver (ConfigFlags without CONFIGFLAG_REINSTALL) must
+        have been matched on a `REV_%8x` the new bus's revision table has (else ERROR_FILE_NOT_FOUND; an
+        ID without one, ERROR_BAD_FORMAT); a match on any but the newest row means NewBinding."""
+        newest = max(package.offers)
+        new_binding = False
+        for device, path in self._device_instances("XENBUS"):
+            try:
+                flags = self.registry.get_dword(path, "ConfigFlags")
+            except (KeyNotFound, ValueNotFound, TypeError):
+                flags = 0
+            if flags & CONFIGFLAG_REINSTALL:
+                continue
+            try:
+                matching = self.registry.get_sz(path, "MatchingDeviceId")
+            except (KeyNotFound, ValueNotFound):
+                continue
+            tail = matching.rsplit("&", 1)[-1]
+            if not tail.upper().startswith("REV_") or len(tail) < 5:
+                raise InstallVetoed(str(package), ERROR_BAD_FORMAT, f"{device}: {matching} has no REV_ part")
+            try:
+                revision = int(tail[4:12], 16)
+            except ValueError:
+                raise InstallVetoed(str(package), ERROR_BAD_FORMAT, f"{device}: {matching}: bad revision") from None
+            if revision not in package.offers:
+                raise InstallVetoed(str(package), ERROR_FILE_NOT_FOUND,
+                                    f"child {device} is bound to {matching}, a revision {package} does not "
+                                    "have (SupportChildDrivers); upgrade the child drivers first")
+            if revision != newest:
+                new_binding = True
+            log.info("%s: child %s on REV_%08X%s", package, device, revision,
+                     " (new binding)" if revision != newest else "")
+        return new_binding
+
+    def DifInstallPostProcess(self, device: PlatformPciDevice, result: InstallResult) -> None:
+        """IsActiveDevice, then `if ((Active && NewBinding) || !VendorIsActive)` delete XEN\\Unplug DISKS
+        and NICS, so the next boot is emulated while the children rebind. Without a stored active device
+        Active stays TRUE and VendorIsActive is never set (an uninitialised BOOLEAN in the real code); the
+        model takes it as FALSE, which clears the requests."""
+        active, vendor_is_active = True, False
+        try:
+            active_id = self.registry.get_sz(XENFILT_PARAMETERS, "ActiveDeviceID")
+            active_instance = self.registry.get_sz(XENFILT_PARAMETERS, "ActiveInstanceID")
+        except (KeyNotFound, ValueNotFound):
+            active_id = active_instance = None
+        if active_id is not None and active_instance is not None:
+            active = (active_id.upper() == device.pnp_device_id.upper()
+                      and active_instance.upper() == device.pnp_instance_id.upper())
+            vendor = f"PCI\\VEN_5853&DEV_{VENDOR_DEVICE_ID:04X}&SUBSYS_C0005853&REV_01"  # as coinst.c spells it
+            vendor_is_active = active_id.upper() == vendor.upper()
+        log.info("%s on %s: Active = %s, NewBinding = %s, VendorIsActive = %s", result.package,
+                 device.pnp_device_id, active, result.new_binding, vendor_is_active)
+        if (active and result.new_binding) or not vendor_is_active:
+            for name in ("DISKS", "NICS"):
+                try:
+                    self.registry.delete_value(UNPLUG_KEY, name)
+                except (KeyNotFound, ValueNotFound):
+                    continue
+            result.unplug_cleared = True
 
     # -- current era (reference 5c, 5d) ---------------------------------------------------------------
 

@@ -23,6 +23,13 @@ History (reference windows-pv-drivers.md 3 and 5; XB = xcp-ng/win-xenbus, XV = x
   UNPLUG its bus offers at the revision it binds; that cut is the harness's choice.
 - 9.1.0.10 (current era) is the 2025-08 and later tree: exactly stack.drivers.revision (XENBUS
   0x09000008..0C, children bind 0x0900000B, XENNET binds XENVIF 0x09000005).
+- 9.0.0.4 and 9.1.0.1 (co-installer era, 5b): 9.1.0.1 is the last tree with the co-installer (XB
+  5e3c42f^, 2023-09: revisions 0x09000000..0x0900000A, children bind 0x09000009); 9.0.0.4 is modelled on the 2019-12 trees (XB eb31daa: revision.h 0x08000009..
+  0x09000007, the DEFINE_REVISION_TABLE its co-installer checks children against; XV 3247aee); its
+  children bind the newest row. Only XENBUS's co-installer (coinst.c@5e3c42f^) is modelled.
+- 9.1.0.11 is 9.1.0.10 built with a variant: xenbus with FORCE_ACTIVATE (the XENFILT Precedence values
+  and class UpperFilters of xenbus.inf), xenvbd with FORCE_UNPLUG (XEN\\ForceUnplug\\DISKS = 1). A
+  variant is installed only when its version is named.
 - XENVIF 9.0.0.3 is modelled on XV of 2019-12 (3247aee): it binds XENBUS REV_09000005, which XENBUS
   9.1.0.10 no longer offers (retired by XB 36e3eea, 2025-08), and offers XENVIF revisions
   0x0800000B..0x09000001 (4 columns then: no UNPLUG). Real 9.0.0 shipped with an era-(b) co-installer;
@@ -30,6 +37,7 @@ History (reference windows-pv-drivers.md 3 and 5; XB = xcp-ng/win-xenbus, XV = x
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Mapping
@@ -52,12 +60,23 @@ VENDOR_DEVICE_ID = 0xC000  # XenServer's vendor PV device (reference 4); VENDOR_
 BUS_DEVICE_IDS = (VENDOR_DEVICE_ID, 0x0001, 0x0002)  # INF order: vendor device first
 
 UNPLUG_KEY = rf"{SERVICES_KEY}\XEN\Unplug"
+FORCE_UNPLUG_KEY = rf"{SERVICES_KEY}\XEN\ForceUnplug"
 REQUEST_KEY = r"SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
 
 
 class Era(Enum):
-    SUBSCRIBER = "subscriber"  # 2013 - 07/2015: co-installers with the subscriber registry (reference 5a)
-    CURRENT = "current"        # 09/2023 - now: no co-installers, exact REV bindings, XenTouch (5c, 5d)
+    SUBSCRIBER = "subscriber"    # 2013 - 07/2015: co-installers with the subscriber registry (reference 5a)
+    COINSTALLER = "coinstaller"  # 07/2015 - 09/2023: co-installers without it (5b, coinst.c@5e3c42f^)
+    CURRENT = "current"          # 09/2023 - now: no co-installers, exact REV bindings, XenTouch (5c, 5d)
+
+
+# build.ps1's default PRODUCT_NAME: the INFs' "@PRODUCT_NAME@ PV Bus" device description, which the era-(b)
+# co-installer's MatchExistingDriver requires of the driver already bound to DEV_0001/0002.
+PRODUCT_NAME = "Xen"
+XENBUS_DRIVER_DESC = f"{PRODUCT_NAME} PV Bus"
+# Build variants (genfiles.ps1 drops every INF line carrying @VARIANT@ unless the variable is set).
+FORCE_ACTIVATE = "FORCE_ACTIVATE"  # xenbus.inf: XENFILT Precedence values and the class UpperFilters
+FORCE_UNPLUG = "FORCE_UNPLUG"      # xenvbd.inf: XEN\ForceUnplug\DISKS = 1
 
 
 class StartType(IntEnum):
@@ -109,12 +128,14 @@ class Version:
 
 @dataclass(frozen=True)
 class RegEntry:
-    """One AddReg line. `key` is relative to the service key (HKR) or, if it starts with HKLM, absolute."""
+    """One AddReg line. `key` is relative to the service key (HKR) or, if it starts with HKLM, absolute.
+    `append`: FLG_ADDREG_APPEND (0x00010008) on a REG_MULTI_SZ, which adds the strings not yet there."""
 
     key: str
     name: str
     type: RegType
     data: RegData
+    append: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +197,8 @@ class Package:
     # Subscriber era: what the package's providers support and what its subscribers write.
     provides: tuple[InterfaceRange, ...] = ()
     subscribes: dict[str, tuple[Subscription, ...]] = field(default_factory=dict)
+    variant: str = ""            # a build variant (FORCE_ACTIVATE, FORCE_UNPLUG); never the default pick
+    driver_desc: str = ""        # the device description its INF gives the devices it binds
 
     @property
     def inf(self) -> str:
@@ -203,7 +226,7 @@ class Package:
         return None
 
     def __str__(self) -> str:
-        return f"{self.name} {self.version}"
+        return f"{self.name} {self.version}" + (f" ({self.variant})" if self.variant else "")
 
 
 class UnknownPackage(LookupError):
@@ -273,6 +296,15 @@ XENVIF_2019_REVISIONS = _frozen(_rows(XENVIF_INTERFACES[:4], {
     0x09000000: (1, 8, 2, 1), 0x09000001: (2, 8, 2, 1),
 }))
 XENVIF_2024_REVISIONS = _frozen({r: v for r, v in XENVIF_REVISIONS.items() if r <= 0x09000004})
+# XB revision.h at 5e3c42f^ (2023-09) and XV's of then: the last era-(b) tables.
+XENBUS_2023_REVISIONS = _frozen({r: v for r, v in XENBUS_2024_REVISIONS.items() if r <= 0x0900000A})
+XENVIF_2023_REVISIONS = _frozen({r: v for r, v in XENVIF_REVISIONS.items() if r <= 0x09000003})
+# XB revision.h of 2019-12 (eb31daa): 0x08000009..0x09000007, the era-(b) co-installer's DEFINE_REVISION_TABLE.
+XENBUS_2019_REVISIONS = _frozen({**_rows(XENBUS_INTERFACES, {
+    0x08000009: (1, 2, 4, 1, 1, 1, 1, 1, 1, 0, 1),
+    0x0800000A: (1, 2, 5, 1, 1, 1, 1, 1, 1, 0, 1),
+    0x0800000B: (1, 2, 5, 1, 2, 1, 1, 2, 1, 0, 1),
+}), **XENBUS_DEPRECATED_REVISIONS, **_XENBUS_2024_EXTRA})
 XENVIF_2015_REVISIONS = _frozen(_rows(("VIF",), {0x08000001: (1,), 0x08000002: (2,)}))  # invented
 
 # The subscriber-era provider ranges (XB d55a644^ include/*_interface.h; XV d00398b VIF).
@@ -297,18 +329,24 @@ def _evtchn_max(version: Version) -> int:
 
 # -- the manifests ----------------------------------------------------------------------------------
 
-def _xenbus(version: Version, era: Era, history: str) -> Package:
+def _xenbus(version: Version, era: Era, history: str, variant: str = "") -> Package:
     current = era == Era.CURRENT
+    subscriber = era == Era.SUBSCRIBER
     bus_params = [
         _msz("Parameters", "SupportedClasses", ["VIF", "VBD", "VKBD", "IFACE", "CONS"] if current
              else ["VIF", "VBD", "IFACE"]),
         _msz("Parameters", "SyntheticClasses", ["IFACE", "CONS"] if current else ["IFACE"]),
     ]
-    if current:
+    if not subscriber:
         bus_params.append(_sz("Parameters", "RequestKey", REQUEST_KEY))
     # XENFILT's hardware-ID -> bus-type map: today's names; the 2015 INF said ACPI\PNP0A03=DEVICE and
     # PCIIDE\IDEChannel=DISK, which the harness's XENFILT model does not read.
-    filt_params = (_sz("Parameters", "*PNP0A03", "PCI"), _sz("Parameters", "Internal_IDE_Channel", "IDE"))
+    filt_params: tuple[RegEntry, ...] = (_sz("Parameters", "*PNP0A03", "PCI"),
+                                         _sz("Parameters", "Internal_IDE_Channel", "IDE"))
+    if variant == FORCE_ACTIVATE:
+        # xenbus.inf [XenFilt_Parameters] Precedence lines, each "; @FORCE_ACTIVATE@".
+        filt_params += tuple(_dw(r"Parameters\Precedence", f"PCI\\VEN_{XEN_PCI_VENDOR:04X}&DEV_{did:04X}", did)
+                             for did in (0x0001, 0x0002, VENDOR_DEVICE_ID))
     services = [
         # xen.sys is an export driver imported by xenbus.sys and xenfilt.sys; its service key holds the
         # Unplug/ForceUnplug values and XenLogLevel, and the model loads it through this service.
@@ -318,23 +356,33 @@ def _xenbus(version: Version, era: Era, history: str) -> Package:
         ServiceSpec("XENFILT", "xenfilt.sys", StartType.BOOT, group="Boot Bus Extender", add_reg=filt_params),
     ]
     add_reg: tuple[RegEntry, ...] = ()
-    if current:
+    if not subscriber:
         services.append(ServiceSpec(
             "xenbus_monitor", f"xenbus_monitor_{version.major}_{version.minor}_{version.micro}_{version.build}.exe",
             StartType.AUTO, type=ServiceType.WIN32_OWN_PROCESS,
             add_reg=(_sz("Parameters", "RequestKey", REQUEST_KEY),)))
+    if current:
         add_reg = (_dw(UNPLUG_KEY, "NICS", 0), _dw(UNPLUG_KEY, "DISKS", 0))
+        if variant == FORCE_ACTIVATE:
+            # [XenFilt_Filters]: the class UpperFilters at install time, not at XENBUS's first AddDevice.
+            add_reg += tuple(RegEntry(rf"HKLM\SYSTEM\CurrentControlSet\Control\Class\{guid}", "UpperFilters",
+                                      REG_MULTI_SZ, ["XENFILT"], append=True)
+                             for guid in (SYSTEM_CLASS_GUID, HDC_CLASS_GUID))
         offers = XENBUS_REVISIONS if version >= Version(9, 1, 0, 10) else XENBUS_2024_REVISIONS
         # One models line: the vendor device is the INF hardware ID, 0002 and 0001 its compatible IDs.
         models = (ModelLine("XENBUS", _pci_ids()),)
+    elif era == Era.COINSTALLER:
+        offers = XENBUS_2019_REVISIONS if version < Version(9, 1, 0) else XENBUS_2023_REVISIONS
+        models = tuple(ModelLine("XENBUS", (pci_id,)) for pci_id in _pci_ids())  # one line per ID until 2023
     else:
         offers = XENBUS_2015_REVISIONS if version == Version(8, 0, 0, 1) else XENBUS_2015_INVENTED_REVISIONS
         models = tuple(ModelLine("XENBUS", (pci_id,)) for pci_id in _pci_ids())  # one line per ID in 2015
     return Package(
         name="xenbus", version=version, era=era, class_guid=SYSTEM_CLASS_GUID, models=models,
         services=tuple(services), history=history, add_reg=add_reg, offers=_frozen(offers),
-        provides=() if current else (_RANGES_8_0_0 if version == Version(8, 0, 0, 1) else _RANGES_8_0_1),
-        subscribes={} if current else {"XENBUS": _subs("XENFILT", EMULATED=1, UNPLUG=1)},
+        provides=() if not subscriber else (_RANGES_8_0_0 if version == Version(8, 0, 0, 1) else _RANGES_8_0_1),
+        subscribes={} if not subscriber else {"XENBUS": _subs("XENFILT", EMULATED=1, UNPLUG=1)},
+        variant=variant, driver_desc=XENBUS_DRIVER_DESC,
     )
 
 
@@ -342,14 +390,15 @@ def _child(name: str, version: Version, era: Era, history: str, *, child_class: 
            class_guid: str, revision: int, start: StartType, bus: str = "XENBUS",
            add_reg: tuple[RegEntry, ...] = (), service_reg: tuple[RegEntry, ...] = (),
            extra_services: tuple[ServiceSpec, ...] = (), offers: Mapping[int, Mapping[str, int]] | None = None,
-           provides: tuple[InterfaceRange, ...] = (), subscribes: tuple[Subscription, ...] = ()) -> Package:
+           provides: tuple[InterfaceRange, ...] = (), subscribes: tuple[Subscription, ...] = (),
+           variant: str = "") -> Package:
     models = (ModelLine(service, child_ids(bus, child_class, revision)),) if era == Era.CURRENT else tuple(
         ModelLine(service, (i,)) for i in child_ids(bus, child_class, revision))
     return Package(
         name=name, version=version, era=era, class_guid=class_guid, models=models,
         services=(ServiceSpec(service, image, start, add_reg=service_reg), *extra_services), history=history,
         add_reg=add_reg if era == Era.CURRENT else (), offers=_frozen(offers or {}), binds=(bus, revision),
-        provides=provides, subscribes={service: subscribes} if subscribes else {},
+        provides=provides, subscribes={service: subscribes} if subscribes else {}, variant=variant,
     )
 
 
@@ -405,6 +454,26 @@ def _build_catalog() -> dict[tuple[str, Version], Package]:
     built += [_xenbus(v, Era.CURRENT, note),
               *_children(v, Era.CURRENT, note, bus_revision=CHILD_BINDS_XENBUS_REVISION,
                          vif_revision=XENNET_BINDS_XENVIF_REVISION, vif_offers=XENVIF_REVISIONS)]
+    v = Version(9, 0, 0, 4)
+    note = ("modelled on XB eb31daa / XV 3247aee (2019-12, the 9.0 branch): the era-(b) co-installer "
+            "(coinst.c@5e3c42f^), revisions 0x08000009..0x09000007, children bind the newest; build invented")
+    built += [_xenbus(v, Era.COINSTALLER, note),
+              *_children(v, Era.COINSTALLER, note, bus_revision=0x09000007, vif_revision=0x09000001,
+                         vif_offers=XENVIF_2019_REVISIONS)]
+    v = Version(9, 1, 0, 1)
+    note = ("modelled on XB 5e3c42f^ / XV of 2023-09, the last trees with the era-(b) co-installer: revisions "
+            "0x09000000..0x0900000A, children bind 0x09000009; build number invented")
+    built += [_xenbus(v, Era.COINSTALLER, note),
+              *_children(v, Era.COINSTALLER, note, bus_revision=0x09000009, vif_revision=0x09000003,
+                         vif_offers=XENVIF_2023_REVISIONS)]
+    v = Version(9, 1, 0, 11)
+    note = "the 9.1.0.10 trees built with FORCE_ACTIVATE (xenbus) and FORCE_UNPLUG (xenvbd); build number invented"
+    built.append(_xenbus(v, Era.CURRENT, note, variant=FORCE_ACTIVATE))
+    vbd = next(p for p in _children(v, Era.CURRENT, note, bus_revision=CHILD_BINDS_XENBUS_REVISION,
+                                    vif_revision=XENNET_BINDS_XENVIF_REVISION, vif_offers=XENVIF_REVISIONS)
+               if p.name == "xenvbd")
+    built.append(dataclasses.replace(vbd, variant=FORCE_UNPLUG,
+                                     add_reg=vbd.add_reg + (_dw(FORCE_UNPLUG_KEY, "DISKS", 1),)))
     v = Version(9, 0, 0, 3)
     built.append(_children(v, Era.CURRENT, "modelled on XV 3247aee (2019-12): binds XENBUS REV_09000005, "
                            "retired by XB 36e3eea (2025-08); installed with current-era rules",
@@ -421,12 +490,14 @@ def packages_named(name: str) -> list[Package]:
 
 
 def get_package(name: str, version: str | Version | None = None, *, era: Era | None = None) -> Package:
-    """The package `name` at `version` (latest of `era`, or of all, when None)."""
+    """The package `name` at `version` (latest of `era`, or of all, when None; a build variant only when
+    its version is named)."""
     candidates = [p for p in packages_named(name) if era is None or p.era == era]
     if version is None:
-        if not candidates:
+        plain = [p for p in candidates if not p.variant]
+        if not plain:
             raise UnknownPackage(name, None)
-        return candidates[-1]
+        return plain[-1]
     wanted = Version.parse(version)
     for package in candidates:
         if package.version == wanted:

