@@ -586,13 +586,25 @@ def hibernate(guest: Guest, timeout: float = HIBERNATE_SECONDS) -> Timings:
     if not out.startswith("power S4: hibernated"):
         raise LifecycleError(f"{guest.name} did not hibernate: {out}")
     t = timings.add("hibernate", t)
+    powered_off(guest, "SUSPEND_DISK", timings, t, scaled(POWER_OFF_SECONDS))
+    log.info("%s hibernated; QEMU powered off (exit status %s), dom%d destroyed", guest.name,
+             machine.process.popen.returncode if machine.process and machine.process.popen else None, domid)
+    return timings
+
+
+def powered_off(guest: Guest, event: str, timings: Timings, since: float, timeout: float) -> None:
+    """The guest's machine turns itself off: QMP `event` (SUSPEND_DISK for S4, SHUTDOWN for S5) within
+    `timeout`, QEMU's exit, then the teardown a powered-off guest gets - its disks kept, its domain destroyed,
+    the back-ends released, the machine dropped. The guest is "off" (power_on boots it again)."""
+    machine, domid = guest.machine, guest.domain.domid
     assert machine.qmp is not None and machine.process is not None and machine.process.popen is not None
-    machine.qmp.wait_event("SUSPEND_DISK", timeout=scaled(POWER_OFF_SECONDS))
+    assert guest.toolstack is not None
+    machine.qmp.wait_event(event, timeout=timeout, alive=[guest.console])
     try:
         machine.process.popen.wait(scaled(POWER_OFF_SECONDS))
     except Exception as exc:  # subprocess.TimeoutExpired
-        raise LifecycleError(f"{guest.name}: QEMU sent SUSPEND_DISK but did not power off: {exc}") from None
-    t = timings.add("power_off", t)
+        raise LifecycleError(f"{guest.name}: QEMU sent {event} but did not power off: {exc}") from None
+    t = timings.add("power_off", since)
     keep_disks(guest)
     guest.toolstack.destroy(domid)
     if guest.backends is not None:
@@ -601,9 +613,6 @@ def hibernate(guest: Guest, timeout: float = HIBERNATE_SECONDS) -> Timings:
     guest.domain = None
     guest.state = "off"
     timings.add("teardown", t)
-    log.info("%s hibernated; QEMU powered off (exit status %s), dom%d destroyed", guest.name,
-             machine.process.popen.returncode, domid)
-    return timings
 
 
 def power_on(guest: Guest, timeout: float = POWER_ON_SECONDS) -> str:

@@ -1,5 +1,7 @@
 """`xenpv save DOMAIN FILE [--checkpoint]`, `xenpv restore FILE`, `xenpv migrate DOMAIN`: the toolstack's
-save, restore and local migration (harness.lifecycle) for a guest a `xenpv run --console` session runs.
+save, restore and local migration (harness.lifecycle) for a guest a `xenpv run --console` session runs;
+`xenpv shutdown|reboot|hibernate DOMAIN`: control/shutdown=poweroff|reboot|s4 as `xl shutdown` and `xl
+reboot` write it, and what the guest's xenagent then does (harness.pvcontrol).
 
 A guest lives in the session that booted it: its agent process is its vCPU and, beyond the RAM file, its
 memory, so only that session can save it and restore it. Each `xenpv run --console` therefore serves its
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 
 from xenpv.base.errors import ConfigError, HarnessError
 from xenpv.base.rundir import base_dir
-from xenpv.harness import lifecycle
+from xenpv.harness import lifecycle, pvcontrol
 
 log = logging.getLogger("harness.lifecycle_cli")
 
@@ -47,6 +49,10 @@ class ServedGuest(Protocol):
     def restore(self, path: Path) -> Any: ...
 
     def migrate(self) -> Any: ...
+
+
+# `xenpv OP DOMAIN` -> the guest's own power path, asked through control/shutdown.
+PVCONTROL_OPS = {"shutdown": pvcontrol.shutdown, "reboot": pvcontrol.reboot, "hibernate": pvcontrol.hibernate}
 
 
 class LifecycleServer:
@@ -104,6 +110,8 @@ class LifecycleServer:
                     timings = self.guest.restore(Path(request["path"]))
                 elif op == "migrate":
                     timings = self.guest.migrate()
+                elif op in PVCONTROL_OPS:
+                    timings = PVCONTROL_OPS[op](self.guest)  # type: ignore[arg-type]
                 else:
                     return {"error": f"unknown op {op!r}"}
             except (HarnessError, KeyError, TypeError) as exc:
@@ -198,6 +206,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return _report("migrate", _ask(path, {"op": "migrate"}, ANSWER_SECONDS))
 
 
+def cmd_pvcontrol(args: argparse.Namespace) -> int:
+    path, _ = _session_of(args.domain)
+    return _report(args.op, _ask(path, {"op": args.op}, ANSWER_SECONDS))
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("save", help="save a domain of a running `xenpv run --console` session to FILE")
     p.add_argument("domain", help="domid or guest name")
@@ -210,3 +223,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="migrate a domain to a new QEMU and a new domain on this host")
     p.add_argument("domain", help="domid or guest name")
     p.set_defaults(func=cmd_migrate)
+    for op, text in (("shutdown", "control/shutdown=poweroff (xl shutdown): the guest powers its machine off"),
+                     ("reboot", "control/shutdown=reboot (xl reboot): the guest restarts"),
+                     ("hibernate", "control/shutdown=s4: the guest hibernates; its machine powers off")):
+        p = sub.add_parser(op, help=text + " (a `xenpv run --console` session's domain)")
+        p.add_argument("domain", help="domid or guest name")
+        p.set_defaults(func=cmd_pvcontrol, op=op)

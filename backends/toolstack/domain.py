@@ -336,6 +336,50 @@ def suspend_domain(xs: XsClient, ctl: XenhvControl, domid: int, *, ack_timeout: 
         time.sleep(SUSPEND_POLL_SECONDS)
 
 
+# libxl__domain_pvcontrol: the guest has this long to acknowledge (write "" or remove the node).
+PVCONTROL_ACK_SECONDS = 60.0
+# What a toolstack writes to control/shutdown for the guest's own power paths: libxl_domain_shutdown
+# "poweroff", libxl_domain_reboot "reboot"; xl has no sleep request, XAPI's xenopsd writes "s3" and "s4",
+# which is what Windows' xenagent answers. ("suspend" is suspend_domain's.)
+PVCONTROL_COMMANDS = ("poweroff", "reboot", "s3", "s4")
+
+
+def pvcontrol_domain(xs: XsClient, ctl: XenhvControl, domid: int, command: str, *,
+                     ack_timeout: float = PVCONTROL_ACK_SECONDS, alive: Callable[[], None] | None = None) -> float:
+    """libxl__domain_pvcontrol: write control/shutdown=`command` and wait for the guest's acknowledgement
+    (the node read back as "" or gone: pvcontrol_acked); the seconds it took. What the guest then does
+    (power off, restart, hibernate) is its own; the caller watches for it. A guest that does not acknowledge
+    within `ack_timeout` is a ToolstackError ("guest didn't acknowledge control request"), the request left
+    in place as libxl leaves it. libxl first refuses a HVM guest whose HVM_PARAM_CALLBACK_IRQ is 0
+    (ERROR_NOPARAVIRT); the model's guest takes its upcalls through xenhv's trap link and never sets that
+    parameter, so the check is not made."""
+    if command not in PVCONTROL_COMMANDS:
+        raise ValueError(f"control/shutdown={command!r}: not one of {', '.join(PVCONTROL_COMMANDS)}")
+    node = f"{L.domain_path(domid)}/control/shutdown"
+    start = time.monotonic()
+    with _step(domid, f"writing control/shutdown={command}"):
+        if domain_info(ctl, domid) is None:
+            raise ToolstackError(domid, command, "no such domain")
+        xs.write(node, command)
+    deadline = start + ack_timeout
+    while True:
+        with _step(domid, f"waiting for the guest to acknowledge {command}"):
+            try:
+                acknowledged = xs.read(node) == b""
+            except XsRequestError:
+                acknowledged = True  # the node is gone: pvcontrol_acked(NULL)
+        if acknowledged:
+            elapsed = time.monotonic() - start
+            log.info("dom%d acknowledged control/shutdown=%s in %.0f ms", domid, command, elapsed * 1000)
+            return elapsed
+        if alive is not None:
+            alive()
+        if time.monotonic() >= deadline:
+            raise ToolstackError(domid, command, f"guest didn't acknowledge control request within {ack_timeout:g}s "
+                                                 f"(no PV agent answers control/shutdown)")
+        time.sleep(SUSPEND_POLL_SECONDS)
+
+
 def _withdraw_suspend(xs: XsClient, node: str) -> bool:
     """libxl's cancel: control/shutdown back to "" in a transaction, only if it still asks to suspend."""
     def body(tx: int) -> bool:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from xenpv.base.runrecord import RunJournal, RunRecordError, Schedule, SCHEDULE_SEEDED, console_kind
 from xenpv.guests.schema import GuestDefinition
@@ -15,6 +17,7 @@ from xenpv.stack.install.catalog import RegistryCatalog
 from xenpv.stack.install.guest import install_from_guest
 from xenpv.stack.install.installer import installed_packages, installed_version
 from xenpv.stack.kernel import S5, BugCheck, Kernel, Registry
+from xenpv.stack.kernel.clock import SystemClock
 from xenpv.stack.kernel.schedule import Scheduler
 from xenpv.stack.vcpu.cpu import Vcpu
 from xenpv.stack.vcpu.guestmem import GuestMemory
@@ -23,6 +26,17 @@ from xenpv.stack.vcpu.pci import PciFunction
 from xenpv.stack.vcpu.qtest import Qtest
 
 log = logging.getLogger("stack.agent")
+
+
+class Service(Protocol):
+    """A Windows service of the guest (xenagent): started after each boot, stopped before each shutdown."""
+
+    def stop(self) -> None: ...
+
+
+# The services installed in this Windows: factory(runtime) -> a started Service, or None when what it
+# belongs to is not installed. stack.agent.winpower registers xenagent's (the package imports it).
+SERVICE_FACTORIES: list[Callable[["GuestRuntime"], Service | None]] = []
 
 
 @dataclass
@@ -53,6 +67,10 @@ class GuestRuntime:
     boots: int = 1
     journal: RunJournal | None = None
     scheduler: Scheduler | None = None
+    services: list[Service] = field(default_factory=list)
+    # Held by a power transition a service asked for (stack.agent.winpower); console commands wait for it.
+    power_lock: threading.RLock = field(default_factory=threading.RLock)
+    clock: SystemClock | None = None  # the RTC: it outlives each boot
     _transcript: TextIO | None = None
 
     @classmethod
@@ -89,6 +107,7 @@ class GuestRuntime:
         """A Windows restart: S5 to every device, the drivers unwound, then a new Kernel over the same hive
         file (so volatile keys are gone) and the same machine booted again. The machine is not reset: the
         vCPU, qtest and the hypervisor link stay, and so do devices an earlier boot unplugged."""
+        self.stop_services()
         with self.kernel.cpu.lock:
             self.kernel.power.set_system_state(S5)
         if self.drivers is not None:
@@ -120,10 +139,32 @@ class GuestRuntime:
                                   seed=guest.seed, boot_options=guest.boot_options,
                                   module_versions=self.module_versions(), bugs=guest.bugs, build=guest.build)
         self.pci = self.drivers.pci
+        self.start_services()
+
+    def start_services(self) -> None:
+        """The services of this boot (a service of an earlier boot that is still running is stopped first)."""
+        self.stop_services()
+        if self.clock is None:
+            self.clock = SystemClock(lambda: self.kernel.registry)
+        for factory in SERVICE_FACTORIES:
+            service = factory(self)
+            if service is not None:
+                self.services.append(service)
+
+    def stop_services(self) -> None:
+        """SERVICE_CONTROL_SHUTDOWN to each, newest first; returns when they have stopped."""
+        while self.services:
+            service = self.services.pop()
+            try:
+                service.stop()
+            except Exception:  # a service that fails to stop must not keep Windows from shutting down
+                log.exception("stopping %r", service)
 
     def poll(self) -> None:
         """Deferred driver work (xenstore watches, re-enumeration) before each console command. A STOP or
         a give-up (stack.timescale) on another thread since the last command is raised here."""
+        with self.power_lock:  # a power transition a service asked for ends first
+            pass
         halted = self.kernel.cpu.halted
         if halted is not None:
             raise halted
@@ -151,6 +192,8 @@ class GuestRuntime:
         return path
 
     def close(self) -> None:
+        if self.kernel.cpu.halted is None:
+            self.stop_services()
         if self.drivers is not None and self.stopped is None and self.kernel.cpu.halted is None:
             # An orderly end is a Windows shutdown: S5 goes down the tree (children first), so drivers
             # close their frontends and release their interfaces, and dom0 sees them go. Devices are

@@ -236,9 +236,10 @@ class UserProcess:
     def __repr__(self) -> str:
         return f"UserProcess({self.name}, pid {self.pid:#x})"
 
-    def CreateEvent(self, name: str = "") -> tuple[int, KEvent]:
-        """A manual-reset event (CreateEvent(NULL, TRUE, FALSE, NULL)): its handle and the object."""
-        event = KEvent(f"{self.name}:{name or 'event'}")
+    def CreateEvent(self, name: str = "", event: KEvent | None = None) -> tuple[int, KEvent]:
+        """A manual-reset event (CreateEvent(NULL, TRUE, FALSE, NULL)): its handle and the object (`event`:
+        the object to use, for a caller that waits on several at once)."""
+        event = event if event is not None else KEvent(f"{self.name}:{name or 'event'}")
         handle = next(self._next_handle)
         self.objects[handle] = event
         return handle, event
@@ -300,6 +301,8 @@ class UserProcess:
             raise IoError(f"CloseHandle({file!r}): ERROR_INVALID_HANDLE")
         file.closed = True
         self.handles.remove(file)
+        if file.device.deleted:  # the device went (surprise removal): nothing is left to tell
+            return
         for major in (IRP_MJ.CLEANUP, IRP_MJ.CLOSE):
             self._send(file, Irp(major, parameters=FileIrpParameters(file)))
 

@@ -3,6 +3,7 @@ and readline (editing, history, completion) serves a person at a terminal but ne
 from __future__ import annotations
 
 import io
+import threading
 import itertools
 import os
 import pty
@@ -31,6 +32,7 @@ SAMPLES = {
     "P3": "0", "P4": "0", "PATH": "data/x", "VALUE": "v", "T": "0", "LBA": "8", "COUNT": "2", "PATTERN": "a55a",
     "S": "5", "VIF": "0", "ADDR": "10.200.0.1", "PORT": "7", "SIZE": "64", "BYTES": "4096", "NAME": "xenvif",
     "VERSION": "9.1.0.10", "DATA": "1", "CLASS": "VBD", "INTERFACE": "STORE", "DOMID": "0", "QTEST": "/tmp/qtest.sock", "RAM": "/tmp/ram", "HV": "/tmp/hv-1.sock", "NEWDOMID": "5",
+    "SECONDS": "0",
 }
 
 
@@ -291,6 +293,7 @@ class Late:
     def __init__(self) -> None:
         self.kernel = SimpleNamespace(cpu=Processor())
         self.drivers = self.stopped = self.journal = None
+        self.power_lock = threading.RLock()  # GuestRuntime.poll waits for a power transition first
 
     def write_dump(self, bugcheck: BugCheck) -> Path:
         raise AssertionError("no crash dump for the harness being too slow")

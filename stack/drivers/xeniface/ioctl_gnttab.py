@@ -20,6 +20,12 @@ user address space the model lacks; probing one fails as an unmapped address doe
 The driver's own pages come from the kernel's page allocator; the address handed back stands for their user
 mapping. The legacy v1 PERMIT converts its input with `In->NumberPages = In->NumberPages` (the v2 copy's
 own, uninitialised, field): the model takes In1->NumberPages, what the code means.
+
+The XENIFACE_GNTTAB_CONTEXT of a PERMIT is nonpaged pool ('XIfc'): IoctlGnttabPermitForeignAccess allocates
+it, GnttabPermitForeignAccess checks the RequestId/address and grants the pages, and on its failure the
+IOCTL zeroes and frees the context (fail8); a revoke or a cancel zeroes and frees it the same way
+(GnttabFreeGrant). Bug switch xeniface-1019522 puts back the pre-fix GnttabPermitForeignAccess, which freed
+the context on failure too: the IOCTL's RtlZeroMemory then writes to freed pool.
 """
 from __future__ import annotations
 
@@ -28,9 +34,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from xenpv.stack.drivers import bugs
 from xenpv.stack.kernel import IoCompleteRequest, Irp
 from xenpv.stack.kernel.io import IoCompleteCancelled, IoSetCancelRoutine, UserProcess
 from xenpv.stack.kernel.mm import Mdl, current_mm
+from xenpv.stack.kernel.pool import POOL_TYPE, ExAllocatePoolWithTag, ExFreePoolWithTag, MmAccess, PoolBlock, pool_tag
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_NOT_FOUND, STATUS_PENDING,
                                        STATUS_SUCCESS, NTSTATUS)
 
@@ -43,6 +51,8 @@ log = logging.getLogger("stack.drivers.xeniface.gnttab")
 PAGE_SIZE = 4096
 MAX_PAGES = 1024 * 1024
 GRANT, MAP = 1, 2  # XENIFACE_GNTTAB_CONTEXT_TYPE
+XENIFACE_POOL_TAG = pool_tag("cfIX")  # driver.h 'XIfc'
+GNTTAB_CONTEXT_SIZE = 0x68  # sizeof (XENIFACE_GNTTAB_CONTEXT) on x64, near enough: nothing reads it
 _user_addresses = itertools.count(0x0000_7FF0_0000_0000, 0x100_0000)  # one 16 MiB slot per region
 
 
@@ -63,6 +73,7 @@ class GnttabContext:
     mdl: Mdl | None = None
     user_va: int = 0
     irp: Irp | None = None
+    pool: PoolBlock | None = None  # the allocation that holds this context (a PERMIT's)
 
 
 def _same(a: GnttabContext, b: GnttabContext) -> bool:
@@ -97,6 +108,37 @@ def GnttabFreeGrant(state: Any, context: GnttabContext) -> None:
         if not NT_SUCCESS(status):  # non-fatal: the memory must be freed
             log.warning("grant notify port %d: %#x", context.notify_port, status)
     GnttabStopSharing(state, context)
+    MmAccess(context.pool, "XENIFACE_GNTTAB_CONTEXT", write=True)  # RtlZeroMemory(Context, sizeof (*Context))
+    ExFreePoolWithTag(context.pool, XENIFACE_POOL_TAG)
+
+
+def GnttabPermitForeignAccess(request: Request, context: GnttabContext) -> NTSTATUS:
+    """The request's pages granted to its remote domain; on failure what was granted is revoked (fail1:
+    GnttabStopSharing) and the context is left to the caller, which frees it."""
+    status = _permit(request, context)
+    if not NT_SUCCESS(status):
+        GnttabStopSharing(request.state, context)
+        if bugs.enabled("xeniface-1019522"):  # before 1019522 fail1 also zeroed and freed the context
+            MmAccess(context.pool, "XENIFACE_GNTTAB_CONTEXT", write=True)
+            ExFreePoolWithTag(context.pool, XENIFACE_POOL_TAG)
+    return status
+
+
+def _permit(request: Request, context: GnttabContext) -> NTSTATUS:
+    if not context.use_request_id and context.user_va:
+        return abi.STATUS_ACCESS_VIOLATION  # MmProbeAndLockPages of caller memory: see the module docstring
+    if FindGnttabIrp(request.state, context) is not None:
+        return STATUS_INVALID_PARAMETER
+    gnttab = request.fdo.interfaces["GNTTAB"]
+    context.mdl = current_mm().MmAllocatePagesForMdl(context.number_pages)
+    for pfn in context.mdl.pfns:
+        status, entry = gnttab.GnttabPermitForeignAccess(request.fdo.gnttab_cache, False, context.remote_domain, pfn,
+                                                         bool(context.flags & abi.XENIFACE_GNTTAB_READONLY))
+        if not NT_SUCCESS(status):
+            return status
+        context.grants.append(entry)
+    context.user_va = next(_user_addresses)
+    return STATUS_SUCCESS
 
 
 def IoctlGnttabPermitForeignAccess(request: Request) -> NTSTATUS:
@@ -113,21 +155,16 @@ def IoctlGnttabPermitForeignAccess(request: Request) -> NTSTATUS:
     if request.out_len != abi.field_offset(abi.XENIFACE_GNTTAB_PERMIT_FOREIGN_ACCESS_OUT, "References", pages):
         return abi.STATUS_INVALID_BUFFER_SIZE
     context = GnttabContext(GRANT, request.file_object.process, legacy, header.RequestId if legacy else 0,
-                            header.RemoteDomain, pages, flags, header.NotifyOffset, header.NotifyPort)
-    if not legacy and header.Address:
-        return abi.STATUS_ACCESS_VIOLATION  # MmProbeAndLockPages of caller memory: see the module docstring
-    if FindGnttabIrp(request.state, context) is not None:
-        return STATUS_INVALID_PARAMETER
+                            header.RemoteDomain, pages, flags, header.NotifyOffset, header.NotifyPort,
+                            user_va=0 if legacy else header.Address)
+    context.pool = ExAllocatePoolWithTag(POOL_TYPE.NonPagedPool, GNTTAB_CONTEXT_SIZE, XENIFACE_POOL_TAG,
+                                         contents=context)
+    status = GnttabPermitForeignAccess(request, context)
+    if not NT_SUCCESS(status):  # fail8: RtlZeroMemory(Context, sizeof (*Context)), then the free
+        MmAccess(context.pool, "XENIFACE_GNTTAB_CONTEXT", write=True)
+        ExFreePoolWithTag(context.pool, XENIFACE_POOL_TAG)
+        return status
     state, gnttab = request.state, request.fdo.interfaces["GNTTAB"]
-    context.mdl = current_mm().MmAllocatePagesForMdl(pages)
-    for pfn in context.mdl.pfns:
-        status, entry = gnttab.GnttabPermitForeignAccess(request.fdo.gnttab_cache, False, context.remote_domain, pfn,
-                                                         bool(flags & abi.XENIFACE_GNTTAB_READONLY))
-        if not NT_SUCCESS(status):
-            GnttabStopSharing(state, context)
-            return status
-        context.grants.append(entry)
-    context.user_va = next(_user_addresses)
     references = [gnttab.GnttabGetReference(e) for e in context.grants]
     out = abi.XENIFACE_GNTTAB_PERMIT_FOREIGN_ACCESS_OUT(Address=context.user_va).pack()[:8]
     request.complete_with(out + b"".join(r.to_bytes(4, "little") for r in references))
