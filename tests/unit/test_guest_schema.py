@@ -50,7 +50,7 @@ BAD = [
     ("pv: {disks: [{vdev: floppy}]}", "pv.disks[0].vdev", "vdev"),
     ("pv: {disks: [{vdev: xvda, format: vmdk}]}", "pv.disks[0].format", "raw, qcow2"),
     ("pv: {nics: [{mac: '00:16:3e:00:00:01', queues: 0}]}", "pv.nics[0].queues", "between"),
-    ("drivers: {era: future}", "drivers.era", "subscriber, current"),
+    ("drivers: {era: future}", "drivers.era", "subscriber, coinstaller, current"),
     ("drivers: {packages: {xenbus: latest}}", "drivers.packages.xenbus", "a version"),
     ("drivers: {packages: {xenfoo: 9.1.0}}", "drivers.packages.xenfoo", "unknown field"),
     ('registry: {"HKCU\\\\Soft": {a: 1}}', "registry[HKCU\\Soft]", "HKLM"),
