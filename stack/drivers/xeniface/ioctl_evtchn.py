@@ -20,6 +20,7 @@ from typing import Any
 from xenpv.stack.drivers.xenbus.evtchn import EvtchnType
 from xenpv.stack.kernel.dpc import KDpc, KeInitializeDpc, KeInsertQueueDpc, KeRemoveQueueDpc
 from xenpv.stack.kernel.event import KEvent
+from xenpv.stack.kernel.irql import DISPATCH_LEVEL, KeLowerIrql, KeRaiseIrql
 from xenpv.stack.kernel.io import FileObject
 from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INVALID_PARAMETER, STATUS_NOT_FOUND, STATUS_SUCCESS,
                                        STATUS_UNSUCCESSFUL, NTSTATUS)
@@ -131,7 +132,12 @@ def EvtchnNotify(state: Any, local_port: int, file_object: FileObject | None) ->
     context = EvtchnFindChannel(state, local_port, file_object)
     if context is None:
         return STATUS_NOT_FOUND
-    state.fdo.interfaces["EVTCHN"].EvtchnSend(context.channel)
+    # XI sends holding Fdo->EvtchnLock, i.e. at DISPATCH_LEVEL, which EVTCHN's Send ASSERTs (evtchn.c).
+    old = KeRaiseIrql(DISPATCH_LEVEL)
+    try:
+        state.fdo.interfaces["EVTCHN"].EvtchnSend(context.channel)
+    finally:
+        KeLowerIrql(old)
     return STATUS_SUCCESS
 
 
