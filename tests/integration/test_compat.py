@@ -9,6 +9,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 MONITOR_REQUEST = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
+SYSTEM_CLASS = r"HKLM\SYSTEM\CurrentControlSet\Control\Class\{4d36e97d-e325-11ce-bfc1-08002be10318}"
 
 
 def _node(tree: str, prefix: str) -> str:
@@ -53,16 +54,21 @@ def test_current_era_children_on_a_revision_the_bus_lacks_stay_unbound(boot_gues
 
 
 def test_xentouch_mismatch_blocks_xenbus_and_requests_a_reboot(boot_guest) -> None:
-    """xentouch-mismatch has a 9.1.0.5 xenbus.sys beside a 9.1.0.10 xen.sys: every boot XENBUS's DriverEntry
-    fails XenTouch and asks for the reboot; reinstalling the package whole and rebooting clears it."""
+    """xentouch-mismatch has a 9.1.0.5 xenbus.sys beside a 9.1.0.10 xen.sys: every boot XENBUS's XenTouch
+    fails, and its DriverEntry (XB src/xenbus/driver.c) installs the XENFILT class filters, asks for the
+    reboot and returns STATUS_SUCCESS without setting AddDevice, so the platform device gets no function
+    driver; reinstalling the package whole and rebooting clears it."""
     g = boot_guest("xentouch-mismatch")
     c = g.console
     assert "boot 2 (reboot requested by XENBUS)" in c.run("reboot")
     log = c.run("log 400")
     assert "MODULE 'XENBUS' NOT COMPATIBLE (REBOOT REQUIRED): built for 9.1.0.5, xen.sys is 9.1.0.10" in log
     assert "MODULE 'XENFILT' 9.1.0.10" in log  # the images that agree load
+    assert "XENBUS: DriverEntry failed" not in log and "XENBUS: loaded" in log
     bus = _node(c.run("devices"), r"PCI\VEN_5853&DEV_0001")
-    assert "problem=37:CM_PROB_FAILED_DRIVER_ENTRY (STATUS_INCOMPATIBLE_DRIVER_BLOCKED)" in bus, bus
+    assert "problem=31:CM_PROB_FAILED_ADD (STATUS_NOT_SUPPORTED)" in bus, bus
+    system_class = c.run(f"registry '{SYSTEM_CLASS}'")
+    assert re.search(r"UpperFilters = REG_MULTI_SZ .*XENFILT", system_class), system_class
     request = c.run(f"registry '{MONITOR_REQUEST}'")
     assert re.search(r"XENBUS \(volatile\)\n\s+Reboot = REG_DWORD 0x1", request), request
 

@@ -1,9 +1,11 @@
 """xen.sys DllInitialize and its exports: XenTouch, XenVersion, boot options and debug-port logging
 (XB src/xen/driver.c, log.c; reference windows-pv-drivers.md 0, 5(d), 6).
 
-- `XenTouch(module, major, minor, micro, build)` is called by every module's DriverEntry: the module
-  must have been built from exactly this package version, else it is STATUS_INCOMPATIBLE_DRIVER_BLOCKED
-  and "NOT COMPATIBLE (REBOOT REQUIRED)" is logged (6816d05): the old xen.sys is still loaded until reboot.
+- `XenTouch(module, major, minor, micro, build)` is called by XENBUS's and XENFILT's DriverEntry (no
+  other module calls it): the module must have been built from exactly this package version, else it is
+  STATUS_INCOMPATIBLE_DRIVER_BLOCKED and "NOT COMPATIBLE (REBOOT REQUIRED)" is logged (6816d05): the old
+  xen.sys is still loaded until reboot. The first successful touch also asks XenVersion, so off Xen it is
+  STATUS_NOT_IMPLEMENTED (nothing counted); once one has succeeded, later ones only count.
 - Outside Xen (the vCPU has no hypervisor link) HypercallInitialize finds no Xen CPUID leaves and leaves
   the hypercall page unpopulated; `XenVersion` then is STATUS_NOT_IMPLEMENTED and the modules quiesce
   (080720a: calling through the unpopulated page was the bug; switch `xenbus-080720a` calls anyway).
@@ -96,6 +98,7 @@ class Xen:
         self.unplug = Unplug(registry, debug_log, vcpu if hypervisor else None, version,
                              boot_emulated=self.options.boot_emulated)
         self.xen_log: XenLog | None = None
+        self.touch_references = 0  # XenTouch's static Reference
         # The image's .hypercall section: zeroes until HypercallInitialize has Xen fill it.
         self.hypercall_page = CodePage("hypercall page")
 
@@ -179,5 +182,10 @@ class Xen:
                         f"{major}.{minor}.{micro}.{build}, xen.sys is {'.'.join(map(str, self.version))}",
                         DbgLevel.ERROR)
             return STATUS_INCOMPATIBLE_DRIVER_BLOCKED
+        if self.touch_references == 0:
+            status, _ = self.XenVersion()
+            if status == STATUS_NOT_IMPLEMENTED:
+                return status
+        self.touch_references += 1
         self._print(f"MODULE '{module}' {major}.{minor}.{micro}.{build}")
         return STATUS_SUCCESS

@@ -1,7 +1,10 @@
 """xenbus.sys DriverEntry and AddDevice (XB src/xenbus/driver.c; reference windows-pv-drivers.md 4, 5(d)).
 
-DriverEntry calls XenTouch; on a mismatch it still installs the XENFILT class filter and requests a
-reboot, then fails with STATUS_INCOMPATIBLE_DRIVER_BLOCKED. AddDevice is FdoCreate: the device must be a
+DriverEntry calls XenTouch; when it fails the driver still loads (STATUS_SUCCESS) but without AddDevice,
+so PnP leaves the platform device without a function driver. On a version mismatch
+(STATUS_INCOMPATIBLE_DRIVER_BLOCKED) it first installs the XENFILT class filter, since AddDevice will not
+run to do it (saving a second reboot in upgrades), and requests a reboot; off Xen (STATUS_NOT_IMPLEMENTED)
+it does neither. AddDevice is FdoCreate: the device must be a
 Xen platform device (PCI vendor 0x5853, read through BUS_INTERFACE_STANDARD); FdoSetActive decides
 whether it is the one that works. FiltersInstall runs with the first FDO, FiltersUninstall with the last.
 
@@ -22,7 +25,8 @@ from xenpv.stack.kernel import (IRP_MJ, BusQueryIdType, DeviceKind, DeviceObject
 from xenpv.stack.kernel.debuglog import DbgLevel
 from xenpv.stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
 from xenpv.stack.kernel.registry import Registry, RegistryError
-from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_NO_SUCH_DEVICE, STATUS_SUCCESS
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_NO_SUCH_DEVICE,
+                                       STATUS_SUCCESS, status_name)
 
 from .fdo import (XEN_PLATFORM_VENDOR_ID, PlatformFactory, XenbusFdo, query_bus_interface, query_emulated,
                   query_id, query_location)
@@ -78,9 +82,11 @@ class XenbusDriver:
     def driver_entry(self, driver: DriverObject, registry_path: str) -> int:
         status = self.xen.XenTouch("XENBUS", *self.version)
         if not NT_SUCCESS(status):
-            FiltersInstall(self.xen.registry)
-            self.xen.config.ConfigRequestReboot("XENBUS")
-            return status
+            if status == STATUS_INCOMPATIBLE_DRIVER_BLOCKED:
+                FiltersInstall(self.xen.registry)
+                self.xen.config.ConfigRequestReboot("XENBUS")
+            self._print(f"DriverEntry: XenTouch: {status_name(status)}: no AddDevice", DbgLevel.WARNING)
+            return STATUS_SUCCESS
         driver.major_function[IRP_MJ.PNP] = self.dispatch_pnp
         driver.major_function[IRP_MJ.POWER] = self.dispatch_power
         driver.add_device = self.add_device

@@ -241,8 +241,10 @@ def test_xentouch_mismatch_blocks_xenbus_and_requests_a_reboot(rig, machine) -> 
     built_for = PACKAGE_VERSION[:3] + (PACKAGE_VERSION[3] + 1,)
     booted = rig.boot(m, registry, module_versions={"XENFILT": built_for, "XENBUS": built_for})
     assert booted.xen.XenTouch("XENBUS", *built_for) == STATUS_INCOMPATIBLE_DRIVER_BLOCKED
+    # XB driver.c DriverEntry: FiltersInstall, ConfigRequestReboot, then STATUS_SUCCESS with no AddDevice.
     node = next(n for n in booted.nodes("PCI\\VEN_5853"))
-    assert node.problem != CmProblem.NONE and node.problem_status == STATUS_INCOMPATIBLE_DRIVER_BLOCKED
+    assert node.problem == CmProblem.FAILED_ADD and node.problem_status == STATUS_NOT_SUPPORTED
+    assert "XENBUS" not in booted.kernel.pnp.failed_drivers
     assert booted.xen.config.reboot_requested("XENBUS")
     assert booted.xenbus.fdos == [] and booted.nodes("XENBUS\\") == []
     # XENFILT loaded but inert: nothing gated, nothing unplugged, the emulated boot disk is there.
