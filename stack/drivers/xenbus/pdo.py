@@ -168,7 +168,8 @@ class XenbusPdo:
         elif minor == IRP_MN_PNP.QUERY_CAPABILITIES:
             caps = irp.parameters.capabilities
             caps.removable = self._removable()
-            caps.unique_id = caps.silent_install = caps.surprise_removal_ok = True
+            caps.surprise_removal_ok = caps.removable  # pdo.c PdoQueryCapabilities
+            caps.unique_id = caps.silent_install = True
             irp.io_status.status = STATUS_SUCCESS
         elif minor == IRP_MN_PNP.QUERY_DEVICE_RELATIONS:
             if irp.parameters.type == DeviceRelationType.TargetDeviceRelation:
