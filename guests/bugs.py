@@ -141,6 +141,18 @@ CATALOGUE: dict[str, BugSwitch] = _switches(
                  "reboot (the commit's 'BSOD on shutdown') disconnects it",
         why="ExFreePoolWithTag is not NULL-safe; NULL is below the system address space: BAD_POOL_CALLER "
             "0x40 (free of a user-mode address)"),
+    BugSwitch(
+        name="xeniface-1019522", repository="xcp-ng/win-xeniface", commit="1019522273c7080d73885e38e972092df4fcce0f",
+        date="2024-03-07", stop=0xD5, stop_name="DRIVER_PAGE_FAULT_IN_FREED_SPECIAL_POOL", module="xeniface.sys",
+        function="IoctlGnttabPermitForeignAccess",
+        bucket="0xD5_xeniface!IoctlGnttabPermitForeignAccess",
+        defect="GnttabPermitForeignAccess zeroed and freed the request's XENIFACE_GNTTAB_CONTEXT on its failure "
+               "path, which IoctlGnttabPermitForeignAccess zeroes and frees again when it sees the failure",
+        scenario="a user-mode grant (IOCTL_XENIFACE_GNTTAB_PERMIT_FOREIGN_ACCESS, RequestId 1), then a second "
+                 "with the same RequestId in the same process, which GnttabPermitForeignAccess refuses",
+        why="the caller's RtlZeroMemory writes to the freed context; the model's pool is special pool (Driver "
+            "Verifier, as an HLK run has it), which unmaps a freed block: 0xD5 in xeniface.sys (the commit's "
+            "'kernel heap corruption' without the verifier)"),
 )
 
 
@@ -173,9 +185,8 @@ NOT_EXPRESSED: dict[str, str] = {
     "xennet-4abbd6f": "NBL completed while its next NB is sent: needs a completion on another processor while "
                       "TransmitterSendNetBufferLists runs at DISPATCH_LEVEL; the model has one vCPU",
     "xennet-9278ceb": "next NB read after its NBL completed: the same race as 4abbd6f (one vCPU)",
-    "xeniface-1019522": "double free in GnttabPermitForeignAccess: XENIFACE is not modelled",
-    "xeniface-fa2c84a": "evtchn DPC use-after-free: XENIFACE is not modelled (and the window needs a second "
-                        "processor)",
+    "xeniface-fa2c84a": "evtchn DPC use-after-free: the window (a DPC queued just before Close returns, run "
+                        "before KeFlushQueuedDpcs drains it) needs a second processor; the model has one vCPU",
     "xcp-ng/xcp#402": "field report, 0x139/0x1E on 8.2.2: the thread names no defect to put back",
     "QubesOS/qubes-issues#10779": "field report, 0x7B with the PV disk driver on Windows 10 LTSC 2021: "
                                   "undiagnosed upstream",

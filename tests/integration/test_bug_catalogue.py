@@ -132,6 +132,16 @@ def _boot_only(g: Guest) -> None:
     assert "not running on Xen" in g.console.run("log 400")
 
 
+def _iface_grant_twice(g: Guest) -> None:
+    """A user-mode program grants a page to dom0 with RequestId 1 and asks again with the same RequestId,
+    which XENIFACE refuses (STATUS_INVALID_PARAMETER); the program's end revokes the first grant."""
+    out = g.console.run("iface grant 0 1 1 1")
+    assert re.fullmatch(r"request 1: granted refs \d+\nrequest 1: STATUS_INVALID_PARAMETER\n"
+                        r"process ended: 1 grant\(s\) revoked", out), out
+    # The first grant went with the program: a new program may use RequestId 1 again.
+    assert re.match(r"request 1: granted refs \d+\n", g.console.run("iface grant 0 1 1"))
+
+
 SCENARIOS: dict[str, Scenario] = {
     "xenbus-0250399": Scenario(_default(), _s4_and_back),
     "xenbus-080720a": Scenario(NON_XEN_GUEST, _boot_only),
@@ -140,6 +150,7 @@ SCENARIOS: dict[str, Scenario] = {
     "xenvbd-667456d": Scenario(PV_DISK_GUEST, _pv_disk_reboot),
     "xenvbd-9f7f8b2": Scenario(PV_DISK_GUEST, _pv_disk_reboot),
     "xenvbd-4a32464": Scenario(PV_DISK_GUEST, _pv_disk_reboot),
+    "xeniface-1019522": Scenario(_default(), _iface_grant_twice),
 }
 
 

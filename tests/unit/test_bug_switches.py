@@ -14,6 +14,7 @@ from xenpv.guests.schema import GUESTS_DIR, load_guest
 from xenpv.stack.drivers import bugs
 from xenpv.stack.kernel.bucket import IRQL_CODES, bucket_id
 from xenpv.stack.kernel.debuglog import DebugLog
+from xenpv.stack.kernel.irql import Processor, set_current_processor
 from xenpv.stack.kernel.registry import REG_DWORD, Registry
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -22,8 +23,12 @@ ONE = next(iter(CATALOGUE))
 
 @pytest.fixture(autouse=True)
 def _no_switches():
+    # A processor of its own: the registry is kernel code, and an earlier test may have left the shared
+    # processor stopped (test_console's `bugcheck`).
+    previous = set_current_processor(Processor())
     yield
     bugs.activate()
+    set_current_processor(previous)
 
 
 def _guest(tmp_path: Path, extra: str) -> Path:

@@ -32,7 +32,7 @@ SAMPLES = {
     "P3": "0", "P4": "0", "PATH": "data/x", "VALUE": "v", "T": "0", "LBA": "8", "COUNT": "2", "PATTERN": "a55a",
     "S": "5", "VIF": "0", "ADDR": "10.200.0.1", "PORT": "7", "SIZE": "64", "BYTES": "4096", "NAME": "xenvif",
     "VERSION": "9.1.0.10", "DATA": "1", "CLASS": "VBD", "INTERFACE": "STORE", "DOMID": "0", "QTEST": "/tmp/qtest.sock", "RAM": "/tmp/ram", "HV": "/tmp/hv-1.sock", "NEWDOMID": "5",
-    "SECONDS": "0",
+    "SECONDS": "0", "PAGES": "1", "REQUESTID": "1",
 }
 
 
