@@ -111,11 +111,11 @@ def _service_key(service: str) -> str:
 
 
 def request_reboot(registry: Registry, module: str) -> None:
-    """xen.sys ConfigRequestReboot / UNPLUG.Reboot: `<RequestKey>\\<Module>\\Reboot = 1`, volatile, so the
-    request is gone after the reboot that honours it. xenbus_monitor watches the key."""
+    """xen.sys ConfigRequestReboot / UNPLUG.Reboot: `<RequestKey>\\<Module>\\Reboot = 1`. Only the module key
+    is volatile, so the request is gone after the reboot that honours it; RequestKey itself is an ordinary
+    key (XB config.c creates it non-volatile), which xenbus_monitor watches across boots."""
     key = rf"{MONITOR_REQUEST_KEY}\{module}"
-    if not registry.key_exists(MONITOR_REQUEST_KEY):
-        registry.create_key(MONITOR_REQUEST_KEY, volatile=True)
+    registry.create_key(MONITOR_REQUEST_KEY)
     registry.create_key(key, volatile=True)
     registry.set_value(key, "Reboot", REG_DWORD, 1)
     log.info("reboot requested by %s", module)
