@@ -149,7 +149,7 @@ class XenbusFdo:
         if self.emulated is not None:
             answer = self.emulated.EmulatedIsDevicePresent(self.device_id, None)
             present, status = answer if self.emulated.Version >= 3 else (answer, EmulatedStatus.NEUTRAL)
-            BUG_ON(not present, f"{self.device_id} IS NOT PRESENT")
+            BUG_ON(not present, "!Present")  # fdo.c FdoSetActive: BUG_ON's text is its expression
         if status != EmulatedStatus.NEUTRAL:
             self.active = status == EmulatedStatus.FORCE_ACTIVATED
             if self.active:
@@ -505,7 +505,9 @@ class XenbusFdo:
         for name in S4_UNREFERENCED:
             context = self.interfaces.get(name)
             if context is not None and context.references != 0:
-                BUG(f"{name} INTERFACE HAS {context.references} OUTSTANDING REFERENCE(S) ON ENTRY TO S4")
+                # fdo.c: BUG_ON(SuspendGetReferences(Fdo->SuspendContext) != 0)...; the count is in the dump.
+                prefix = context.prefix()
+                BUG(f"{prefix}GetReferences(Fdo->{prefix}Context) != 0")
 
     def FdoS4ToS3(self) -> None:
         if not self.active:
