@@ -46,6 +46,10 @@ def _describe(verb: str, result: InstallResult) -> str:
     lines = [f"{verb} {result.package} ({result.package.era.value} era)"
              + (f", replacing {result.previous}" if result.previous is not None else "")]
     lines += [f"unbound: {reason}" for reason in result.unbound]
+    if result.new_binding:
+        lines.append("co-installer: new binding (a child is bound to an older revision)")
+    if result.unplug_cleared:
+        lines.append(r"co-installer: XEN\Unplug DISKS and NICS cleared (the next boot is emulated)")
     if result.reboot_required:
         lines.append("reboot required")
     return "\n".join(lines)
