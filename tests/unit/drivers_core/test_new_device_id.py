@@ -5,28 +5,13 @@ the FORCE_ACTIVATE build of xenbus.inf) make of it, booting the same registry on
 from __future__ import annotations
 
 from xenpv.stack.drivers.xen.config import XENFILT_PARAMETERS
-from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
-from xenpv.stack.drivers.xen import UNPLUG_DISKS, UNPLUG_NICS
 from xenpv.stack.install import Installer
-from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters, Registry
-from xenpv.stack.kernel.status import STATUS_SUCCESS
+from xenpv.stack.kernel import Registry
+
+from .test_unplug import _arm_children
 
 DEV_0001 = r"PCI\VEN_5853&DEV_0001&SUBSYS_00015853&REV_01"
 DEV_C000 = r"PCI\VEN_5853&DEV_C000&SUBSYS_C0005853&REV_01"
-
-
-def _arm_children(booted) -> None:
-    """What XENVBD and XENVIF do at start: UNPLUG.Request(T, TRUE) for the next boot."""
-    fdo = booted.xenbus.active_fdo
-    with booted.kernel.cpu.lock:
-        for device_class, device_type in (("VBD", UNPLUG_DISKS), ("VIF", UNPLUG_NICS)):
-            irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE,
-                          QueryInterfaceParameters(GUID_XENBUS_UNPLUG_INTERFACE, 4096, 3, None))
-            assert IoSynchronousCallDriver(fdo.children[device_class], irp) == STATUS_SUCCESS
-            unplug = irp.parameters.interface
-            unplug.UnplugAcquire()
-            unplug.UnplugRequest(device_type, True)
-            unplug.UnplugRelease()
 
 
 def _active(registry: Registry) -> str:
