@@ -188,7 +188,7 @@ def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: in
             continue  # a restored domain's disk: its data is what the guest wrote before the save
         with _step(domid, f"creating the scratch image {image}"):
             _make_scratch_image(image, disk)
-    # A device gets its backend directory only when a back-end serves its kind (as libxl asks QEMU,
+    # A device is online only when a back-end serves its kind (as libxl asks QEMU,
     # libxl__query_qemu_backend): a frontend then waits only for a back-end that exists.
     with _step(domid, "asking which device kinds a back-end serves"):
         served = {kind: serving.served(xs, kind, backend_domid) for kind in {d.kind for d in devset.devices}}
@@ -202,8 +202,7 @@ def _populate(xs: XsClient, ctl: XenhvControl, guest: GuestDefinition, domid: in
         with _step(domid, f"adding {dev.kind} {dev.devid}"):
             xs.transact(add)
         if not served[dev.kind]:
-            log.info("dom%d: no back-end serves %s: %s %d has no backend directory", domid, dev.kind,
-                     dev.kind, dev.devid)
+            log.info("dom%d: no back-end serves %s: %s %d is offline", domid, dev.kind, dev.kind, dev.devid)
 
     with _step(domid, "xenhv unpause"):
         ctl.call("unpause", domid=domid)

@@ -221,15 +221,21 @@ def guest_devices(guest: GuestDefinition, domid: int, run_dir: Path, backend_dom
 def device_nodes(dev: XenbusDevice, domid: int, backend_domid: int, *, served: bool = True) -> list[XsNode]:
     """libxl__device_generic_add: frontend directory then backend directory, each with its permissions.
 
-    `served` False: no back-end runs for the device's kind (backends.serving), so there is no backend
-    directory, only the frontend's, still naming where its backend would be. Its frontend finds that path
-    absent and gives up at once, as a frontend does whose backend disappeared; libxl would not add the
-    device at all (it waits for the backend's InitWait and fails the domain), but a guest here boots
-    without back-ends on purpose and its drivers still find the device."""
+    `served` False: no back-end runs for the device's kind (backends.serving). The device is there but
+    offline: its backend directory says online=0 and Closed, and has no hotplug-status (no script ran), so
+    its frontend gives up at once instead of waiting for a back-end that is not running (XV frontend.c
+    FrontendPrepare: backend Closed and not online -> FrontendSetOffline; XENVBD's target loses the device
+    as one the toolstack unplugged). libxl would not add the device at all (it waits for the backend's
+    InitWait and fails the domain), but a guest here boots without back-ends on purpose and its drivers
+    still find the device. The directory is there because a guest reading a backend path that does not
+    exist gets EACCES from xenstored (the parent is dom0's), not ENOENT."""
     fe, be = frontend_path(domid, dev.kind, dev.devid), backend_path(backend_domid, dev.kind, domid, dev.devid)
+    backend = dict(dev.backend)
+    if not served:
+        backend.pop("hotplug-status", None)
+        backend |= {"online": "0", "state": XenbusState.Closed.wire()}
     nodes = [XsNode(fe, perms=tuple(frontend_perms(domid, backend_domid)))]
     nodes += [XsNode(f"{fe}/{k}", v) for k, v in dev.frontend.items()]
-    if served:
-        nodes.append(XsNode(be, perms=tuple(backend_perms(domid, backend_domid))))
-        nodes += [XsNode(f"{be}/{k}", v) for k, v in dev.backend.items()]
+    nodes.append(XsNode(be, perms=tuple(backend_perms(domid, backend_domid))))
+    nodes += [XsNode(f"{be}/{k}", v) for k, v in backend.items()]
     return nodes

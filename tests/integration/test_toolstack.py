@@ -266,9 +266,10 @@ def test_failed_create_names_the_step_and_leaves_nothing(host, guest_factory, to
     assert not is_introduced(xs, 4000)
 
 
-def test_a_kind_no_back_end_serves_gets_no_backend_directory(host, guest_factory, toolstack, xs) -> None:
-    """Only the frontend directories, each still naming where its backend would be: a frontend finds that
-    path absent and gives up at once instead of waiting for a back-end that is not running."""
+def test_a_kind_no_back_end_serves_is_added_offline(host, guest_factory, toolstack, xs) -> None:
+    """The device is there, its backend Closed and offline with no hotplug-status: a frontend gives up at
+    once instead of waiting for a back-end that is not running, and the guest can read why (a backend path
+    that did not exist would answer it EACCES)."""
     for kind in ("vbd", "vif"):
         serving.forget_dead(xs, kind)  # what an earlier test's killed back-end left
         assert not serving.served(xs, kind)
@@ -277,10 +278,12 @@ def test_a_kind_no_back_end_serves_gets_no_backend_directory(host, guest_factory
     d = toolstack.create(m)
     try:
         tree = client_tree(xs)
-        assert not [p for p in tree if re.match(rf"/local/domain/0/backend/\w+/{d.domid}\b", p)], sorted(tree)
-        fe = f"/local/domain/{d.domid}/device"
-        assert tree[f"{fe}/vbd/768/backend"][0] == f"/local/domain/0/backend/vbd/{d.domid}/768"
-        assert tree[f"{fe}/vif/0/backend"][0] == f"/local/domain/0/backend/vif/{d.domid}/0"
+        for kind, devid in (("vbd", 768), ("vif", 0)):
+            be = f"/local/domain/0/backend/{kind}/{d.domid}/{devid}"
+            assert tree[f"/local/domain/{d.domid}/device/{kind}/{devid}/backend"][0] == be
+            assert (tree[f"{be}/online"][0], tree[f"{be}/state"][0]) == ("0", "6")
+            assert f"{be}/hotplug-status" not in tree
+            assert tree[f"{be}/frontend-id"][0] == str(d.domid)
     finally:
         toolstack.destroy(d.domid)
     assert client_tree(xs) == before

@@ -337,6 +337,10 @@ class Frontend:
             self._wait_backend({S.Closed, S.Unknown})
 
     def FrontendPrepare(self) -> None:
+        # XV FrontendPrepare: a backend Closed and not online is a device nobody serves (the toolstack
+        # found no back-end for it): FrontendSetOffline, and no Initialising written, no wait.
+        if self.backend_state() == S.Closed and self._read(self.backend_path, "online") != "1":
+            raise FrontendError(f"backend {self.backend_path} is Closed and offline")
         self._write_state(S.Initialising)
         state = self._wait_backend({S.InitWait})
         if state != S.InitWait:

@@ -1,8 +1,9 @@
-"""XENVIF's frontend when its backend's directory does not exist (no back-end serves vifs, so the toolstack
-made none; or the back-end's directory went): the wait for the backend's state ends at its first read, as
-XV frontend.c FrontendWaitForBackendXenbusStateChange breaks on STATUS_OBJECT_NAME_NOT_FOUND
-("disappeared"), and FrontendPrepare fails naming the state it found. A backend that exists but has not
-answered is still waited for."""
+"""XENVIF's frontend when no back-end serves its device: the toolstack leaves the backend Closed and offline,
+and FrontendPrepare gives up at once without writing Initialising (XV frontend.c FrontendPrepare: Closed
+and not online -> FrontendSetOffline). When the backend's directory does not exist (it went away), the wait
+for the backend's state ends at its first read, as FrontendWaitForBackendXenbusStateChange breaks on
+STATUS_OBJECT_NAME_NOT_FOUND ("disappeared"). A backend that exists and is online but has not answered yet
+is still waited for."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -68,12 +69,20 @@ def _frontend(nodes: dict[str, str]) -> tuple[Frontend, Store]:
     return frontend, store
 
 
+def test_a_closed_offline_backend_is_given_up_at_once(cpu: Processor) -> None:
+    frontend, store = _frontend({f"{BACKEND}/state": str(int(S.Closed)), f"{BACKEND}/online": "0"})
+    with pytest.raises(FrontendError, match=f"backend {BACKEND} is Closed and offline"):
+        frontend.FrontendPrepare()
+    assert "device/vif/0/state" not in store.nodes
+    assert store.reads[f"{BACKEND}/state"] == 1
+
+
 def test_a_backend_with_no_directory_is_unknown_at_the_first_read(cpu: Processor) -> None:
     frontend, store = _frontend({})
     with pytest.raises(FrontendError, match=f"backend {BACKEND} is Unknown, not InitWait"):
         frontend.FrontendPrepare()
     assert store.nodes["device/vif/0/state"] == str(int(S.Initialising))
-    assert store.reads[f"{BACKEND}/state"] == 1
+    assert store.reads[f"{BACKEND}/state"] == 2  # the offline check's, then the wait's first and last
 
 
 def test_a_backend_that_exists_is_waited_for(cpu: Processor) -> None:
