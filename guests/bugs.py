@@ -172,9 +172,10 @@ NOT_EXPRESSED: dict[str, str] = {
     "xenbus-b7dcbf9": "MDL use-after-free in __FdoFreeBuffer: runs only when the active XENBUS FDO is "
                       "removed, which no model scenario does",
     "xenbus-2025-08": "boot chain missing from the driver store: the installer model keeps every image",
-    "xenvif-2a70618": "backend path re-acquired on resume while CLOSED: the model registers XENVIF's LATE "
-                      "callback only while ENABLED (upstream: at every PDO resume), so no CLOSED frontend "
-                      "has one",
+    "xenvif-2a70618": "backend path re-acquired on resume while CLOSED: the model's XENVIF PDO start walks "
+                      "the frontend to CONNECTED and registers its LATE callback only once ENABLED (upstream: "
+                      "FrontendResume registers it at every PDO resume and walks to CLOSED, which releases the "
+                      "backend path), so no CLOSED frontend without a backend path meets a resume",
     "xenvif-2e9aff5": "UNPLUG held across S3/S4: not a STOP (FdoS3ToS4 allows UNPLUG references)",
     "xenvbd-8f6df40": "Initialized transition on resume: the model creates and starts a target in one step "
                       "on the adapter thread, so no suspend finds one still INITIALIZED",
