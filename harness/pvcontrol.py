@@ -11,6 +11,9 @@ the acknowledgement - the guest's xenagent writes "" - then for the guest's own 
 - hibernate ("s4"): the guest's S4 (stack.agent.hibernate) through the same teardown as
   harness.lifecycle.hibernate; `power_on` resumes it from the hiberfile.
 A guest without a PV agent never acknowledges: ToolstackError, the guest running on.
+
+Each request is a lifecycle event of the guest's run record ("pvcontrol poweroff"...); replays do not
+carry them out yet (harness.replay names the operation as not replayable rather than skip it).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import re
 import time
 
 from xenpv.backends.toolstack.domain import pvcontrol_domain
+from xenpv.base.runrecord import LIFECYCLE
 from xenpv.base.errors import WaitTimeout
 from xenpv.harness.lifecycle import HIBERNATE_SECONDS, Guest, LifecycleError, Timings, powered_off
 from xenpv.stack.timescale import scaled
@@ -38,6 +42,7 @@ def _check(guest: Guest, what: str) -> None:
 
 def _request(guest: Guest, command: str, timings: Timings) -> float:
     assert guest.toolstack is not None and guest.domain is not None
+    guest.record_event(LIFECYCLE, op=f"pvcontrol {command}")
     t = time.monotonic()
     pvcontrol_domain(guest.toolstack.xs, guest.toolstack.ctl, guest.domain.domid, command,
                      ack_timeout=scaled(ACK_SECONDS), alive=lambda: guest.console.check_alive(f"{command} request"))
