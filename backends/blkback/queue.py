@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from xenpv.backends.blkback.image import Image
+from xenpv.backends.grants import BackendGrants, GrantAccessError
 from xenpv.backends.blkback.requests import (SEGMENT, BadRequest, Codecs, Request, Segment, decode,
                                        decode_indirect_segments, indirect_pages, total_sectors)
 from xenpv.backends.vhost_user.memory import GuestMemoryError
@@ -77,6 +78,8 @@ class BlkQueue:
     # frontend that reuses buffers sends the same few shapes again and again, and a persistent mapping
     # never changes while the queue lives, so the decode, checks and views of a shape are done once.
     _plans: dict[bytes, _Plan] = field(default_factory=dict)
+    # Transient grants are pinned in this process (backends.grants), created at first use.
+    _access: BackendGrants | None = None
     _channel: int | None = None
     _ring: BackRing | None = None
     _ring_view: memoryview | None = None
@@ -152,6 +155,9 @@ class BlkQueue:
         self._handles.clear()
         self._persistent_handles.clear()
         self._persistent.clear()
+        if self._access is not None:
+            self._access.close()
+            self._access = None
 
     def _quietly(self, what: str, fn: Callable[..., object], *args: object) -> None:
         # Teardown runs when the domain may already be gone (its link closed, its grants released by
@@ -163,6 +169,11 @@ class BlkQueue:
 
     def _unmap(self, handle: int) -> None:
         self.backend.call("gnttab_unmap", handle=handle)
+
+    def _grants(self) -> BackendGrants:
+        if self._access is None:
+            self._access = BackendGrants(self.backend, self.link)
+        return self._access
 
     # ---- serving -----------------------------------------------------------------------------------------
 
@@ -210,7 +221,7 @@ class BlkQueue:
         except BadRequest as exc:
             log.warning("dom%d %s: request refused: %s", self.domid, self.name, exc)
             status = exc.status
-        except (XenhvError, GuestMemoryError, OSError) as exc:
+        except (XenhvError, GrantAccessError, GuestMemoryError, OSError) as exc:
             log.warning("dom%d %s: request %#x (op %d) failed: %s", self.domid, self.name, rid, op, exc)
             status = BLKIF_RSP_ERROR
         except Exception:
@@ -374,9 +385,9 @@ class BlkQueue:
     def _mapped(self, grefs: set[int], *, writable: bool) -> "_Mappings":
         return _Mappings(self, grefs, writable)
 
-    def map_one(self, gref: int, writable: bool) -> tuple[memoryview, int | None]:
-        """(the granted page, transient handle or None when the mapping is persistent). A transient
-        page view is the caller's to release."""
+    def map_one(self, gref: int, writable: bool) -> tuple[memoryview, Pin | None]:
+        """(the granted page, its transient pin or None when the mapping is persistent). A transient
+        page view is the caller's to release, and its pin the caller's to drop (:meth:`unpin`)."""
         page = self._persistent.get(gref)
         if page is not None:
             return page, None
@@ -395,12 +406,25 @@ class BlkQueue:
                 page = self.link.memory.view(m["gfn"] << 12, XEN_PAGE_SIZE)
                 self._persistent[gref] = page
                 return page, None
-        m = self.backend.call("gnttab_map", domid=self.domid, ref=gref, readonly=not writable)
+        gfn, handle = self._grants().pin(gref, writable)
+        pin = Pin(gref, writable, handle)
         try:
-            return self.link.memory.view(m["gfn"] << 12, XEN_PAGE_SIZE), m["handle"]
+            return self.link.memory.view(gfn << 12, XEN_PAGE_SIZE), pin
         except BaseException:
-            self._unmap(m["handle"])
+            self.unpin(pin)
             raise
+
+    def unpin(self, pin: Pin) -> None:
+        self._grants().unpin(pin.gref, pin.writable, pin.handle)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A grant pinned for one request; ``handle`` is xenhv's when xenhv holds it (see backends.grants)."""
+
+    gref: int
+    writable: bool
+    handle: int | None
 
 
 class _Mappings:
@@ -410,7 +434,7 @@ class _Mappings:
         self.queue = queue
         self.grefs = grefs
         self.writable = writable
-        self.handles: list[int] = []
+        self.pins: list[Pin] = []
         self.transient: list[memoryview] = []
 
     def __enter__(self) -> dict[int, memoryview]:
@@ -419,9 +443,9 @@ class _Mappings:
         pages = {}
         try:
             for gref in self.grefs:
-                page, handle = self.queue.map_one(gref, self.writable)
-                if handle is not None:
-                    self.handles.append(handle)
+                page, pin = self.queue.map_one(gref, self.writable)
+                if pin is not None:
+                    self.pins.append(pin)
                     self.transient.append(page)
                 pages[gref] = page
         except BaseException:
@@ -433,6 +457,6 @@ class _Mappings:
         for page in self.transient:
             page.release()
         self.transient.clear()
-        for handle in self.handles:
-            self.queue._quietly(f"unmapping handle {handle}", self.queue._unmap, handle)
-        self.handles.clear()
+        for pin in self.pins:
+            self.queue._quietly(f"unpinning gref {pin.gref}", self.queue.unpin, pin)
+        self.pins.clear()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from xenpv.backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
+from xenpv.backends.grants import BackendGrants, GrantAccessError
 from xenpv.backends.netback.tap import Tap, tap_name
 from xenpv.backends.xenbackend import DomainLink, XenBackend
 from xenpv.backends.xenstored.client import XsClient, XsRequestError
@@ -46,35 +47,39 @@ class VifConfigError(Exception):
 
 
 class LinkGrants:
-    """Grant access by map, copy, unmap: the frontend may revoke a buffer as soon as its response is out,
-    so nothing is kept mapped between requests."""
+    """The data path's grant access: pin, copy, unpin for each buffer (the frontend may revoke a buffer as
+    soon as its response is out, so nothing stays pinned between requests).  Pins are taken in this
+    process on the shared pin table (backends.grants), not by a call to xenhv per buffer."""
 
     def __init__(self, backend: XenBackend, link: DomainLink) -> None:
         self.backend, self.link = backend, link
+        self.access = BackendGrants(backend, link)
 
-    def _map(self, ref: int, readonly: bool) -> dict[str, int]:
+    def map_ring(self, ref: int) -> dict[str, int]:
+        """A ring page, mapped through xenhv for as long as the queue lives."""
         try:
-            return self.backend.call("gnttab_map", domid=self.link.domid, ref=ref, readonly=readonly)
+            return self.backend.call("gnttab_map", domid=self.link.domid, ref=ref, readonly=False)
         except Exception as exc:  # xenhv answers a bad ref with an error reply
             raise GrantFault(f"dom{self.link.domid} ref {ref}: {exc}") from exc
 
     def read(self, ref: int, offset: int, size: int) -> bytes:
         if offset + size > XEN_PAGE_SIZE:
             raise GrantFault(f"offset {offset} + {size} beyond the page")
-        m = self._map(ref, True)
         try:
-            return self.link.memory.read((m["gfn"] << 12) + offset, size)
-        finally:
-            self.backend.call("gnttab_unmap", handle=m["handle"])
+            return self.access.read(ref, offset, size)
+        except GrantAccessError as exc:
+            raise GrantFault(str(exc)) from exc
 
     def write(self, ref: int, offset: int, data: bytes | memoryview) -> None:
         if offset + len(data) > XEN_PAGE_SIZE:
             raise GrantFault(f"offset {offset} + {len(data)} beyond the page")
-        m = self._map(ref, False)
         try:
-            self.link.memory.write((m["gfn"] << 12) + offset, data)
-        finally:
-            self.backend.call("gnttab_unmap", handle=m["handle"])
+            self.access.write(ref, offset, data)
+        except GrantAccessError as exc:
+            raise GrantFault(str(exc)) from exc
+
+    def close(self) -> None:
+        self.access.close()
 
 
 @dataclass
@@ -113,6 +118,7 @@ class Vif:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
+        self._grants: LinkGrants | None = None
         # The frontend must be seen out of Connected after this backend instance offered InitWait: a
         # Connected left over from a previous netback describes rings this instance never saw.
         self._frontend_fresh = False
@@ -207,7 +213,7 @@ class Vif:
             raise VifConfigError(f"multi-queue-num-queues {nq} outside 1..{MAX_QUEUES}")
         sg = self._fe_int("feature-sg", default=0) == 1
         self.link = self.backend.links.get(self.domid) or self._attach()
-        grants = LinkGrants(self.backend, self.link)
+        self._grants = grants = LinkGrants(self.backend, self.link)
         self._stop.clear()
         self._wake_r, self._wake_w = os.pipe()
         try:
@@ -244,7 +250,7 @@ class Vif:
         try:
             for ref, req, rsp in ((tx_ref, N.NETIF_TX_REQUEST_STRUCT, N.NETIF_TX_RESPONSE_STRUCT),
                                   (rx_ref, N.NETIF_RX_REQUEST_STRUCT, N.NETIF_RX_RESPONSE_STRUCT)):
-                m = grants._map(ref, False)
+                m = grants.map_ring(ref)
                 handles.append(m["handle"])
                 rings.append(BackRing(self.link.memory.view(m["gfn"] << 12, XEN_PAGE_SIZE), req, rsp))
         except BaseException:
@@ -299,6 +305,9 @@ class Vif:
                 except Exception as exc:
                     log.debug("%s: unmap %d: %s", self.name, h, exc)
         self.queues.clear()
+        if self._grants is not None:
+            self._grants.close()  # after the threads: none of them pins any more
+            self._grants = None
         if self.tap is not None:
             self.tap.close()
             self.tap = None

@@ -8,7 +8,10 @@ Two pieces:
   Mapping a grant checks type, sub-page, domid and read-only, then sets GTF_reading (and GTF_writing) with a
   32-bit cmpxchg over flags+domid, retried at most 5 times against an entry that keeps changing.  Pins are
   counted per ref (readers and writers); the last writable unpin clears GTF_writing and the last unpin clears
-  GTF_reading, with an atomic AND so a guest rewriting other flag bits cannot livelock it.  While either bit is
+  GTF_reading, with an atomic AND so a guest rewriting other flag bits cannot livelock it.  Those rules and
+  the pin counts (Xen's active entries) are xenabi.grant_pins, in a memfd per domain shared with dom0's
+  back-ends, which pin and copy grants themselves (backends.grants); xenhv is one party of that table and
+  drops a back-end's pins when its link goes (:meth:`GrantTable.unshare`).  While either bit is
   set the guest's end_foreign_access (stack.vcpu.grants) reports the entry busy.
 * :class:`GrantTableHub`, every domain's table plus the maptrack of each mapping domain: GNTTABOP_map/unmap
   with per-mapper handles, GNTTABOP_copy between grant refs and the caller's own frames, setup_table and
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,23 +50,17 @@ from xenpv.xenabi.grant_table import (
     GNTST_no_space,
     GNTST_permission_denied,
     GRANT_ENTRIES_V1_PER_FRAME,
-    GTF_permit_access,
-    GTF_readonly,
     GTF_reading,
-    GTF_sub_page,
-    GTF_type_mask,
     GTF_writing,
     GnttabCopy,
 )
-from xenpv.xenabi.grant_entries import (FLAGS, FLAGS_BYTES, FLAGS_MASK, DOMID_SHIFT, FRAME, FRAME_BYTES, COMBO,
-                                  COMBO_BYTES, GrantEntry, entry_location, atomic_frame, read_entry)
+from xenpv.xenabi.grant_entries import FLAGS, FLAGS_BYTES, GrantEntry, entry_location, atomic_frame, read_entry
+from xenpv.xenabi.grant_pins import COPY_MASK, MAP_MASK, XENHV_PARTY, GrantRefused, PinTable, create_table
 from xenpv.xenabi.ring import XEN_PAGE_SIZE
 from xenpv.xenabi.xen import XEN_EINVAL
 
 log = logging.getLogger("xenhv.gnttab")
 
-# Xen gives up on an entry the guest keeps changing after this many compare-and-swap attempts.
-CMPXCHG_ATTEMPTS = 5
 DEFAULT_MAX_FRAMES = 64
 DEFAULT_MAX_MAPTRACK = 1 << 16
 
@@ -77,16 +75,6 @@ class GrantMapping:
     gfn: int
     readonly: bool
     mapper: int
-
-
-@dataclass
-class _Active:
-    """Xen's active entry: who holds pins on a ref, which frame they pinned, and how many of each kind."""
-
-    domid: int
-    gfn: int
-    readers: int = 0
-    writers: int = 0
 
 
 class _Handles:
@@ -119,7 +107,7 @@ class GrantTable:
 
     def __init__(self, domid: int, frame_source: Callable[[int], memoryview],
                  guest_frame: Callable[[int], memoryview | None], *, max_frames: int = DEFAULT_MAX_FRAMES,
-                 initial_frames: int = 1, max_maps: int = DEFAULT_MAX_MAPTRACK) -> None:
+                 initial_frames: int = 1, max_maps: int = DEFAULT_MAX_MAPTRACK, ram_pages: int = 0) -> None:
         if not 1 <= initial_frames <= max_frames:
             raise ValueError(f"initial_frames {initial_frames} is not in 1..max_frames {max_frames}")
         self.domid = domid
@@ -128,7 +116,12 @@ class GrantTable:
         self._guest_frame = guest_frame
         self._lock = threading.Lock()
         self._frames: list[AtomicMemory] = []
-        self._active: dict[int, _Active] = {}
+        # The active entries live in shared memory: dom0's back-ends pin this domain's grants themselves
+        # (xenabi.grant_pins), and xenhv's own pins are one party among theirs.
+        self.pins_fd, self._pins_map = create_table(max_frames * GRANT_ENTRIES_V1_PER_FRAME, ram_pages,
+                                                    f"xenhv-dom{domid}-pins")
+        self.pins = PinTable(memoryview(self._pins_map), self._frames, domid)
+        self._parties: dict[str, int] = {}  # back-end link -> its party
         self._maps: dict[int, tuple[int, int, bool]] = {}  # handle -> (mapper, ref, readonly)
         self._handles = _Handles(max_maps)
         self.grow(initial_frames)
@@ -151,6 +144,7 @@ class GrantTable:
                                            f"(maximum {self.max_frames})")
             while len(self._frames) < nr_frames:
                 self._frames.append(atomic_frame(self._frame_source(len(self._frames))))
+                self.pins.set_nr_entries(self.nr_entries)
                 log.debug("dom%d: grant table grew to %d frames", self.domid, len(self._frames))
 
     def setup_table(self, nr_frames: int) -> None:
@@ -173,14 +167,14 @@ class GrantTable:
             if handle is None:
                 raise GrantError(GNTST_no_space, f"map: dom{self.domid} has no free map handle")
             try:
-                active = self._pin(mapper, ref, readonly, GTF_type_mask | GTF_sub_page, "map")
+                gfn = self._pin(mapper, ref, readonly, MAP_MASK, "map")
             except GrantError:
                 self._handles.free(handle)
                 raise
             self._maps[handle] = (mapper, ref, readonly)
             log.debug("dom%d: ref %d mapped %s by dom%d (handle %d)", self.domid, ref,
                       "ro" if readonly else "rw", mapper, handle)
-            return GrantMapping(handle, self.domid, ref, active.gfn, readonly, mapper)
+            return GrantMapping(handle, self.domid, ref, gfn, readonly, mapper)
 
     def unmap(self, handle: int, mapper: int | None = None) -> GrantMapping:
         """Unmap by handle; with ``mapper``, a handle of another mapping domain is GNTST_bad_handle too."""
@@ -190,7 +184,7 @@ class GrantTable:
                 raise GrantError(GNTST_bad_handle, f"unmap: dom{self.domid} has no mapping with handle {handle}"
                                  + (f" for dom{mapper}" if mapper is not None else ""))
             owner, ref, readonly = record
-            gfn = self._active[ref].gfn
+            gfn = self.pins.pinned_gfn(ref)
             del self._maps[handle]
             self._handles.free(handle)
             self._unpin(ref, readonly)
@@ -207,7 +201,7 @@ class GrantTable:
 
     def mappings(self) -> list[GrantMapping]:
         with self._lock:
-            return [GrantMapping(h, self.domid, ref, self._active[ref].gfn, ro, owner)
+            return [GrantMapping(h, self.domid, ref, self.pins.pinned_gfn(ref), ro, owner)
                     for h, (owner, ref, ro) in sorted(self._maps.items())]
 
     # ---- transient pins for GNTTABOP_copy ---------------------------------------------------------------
@@ -216,11 +210,11 @@ class GrantTable:
         """Pin ``ref`` for one copy by ``caller`` and return the granted page; pair with release_for_copy."""
         with self._lock:
             # Copies may target sub-page grants; only maps refuse them.
-            active = self._pin(caller, ref, readonly, GTF_type_mask, "copy")
-            page = self._page(active.gfn)
+            gfn = self._pin(caller, ref, readonly, COPY_MASK, "copy")
+            page = self._page(gfn)
             if page is None:
                 self._unpin(ref, readonly)
-                raise GrantError(GNTST_bad_page, f"copy: dom{self.domid} ref {ref} grants gfn {active.gfn:#x}, "
+                raise GrantError(GNTST_bad_page, f"copy: dom{self.domid} ref {ref} grants gfn {gfn:#x}, "
                                                  f"which is not a page of the domain")
             return page
 
@@ -245,7 +239,7 @@ class GrantTable:
         cleared = 0
         with self._lock:
             for ref in (range(self.nr_entries) if refs is None else refs):
-                if ref in self._active or not 0 <= ref < self.nr_entries:
+                if not 0 <= ref < self.nr_entries or self.pins.pinned(ref):
                     continue
                 mem, off = entry_location(self._frames, ref)
                 if mem.load(off + FLAGS, FLAGS_BYTES) & (GTF_reading | GTF_writing):
@@ -253,12 +247,47 @@ class GrantTable:
                     cleared += 1
         return cleared
 
+    # ---- back-ends pinning themselves ---------------------------------------------------------------------
+
+    def share(self, backend: str) -> tuple[int, int]:
+        """A party for back-end link ``backend`` (the same one while its link lasts): (party, generation).
+        Raises GrantError(GNTST_no_space) when every party is taken; the back-end then maps through xenhv."""
+        with self._lock:
+            party = self._parties.get(backend)
+            if party is not None:
+                return party, self.pins.party_generation(party)
+            got = self.pins.allocate_party(set(self._parties.values()))
+            if got is None:
+                raise GrantError(GNTST_no_space, f"dom{self.domid}: every pin table party is in use")
+            self._parties[backend] = got[0]
+            log.info("dom%d: back-end %s pins grants itself as party %d", self.domid, backend, got[0])
+            return got
+
+    def unshare(self, backend: str) -> int:
+        """Back-end link ``backend`` is gone: its party is revoked and every pin it held dropped, so the guest
+        can end access to those grants.  Returns how many pins were dropped."""
+        with self._lock:
+            party = self._parties.pop(backend, None)
+            if party is None:
+                return 0
+            dropped = self.pins.recover_party(party)
+        if dropped:
+            log.info("dom%d: dropped %d pin(s) back-end %s held", self.domid, dropped, backend)
+        return dropped
+
+    def publish_overlay(self, gfns: list[int]) -> None:
+        """The guest frames covered by hypervisor pages changed (XENMEM_add_to_physmap)."""
+        self.pins.publish_overlay(gfns)
+
     def release(self) -> None:
         """Drop the atomic views of the frames; call before their mapping is closed."""
         with self._lock:
             for frame in self._frames:
                 frame.release()
             self._frames.clear()
+            self.pins.release()
+            self._pins_map.close()
+            os.close(self.pins_fd)
 
     # ---- internals (self._lock held) ---------------------------------------------------------------------
 
@@ -269,65 +298,15 @@ class GrantTable:
             return None
         return page if page is not None and len(page) >= XEN_PAGE_SIZE else None
 
-    def _pin(self, mapper: int, ref: int, readonly: bool, mask: int, op: str) -> _Active:
-        if not isinstance(ref, int) or not 0 <= ref < self.nr_entries:
-            raise GrantError(GNTST_bad_gntref, f"{op}: dom{self.domid} ref {ref} is beyond "
-                                               f"{self.nr_entries} entries")
-        active = self._active.get(ref)
-        if active is not None and active.domid != mapper:
-            raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} is in use by "
-                                                  f"dom{active.domid}, not dom{mapper}")
-        if active is None or (not readonly and active.writers == 0):
-            # Once pinned, the entry cannot have been revoked, so only the read-only bit is re-checked.
-            self._set_status(mapper, ref, readonly, mask, check_grant=active is None, op=op)
-        if active is None:
-            mem, off = entry_location(self._frames, ref)
-            gfn = mem.load(off + FRAME, FRAME_BYTES)
-            if self._page(gfn) is None:
-                self._clear_flags(ref, GTF_reading | (0 if readonly else GTF_writing))
-                raise GrantError(GNTST_bad_page, f"{op}: dom{self.domid} ref {ref} grants gfn {gfn:#x}, "
-                                                 f"which is not a page of the domain")
-            active = self._active[ref] = _Active(mapper, gfn)
-        if readonly:
-            active.readers += 1
-        else:
-            active.writers += 1
-        return active
-
-    def _set_status(self, mapper: int, ref: int, readonly: bool, mask: int, *, check_grant: bool,
-                    op: str) -> None:
-        mem, off = entry_location(self._frames, ref)
-        combo = mem.load(off + COMBO, COMBO_BYTES)
-        for _attempt in range(CMPXCHG_ATTEMPTS):
-            flags, domid = combo & FLAGS_MASK, combo >> DOMID_SHIFT
-            if check_grant and ((flags & mask) != GTF_permit_access or domid != mapper):
-                raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} (flags {flags:#x}, "
-                                                      f"domid {domid}) does not grant access to dom{mapper}")
-            new_flags = flags | GTF_reading
-            if not readonly:
-                if flags & GTF_readonly:
-                    raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} is read-only, "
-                                                          f"dom{mapper} asked to write")
-                new_flags |= GTF_writing
-            result = mem.cmpxchg(off + COMBO, COMBO_BYTES, combo, (domid << DOMID_SHIFT) | new_flags)
-            if result.success:
-                return
-            combo = result.observed
-        raise GrantError(GNTST_general_error, f"{op}: dom{self.domid} ref {ref} kept changing during "
-                                              f"{CMPXCHG_ATTEMPTS} compare-and-swap attempts")
+    def _pin(self, mapper: int, ref: int, readonly: bool, mask: int, op: str) -> int:
+        try:
+            return self.pins.pin(XENHV_PARTY, ref, not readonly, mapper, mask=mask,
+                                 page_ok=lambda gfn: self._page(gfn) is not None, op=op)
+        except GrantRefused as exc:
+            raise GrantError(exc.status, str(exc)) from None
 
     def _unpin(self, ref: int, readonly: bool) -> None:
-        active = self._active[ref]
-        if readonly:
-            active.readers -= 1
-        else:
-            active.writers -= 1
-        clear = GTF_writing if not readonly and active.writers == 0 else 0
-        if active.readers + active.writers == 0:
-            clear |= GTF_reading
-            del self._active[ref]
-        if clear:
-            self._clear_flags(ref, clear)
+        self.pins.unpin(XENHV_PARTY, ref, not readonly)
 
     def _clear_flags(self, ref: int, bits: int) -> None:
         mem, off = entry_location(self._frames, ref)

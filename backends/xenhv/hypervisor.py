@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from xenpv.backends.xenhv.backlinks import BackendLink
+from xenpv.backends.xenhv.control import FdReply
 from xenpv.backends.xenhv.domain import SHARED_INFO_FRAME, Domain, DomainConfig, RunState
 from xenpv.backends.xenhv.errors import GrantError, XenError
 from xenpv.backends.xenhv.evtchn import EventChannelHub, EventChannels
@@ -118,8 +119,10 @@ class Hypervisor:
             except XenError:
                 return None
 
-        self.gnttab.add(GrantTable(dom.domid, lambda i: dom.memory.hv_frame(dom.grant_frame_index(i)),
-                                   guest_frame, max_frames=dom.config.max_grant_frames))
+        table = GrantTable(dom.domid, lambda i: dom.memory.hv_frame(dom.grant_frame_index(i)), guest_frame,
+                           max_frames=dom.config.max_grant_frames, ram_pages=dom.memory.ram_pages)
+        self.gnttab.add(table)
+        dom.memory.on_overlay_changed = table.publish_overlay
 
     def control_destroy_domain(self, domid: int) -> None:
         dom = self.domain(domid)
@@ -275,8 +278,9 @@ class Hypervisor:
             link.unbind(port)
             self.dom0.close(port)
         link.close()
-        if self.gnttab.get(link.domain.domid) is not None:
+        if (table := self.gnttab.get(link.domain.domid)) is not None:
             self.gnttab.release_owner(0, link.domain.domid, link.name)
+            table.unshare(link.name)
 
     def control_evtchn_alloc_unbound(self, dom: int, remote_dom: int) -> int:
         return self.dom0.alloc_unbound(dom, remote_dom)
@@ -424,3 +428,15 @@ class Hypervisor:
 
     def control_gnttab_unmap(self, handle: int, backend: str | None = None) -> None:
         self.gnttab.unmap(0, handle, owner=backend)
+
+    def control_gnttab_share(self, domid: int, backend: str) -> FdReply:
+        """Let attached back-end `backend` pin and copy dom`domid`'s grants itself (xenabi.grant_pins): the
+        reply carries the domain's hypervisor-frames memfd (its grant frames) and its pin table memfd."""
+        dom = self.domain(domid)
+        if (backend, domid) not in self.links:
+            raise XenError(X.XEN_ENOENT, f"back-end {backend} is not attached to dom{domid}")
+        party, generation = self.grant_table(dom).share(backend)
+        return FdReply({"party": party, "generation": generation, "hv_frames": dom.memory.hv_frames,
+                        "grant_frame_base": dom.grant_frame_index(0),
+                        "max_grant_frames": dom.config.max_grant_frames},
+                       [dom.memory.frames_fd, self.grant_table(dom).pins_fd])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from typing import Callable
 
 from xenpv.backends.xenhv.errors import XenError
 from xenpv.xenabi.xen import XEN_EFAULT
@@ -37,6 +38,8 @@ class DomainMemory:
         self.hv_frames = hv_frames
         self._overlay: dict[int, int] = {}  # gfn -> hypervisor frame index
         self._where: dict[int, int] = {}  # hypervisor frame index -> gfn
+        # Told when the p2m's hypervisor pages move: the back-ends' copy of which frames are not RAM.
+        self.on_overlay_changed: Callable[[list[int]], None] | None = None
 
     def hv_frame(self, index: int) -> memoryview:
         return self.frames[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
@@ -52,6 +55,8 @@ class DomainMemory:
             del self._where[other]
         self._overlay[gfn] = index
         self._where[index] = gfn
+        if self.on_overlay_changed is not None:
+            self.on_overlay_changed(list(self._overlay))
 
     def hv_mappings(self) -> dict[int, int]:
         """Hypervisor frame index -> gfn, for every frame the guest has placed."""

@@ -15,10 +15,12 @@ import logging
 import os
 import selectors
 import socket
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from xenpv.backends.xenhv.control import FdReply
 from xenpv.backends.xenhv.errors import GrantError, XenError
 from xenpv.backends.xenhv.domain import Domain, RunState
 from xenpv.backends.xenhv.hypervisor import Hypervisor
@@ -81,6 +83,8 @@ class Server:
         hv.register_fd = self._register_fd
         hv.unregister_fd = self._unregister_fd
         self.internal_errors = InternalErrors()
+        # Control requests served, by op: benchmarks count what a data path still asks xenhv per frame.
+        self.control_calls: Counter[str] = Counter()
 
     def _register_fd(self, fd: int, handler: Callable[[], None]) -> None:
         self.sel.register(fd, selectors.EVENT_READ, ("fd", handler))
@@ -198,7 +202,15 @@ class Server:
         while (nl := c.buf.find(b"\n")) >= 0:
             line = bytes(c.buf[:nl])
             del c.buf[: nl + 1]
-            c.sock.sendall(json.dumps(self._control_request(line)).encode() + b"\n")
+            reply = self._control_request(line)
+            result = reply.get("ok")
+            if isinstance(result, FdReply):
+                data = json.dumps({"ok": result.ok, "fds": len(result.fds)}).encode() + b"\n"
+                # The descriptors go with the first bytes of the line; the client collects them per line.
+                sent = socket.send_fds(c.sock, [data], result.fds)
+                c.sock.sendall(data[sent:])
+            else:
+                c.sock.sendall(json.dumps(reply).encode() + b"\n")
         if len(c.buf) > MAX_CONTROL_LINE:
             self._drop(c.sock, f"control line longer than {MAX_CONTROL_LINE} bytes")
 
@@ -209,6 +221,9 @@ class Server:
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
                 raise ValueError("a request is an object with a string 'op'")
             op = req.pop("op")
+            self.control_calls[op] += 1
+            if op == "control_calls":
+                return {"ok": dict(self.control_calls)}
             if op == "internal_errors":  # the server's own state, for tests and diagnostics
                 return {"ok": {"count": self.internal_errors.count, "recent": list(self.internal_errors.recent)}}
             fn = getattr(self.hv, f"control_{op}", None)

@@ -40,6 +40,7 @@ class FakeXenhv:
     live: dict[int, tuple[int, bool]] = field(default_factory=dict)
     maps: list[tuple[int, bool]] = field(default_factory=list)
     _handles: Iterator[int] = field(default_factory=count)
+    name: str = "blkback"
 
     def call(self, op: str, **kw: Any) -> dict[str, int]:
         if op == "gnttab_map":
@@ -53,6 +54,9 @@ class FakeXenhv:
         if op == "gnttab_unmap":
             del self.live[kw["handle"]]
             return {}
+        if op == "gnttab_share":
+            # No shared pin table: every grant access of the queue comes here, where the rules are checked.
+            raise XenhvError(op, "not shared", None)
         raise AssertionError(op)
 
 
