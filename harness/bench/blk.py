@@ -51,6 +51,7 @@ def _baseline(path: str, write: bool, offsets: list[int], block: int) -> float:
            arguments=_arguments)
 def bench_blk(args: argparse.Namespace) -> BenchReport:
     from xenpv.backends.blkback.launch import start_blkback
+    from xenpv.backends.blkback.queue import POLL_SECONDS as BLKBACK_POLL_SECONDS
     from xenpv.backends.xenstored.client import XsClient
     from xenpv.harness.frontends.blkfront import BlkFront, Op, add_vbd
     from xenpv.harness.bench.rig import xen_domain_rig
@@ -98,9 +99,10 @@ def bench_blk(args: argparse.Namespace) -> BenchReport:
                 a = r.add(f"{label} {op} through blkback", rate * scale, unit, target)
                 b = r.add(f"{label} {op} os.p{op}", base * scale, unit)
                 f = r.ratio(f"{label} {op} ratio", a, b)
-                if unit == "MB/s":
-                    f.target = ">= 0.25"
+                # Issue 16's target is the 4 KiB random read at QD32; the others keep their earlier ones.
+                f.target = ">= 0.15" if (kind, op) == ("rand", "read") else ">= 0.25" if unit == "MB/s" else ""
     r.notes.append(f"frontend: harness/blk.py in this process (persistent grants, indirect descriptors for 64 KiB, "
-                   f"polls responses {POLL_SECONDS * 1e6:.0f} us before sleeping); "
+                   f"polls responses {POLL_SECONDS * 1e6:.0f} us before sleeping; blkback polls its ring "
+                   f"{BLKBACK_POLL_SECONDS * 1e6:.0f} us before re-arming req_event); "
                    "baseline: os.pread/os.pwrite of the same block size on the same image, page cache warm")
     return r
