@@ -35,8 +35,8 @@ from xenpv.stack.drivers.xenbus.shared_info import SharedInfoInterface
 from xenpv.stack.drivers.xenbus.store import StoreInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_LATE, SuspendInterface
 from xenpv.stack.kernel import (IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, DeviceObject, Irp, IoCompleteRequest,
-                                IoDeleteDevice, IoDetachDevice, IoSynchronousCallDriver, KSpinLock,
-                                QueryInterfaceParameters, forward)
+                                IoDeleteDevice, IoDetachDevice, IoSynchronousCallDriver, QueryInterfaceParameters,
+                                forward)
 from xenpv.stack.kernel.debuglog import current_log
 from xenpv.stack.kernel.io import IoRegisterDeviceInterface, IoSetDeviceInterfaceState
 from xenpv.stack.kernel.irql import assert_passive
@@ -104,7 +104,6 @@ class XenifaceFdo:
     powered: bool = False  # D0: the interfaces are held (InterfacesAcquired)
     distribution: str | None = None  # the drivers/<n> index this FDO wrote
     gnttab_cache: Any = None
-    gnttab_cache_lock: KSpinLock = field(default_factory=lambda: KSpinLock("xeniface-gnttab"))
     _suspend_callback_late: Any = None
     # MAJOR_VERSION.MINOR_VERSION.MICRO_VERSION.BUILD_NUMBER, compiled into the image: the model reads the
     # installed image's build once, at AddDevice (PASSIVE_LEVEL). FdoSetDistribution also runs in the
@@ -175,12 +174,13 @@ class XenifaceFdo:
         return STATUS_SUCCESS
 
     def _create_gnttab_cache(self) -> tuple[int, Any]:
+        """"xeniface-gnttab", no reservation, no cap. Every Get and Put XENIFACE makes passes Locked=FALSE,
+        so the cache takes its own lock; GnttabAcquireLock/ReleaseLock (Fdo->GnttabCacheLock) are no-ops here."""
         gnttab = self.interfaces["GNTTAB"]
-        lock = self.gnttab_cache_lock
-        acquire = lambda _argument: None  # noqa: E731 - the model's CacheGet runs under its own lock
+        no_lock = lambda _argument: None  # noqa: E731
         if "GnttabCreateCache" in gnttab.methods:
-            return gnttab.GnttabCreateCache("xeniface-gnttab", 0, 0, acquire, acquire, lock)
-        return gnttab.GnttabCreateCacheVersion1("xeniface-gnttab", 0, acquire, acquire, lock)
+            return gnttab.GnttabCreateCache("xeniface-gnttab", 0, 0, no_lock, no_lock, None)
+        return gnttab.GnttabCreateCacheVersion1("xeniface-gnttab", 0, no_lock, no_lock, None)
 
     def FdoD0ToD3(self) -> None:
         assert_passive("FdoD0ToD3")

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from xenpv.stack.drivers.xeniface.driver import DriverEntry
-from xenpv.stack.drivers.xeniface.fdo import FDO_INTERFACES
 from xenpv.stack.kernel import (IRP_MJ, IRP_MN_PNP, DeviceKind, DriverObject, Irp, IoCompleteRequest, IoCreateDevice,
                                 IoSynchronousCallDriver, Registry)
 from xenpv.stack.kernel.debuglog import DebugLog
@@ -105,4 +104,4 @@ def rig(platform) -> Iterator[Rig]:  # noqa: F811
     set_current_mm(None)
 
 
-__all__ = ["FDO_INTERFACES", "IFACE_ID", "IFACE_INSTANCE", "Rig", "cpu", "platform", "rig"]
+__all__ = ["IFACE_ID", "IFACE_INSTANCE", "Rig", "cpu", "platform", "rig"]

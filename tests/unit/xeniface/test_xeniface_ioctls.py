@@ -6,7 +6,6 @@ import ctypes
 import pytest
 
 from xenpv.stack.drivers.xeniface import abi
-from xenpv.stack.kernel.event import KEvent
 from xenpv.stack.kernel.io import IoError
 from xenpv.stack.kernel.status import (STATUS_BUFFER_OVERFLOW, STATUS_CANCELLED, STATUS_DEVICE_NOT_READY,
                                        STATUS_INVALID_DEVICE_REQUEST, STATUS_INVALID_PARAMETER, STATUS_NOT_FOUND,
