@@ -408,6 +408,9 @@ class EvtchnInterface(Interface):
         return Channel.LocalPort
 
     def EvtchnClose(self, Channel: EvtchnChannel) -> None:
+        # evtchn.c EvtchnClose: ASSERT3U(Channel->Magic, ==, XENBUS_EVTCHN_CHANNEL_MAGIC) stops a checked build
+        # on a channel closed before; the free build's use of freed pool is the model's BUG.
+        ASSERT(Channel in self.channels, "Channel->Magic == XENBUS_EVTCHN_CHANNEL_MAGIC")
         if Channel not in self.channels:
             BUG("UNKNOWN CHANNEL")
         self.channels.remove(Channel)

@@ -41,6 +41,7 @@ from xenpv.stack.drivers.interface import Interface, acquire_all
 from xenpv.stack.drivers.interface_layouts import LAYOUTS
 from xenpv.stack.drivers.xenbus.debug import DebugCallback, DebugInterface
 from xenpv.stack.drivers.xenbus.suspend import SUSPEND_CALLBACK_EARLY, SUSPEND_CALLBACK_LATE, SuspendCallback, SuspendInterface
+from xenpv.stack.kernel.assertion import ASSERT
 from xenpv.stack.kernel.bugcheck import BUG
 from xenpv.stack.kernel.event import KEvent, KeSetEvent
 from xenpv.stack.kernel.irql import current_processor
@@ -291,6 +292,9 @@ class StoreInterface(Interface):
         return transaction is not None and not transaction.Active
 
     def StoreFree(self, Buffer: StoreBuffer) -> None:
+        # store.c StoreFreePayload: ASSERT3U(Buffer->Magic, ==, XENBUS_STORE_BUFFER_MAGIC) stops a checked
+        # build on a buffer freed before; the free build's use of freed pool is the model's BUG.
+        ASSERT(Buffer in self.buffers, "Buffer->Magic == XENBUS_STORE_BUFFER_MAGIC")
         if Buffer not in self.buffers:
             BUG("UNKNOWN BUFFER")
         self.buffers.remove(Buffer)
@@ -361,6 +365,7 @@ class StoreInterface(Interface):
     def StoreTransactionEnd(self, Transaction: StoreTransaction, Commit: bool) -> NTSTATUS:
         """Commit (or abort) and forget the transaction; STATUS_RETRY when it conflicted or a suspend
         cut it off, so the client runs it again."""
+        ASSERT(Transaction in self.transactions, "Transaction->Magic == STORE_TRANSACTION_MAGIC")
         if Transaction not in self.transactions:
             BUG("UNKNOWN TRANSACTION")
         self.transactions.remove(Transaction)
@@ -381,6 +386,7 @@ class StoreInterface(Interface):
         return STATUS_SUCCESS, watch
 
     def StoreWatchRemove(self, Watch: StoreWatch) -> NTSTATUS:
+        ASSERT(self.watches.get(Watch.Token) is Watch, "Watch->Magic == STORE_WATCH_MAGIC")
         if self.watches.get(Watch.Token) is not Watch:
             BUG("UNKNOWN WATCH")
         del self.watches[Watch.Token]
