@@ -6,8 +6,8 @@ path stable. A reboot request is the volatile value `<RequestKey>\\<Module>\\Reb
 service watches; volatile because a request is only meaningful until the next boot.
 
 ConfigSetActive and ConfigUpdateActive both refuse (STATUS_UNSUCCESSFUL, nothing written) a "legacy"
-device - any DeviceID that does not start with `PCI\VEN_5853&DEV_<VENDOR_DEVICE_ID>` - once the vendor
-device has an `Enum\PCI\VEN_5853&DEV_<V>&SUBSYS_<V>5853&REV_01` key (config.c __ConfigIsDeviceLegacy,
+device - any DeviceID that does not start with `PCI\\VEN_5853&DEV_<VENDOR_DEVICE_ID>` - once the vendor
+device has an `Enum\\PCI\\VEN_5853&DEV_<V>&SUBSYS_<V>5853&REV_01` key (config.c __ConfigIsDeviceLegacy,
 __ConfigIsVendorDevicePresent). The check sits in the Config calls themselves, so it also applies where
 FdoSetActive ignores their status (forced activation, a stored ActiveDeviceID). A xen.sys built without
 VENDOR_DEVICE_ID (`vendor_device_id=None`) never refuses.
