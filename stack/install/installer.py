@@ -13,6 +13,13 @@ Era rules are those of the package being installed (its co-installer, or none):
   version must lie within the new provider's MIN..MAX, else InstallVetoed(ERROR_REVISION_MISMATCH).
   After the install each subscriber rewrites its subscriptions; the XENBUS package, with a Xen platform
   device present, installs the XENFILT class filter, records the active device and asks for a reboot.
+- co-installer (5b; XB src/coinst/coinst.c@5e3c42f^): XENBUS's co-installer runs at DIF_INSTALLDEVICE for
+  each platform device the INF binds. Pre-process: AllowUpdate = 0 under Services\\XEN, XENBUS or XENFILT
+  vetoes (ERROR_ACCESS_DENIED); the driver on DEV_0001/0002 must be "<PRODUCT_NAME> PV Bus"
+  (MatchExistingDriver, ERROR_INSTALL_FAILURE); every bound Enum\\XENBUS child's REV must be in the new
+  revision table (SupportChildDrivers, ERROR_FILE_NOT_FOUND), an older row meaning NewBinding.
+  Post-process: `(Active && NewBinding) || !VendorIsActive` deletes XEN\\Unplug DISKS and NICS. Its INFs
+  reset no Unplug value. Children's co-installers of the era are not modelled.
 - current (5c/5d): no checks; INF AddReg resets `XEN\\Unplug` NICS/DISKS to 0 (xenbus, xenvif, xenvbd);
   a child whose bound revision the installed bus lacks simply finds no driver (logged here, as setupapi
   logs "no matching driver" for the device); upgrading an installed package asks for a reboot through
