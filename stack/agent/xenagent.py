@@ -19,8 +19,9 @@ minutes (TIME_SYNC_SECONDS):
 SetXenTime reads SHAREDINFO_GET_TIME; if the RTC keeps local time (Local) it compares with and sets the
 local time, else the system time (UTC), when they differ at millisecond resolution (SYSTEMTIME).
 
-Power broadcasts (SERVICE_CONTROL_POWEREVENT): on a sleep, OnDeviceSuspend stops the shutdown watch; on
-the wake, OnDeviceResume starts it again. OnServiceStop (stop or system shutdown): OnDeviceRemoved -
+Power broadcasts (SERVICE_CONTROL_POWEREVENT): on a sleep, OnDeviceSuspend stops the shutdown watch (the
+system waits for that, a few seconds at most, before the sleep's IRPs take XENIFACE to D3); on the wake,
+OnDeviceResume starts it again. OnServiceStop (stop or system shutdown): OnDeviceRemoved -
 SUSPEND_DEREGISTER and StopShutdownWatch (the feature keys written "", the watch removed) - and the handles
 close. The laptop-slate-mode watch (XENCONS's converter device) is not modelled: the model has no XENCONS.
 
@@ -46,7 +47,7 @@ from xenpv.stack.kernel.io import (FileObject, IoctlResult, IoError, RegisterDev
 from xenpv.stack.kernel.registry import KeyNotFound, ValueNotFound
 from xenpv.stack.kernel.status import NT_SUCCESS, STATUS_BUFFER_OVERFLOW
 from xenpv.stack.kernel.system import Kernel
-from xenpv.stack.timescale import HarnessTooSlow
+from xenpv.stack.timescale import HarnessTooSlow, scaled
 
 log = logging.getLogger("stack.agent.xenagent")
 
@@ -55,6 +56,7 @@ SERVICE_KEY = rf"HKLM\SYSTEM\CurrentControlSet\Services\{SERVICE_NAME}"
 TIME_SYNC_MODE_DISABLED = 0
 TIME_SYNC_SECONDS = 30 * 60.0  # ServiceMainLoop's wait
 STOP_SECONDS = 30.0
+SUSPEND_NOTIFY_SECONDS = 2.0  # how long the system waits for a service's PBT_APMSUSPEND handling
 FEATURES = ("control/feature-poweroff", "control/feature-reboot", "control/feature-s3", "control/feature-s4")
 
 
@@ -165,7 +167,7 @@ class XenAgent:
         self._stop = False
         self._crit = threading.RLock()  # m_crit: the device list and the contexts
         self._device_changes = False
-        self._power_events: collections.deque[int] = collections.deque()
+        self._power_events: collections.deque[tuple[int, threading.Event]] = collections.deque()
         self._evt_shutdown_handle, self.evt_shutdown = self.process.CreateEvent(
             "shutdown", _WakeEvent("xenagent shutdown", self._wake))
         self._evt_suspend_handle, self.evt_suspend = self.process.CreateEvent(
@@ -225,8 +227,21 @@ class XenAgent:
         self._wake.set()
 
     def _power_event(self, state: int) -> None:
-        self._power_events.append(state)
+        """SERVICE_CONTROL_POWEREVENT. The system waits for the services' PBT_APMSUSPEND handling before the
+        sleep's IRPs (a few seconds at most, then it goes on); the resume is only posted. While it waits the
+        processor is given away, so the service's IOCTLs can run."""
+        handled = threading.Event()
+        self._power_events.append((state, handled))
         self._wake.set()
+        if state == S0 or not self.running or threading.current_thread() is self._thread:
+            return
+        cpu = self.kernel.cpu
+        saved = cpu.give_away()
+        try:
+            if not handled.wait(scaled(SUSPEND_NOTIFY_SECONDS)):
+                log.warning("xenagent did not handle the sleep notification within %gs", scaled(SUSPEND_NOTIFY_SECONDS))
+        finally:
+            cpu.take_back(saved, "notifying xenagent of the sleep")
 
     # -- the service thread ----------------------------------------------------------------------------
 
@@ -290,14 +305,17 @@ class XenAgent:
 
     def _power(self) -> None:
         while self._power_events:
-            state = self._power_events.popleft()
-            with self._crit:
-                if self.device is None:
-                    continue
-                if state == S0:
-                    self.OnDeviceResume(self.device)
-                else:
-                    self.OnDeviceSuspend(self.device)
+            state, handled = self._power_events.popleft()
+            try:
+                with self._crit:
+                    if self.device is None:
+                        continue
+                    if state == S0:
+                        self.OnDeviceResume(self.device)
+                    else:
+                        self.OnDeviceSuspend(self.device)
+            finally:
+                handled.set()
 
     # -- CXenIfaceDeviceList ----------------------------------------------------------------------------
 

@@ -88,6 +88,19 @@ def test_reboot_request_restarts_windows_and_the_new_boot_advertises_again(boot_
     assert "requests none" in g.console.run("xenagent status")  # the new boot's service
 
 
+def test_s3_request_sleeps_the_guest_and_the_wake_restores_the_watch(boot_guest) -> None:
+    """"s3": SetSuspendState; the power broadcast before the sleep's IRPs stops the shutdown watch (the feature
+    keys written ""), the one after the wake (`power S0`) starts it again."""
+    g = boot_guest("default")
+    wait_features(g, "1")
+    pvcontrol_domain(g.toolstack.xs, g.toolstack.ctl, g.domain.domid, "s3", ack_timeout=30.0)
+    g.console.wait_for_log(r"^SETUP\|suspend: power S3: done$", timeout=20)
+    wait_features(g, "")
+    assert g.console.run("power S0") == "power S0: done"
+    wait_features(g, "1")
+    assert "requests s3" in g.console.run("xenagent status")
+
+
 def test_shutdown_request_powers_qemu_off_and_power_on_boots_afresh(boot_guest) -> None:
     g = boot_guest("default")
     wait_features(g, "1")

@@ -145,3 +145,24 @@ def test_power_broadcasts_stop_and_restart_the_shutdown_watch(rig, agent) -> Non
     assert all(store(rig)[f] == "1" for f in FEATURES)
     agent.stop()
     assert agent.kernel.power.broadcasts == []  # the service's registration goes with it
+
+
+def test_the_periodic_sync_runs_each_period_unless_time_sync_mode_is_zero(rig, cpu) -> None:
+    """ServiceMainLoop's WAIT_TIMEOUT: CheckXenTime(false) (the period is 30 minutes; shortened here)."""
+    registry = rig.pnp.registry
+    kernel = SimpleNamespace(pnp=rig.pnp, cpu=cpu, power=SimpleNamespace(broadcasts=[]), registry=registry)
+    clock = SystemClock(lambda: registry)
+    agent = XenAgent(kernel, clock, Power(), period=0.05)  # type: ignore[arg-type]
+    agent.start()
+    try:
+        wait_until(lambda: agent.time_syncs >= 1, "the first sync")
+        clock.set_system_time(EPOCH_1601_TO_1970 + 10**12)
+        wait_until(lambda: clock.query_system_time() < EPOCH_1601_TO_1970 + 10**10, "the periodic sync")
+        registry.set_value(SERVICE_KEY, "TimeSyncMode", REG_DWORD, 0)
+        time.sleep(0.2)  # a sync in flight when the value changed may still land
+        clock.set_system_time(EPOCH_1601_TO_1970 + 10**12)
+        syncs = agent.time_syncs
+        time.sleep(0.5)  # ten periods
+        assert agent.time_syncs == syncs and clock.query_system_time() >= EPOCH_1601_TO_1970 + 10**12
+    finally:
+        agent.stop()
