@@ -9,6 +9,7 @@ cd "$top"
 apt_packages=(
   qemu-system-xen qemu-system-x86 qemu-utils xenstore-utils libxen-dev
   gcc make pkg-config libvirt-dev python3-venv python3-dev iproute2 procps
+  postgresql chromium  # the nightly store's PostgreSQL test; the morning report's page in headless Chromium
 )
 
 missing=()
@@ -29,8 +30,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # Reinstall only when the project's dependency list or package layout changed since the last install.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  "$venv/bin/pip" install -q --disable-pip-version-check -e . 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$venv/bin/python" -c 'import xenpv.harness, qemu.qmp, yaml, libvirt' || { echo "bootstrap: python install failed" >&2; exit 1; }
+  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[nightly]' 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  "$venv/bin/python" -c 'import xenpv.harness, qemu.qmp, yaml, libvirt, sqlalchemy, alembic, psycopg, matplotlib, jinja2' || { echo "bootstrap: python install failed" >&2; exit 1; }
   touch "$stamp"
 fi
 # The C helper of xenabi/atomic.py (xenabi/_atomic_ops.c): rebuilt only when its source changed.
