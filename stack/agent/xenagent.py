@@ -298,8 +298,12 @@ class XenAgent:
                 with self.kernel.cpu.lock:
                     self.process.CloseHandle(gone.file)
             if self.device is None and present:
-                with self.kernel.cpu.lock:
-                    file = self.process.CreateFile(present[0])
+                try:
+                    with self.kernel.cpu.lock:
+                        file = self.process.CreateFile(present[0])
+                except IoError as exc:  # gone again between the enumeration and the open: wait for the next
+                    log.info("xenagent: %s", exc)
+                    return
                 self.device = XenIfaceDevice(self, present[0], file)
                 self.OnDeviceAdded(self.device)
 

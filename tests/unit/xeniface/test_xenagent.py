@@ -166,3 +166,18 @@ def test_the_periodic_sync_runs_each_period_unless_time_sync_mode_is_zero(rig, c
         assert agent.time_syncs == syncs and clock.query_system_time() >= EPOCH_1601_TO_1970 + 10**12
     finally:
         agent.stop()
+
+
+def test_the_device_list_follows_interface_removal_and_arrival(rig, agent) -> None:
+    """CDeviceList: a removed XENIFACE interface closes the handle (its contexts go at cleanup); the next
+    arrival is opened and OnDeviceAdded runs again."""
+    from xenpv.stack.kernel.io import IoSetDeviceInterfaceState
+    link = rig.fdo.interface_name
+    with agent.kernel.cpu.lock:
+        IoSetDeviceInterfaceState(rig.bus, link, False)
+    wait_until(lambda: agent.status().device is None, "the removal")
+    assert rig.fdo.state.store_watches == [] and rig.fdo.state.suspends == [] and agent.process.handles == []
+    with agent.kernel.cpu.lock:
+        IoSetDeviceInterfaceState(rig.bus, link, True)
+    wait_until(lambda: agent.status().shutdown_watch, "the arrival")
+    assert agent.status().device == link and len(rig.fdo.state.suspends) == 1
