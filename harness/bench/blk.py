@@ -15,7 +15,7 @@ from xenpv.harness.bench import BenchReport, benchmark
 DEPTH = 32
 # The frontend polls its ring this long before re-arming rsp_event and sleeping (as a polling block driver
 # does): with the backend busy, responses then arrive without an upcall per batch.
-POLL_SECONDS = 0.0005
+POLL_SECONDS = 0.002
 SEQ_BYTES, RAND_BYTES = 64 * 1024, 4096
 
 
