@@ -33,10 +33,13 @@ MAX_PERSISTENT_GRANTS = 1056
 PUSH_EVERY = 8
 # Transfer plans kept per queue; a frontend reusing its buffers needs about one per ring slot and size.
 MAX_PLANS = 4096
-# After a drain the ring is polled this long before req_event is re-armed: while it is not, a frontend
-# pushing more requests sends no event (its evtchn_send trap is most of its cost per batch), and the next
-# batch is picked up here without a wake-up.  Bounded, and cut short when the link or the queue stops.
-POLL_SECONDS = 0.0005
+# After a drain the ring is polled for POLL_SECONDS, every POLL_INTERVAL, before req_event is re-armed: while
+# it is not, a frontend pushing more requests sends no event (its evtchn_send trap costs more than the
+# requests it announces), and the next batch is picked up here without a wake-up.  The polls sleep in
+# between (a spin would take the CPU from the frontend on a loaded machine), and end when the queue stops
+# or the vhost-user link to the domain closes.
+POLL_SECONDS = 0.002
+POLL_INTERVAL = 0.0002
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ class BlkQueue:
                     pending = ring.unconsumed_requests()
                 poll_until = time.monotonic() + POLL_SECONDS
             if time.monotonic() < poll_until and not self.link.session.closed:
-                time.sleep(0)  # give the CPU to the frontend that is filling the ring
+                if self._kick.wait(POLL_INTERVAL):
+                    self._kick.clear()  # an event while polling: what it announces is read next
                 continue
             if not ring.final_check_for_requests():
                 return

@@ -117,6 +117,10 @@ class _Queue:
     event: threading.Event = field(default_factory=threading.Event)
 
 
+# How often a polling frontend looks at its ring for responses (see BlkFront's poll).
+POLL_INTERVAL = 0.0001
+
+
 class BlkFront:
     def __init__(self, platform: XenPlatform, devid: int, *, order: int = 0, queues: int = 1,
                  persistent: bool = False, slot_pages: int = 16, slots: int = 32, timeout: float = 15.0,
@@ -294,8 +298,10 @@ class BlkFront:
             if len(out) >= want:
                 return out
             if self.poll and time.monotonic() < poll_until:
-                # Bounded (self.poll), and yielding: on a loaded machine blkback needs this CPU to answer.
-                time.sleep(0)
+                # Bounded (self.poll), and sleeping between looks: on a loaded machine blkback needs the CPU
+                # to answer.  An upcall meanwhile only ends a sleep early.
+                if q.event.wait(POLL_INTERVAL):
+                    q.event.clear()
                 continue
             if q.ring.final_check_for_responses():
                 continue
