@@ -46,6 +46,7 @@ FDO_INTERFACES = {"CACHE": CacheInterface, "STORE": StoreInterface, "SUSPEND": S
 # Acquired for the life of the started FDO (UNPLUG only around each Request).
 HELD_INTERFACES = ("CACHE", "STORE", "SUSPEND", "EVTCHN", "GNTTAB")
 PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENVIF\Parameters"
+CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
 
 
 class XenvifFdoError(Exception):
@@ -146,6 +147,17 @@ class XenvifFdo:
             return node.manager.registry.get_dword(PARAMETERS, name)
         except RegistryError:
             return None
+
+    def DriverSafeMode(self) -> bool:
+        """driver.c DriverSafeMode (*InitSafeBootMode > 0): the model's Windows is in safe mode when its
+        SystemStartOptions name SAFEBOOT, as XENFILT reads it."""
+        node = self.pdo.device_node
+        if node is None:
+            return False
+        try:
+            return "SAFEBOOT" in node.manager.registry.get_sz(CONTROL_KEY, "SystemStartOptions").upper()
+        except RegistryError:
+            return False
 
     def _release(self, names: list[str]) -> None:
         for name in reversed(names):

@@ -12,7 +12,7 @@ implemented version; an unknown one NOT_SUPPORTED, a short buffer BUFFER_OVERFLO
 SUSPEND are delegated to the parent stack (the XENBUS PDO below the XENVIF FDO) as XV does; anything
 else is completed here with NOT_SUPPORTED.
 
-PdoStartDevice: a NET PDO starts only in a boot that unplugged the emulated NICs (UNPLUG.IsRequested(NICS)):
+PdoStartDevice: never in safe mode (STATUS_UNSUCCESSFUL); a NET PDO starts only in a boot that unplugged the emulated NICs (UNPLUG.IsRequested(NICS)):
 otherwise the emulated NIC with the same permanent address is still live, so the PDO arms the unplug for
 the next boot (UNPLUG.Request(NICS, TRUE)), asks xenbus_monitor for a reboot (UNPLUG.Reboot("XENVIF")) and
 fails with STATUS_PNP_REBOOT_REQUIRED. Started, it brings the frontend to CONNECTED and arms the unplug
@@ -144,6 +144,9 @@ class XenvifPdo:
             unplug.UnplugRelease()
 
     def PdoStartDevice(self) -> int:
+        if self.fdo.DriverSafeMode():
+            log.warning("%s: safe mode: not started", self.frontend)
+            return STATUS_UNSUCCESSFUL
         if not self.PdoUnplugRequested():
             # The emulated NIC of this boot is still there: the PV one may only start after the reboot
             # that unplugs it.

@@ -18,6 +18,7 @@ from xenpv.stack.drivers.xen import UNPLUG_NICS, Xen
 from xenpv.stack.drivers.xen.unplug import UNPLUG_KEY
 from xenpv.stack.drivers.xenbus.unplug import UnplugInterface
 from xenpv.stack.drivers.xenvif.driver import DriverEntry
+from xenpv.stack.drivers.xenvif.fdo import CONTROL_KEY, XenvifFdo
 from xenpv.stack.drivers.xenvif.frontend import FrontendState
 from xenpv.stack.drivers.xenvif.pdo import PdoCreate, pdo_container_id
 from xenpv.stack.kernel import (IRP_MN_PNP, BusQueryIdType, DriverObject, Irp, IoSynchronousCallDriver,
@@ -26,7 +27,7 @@ from xenpv.stack.kernel.debuglog import DebugLog
 from xenpv.stack.kernel.irql import Processor, set_current_processor
 from xenpv.stack.kernel.registry import RegistryError
 from xenpv.stack.kernel.status import (STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED, STATUS_PNP_REBOOT_REQUIRED,
-                                       STATUS_SUCCESS)
+                                       STATUS_SUCCESS, STATUS_UNSUCCESSFUL)
 
 MAC = bytes.fromhex("00163e000001")
 
@@ -82,7 +83,7 @@ class Boot:
             return None
 
 
-def _boot(registry: Registry, *, nics_unplugged: bool) -> Boot:
+def _boot(registry: Registry, *, nics_unplugged: bool, safe_mode: bool = False) -> Boot:
     """One boot's xen.sys: `nics_unplugged` is what UnplugSetRequest decided for NICS at load."""
     xen = Xen(registry, DebugLog(), None)
     xen.unplug.requests[UNPLUG_NICS] = nics_unplugged
@@ -92,7 +93,7 @@ def _boot(registry: Registry, *, nics_unplugged: bool) -> Boot:
     assert DriverEntry(driver, driver.registry_path) == STATUS_SUCCESS
     fdo = SimpleNamespace(device=SimpleNamespace(driver=driver), prefix="XP", vendor_name="XP0001",
                           interfaces={"UNPLUG": unplug}, lower_bus=LowerBus(), children={},
-                          PdoDestroyed=lambda pdo: None)
+                          PdoDestroyed=lambda pdo: None, DriverSafeMode=lambda: safe_mode)
     return Boot(xen, driver, fdo)
 
 
@@ -144,6 +145,16 @@ def test_second_boot_starts_connects_and_rearms_then_remove_disarms() -> None:
     assert device.extension.frontend.states[-1] == FrontendState.FRONTEND_UNKNOWN
 
 
+@pytest.mark.parametrize("nics_unplugged", [False, True])
+def test_safe_mode_start_is_unsuccessful_and_touches_nothing(nics_unplugged: bool) -> None:
+    """pdo.c PdoStartDevice: `status = STATUS_UNSUCCESSFUL; if (DriverSafeMode()) goto fail1;` - first."""
+    boot = _boot(Registry(), nics_unplugged=nics_unplugged, safe_mode=True)
+    device = boot.pdo()
+    assert _pnp(device, IRP_MN_PNP.START_DEVICE)[0] == STATUS_UNSUCCESSFUL
+    assert device.extension.frontend.states == [] and boot.counter() is None
+    assert not boot.xen.config.reboot_requested("XENVIF")
+
+
 def test_hardware_and_compatible_ids_end_with_xendevice() -> None:
     """pdo.c PdoQueryId: the REV_ list newest first, then L"XENDEVICE"."""
     device = _boot(Registry(), nics_unplugged=True).pdo()
@@ -188,3 +199,13 @@ def test_bus_interface_standard_is_served_by_the_net_pdo() -> None:
         GUID_BUS_INTERFACE_STANDARD, BUS_INTERFACE_STANDARD_SIZE, 2, None))[0] == STATUS_NOT_SUPPORTED
     assert _pnp(device, IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(
         GUID_BUS_INTERFACE_STANDARD, BUS_INTERFACE_STANDARD_SIZE - 1, 1, None))[0] == STATUS_BUFFER_TOO_SMALL
+
+
+@pytest.mark.parametrize("options,safe", [(None, False), ("/NOEXECUTE=OPTIN", False),
+                                          ("/SAFEBOOT:MINIMAL /NOEXECUTE=OPTIN", True)])
+def test_driver_safe_mode_reads_the_boot_options(options: str | None, safe: bool) -> None:
+    registry = Registry()
+    if options is not None:
+        registry.set_sz(CONTROL_KEY, "SystemStartOptions", options)
+    fdo = SimpleNamespace(pdo=SimpleNamespace(device_node=SimpleNamespace(manager=SimpleNamespace(registry=registry))))
+    assert XenvifFdo.DriverSafeMode(fdo) is safe  # type: ignore[arg-type]
