@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "xenpv.harness.lifecycle_cli",
     "xenpv.harness.crashes",
     "xenpv.harness.bench",
+    "xenpv.harness.nightly.cli",
     "xenpv.backends.xenstored.cli",
 )
 

@@ -7,7 +7,8 @@
 - a failure report section naming the artifact directory with the tail of each machine's log;
 - a test that fails on a guest's bugcheck (harness.agent.GuestBugcheck) reports the STOP line, the bucket,
   the crash dump and the tails of the console and agent log instead of the harness's traceback, and the
-  dump and bucket are JUnit XML properties (`xenpv_crash_dump`, `xenpv_bucket`), as record_property makes;
+  dump and bucket are JUnit XML properties (`xenpv_crash_dump`, `xenpv_bucket`), as record_property makes,
+  and so is a failed test's artifact directory (`xenpv_artifacts`);
 - every session has artifact directories of its own: <root>/<date>-<time>-<pid>/ (root: --xenpv-artifacts,
   default <rootdir>/artifacts), and under pytest-xdist one subdirectory per worker (.../gw0/), so two
   sessions from one checkout, or two workers, never write, keep or delete each other's files;
@@ -125,6 +126,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and _artifacts_key in item.stash:
         for m in item.stash.get(_machines_key, []):
             m.flush_logs()
+        # For the nightly history (harness.nightly.ingest): where this failure's files are kept.
+        prop = ("xenpv_artifacts", str(item.stash[_artifacts_key]))
+        if prop not in item.user_properties:
+            item.user_properties.append(prop)
+            report.user_properties = list(item.user_properties)
         report.sections.append(("xenpv artifacts", _describe_artifacts(item.stash[_artifacts_key])))
     return report
 
