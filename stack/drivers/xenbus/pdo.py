@@ -89,6 +89,19 @@ class BusProxy:
         return self.target.SetBusData(offset, data)
 
 
+def PdoQueryBusInterface(params: Any, device: DeviceObject, target: BusInterfaceStandard) -> int:
+    """A child PDO's answer to BUS_INTERFACE_STANDARD (XB and XV pdo.c): v1 only, a buffer of at least
+    sizeof (BUS_INTERFACE_STANDARD), a proxy referenced once for the caller."""
+    if params.version != 1:
+        return STATUS_NOT_SUPPORTED
+    if params.size < BUS_INTERFACE_STANDARD_SIZE:
+        return STATUS_BUFFER_TOO_SMALL
+    proxy = BusProxy(BUS_INTERFACE_STANDARD_SIZE, 1, device, target)
+    proxy.InterfaceReference()
+    params.interface = proxy
+    return STATUS_SUCCESS
+
+
 @dataclass
 class XenbusPdo:
     fdo: XenbusFdo
@@ -130,13 +143,9 @@ class XenbusPdo:
         if guid == GUID_XENFILT_EMULATED_INTERFACE:
             return self.fdo.delegate(irp)
         if guid == GUID_BUS_INTERFACE_STANDARD:
-            if params.version != 1:
-                return STATUS_NOT_SUPPORTED
-            if params.size < BUS_INTERFACE_STANDARD_SIZE:
-                return STATUS_BUFFER_TOO_SMALL
-            proxy = BusProxy(BUS_INTERFACE_STANDARD_SIZE, 1, self.device, self.fdo.bus_interface)
-            proxy.InterfaceReference()
-            params.interface = proxy
+            status = PdoQueryBusInterface(params, self.device, self.fdo.bus_interface)
+            if status != STATUS_SUCCESS:
+                return status
             irp.io_status.information = 0
             return STATUS_SUCCESS
         for name in XENBUS_PDO_INTERFACES:

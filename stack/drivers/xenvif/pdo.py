@@ -31,10 +31,10 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from xenpv.stack.drivers.pci import BUS_INTERFACE_STANDARD_SIZE, GUID_BUS_INTERFACE_STANDARD
+from xenpv.stack.drivers.pci import GUID_BUS_INTERFACE_STANDARD
 from xenpv.stack.drivers.revision import XENVIF_REVISIONS, newest_first
 from xenpv.stack.drivers.xenbus.cache import CacheInterface
-from xenpv.stack.drivers.xenbus.pdo import (REGSTR_VAL_MAX_HCID_LEN, BusProxy,
+from xenpv.stack.drivers.xenbus.pdo import (REGSTR_VAL_MAX_HCID_LEN, PdoQueryBusInterface,
                                            multi_sz_bytes_before_final_terminator)
 from xenpv.stack.drivers.xenbus.store import StoreInterface
 from xenpv.stack.drivers.xenbus.suspend import SuspendInterface
@@ -43,8 +43,8 @@ from xenpv.stack.kernel import (IRP_MN_PNP, BusQueryIdType, DeviceKind, DeviceOb
                           IoCompleteRequest, IoCreateDevice, IoDeleteDevice, IoSynchronousCallDriver,
                           QueryInterfaceParameters)
 from xenpv.stack.kernel.assertion import ASSERT
-from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_BUFFER_TOO_SMALL, STATUS_NOT_SUPPORTED,
-                                       STATUS_PNP_REBOOT_REQUIRED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL)
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_PNP_REBOOT_REQUIRED,
+                                       STATUS_SUCCESS, STATUS_UNSUCCESSFUL)
 
 from .frontend import Frontend, FrontendState
 from .vif import GUID_XENVIF_VIF_INTERFACE
@@ -178,22 +178,12 @@ class XenvifPdo:
         irp.io_status.information = clone.io_status.information
         return status
 
-    def PdoQueryBusInterface(self, params: QueryInterfaceParameters) -> int:
-        if params.version != 1:
-            return STATUS_NOT_SUPPORTED
-        if params.size < BUS_INTERFACE_STANDARD_SIZE:
-            return STATUS_BUFFER_TOO_SMALL
-        bus = BusProxy(BUS_INTERFACE_STANDARD_SIZE, 1, self.device, self.fdo.lower_bus)
-        bus.InterfaceReference()
-        params.interface = bus
-        return STATUS_SUCCESS
-
     def PdoQueryInterface(self, irp: Irp) -> int:
         params: QueryInterfaceParameters = irp.parameters
         if irp.io_status.status != STATUS_NOT_SUPPORTED:
             return irp.io_status.status
         if params.interface_type == GUID_BUS_INTERFACE_STANDARD:
-            status = self.PdoQueryBusInterface(params)
+            status = PdoQueryBusInterface(params, self.device, self.fdo.lower_bus)
             if NT_SUCCESS(status):
                 irp.io_status.information = 0
             return status
