@@ -20,6 +20,7 @@ from xenpv.backends.toolstack import ToolstackError
 from xenpv.backends.toolstack.domain import pvcontrol_domain
 from xenpv.harness import pvcontrol
 from xenpv.harness.agent import Guest
+from xenpv.stack.timescale import scaled
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def dom0_read(g: Guest, node: str) -> str | None:
 
 def wait_features(g: Guest, value: str, timeout: float = 20.0) -> None:
     """xenagent runs on a thread of its own: its keys appear shortly after the boot or resume."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while True:
         got = {f: dom0_read(g, f"control/{f}") for f in FEATURES}
         if all(v == value for v in got.values()):
@@ -94,7 +95,7 @@ def test_s3_request_sleeps_the_guest_and_the_wake_restores_the_watch(boot_guest)
     g = boot_guest("default")
     wait_features(g, "1")
     pvcontrol_domain(g.toolstack.xs, g.toolstack.ctl, g.domain.domid, "s3", ack_timeout=30.0)
-    g.console.wait_for_log(r"^SETUP\|suspend: power S3: done$", timeout=20)
+    g.console.wait_for_log(r"^SETUP\|suspend: power S3: done$", timeout=scaled(20))
     wait_features(g, "")
     assert g.console.run("power S0") == "power S0: done"
     wait_features(g, "1")
@@ -142,7 +143,7 @@ def test_a_resume_in_a_new_domain_recreates_the_watch_and_syncs_the_clock(lc, io
     g.console.run("xenagent clock set 2000000000")  # 2033: far from Xen's clock
     assert "2033-05-18" in g.console.run("xenagent clock")
     g.migrate()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + scaled(20)
     while "suspend count 1" not in (status := g.console.run("xenagent status")):
         assert time.monotonic() < deadline, status
         time.sleep(0.1)
