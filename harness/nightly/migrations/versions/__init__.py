@@ -1,0 +1,1 @@
+"""One module per schema revision of the nightly history; Alembic loads them by path."""
