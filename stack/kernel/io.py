@@ -33,7 +33,8 @@ from .irp import IRP_MJ, Irp, IoCallDriver, IoCompleteRequest
 from .irql import assert_passive
 from .registry import Registry
 from .event import KEvent
-from .status import STATUS_CANCELLED, STATUS_OBJECT_TYPE_MISMATCH, STATUS_PENDING, STATUS_SUCCESS, NTSTATUS
+from .status import (STATUS_ACCESS_DENIED, STATUS_CANCELLED, STATUS_OBJECT_TYPE_MISMATCH, STATUS_PENDING,
+                     STATUS_SUCCESS, NTSTATUS)
 
 STATUS_INVALID_HANDLE = 0xC0000008
 
@@ -50,6 +51,11 @@ METHOD_NEITHER = 3
 FILE_ANY_ACCESS = 0
 FILE_READ_ACCESS = 1
 FILE_WRITE_ACCESS = 2
+# CreateFile's dwDesiredAccess and what the I/O manager grants the handle (winnt.h)
+GENERIC_READ = 0x8000_0000
+GENERIC_WRITE = 0x4000_0000
+FILE_READ_DATA = 0x0001
+FILE_WRITE_DATA = 0x0002
 
 
 def CTL_CODE(device_type: int, function: int, method: int, access: int) -> int:
@@ -76,6 +82,7 @@ class FileObject:
     device: DeviceObject
     link: str
     process: UserProcess
+    granted: int = FILE_READ_DATA | FILE_WRITE_DATA  # the handle's access (CreateFile's GENERIC_READ/WRITE)
     address: int = field(default_factory=lambda: next(_file_addresses))
     closed: bool = False
 
@@ -267,12 +274,13 @@ class UserProcess:
                 return data[address - base:address - base + length]
         return None
 
-    def CreateFile(self, link: str) -> FileObject:
+    def CreateFile(self, link: str, access: int = GENERIC_READ | GENERIC_WRITE) -> FileObject:
         interface = _table(self.pnp).links.get(link)
         if interface is None or not interface.enabled:
             raise IoError(f"CreateFile({link}): ERROR_FILE_NOT_FOUND (no such enabled device interface)")
         top = IoGetAttachedDevice(interface.pdo)
-        file = FileObject(top, link, self)
+        granted = (FILE_READ_DATA if access & GENERIC_READ else 0) | (FILE_WRITE_DATA if access & GENERIC_WRITE else 0)
+        file = FileObject(top, link, self, granted)
         status = self._send(file, Irp(IRP_MJ.CREATE, parameters=FileIrpParameters(file)))
         if status != STATUS_SUCCESS:
             raise IoError(f"CreateFile({link}): IRP_MJ_CREATE failed with {status:#010x}")
@@ -322,6 +330,16 @@ class UserProcess:
         if status == STATUS_PENDING:
             return status
         return irp.io_status.status
+
+
+def WdmlibIoValidateDeviceIoControlAccess(params: DeviceIoControlParameters, required: int) -> NTSTATUS:
+    """wdmsec's check for a FILE_ANY_ACCESS IOCTL that still wants a handle opened for `required`
+    (FILE_READ_ACCESS, FILE_WRITE_ACCESS): STATUS_ACCESS_DENIED when the user's handle lacks it."""
+    granted = params.file_object.granted
+    if (required & FILE_READ_ACCESS and not granted & FILE_READ_DATA) or \
+            (required & FILE_WRITE_ACCESS and not granted & FILE_WRITE_DATA):
+        return STATUS_ACCESS_DENIED
+    return STATUS_SUCCESS
 
 
 def IoCompleteCancelled(irp: Irp) -> None:

@@ -3,7 +3,8 @@ XenIfaceCleanup, IoctlLog); the handlers are grouped by area as the C files are:
 ioctl_evtchn.py, ioctl_gnttab.py, ioctl_suspend.py, ioctl_sharedinfo.py.
 
 XenIfaceIoctl answers STATUS_DEVICE_NOT_READY while the FDO's interfaces are not acquired (before START,
-in D3), STATUS_INVALID_DEVICE_REQUEST for a code it does not know, and otherwise what the handler
+in D3), STATUS_ACCESS_DENIED to a handle not opened for both reading and writing
+(WdmlibIoValidateDeviceIoControlAccess), STATUS_INVALID_DEVICE_REQUEST for a code it does not know, and otherwise what the handler
 returns; only STATUS_PENDING leaves the IRP uncompleted (the grant and map requests, held until revoked
 or cancelled). Sizes are checked as the C code checks them: a wrong InLen or OutLen is
 STATUS_INVALID_BUFFER_SIZE, bad content STATUS_INVALID_PARAMETER, a STORE_READ or DIRECTORY with no output
@@ -25,7 +26,8 @@ from typing import Any, Callable
 
 from xenpv.stack.kernel import Irp, IoCompleteRequest
 from xenpv.stack.kernel.debuglog import current_log
-from xenpv.stack.kernel.io import DeviceIoControlParameters, FileObject
+from xenpv.stack.kernel.io import (FILE_READ_ACCESS, FILE_WRITE_ACCESS, DeviceIoControlParameters, FileObject,
+                                   WdmlibIoValidateDeviceIoControlAccess)
 from xenpv.stack.kernel.status import (STATUS_DEVICE_NOT_READY, STATUS_INVALID_DEVICE_REQUEST,
                                        STATUS_INVALID_PARAMETER, STATUS_PENDING, STATUS_SUCCESS, NTSTATUS)
 
@@ -53,6 +55,9 @@ class XenIfaceState:
         request = Request(self, self.fdo, irp, params.io_control_code, params.input, params.output_length, params.file_object)
         if not self.fdo.InterfacesAcquired:
             status = STATUS_DEVICE_NOT_READY
+        elif (status := WdmlibIoValidateDeviceIoControlAccess(params, FILE_READ_ACCESS | FILE_WRITE_ACCESS)) \
+                != STATUS_SUCCESS:
+            pass  # a handle not opened for reading and writing may not send any of them
         else:
             handler = HANDLERS.get(request.code)
             status = STATUS_INVALID_DEVICE_REQUEST if handler is None else handler(request)

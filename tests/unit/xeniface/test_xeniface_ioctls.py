@@ -239,3 +239,15 @@ def test_suspend_count_time_log_and_unknown_codes(rig) -> None:
     rig.fdo.FdoD0ToD3()  # XenIfaceIoctl: InterfacesAcquired FALSE -> DEVICE_NOT_READY
     assert rig.process.DeviceIoControl(f, abi.IOCTL_XENIFACE_LOG, b"x\0").status == STATUS_DEVICE_NOT_READY
     rig.fdo.FdoD3ToD0()
+
+
+def test_a_handle_not_opened_for_reading_and_writing_is_refused(rig) -> None:
+    """XenIfaceIoctl: WdmlibIoValidateDeviceIoControlAccess(Irp, FILE_READ_ACCESS | FILE_WRITE_ACCESS)."""
+    from xenpv.stack.kernel.io import GENERIC_READ, GENERIC_WRITE
+    from xenpv.stack.kernel.status import STATUS_ACCESS_DENIED
+    link = rig.open().link
+    for access in (GENERIC_READ, GENERIC_WRITE, 0):
+        f = rig.process.CreateFile(link, access)
+        assert rig.process.DeviceIoControl(f, abi.IOCTL_XENIFACE_LOG, b"x\0").status == STATUS_ACCESS_DENIED
+    f = rig.process.CreateFile(link, GENERIC_READ | GENERIC_WRITE)
+    assert rig.process.DeviceIoControl(f, abi.IOCTL_XENIFACE_LOG, b"x\0").status == STATUS_SUCCESS
