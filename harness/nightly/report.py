@@ -249,7 +249,7 @@ def plot(nights: list[Night], out: Path) -> list[tuple[str, str]]:
     ax.set_xticks(list(xs), [c.started_at.strftime("%m-%d") for c in counts])
     ax.set_ylabel("tests")
     ax.set_title("results per night")
-    ax.legend(loc="upper left", fontsize="small", ncols=4)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the bars, not on them
     fig.savefig(out / "results.png", dpi=100)
     plots.append(("results.png", "Passed, flaky, failed and skipped tests per night"))
 

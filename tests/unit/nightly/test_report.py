@@ -130,3 +130,41 @@ def test_html_escapes_what_the_tests_wrote(tmp_path: Path, nightkit) -> None:
     page = report.html_page(rep)
     assert "<script>" not in page and "&lt;script&gt;alert(N)&lt;/script&gt;" in page
     assert r"AssertionError: \<script>alert(N)\</script> \| pipe |" in report.markdown(rep)
+
+
+def _pixels_near(image, rgb: str, tolerance: float = 0.04) -> int:
+    import numpy as np
+    want = np.array([int(rgb[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    return int((np.abs(image[:, :, :3] - want) < tolerance).all(axis=2).sum())
+
+
+def test_the_html_page_in_headless_chromium_shows_the_plots(tmp_path: Path, store: Store) -> None:
+    """Debian's chromium renders report.html to a PNG: the page loads its plots (the bar colours and the
+    trend lines are on the screenshot, which a missing image would not have) and its REGR. cell."""
+    from matplotlib.image import imread
+
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed (ci/bootstrap.sh installs Debian's chromium package)"
+    out = tmp_path / "report"
+    report.write(store, out, SINCE)
+    shot = tmp_path / "shot.png"
+    argv = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,2400", f"--screenshot={shot}", (out / "report.html").as_uri()]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    try:
+        log, _ = proc.communicate(timeout=180)
+    finally:
+        # Its own process group: a renderer or crash handler that outlived the browser goes with it.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0 and shot.exists(), log
+    image = imread(shot)
+    assert image.shape[:2] == (2400, 1280)
+    assert _pixels_near(image, "#3a7d44") > 5000, "no passed bars: results.png is not on the page"
+    assert _pixels_near(image, "#e0a030") > 500, "no flaky bar"
+    assert _pixels_near(image, "#1f5fa8") > 300, "no benchmark trend line"
+    assert _pixels_near(image, "#c0392b") > 5000  # failed bars, target lines and the REGR. cell
