@@ -11,6 +11,8 @@ ReplayEnv.step, so each lands in the guest's run record exactly as a replay will
 - power transitions: S3 and the wake to S0; on a Xen guest S4 for real (Guest.hibernate: the hiberfile,
   QEMU powered off) and the power-on (a new QEMU and domain), and a local migration (save and restore);
 - I/O through the PV disks and NICs (reads, writes, pings) and the guest's own xenstore;
+- on Xen guests, user-mode grants through XENIFACE (`iface grant`: a program asks for one to three grants,
+  its RequestIds drawn from a small range, so one is now and then repeated and refused);
 - back-end kills and restarts (blkback, netback);
 - dom0 xenstore writes and removals under the guest's device paths (the back-end `state` and `online`
   nodes: what a toolstack or a back-end may write);
@@ -105,7 +107,7 @@ class ActionSpace:
         self.table: list[tuple[int, Any]] = [(6, self.package), (3, self.reboot), (3, self.power), (8, self.io),
                                              (3, self.guest_xenstore), (2, self.look)]
         if self.xen:
-            self.table += [(2, self.backend), (3, self.dom0_xenstore), (1, self.migrate)]
+            self.table += [(2, self.backend), (3, self.dom0_xenstore), (1, self.migrate), (1, self.iface)]
         if faults:
             self.table.append((2, self.fault))
 
@@ -157,6 +159,10 @@ class ActionSpace:
         line = self.rng.choice((f"xs write {key} {self.rng.randrange(1000)}", f"xs read {key}", f"xs rm {key}",
                                 "xs ls device"))
         return Plan("xs-" + line.split()[1], [_console(line)])
+
+    def iface(self, state: GuestState) -> Plan:
+        ids = [str(self.rng.randrange(1, 4)) for _ in range(self.rng.randrange(1, 4))]
+        return Plan("iface-grant", [_console(f"iface grant 0 {self.rng.randrange(1, 5)} {' '.join(ids)}")])
 
     def look(self, state: GuestState) -> Plan:
         return Plan("look", [_console(self.rng.choice(("devices", "interfaces", "pci", "log 20", "pkg list")))])

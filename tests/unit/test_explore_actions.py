@@ -32,7 +32,9 @@ def test_every_kind_is_drawn_and_each_is_replayable() -> None:
     assert kinds == {CONSOLE, DOM0, XENSTORE, LIFECYCLE}  # no fault without --faults
     names = {p.name for p in plans}
     assert {"reboot", "power-S3", "power-S4", "migrate", "pkg-install", "pkg-upgrade", "backend-restart",
-            "dom0-xs-state"} <= names
+            "dom0-xs-state", "iface-grant"} <= names
+    grants = [p.events[0].line.split() for p in plans if p.name == "iface-grant"]
+    assert any(len(set(g[4:])) < len(g[4:]) for g in grants)  # a RequestId repeated: XENIFACE's refusal path
     for p in plans:
         if p.name == "power-S4":  # S4 for real powers QEMU off: the power-on is part of the action
             assert [e.data["op"] for e in p.events] == ["hibernate", "power-on"]
