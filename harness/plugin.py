@@ -8,7 +8,8 @@
 - a test that fails on a guest's bugcheck (harness.agent.GuestBugcheck) reports the STOP line, the bucket,
   the crash dump and the tails of the console and agent log instead of the harness's traceback, and the
   dump and bucket are JUnit XML properties (`xenpv_crash_dump`, `xenpv_bucket`), as record_property makes,
-  and so is a failed test's artifact directory (`xenpv_artifacts`);
+  and so are a failed test's artifact directory and first line of its failure (`xenpv_artifacts`,
+  `xenpv_failure`: the nightly history reads how a flaky test failed from it);
 - every session has artifact directories of its own: <root>/<date>-<time>-<pid>/ (root: --xenpv-artifacts,
   default <rootdir>/artifacts), and under pytest-xdist one subdirectory per worker (.../gw0/), so two
   sessions from one checkout, or two workers, never write, keep or delete each other's files;
@@ -123,6 +124,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 item.user_properties.append((name, value))
         report.user_properties = list(item.user_properties)
         report.longrepr = f"{item.nodeid}: {stop.report()}"
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if report.failed and crash is not None:
+        # pytest-rerunfailures' JUnit XML keeps the <failure> of a test's last attempt only; the nightly
+        # history (harness.nightly.ingest) reads how a flaky test's earlier attempt failed from this.
+        prop = ("xenpv_failure", crash.message.strip().split("\n", 1)[0][:500])
+        if prop not in item.user_properties:
+            item.user_properties.append(prop)
+            report.user_properties = list(item.user_properties)
     if report.failed and _artifacts_key in item.stash:
         for m in item.stash.get(_machines_key, []):
             m.flush_logs()

@@ -7,8 +7,8 @@ nights of the tests.
 
 With `--reruns`, pytest's JUnit XML has one <testcase> per attempt of a test: a test with more than one
 element ran again after failing, and if its last attempt passed it is flaky. Only the last attempt carries
-its <failure> (pytest-rerunfailures' earlier attempts are bare elements), so a flaky test's failure has no
-message in the history; its properties are kept from every attempt.
+its <failure> (pytest-rerunfailures' earlier attempts are bare elements): how a flaky test failed is the
+`xenpv_failure` property the harness's plugin records on every failed attempt.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ BENCH_GLOB = "bench-*.json"
 PROP_BUCKET = "xenpv_bucket"
 PROP_DUMP = "xenpv_crash_dump"
 PROP_ARTIFACTS = "xenpv_artifacts"
+PROP_FAILURE = "xenpv_failure"  # the first line of each failed attempt's failure, rerun ones included
 
 _TARGET_RE = re.compile(r"^\s*(<=|>=|<|>|≤|≥)\s*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)\s*(.*?)\s*$")
 _OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "≤": "<=", "≥": ">="}
@@ -105,6 +106,7 @@ def parse_junit(path: Path) -> list[Result]:
         outcome, message = _outcome(last)
         if outcome == "passed" and len(cases) > 1:
             outcome = "flaky"
+            message = _property(cases[0], PROP_FAILURE)
         props: dict[str, str] = {}
         for case in cases:
             for prop in case.iter("property"):
@@ -117,6 +119,10 @@ def parse_junit(path: Path) -> list[Result]:
             message=message, artifacts=props.get(PROP_ARTIFACTS), bucket=bucket or None,
             dump=props.get(PROP_DUMP)))
     return out
+
+
+def _property(case: ET.Element, name: str) -> str | None:
+    return next((p.get("value") for p in case.iter("property") if p.get("name") == name), None)
 
 
 def _outcome(case: ET.Element) -> tuple[str, str | None]:

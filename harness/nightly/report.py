@@ -44,6 +44,7 @@ class Flaky:
     passed_first: int
     ran: int
     flaky_nights: int
+    signature: str | None  # how its latest flaky night's first attempt failed
 
     @property
     def pass_rate(self) -> float:
@@ -148,9 +149,10 @@ def build(nights: list[Night], since: datetime, threshold: float = DEFAULT_THRES
 
     for test, runs in sorted(history.items()):
         ran = [r for r in runs if r.outcome != "skipped"]
-        flaky_nights = sum(r.outcome == "flaky" for r in ran)
-        if flaky_nights:
-            rep.flaky.append(Flaky(test, sum(r.outcome == "passed" for r in ran), len(ran), flaky_nights))
+        flaky = [r for r in ran if r.outcome == "flaky"]
+        if flaky:
+            rep.flaky.append(Flaky(test, sum(r.outcome == "passed" for r in ran), len(ran), len(flaky),
+                                   flaky[-1].signature))
         if ran and all(r.outcome in FAILING for r in ran):
             rep.never_passed.append(Change(test, ran[-1].signature, nights=len(ran)))
     rep.flaky.sort(key=lambda f: (f.pass_rate, f.test))
@@ -309,8 +311,9 @@ def tables(rep: Report) -> list[tuple[str, str, list[str], list[list[str]]]]:
          ["test", "now", "before"], [[c.test, sig(c.signature), sig(c.before)] for c in rep.different]),
         ("Fixed", "failing in the night before, passing now", ["test"], [[t] for t in rep.fixed]),
         ("Flaky tests", "failed, then passed on the rerun, in some night; pass rate = first-attempt passes "
-         "over nights run", ["test", "pass rate", "flaky nights"],
-         [[f.test, f"{f.pass_rate:.0%} ({f.passed_first}/{f.ran})", str(f.flaky_nights)] for f in rep.flaky]),
+         "over nights run", ["test", "pass rate", "flaky nights", "how it failed (latest)"],
+         [[f.test, f"{f.pass_rate:.0%} ({f.passed_first}/{f.ran})", str(f.flaky_nights), sig(f.signature)]
+          for f in rep.flaky]),
         ("Never passed", "failed in every night that ran it", ["test", "how (latest)", "nights"],
          [[c.test, sig(c.signature), str(c.nights)] for c in rep.never_passed]),
         ("Crash buckets", "guest STOPs by bucket", ["bucket", "count", "first seen", "last seen", "tests"],

@@ -31,9 +31,12 @@ def write_night(directory: Path, started: datetime, tests: dict[str, list[Attemp
         module, _, func = name.rpartition("::")
         for i, a in enumerate(attempts):
             case = ET.SubElement(suite, "testcase", classname=module, name=func, time=f"{a.time:.3f}")
-            if a.properties:
+            properties = dict(a.properties)
+            if a.outcome in ("failed", "error"):
+                properties["xenpv_failure"] = a.message  # as harness.plugin records on every failed attempt
+            if properties:
                 props = ET.SubElement(case, "properties")
-                for k, v in a.properties.items():
+                for k, v in properties.items():
                     ET.SubElement(props, "property", name=k, value=v)
             # As pytest-rerunfailures has it: an attempt that was rerun is a bare <testcase>.
             if a.outcome != "passed" and i == len(attempts) - 1:

@@ -49,7 +49,8 @@ def test_the_same_failure_with_other_numbers_is_still_the_same_way(rep: report.R
 
 def test_fixed_flaky_and_never_passed(rep: report.Report) -> None:
     assert rep.fixed == [f"{M}::test_fixed"]
-    assert [(f.test, f.passed_first, f.ran, f.flaky_nights) for f in rep.flaky] == [(f"{M}::test_flaky", 2, 3, 1)]
+    assert [(f.test, f.passed_first, f.ran, f.flaky_nights, f.signature) for f in rep.flaky] == [
+        (f"{M}::test_flaky", 2, 3, 1, "AssertionError: evtchn N not pending")]
     # test_fixed passed in night 3 and test_skip never ran: neither is "never passed".
     assert [(c.test, c.nights) for c in rep.never_passed] == [(f"{M}::test_same", 3)]
 
@@ -110,7 +111,7 @@ def test_xenpv_report_writes_markdown_html_and_plots(tmp_path: Path, synthetic_n
     assert "3 nights: 1 new failures, 1 flaky, 2 benchmark regressions, 1 missed targets" in capsys.readouterr().out
     md = (out / "report.md").read_text()
     assert f"| REGR. | {M}::test_regress | AssertionError: grant N leaked |" in md
-    assert "## Fixed (1)" in md and "## Flaky tests (1)" in md and f"| {M}::test_flaky | 67% (2/3) | 1 |" in md
+    assert "## Fixed (1)" in md and "## Flaky tests (1)" in md and f"| {M}::test_flaky | 67% (2/3) | 1 | AssertionError: evtchn N not pending |" in md
     assert "## Crash buckets (1)" in md and "## Missed targets (1)" in md
     assert "Newest night: nightly-3" in md and "commit 333333333333 on ci-1.example" in md
     page = (out / "report.html").read_text()
