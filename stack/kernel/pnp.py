@@ -16,7 +16,8 @@ What is modelled, in Windows order:
   `Control\\Class\\{ClassGUID}`). A filter whose DriverEntry left no AddDevice is skipped (XENFILT on a
   XenTouch mismatch). A failing AddDevice is CM_PROB_FAILED_ADD (31).
 - IRP_MN_START_DEVICE to the top of the stack; each driver forwards and waits, so the PDO completes first.
-  Failure is CM_PROB_FAILED_START (10) and the stack gets IRP_MN_REMOVE_DEVICE.
+  Failure is CM_PROB_FAILED_START (10), or CM_PROB_NEED_RESTART (14) for STATUS_PNP_REBOOT_REQUIRED, and
+  the stack gets IRP_MN_REMOVE_DEVICE.
 - A started device is asked for BusRelations; new PDOs are configured and started depth first. A PDO
   that is no longer reported gets IRP_MN_SURPRISE_REMOVAL (if started) and then IRP_MN_REMOVE_DEVICE,
   for its whole subtree, children before parents. A non-PDO in the relations, or two siblings with one
@@ -49,8 +50,8 @@ from .irp import (IRP_MJ, IRP_MN_PNP, BusQueryIdType, DeviceCapabilities, Device
                   QueryDeviceRelationsParameters, QueryIdParameters)
 from .irql import PASSIVE_LEVEL, current_processor
 from .registry import Registry, RegistryError
-from .status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS,
-                     status_name)
+from .status import (NT_SUCCESS, STATUS_NOT_SUPPORTED, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_PNP_REBOOT_REQUIRED,
+                     STATUS_SUCCESS, status_name)
 
 log = logging.getLogger("stack.kernel.pnp")
 
@@ -68,6 +69,7 @@ _COMPATIBLE_ID_RANK = 0x2000
 class CmProblem(IntEnum):
     NONE = 0
     FAILED_START = 10
+    NEED_RESTART = 14
     DEVICE_NOT_THERE = 24
     FAILED_INSTALL = 28
     FAILED_ADD = 31
@@ -443,7 +445,10 @@ class PnpManager:
     def _start(self, node: DeviceNode) -> None:
         irp = self._send(node, IRP_MN_PNP.START_DEVICE)
         if not NT_SUCCESS(irp.io_status.status):
-            self._fail(node, CmProblem.FAILED_START, irp.io_status.status, "START_DEVICE failed")
+            # A driver that can only start after a reboot says so: the device waits with "restart needed".
+            problem = (CmProblem.NEED_RESTART if irp.io_status.status == STATUS_PNP_REBOOT_REQUIRED
+                       else CmProblem.FAILED_START)
+            self._fail(node, problem, irp.io_status.status, "START_DEVICE failed")
             self._send_remove(node)
             return
         node.state = DeviceNodeState.STARTED

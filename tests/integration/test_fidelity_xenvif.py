@@ -37,7 +37,7 @@ def test_net_pdo_waits_for_the_reboot_that_unplugs_the_emulated_nic(host, guest_
         tree = c.run("devices")
         assert "DEV_8139" in tree and _emulated_nics(g)
         net = _line(tree, NET_PDO)
-        assert "problem=10:CM_PROB_FAILED_START (STATUS_PNP_REBOOT_REQUIRED)" in net, net
+        assert "problem=14:CM_PROB_NEED_RESTART (STATUS_PNP_REBOOT_REQUIRED)" in net, net
         assert "NICS = REG_DWORD 0x1" in c.run(f"registry '{UNPLUG_KEY}'")  # one NET PDO, armed once
         assert "reboot requested by: " in c.run("pkg list") and "XENVIF" in c.run("pkg list")
         assert c.run("xs read device/vif/0/state") == "1"  # the frontend never left Initialising

@@ -5,7 +5,7 @@ import pytest
 from xenpv.stack.kernel import (BugCheck, BugCheckCode, CmProblem, DeviceNodeState, InMemoryCatalog, Kernel,
                           IoInvalidateDeviceRelations, Registry)
 from xenpv.stack.kernel.pnp import CLASS_KEY, ENUM_KEY, SYSTEM_CLASS_GUID
-from xenpv.stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED
+from xenpv.stack.kernel.status import STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_PNP_REBOOT_REQUIRED
 
 from .toydrivers import ChildSpec, World
 
@@ -152,6 +152,21 @@ def test_start_failure_is_failed_start_and_the_stack_is_removed() -> None:
     assert node is not None and node.problem == CmProblem.FAILED_START
     assert [d.driver.name for d in node.stack()] == ["TOYBUS"]
     assert "TOYFUNC" not in kernel.pnp.drivers  # its last device went away, so it was unloaded
+
+
+def test_start_failing_reboot_required_is_need_restart() -> None:
+    """STATUS_PNP_REBOOT_REQUIRED from START (XENVIF's NET PDO before the NIC unplug): code 14, "restart
+    needed", not a failed start; the stack still goes."""
+    world = World(layout={BUS_ID: [ChildSpec(r"TOYBUS\DEV_A", ["A"])]},
+                  start_status={r"TOYBUS\DEV_A": STATUS_PNP_REBOOT_REQUIRED})
+    kernel = make(world)
+    kernel.catalog.bind("A", "TOYFUNC")
+    kernel.boot()
+    node = kernel.pnp.find(r"TOYBUS\DEV_A\_")
+    assert node is not None and node.problem == CmProblem.NEED_RESTART == 14
+    assert node.problem_status == STATUS_PNP_REBOOT_REQUIRED
+    assert [d.driver.name for d in node.stack()] == ["TOYBUS"]
+    assert "problem=14:CM_PROB_NEED_RESTART (STATUS_PNP_REBOOT_REQUIRED)" in kernel.pnp.dump_tree()
 
 
 def test_duplicate_child_pdo_is_pnp_detected_fatal_error() -> None:

@@ -49,6 +49,7 @@ class World:
     trace: Trace = field(default_factory=list)
     veto_query_power: set[str] = field(default_factory=set)
     fail_start: set[str] = field(default_factory=set)
+    start_status: dict[str, int] = field(default_factory=dict)  # a START status other than UNSUCCESSFUL
     hold_set_power: set[str] = field(default_factory=set)
 
     def record(self, who: str, device: DeviceObject, irp_or_event: Irp | str) -> None:
@@ -90,8 +91,8 @@ class World:
             if irp.parameters.id_type in ids:
                 irp.io_status.status, irp.io_status.information = STATUS_SUCCESS, ids[irp.parameters.id_type]
         elif minor == IRP_MN_PNP.START_DEVICE:
-            irp.io_status.status = (STATUS_UNSUCCESSFUL if ext.spec.device_id in self.fail_start
-                                    else STATUS_SUCCESS)
+            irp.io_status.status = self.start_status.get(
+                ext.spec.device_id, STATUS_UNSUCCESSFUL if ext.spec.device_id in self.fail_start else STATUS_SUCCESS)
         elif minor in (IRP_MN_PNP.QUERY_CAPABILITIES, IRP_MN_PNP.SURPRISE_REMOVAL):
             irp.io_status.status = STATUS_SUCCESS
         elif minor == IRP_MN_PNP.REMOVE_DEVICE:
