@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -275,7 +276,7 @@ def plot(nights: list[Night], out: Path) -> list[tuple[str, str]]:
             if last.target_value is not None:
                 ax.axhline(last.target_value, color="#c0392b", linestyle="--", label=f"target {last.target}")
                 ax.legend(fontsize="x-small", loc="best")
-            ax.set_title(name, fontsize="small")
+            ax.set_title(textwrap.fill(name, 48), fontsize="small")
             ax.set_ylabel(last.unit, fontsize="small")
             ax.set_xticks(range(len(nights)), labels, fontsize="x-small")
         fig.suptitle(f"bench {bench}")

@@ -169,3 +169,12 @@ def test_the_html_page_in_headless_chromium_shows_the_plots(tmp_path: Path, stor
     assert _pixels_near(image, "#e0a030") > 500, "no flaky bar"
     assert _pixels_near(image, "#1f5fa8") > 300, "no benchmark trend line"
     assert _pixels_near(image, "#c0392b") > 5000  # failed bars, target lines and the REGR. cell
+
+
+def test_a_report_of_an_empty_history_says_so(tmp_path: Path) -> None:
+    with Store.open(f"sqlite:///{tmp_path / 'h.sqlite'}") as s:
+        rep = report.write(s, tmp_path / "out", SINCE)
+    assert rep.nights == [] and rep.plots == []
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "No night in the history since" in md and "## New failures (0)" in md
+    assert not list((tmp_path / "out").glob("*.png"))
