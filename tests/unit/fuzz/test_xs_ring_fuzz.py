@@ -14,7 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -75,6 +75,11 @@ class Model:
         self.tree: dict[str, Node] = {"/": Node(b"", ("n0",)), "/tool": Node(b"", ("n0",)),
                                       "/tool/xenstored": Node(b"", ("n0",))}
         self.tree.update({p: Node(b"", perms) for p, perms in PREPARED.items()})
+
+    def snapshot(self) -> Model:
+        copy = Model()
+        copy.tree = {p: replace(n) for p, n in self.tree.items()}
+        return copy
 
     def children(self, p: str) -> set[str]:
         prefix = p.rstrip("/") + "/"
@@ -189,7 +194,8 @@ class GuestRingFuzz(RuleBasedStateMachine):
         self.guest = GuestRing(memoryview(self.map), self.bells[1])
         self.model = Model()
         self.watches: set[tuple[str, str]] = set()
-        self.txs: list[int] = []
+        # Each open transaction with the tree as it began: the daemon's transactions read a snapshot.
+        self.txs: list[tuple[int, Model]] = []
         self.req_id = 0
 
     def teardown(self) -> None:
@@ -282,14 +288,14 @@ class GuestRingFuzz(RuleBasedStateMachine):
         want = "ENOSPC" if len(self.txs) >= QUOTAS.transactions else "OK"
         body = self.expect(T.TRANSACTION_START, b"\0", want)
         if want == "OK":
-            self.txs.append(int(body[:-1]))
+            self.txs.append((int(body[:-1]), self.model.snapshot()))
 
     @precondition(lambda self: self.txs)
     @rule(path=st.sampled_from(PATHS), data=st.data())
     def read_in_transaction_and_abort(self, path: str, data: st.DataObject) -> None:
-        """A transaction sees the committed tree; an abort changes nothing."""
-        tx = self.txs.pop(data.draw(st.integers(0, len(self.txs) - 1)))
-        node = self.model.lookup(canonical(path), READ)
+        """A transaction reads the tree as it was when it started; an abort changes nothing."""
+        tx, snapshot = self.txs.pop(data.draw(st.integers(0, len(self.txs) - 1)))
+        node = snapshot.lookup(canonical(path), READ)
         self.expect(T.READ, path.encode() + b"\0", node if isinstance(node, str) else "OK", tx)
         self.expect(T.TRANSACTION_END, b"F\0", "OK", tx)
         self.expect(T.TRANSACTION_END, b"F\0", "ENOENT", tx)  # it is gone
@@ -310,7 +316,7 @@ class GuestRingFuzz(RuleBasedStateMachine):
         # every change the rules above check. Only dom1's own reachable nodes can have changed.
         self.model = self._model_from_daemon()
         if mtype == T.TRANSACTION_START and rtype == mtype:
-            self.txs.append(int(body[:-1]))
+            self.txs.append((int(body[:-1]), self.model.snapshot()))
         if mtype == T.RESET_WATCHES and rtype == mtype:
             self.watches.clear()
             self.txs.clear()
