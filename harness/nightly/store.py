@@ -20,7 +20,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from xenpv.base.errors import ConfigError
+from xenpv.base.errors import ConfigError, HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,11 @@ class Store:
         store = cls(engine)
         try:
             store.upgrade()
-        except Exception:
+        except sa.exc.DBAPIError as exc:
+            engine.dispose()
+            raise HarnessError(f"history database {engine.url.render_as_string(hide_password=True)}: "
+                               f"{str(exc.orig).strip() or exc}") from exc
+        except BaseException:
             engine.dispose()
             raise
         return store

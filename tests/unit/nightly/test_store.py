@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from xenpv.base.errors import ConfigError
+from xenpv.base.errors import ConfigError, HarnessError
 from xenpv.harness.nightly.ingest import ingest, read_night
 from xenpv.harness.nightly.store import Store, metadata
 
@@ -57,3 +57,9 @@ def test_the_same_night_twice_is_refused(tmp_path: Path, synthetic_nights: list[
 def test_a_url_that_names_no_database_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="history database URL 'nosuch://x' cannot be used"):
         Store.open("nosuch://x")
+
+
+def test_a_database_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
+    (tmp_path / "dir.sqlite").mkdir()  # a directory where the file should be
+    with pytest.raises(HarnessError, match=rf"history database sqlite:///{tmp_path}/dir.sqlite: unable to open"):
+        Store.open(f"sqlite:///{tmp_path / 'dir.sqlite'}")
