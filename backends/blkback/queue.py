@@ -187,7 +187,8 @@ class BlkQueue:
 
     def _run(self) -> None:
         try:
-            while True:
+            # _stopping is checked before each wait: _drain's polling may have consumed stop()'s kick.
+            while not self._stopping:
                 self._kick.wait()
                 self._kick.clear()
                 if self._stopping:
