@@ -15,7 +15,7 @@ from typing import Callable
 
 from xenpv.backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
 from xenpv.backends.grants import BackendGrants, GrantAccessError
-from xenpv.backends.netback.tap import Tap, tap_name
+from xenpv.backends.netback.tap import Tap, VnetHdr, tap_name
 from xenpv.backends.xenbackend import DomainLink, XenBackend
 from xenpv.backends.xenstored.client import XsClient, XsRequestError
 from xenpv.base.threads import join_stopped
@@ -28,6 +28,8 @@ log = logging.getLogger("netback.vif")
 MAX_QUEUES = 8
 # How long a frame from the wire waits for the frontend to post rx buffers before it is dropped.
 RX_WAIT = 0.2
+# Frames taken from the TAP per notification of the frontend (at most; fewer when the TAP runs dry).
+RX_BATCH = 64
 
 FEATURES = {
     "feature-rx-copy": "1",
@@ -349,33 +351,52 @@ class Vif:
         poller = select.poll()
         poller.register(tap.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        # Queues owed a notification: one per batch of frames read from the TAP, as Linux netback's
+        # xenvif_rx_action notifies once per batch rather than per frame.
+        owed: set[int] = set()
         try:
             while not self._stop.is_set():
                 if not poller.poll(1000) or self._stop.is_set():
                     continue
-                try:
-                    hdr, frame = tap.read()
-                except BlockingIOError:
-                    continue
-                q = self.queues[flow_queue(frame, len(self.queues))]
-                if not q.rx.fits(frame):
-                    self.stats.rx_drops += 1
-                    continue
-                with q.rx_cond:
-                    # rx_cond.wait releases it for the kick; re-arm rx req_event so the frontend's next
-                    # posting notifies us (it was asked to with feature-rx-notify).
-                    ok = q.rx_cond.wait_for(lambda: self._stop.is_set() or q.rx.ready(frame)
-                                            or (q.rx.ring.final_check_for_requests() and q.rx.ready(frame)),
-                                            RX_WAIT)
-                if self._stop.is_set():
-                    return
-                if not ok:
-                    self.stats.rx_drops += 1
-                    continue
-                if q.rx.deliver(hdr, frame):
-                    self.link.notify(q.rx_channel)
+                for _ in range(RX_BATCH):
+                    try:
+                        hdr, frame = tap.read()
+                    except BlockingIOError:
+                        break
+                    if not self._rx_frame(hdr, frame, owed):
+                        return
+                self._rx_notify(owed)
         except RingError as exc:
             self.on_fatal(self, f"rx ring: {exc}")
         except Exception as exc:
             log.exception("%s: rx failed", self.name)
             self.on_fatal(self, f"rx: {exc}")
+
+    def _rx_frame(self, hdr: VnetHdr, frame: bytes, owed: set[int]) -> bool:
+        """Deliver one frame from the TAP (or drop it); False when the vif is stopping."""
+        q = self.queues[flow_queue(frame, len(self.queues))]
+        if not q.rx.fits(frame):
+            self.stats.rx_drops += 1
+            return True
+        if not q.rx.ready(frame):
+            # The frontend reposts buffers once it has seen the responses: tell it before waiting.
+            self._rx_notify(owed)
+            with q.rx_cond:
+                # rx_cond.wait releases it for the kick; re-arm rx req_event so the frontend's next
+                # posting notifies us (it was asked to with feature-rx-notify).
+                ok = q.rx_cond.wait_for(lambda: self._stop.is_set() or q.rx.ready(frame)
+                                        or (q.rx.ring.final_check_for_requests() and q.rx.ready(frame)),
+                                        RX_WAIT)
+            if self._stop.is_set():
+                return False
+            if not ok:
+                self.stats.rx_drops += 1
+                return True
+        if q.rx.deliver(hdr, frame):
+            owed.add(q.index)
+        return True
+
+    def _rx_notify(self, owed: set[int]) -> None:
+        for index in owed:
+            self.link.notify(self.queues[index].rx_channel)
+        owed.clear()
