@@ -1,6 +1,7 @@
 """Start netback as a supervised process (tests and the bench)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,3 +24,18 @@ def start_netback(xenstore: Path, xenhv: Path, vhost_socket: Path, netns: str, l
         proc.stop()
         raise
     return proc
+
+
+def read_vif_stats(stats_path: Path, vif: str, netback: Supervised | None = None,
+                   timeout: float = 2.0) -> dict[str, int]:
+    """One vif's counters from netback's --stats file, once the file names it.
+
+    netback rewrites the file every STATS_INTERVAL, so a vif that connected and carried traffic since the
+    last write is not in it yet: wait for it (failing fast if netback dies) rather than read "no vif"."""
+    def entry() -> dict[str, int] | None:
+        try:
+            return json.loads(stats_path.read_text()).get(vif)
+        except FileNotFoundError:
+            return None
+    return wait_for(entry, timeout=timeout, what=f"{vif} in netback's stats {stats_path}",
+                    alive=[netback] if netback is not None else [])

@@ -68,7 +68,9 @@ class Tap:
             # TUNSETIFF on a missing name would create a new, unaddressed device: refuse instead.
             raise TapError(f"TAP {name} does not exist in this namespace (the harness creates it)") from exc
         self.name = name
-        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        # Non-blocking: a reader takes what the TAP has ready and gets BlockingIOError when it runs dry
+        # (netback's rx batches stop there); a blocking read would sit on the frames it already took.
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)

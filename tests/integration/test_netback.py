@@ -3,7 +3,6 @@ netback process, and real TAPs in a namespace of the test's own whose kernel is 
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 import struct
 import subprocess
@@ -17,7 +16,7 @@ import dpkt
 import pytest
 
 from xenpv.backends.netback.datapath import flow_queue
-from xenpv.backends.netback.launch import start_netback
+from xenpv.backends.netback.launch import read_vif_stats, start_netback
 from xenpv.backends.xenstored.client import XsClient
 from xenpv.harness.frontends.netfront import GuestIp, MiniNetfront
 from xenpv.harness.netns import NetNamespace, TapAddressing, addressing, list_namespaces
@@ -48,7 +47,7 @@ class NetEnv:
         return nf, GuestIp(nf, self.addrs[devid].guest, self.addrs[devid].mtu)
 
     def stats(self, devid: int = 0) -> dict[str, int]:
-        return json.loads(self.stats_path.read_text())[f"vif{self.domain.domid}.{devid}"]
+        return read_vif_stats(self.stats_path, f"vif{self.domain.domid}.{devid}", self.netback)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ location (virtio_net_hdr_from_skb). A GSO type mapped to the wrong family is eit
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import socket
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import dpkt
 import pytest
 
-from xenpv.backends.netback.launch import start_netback
+from xenpv.backends.netback.launch import read_vif_stats, start_netback
 from xenpv.backends.netback.tap import (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
                                         VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR, VnetHdr)
 from xenpv.base.rundir import make_run_dir, remove_run_dir
@@ -47,10 +46,7 @@ class OffloadEnv:
     stats_path: Path
 
     def stats(self) -> dict[str, int]:
-        try:
-            return json.loads(self.stats_path.read_text())[self.tap.tap]
-        except (OSError, ValueError, KeyError):
-            return {}
+        return read_vif_stats(self.stats_path, self.tap.tap)
 
 
 @pytest.fixture
