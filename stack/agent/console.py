@@ -70,7 +70,8 @@ COMMANDS: dict[str, ConsoleCommand] = {}
 
 # Command groups that live beside the drivers they drive; each registers with @command when imported.
 COMMAND_MODULES = ("xenpv.stack.agent.cmd_vbd", "xenpv.stack.agent.cmd_net", "xenpv.stack.agent.cmd_xs", "xenpv.stack.agent.cmd_pkg",
-                   "xenpv.stack.agent.cmd_lifecycle", "xenpv.stack.agent.cmd_xenagent", "xenpv.stack.agent.cmd_iface")
+                   "xenpv.stack.agent.cmd_lifecycle", "xenpv.stack.agent.cmd_xenagent", "xenpv.stack.agent.cmd_iface",
+                   "xenpv.stack.agent.cmd_monitor")
 
 
 def command(name: str, summary: str, usage: tuple[str, ...] = ("",), details: str = "") -> Callable[[Command], Command]:

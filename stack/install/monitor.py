@@ -10,6 +10,11 @@ Parameters; the drivers write the requests through xen.sys ConfigRequestReboot) 
   seconds (default 60); otherwise, or with AutoReboot 0, it prompts;
 - a check that finds no request deletes RebootCount, so the count is per chain of requested reboots.
 The installer-running (MSI mutex) and ES_SYSTEM_REQUIRED deferrals are not modelled.
+
+What the user sees (TryAutoReboot's shutdown message, PromptForReboot's WTSSendMessage) is the requesting
+module's DisplayName (GetDisplayName: the text after its last ';') followed by the DialogText, and for the
+prompt the DialogQuestion (the wording of src/monitor/strings.rc's IDS_DIALOG). The service that runs this
+at each boot, on the registry's change notification, is stack.agent.xenbus_monitor.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ log = logging.getLogger("stack.install.monitor")
 
 MONITOR_PARAMETERS = rf"{SERVICES_KEY}\xenbus_monitor\Parameters"
 DEFAULT_AUTO_REBOOT_TIMEOUT = 60
+DIALOG_TEXT = "needs to restart the system to complete installation."
+DIALOG_QUESTION = "Press 'Yes' to restart the system now or 'No' if you plan to restart the system later."
 
 
 class MonitorAction(Enum):
@@ -40,6 +47,16 @@ class MonitorDecision:
     module: str | None = None
     reboot_count: int = 0
     timeout: int = 0
+    auto_reboot: int = 0  # the AutoReboot budget the decision was taken under
+    description: str = ""  # GetDisplayName of the module, what the message names
+
+    def message(self) -> str:
+        """The shutdown message (REBOOT) or the dialog's text (PROMPT), as monitor.c builds them."""
+        if self.action == MonitorAction.REBOOT:
+            return f"{self.description} {DIALOG_TEXT}"
+        if self.action == MonitorAction.PROMPT:
+            return f"{self.description} {DIALOG_TEXT} {DIALOG_QUESTION}"
+        return ""
 
 
 @dataclass
@@ -64,6 +81,15 @@ class XenbusMonitor:
             raise RegistryError(f"xenbus_monitor: {MONITOR_PARAMETERS}\\RequestKey is missing") from exc
         return "HKLM\\" + name.removeprefix("HKLM\\")
 
+    def GetDisplayName(self, module: str) -> str:
+        """`Services\\<module>\\DisplayName` after its last ';' (an INF's "@oem3.inf,%Desc%;Text" form); the
+        module's name when there is none (monitor.c would then show no message at all)."""
+        try:
+            name = self.registry.get_sz(rf"{SERVICES_KEY}\{module}", "DisplayName")
+        except RegistryError:
+            return module
+        return name.rsplit(";", 1)[-1]
+
     def CheckRequestSubKeys(self) -> MonitorDecision:
         key = self.request_key()
         modules = self.registry.subkeys(key) if self.registry.key_exists(key) else []
@@ -85,14 +111,17 @@ class XenbusMonitor:
             return MonitorDecision(MonitorAction.DECLINED, module)
         auto = self._dword(MONITOR_PARAMETERS, "AutoReboot") or 0
         count = self._dword(MONITOR_PARAMETERS, "RebootCount") or 0
+        description = self.GetDisplayName(self.reboot_requested_by)
         if auto == 0 or count >= auto:
-            return MonitorDecision(MonitorAction.PROMPT, self.reboot_requested_by, count)
+            return MonitorDecision(MonitorAction.PROMPT, self.reboot_requested_by, count, auto_reboot=auto,
+                                   description=description)
         count += 1
         self.registry.set_dword(MONITOR_PARAMETERS, "RebootCount", count)
         timeout = self._dword(MONITOR_PARAMETERS, "AutoRebootTimeout")
         log.info("AutoRebooting (reboot %d of %d), requested by %s", count - 1, auto, self.reboot_requested_by)
         return MonitorDecision(MonitorAction.REBOOT, self.reboot_requested_by, count,
-                               DEFAULT_AUTO_REBOOT_TIMEOUT if timeout is None else timeout)
+                               DEFAULT_AUTO_REBOOT_TIMEOUT if timeout is None else timeout, auto_reboot=auto,
+                               description=description)
 
     def answer(self, yes: bool) -> None:
         """The user's answer to the prompt: No stops further prompts and reboots this session."""

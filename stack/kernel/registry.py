@@ -9,6 +9,9 @@ Windows rules the PV drivers and their installers rely on:
   the hive, so they are gone after a reboot; a non-volatile key cannot be created under a volatile one
   (STATUS_CHILD_MUST_BE_VOLATILE).
 - Registry calls are PASSIVE_LEVEL only.
+- RegNotifyChangeKeyValue(Key, WatchSubtree=TRUE, REG_NOTIFY_CHANGE_LAST_SET, Event, Asynchronous=TRUE)
+  is `notify_change`: one notification (a value set or deleted at or under the key), then the caller
+  asks again, as xenbus_monitor's CheckRequestKey does after each CheckRequestSubKeys.
 
 Simplifications: only HKLM exists; `CurrentControlSet` is an ordinary key rather than a link to
 ControlSet00N; there are no security descriptors or last-write times. The hive is one JSON file written
@@ -22,7 +25,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -187,6 +191,9 @@ class Registry:
         self.root = RegistryKey(name="HKLM")
         self._deferred = 0
         self._dirty = False
+        # notify_change's armed requests: (the watched key's split lower-case path, the callback).
+        self._notify: list[tuple[tuple[str, ...], Callable[[], None]]] = []
+        self._notify_lock = threading.Lock()  # armed by a service's thread, fired by any writer's
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Registry:
@@ -251,6 +258,34 @@ class Registry:
         if not volatile:
             self.save()
 
+    def notify_change(self, path: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """RegNotifyChangeKeyValue(WatchSubtree=TRUE, REG_NOTIFY_CHANGE_LAST_SET, asynchronous): `callback`
+        runs once, on the writer's thread, after the next value set or deleted at or under `path` (an
+        existing key, else KeyNotFound); it should only signal (set an event). Returns a cancel (closing
+        the key handle)."""
+        assert_passive("RegNotifyChangeKeyValue", access=ACCESS_READ)
+        self._key(path)
+        entry = (tuple(part.lower() for part in split_path(path)), callback)
+        with self._notify_lock:
+            self._notify.append(entry)
+
+        def cancel() -> None:
+            with self._notify_lock:
+                if entry in self._notify:
+                    self._notify.remove(entry)
+        return cancel
+
+    def _value_changed(self, path: str) -> None:
+        """Signal (once) every notify_change armed on `path` or a key above it."""
+        if not self._notify:
+            return
+        parts = tuple(part.lower() for part in split_path(path))
+        with self._notify_lock:
+            fired = [entry for entry in self._notify if parts[:len(entry[0])] == entry[0]]
+            self._notify = [entry for entry in self._notify if entry not in fired]
+        for _, callback in fired:
+            callback()
+
     def create_key(self, path: str, *, volatile: bool = False) -> RegistryKey:
         """ZwCreateKey, creating missing parents (parents inherit nothing; only the leaf is volatile)."""
         assert_passive("ZwCreateKey", access=ACCESS_WRITE)
@@ -307,6 +342,7 @@ class Registry:
         key = self.create_key(path) if create else self._key(path)
         key.values[name.lower()] = RegValue(name, RegType(kind), _validate(path, name, RegType(kind), data))
         self._changed(key.volatile)
+        self._value_changed(path)
 
     def set_dword(self, path: str, name: str, data: int) -> None:
         self.set_value(path, name, RegType.REG_DWORD, data)
@@ -350,6 +386,7 @@ class Registry:
         if key.values.pop(name.lower(), None) is None:
             raise ValueNotFound(path, name)
         self._changed(key.volatile)
+        self._value_changed(path)
 
     # -- display --------------------------------------------------------------------------------
 

@@ -80,3 +80,14 @@ def test_the_first_requester_is_remembered() -> None:
 def test_the_service_needs_its_request_key() -> None:
     with pytest.raises(RegistryError, match="RequestKey is missing"):
         XenbusMonitor(Registry()).CheckRequestSubKeys()
+
+
+def test_the_message_names_the_display_name_after_its_last_semicolon() -> None:
+    """GetDisplayName: the service's DisplayName, past its last ';' (an INF's "@oem3.inf,%Desc%;Text")."""
+    registry = _guest()
+    registry.set_sz(r"HKLM\SYSTEM\CurrentControlSet\Services\XENVIF", "DisplayName",
+                    "@oem3.inf,%XenVifDesc%;XenServer PV Network Class")
+    Config(registry).ConfigRequestReboot("XENVIF")
+    decision = XenbusMonitor(registry).CheckRequestSubKeys()
+    assert decision.message().startswith("XenServer PV Network Class needs to restart the system"), decision
+    assert XenbusMonitor(registry).GetDisplayName("NOSUCH") == "NOSUCH"
