@@ -43,6 +43,12 @@ class HarnessTooSlow(WaitTimeout):
     gives every deadline of the guest model more time."""
 
 
+class NotModelledPath(HarnessError):
+    """The guest reached a path the harness does not model faithfully (stack.notmodelled; "*** NOT MODELLED"
+    on the guest's console) and ended without a STOP: what would follow is the harness's artefact, not a
+    driver's rule."""
+
+
 class QtestError(HarnessError):
     """QEMU answered a qtest command with FAIL or ERR, or the command was refused before sending."""
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pexpect
 
 from xenpv.backends.toolstack import CreatedDomain, Toolstack
-from xenpv.base.errors import HarnessError, HarnessTooSlow, WaitTimeout
+from xenpv.base.errors import HarnessError, HarnessTooSlow, NotModelledPath, WaitTimeout
 from xenpv.base.errors import ConfigError
 from xenpv.base.owner import child_env
 from xenpv.base.rundir import remove_run_dir
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from xenpv.harness.dom0 import Dom0Backends
 from xenpv.harness.machine import Machine
 from xenpv.backends.host import HostServices
-from xenpv.stack.agent.console import PROMPT, STOP_MARKER, TOO_SLOW_MARKER
+from xenpv.stack.agent.console import NOT_MODELLED_MARKER, PROMPT, STOP_MARKER, TOO_SLOW_MARKER
 from xenpv.stack.kernel import CrashDump
 from xenpv.stack.timescale import scaled, time_scale
 
@@ -129,7 +129,8 @@ class GuestConsole:
         deadline = time.monotonic() + timeout
         while True:
             # Short slices, so a QEMU that died is reported as such rather than as a timeout.
-            i = self.child.expect_exact([PROMPT, STOP_MARKER, pexpect.EOF, pexpect.TIMEOUT, TOO_SLOW_MARKER],
+            i = self.child.expect_exact([PROMPT, STOP_MARKER, pexpect.EOF, pexpect.TIMEOUT, TOO_SLOW_MARKER,
+                                         NOT_MODELLED_MARKER],
                                         timeout=min(0.5, max(0.01, deadline - time.monotonic())))
             if i == 0:
                 return self.child.before.replace("\r\n", "\n")
@@ -147,6 +148,13 @@ class GuestConsole:
                 self._wait_exit()
                 raise HarnessTooSlow(f"the guest gave up during {during}, the harness being too slow: {what}; "
                                      "XENPV_TIME_SCALE=N gives every deadline N times as long")
+            if i == 5:
+                self.child.expect(r"\n")
+                what = self.child.before.removeprefix(":").strip()
+                self._wait_exit()
+                self._logfile.flush()
+                raise NotModelledPath(f"the guest ended during {during} on a path the harness does not model: "
+                                      f"{what}")
             if i == 2:
                 self.child.close()
                 raise AgentExited(f"the guest agent exited during {during} (status {self.child.exitstatus}, "

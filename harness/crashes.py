@@ -338,6 +338,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     report = run_guarded(body)
     print(f"{report.actions} actions in {report.boots} boots, {report.seconds:.0f} s: "
           f"{report.actions_per_second:.2f} actions/s; harness too slow {report.too_slow} time(s)")
+    for reason in report.not_modelled:
+        print(f"ended on a path the harness does not model (no finding): {reason}")
     print("actions: " + ", ".join(f"{k} {v}" for k, v in sorted(report.by_action.items())))
     if not report.findings:
         print("found nothing")

@@ -29,7 +29,9 @@ model runs with the seeded schedule (stack.kernel.schedule), its seed drawn from
 a replay of a finding takes the same scheduling decisions.
 
 A run where the harness fell behind (HarnessTooSlow) is counted and ended, never reported as a finding:
-it says nothing about the drivers.
+it says nothing about the drivers. So is a run that reached a path the harness does not model faithfully
+(stack.notmodelled, e.g. a boot that needs a device an earlier boot of the same QEMU unplugged); its reason
+is kept in the report.
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ from typing import Any
 from xenpv.base.runrecord import DOM0, LIFECYCLE, XENSTORE, RecordEvent, Schedule, console_kind
 from xenpv.guests.schema import GuestDefinition
 from xenpv.harness.agent import GuestBugcheck
-from xenpv.harness.replay import COMMAND_WATCHDOG, STOP, TOO_SLOW, UNREPLAYABLE, Outcome, ReplayEnv
-from xenpv.base.errors import HarnessTooSlow
+from xenpv.harness.replay import COMMAND_WATCHDOG, NOT_MODELLED, STOP, TOO_SLOW, UNREPLAYABLE, Outcome, ReplayEnv
+from xenpv.base.errors import HarnessTooSlow, NotModelledPath
 from xenpv.stack.install.packages import PACKAGE_NAMES, packages_named
 
 log = logging.getLogger("harness.explore")
@@ -205,6 +207,7 @@ class ExploreReport:
     boots: int = 0
     actions: int = 0
     too_slow: int = 0
+    not_modelled: list[str] = field(default_factory=list)  # why each such run ended
     unreplayable: int = 0
     findings: list[Finding] = field(default_factory=list)
     by_action: Counter[str] = field(default_factory=Counter)
@@ -216,6 +219,7 @@ class ExploreReport:
     def to_json(self) -> dict[str, Any]:
         return {"seed": self.seed, "seconds": round(self.seconds, 1), "boots": self.boots, "actions": self.actions,
                 "actions_per_second": round(self.actions_per_second, 2), "too_slow": self.too_slow,
+                "not_modelled": self.not_modelled,
                 "by_action": dict(sorted(self.by_action.items())),
                 "findings": [{"kind": f.outcome.kind, "bucket": f.outcome.bucket, "dump": str(f.outcome.dump),
                               "reason": f.outcome.reason, "boot": f.boot, "action": f.action} for f in self.findings]}
@@ -257,6 +261,9 @@ def _one_boot(env: ReplayEnv, space: ActionSpace, guest: GuestDefinition, run_di
     except HarnessTooSlow:
         report.too_slow += 1
         return False
+    except NotModelledPath as limit:
+        report.not_modelled.append(f"boot {report.boots}: {limit}")
+        return False
     state = GuestState(guest)
     index = 0
     try:
@@ -275,6 +282,9 @@ def _one_boot(env: ReplayEnv, space: ActionSpace, guest: GuestDefinition, run_di
                     continue
                 if outcome.kind == TOO_SLOW:
                     report.too_slow += 1
+                    return False
+                if outcome.kind == NOT_MODELLED:
+                    report.not_modelled.append(f"boot {report.boots}: {outcome.reason}")
                     return False
                 if outcome.kind == UNREPLAYABLE:  # the explorer drew something replays cannot make: a bug here
                     raise AssertionError(outcome.reason)

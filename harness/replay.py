@@ -37,7 +37,8 @@ from typing import Any
 
 from xenpv.backends.host import HostServices
 from xenpv.backends.xenstored.client import XsClient
-from xenpv.base.errors import ConfigError, HarnessError, HarnessTooSlow, ProcessDied, WaitTimeout, describe_status
+from xenpv.base.errors import (ConfigError, HarnessError, HarnessTooSlow, NotModelledPath, ProcessDied, WaitTimeout,
+                               describe_status)
 from xenpv.base.process import read_tail
 from xenpv.base.runrecord import (CONSOLE, DOM0, FAULT, LIFECYCLE, XENSTORE, RecordEvent, RunRecord,
                                   RunRecordError, Schedule, new_record, read_journal)
@@ -66,6 +67,7 @@ AGENT_EXIT = "agent-exit"
 DOM0_DIED = "dom0-died"
 MACHINE_DIED = "machine-died"
 TOO_SLOW = "too-slow"
+NOT_MODELLED = "not-modelled"  # the guest reached a path the harness does not model (stack.notmodelled)
 UNREPLAYABLE = "unreplayable"
 FINDINGS = (STOP, HANG, AGENT_EXIT, DOM0_DIED, MACHINE_DIED)
 
@@ -455,6 +457,8 @@ class ReplayEnv:
                            stop.dump_path, 0, stop.dump.schedule)
         except HarnessTooSlow as late:
             return Outcome(TOO_SLOW, f"while booting: {late}")
+        except NotModelledPath as limit:
+            return Outcome(NOT_MODELLED, f"while booting: {limit}")
         except AgentExited as exc:
             return self._died(AGENT_EXIT, f"AGENT_{_status_word(exc.status, exc.signal_status)}", str(exc),
                               run_dir, 0)
@@ -490,6 +494,8 @@ class ReplayEnv:
             return Outcome(STOP, stop.dump.stop_line(), stop.bucket, stop.dump_path, index, stop.dump.schedule)
         except HarnessTooSlow as late:
             return Outcome(TOO_SLOW, f"action {index} ({event.describe()}): {late}", actions=index)
+        except NotModelledPath as limit:
+            return Outcome(NOT_MODELLED, f"action {index} ({event.describe()}): {limit}", actions=index)
         except AgentExited as exc:
             return self._died(AGENT_EXIT, f"AGENT_{_status_word(exc.status, exc.signal_status)}",
                               f"action {index} ({event.describe()}): {exc}", run_dir, index, guest)

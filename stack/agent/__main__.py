@@ -13,6 +13,7 @@ from xenpv.guests.schema import load_guest
 from xenpv.stack.agent import console
 from xenpv.stack.agent.runtime import AgentConfig, GuestRuntime
 from xenpv.stack.kernel import BugCheck
+from xenpv.stack.notmodelled import NotModelled
 from xenpv.stack.timescale import HarnessTooSlow, time_scale
 
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return console.stop(rt, bugcheck, emit)
         except HarnessTooSlow as late:
             return console.too_slow(rt, late, emit)
+        except NotModelled as limit:
+            return console.not_modelled(limit, emit)
         return console.run(rt)
     finally:
         try:

@@ -35,9 +35,10 @@ from xenpv.stack.agent.runtime import GuestRuntime
 from xenpv.stack.agent.usage import Usage, UsageError
 from xenpv.stack.kernel import S0, S3, S4, S5, BugCheck, KeBugCheckEx
 from xenpv.stack.kernel.bugcheck import bugcheck_name
+from xenpv.stack.notmodelled import NotModelled
 from xenpv.stack.timescale import HarnessTooSlow
 
-__all__ = ["COMMANDS", "PROMPT", "STOP_EXIT", "STOP_MARKER", "TOO_SLOW_EXIT", "TOO_SLOW_MARKER", "ConsoleShell",
+__all__ = ["COMMANDS", "NOT_MODELLED_EXIT", "NOT_MODELLED_MARKER", "PROMPT", "STOP_EXIT", "STOP_MARKER", "TOO_SLOW_EXIT", "TOO_SLOW_MARKER", "ConsoleShell",
            "UsageError", "command", "run"]
 
 log = logging.getLogger("stack.agent.console")
@@ -47,6 +48,9 @@ STOP_MARKER = "*** GUEST STOPPED"
 STOP_EXIT = 3
 TOO_SLOW_MARKER = "*** HARNESS TOO SLOW"
 TOO_SLOW_EXIT = 4
+# A path the harness does not model faithfully (stack.notmodelled): no STOP, no dump.
+NOT_MODELLED_MARKER = "*** NOT MODELLED"
+NOT_MODELLED_EXIT = 5
 QUIT_WORDS = ("quit", "exit")
 HISTORY_LENGTH = 1000
 
@@ -351,6 +355,9 @@ class AgentConsole(ConsoleShell):
         except HarnessTooSlow as late:
             self.exit_status = too_slow(self.rt, late, self._emit)
             return ""
+        except NotModelled as limit:
+            self.exit_status = not_modelled(limit, self._emit)
+            return ""
         except Exception as exc:  # a command's failure is reported; the guest keeps running
             log.info("%r failed", line, exc_info=True)
             return f"error: {type(exc).__name__}: {exc}"
@@ -380,3 +387,12 @@ def too_slow(rt: GuestRuntime | None, late: HarnessTooSlow, emit: Callable[[str]
         rt.kernel.cpu.give_up(late)
     emit(f"\n{TOO_SLOW_MARKER}: {late.describe()}\n")
     return TOO_SLOW_EXIT
+
+
+def not_modelled(limit: NotModelled, emit: Callable[[str], None]) -> int:
+    """The guest reached a path the harness does not model faithfully (raised on the console's thread, so
+    the guest simply ends): one line says which. No STOP screen, no crash dump: what would follow says
+    nothing about the drivers."""
+    log.error("%s", limit)
+    emit(f"\n{NOT_MODELLED_MARKER}: {limit.what}\n")
+    return NOT_MODELLED_EXIT

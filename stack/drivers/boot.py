@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from xenpv.stack.drivers import bugs as bug_switches
-from xenpv.stack.drivers.atapi import IDE_CHANNEL_ID, AtapiDriver
+from xenpv.stack.drivers.atapi import IDE_CHANNEL_ID, AtapiDriver, ata_has_medium, ata_identify
 from xenpv.stack.drivers.pci import PNP0A03_IDS, PciDriver
 from xenpv.stack.drivers.revision import VENDOR_PREFIX
 from xenpv.stack.drivers.xen import PACKAGE_VERSION, Xen
@@ -24,12 +24,14 @@ from xenpv.stack.drivers.xenbus.driver import FiltersInstall, XenbusDriver
 from xenpv.stack.drivers.xenfilt import XenfiltDriver
 from xenpv.stack.kernel import BugCheckCode, DeviceNode, InMemoryCatalog, Kernel, KeBugCheckEx, Registry, RegistryError
 from xenpv.stack.kernel.assertion import set_build
-from xenpv.stack.kernel.pnp import DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
+from xenpv.stack.kernel.pnp import DeviceNodeState, DriverCatalog, HDC_CLASS_GUID, SYSTEM_CLASS_GUID
 from xenpv.stack.kernel.mm import MemoryManager, set_current_mm
+from xenpv.stack.notmodelled import NotModelled
 from xenpv.stack.vcpu.cpu import Vcpu
 from xenpv.stack.vcpu.pages import PageAllocator
 from xenpv.stack.vcpu.pci import PciBus, PciFunction
 from xenpv.stack.vcpu.platform import XenPlatform
+from xenpv.xenabi.unplug import UNPLUG_ALL_IDE_DISKS
 
 log = logging.getLogger("stack.drivers.boot")
 
@@ -159,7 +161,16 @@ def check_boot_device(booted: BootedStack) -> None:
     emulated = booted.nodes("IDE\\")
     if any(n.instance_id == "0.0.0" for n in emulated):
         return
-    if booted.nodes(f"XENBUS\\VEN_{booted.xenbus.prefix}&DEV_VBD"):
+    # A VBD PDO is a disk only once XENVBD drives it: without the driver it is a device with a problem code.
+    if any(n.state == DeviceNodeState.STARTED for n in booted.nodes(f"XENBUS\\VEN_{booted.xenbus.prefix}&DEV_VBD")):
         return
+    if (not booted.xen.unplug.unplugged_mask & UNPLUG_ALL_IDE_DISKS and ata_identify(booted.vcpu, 0, 0) is not None
+            and not ata_has_medium(booted.vcpu, 0, 0)):
+        # The primary master is there without its disk, and this boot unplugged no disk: an earlier boot
+        # of this QEMU did. On Xen a restart is a new domain with a new device model, where the disk
+        # would be back and Windows would boot from it; the in-place reboot cannot show that.
+        raise NotModelled("this boot needs the emulated boot disk, which an earlier boot of the same QEMU "
+                          "unplugged (a Windows restart is modelled in place; on Xen the toolstack would "
+                          "restart the domain with a new QEMU and the disk back)")
     raise KeBugCheckEx(BugCheckCode.INACCESSIBLE_BOOT_DEVICE, "boot disk", 0, 0, 0, module="ntoskrnl.exe",
                        message="no emulated primary master and no PV disk: the boot disk is gone")

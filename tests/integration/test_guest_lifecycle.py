@@ -7,7 +7,9 @@ import re
 
 import pytest
 
+from xenpv.base.errors import NotModelledPath
 from xenpv.harness.agent import GuestBugcheck
+from xenpv.stack.agent.console import NOT_MODELLED_MARKER, STOP_MARKER
 
 pytestmark = pytest.mark.integration
 
@@ -141,3 +143,31 @@ def test_revoke_of_a_grant_the_backend_maps_fails_and_succeeds_after_unmap(boot_
     g.toolstack.ctl.call("gnttab_unmap", handle=mapping["handle"])
     assert c.run("fault revoke-in-use") == f"revoke ref {ref}: STATUS_SUCCESS"
     assert _references(c)["XENBUS.GNTTAB"] == held
+
+
+def test_removing_xenvbd_with_its_unplug_request_armed_is_a_real_0x7b(boot_guest) -> None:
+    """XENVBD left UNPLUG.Request(DISKS) armed when its package went: the next boot's xen.sys unplugs the
+    emulated disk and nothing drives the VBD PDO, so Windows has no boot disk (a VBD PDO without its driver
+    is no disk)."""
+    c = boot_guest("default").console
+    c.run("reboot")  # boot 2: the PV disk boots
+    assert "removed xenvbd" in c.run("pkg remove xenvbd")
+    with pytest.raises(GuestBugcheck) as stop:
+        c.run("reboot")
+    assert stop.value.bucket == "0x7B_ntoskrnl!check_boot_device"
+
+
+def test_a_boot_that_needs_a_disk_an_earlier_boot_unplugged_ends_as_not_modelled(boot_guest) -> None:
+    """Without XENBUS nothing unplugs at the next boot, so on Xen (a restart is a new domain with a new QEMU)
+    Windows boots from the emulated disk. Here the restart keeps the QEMU whose disk boot 2 unplugged: the
+    guest ends saying so, with no STOP and no dump (stack.notmodelled), instead of a false 0x7B."""
+    g = boot_guest("default")
+    c = g.console
+    c.run("reboot")
+    assert _inserted(g.machine)["hda"] is False
+    assert "removed xenbus" in c.run("pkg remove xenbus")
+    with pytest.raises(NotModelledPath, match="an earlier boot of the same QEMU unplugged"):
+        c.run("reboot")
+    log = c.log_path.read_text()
+    assert NOT_MODELLED_MARKER in log and STOP_MARKER not in log
+    assert not list(g.machine.artifacts.glob("**/crash-*.json"))
