@@ -80,3 +80,15 @@ def test_without_auto_reboot_it_prompts_and_the_guest_stays_up(coinstaller_guest
     assert "(answered no); boot 1;" in out and "prompt:" not in out, out
     assert "boot 2" not in g.console.run("log 2000")
     assert re.search(r"IDE\\Disk", g.console.run("devices")), "the emulated disk is still in use"
+
+
+def test_yes_on_the_prompt_restarts_now(coinstaller_guest, lc) -> None:
+    """PromptForReboot: IDYES is DoReboot(NULL, 0), the restart at once; the next boot asks for nothing, so
+    its service shows no prompt, and the PV disk is up."""
+    g = coinstaller_guest("monitor-yes")
+    lc.wait_for(g, "monitor", r"^prompt: ", timeout=30)
+    assert g.console.run("monitor yes", timeout=150) == "Yes: restarting the system: boot 2"
+    out = lc.wait_for(g, "monitor", r"running \(idle\); boot 2; AutoReboot 0; RebootCount none; requested by "
+                      r"none; pending none$", timeout=30)
+    assert "prompt:" not in out, out
+    lc.wait_for(g, "vbd list", r"^target \d+ vbd \d+ .*connected", timeout=20)
