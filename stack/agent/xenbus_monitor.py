@@ -125,11 +125,12 @@ class MonitorService:
         return "No: no restart until the next boot"
 
     def status(self) -> MonitorStatus:
+        """Read without the processor, as the console's `registry` reads, so `monitor` answers while the
+        vCPU is parked in a save holding it."""
         registry = self.kernel.registry
-        with self.kernel.cpu.lock:
-            auto = _dword(registry, "AutoReboot")
-            count = _dword(registry, "RebootCount")
-            pending = reboot_requests(registry)
+        auto = _dword(registry, "AutoReboot")
+        count = _dword(registry, "RebootCount")
+        pending = reboot_requests(registry)
         decision = self.decision
         return MonitorStatus(self.running, self.state, auto or 0, count,
                              decision.module if decision is not None else None, pending,
