@@ -92,3 +92,11 @@ def test_yes_on_the_prompt_restarts_now(coinstaller_guest, lc) -> None:
                       r"none; pending none$", timeout=30)
     assert "prompt:" not in out, out
     lc.wait_for(g, "vbd list", r"^target \d+ vbd \d+ .*connected", timeout=20)
+
+
+def test_a_subscriber_era_guest_has_no_monitor(boot_guest) -> None:
+    """The 2015 xenbus.inf installs no xenbus_monitor (no Services\\xenbus_monitor): the service control
+    manager starts nothing, the console says so."""
+    g = boot_guest("subscriber-era")
+    assert g.console.run("monitor") == "xenbus_monitor: not running (not installed in this guest); boot 1"
+    assert "XENBUS_MONITOR" not in g.console.run("log 2000")
