@@ -31,9 +31,9 @@ from xenpv.stack.agent.runtime import SERVICE_FACTORIES, GuestRuntime
 from xenpv.stack.agent.winpower import UserPower
 from xenpv.stack.agent.xenagent import PowerApi
 from xenpv.stack.install.installer import reboot_requests
-from xenpv.stack.install.monitor import MONITOR_PARAMETERS, MonitorAction, MonitorDecision, XenbusMonitor
+from xenpv.stack.install.monitor import MonitorAction, MonitorDecision, XenbusMonitor
 from xenpv.stack.install.packages import SERVICES_KEY, StartType
-from xenpv.stack.kernel.registry import REG_DWORD, RegistryError
+from xenpv.stack.kernel.registry import RegistryError
 from xenpv.stack.timescale import scaled
 
 log = logging.getLogger("stack.agent.xenbus_monitor")
@@ -128,8 +128,8 @@ class MonitorService:
         """Read without the processor, as the console's `registry` reads, so `monitor` answers while the
         vCPU is parked in a save holding it."""
         registry = self.kernel.registry
-        auto = _dword(registry, "AutoReboot")
-        count = _dword(registry, "RebootCount")
+        auto = self.monitor.parameter("AutoReboot")
+        count = self.monitor.parameter("RebootCount")
         pending = reboot_requests(registry)
         decision = self.decision
         return MonitorStatus(self.running, self.state, auto or 0, count,
@@ -184,14 +184,6 @@ class MonitorService:
             self._print("TryAutoReboot: the service stopped before the countdown ended: no reboot")
             return
         self.power.InitiateSystemShutdownEx(True)
-
-
-def _dword(registry: Any, name: str) -> int | None:
-    try:
-        value = registry.query_value(MONITOR_PARAMETERS, name)
-    except RegistryError:
-        return None
-    return int(value.data) if value.type == REG_DWORD else None
 
 
 def installed(registry: Any) -> bool:

@@ -73,6 +73,10 @@ class XenbusMonitor:
             return None
         return int(value.data) if value.type == REG_DWORD else None  # type: ignore[arg-type]
 
+    def parameter(self, name: str) -> int | None:
+        """A DWORD of the service's Parameters (AutoReboot, RebootCount...); None if missing or not a DWORD."""
+        return self._dword(MONITOR_PARAMETERS, name)
+
     def request_key(self) -> str:
         """GetRequestKeyName: the service cannot start without it."""
         try:
