@@ -12,9 +12,9 @@ key (stack.kernel.registry notify_change), so a later xen.sys ConfigRequestReboo
   countdown: here the service waits AutoRebootTimeout seconds, times XENPV_TIME_SCALE like every other
   timeout of the model (0 is at once), then calls the user-mode power API (stack.agent.winpower.UserPower),
   which reboots through GuestRuntime.reboot, the console's `reboot`. A stop during the countdown cancels it.
-- PROMPT (PromptForReboot): WTSSendMessage to the active session with no timeout (PromptTimeout 0). The
-  model's session is the console: `monitor` shows the dialog's text, `monitor yes` is IDYES (DoReboot at
-  once), `monitor no` is IDNO. Either way RebootPending is set, so this service does nothing more until
+- PROMPT (PromptForReboot): WTSSendMessage to the active session, waiting PromptTimeout seconds (scaled;
+  0, the default, is for ever; IDTIMEOUT restarts like IDYES). The model's session is the console:
+  `monitor` shows the dialog's text, `monitor yes` is IDYES (DoReboot at once), `monitor no` is IDNO. Either way RebootPending is set, so this service does nothing more until
   the next boot.
 Each step is a line of the debug log (module XENBUS_MONITOR), which the agent's log also gets.
 Not modelled: RegDeleteTree(RequestKey) at stop (the request subkeys are volatile, so a reboot loses them
@@ -47,7 +47,7 @@ STOP_SECONDS = 10.0
 @dataclass
 class MonitorStatus:
     running: bool
-    state: str  # idle | rebooting | prompting | answered yes | answered no | failed: ...
+    state: str  # idle | rebooting | prompting | answered yes | answered no | answered timeout | failed: ...
     auto_reboot: int
     reboot_count: int | None
     requested_by: str | None
@@ -171,6 +171,23 @@ class MonitorService:
             with self._lock:
                 self.decision, self.state = decision, "prompting"
             self._print(f"PromptForReboot: reboot requested by {decision.module}: {decision.message()}")
+            self._prompt_timeout()
+
+    def _prompt_timeout(self) -> None:
+        """GetPromptTimeout: WTSSendMessage's timeout (PromptTimeout, seconds; 0 or none: wait for ever). Its
+        IDTIMEOUT restarts as IDYES does. The wait is scaled like the model's other timeouts."""
+        timeout = self.monitor.parameter("PromptTimeout") or 0
+        if timeout == 0:
+            return
+        seconds = scaled(timeout)
+        if self._stop.wait(seconds):
+            return
+        with self._lock:
+            if self.state != "prompting":
+                return  # answered in time
+            self.state = "answered timeout"
+        self._print(f"PromptForReboot: no answer within {seconds:g}s (IDTIMEOUT): restarting")
+        self.power.InitiateSystemShutdownEx(True)
 
     def _auto_reboot(self, decision: MonitorDecision) -> None:
         seconds = scaled(decision.timeout)

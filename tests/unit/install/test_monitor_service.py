@@ -213,3 +213,22 @@ def test_the_monitor_command_shows_the_state_the_prompt_and_takes_the_answer(ker
     assert "(answered no)" in run_command(rt, ["monitor"]) and power.calls == []  # type: ignore[arg-type]
     assert run_command(SimpleNamespace(services=[], boots=1), ["monitor"]).startswith(  # type: ignore[arg-type]
         "xenbus_monitor: not running")
+
+
+def test_an_unanswered_prompt_restarts_after_prompt_timeout(kernel, run) -> None:
+    """GetPromptTimeout: WTSSendMessage gives up after PromptTimeout seconds and IDTIMEOUT restarts as IDYES
+    does; an answer within the time (No) keeps the guest up."""
+    Config(kernel.registry).ConfigRequestReboot("XENVIF")
+    service, power = run(PromptTimeout=1)
+    wait_until(lambda: service.status().state == "prompting", "the prompt")
+    assert power.calls == []
+    wait_until(lambda: power.calls == ["reboot"], "the restart on IDTIMEOUT", timeout=5.0)
+    assert service.status().state == "answered timeout"
+    assert "PromptForReboot: no answer within 1s (IDTIMEOUT): restarting" in logged(kernel)
+    service.stop()
+
+    answered, power = run()  # the next boot's service, the same request still there
+    wait_until(lambda: answered.status().state == "prompting", "the next prompt")
+    answered.answer(False)
+    time.sleep(1.3)
+    assert power.calls == [] and answered.status().state == "answered no"
