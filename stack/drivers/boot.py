@@ -50,6 +50,7 @@ class BootedStack:
     xenbus: XenbusDriver
     vcpu: Vcpu
     pci: list[PciFunction]  # the bus as the firmware step left it
+    children_modelled: bool = True  # False with the default catalog: XENBUS's children have no driver model
 
     def poll(self) -> None:
         """Run deferred work: xenstore watch events of the active FDO, then queued re-enumerations. Not while
@@ -149,7 +150,7 @@ def boot_stack(vcpu: Vcpu, ram_pages: int, *, registry: Registry | None = None,
     kernel.add_reference_provider("XENBUS", lambda: {f"XENBUS.{name}": ctx.references for f in xenbus.fdos
                                                      for name, ctx in f.interfaces.items()})
     kernel.pnp.add_root_device(r"ACPI\PNP0A03", PNP0A03_IDS)
-    booted = BootedStack(kernel, xen, xenfilt, xenbus, vcpu, pci)
+    booted = BootedStack(kernel, xen, xenfilt, xenbus, vcpu, pci, children_modelled=catalog is not default_catalog)
     kernel.boot()
     booted.poll()
     check_boot_device(booted)
@@ -161,8 +162,11 @@ def check_boot_device(booted: BootedStack) -> None:
     emulated = booted.nodes("IDE\\")
     if any(n.instance_id == "0.0.0" for n in emulated):
         return
-    # A VBD PDO is a disk only once XENVBD drives it: without the driver it is a device with a problem code.
-    if any(n.state == DeviceNodeState.STARTED for n in booted.nodes(f"XENBUS\\VEN_{booted.xenbus.prefix}&DEV_VBD")):
+    # A VBD PDO is a disk only once a driver (XENVBD) drives it: without one it is a device with a problem
+    # code. Boots with the default catalog (unit rigs of xen.sys, XENFILT and XENBUS) model no child driver
+    # at all, so there the PDO stands for the disk XENVBD would make of it.
+    vbds = booted.nodes(f"XENBUS\\VEN_{booted.xenbus.prefix}&DEV_VBD")
+    if any(n.state == DeviceNodeState.STARTED or not booted.children_modelled for n in vbds):
         return
     if (not booted.xen.unplug.unplugged_mask & UNPLUG_ALL_IDE_DISKS and ata_identify(booted.vcpu, 0, 0) is not None
             and not ata_has_medium(booted.vcpu, 0, 0)):
