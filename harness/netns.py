@@ -112,6 +112,28 @@ class NetNamespace:
             self.taps.remove(tap)
             _ip("-n", self.name, "link", "del", tap)
 
+    def add_veth(self, outside: ipaddress.IPv4Interface, inside: ipaddress.IPv4Interface,
+                 inside_name: str = "eth0") -> str:
+        """A veth pair linking this namespace to ours: `inside_name` in it with address `inside`, the
+        other end here with `outside`, both up (a second host as far as the network goes). Returns the
+        outside end's name. Deleting the namespace deletes the pair, so close() needs no step of its own
+        and a namespace the reaper removes takes its veth with it."""
+        outside_name = f"xv{self.name[-8:]}"  # IFNAMSIZ: 15 characters; the namespace's random part
+        _ip("link", "add", outside_name, "type", "veth", "peer", "name", inside_name, "netns", self.name)
+        try:
+            _ip("addr", "add", str(outside), "dev", outside_name)
+            _ip("link", "set", outside_name, "up")
+            _ip("-n", self.name, "addr", "add", str(inside), "dev", inside_name)
+            _ip("-n", self.name, "link", "set", inside_name, "up")
+        except BaseException:
+            _ip("link", "del", outside_name)
+            raise
+        return outside_name
+
+    def pids(self) -> list[int]:
+        """Every process whose network namespace this is (`ip netns pids`)."""
+        return [int(p) for p in _ip("netns", "pids", self.name).split()]
+
     def exec_argv(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
