@@ -1,0 +1,162 @@
+"""The host pool against a real OpenSSH server: Debian's sshd in a network namespace of its own, on a
+veth pair (tests/integration/sshhost.py), reached through harness.hosts and harness.remote (paramiko)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.integration.sshhost import SshHost, keygen, ssh_host  # noqa: F401  (fixture)
+from xenpv.base.owner import Owner
+from xenpv.base.process import wait_for
+from xenpv.harness.hosts import HostPool, PoolExhausted
+from xenpv.harness.remote import (RemoteAuthFailed, RemoteConnectionLost, RemoteError, RemoteHost,
+                                  RemoteHostKeyRejected, RemoteUnreachable)
+
+pytestmark = pytest.mark.integration
+
+
+def test_lease_run_and_sftp_round_trip(ssh_host: SshHost, tmp_path: Path) -> None:
+    with HostPool([ssh_host.spec()], tmp_path / "leases") as pool:
+        lease = pool.lease()
+        with lease.connect() as remote:
+            r = remote.run("ip -4 -o addr show dev eth0; echo to-stderr >&2; exit 7", timeout=20)
+            # It ran in the namespace: the only address there is the one on its end of the veth.
+            assert (r.status, r.stderr) == (7, "to-stderr\n")
+            assert f"inet {ssh_host.address}/30" in r.stdout
+
+            src = tmp_path / "src"
+            (src / "sub").mkdir(parents=True)
+            payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
+            (src / "blob.bin").write_bytes(payload)
+            (src / "sub" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+            (src / "sub" / "run.sh").chmod(0o755)
+            base = f"{lease.spec.run_dir}/t"
+            remote.put(src / "blob.bin", f"{base}/one/blob.bin")
+            remote.put(src, f"{base}/tree")
+            assert remote.run(f"sha256sum {base}/one/blob.bin {base}/tree/blob.bin && {base}/tree/sub/run.sh",
+                              timeout=20, check=True).stdout.splitlines()[2] == "ran"
+            remote.get(f"{base}/one/blob.bin", tmp_path / "back.bin")
+            remote.get(f"{base}/tree", tmp_path / "back")
+            assert (tmp_path / "back.bin").read_bytes() == payload
+            assert (tmp_path / "back" / "blob.bin").read_bytes() == payload
+            assert (tmp_path / "back" / "sub" / "run.sh").stat().st_mode & 0o777 == 0o755
+            with pytest.raises(RemoteError, match=rf"{ssh_host.address}:{ssh_host.port}: get {base}/nothing -> "
+                                                  r".*: No such file"):
+                remote.get(f"{base}/nothing", tmp_path / "nothing")
+            with pytest.raises(RemoteError, match=r"'false' exited with status 1"):
+                remote.run("false", timeout=20, check=True)
+        assert not pool.bad
+
+
+def test_wrong_or_missing_host_key_is_refused(ssh_host: SshHost, tmp_path: Path) -> None:
+    other = " ".join(keygen(tmp_path / "other_host").split()[:2])
+    wrong = tmp_path / "known_hosts.wrong"
+    wrong.write_text(ssh_host.known_hosts_line(other))
+    pool = HostPool([ssh_host.spec(known_hosts=wrong)], tmp_path / "leases")
+    with pool.lease() as lease:
+        with pytest.raises(RemoteHostKeyRejected, match=rf"root@{ssh_host.address}:{ssh_host.port}: host key "
+                                                        rf"mismatch: .* {wrong} has SHA256:"):
+            lease.connect()
+    assert "host key mismatch" in pool.bad[lease.spec.name]
+    # A known_hosts without the host: refused, and nothing is added to it.
+    empty = tmp_path / "known_hosts.empty"
+    empty.write_text("")
+    with pytest.raises(RemoteHostKeyRejected, match=rf"unknown host key: no entry for it in {empty}"):
+        RemoteHost.connect(ssh_host.spec(known_hosts=empty))
+    assert empty.read_text() == ""
+
+
+def test_key_not_authorized_is_refused(ssh_host: SshHost, tmp_path: Path) -> None:
+    keygen(tmp_path / "stranger")
+    with pytest.raises(RemoteAuthFailed, match=rf"authentication as {ssh_host.user} with .*stranger failed"):
+        RemoteHost.connect(ssh_host.spec(key_file=tmp_path / "stranger"))
+
+
+def test_host_dropping_mid_command_fails_that_call_and_is_marked_bad(ssh_host: SshHost, tmp_path: Path) -> None:
+    pool = HostPool([ssh_host.spec()], tmp_path / "leases")
+    lease = pool.lease()
+    remote = lease.connect()
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            remote.run("echo started; exec sleep 60", timeout=40)
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    try:
+        wait_for(lambda: any(Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"
+                             for pid in ssh_host.ns.pids() if Path(f"/proc/{pid}").exists()),
+                 timeout=20, what="the remote sleep")
+        ssh_host.kill()
+        worker.join(30)
+        assert not worker.is_alive(), "run() did not return after the host dropped"
+    finally:
+        remote.close()
+        worker.join(30)
+        lease.release()
+    assert len(outcome) == 1 and isinstance(outcome[0], RemoteConnectionLost), outcome
+    assert str(outcome[0]).startswith(f"{lease.spec.name}: 'echo started; exec sleep 60' was cut off: "
+                                      "connection lost; its output so far: 'started\\n'")
+    assert "connection lost" in pool.bad[lease.spec.name]
+    with pytest.raises(PoolExhausted, match="no usable host in the pool .*connection lost"):
+        pool.lease(timeout=5)
+    # And the host is gone for a new connection too.
+    with pytest.raises(RemoteUnreachable, match="cannot connect"):
+        RemoteHost.connect(ssh_host.spec(), timeout=5)
+
+
+def test_second_lease_of_a_one_guest_host_waits_then_is_refused(ssh_host: SshHost, tmp_path: Path) -> None:
+    """The design: lease() waits up to its timeout for a slot, polling, then refuses naming the holder."""
+    first = HostPool([ssh_host.spec(max_guests=1)], tmp_path / "leases")
+    second = HostPool([ssh_host.spec(max_guests=1)], tmp_path / "leases", poll_interval=0.05)
+    held = first.lease()
+    with held.connect() as remote:
+        assert remote.run("true", timeout=20).status == 0
+        with pytest.raises(PoolExhausted, match=rf"after 0.5 s: .* slot 0 by {Owner.current()}"):
+            second.lease(timeout=0.5)
+    timer = threading.Timer(0.5, held.release)
+    timer.start()
+    try:
+        with second.lease(timeout=20) as lease, lease.connect() as remote:
+            assert remote.run("echo second", timeout=20).stdout == "second\n"
+    finally:
+        timer.cancel()
+        first.close()
+
+
+LEASER = """
+import sys, time
+from pathlib import Path
+from xenpv.harness.hosts import HostPool, HostSpec
+spec = HostSpec(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), "/tmp", port=int(sys.argv[6]))
+lease = HostPool([spec], Path(sys.argv[1])).lease()
+remote = lease.connect()
+print(remote.run("echo busy", timeout=20).stdout, end="", flush=True)
+time.sleep(60)
+"""
+
+
+def test_lease_of_a_dead_process_is_taken_over(ssh_host: SshHost, tmp_path: Path) -> None:
+    spec = ssh_host.spec()
+    leases = tmp_path / "leases"
+    proc = subprocess.Popen([sys.executable, "-c", LEASER, str(leases), spec.host, spec.user, str(spec.key_file),
+                             str(spec.known_hosts), str(spec.port)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "busy\n"
+        pool = HostPool([spec], leases)
+        with pytest.raises(PoolExhausted, match=f"slot 0 by {Owner.of(proc.pid)}"):
+            pool.lease()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    with pool.lease() as lease, lease.connect() as remote:
+        assert remote.run("echo mine", timeout=20).stdout == "mine\n"
