@@ -198,6 +198,22 @@ def test_unmask_without_pending_or_mask_does_nothing(guest: Guest) -> None:
     assert errno_of(guest.ch.unmask, 5000) == XEN_EINVAL
 
 
+def test_unmask_of_a_freed_port_delivers_on_vcpu_0(guest: Guest) -> None:
+    """Xen's evtchn_free (xen/common/event_channel.c) resets a freed channel's notify_vcpu_id to 0 ("Reset
+    binding to vcpu0 when the channel is freed"), and evtchn_2l_unmask delivers on that vcpu: a port bound to
+    vcpu 1 and closed, whose pending and mask bits the guest then sets itself in shared_info, is delivered on
+    vcpu 0 when unmasked, not on the vcpu it was last bound to."""
+    port = guest.ch.bind_ipi(1)
+    guest.ch.close(port)
+    word, bit = divmod(port, EVTCHN_WORD_BITS)
+    offset = SharedInfo.evtchn_pending.offset + word * 8
+    guest.page[offset:offset + 8] = (1 << bit).to_bytes(8, "little")  # the guest's own write to its page
+    guest.mask(port)
+    guest.ch.unmask(port)
+    assert guest.selector(0) == 1 << word and guest.upcall_pending(0) == 1 and guest.upcalls == 1
+    assert guest.selector(1) == 0 and guest.upcall_pending(1) == 0
+
+
 def test_send_on_unbound_port_is_dropped(guest: Guest) -> None:
     port = guest.ch.alloc_unbound(DOMID_SELF, 0)
     guest.ch.send(port)
