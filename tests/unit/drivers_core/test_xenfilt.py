@@ -149,6 +149,21 @@ def test_the_type_value_is_compared_over_its_own_length(machine, data, kind) -> 
     assert xenfilt.DriverGetEmulatedType([r"TOY\OTHER", r"toy\bus"]) == kind
 
 
+@pytest.mark.parametrize("a,b,n,equal", [
+    ("pci", "PCI", 3, True), ("pci", "PCI", 8, True),  # both ends (NULs) compare equal, whatever n is past them
+    ("PCI", "PCIE", 8, False), ("PCIE", "PCI", 8, False),  # one string ends first: its NUL differs
+    ("PCIE", "PCI", 3, True), ("P", "PCI", 1, True),  # at most n characters
+    ("PX", "PCI", 2, False), ("", "", 4, True),
+])
+def test_strnicmp_compares_at_most_n_characters_and_a_string_end(a: str, b: str, n: int, equal: bool) -> None:
+    """The CRT's _strnicmp(a, b, n) == 0, which DriverGetEmulatedType relies on: case-insensitive, at most n
+    characters, stopping equal where both strings end within n. DriverGetEmulatedType itself passes the
+    value's own length, so only this direct test reaches the string ends."""
+    from xenpv.stack.drivers.xenfilt.driver import _strnicmp_equal
+
+    assert _strnicmp_equal(a, b, n) is equal
+
+
 def test_precedence_is_named_by_an_exact_compatible_id_and_the_first_one_found_wins(toy) -> None:
     """driver.c DriverGetPrecedence: per PDO, the value named by the first of its CompatibleIDs that has
     one (a value name is the whole ID, no prefix); fdo.c FdoEnumerate: the highest wins."""
