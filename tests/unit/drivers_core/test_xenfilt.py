@@ -219,3 +219,16 @@ def test_a_neutral_active_pdo_reports_active_instance_id_and_fails_without_it(to
     t.rescan(BUS_A)
     assert sorted(c.instance_id for c in t.bus(BUS_A).children) == ["3&0&0&X", "STORED"]
     assert t.xenfilt.emulated.EmulatedIsDevicePresent(r"TOY\Y", "STORED") == (True, EmulatedStatus.NEUTRAL)
+
+
+def test_remove_device_detaches_and_deletes_the_filter_fdo(toy) -> None:
+    """fdo.c FdoRemoveDevice: the IRP goes down first, then IoDetachDevice and IoDeleteDevice, and the FDO
+    leaves the driver's list (so the gate no longer waits for it to enumerate)."""
+    t = toy({BUS_A: [_child("A1")], BUS_B: [_child("B1")]})
+    node = t.bus(BUS_A)
+    fdo = next(f for f in t.xenfilt.fdos if f.extension.pdo is node.pdo)
+    with t.kernel.cpu.lock:
+        t.kernel.pnp.remove(node)
+    assert fdo not in t.xenfilt.fdos and len(t.xenfilt.fdos) == 1
+    assert fdo.deleted and fdo not in fdo.driver.devices
+    assert node.pdo.upper is None  # detached: nothing is left attached to the bus's PDO
