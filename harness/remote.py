@@ -104,9 +104,17 @@ class RemoteHost:
                                                        f"(keys are never added; add it with ssh-keyscan)")
             else:
                 err = RemoteUnreachable(spec.name, f"SSH handshake failed: {exc}")
+        except EOFError:
+            # Closed after the banner, in the key exchange (an sshd dying; before the banner paramiko says
+            # "Error reading SSH protocol banner" instead).
+            err = RemoteUnreachable(spec.name, "the connection closed during the SSH handshake")
         except (socket.timeout, TimeoutError):
             err = RemoteUnreachable(spec.name, f"no answer within {timeout:.1f} s")
-        except OSError as exc:  # refused, no route, and paramiko's NoValidConnectionsError
+        except paramiko.ssh_exception.NoValidConnectionsError as exc:
+            # Its own message drops the reason ("Unable to connect to port"); each address's error has it.
+            reasons = sorted({e.strerror or str(e) for e in exc.errors.values()})
+            err = RemoteUnreachable(spec.name, f"cannot connect: {'; '.join(reasons)}")
+        except OSError as exc:  # no route, network unreachable
             err = RemoteUnreachable(spec.name, f"cannot connect: {exc.strerror or exc}")
         else:
             transport = client.get_transport()

@@ -91,6 +91,10 @@ class SshHost:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # SIGKILL is delivered asynchronously: until the listener is gone a new connection may still be
+        # accepted, then closed.
+        wait_for(lambda: self.sshd.returncode is not None and not self.ns.pids(), timeout=10,
+                 what=f"the processes of {self.ns.name} to end")
 
 
 def start_ssh_host() -> Iterator[SshHost]:
