@@ -195,3 +195,20 @@ def test_directory_part_offset_at_and_past_the_end(core: XenstoreCore) -> None:
     assert _directory_part(d0, "/dp", 2)[1] == b"bb\0ccc\0\0"
     empty_gen, empty = _directory_part(d0, "/dp/a", 0)
     assert empty == b"\0" and empty_gen.isdigit()
+
+
+# ---- every argument of a multi-argument request is NUL-terminated ----------------------------------------
+
+def test_a_last_argument_without_its_nul_is_einval(core: XenstoreCore) -> None:
+    """C xenstored core.c get_strings counts only NUL-terminated strings, so WATCH, DIRECTORY_PART,
+    SET_PERMS and the other multi-argument requests whose last string has no NUL have too few arguments:
+    EINVAL, and nothing happens (no watch under a token cut short, no permissions changed)."""
+    d0 = Peer(core)
+    d0.write("/a", "v")
+    assert d0.err(T.WATCH, b"/a\0tok") == "EINVAL"
+    assert d0.err(T.DIRECTORY_PART, b"/\x000") == "EINVAL"
+    assert d0.err(T.SET_PERMS, b"/a\0n0\0r1") == "EINVAL"
+    assert d0.err(T.WATCH, b"") == "EINVAL"
+    d0.write("/a", "again")
+    assert d0.events == []  # no watch was registered
+    assert d0.ok(T.GET_PERMS, b"/a\0") == b"n0\0"
