@@ -7,6 +7,8 @@ A mutant is skipped before it runs when it cannot change a rule:
   when that is an errno or status name (XsError("EACCES", ...): the name is part of the rule), or a string
   passed to a helper's `op`/`what`/`which`/`where` parameter, which only names the caller in messages;
 - it changes a type annotation (every module has `from __future__ import annotations`: never evaluated);
+- it turns an exception's fallback errno name into an unknown one, which the exception maps back to the
+  same fallback (XsError("EINVAL") -> XsError("XXEINVALXX"): still EINVAL on the wire);
 - it is listed in ci/mutation-equivalent.txt (path || original line || mutated line || reason).
 
 `classify(filename, line_number, original, mutated)` gives the reason a mutant is skipped (None: it runs);
@@ -24,6 +26,9 @@ LOG_RECEIVERS = {"log", "logger", "logging"}
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log", "getLogger"}
 ERRNO_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 LABEL_PARAMS = {"op", "what", "which", "where"}
+# Exceptions that turn an errno name they do not know into a fallback (XsError: the wire carries only
+# xsd_errors[] names, anything else is sent as EINVAL), so mutmut's "XXEINVALXX" is EINVAL again.
+FALLBACK_ERRNO = {"XsError": "EINVAL"}
 DELETED = "<deleted>"  # the mutated line of a mutant that removes a line (a decorator)
 
 
@@ -63,7 +68,7 @@ def _not_rules(filename: str) -> tuple[frozenset[int], dict[str, list[Span]]]:
     type annotations (never evaluated)."""
     tree = ast.parse(Path(filename).read_text(), filename)
     log_lines: set[int] = set()
-    spans: dict[str, list[Span]] = {"error message text": [], "annotation": []}
+    spans: dict[str, list[Span]] = {"error message text": [], "annotation": [], "fallback errno name": []}
     # Helpers whose parameter `op`, `what` or `which` only names the caller in their error messages.
     labelled: dict[str, int] = {}
     for node in ast.walk(tree):
@@ -92,6 +97,10 @@ def _not_rules(filename: str) -> tuple[frozenset[int], dict[str, list[Span]]]:
             args = list(node.exc.args)
             if args and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str) \
                     and ERRNO_NAME.match(args[0].value):
+                callee = getattr(node.exc.func, "id", None) or getattr(node.exc.func, "attr", None)
+                if callee in FALLBACK_ERRNO and args[0].value == FALLBACK_ERRNO[callee]:
+                    # Any other (unknown) name becomes this one again: only a different real name would count.
+                    spans["fallback errno name"] += _string_spans(args[0])
                 args = args[1:]  # the errno name is the rule; the rest is the message
             for arg in args:
                 spans["error message text"] += _string_spans(arg)
@@ -132,6 +141,9 @@ def classify(filename: str, line_number: int, original: str, mutated: str, relpa
     col = next((i for i, (a, b) in enumerate(zip(original, mutated)) if a != b), min(len(original), len(mutated)))
     if any(_covers(span, line, col) for span in spans["annotation"]):
         return "annotation"
+    if _only_string_text(original, mutated) and any(_covers(span, line, col - 1)
+                                                    for span in spans["fallback errno name"]):
+        return "fallback errno name"
     # Any change inside a message string (its text, or an expression an f-string formats into it); a
     # string mutation's XX lands just inside the opening quote.
     if any(_covers(span, line, col) or (_only_string_text(original, mutated) and _covers(span, line, col - 1))
