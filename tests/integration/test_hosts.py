@@ -16,7 +16,7 @@ from xenpv.base.owner import Owner
 from xenpv.base.process import wait_for
 from xenpv.harness.hosts import HostPool, PoolExhausted
 from xenpv.harness.remote import (RemoteAuthFailed, RemoteConnectionLost, RemoteError, RemoteHost,
-                                  RemoteHostKeyRejected, RemoteUnreachable)
+                                  RemoteHostKeyRejected, RemoteTimeout, RemoteUnreachable)
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,10 @@ def test_lease_run_and_sftp_round_trip(ssh_host: SshHost, tmp_path: Path) -> Non
                 remote.get(f"{base}/nothing", tmp_path / "nothing")
             with pytest.raises(RemoteError, match=r"'false' exited with status 1"):
                 remote.run("false", timeout=20, check=True)
+            # A command past its deadline fails that call only: the host still answers, it is not bad.
+            with pytest.raises(RemoteTimeout, match=r"'sleep 30' still running after 1.0 s"):
+                remote.run("sleep 30", timeout=1)
+            assert remote.run("echo still here", timeout=20).stdout == "still here\n"
         assert not pool.bad
 
 

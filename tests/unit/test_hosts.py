@@ -231,3 +231,22 @@ def test_lease_of_a_live_other_process_is_not_broken(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+
+
+def test_break_rechecks_under_the_guard(tmp_path: Path) -> None:
+    """_break acts on what it saw before taking the directory's exclusive lock; by then the slot may have
+    been claimed by a live leaser, or let go: it must remove the file in neither case."""
+    dead = Owner(1 << 22, 1)  # beyond pid_max's default: no such process
+    pool = HostPool([spec()], tmp_path)
+    proc = child(tmp_path, "hold")
+    path = tmp_path / "h1_22.0.lease"
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "leased\n"
+        pool._break(path, path.stat().st_ino, dead)  # claimed by a live owner meanwhile
+        assert path.read_text() == f"{Owner.of(proc.pid)}\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    path.write_text(f"{dead}\n")  # its lock went with the process: free, only naming a dead owner
+    pool._break(path, path.stat().st_ino, dead)
+    assert path.exists()
