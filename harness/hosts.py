@@ -49,6 +49,7 @@ log = logging.getLogger("harness.hosts")
 LEASE_DIR_ENV = "XENPV_LEASE_DIR"
 DEFAULT_LEASE_DIR = Path("/tmp/xenpv-leases")
 _POOL_LOCK = ".pool.lock"
+GUARD_TIMEOUT = 10.0  # seconds; the directory lock is held for a few system calls at a time
 _FIELDS = ("host", "port", "user", "key_file", "known_hosts", "max_guests", "run_dir")
 
 
@@ -190,12 +191,6 @@ class HostLease:
     def held(self) -> bool:
         return self.fd is not None
 
-    def connect(self, timeout: float = 15.0) -> Any:
-        """A RemoteHost connected to the leased host; a connection that fails or drops marks it bad."""
-        from xenpv.harness.remote import RemoteHost  # paramiko is imported only by what connects
-
-        return RemoteHost.connect(self.spec, timeout=timeout, on_failure=self.pool.mark_bad)
-
     def release(self) -> None:
         if self.fd is None:
             return
@@ -291,14 +286,22 @@ class HostPool:
     def _guard(self, how: int) -> int:
         """The lease directory's own lock: shared while a leaser locks and claims a slot, exclusive while
         a stale file is broken, so a breaker never unlinks a file a leaser is claiming. Every holder keeps
-        it for a few system calls only, hence the blocking wait."""
+        it for a few system calls only; one that keeps it for seconds was stopped in the middle."""
         fd = os.open(self.lease_dir / _POOL_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + GUARD_TIMEOUT
         try:
-            fcntl.flock(fd, how)
+            while True:
+                try:
+                    fcntl.flock(fd, how | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise HarnessError(f"{self.lease_dir / _POOL_LOCK}: still locked after {GUARD_TIMEOUT:.0f} s "
+                                           f"(a leaser stopped while claiming a slot?)") from None
+                    time.sleep(0.005)
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
     def _try_slot(self, spec: HostSpec, slot: int) -> HostLease | None:
         path = self.lease_dir / _slot_file(spec, slot)

@@ -24,7 +24,7 @@ from typing import Callable
 import paramiko
 
 from xenpv.base.errors import HarnessError, WaitTimeout
-from xenpv.harness.hosts import HostSpec
+from xenpv.harness.hosts import HostLease, HostSpec
 
 log = logging.getLogger("harness.remote")
 
@@ -79,6 +79,11 @@ class RemoteHost:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @classmethod
+    def for_lease(cls, lease: HostLease, timeout: float = 15.0) -> "RemoteHost":
+        """Connected to the leased host; a connection that fails or drops marks the host bad in its pool."""
+        return cls.connect(lease.spec, timeout=timeout, on_failure=lease.pool.mark_bad)
 
     @classmethod
     def connect(cls, spec: HostSpec, timeout: float = 15.0,

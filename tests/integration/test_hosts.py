@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 def test_lease_run_and_sftp_round_trip(ssh_host: SshHost, tmp_path: Path) -> None:
     with HostPool([ssh_host.spec()], tmp_path / "leases") as pool:
         lease = pool.lease()
-        with lease.connect() as remote:
+        with RemoteHost.for_lease(lease) as remote:
             r = remote.run("ip -4 -o addr show dev eth0; echo to-stderr >&2; exit 7", timeout=20)
             # It ran in the namespace: the only address there is the one on its end of the veth.
             assert (r.status, r.stderr) == (7, "to-stderr\n")
@@ -66,7 +66,7 @@ def test_wrong_or_missing_host_key_is_refused(ssh_host: SshHost, tmp_path: Path)
     with pool.lease() as lease:
         with pytest.raises(RemoteHostKeyRejected, match=rf"root@{ssh_host.address}:{ssh_host.port}: host key "
                                                         rf"mismatch: .* {wrong} has SHA256:"):
-            lease.connect()
+            RemoteHost.for_lease(lease)
     assert "host key mismatch" in pool.bad[lease.spec.name]
     # A known_hosts without the host: refused, and nothing is added to it.
     empty = tmp_path / "known_hosts.empty"
@@ -96,7 +96,7 @@ def running_in(host: SshHost) -> list[str]:
 def test_host_dropping_mid_command_fails_that_call_and_is_marked_bad(ssh_host: SshHost, tmp_path: Path) -> None:
     pool = HostPool([ssh_host.spec()], tmp_path / "leases")
     lease = pool.lease()
-    remote = lease.connect()
+    remote = RemoteHost.for_lease(lease)
     outcome: list[BaseException] = []
 
     def call() -> None:
@@ -133,14 +133,14 @@ def test_second_lease_of_a_one_guest_host_waits_then_is_refused(ssh_host: SshHos
     first = HostPool([ssh_host.spec(max_guests=1)], tmp_path / "leases")
     second = HostPool([ssh_host.spec(max_guests=1)], tmp_path / "leases", poll_interval=0.05)
     held = first.lease()
-    with held.connect() as remote:
+    with RemoteHost.for_lease(held) as remote:
         assert remote.run("true", timeout=20).status == 0
         with pytest.raises(PoolExhausted, match=rf"after 0.5 s: .* slot 0 by {Owner.current()}"):
             second.lease(timeout=0.5)
     timer = threading.Timer(0.5, held.release)
     timer.start()
     try:
-        with second.lease(timeout=20) as lease, lease.connect() as remote:
+        with second.lease(timeout=20) as lease, RemoteHost.for_lease(lease) as remote:
             assert remote.run("echo second", timeout=20).stdout == "second\n"
     finally:
         timer.cancel()
@@ -151,9 +151,10 @@ LEASER = """
 import sys, time
 from pathlib import Path
 from xenpv.harness.hosts import HostPool, HostSpec
+from xenpv.harness.remote import RemoteHost
 spec = HostSpec(sys.argv[2], sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), "/tmp", port=int(sys.argv[6]))
 lease = HostPool([spec], Path(sys.argv[1])).lease()
-remote = lease.connect()
+remote = RemoteHost.for_lease(lease)
 print(remote.run("echo busy", timeout=20).stdout, end="", flush=True)
 time.sleep(60)
 """
@@ -173,5 +174,5 @@ def test_lease_of_a_dead_process_is_taken_over(ssh_host: SshHost, tmp_path: Path
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    with pool.lease() as lease, lease.connect() as remote:
+    with pool.lease() as lease, RemoteHost.for_lease(lease) as remote:
         assert remote.run("echo mine", timeout=20).stdout == "mine\n"

@@ -2,6 +2,7 @@
 child processes holding and losing leases."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from typing import Iterator
 
 import pytest
 
+from xenpv.base.errors import HarnessError
 from xenpv.base.owner import Owner, proc_stat
 from xenpv.harness.hosts import HostPool, HostsFileError, HostSpec, PoolExhausted, load_hosts
 
@@ -250,3 +252,21 @@ def test_break_rechecks_under_the_guard(tmp_path: Path) -> None:
     path.write_text(f"{dead}\n")  # its lock went with the process: free, only naming a dead owner
     pool._break(path, path.stat().st_ino, dead)
     assert path.exists()
+
+
+def test_directory_lock_held_too_long_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting on .pool.lock has a deadline: a leaser stopped (SIGSTOP, a debugger) while holding it must
+    not hang every other run."""
+    from xenpv.harness import hosts
+
+    monkeypatch.setattr(hosts, "GUARD_TIMEOUT", 0.2)
+    pool = HostPool([spec()], tmp_path)
+    fd = os.open(tmp_path / ".pool.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(HarnessError, match=r"\.pool\.lock: still locked after 0 s"):
+            pool.lease()
+    finally:
+        os.close(fd)
+    with pool.lease() as lease:
+        assert lease.slot == 0
