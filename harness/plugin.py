@@ -3,7 +3,8 @@
 - markers: `integration` (real QEMU and dom0 processes), `conformance` (real peers: xenstore-utils,
   libxen-dev, QEMU's vhost-user), `slow`;
 - fixtures: `artifacts` (a per-test directory, kept when the test fails), `guest_factory` (launch a
-  machine from a guest YAML; all are torn down after the test), `machine` (the default guest);
+  machine from a guest YAML; all are torn down after the test), `machine` (the default guest),
+  `host_pool` (the remote hosts of --xenpv-hosts, harness.hosts; skipped without it);
 - a failure report section naming the artifact directory with the tail of each machine's log;
 - a test that fails on a guest's bugcheck (harness.agent.GuestBugcheck) reports the STOP line, the bucket,
   the crash dump and the tails of the console and agent log instead of the harness's traceback, and the
@@ -31,6 +32,7 @@ from xenpv.base.rundir import make_artifacts_dir
 from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from xenpv.harness.agent import Guest, GuestBugcheck
 from xenpv.harness.cleanup import reap, reap_stale
+from xenpv.harness.hosts import HostPool, HostSpec, load_hosts
 from xenpv.harness.machine import Machine
 from xenpv.base.process import read_tail, running
 from xenpv.backends.host import HostServices
@@ -46,6 +48,7 @@ _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _artifacts_key = pytest.StashKey[Path]()
 _machines_key = pytest.StashKey[list[Machine]]()
 _session_artifacts_key = pytest.StashKey[Path]()
+_hosts_key = pytest.StashKey[list[HostSpec]]()
 _WORKERINPUT_KEY = "xenpv_session_artifacts"
 # Sessions running in this process (pytester can nest one); only the outermost sweeps at its end.
 _sessions = 0
@@ -59,11 +62,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="keep artifact directories of passing tests too")
     g.addoption("--qemu-binary", default=None, metavar="PATH",
                 help="QEMU to launch (default: $XENPV_QEMU or /usr/libexec/xen-qemu-system-i386)")
+    g.addoption("--xenpv-hosts", default=None, metavar="HOSTS.yaml",
+                help="remote hosts for the `host_pool` fixture (issue 17, first part; harness.hosts); "
+                     "checked at start-up, leases under $XENPV_LEASE_DIR (default /tmp/xenpv-leases)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for name, help_ in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {help_}")
+    hosts_file = config.getoption("--xenpv-hosts", None)
+    if hosts_file:
+        try:  # a mistake in the hosts file stops the session before any test, naming entry and field
+            config.stash[_hosts_key] = load_hosts(Path(hosts_file))
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     if workerinput is not None and _WORKERINPUT_KEY in workerinput:
         # An xdist worker: a subdirectory of the session's directory, named after the worker.
@@ -259,6 +271,18 @@ def boot_guest(host: HostServices, guest_factory: Callable[..., Machine]) -> Ite
     for g in reversed(guests):
         g.shutdown()
     host.check_alive("after the test")
+
+
+@pytest.fixture(scope="session")
+def host_pool(pytestconfig: pytest.Config) -> Iterator[HostPool]:
+    """The pool of --xenpv-hosts (this session's or xdist worker's own; leases are shared through the lease
+    directory); the test is skipped without the option. Running guests on a leased host comes later."""
+    hosts = pytestconfig.stash.get(_hosts_key, None)
+    if hosts is None:
+        pytest.skip("no --xenpv-hosts given")
+    pool = HostPool(hosts)
+    yield pool
+    pool.close()
 
 
 @pytest.fixture

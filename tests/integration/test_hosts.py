@@ -19,6 +19,7 @@ from xenpv.harness.remote import (RemoteAuthFailed, RemoteConnectionLost, Remote
                                   RemoteHostKeyRejected, RemoteTimeout, RemoteUnreachable)
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["pytester"]
 
 
 def test_lease_run_and_sftp_round_trip(ssh_host: SshHost, tmp_path: Path) -> None:
@@ -176,3 +177,44 @@ def test_lease_of_a_dead_process_is_taken_over(ssh_host: SshHost, tmp_path: Path
         proc.wait(10)
     with pool.lease() as lease, RemoteHost.for_lease(lease) as remote:
         assert remote.run("echo mine", timeout=20).stdout == "mine\n"
+
+
+# ---- --xenpv-hosts and the host_pool fixture, as a user meets them (an inner session) ------------------
+
+INNER = '''
+from xenpv.harness.remote import RemoteHost
+
+def test_remote(host_pool):
+    with host_pool.lease() as lease, RemoteHost.for_lease(lease) as remote:
+        assert remote.run("echo inner", timeout=20).stdout == "inner\\n"
+        assert lease.path.parent.name == "leases"
+'''
+
+
+def test_hosts_option_gives_the_fixture_its_pool(ssh_host: SshHost, pytester: pytest.Pytester, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(f"- host: {ssh_host.address}\n  port: {ssh_host.port}\n  user: {ssh_host.user}\n"
+                     f"  key_file: {ssh_host.client_key}\n  known_hosts: {ssh_host.known_hosts}\n"
+                     f"  run_dir: /tmp/xenpv-remote\n")
+    monkeypatch.setenv("XENPV_LEASE_DIR", str(tmp_path / "leases"))
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--xenpv-hosts={hosts}")
+    result.assert_outcomes(passed=1)
+    assert (tmp_path / "leases" / f"{ssh_host.address}_{ssh_host.port}.0.lease").read_text() == ""  # released
+
+
+def test_hosts_option_checks_the_file_before_any_test(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("- host: h\n  user: u\n  key_file: nokey\n  known_hosts: kh\n  run_dir: /r\n")
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--xenpv-hosts={hosts}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{hosts}: host 1 (h): key_file: {tmp_path}/nokey: no such file*"])
+
+
+def test_without_hosts_option_the_fixture_skips(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no --xenpv-hosts given*"])
