@@ -10,7 +10,7 @@ apt_packages=(
   qemu-system-xen qemu-system-x86 qemu-utils xenstore-utils libxen-dev
   gcc make pkg-config libvirt-dev python3-venv python3-dev iproute2 procps
   postgresql chromium  # the nightly store's PostgreSQL test; the morning report's page in headless Chromium
-  openssh-server  # the host pool's tests run Debian's sshd in a namespace (its own config; the service stays off)
+  openssh-server  # the host pool's tests run its sshd in a namespace of their own (own config and keys; the package's service is not used)
 )
 
 missing=()
