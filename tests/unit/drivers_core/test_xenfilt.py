@@ -232,3 +232,28 @@ def test_remove_device_detaches_and_deletes_the_filter_fdo(toy) -> None:
     assert fdo not in t.xenfilt.fdos and len(t.xenfilt.fdos) == 1
     assert fdo.deleted and fdo not in fdo.driver.devices
     assert node.pdo.upper is None  # detached: nothing is left attached to the bus's PDO
+
+
+def test_the_active_pdo_reports_the_stored_active_location_information(toy) -> None:
+    """pdo.c PdoSetDeviceInformation: the active NEUTRAL PDO takes ActiveLocationInformation as its
+    LocationInformation (the bus's own text only when none is stored), fixed at creation; PdoQueryDeviceText
+    answers it."""
+    from xenpv.stack.drivers.xenfilt.driver import _device_text
+
+    t = toy({BUS_A: [_child("X", r"TOY\X")]},
+            active={"ActiveDeviceID": r"TOY\X", "ActiveInstanceID": "STORED", "ActiveLocationInformation": "Slot 4"})
+    (child,) = t.bus(BUS_A).children
+    with t.kernel.cpu.lock:
+        assert _device_text(child.top) == "Slot 4"
+
+
+def test_a_child_that_vanishes_while_gated_is_detached_and_deleted(toy) -> None:
+    """fdo.c FdoEnumerate / pdo.c PdoDestroy: a filter PDO whose child went before the PnP manager ever saw
+    it (the gate was closed) gets no REMOVE_DEVICE, so XENFILT detaches and deletes it itself."""
+    t = toy({BUS_B: [], BUS_A: [_child("A1"), _child("A2")]})  # BUS_B keeps the gate closed
+    fdo_ext = next(f.extension for f in t.xenfilt.fdos if f.extension.pdo is t.bus(BUS_A).pdo)
+    gone = next(c for c in fdo_ext.children if c.extension.spec.device_id == r"TOY\A1")
+    filter_pdo = fdo_ext.children[gone]
+    t.world.layout[BUS_A] = [_child("A2")]
+    t.rescan(BUS_A)
+    assert gone not in fdo_ext.children and filter_pdo.deleted and gone.upper is None
