@@ -56,6 +56,10 @@ def test_lease_run_and_sftp_round_trip(ssh_host: SshHost, tmp_path: Path) -> Non
             with pytest.raises(RemoteTimeout, match=r"'sleep 30' still running after 1.0 s"):
                 remote.run("sleep 30", timeout=1)
             assert remote.run("echo still here", timeout=20).stdout == "still here\n"
+            # Killed by a signal: sshd sends exit-signal, which paramiko does not read, so no status; the
+            # connection stands, so that is not a lost host.
+            killed = remote.run("echo before; kill -9 $$", timeout=20)
+            assert (killed.status, killed.stdout) == (None, "before\n")
         assert not pool.bad
 
 
