@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -219,10 +219,6 @@ class HostPool:
     _leases: list[HostLease] = field(default_factory=list, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
-    @classmethod
-    def from_file(cls, path: Path, lease_dir: Path | None = None) -> "HostPool":
-        return cls(load_hosts(path), lease_dir or lease_dir_default())
-
     def __post_init__(self) -> None:
         try:
             self.lease_dir.mkdir(parents=True, exist_ok=True)
@@ -240,13 +236,13 @@ class HostPool:
     def usable(self) -> list[HostSpec]:
         return [h for h in self.hosts if h.name not in self.bad]
 
-    def lease(self, timeout: float = 0.0, want: Callable[[HostSpec], bool] | None = None) -> HostLease:
+    def lease(self, timeout: float = 0.0) -> HostLease:
         """A free slot of a usable host (first host first), waiting up to `timeout` seconds for one."""
         deadline = time.monotonic() + timeout
         while True:
-            candidates = [h for h in self.usable() if want is None or want(h)]
+            candidates = self.usable()
             if not candidates:
-                why = "; ".join(f"{n}: {r}" for n, r in self.bad.items()) or "none matches"
+                why = "; ".join(f"{n}: {r}" for n, r in self.bad.items())
                 raise PoolExhausted(f"no usable host in the pool ({why})")
             for spec in candidates:
                 for slot in range(spec.max_guests):
@@ -277,7 +273,7 @@ class HostPool:
         for spec in hosts:
             for slot in range(spec.max_guests):
                 try:
-                    owner = Path(self.lease_dir / _slot_file(spec, slot)).read_text().strip() or "?"
+                    owner = (self.lease_dir / _slot_file(spec, slot)).read_text().strip() or "?"
                 except OSError:
                     owner = "?"
                 parts.append(f"{spec.name} slot {slot} by {owner}")

@@ -182,8 +182,11 @@ class RemoteHost:
 
     def put(self, local: Path, remote: str, timeout: float = 60.0) -> None:
         """Copy the file or directory `local` to the path `remote` (made, with its parents)."""
-        sftp = self._sftp_client(timeout)
         what = f"put {local} -> {remote}"
+        if not remote.startswith("/"):
+            # A relative path would depend on the remote account's home directory.
+            raise RemoteError(self.name, f"{what}: the remote path must be absolute")
+        sftp = self._sftp_client(timeout)
         try:
             self._mkdirs(sftp, remote.rsplit("/", 1)[0] or "/")
             if local.is_dir():
@@ -200,7 +203,7 @@ class RemoteHost:
             else:
                 raise RemoteError(self.name, f"{what}: {local}: no such file or directory")
         except (socket.timeout, TimeoutError):
-            raise RemoteTimeout(self.name, f"{what}: no answer within {timeout:.1f} s") from None
+            raise self._sftp_timeout(what, timeout) from None
         except OSError as exc:
             raise self._sftp_error(what, exc) from None
 
@@ -211,7 +214,7 @@ class RemoteHost:
         try:
             self._get(sftp, remote, local)
         except (socket.timeout, TimeoutError):
-            raise RemoteTimeout(self.name, f"{what}: no answer within {timeout:.1f} s") from None
+            raise self._sftp_timeout(what, timeout) from None
         except OSError as exc:
             raise self._sftp_error(what, exc) from None
 
@@ -250,6 +253,14 @@ class RemoteHost:
         # Every SFTP request must be answered within `timeout` (paramiko waits on the channel).
         self._sftp.get_channel().settimeout(timeout)
         return self._sftp
+
+    def _sftp_timeout(self, what: str, timeout: float) -> RemoteTimeout:
+        # A timeout in the middle of a packet leaves this SFTP session's stream out of step (paramiko copes
+        # with whole late answers, not with half-read ones): the next transfer opens a new session.
+        sftp, self._sftp = self._sftp, None
+        if sftp is not None:
+            sftp.close()
+        return RemoteTimeout(self.name, f"{what}: no answer within {timeout:.1f} s")
 
     def _sftp_error(self, what: str, exc: OSError) -> RemoteError:
         transport = self.client.get_transport()

@@ -2,6 +2,7 @@
 veth pair (tests/integration/sshhost.py), reached through harness.hosts and harness.remote (paramiko)."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -50,6 +51,8 @@ def test_lease_run_and_sftp_round_trip(ssh_host: SshHost, tmp_path: Path) -> Non
             with pytest.raises(RemoteError, match=rf"{ssh_host.address}:{ssh_host.port}: get {base}/nothing -> "
                                                   r".*: No such file"):
                 remote.get(f"{base}/nothing", tmp_path / "nothing")
+            with pytest.raises(RemoteError, match=r"put .* -> relative: the remote path must be absolute"):
+                remote.put(src / "blob.bin", "relative")
             with pytest.raises(RemoteError, match=r"'false' exited with status 1"):
                 remote.run("false", timeout=20, check=True)
             # A command past its deadline fails that call only: the host still answers, it is not bad.
@@ -222,3 +225,24 @@ def test_without_hosts_option_the_fixture_skips(pytester: pytest.Pytester) -> No
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*no --xenpv-hosts given*"])
+
+
+def test_stalled_transfer_times_out_and_the_next_one_works(ssh_host: SshHost, tmp_path: Path) -> None:
+    """SFTP requests have a deadline: with every process of the host stopped (SIGSTOP), a get fails with
+    RemoteTimeout; once they run again, the next get (on a new SFTP session) works and the host is good."""
+    pool = HostPool([ssh_host.spec()], tmp_path / "leases")
+    (tmp_path / "f").write_text("payload\n")
+    with pool.lease() as lease, RemoteHost.for_lease(lease) as remote:
+        remote.put(tmp_path / "f", f"{lease.spec.run_dir}/f")
+        stopped = ssh_host.ns.pids()
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RemoteTimeout, match=rf"get {lease.spec.run_dir}/f -> .*: no answer within 1.0 s"):
+                remote.get(f"{lease.spec.run_dir}/f", tmp_path / "back", timeout=1)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        remote.get(f"{lease.spec.run_dir}/f", tmp_path / "back2")
+        assert (tmp_path / "back2").read_text() == "payload\n"
+    assert not pool.bad
