@@ -238,13 +238,19 @@ def test_the_active_pdo_reports_the_stored_active_location_information(toy) -> N
     """pdo.c PdoSetDeviceInformation: the active NEUTRAL PDO takes ActiveLocationInformation as its
     LocationInformation (the bus's own text only when none is stored), fixed at creation; PdoQueryDeviceText
     answers it."""
+    from xenpv.stack.drivers.pci import DEVICE_TEXT_DESCRIPTION, QueryDeviceTextParameters
     from xenpv.stack.drivers.xenfilt.driver import _device_text
+    from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver
+    from xenpv.stack.kernel.status import STATUS_NOT_SUPPORTED
 
     t = toy({BUS_A: [_child("X", r"TOY\X")]},
             active={"ActiveDeviceID": r"TOY\X", "ActiveInstanceID": "STORED", "ActiveLocationInformation": "Slot 4"})
     (child,) = t.bus(BUS_A).children
     with t.kernel.cpu.lock:
         assert _device_text(child.top) == "Slot 4"
+        # Only LocationInformation is replaced: a description query goes to the bus (the toy bus has none).
+        irp = Irp.pnp(IRP_MN_PNP.QUERY_DEVICE_TEXT, QueryDeviceTextParameters(DEVICE_TEXT_DESCRIPTION))
+        assert IoSynchronousCallDriver(child.top, irp) == STATUS_NOT_SUPPORTED and irp.io_status.information != "Slot 4"
 
 
 def test_a_child_that_vanishes_while_gated_is_detached_and_deleted(toy) -> None:
