@@ -121,3 +121,12 @@ def test_s4_set_power_runs_the_check(fdo) -> None:
             _system_power(booted, fdo, S4)
     finally:
         fdo.interfaces["EVTCHN"].references -= 1
+
+
+def test_d0_holds_exactly_the_fdos_own_interfaces(fdo) -> None:
+    """XB fdo.c FdoD3ToD0 acquires DEBUG, SUSPEND, RANGE_SET, EVTCHN, STORE and CONSOLE for the FDO itself,
+    in that order (FdoD0ToD3 releases them in reverse): each is referenced while the FDO is in D0, and the
+    others (SHARED_INFO, CACHE, GNTTAB, UNPLUG) are not taken by the FDO."""
+    booted, fdo = fdo
+    assert fdo._held == ["DEBUG", "SUSPEND", "RANGE_SET", "EVTCHN", "STORE", "CONSOLE"]
+    assert all(fdo.interfaces[name].references >= 1 for name in fdo._held)
