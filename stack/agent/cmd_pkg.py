@@ -113,7 +113,6 @@ def _pkg_locked(rt: GuestRuntime, args: list[str]) -> str:
 @command("reboot", "restart Windows on the same machine (the hive persists, volatile keys go)")
 def _reboot(rt: GuestRuntime, args: list[str]) -> str:
     pending = reboot_requests(rt.kernel.registry)
-    _grants.clear()  # they were this boot's
     rt.reboot()
     return f"boot {rt.boots}" + (f" (reboot requested by {', '.join(pending)})" if pending else "")
 
@@ -135,6 +134,7 @@ def _reg(rt: GuestRuntime, args: list[str]) -> str:
 
 @dataclass
 class _Grant:
+    kernel: Any  # the boot it was made in: a restart by any path (console, xenagent, xenbus_monitor) ends it
     gnttab: Any
     cache: Any
     entry: Any
@@ -201,11 +201,12 @@ def _grant(rt: GuestRuntime, args: list[str]) -> str:
             rt.kernel.mm.MmFreePagesFromMdl(mdl)
             gnttab.release()
             return f"permit to dom{domid}: {status_name(status)}"
-    _grants.append(_Grant(gnttab, cache, entry, mdl))
+    _grants.append(_Grant(rt.kernel, gnttab, cache, entry, mdl))
     return f"granted ref {gnttab.GnttabGetReference(entry)} pfn {mdl.pfns[0]:#x} to dom{domid}"
 
 
 def _revoke_in_use(rt: GuestRuntime, args: list[str]) -> str:
+    _grants[:] = [g for g in _grants if g.kernel is rt.kernel]  # an earlier boot's went with its kernel
     if not _grants:
         return "no outstanding grant: run `fault grant [DOMID]` and map it from the back-end first"
     grant = _grants[-1]

@@ -180,3 +180,13 @@ def test_xenpv_shutdown_reboot_and_hibernate_commands_drive_a_console_session(tm
         session.expect(pexpect.EOF, timeout=60)
     finally:
         session.close(force=True)
+
+
+def test_a_fault_grant_ends_with_its_boot_when_xenagent_restarts_windows(boot_guest) -> None:
+    """The console's `fault grant` belongs to one boot: after a restart through xenagent (not the console's
+    own `reboot`), `fault revoke-in-use` finds nothing to revoke rather than the old boot's GNTTAB."""
+    g = boot_guest("default")
+    wait_features(g, "1")
+    assert g.console.run("fault grant").startswith("granted ref ")
+    pvcontrol.reboot(g)
+    assert g.console.run("fault revoke-in-use").startswith("no outstanding grant"), "the old boot's grant"
