@@ -197,11 +197,8 @@ class XenAgent:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             # The service may be inside an IOCTL that waits for xenstored: it needs the processor to finish.
-            depth = self.kernel.cpu.lock.release_all()
-            try:
+            with self.kernel.cpu.lock.released():
                 thread.join(timeout)
-            finally:
-                self.kernel.cpu.lock.restore(depth)
             if thread.is_alive():
                 log.error("xenagent did not stop within %gs", timeout)
         self._detach()

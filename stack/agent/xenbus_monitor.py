@@ -94,11 +94,8 @@ class MonitorService:
         self._request.set()  # wakes the wait (one event stands for WaitForMultipleObjects' two)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            depth = self.kernel.cpu.lock.release_all()  # its check may be waiting for the processor
-            try:
+            with self.kernel.cpu.lock.released():  # its check may be waiting for the processor
                 thread.join(timeout)
-            finally:
-                self.kernel.cpu.lock.restore(depth)
             if thread.is_alive():
                 log.error("xenbus_monitor did not stop within %gs", timeout)
         if self._cancel_notify is not None:

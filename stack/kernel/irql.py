@@ -129,6 +129,15 @@ class KernelLock:
         self._lock.acquire()
         self._owner, self._depth = threading.get_ident(), depth
 
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Without the CPU for the block (release_all ... restore): e.g. while joining a thread that needs it."""
+        depth = self.release_all()
+        try:
+            yield
+        finally:
+            self.restore(depth)
+
     def __enter__(self) -> KernelLock:
         self.acquire()
         return self
