@@ -143,18 +143,11 @@ class GuestConsole:
                 raise GuestBugcheck(CrashDump.load(path), path, during, console_log=self.log_path,
                                     agent_log=self.agent_log)
             if i == 4:
-                self.child.expect(r"\n")
-                what = self.child.before.removeprefix(":").strip()
-                self._wait_exit()
-                raise HarnessTooSlow(f"the guest gave up during {during}, the harness being too slow: {what}; "
-                                     "XENPV_TIME_SCALE=N gives every deadline N times as long")
+                raise HarnessTooSlow(f"the guest gave up during {during}, the harness being too slow: "
+                                     f"{self._last_words()}; XENPV_TIME_SCALE=N gives every deadline N times as long")
             if i == 5:
-                self.child.expect(r"\n")
-                what = self.child.before.removeprefix(":").strip()
-                self._wait_exit()
-                self._logfile.flush()
                 raise NotModelledPath(f"the guest ended during {during} on a path the harness does not model: "
-                                      f"{what}")
+                                      f"{self._last_words()}")
             if i == 2:
                 self.child.close()
                 raise AgentExited(f"the guest agent exited during {during} (status {self.child.exitstatus}, "
@@ -163,6 +156,14 @@ class GuestConsole:
             self.machine.check_alive(f"the guest console ({during})")
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"no guest prompt within {timeout:.1f}s during {during}")
+
+    def _last_words(self) -> str:
+        """The rest of a marker's line (`*** MARKER: <what>`), once the agent that printed it has ended."""
+        self.child.expect(r"\n")
+        what = self.child.before.removeprefix(":").strip()
+        self._wait_exit()
+        self._logfile.flush()
+        return what
 
     def _wait_exit(self, timeout: float = 5.0) -> None:
         """After the guest's last word (a STOP, a give-up): its end. The dump and the line are already
