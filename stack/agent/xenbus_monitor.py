@@ -14,8 +14,8 @@ key (stack.kernel.registry notify_change), so a later xen.sys ConfigRequestReboo
   which reboots through GuestRuntime.reboot, the console's `reboot`. A stop during the countdown cancels it.
 - PROMPT (PromptForReboot): WTSSendMessage to the active session, waiting PromptTimeout seconds (scaled;
   0, the default, is for ever; IDTIMEOUT restarts like IDYES). The model's session is the console:
-  `monitor` shows the dialog's text, `monitor yes` is IDYES (DoReboot at once), `monitor no` is IDNO. Either way RebootPending is set, so this service does nothing more until
-  the next boot.
+  `monitor` shows the dialog's text, `monitor yes` is IDYES (DoReboot at once), `monitor no` is IDNO.
+  Either way RebootPending is set, so this service does nothing more until the next boot.
 Each step is a line of the debug log (module XENBUS_MONITOR), which the agent's log also gets.
 Not modelled: RegDeleteTree(RequestKey) at stop (the request subkeys are volatile, so a reboot loses them
 anyway), CM_WaitNoPendingInstallEvents and RemoveStartOverride("stornvme").
