@@ -8,7 +8,8 @@
 #   ci/mutation.sh --list
 #
 # Each group runs in a private copy of the work tree (mutmut rewrites the files it mutates), its own fixed
-# list of unit test files as the runner (pytest -x: the first failure kills the mutant), niced, one mutant at
+# list of unit test files as the runner (pytest -x: the first failure kills the mutant; each mutant first runs
+# only the files that executed its line, by coverage, see ci/mutmut_config.py), niced, one mutant at
 # a time, for at most --minutes (default 120; mutants not reached are reported as untested). Results per
 # group go to OUT/<group>/: the mutmut cache (a later run with the same tests only tries what is new), the
 # log, survivors.txt (the to-do list: add the test that kills each, or list it as equivalent) and
@@ -68,7 +69,7 @@ while [ $# -gt 0 ]; do
 done
 [ ${#selected[@]} -gt 0 ] || selected=("${groups[@]}")
 
-if ! "$py" -c 'import mutmut' 2>/dev/null; then
+if ! "$py" -c 'import mutmut, pytest_cov' 2>/dev/null; then
   "$py" -m pip install -q --disable-pip-version-check -e "$top[mutation]" >&2 || { echo "mutation.sh: cannot install mutmut" >&2; exit 1; }
 fi
 mkdir -p "$out"
@@ -93,6 +94,15 @@ for g in "${selected[@]}"; do
   # socket fuzz: a mutant costs seconds instead of the 81-90 s of full fuzzing (xenstored, issue 18).
   export XENPV_HYPOTHESIS_PROFILE=mutation XS_FUZZ_SECONDS=1
   runner="$py -m pytest -p no:cacheprovider -x -q --no-header $(echo ${tests[$g]})"
+  # Test selection by coverage (ci/mutmut_config.py): one run of the group's tests records which test files
+  # execute each line; a mutant runs those first, and the whole list only if it survives them.
+  export XENPV_MUTATION_RUNNER="$py -m pytest -p no:cacheprovider -x -q --no-header"
+  export XENPV_MUTATION_SELECTION="$work/.mutation-select.json"
+  (cd "$work" && nice -n 10 "$py" -m pytest -p no:cacheprovider -q --no-header -p pytest_cov --cov=. \
+      --cov-context=test --cov-report= $(echo ${tests[$g]}) > "$gout/coverage.log" 2>&1 \
+   && COVERAGE_FILE=.coverage "$py" mutmut_config.py select .coverage "$XENPV_MUTATION_SELECTION" \
+      $(echo ${tests[$g]})) 2>&1 | sed 's/^/mutation: /' >&2
+  [ -s "$XENPV_MUTATION_SELECTION" ] || echo "mutation: $g: no test selection (see $gout/coverage.log): every mutant runs the whole list" >&2
   # mutmut 2 parses with parso 0.8, which cannot read some valid Python (raw f-strings with "\{", as
   # installer.py's registry paths): such a file is left out of the run and named in not-mutated.txt.
   mutate=$(cd "$work" && "$py" -c '
@@ -112,7 +122,7 @@ print(",".join(readable))
   start=$(date +%s)
   # SIGINT at the deadline: mutmut restores the file it mutated and stops; what it did not reach is untested.
   (cd "$work" && timeout --signal=INT --kill-after=60 "${minutes}m" nice -n 10 "$py" -m mutmut run \
-      --paths-to-mutate "$mutate" --tests-dir tests --runner "$runner" --simple-output --no-progress --CI) \
+      --paths-to-mutate "$mutate" --tests-dir tests --runner "$runner" --rerun-all --simple-output --no-progress --CI) \
       > "$gout/mutmut.log" 2>&1
   rc=$?
   seconds=$(( $(date +%s) - start ))

@@ -11,13 +11,22 @@ A mutant is skipped before it runs when it cannot change a rule:
   same fallback (XsError("EINVAL") -> XsError("XXEINVALXX"): still EINVAL on the wire);
 - it is listed in ci/mutation-equivalent.txt (path || original line || mutated line || reason).
 
+A mutant that runs runs only the group's test files that executed its line, when ci/mutation.sh measured that
+(one run of the group's tests under coverage with per-test contexts, `build_selection`): a mutant in xenhv's
+unplug ports no longer waits for the event channel tests before the unplug fuzzers get to it. A line no test
+executed in-process (module-level code, code reached only in a subprocess) runs the whole list, and a mutant
+that survives its selected files runs the whole list again (mutmut --rerun-all), so selection saves time and
+never turns a killed mutant into a survivor.
+
 `classify(filename, line_number, original, mutated)` gives the reason a mutant is skipped (None: it runs);
 ci/mutation.sh uses it again when it writes the report, so the report says why each was skipped.
 """
 from __future__ import annotations
 
 import ast
+import json
 import os
+import sys
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +39,8 @@ LABEL_PARAMS = {"op", "what", "which", "where"}
 # xsd_errors[] names, anything else is sent as EINVAL), so mutmut's "XXEINVALXX" is EINVAL again.
 FALLBACK_ERRNO = {"XsError": "EINVAL"}
 DELETED = "<deleted>"  # the mutated line of a mutant that removes a line (a decorator)
+SELECTION_ENV = "XENPV_MUTATION_SELECTION"  # the JSON build_selection wrote: file -> line -> test files
+RUNNER_ENV = "XENPV_MUTATION_RUNNER"  # the runner command without its test files
 
 
 def _equivalent_file() -> Path:
@@ -167,3 +178,67 @@ def pre_mutation(context: object) -> None:
     reason = classify(context.filename, mid.line_number, mid.line, mutated_line(context))  # type: ignore[attr-defined]
     if reason is not None:
         context.skip = True  # type: ignore[attr-defined]
+        return
+    command = selected_command(context.filename, mid.line_number)  # type: ignore[attr-defined]
+    if command is not None:
+        context.config.test_command = command  # type: ignore[attr-defined]
+
+
+def build_selection(coverage_file: Path, test_files: list[str], root: Path) -> dict[str, dict[str, list[str]]]:
+    """{source file relative to root: {line (1-based, as text): [test files that executed it]}}, the test files
+    in the group's order (fastest first), from coverage data recorded with pytest-cov's --cov-context=test
+    (contexts "<nodeid>|run", "|setup", "|teardown"; "" is import time, which selects nothing)."""
+    from coverage import CoverageData
+
+    order = {t: i for i, t in enumerate(test_files)}
+    data = CoverageData(basename=str(coverage_file))
+    data.read()
+    root = root.resolve()
+    table: dict[str, dict[str, list[str]]] = {}
+    for measured in data.measured_files():
+        try:
+            rel = str(Path(measured).resolve().relative_to(root))
+        except ValueError:
+            continue
+        lines: dict[str, list[str]] = {}
+        for line, contexts in data.contexts_by_lineno(measured).items():
+            files = {c.split("::", 1)[0] for c in contexts if "::" in c}
+            # A test given as a directory (tests/unit/xenbus_interfaces) is selected by its own file.
+            files = {f for f in files if f in order or any(f.startswith(t.rstrip("/") + "/") for t in order)}
+            if files:
+                lines[str(line)] = sorted(files, key=lambda f: (_rank(f, order), f))
+        if lines:
+            table[rel] = lines
+    return table
+
+
+def _rank(test_file: str, order: dict[str, int]) -> int:
+    if test_file in order:
+        return order[test_file]
+    return min(i for t, i in order.items() if test_file.startswith(t.rstrip("/") + "/"))
+
+
+@lru_cache(maxsize=1)
+def _selection() -> dict[str, dict[str, list[str]]]:
+    path = os.environ.get(SELECTION_ENV)
+    return json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
+
+
+def selected_command(filename: str, line_number: int) -> str | None:
+    """The runner narrowed to the test files that executed this line (0-based, as mutmut numbers them), or
+    None: the line was not seen, run the whole list."""
+    runner = os.environ.get(RUNNER_ENV)
+    files = _selection().get(filename, {}).get(str(line_number + 1))
+    if not runner or not files:
+        return None
+    return f"{runner} {' '.join(files)}"
+
+
+if __name__ == "__main__":
+    # python mutmut_config.py select COVERAGE_FILE OUT_JSON TEST_FILE... (run in the group's work tree)
+    if len(sys.argv) < 4 or sys.argv[1] != "select":
+        sys.exit("usage: mutmut_config.py select COVERAGE_FILE OUT_JSON TEST_FILE...")
+    selection = build_selection(Path(sys.argv[2]), sys.argv[4:], Path.cwd())
+    Path(sys.argv[3]).write_text(json.dumps(selection))
+    print(f"mutation: test selection by coverage: {sum(len(v) for v in selection.values())} lines of "
+          f"{len(selection)} files", file=sys.stderr)
