@@ -10,6 +10,10 @@ The hosts file (`--xenpv-hosts hosts.yaml`) is a YAML list, one mapping per host
       max_guests: 2             # optional, default 1: how many guests may run there at once
       run_dir: /var/tmp/xenpv   # where the harness keeps its files on that host
 
+An entry `- host: local` (with `max_guests`, nothing else) is this machine itself: its guests run in the
+test's own process, as without a pool; its slots are leased the same way, so one pool spreads a run's
+guests over this machine and the SSH hosts.
+
 A host with `max_guests: N` has N slots. A slot is leased through one file per slot in the lease
 directory, `<host>_<port>.<slot>.lease`, locked with flock(2) and holding its owner (`<pid>.<start>`,
 base.owner). flock, not POSIX (lockf/F_SETLK) locks: those never conflict within one process and all go
@@ -25,6 +29,9 @@ When every slot of every usable host is leased, `lease()` waits, polling, up to 
 at once) and then raises PoolExhausted naming the holders. A host whose connection dropped (or that could
 not be reached, or refused our key or showed another host key) is marked bad for the rest of the run —
 this pool object's life — and is not leased again; when all hosts are bad, `lease()` says why each is.
+Pools given a `bad_dir` (every xdist worker of one pytest session gets the session's) share the marks: a
+mark is a file `<host>_<port>.bad` there holding the reason, so a host one worker lost is not leased by
+the others either.
 """
 from __future__ import annotations
 
@@ -51,6 +58,8 @@ DEFAULT_LEASE_DIR = Path("/tmp/xenpv-leases")
 _POOL_LOCK = ".pool.lock"
 GUARD_TIMEOUT = 10.0  # seconds; the directory lock is held for a few system calls at a time
 _FIELDS = ("host", "port", "user", "key_file", "known_hosts", "max_guests", "run_dir")
+LOCAL = "local"  # the host name of this machine's own entry
+_LOCAL_FIELDS = ("host", "max_guests")
 
 
 class HostsFileError(ConfigError):
@@ -83,7 +92,17 @@ class HostSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
+        return LOCAL if self.is_local else f"{self.user}@{self.host}:{self.port}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.host == LOCAL
+
+    @classmethod
+    def local(cls, max_guests: int = 1) -> "HostSpec":
+        """This machine: no SSH, so no account, key or remote directory."""
+        return cls(host=LOCAL, user="", key_file=Path(os.devnull), known_hosts=Path(os.devnull), run_dir="",
+                   port=0, max_guests=max_guests)
 
 
 def _entry_name(index: int, raw: Any) -> str:
@@ -99,8 +118,12 @@ def _parse_entry(path: Path, index: int, raw: Any) -> HostSpec:
 
     if not isinstance(raw, dict):
         raise fail("", f"must be a mapping of {', '.join(_FIELDS)}, got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in raw if k not in _FIELDS)
+    local = raw.get("host") == LOCAL
+    fields = _LOCAL_FIELDS if local else _FIELDS
+    unknown = sorted(str(k) for k in raw if k not in fields)
     if unknown:
+        if local and unknown[0] in _FIELDS:
+            raise fail(unknown[0], "not for the local host (it takes only max_guests): its guests run here")
         raise fail(unknown[0], f"unknown field (the fields are {', '.join(_FIELDS)})")
 
     def text(name: str) -> str:
@@ -127,6 +150,8 @@ def _parse_entry(path: Path, index: int, raw: Any) -> HostSpec:
             raise fail(name, f"{p}: not readable")
         return p.resolve()
 
+    if local:
+        return HostSpec.local(integer("max_guests", 1, 1, 1024))
     run_dir = text("run_dir")
     if not run_dir.startswith("/"):
         # A relative path would depend on the remote account's home and login shell.
@@ -168,8 +193,12 @@ def lease_dir_default() -> Path:
     return Path(raw) if raw else DEFAULT_LEASE_DIR
 
 
+def _host_file(spec: HostSpec) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.host)}_{spec.port}"
+
+
 def _slot_file(spec: HostSpec, slot: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.host)}_{spec.port}.{slot}.lease"
+    return f"{_host_file(spec)}.{slot}.lease"
 
 
 def _read_owner(fd: int) -> Owner | None:
@@ -215,7 +244,8 @@ class HostPool:
     hosts: list[HostSpec]
     lease_dir: Path = field(default_factory=lease_dir_default)
     poll_interval: float = 0.1
-    bad: dict[str, str] = field(default_factory=dict, init=False)  # host name -> why
+    bad_dir: Path | None = None  # shared marks (module docstring); None: this pool's own only
+    _bad: dict[str, str] = field(default_factory=dict, init=False)  # host name -> why
     _leases: list[HostLease] = field(default_factory=list, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
@@ -226,15 +256,38 @@ class HostPool:
             raise ConfigError(f"lease directory {self.lease_dir}: cannot be made: {exc.strerror}") from None
         if not os.access(self.lease_dir, os.W_OK | os.X_OK):
             raise ConfigError(f"lease directory {self.lease_dir}: not writable")
+        if self.bad_dir is not None:
+            self.bad_dir.mkdir(parents=True, exist_ok=True)
 
     def mark_bad(self, spec: HostSpec, reason: str) -> None:
         with self._lock:
-            if spec.name not in self.bad:
-                log.warning("%s marked bad for the rest of the run: %s", spec.name, reason)
-                self.bad[spec.name] = reason
+            if spec.name in self.bad:
+                return
+            log.warning("%s marked bad for the rest of the run: %s", spec.name, reason)
+            self._bad[spec.name] = reason
+            if self.bad_dir is not None:
+                # Written whole under a temporary name: a reader sees no mark or all of it.
+                final = self.bad_dir / f"{_host_file(spec)}.bad"
+                tmp = final.with_name(f".{final.name}.{os.getpid()}")
+                tmp.write_text(reason + "\n")
+                os.replace(tmp, final)
+
+    @property
+    def bad(self) -> dict[str, str]:
+        """Host name -> why it is bad: this pool's marks and, with a bad_dir, every other pool's."""
+        marks = dict(self._bad)
+        if self.bad_dir is not None:
+            for spec in self.hosts:
+                if spec.name not in marks:
+                    try:
+                        marks[spec.name] = (self.bad_dir / f"{_host_file(spec)}.bad").read_text().strip()
+                    except FileNotFoundError:
+                        pass
+        return marks
 
     def usable(self) -> list[HostSpec]:
-        return [h for h in self.hosts if h.name not in self.bad]
+        bad = self.bad
+        return [h for h in self.hosts if h.name not in bad]
 
     def lease(self, timeout: float = 0.0) -> HostLease:
         """A free slot of a usable host (first host first), waiting up to `timeout` seconds for one."""

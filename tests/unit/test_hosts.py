@@ -161,6 +161,37 @@ def test_bad_host_is_skipped_and_all_bad_says_why(pool: HostPool) -> None:
         pool.lease(timeout=5)  # no waiting for hosts that will not come back
 
 
+def test_bad_marks_are_shared_through_the_bad_dir(tmp_path: Path) -> None:
+    """Two pools of one run (two xdist workers): a host one lost is skipped by the other, with the reason;
+    a pool of another run (its own bad_dir, or none) still leases it."""
+    hosts = [spec("h1"), spec("h2")]
+    worker0 = HostPool(hosts, tmp_path / "leases", bad_dir=tmp_path / "run1")
+    worker1 = HostPool(hosts, tmp_path / "leases", bad_dir=tmp_path / "run1")
+    other_run = HostPool(hosts, tmp_path / "leases", bad_dir=tmp_path / "run2")
+    try:
+        worker0.mark_bad(hosts[0], "connection lost")
+        assert worker1.bad == {"u@h1:22": "connection lost"}
+        assert worker1.lease().spec.host == "h2"
+        assert other_run.bad == {} and other_run.lease().spec.host == "h1"
+        worker1.mark_bad(hosts[1], "cannot connect")
+        with pytest.raises(PoolExhausted, match=r"u@h1:22: connection lost; u@h2:22: cannot connect"):
+            worker0.lease()
+    finally:
+        for pool in (worker0, worker1, other_run):
+            pool.close()
+
+
+def test_local_entry_takes_only_max_guests(hosts_dir: Path) -> None:
+    local, remote = load_hosts(write(hosts_dir, "- host: local\n  max_guests: 2\n" + GOOD.split("- host: 10.0.0.7")[0]))
+    assert local == HostSpec.local(2) and local.is_local and local.name == "local"
+    assert not remote.is_local
+    with pytest.raises(HostsFileError, match=r"host 1 \(local\): user: not for the local host \(it takes only "
+                                             r"max_guests\)"):
+        load_hosts(write(hosts_dir, "- host: local\n  user: ci\n"))
+    with pytest.raises(HostsFileError, match=r"host 1 \(local\): max_guests: must be an integer from 1"):
+        load_hosts(write(hosts_dir, "- host: local\n  max_guests: 0\n"))
+
+
 CHILD = """
 import os, sys, time
 from pathlib import Path
