@@ -85,13 +85,17 @@ class QmpSession:
 
     async def _pump_events(self) -> None:
         async for event in self._client.events:
-            record = dict(event)
+            self.add_event(dict(event))
+
+    def add_event(self, record: dict[str, Any]) -> None:
+        """Log an event and make it visible to wait_event: QEMU's own, and those another source reports
+        about the same machine (the libvirt launcher's LIBVIRT_LIFECYCLE, LIBVIRT_DEVICE_REMOVED)."""
+        with self._cond:
             if self._event_log is not None:
                 self._event_log.write(json.dumps(record) + "\n")
                 self._event_log.flush()
-            with self._cond:
-                self._events.append(record)
-                self._cond.notify_all()
+            self._events.append(record)
+            self._cond.notify_all()
 
     def command(self, cmd: str, timeout: float = 10.0, **arguments: Any) -> Any:
         args = {k.replace("_", "-"): v for k, v in arguments.items()} or None

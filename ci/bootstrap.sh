@@ -11,6 +11,7 @@ apt_packages=(
   gcc make pkg-config libvirt-dev python3-venv python3-dev iproute2 procps
   postgresql chromium  # the nightly store's PostgreSQL test; the morning report's page in headless Chromium
   openssh-server  # the host pool's tests run its sshd in a namespace of their own (own config and keys; the package's service is not used)
+  libvirt-daemon libvirt-daemon-driver-qemu  # the libvirt launcher's tests start a private libvirtd (harness.libvirtd; no service used)
 )
 
 missing=()

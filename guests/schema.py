@@ -30,6 +30,10 @@ DRIVER_PACKAGES = ("xenbus", "xenvif", "xennet", "xenvbd", "xeniface")
 BOOT_OPTIONS = ("BOOT_EMULATED",)
 # The PV drivers' build: a checked build (DBG=1) stops on a failed ASSERT, a free build runs past it.
 DRIVER_BUILDS = ("free", "checked")
+# How the machine is started (harness.machine, harness.libvirt_launcher): QEMU launched by the harness, or a
+# libvirt domain. libvirt's QEMU driver runs stock qemu-system-x86_64 only (it cannot probe Debian's Xen
+# build), which has no xen-pvdevice: a libvirt guest has no Xen platform device.
+LAUNCHERS = ("qemu", "libvirt")
 MAX_MEMORY_MIB = 3072  # below the PC's 32-bit PCI hole, so guest-physical == RAM file offset
 
 _SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
@@ -143,6 +147,7 @@ class GuestDefinition:
     # Historical defects put back into the model (guests.bugs.CATALOGUE names), in the file's order.
     bugs: tuple[str, ...] = ()
     build: str = "free"  # DRIVER_BUILDS: which build of the PV drivers the guest runs
+    launcher: str = "qemu"  # LAUNCHERS: who starts the machine
 
     def pv_expectation(self, kind: str) -> PvExpectation:
         """What the main job may demand of this guest's PV `kind` ("disks" or "nics")."""
@@ -289,7 +294,7 @@ def load_guest(path: str | Path) -> GuestDefinition:
 def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefinition:
     r = _Reader(shown or str(path))
     top = r.mapping(doc, "", {"name", "memory", "seed", "platform", "emulated", "pv", "drivers", "registry", "boot",
-                              "not-expected", "bugs", "build"})
+                              "not-expected", "bugs", "build", "launcher"})
     base = path.parent
 
     def image(value: Any, fieldpath: str) -> Path | None:
@@ -482,11 +487,16 @@ def parse_guest(doc: Any, path: Path, shown: str | None = None) -> GuestDefiniti
             raise r.fail(f"bugs[{i}]", f"names {switch} twice")
         bugs.append(switch)
 
+    launcher = r.choice(top.get("launcher", "qemu"), "launcher", LAUNCHERS)
+    if launcher == "libvirt" and platform:
+        raise r.fail("launcher", "libvirt runs stock qemu-system-x86_64, which has no Xen platform device "
+                                 "(xen-pvdevice): a guest with `platform` needs `launcher: qemu`")
+
     return GuestDefinition(
         name=name, path=path, memory_mib=memory >> 20, seed=seed, platform=platform,
         emulated_disks=emu_disks, emulated_nics=emu_nics, pv_disks=pv_disks, pv_nics=pv_nics,
         drivers=drivers, registry=registry, boot_options=options, not_expected=not_expected,
-        bugs=tuple(bugs), build=r.choice(top.get("build", "free"), "build", DRIVER_BUILDS),
+        bugs=tuple(bugs), build=r.choice(top.get("build", "free"), "build", DRIVER_BUILDS), launcher=launcher,
     )
 
 

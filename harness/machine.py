@@ -18,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from xenpv.guests.schema import XEN_PLATFORM_VENDOR, GuestDefinition
 from xenpv.base.errors import LaunchFailure, MachineCrashed, WaitTimeout
@@ -206,12 +207,17 @@ class Machine:
                 return False
 
         try:
-            wait_for(connected, timeout=timeout, what="QEMU's qtest socket", alive=[self.process])
+            wait_for(connected, timeout=timeout, what="QEMU's qtest socket", alive=self._watched())
         except BaseException:
             sock.close()
             raise
         self._transcript = open(self.paths.transcript, "w")
         self._qtest = Qtest(sock, transcript=self._transcript, on_dead=self._crash_report)
+
+    def _watched(self) -> list[Any]:
+        """What a wait for this machine checks is alive (each has check_alive(during)): QEMU's process; the
+        libvirt launcher (harness.libvirt_launcher), whose QEMU is libvirtd's child, watches its domain."""
+        return [self.process]
 
     def _crash_report(self, during: str, connection_lost: bool = False) -> MachineCrashed | None:
         """If QEMU is dead, the error that says so. After a lost connection QEMU is going away, so it

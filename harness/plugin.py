@@ -3,7 +3,9 @@
 - markers: `integration` (real QEMU and dom0 processes), `conformance` (real peers: xenstore-utils,
   libxen-dev, QEMU's vhost-user), `slow`;
 - fixtures: `artifacts` (a per-test directory, kept when the test fails), `guest_factory` (launch a
-  machine from a guest YAML; all are torn down after the test), `machine` (the default guest),
+  machine from a guest YAML; all are torn down after the test; `launcher: libvirt` guests, and with
+  --xenpv-libvirt URI every guest without a Xen platform device, as libvirt domains of `libvirt_target`,
+  harness.libvirt_launcher), `machine` (the default guest),
   `host_pool` (the remote hosts of --xenpv-hosts, harness.hosts; skipped without it);
 - a failure report section naming the artifact directory with the tail of each machine's log;
 - a test that fails on a guest's bugcheck (harness.agent.GuestBugcheck) reports the STOP line, the bucket,
@@ -33,6 +35,7 @@ from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from xenpv.harness.agent import Guest, GuestBugcheck
 from xenpv.harness.cleanup import reap, reap_stale
 from xenpv.harness.hosts import HostPool, HostSpec, load_hosts
+from xenpv.harness.libvirt_launcher import LibvirtMachine, LibvirtTarget, check_local_uri, session_target
 from xenpv.harness.machine import Machine
 from xenpv.base.process import read_tail, running
 from xenpv.backends.host import HostServices
@@ -62,6 +65,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="keep artifact directories of passing tests too")
     g.addoption("--qemu-binary", default=None, metavar="PATH",
                 help="QEMU to launch (default: $XENPV_QEMU or /usr/libexec/xen-qemu-system-i386)")
+    g.addoption("--xenpv-libvirt", default=None, metavar="URI",
+                help="launch every guest libvirt can run (no Xen platform device) as a domain of the libvirt "
+                     "daemon at URI (qemu:///system, qemu:///system?socket=PATH; harness.libvirt_launcher); "
+                     "guests with `launcher: libvirt` use it too (without it: qemu:///system if a daemon "
+                     "answers, else a private libvirtd for the session)")
     g.addoption("--xenpv-hosts", default=None, metavar="HOSTS.yaml",
                 help="remote hosts for the `host_pool` fixture (issue 17, first part; harness.hosts); "
                      "checked at start-up, leases under $XENPV_LEASE_DIR (default /tmp/xenpv-leases)")
@@ -70,6 +78,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for name, help_ in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {help_}")
+    libvirt_uri = config.getoption("--xenpv-libvirt", None)
+    if libvirt_uri:
+        try:
+            check_local_uri(libvirt_uri)
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
     hosts_file = config.getoption("--xenpv-hosts", None)
     if hosts_file:
         try:  # a mistake in the hosts file stops the session before any test, naming entry and field
@@ -213,12 +227,17 @@ def guest_factory(request: pytest.FixtureRequest, artifacts: Path) -> Iterator[C
     machines: list[Machine] = []
     request.node.stash[_machines_key] = machines
     binary = request.config.getoption("--qemu-binary")
+    libvirt_uri = request.config.getoption("--xenpv-libvirt")
 
     def launch(spec: GuestSpec = "default", *, name: str | None = None) -> Machine:
         guest = resolve_guest(spec)
         if name is None:
             name = f"{guest.name}-{len(machines)}" if machines else guest.name
-        m = Machine(guest, artifacts / name, binary=binary, name=name)
+        if guest.launcher == "libvirt" or (libvirt_uri and not guest.platform):
+            m: Machine = LibvirtMachine(guest, artifacts / name, target=request.getfixturevalue("libvirt_target"),
+                                        name=name)
+        else:
+            m = Machine(guest, artifacts / name, binary=binary, name=name)
         machines.append(m)
         m.launch()
         m.write_replay_script()
@@ -227,6 +246,16 @@ def guest_factory(request: pytest.FixtureRequest, artifacts: Path) -> Iterator[C
     yield launch
     for m in reversed(machines):
         m.shutdown()
+
+
+@pytest.fixture(scope="session")
+def libvirt_target(request: pytest.FixtureRequest) -> Iterator[LibvirtTarget]:
+    """The libvirt daemon of the session's libvirt machines (harness.libvirt_launcher.session_target)."""
+    logs = session_artifacts(request.config) / "libvirtd"
+    with session_target(request.config.getoption("--xenpv-libvirt"), logs) as target:
+        yield target
+    if not request.session.testsfailed and not request.config.getoption("--xenpv-keep-artifacts"):
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,148 @@
+"""The libvirt launcher (issue 17) against a real libvirtd: the session's `libvirt_target` is the daemon of
+--xenpv-libvirt, else a system one that answers at qemu:///system, else a private libvirtd the session
+starts in a namespace of its own (harness.libvirtd) and stops at its end.
+
+The no-platform shape booted as a libvirt domain of stock qemu-system-x86_64 must report what it reports
+on the QEMU launcher's machine (tests/integration/test_guest_lifecycle.py
+test_no_platform_guest_boots_and_unplugs_nothing): without the Xen platform device xen.sys stays
+quiescent (upstream win-xenbus src/xen/driver.c DllInitialize: no Xen CPUID leaf, no hypercall page, "not
+running on Xen") and XENFILT filters nothing (src/xenfilt/driver.c DriverEntry), so even stale unplug
+counters do not take the emulated disk or NIC away and no XENBUS device appears.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from xenpv.base.errors import MachineCrashed
+from xenpv.guests.schema import GUESTS_DIR
+from xenpv.harness.libvirt_launcher import DEVICE_REMOVED_EVENT, LIFECYCLE_EVENT, LibvirtMachine, open_connection
+
+pytestmark = pytest.mark.integration
+
+XEN_UNPLUG = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Unplug"
+STOCK_QEMU = "/usr/bin/qemu-system-x86_64"
+# The chipset of the pc machine (i440FX host bridge, PIIX3 ISA, IDE, PIIX4 ACPI) and the guest's RTL8139.
+PCI_IDS = {0x1237, 0x7000, 0x7010, 0x7113, 0x8139}
+# QEMU's ACPI PCI hotplug registers on the PIIX4 (hw/acpi/pcihp.c, at ACPI_PCIHP_ADDR 0xae00): the slots
+# with a removal request (PCI_DOWN_BASE) and the eject register (PCI_EJ_BASE) that the guest's ACPI _EJ0
+# method writes; PCI_SEL_BASE selects the bus (0: the root bus).
+PCIHP_DOWN, PCIHP_EJECT, PCIHP_SEL = 0xAE04, 0xAE08, 0xAE10
+# A device libvirt itself adds (and so reports the removal of), in a slot QEMU gave none of the guest's.
+RNG_XML = ("<rng model='virtio'><backend model='random'>/dev/urandom</backend><alias name='ua-rng0'/>"
+           "<address type='pci' domain='0' bus='0' slot='0x1f' function='0'/></rng>")
+RNG_SLOT = 0x1F
+
+
+def _libvirt_guest(tmp_path: Path, shape: str = "no-platform", extra: str = "") -> Path:
+    """The shape's YAML with `launcher: libvirt` (the agent and the run record read the file itself)."""
+    path = tmp_path / f"{shape}-libvirt.yaml"
+    path.write_text((GUESTS_DIR / f"{shape}.yaml").read_text() + "launcher: libvirt\n" + extra)
+    return path
+
+
+def _inserted(machine) -> dict[str, bool]:
+    return {b["qdev"]: "inserted" in b for b in machine.qmp.command("query-block") if b.get("qdev")}
+
+
+def _pci_device_ids(machine) -> set[int]:
+    return {d["id"]["device"] for bus in machine.qmp.command("query-pci") for d in bus["devices"]}
+
+
+def test_no_platform_shape_boots_through_libvirt_and_unplugs_nothing(boot_guest, libvirt_target, tmp_path) -> None:
+    g = boot_guest(_libvirt_guest(tmp_path))
+    m = g.machine
+    assert isinstance(m, LibvirtMachine) and m.binary == STOCK_QEMU
+    # libvirt's QEMU, paused as started and never resumed: the agent alone drives the machine, over qtest.
+    conn = open_connection(libvirt_target.uri)
+    try:
+        dom = conn.lookupByName(m.domain_name)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        assert f"<emulator>{STOCK_QEMU}</emulator>" in dom.XMLDesc()
+    finally:
+        conn.close()
+    assert m.qmp.command("query-status")["running"] is False
+    assert _pci_device_ids(m) == PCI_IDS  # the machine the QEMU launcher makes: no USB, no balloon
+    c = g.console
+    for name in ("DISKS", "NICS"):  # what XENVBD and XENVIF leave behind on a machine they once ran on
+        assert "successfully" in c.run(f"reg add '{XEN_UNPLUG}' /v {name} /t REG_DWORD /d 1")
+    c.run("reboot")
+    assert _inserted(m)["hda"] is True
+    assert 0x8139 in _pci_device_ids(m)
+    tree = c.run("devices")
+    assert r"IDE\DiskQEMU_HARDDISK\0.0.0" in tree and "XENBUS" not in tree
+    assert "not running on Xen" in c.run("log 400")
+
+
+def test_libvirt_lifecycle_events_reach_the_machines_event_history(guest_factory, tmp_path) -> None:
+    m = guest_factory(_libvirt_guest(tmp_path))
+    assert isinstance(m, LibvirtMachine)
+    started = m.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "started"})
+    assert started["data"] == {"domain": m.domain_name, "event": "started", "detail": "booted"}
+    m.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "suspended", "detail": "paused"})
+    # A suspend through libvirt's API: its event and QEMU's own STOP land in the same history.
+    conn = open_connection(m.target.uri)
+    try:
+        conn.lookupByName(m.domain_name).resume()
+        m.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "resumed"})
+        after = len(m.qmp.events)
+        conn.lookupByName(m.domain_name).suspend()
+    finally:
+        conn.close()
+    m.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "suspended", "detail": "paused"}, after=after)
+    m.qmp.wait_event("STOP", timeout=5, after=after)
+    logged = (m.artifacts / "qmp-events.jsonl").read_text()
+    assert '"event": "LIBVIRT_LIFECYCLE"' in logged and '"event": "STOP"' in logged
+
+
+def test_a_domain_destroyed_behind_the_harness_is_reported_as_gone(guest_factory, tmp_path) -> None:
+    m = guest_factory(_libvirt_guest(tmp_path))
+    conn = open_connection(m.target.uri)
+    try:
+        conn.lookupByName(m.domain_name).destroy()
+    finally:
+        conn.close()
+    with pytest.raises(MachineCrashed) as gone:
+        m.check_alive("the test")
+    assert "libvirt reported it stopped (destroyed)" in str(gone.value)
+    m.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "stopped", "detail": "destroyed"})
+
+
+def test_a_device_libvirt_detaches_is_removed_when_the_guest_ejects_it(guest_factory, tmp_path) -> None:
+    """virDomainDetachDevice asks QEMU for the unplug (device_del: an ACPI hotplug request); the guest sees
+    its slot in the PCI "down" register and ejects it, as its ACPI GPE handler and _EJ0 method would; QEMU's
+    DEVICE_DELETED and libvirt's DEVICE_REMOVED then reach the machine's event history."""
+    m = guest_factory(_libvirt_guest(tmp_path))
+    conn = open_connection(m.target.uri)
+    detach: list[BaseException | int] = []
+    try:
+        dom = conn.lookupByName(m.domain_name)
+        dom.attachDeviceFlags(RNG_XML, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        assert 0x1005 in _pci_device_ids(m)  # virtio-rng (transitional)
+
+        def request() -> None:  # libvirt waits for the removal: in a thread, while the guest acts
+            try:
+                detach.append(dom.detachDeviceFlags(RNG_XML, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+            except BaseException as exc:
+                detach.append(exc)
+
+        t = threading.Thread(target=request, name="detach")
+        t.start()
+        m.qtest.outl(PCIHP_SEL, 0)
+        deadline = time.monotonic() + 5
+        while not m.qtest.inl(PCIHP_DOWN) & (1 << RNG_SLOT):
+            assert time.monotonic() < deadline, "no ACPI removal request for the RNG's slot within 5 s"
+            time.sleep(0.01)
+        m.qtest.outl(PCIHP_EJECT, 1 << RNG_SLOT)
+        removed = m.qmp.wait_event(DEVICE_REMOVED_EVENT, timeout=5)
+        t.join(10)
+        assert not t.is_alive() and detach == [0], detach
+    finally:
+        conn.close()
+    assert removed["data"] == {"domain": m.domain_name, "device": "ua-rng0"}
+    m.qmp.wait_event("DEVICE_DELETED", timeout=1, match={"device": "ua-rng0"})
+    assert 0x1005 not in _pci_device_ids(m)
