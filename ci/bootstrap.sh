@@ -2,6 +2,9 @@
 # Set-up and entry point for a fresh Debian 12 machine; idempotent and quick when everything is present.
 #   ci/bootstrap.sh run    install what is missing, then boot the default guest (the main job)
 #   ci/bootstrap.sh test   install what is missing, then run the whole test suite (4 xdist workers)
+#   ci/bootstrap.sh wheels DIR
+#                          on a pool host (harness.remote_guest sends this script and DIR over SFTP): the
+#                          same packages, then this project into .venv beside ci/ from the wheels in DIR only
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -30,6 +33,14 @@ stamp="$venv/.installed"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
+if [ "${1:-}" = wheels ]; then
+  # No index: what runs on the host is exactly what was built here, and the host needs no PyPI.
+  [ -d "${2:-}" ] || { echo "usage: $0 wheels DIR (a directory of wheels)" >&2; exit 2; }
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$2" xenpv-harness >&2
+  "$venv/bin/python" -m xenpv.xenabi.native >/dev/null || { echo "bootstrap: building the C helper failed" >&2; exit 1; }
+  touch "$stamp"
+  exit 0
+fi
 # Reinstall only when the project's dependency list or package layout changed since the last install.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check -e '.[nightly]' 2>&1 | grep -v '^WARNING: Location' >&2 || true
@@ -47,5 +58,5 @@ case "${1:-}" in
   # PYTEST-ARGS come after, so `-n 0` runs it in this one process.
   test) shift; exec "$venv/bin/python" -m pytest -n 4 --dist worksteal "$@" ;;
   "")   ;;
-  *)    echo "usage: $0 run [GUEST.yaml] | test [PYTEST-ARGS...]" >&2; exit 2 ;;
+  *)    echo "usage: $0 run [GUEST.yaml] | test [PYTEST-ARGS...] | wheels DIR" >&2; exit 2 ;;
 esac

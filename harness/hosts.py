@@ -289,13 +289,17 @@ class HostPool:
         bad = self.bad
         return [h for h in self.hosts if h.name not in bad]
 
-    def lease(self, timeout: float = 0.0) -> HostLease:
-        """A free slot of a usable host (first host first), waiting up to `timeout` seconds for one."""
+    def lease(self, timeout: float = 0.0, host: str | None = None) -> HostLease:
+        """A free slot of a usable host (first host first; only the host named `host`, when given), waiting
+        up to `timeout` seconds for one."""
+        if host is not None and host not in {h.name for h in self.hosts}:
+            raise ConfigError(f"no host {host!r} in the pool (it has {', '.join(h.name for h in self.hosts)})")
         deadline = time.monotonic() + timeout
         while True:
-            candidates = self.usable()
+            candidates = [h for h in self.usable() if host is None or h.name == host]
             if not candidates:
-                why = "; ".join(f"{n}: {r}" for n, r in self.bad.items())
+                bad = self.bad
+                why = "; ".join(f"{n}: {r}" for n, r in bad.items() if host is None or n == host)
                 raise PoolExhausted(f"no usable host in the pool ({why})")
             for spec in candidates:
                 for slot in range(spec.max_guests):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,11 +32,13 @@ import pytest
 
 from xenpv.base.errors import ConfigError
 from xenpv.base.owner import Owner
-from xenpv.base.rundir import make_artifacts_dir
+from xenpv.base.rundir import make_artifacts_dir, make_run_dir
 from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from xenpv.harness.agent import Guest, GuestBugcheck
 from xenpv.harness.cleanup import reap, reap_stale
-from xenpv.harness.hosts import HostPool, HostSpec, load_hosts
+from xenpv.harness.hosts import HostLease, HostPool, HostSpec, load_hosts
+from xenpv.harness.remote import RemoteHost
+from xenpv.harness.remote_guest import RemoteGuest, Wheelhouse, install
 from xenpv.harness.libvirt_launcher import LibvirtMachine, LibvirtTarget, check_local_uri, session_target
 from xenpv.harness.machine import Machine
 from xenpv.base.process import read_tail, running
@@ -53,6 +57,7 @@ _machines_key = pytest.StashKey[list[Machine]]()
 _session_artifacts_key = pytest.StashKey[Path]()
 _hosts_key = pytest.StashKey[list[HostSpec]]()
 _WORKERINPUT_KEY = "xenpv_session_artifacts"
+BAD_HOSTS_DIR = "bad-hosts"  # in the controller's session directory: the run's bad-host marks
 # Sessions running in this process (pytester can nest one); only the outermost sweeps at its end.
 _sessions = 0
 
@@ -117,6 +122,8 @@ def session_artifacts(config: pytest.Config) -> Path:
 def pytest_unconfigure(config: pytest.Config) -> None:
     # Nothing failed, nothing kept: the session's directory goes if it is empty (it is only ever ours).
     path = config.stash.get(_session_artifacts_key, None)
+    if path is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(path / BAD_HOSTS_DIR, ignore_errors=True)  # the run is over; the summary named them
     if path is not None:
         try:
             path.rmdir()
@@ -133,6 +140,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     path = config.stash.get(_session_artifacts_key, None)
+    bad = sorted(path.joinpath(BAD_HOSTS_DIR).glob("*.bad")) if path is not None else []
+    for mark in bad:
+        terminalreporter.write_line(f"xenpv: pool host {mark.stem} was marked bad in this run: "
+                                    f"{mark.read_text().strip()}")
     if path is not None and path.is_dir() and any(path.iterdir()):
         terminalreporter.write_line(f"xenpv: this session's artifacts are kept in {path}")
 
@@ -302,16 +313,106 @@ def boot_guest(host: HostServices, guest_factory: Callable[..., Machine]) -> Ite
     host.check_alive("after the test")
 
 
+def _bad_hosts_dir(config: pytest.Config) -> Path:
+    """Where the run's pools mark bad hosts: the controller's session directory, shared by its workers."""
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None and _WORKERINPUT_KEY in workerinput:
+        return Path(workerinput[_WORKERINPUT_KEY]) / BAD_HOSTS_DIR
+    return config.stash[_session_artifacts_key] / BAD_HOSTS_DIR
+
+
 @pytest.fixture(scope="session")
 def host_pool(pytestconfig: pytest.Config) -> Iterator[HostPool]:
     """The pool of --xenpv-hosts (this session's or xdist worker's own; leases are shared through the lease
-    directory); the test is skipped without the option. Running guests on a leased host comes later."""
+    directory, bad-host marks through the run's session directory); skipped without the option."""
     hosts = pytestconfig.stash.get(_hosts_key, None)
     if hosts is None:
         pytest.skip("no --xenpv-hosts given")
-    pool = HostPool(hosts)
+    pool = HostPool(hosts, bad_dir=_bad_hosts_dir(pytestconfig))
     yield pool
     pool.close()
+
+
+@dataclass(eq=False)
+class _PoolHosts:
+    """The session's connections to pool hosts and what is installed on each (made on first use)."""
+
+    pool: HostPool
+    wheels_dir: Path
+    wheels: Wheelhouse | None = None
+    connections: dict[str, RemoteHost] = dataclass_field(default_factory=dict)
+    installs: dict[str, str] = dataclass_field(default_factory=dict)
+
+    def connect(self, lease: HostLease) -> tuple[RemoteHost, str]:
+        name = lease.spec.name
+        remote = self.connections.get(name)
+        transport = remote.client.get_transport() if remote is not None else None
+        if remote is None or transport is None or not transport.is_active():
+            remote = self.connections[name] = RemoteHost.for_lease(lease)
+        if name not in self.installs:
+            if self.wheels is None:
+                self.wheels = Wheelhouse.build(self.wheels_dir)
+            self.installs[name] = install(remote, self.wheels)
+        return remote, self.installs[name]
+
+    def close(self) -> None:
+        for remote in self.connections.values():
+            remote.close()
+        shutil.rmtree(self.wheels_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _pool_hosts(host_pool: HostPool) -> Iterator[_PoolHosts]:
+    hosts = _PoolHosts(host_pool, make_run_dir("whl"))
+    yield hosts
+    hosts.close()
+
+
+@dataclass(eq=False)
+class PooledGuest:
+    """A guest on whichever pool host was free: `host` is its name ("local" or user@host:port), `console`
+    runs commands as a local guest's does; `guest` is the local Guest or the RemoteGuest."""
+
+    host: str
+    console: Any
+    guest: Guest | RemoteGuest
+
+
+@pytest.fixture
+def pool_guest(request: pytest.FixtureRequest, artifacts: Path,
+               _pool_hosts: _PoolHosts) -> Iterator[Callable[..., PooledGuest]]:
+    """`pool_guest("default")` leases a slot of a --xenpv-hosts host (`host=NAME`: of that one; waiting up
+    to `lease_timeout` s for one) and boots the guest there: on `local`, as boot_guest does; on an SSH host, with this checkout
+    installed there (harness.remote_guest). A failed test gets each remote guest's artifacts copied back
+    into its own artifact directory (remote-<host>/). Leases end with the test."""
+    leases: list[HostLease] = []
+    remotes: list[RemoteGuest] = []
+    binary = request.config.getoption("--qemu-binary")
+
+    def boot(spec: GuestSpec = "default", *, host: str | None = None, lease_timeout: float = 300.0,
+             timeout: float = 30.0) -> PooledGuest:
+        guest_def = resolve_guest(spec)
+        lease = _pool_hosts.pool.lease(timeout=lease_timeout, host=host)
+        leases.append(lease)
+        if lease.spec.is_local:
+            local = request.getfixturevalue("boot_guest")(guest_def, timeout=timeout)
+            return PooledGuest("local", local.console, local)
+        remote, installed = _pool_hosts.connect(lease)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", lease.spec.name)
+        g = RemoteGuest.boot(remote, installed, guest_def.path, artifacts / f"remote-{name}-console.log",
+                             qemu=binary)
+        remotes.append(g)
+        return PooledGuest(lease.spec.name, g.console, g)
+
+    yield boot
+    failed = any(r.failed for r in request.node.stash.get(_report_key, {}).values())
+    try:
+        for g in reversed(remotes):
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", g.host)
+            g.close(fetch_into=artifacts / f"remote-{name}" if failed else None)
+    finally:
+        for lease in leases:
+            lease.release()
 
 
 @pytest.fixture

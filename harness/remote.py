@@ -178,6 +178,22 @@ class RemoteHost:
             raise RemoteError(self.name, f"{command!r} exited with status {status}: {result.stderr.strip()[-500:]}")
         return result
 
+    def open_pty_session(self, command: str, timeout: float) -> paramiko.Channel:
+        """`command` in a session with a pty (its processes get SIGHUP when the session ends): the channel,
+        for the caller to talk to (harness.remote_guest's console)."""
+        transport = self._transport(f"starting {command!r}")
+        try:
+            chan = transport.open_session(timeout=timeout)
+            chan.get_pty(term="dumb", width=200, height=50)
+            chan.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise self._lost(f"starting {command!r}: cannot open a session: {exc}") from None
+        return chan
+
+    def connection_lost(self, what: str) -> RemoteConnectionLost:
+        """The error for a connection found gone while `what`; the host is reported to on_failure."""
+        return self._lost(what)
+
     # ---- files ---------------------------------------------------------------------------------------
 
     def put(self, local: Path, remote: str, timeout: float = 60.0) -> None:

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from xenpv.base.errors import HarnessError
+from xenpv.base.errors import ConfigError, HarnessError
 from xenpv.base.owner import Owner, proc_stat
 from xenpv.harness.hosts import HostPool, HostsFileError, HostSpec, PoolExhausted, load_hosts
 
@@ -179,6 +179,17 @@ def test_bad_marks_are_shared_through_the_bad_dir(tmp_path: Path) -> None:
     finally:
         for pool in (worker0, worker1, other_run):
             pool.close()
+
+
+def test_lease_of_a_named_host(pool: HostPool) -> None:
+    assert pool.lease(host="u@h2:22").spec.host == "h2"
+    with pytest.raises(PoolExhausted, match="every slot is leased after 0.0 s: u@h2:22 slot 0 by"):
+        pool.lease(host="u@h2:22")  # h1's free slots are not h2's
+    pool.mark_bad(pool.hosts[1], "connection lost")
+    with pytest.raises(PoolExhausted, match=r"no usable host in the pool \(u@h2:22: connection lost\)"):
+        pool.lease(host="u@h2:22", timeout=5)
+    with pytest.raises(ConfigError, match=r"no host 'u@h3:22' in the pool \(it has u@h1:22, u@h2:22\)"):
+        pool.lease(host="u@h3:22")
 
 
 def test_local_entry_takes_only_max_guests(hosts_dir: Path) -> None:
