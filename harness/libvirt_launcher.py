@@ -110,9 +110,7 @@ def qmp_socket(paths: MachinePaths) -> Path:
 
 
 def domain_xml(guest: GuestDefinition, *, domain: str, binary: str, paths: MachinePaths) -> str:
-    """The libvirt domain XML of `guest`; ValueError if libvirt cannot run its shape."""
-    if guest.platform:
-        raise ValueError(f"{guest.name}: {NO_PLATFORM_REASON}")
+    """The libvirt domain XML of `guest` (a shape without a platform device: LibvirtMachine checks)."""
     ET.register_namespace("qemu", QEMU_NS)
     root = ET.Element("domain", type="qemu")
     ET.SubElement(root, "name").text = domain
@@ -258,16 +256,17 @@ class LibvirtMachine(Machine):
             # Made before the domain, so the STARTED event has a history to go to.
             self.qmp = QmpSession(self.name, self.paths.qmp_events)
             self._conn = open_connection(self.target.uri)
+            # Lifecycle: registered for every domain, before ours exists, or its STARTED would be missed.
             self._callbacks = [
                 self._conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
-                self._conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-                                                  self._on_device_removed, None),
             ]
             try:
                 self.domain = self._conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
             except libvirt.libvirtError as exc:
                 raise LaunchFailure(f"{self.name}: libvirt at {self.target.uri} did not start the domain: "
                                     f"{exc.get_error_message()}\n{self._domain_log_tail()}") from None
+            self._callbacks.append(self._conn.domainEventRegisterAny(
+                self.domain, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed, None))
             log.info("%s: libvirt domain %s (id %d) at %s", self.name, self.domain_name, self.domain.ID(),
                      self.target.uri)
             wait_for(lambda: qmp_socket(self.paths).is_socket(), timeout=timeout, what="QEMU's QMP socket",
@@ -300,15 +299,14 @@ class LibvirtMachine(Machine):
                 self.qmp.add_event(record)
 
     def _on_lifecycle(self, conn: Any, dom: libvirt.virDomain, event: int, detail: int, opaque: Any) -> None:
-        if dom.name() != self.domain_name:  # the callbacks are the connection's: other domains' too
+        if dom.name() != self.domain_name:  # registered for every domain of the daemon
             return
-        record = lifecycle_record(self.domain_name, event, detail)
+        record = lifecycle_record(dom.name(), event, detail)
         self._last_lifecycle = record["data"]
         self._deliver(record)
 
     def _on_device_removed(self, conn: Any, dom: libvirt.virDomain, alias: str, opaque: Any) -> None:
-        if dom.name() == self.domain_name:
-            self._deliver(_record(DEVICE_REMOVED_EVENT, {"domain": self.domain_name, "device": alias}))
+        self._deliver(_record(DEVICE_REMOVED_EVENT, {"domain": dom.name(), "device": alias}))
 
     # -- liveness and teardown ----------------------------------------------------------------------
 

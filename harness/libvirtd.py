@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xenpv.base.errors import ConfigError, LaunchFailure
+from xenpv.base.errors import ConfigError, LaunchFailure, ProcessDied, WaitTimeout
 from xenpv.base.process import Supervised, read_tail, unix_socket_accepting, wait_for
 from xenpv.base.rundir import make_run_dir, remove_run_dir
 
@@ -64,6 +64,7 @@ class PrivateLibvirtd:
 
     run_dir: Path
     process: Supervised
+    grace: float = STOP_GRACE
 
     @property
     def uri(self) -> str:
@@ -74,9 +75,11 @@ class PrivateLibvirtd:
         return self.run_dir / "var-upper" / "log" / "libvirt" / "qemu"
 
     @classmethod
-    def start(cls, log_path: Path, timeout: float = 30.0) -> "PrivateLibvirtd":
-        """Start the daemon; LaunchFailure naming what is missing or its log tail if it does not answer."""
-        for tool in (LIBVIRTD, UNSHARE):
+    def start(cls, log_path: Path, timeout: float = 30.0, libvirtd: str = LIBVIRTD,
+              grace: float = STOP_GRACE) -> "PrivateLibvirtd":
+        """Start the daemon; ConfigError naming a missing program, LaunchFailure with its log's tail if it
+        does not answer within `timeout`. `grace`: how long init waits for it after SIGTERM at stop()."""
+        for tool in (libvirtd, UNSHARE):
             if not os.access(tool, os.X_OK):
                 raise ConfigError(f"{tool} is missing: the libvirt launcher's private daemon needs it "
                                   "(apt-get install libvirt-daemon libvirt-daemon-driver-qemu util-linux)")
@@ -88,25 +91,33 @@ class PrivateLibvirtd:
             (run_dir / "qemu.conf").write_text(QEMU_CONF)
             # --kill-child: if unshare dies (it gets the harness's PDEATHSIG), init and its namespace die too.
             argv = [UNSHARE, "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
-                    "--kill-child", sys.executable, "-m", "xenpv.harness.libvirtd", "--init", str(run_dir)]
+                    "--kill-child", sys.executable, "-m", "xenpv.harness.libvirtd", "--init", str(run_dir),
+                    "--libvirtd", libvirtd, "--grace", str(grace)]
             process = Supervised("libvirtd (private)", argv, log_path).start()
         except BaseException:
             remove_run_dir(run_dir)
             raise
-        daemon = cls(run_dir, process)
+        daemon = cls(run_dir, process, grace)
         try:
             wait_for(lambda: unix_socket_accepting(run_dir / SOCKET), timeout=timeout,
                      what="the private libvirtd's socket", alive=[process])
-        except BaseException as exc:
+        except ProcessDied as exc:  # its message has the log's tail
+            daemon.stop()
+            raise LaunchFailure(f"the private libvirtd did not start: {exc}") from None
+        except WaitTimeout as exc:
             daemon.stop()
             raise LaunchFailure(f"the private libvirtd did not start: {exc}\n{read_tail(log_path)}") from None
+        except BaseException:
+            daemon.stop()
+            raise
         log.info("private libvirtd ready: %s (pid %d)", daemon.uri, process.pid)
         return daemon
 
-    def stop(self, timeout: float = STOP_GRACE + 3.0) -> int | None:
-        """SIGTERM to init, which passes it on and exits (killing what is left of the namespace)."""
+    def stop(self) -> int | None:
+        """SIGTERM to init, which passes it on and exits when libvirtd has, or after the grace period; the
+        kernel then kills what is left of the namespace. SIGKILL if init is not gone 3 s after that."""
         try:
-            return self.process.stop(timeout=timeout)
+            return self.process.stop(timeout=self.grace + 3.0)
         finally:
             remove_run_dir(self.run_dir)
 
@@ -119,7 +130,7 @@ def _mount(*args: str) -> None:
         raise SystemExit(f"libvirtd init: mount {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-def namespace_init(run_dir: Path) -> int:
+def namespace_init(run_dir: Path, libvirtd: str = LIBVIRTD, grace: float = STOP_GRACE) -> int:
     """PID 1 of the private namespace: the overlays, the user, qemu.conf, then libvirtd and the reaping."""
     for top in ("etc", "var"):
         _mount("-t", "overlay", "overlay", "-o",
@@ -133,7 +144,7 @@ def namespace_init(run_dir: Path) -> int:
         f.write(group)
     Path("/etc/libvirt").mkdir(exist_ok=True)
     Path("/etc/libvirt/qemu.conf").write_text((run_dir / "qemu.conf").read_text())
-    daemon = subprocess.Popen([LIBVIRTD, "-f", str(run_dir / "libvirtd.conf"), "-p", "/run/libvirtd.pid"])
+    daemon = subprocess.Popen([libvirtd, "-f", str(run_dir / "libvirtd.conf"), "-p", "/run/libvirtd.pid"])
     stopping: list[float] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -146,8 +157,8 @@ def namespace_init(run_dir: Path) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while True:
-        if stopping and time.monotonic() - stopping[0] > STOP_GRACE:
-            print(f"libvirtd init: libvirtd still running {STOP_GRACE}s after SIGTERM; ending the namespace",
+        if stopping and time.monotonic() - stopping[0] > grace:
+            print(f"libvirtd init: {libvirtd} still running {grace}s after SIGTERM; ending the namespace",
                   flush=True)
             return 1
         try:
@@ -164,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--init", type=Path, required=True, metavar="RUN_DIR",
                         help="be the namespace's init for the private daemon of RUN_DIR")
+    parser.add_argument("--libvirtd", default=LIBVIRTD, metavar="PATH", help=f"the daemon (default {LIBVIRTD})")
+    parser.add_argument("--grace", type=float, default=STOP_GRACE, metavar="SECONDS",
+                        help="after SIGTERM, how long to wait for the daemon before ending the namespace")
     args = parser.parse_args(argv)
     if os.getpid() != 1:
         parser.error("--init runs as PID 1 of a new PID namespace (started by PrivateLibvirtd.start)")
-    return namespace_init(args.init)
+    return namespace_init(args.init, args.libvirtd, args.grace)
 
 
 if __name__ == "__main__":

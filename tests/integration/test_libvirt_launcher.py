@@ -11,6 +11,8 @@ counters do not take the emulated disk or NIC away and no XENBUS device appears.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +20,14 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from xenpv.base.errors import MachineCrashed
+from xenpv.base.errors import LaunchFailure, MachineCrashed
+from xenpv.base.rundir import base_dir, owned_prefix
 from xenpv.guests.schema import GUESTS_DIR
 from xenpv.harness.libvirt_launcher import DEVICE_REMOVED_EVENT, LIFECYCLE_EVENT, LibvirtMachine, open_connection
+from xenpv.harness.libvirtd import PrivateLibvirtd
+from xenpv.harness.machine import DEFAULT_QEMU, Machine
+
+pytest_plugins = ["pytester"]
 
 pytestmark = pytest.mark.integration
 
@@ -80,10 +87,14 @@ def test_no_platform_shape_boots_through_libvirt_and_unplugs_nothing(boot_guest,
 
 def test_libvirt_lifecycle_events_reach_the_machines_event_history(guest_factory, tmp_path) -> None:
     m = guest_factory(_libvirt_guest(tmp_path))
-    assert isinstance(m, LibvirtMachine)
+    other = guest_factory(_libvirt_guest(tmp_path), name="other")
+    assert isinstance(m, LibvirtMachine) and isinstance(other, LibvirtMachine)
     started = m.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "started"})
     assert started["data"] == {"domain": m.domain_name, "event": "started", "detail": "booted"}
     m.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "suspended", "detail": "paused"})
+    # libvirt calls every connection's callback for every domain: each machine keeps its own domain's.
+    other.qmp.wait_event(LIFECYCLE_EVENT, timeout=5, match={"event": "started", "domain": other.domain_name})
+    assert {e["data"]["domain"] for e in m.qmp.events if e["event"] == LIFECYCLE_EVENT} == {m.domain_name}
     # A suspend through libvirt's API: its event and QEMU's own STOP land in the same history.
     conn = open_connection(m.target.uri)
     try:
@@ -146,3 +157,88 @@ def test_a_device_libvirt_detaches_is_removed_when_the_guest_ejects_it(guest_fac
     assert removed["data"] == {"domain": m.domain_name, "device": "ua-rng0"}
     m.qmp.wait_event("DEVICE_DELETED", timeout=1, match={"device": "ua-rng0"})
     assert 0x1005 not in _pci_device_ids(m)
+
+
+def test_debians_xen_qemu_cannot_be_probed_by_libvirt(libvirt_target) -> None:
+    """Why the libvirt launcher runs stock QEMU: libvirt probes an emulator with -accel kvm and -accel tcg
+    (qemu_capabilities.c virQEMUCapsInitQMPCommandRun); Debian's Xen build has the xen and qtest ones only."""
+    conn = open_connection(libvirt_target.uri)
+    try:
+        with pytest.raises(libvirt.libvirtError, match="invalid accelerator tcg"):
+            conn.getDomainCapabilities(DEFAULT_QEMU, "i686", "pc", "qemu")
+    finally:
+        conn.close()
+
+
+INNER = """
+from xenpv.harness.libvirt_launcher import LibvirtMachine
+from xenpv.harness.machine import Machine
+
+
+def test_inner(guest_factory, libvirt_target):
+    assert libvirt_target.uri == {uri!r}
+    assert type(guest_factory("no-platform")) is LibvirtMachine  # no `launcher` field: the option decides
+    assert type(guest_factory("default")) is Machine  # the Xen platform device: only the Xen build has it
+"""
+
+
+def test_the_option_sends_every_guest_libvirt_can_run_to_its_daemon(pytester, libvirt_target, tmp_path) -> None:
+    pytester.makepyfile(test_inner=INNER.format(uri=libvirt_target.uri))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--xenpv-libvirt={libvirt_target.uri}",
+                                           f"--xenpv-artifacts={tmp_path / 'art'}")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_remote_uri_stops_the_session_before_any_test(pytester) -> None:
+    pytester.makepyfile(test_inner="def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--xenpv-libvirt=qemu+ssh://root@host9/system")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--xenpv-libvirt 'qemu+ssh://root@host9/system': the guest agent maps*not on host9"])
+
+
+def _fake_libvirtd(tmp_path: Path, body: str) -> Path:
+    fake = tmp_path / "fake-libvirtd"
+    fake.write_text("#!/bin/sh\n" + body)
+    fake.chmod(0o755)
+    return fake
+
+
+def _processes_running(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_private_libvirtd_that_exits_is_reported_with_its_output(tmp_path) -> None:
+    fake = _fake_libvirtd(tmp_path, "echo 'fake libvirtd: no QEMU driver here' >&2\nexit 3\n")
+    before = set(base_dir().glob(owned_prefix("libvirtd") + "*"))  # the session's own daemon's, if it runs
+    with pytest.raises(LaunchFailure, match=r"(?s)did not start.*exit status 3.*fake libvirtd: no QEMU driver here"):
+        PrivateLibvirtd.start(tmp_path / "libvirtd.log", libvirtd=str(fake))
+    assert set(base_dir().glob(owned_prefix("libvirtd") + "*")) == before  # its run directory went
+
+
+def test_a_private_libvirtd_deaf_to_sigterm_is_ended_with_its_namespace(tmp_path) -> None:
+    """init gives the daemon `grace` seconds after SIGTERM, then exits: the kernel kills the PID namespace."""
+    marker = f"deaf-{tmp_path.name}"
+    fake = _fake_libvirtd(tmp_path, f"""dir=$(sed -n 's/^unix_sock_dir = "\\(.*\\)"/\\1/p' "$2")
+exec {sys.executable} -c '
+import signal, socket, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1] + "/libvirt-sock")
+s.listen()
+while True:
+    time.sleep(1)
+' "$dir" {marker}
+""")
+    daemon = PrivateLibvirtd.start(tmp_path / "libvirtd.log", libvirtd=str(fake), grace=0.5)
+    assert _processes_running(marker)
+    t0 = time.monotonic()
+    status = daemon.stop()
+    assert status == 1 and 0.5 <= time.monotonic() - t0 < 3, status  # init's own end, not the SIGKILL after
+    assert _processes_running(marker) == []

@@ -59,3 +59,16 @@ def test_lifecycle_events_carry_libvirts_names() -> None:
     assert (record["event"], record["source"]) == ("LIBVIRT_LIFECYCLE", "libvirt")
     assert record["data"] == {"domain": "d", "event": "suspended", "detail": "api_error"}
     assert lifecycle_record("d", libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED)["data"]["detail"] == "crashed"
+
+
+def test_libvirtd_init_refuses_to_run_outside_its_namespace(capsys) -> None:
+    from xenpv.harness.libvirtd import main
+    with pytest.raises(SystemExit) as ended:
+        main(["--init", "/nonexistent"])
+    assert ended.value.code == 2 and "runs as PID 1 of a new PID namespace" in capsys.readouterr().err
+
+
+def test_private_libvirtd_needs_the_daemon(tmp_path) -> None:
+    from xenpv.harness.libvirtd import PrivateLibvirtd
+    with pytest.raises(ConfigError, match="/nonexistent/libvirtd is missing.*apt-get install libvirt-daemon"):
+        PrivateLibvirtd.start(tmp_path / "log", libvirtd="/nonexistent/libvirtd")
