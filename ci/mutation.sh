@@ -9,7 +9,7 @@
 #
 # Each group runs in a private copy of the work tree (mutmut rewrites the files it mutates), its own fixed
 # list of unit test files as the runner (pytest -x: the first failure kills the mutant; each mutant first runs
-# only the files that executed its line, by coverage, see ci/mutmut_config.py), niced, one mutant at
+# only the tests that executed its line, by coverage, see ci/mutmut_config.py), niced, one mutant at
 # a time, for at most --minutes (default 120; mutants not reached are reported as untested). Results per
 # group go to OUT/<group>/: the mutmut cache (a later run with the same tests only tries what is new), the
 # log, survivors.txt (the to-do list: add the test that kills each, or list it as equivalent) and

@@ -11,7 +11,7 @@ A mutant is skipped before it runs when it cannot change a rule:
   same fallback (XsError("EINVAL") -> XsError("XXEINVALXX"): still EINVAL on the wire);
 - it is listed in ci/mutation-equivalent.txt (path || original line || mutated line || reason).
 
-A mutant that runs runs only the group's test files that executed its line, when ci/mutation.sh measured that
+A mutant that runs runs only the group's tests that executed its line, when ci/mutation.sh measured that
 (one run of the group's tests under coverage with per-test contexts, `build_selection`): a mutant in xenhv's
 unplug ports no longer waits for the event channel tests before the unplug fuzzers get to it. A line no test
 executed in-process (module-level code, code reached only in a subprocess) runs the whole list, and a mutant
@@ -26,8 +26,9 @@ from __future__ import annotations
 import ast
 import json
 import os
-import sys
 import re
+import shlex
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -185,8 +186,8 @@ def pre_mutation(context: object) -> None:
 
 
 def build_selection(coverage_file: Path, test_files: list[str], root: Path) -> dict[str, dict[str, list[str]]]:
-    """{source file relative to root: {line (1-based, as text): [test files that executed it]}}, the test files
-    in the group's order (fastest first), from coverage data recorded with pytest-cov's --cov-context=test
+    """{source file relative to root: {line (1-based, as text): [ids of the tests that executed it]}}, in the
+    group's file order (fastest first), from coverage data recorded with pytest-cov's --cov-context=test
     (contexts "<nodeid>|run", "|setup", "|teardown"; "" is import time, which selects nothing)."""
     from coverage import CoverageData
 
@@ -202,14 +203,18 @@ def build_selection(coverage_file: Path, test_files: list[str], root: Path) -> d
             continue
         lines: dict[str, list[str]] = {}
         for line, contexts in data.contexts_by_lineno(measured).items():
-            files = {c.split("::", 1)[0] for c in contexts if "::" in c}
+            tests = {c.rsplit("|", 1)[0] for c in contexts if "::" in c}
             # A test given as a directory (tests/unit/xenbus_interfaces) is selected by its own file.
-            files = {f for f in files if f in order or any(f.startswith(t.rstrip("/") + "/") for t in order)}
-            if files:
-                lines[str(line)] = sorted(files, key=lambda f: (_rank(f, order), f))
+            tests = {t for t in tests if _in_group(t.split("::", 1)[0], order)}
+            if tests:
+                lines[str(line)] = sorted(tests, key=lambda t: (_rank(t.split("::", 1)[0], order), t))
         if lines:
             table[rel] = lines
     return table
+
+
+def _in_group(test_file: str, order: dict[str, int]) -> bool:
+    return test_file in order or any(test_file.startswith(t.rstrip("/") + "/") for t in order)
 
 
 def _rank(test_file: str, order: dict[str, int]) -> int:
@@ -225,13 +230,13 @@ def _selection() -> dict[str, dict[str, list[str]]]:
 
 
 def selected_command(filename: str, line_number: int) -> str | None:
-    """The runner narrowed to the test files that executed this line (0-based, as mutmut numbers them), or
-    None: the line was not seen, run the whole list."""
+    """The runner narrowed to the tests that executed this line (0-based, as mutmut numbers them), or None:
+    the line was not seen, run the whole list. mutmut splits the command with shlex: ids are quoted."""
     runner = os.environ.get(RUNNER_ENV)
-    files = _selection().get(filename, {}).get(str(line_number + 1))
-    if not runner or not files:
+    tests = _selection().get(filename, {}).get(str(line_number + 1))
+    if not runner or not tests:
         return None
-    return f"{runner} {' '.join(files)}"
+    return f"{runner} {' '.join(shlex.quote(t) for t in tests)}"
 
 
 if __name__ == "__main__":

@@ -42,3 +42,30 @@ def test_xserror_einval_mutated_to_an_unknown_name_is_skipped_as_its_fallback(tm
     # Another name is a different errno on the wire, and another exception has no such fallback: they run.
     assert why(4, '        raise XsError("XXEACCESXX", "no")') is None
     assert why(5, '    raise ValueError("XXEINVALXX", "other")') is None
+
+
+def test_selection_by_coverage_narrows_each_line_to_the_tests_that_ran_it(tmp_path: Path, monkeypatch) -> None:
+    """The tests recorded for a line, in the group's file order; import-time lines and files outside the
+    group select nothing (the whole list runs); ids are quoted for mutmut's shlex split."""
+    from coverage import CoverageData
+
+    config = _config()
+    source = tmp_path / "backends" / "mod.py"
+    source.parent.mkdir()
+    source.write_text("x = 1\n")
+    data = CoverageData(basename=str(tmp_path / ".coverage"))
+    for context, lines in (("", [1]), ("tests/a.py::test_x[p-1]|run", [3, 4]), ("tests/b.py::test_y|run", [4]),
+                           ("tests/b.py::test_y|setup", [5]), ("tests/other.py::test_z|run", [6])):
+        data.set_context(context)
+        data.add_lines({str(source): lines})
+    data.write()
+    table = config.build_selection(tmp_path / ".coverage", ["tests/b.py", "tests/a.py"], tmp_path)
+    assert table == {"backends/mod.py": {"3": ["tests/a.py::test_x[p-1]"],
+                                         "4": ["tests/b.py::test_y", "tests/a.py::test_x[p-1]"],
+                                         "5": ["tests/b.py::test_y"]}}
+    (tmp_path / "select.json").write_text(config.json.dumps(table))
+    monkeypatch.setenv(config.SELECTION_ENV, str(tmp_path / "select.json"))
+    monkeypatch.setenv(config.RUNNER_ENV, "python -m pytest -x")
+    assert config.selected_command("backends/mod.py", 3) == "python -m pytest -x tests/b.py::test_y 'tests/a.py::test_x[p-1]'"
+    assert config.selected_command("backends/mod.py", 0) is None  # import time: the whole list
+    assert config.selected_command("backends/mod.py", 5) is None  # only tests/other.py ran it
