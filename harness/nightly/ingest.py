@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from xenpv.base.errors import ConfigError
+from xenpv.harness.bench.targets import parse_target
 from xenpv.harness.nightly.store import FigureRecord, Night, Result, Store
 
 log = logging.getLogger(__name__)
@@ -37,44 +38,7 @@ PROP_DUMP = "xenpv_crash_dump"
 PROP_ARTIFACTS = "xenpv_artifacts"
 PROP_FAILURE = "xenpv_failure"  # the first line of each failed attempt's failure, rerun ones included
 
-_TARGET_RE = re.compile(r"^\s*(<=|>=|<|>|≤|≥)\s*([-+]?[0-9][0-9,]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)\s*(.*?)\s*$")
-_OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "≤": "<=", "≥": ">="}
 _ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{5,}|\b[0-9]+(?:\.[0-9]+)?\b")
-
-
-@dataclass
-class Target:
-    text: str | None
-    op: str | None = None
-    value: float | None = None
-
-    def met(self, value: float | None) -> bool | None:
-        """True or False when the target is a comparison and the figure a number; None when it cannot say."""
-        if self.op is None or self.value is None or value is None:
-            return None
-        return {"<": value < self.value, "<=": value <= self.value,
-                ">": value > self.value, ">=": value >= self.value}[self.op]
-
-
-def parse_target(raw: object, unit: str, where: str) -> Target:
-    """A figure's target: the machine-readable {"op": ">=", "value": 5000} or the older text "< 150 ms"
-    (a text whose unit is not the figure's is kept as text only: comparing across units would lie)."""
-    if raw is None or raw == "":
-        return Target(None)
-    if isinstance(raw, dict):
-        op, value = raw.get("op"), raw.get("value")
-        if op not in _OPS or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: target {raw!r} is not {{'op': one of < <= > >=, 'value': a number}}")
-        return Target(f"{_OPS[op]} {value:g}", _OPS[op], float(value))
-    if not isinstance(raw, str):
-        raise ConfigError(f"{where}: target {raw!r} is neither text nor {{'op', 'value'}}")
-    m = _TARGET_RE.match(raw)
-    if m is None:
-        return Target(raw)
-    op, number, target_unit = m.groups()
-    if target_unit and target_unit != unit:
-        return Target(raw)
-    return Target(raw, _OPS[op], float(number.replace(",", "")))
 
 
 def signature_of(message: str | None, bucket: str | None) -> str | None:

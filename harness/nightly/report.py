@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from xenpv.base.errors import ConfigError
-from xenpv.harness.nightly.ingest import Target
+from xenpv.harness.bench.targets import Target
 from xenpv.harness.nightly.store import FigureRecord, Night, Result, Store
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from xenpv.base.errors import ConfigError
-from xenpv.harness.nightly.ingest import Target, parse_bench, parse_junit, parse_target, signature_of
+from xenpv.harness.bench.targets import Target, parse_target
+from xenpv.harness.nightly.ingest import parse_bench, parse_junit, signature_of
 
 pytest_plugins = ["pytester"]
 
