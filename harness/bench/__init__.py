@@ -22,6 +22,7 @@ BENCH_MODULES = (
     "xenpv.harness.bench.evtchn",
     "xenpv.harness.bench.blk",
     "xenpv.harness.bench.net",
+    "xenpv.harness.bench.scale",
     "xenpv.harness.bench.resume",
 )
 
