@@ -40,12 +40,12 @@ from .packages import (BUS_DEVICE_IDS, SERVICES_KEY, UNPLUG_KEY, VENDOR_DEVICE_I
 log = logging.getLogger("stack.install.installer")
 
 DRIVER_DATABASE = r"HKLM\SYSTEM\DriverDatabase"
-PACKAGES_KEY = rf"{DRIVER_DATABASE}\DriverPackages"
-INF_FILES_KEY = rf"{DRIVER_DATABASE}\DriverInfFiles"
-DEVICE_IDS_KEY = rf"{DRIVER_DATABASE}\DeviceIds"
-IMAGES_KEY = rf"{DRIVER_DATABASE}\Images"
-MONITOR_REQUEST_KEY = rf"{SERVICES_KEY}\xenbus_monitor\Request"
-XENFILT_PARAMETERS = rf"{SERVICES_KEY}\XENFILT\Parameters"
+PACKAGES_KEY = f"{DRIVER_DATABASE}\\DriverPackages"
+INF_FILES_KEY = f"{DRIVER_DATABASE}\\DriverInfFiles"
+DEVICE_IDS_KEY = f"{DRIVER_DATABASE}\\DeviceIds"
+IMAGES_KEY = f"{DRIVER_DATABASE}\\Images"
+MONITOR_REQUEST_KEY = f"{SERVICES_KEY}\\xenbus_monitor\\Request"
+XENFILT_PARAMETERS = f"{SERVICES_KEY}\\XENFILT\\Parameters"
 
 # INF rank of a match on the models line's first ID vs a later ID of the same line (setupapi ranks).
 INF_HARDWARE_ID_RANK = 0x0000
@@ -114,14 +114,14 @@ class PlatformPciDevice:
 
 
 def _service_key(service: str) -> str:
-    return rf"{SERVICES_KEY}\{service}"
+    return f"{SERVICES_KEY}\\{service}"
 
 
 def request_reboot(registry: Registry, module: str) -> None:
     """xen.sys ConfigRequestReboot / UNPLUG.Reboot: `<RequestKey>\\<Module>\\Reboot = 1`. Only the module key
     is volatile, so the request is gone after the reboot that honours it; RequestKey itself is an ordinary
     key (XB config.c creates it non-volatile), which xenbus_monitor watches across boots."""
-    key = rf"{MONITOR_REQUEST_KEY}\{module}"
+    key = f"{MONITOR_REQUEST_KEY}\\{module}"
     registry.create_key(MONITOR_REQUEST_KEY)
     registry.create_key(key, volatile=True)
     registry.set_value(key, "Reboot", REG_DWORD, 1)
@@ -135,7 +135,7 @@ def reboot_requests(registry: Registry) -> list[str]:
     pending = []
     for module in registry.subkeys(MONITOR_REQUEST_KEY):
         try:
-            if registry.get_dword(rf"{MONITOR_REQUEST_KEY}\{module}", "Reboot"):
+            if registry.get_dword(f"{MONITOR_REQUEST_KEY}\\{module}", "Reboot"):
                 pending.append(module)
         except ValueNotFound:
             continue
@@ -145,7 +145,7 @@ def reboot_requests(registry: Registry) -> list[str]:
 def filters_install(registry: Registry, service: str = "XENFILT") -> None:
     """XENBUS FiltersInstall (driver.c): append XENFILT to the System and HDC class UpperFilters."""
     for guid in XENFILT_FILTER_CLASSES:
-        key = rf"{CLASS_KEY}\{guid}"
+        key = f"{CLASS_KEY}\\{guid}"
         current = _read_filters(registry, key)
         if service.upper() not in (s.upper() for s in current):
             registry.set_multi_sz(key, "UpperFilters", current + [service])
@@ -154,7 +154,7 @@ def filters_install(registry: Registry, service: str = "XENFILT") -> None:
 def filters_uninstall(registry: Registry, service: str = "XENFILT") -> None:
     """XENBUS FiltersUninstall: drop XENFILT from the class UpperFilters (the value goes when empty)."""
     for guid in XENFILT_FILTER_CLASSES:
-        key = rf"{CLASS_KEY}\{guid}"
+        key = f"{CLASS_KEY}\\{guid}"
         current = _read_filters(registry, key)
         kept = [s for s in current if s.upper() != service.upper()]
         if kept == current:
@@ -175,8 +175,8 @@ def _read_filters(registry: Registry, key: str) -> list[str]:
 def installed_package(registry: Registry, name: str) -> Package | None:
     """The active package named `name` ("xenbus"), as recorded in the driver database."""
     try:
-        key = registry.get_sz(rf"{INF_FILES_KEY}\{name.lower()}.inf", "Active")
-        version = registry.get_sz(rf"{PACKAGES_KEY}\{key}", "Version")
+        key = registry.get_sz(f"{INF_FILES_KEY}\\{name.lower()}.inf", "Active")
+        version = registry.get_sz(f"{PACKAGES_KEY}\\{key}", "Version")
     except (KeyNotFound, ValueNotFound):
         return None
     return get_package(name, version)
@@ -194,7 +194,7 @@ def installed_version(registry: Registry, module: str) -> Version | None:
     compares it with its own at each module's DriverEntry. None if the image is not installed."""
     image = module.lower() if module.lower().endswith((".sys", ".exe")) else f"{module.lower()}.sys"
     try:
-        return Version.parse(registry.get_sz(rf"{IMAGES_KEY}\{image}", "Version"))
+        return Version.parse(registry.get_sz(f"{IMAGES_KEY}\\{image}", "Version"))
     except (KeyNotFound, ValueNotFound):
         return None
 
@@ -267,7 +267,7 @@ class Installer:
             self._delete_tree(_service_key(spec.name))
         if package.name == "xenbus":
             filters_uninstall(self.registry)
-        self._delete_tree(rf"{INF_FILES_KEY}\{package.inf}")
+        self._delete_tree(f"{INF_FILES_KEY}\\{package.inf}")
         return package
 
     def unbound_children(self) -> list[str]:
@@ -291,7 +291,7 @@ class Installer:
 
     def _copy_files(self, package: Package) -> None:
         for spec in package.services:
-            key = rf"{IMAGES_KEY}\{spec.image.lower()}"
+            key = f"{IMAGES_KEY}\\{spec.image.lower()}"
             self.registry.set_sz(key, "Version", str(package.version))
             self.registry.set_sz(key, "Package", package.key)
 
@@ -305,7 +305,7 @@ class Installer:
         if spec.group:
             self.registry.set_sz(key, "Group", spec.group)
         for entry in spec.add_reg:
-            self._add_reg(rf"{key}\{entry.key}" if entry.key else key, entry)
+            self._add_reg(f"{key}\\{entry.key}" if entry.key else key, entry)
 
     def _add_reg(self, key: str, entry: RegEntry) -> None:
         if entry.append:
@@ -327,24 +327,24 @@ class Installer:
         if not package.driver_desc:
             return
         for device in self._bound_devices(package):
-            key = rf"{ENUM_KEY}\PCI\{device.pnp_device_id.removeprefix('PCI' + chr(92))}\{device.pnp_instance_id}"
+            key = f"{ENUM_KEY}\\PCI\\{device.pnp_device_id.removeprefix('PCI' + chr(92))}\\{device.pnp_instance_id}"
             self.registry.set_sz(key, "DriverDesc", package.driver_desc)
 
     def _record(self, package: Package) -> None:
-        key = rf"{PACKAGES_KEY}\{package.key}"
+        key = f"{PACKAGES_KEY}\\{package.key}"
         self.registry.set_sz(key, "Version", str(package.version))
         self.registry.set_sz(key, "Era", package.era.value)
         self.registry.set_multi_sz(key, "Services", [s.name for s in package.services])
         self.registry.set_multi_sz(key, "HardwareIDs", package.hardware_ids)
-        self.registry.set_sz(rf"{INF_FILES_KEY}\{package.inf}", "Active", package.key)
+        self.registry.set_sz(f"{INF_FILES_KEY}\\{package.inf}", "Active", package.key)
         for line in package.models:
             for position, hardware_id in enumerate(line.ids):
                 rank = INF_HARDWARE_ID_RANK if position == 0 else INF_COMPATIBLE_ID_RANK + position
-                self.registry.set_dword(rf"{DEVICE_IDS_KEY}\{hardware_id}", package.key, rank)
+                self.registry.set_dword(f"{DEVICE_IDS_KEY}\\{hardware_id}", package.key, rank)
 
     def _uninstall_records(self, package: Package) -> None:
         for hardware_id in package.hardware_ids:
-            key = rf"{DEVICE_IDS_KEY}\{hardware_id}"
+            key = f"{DEVICE_IDS_KEY}\\{hardware_id}"
             try:
                 self.registry.delete_value(key, package.key)
             except (KeyNotFound, ValueNotFound):
@@ -352,12 +352,12 @@ class Installer:
             if not self.registry.values(key) and not self.registry.subkeys(key):
                 self.registry.delete_key(key)
         for spec in package.services:
-            image = rf"{IMAGES_KEY}\{spec.image.lower()}"
+            image = f"{IMAGES_KEY}\\{spec.image.lower()}"
             if self.registry.key_exists(image):
                 self.registry.delete_key(image)
         for subscriber in package.subscribes:
             self._unsubscribe(package, subscriber)
-        self._delete_tree(rf"{PACKAGES_KEY}\{package.key}")
+        self._delete_tree(f"{PACKAGES_KEY}\\{package.key}")
 
     def _delete_tree(self, key: str) -> None:
         if self.registry.key_exists(key):
@@ -368,11 +368,11 @@ class Installer:
     def _support_registered_subscribers(self, package: Package) -> None:
         """coinst.c SupportRegisteredSubscribers, for each provider the package carries."""
         for provider in sorted({r.provider for r in package.provides}):
-            interfaces_key = rf"{_service_key(provider)}\Interfaces"
+            interfaces_key = f"{_service_key(provider)}\\Interfaces"
             if not self.registry.key_exists(interfaces_key):
                 continue
             for subscriber in self.registry.subkeys(interfaces_key):
-                for value in self.registry.values(rf"{interfaces_key}\{subscriber}"):
+                for value in self.registry.values(f"{interfaces_key}\\{subscriber}"):
                     if value.type != REG_DWORD:
                         continue
                     supported = package.range(provider, value.name)
@@ -387,15 +387,15 @@ class Installer:
 
     def _unsubscribe(self, package: Package, subscriber: str) -> None:
         for provider in {s.provider for s in package.subscribes[subscriber]}:
-            self._delete_tree(rf"{_service_key(provider)}\Interfaces\{subscriber}")
+            self._delete_tree(f"{_service_key(provider)}\\Interfaces\\{subscriber}")
 
     def _subscriber_post_install(self, package: Package, previous: Package | None, result: InstallResult) -> None:
         for subscriber, subscriptions in package.subscribes.items():
             for sub in subscriptions:
-                self.registry.set_dword(rf"{_service_key(sub.provider)}\Interfaces\{subscriber}", sub.interface,
+                self.registry.set_dword(f"{_service_key(sub.provider)}\\Interfaces\\{subscriber}", sub.interface,
                                         sub.version)
         for provider in {r.provider for r in package.provides}:
-            self.registry.create_key(rf"{_service_key(provider)}\Interfaces")
+            self.registry.create_key(f"{_service_key(provider)}\\Interfaces")
         if package.name == "xenbus":
             active = self._active_device()
             if active is None:
@@ -445,15 +445,15 @@ class Installer:
         """(device key, instance key) of each `Enum\\<bus>` device whose name starts with `prefix`, with
         the first instance that has a bound driver (GetDriverKeyName; the model's PnP manager records the
         binding as the instance's Service value, Windows as its Driver value)."""
-        root = rf"{ENUM_KEY}\{bus}"
+        root = f"{ENUM_KEY}\\{bus}"
         if not self.registry.key_exists(root):
             return []
         found = []
         for device in self.registry.subkeys(root):
             if not device.startswith(prefix):  # strncmp
                 continue
-            for instance in self.registry.subkeys(rf"{root}\{device}"):
-                path = rf"{root}\{device}\{instance}"
+            for instance in self.registry.subkeys(f"{root}\\{device}"):
+                path = f"{root}\\{device}\\{instance}"
                 try:
                     self.registry.get_sz(path, "Service")
                 except (KeyNotFound, ValueNotFound):
@@ -467,7 +467,7 @@ class Installer:
         "<PRODUCT_NAME> PV Bus": another vendor's bus driver fails the install (ERROR_INSTALL_FAILURE). No
         such device, no bound driver or no DriverDesc: nothing to match."""
         for prefix in (f"VEN_{XEN_PCI_VENDOR:04X}&DEV_0001", f"VEN_{XEN_PCI_VENDOR:04X}&DEV_0002"):
-            root = rf"{ENUM_KEY}\PCI"
+            root = f"{ENUM_KEY}\\PCI"
             devices = [d for d in (self.registry.subkeys(root) if self.registry.key_exists(root) else [])
                        if d.startswith(prefix)]
             if not devices:
