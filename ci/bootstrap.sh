@@ -49,6 +49,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
 fi
 # The C helper of xenabi/atomic.py (xenabi/_atomic_ops.c): rebuilt only when its source changed.
 "$venv/bin/python" -m xenpv.xenabi.native >/dev/null || { echo "bootstrap: building xenabi/_atomic_ops.so failed" >&2; exit 1; }
+# Bytecode for every module, written even where PYTHONDONTWRITEBYTECODE is set (CI images often set it):
+# each guest agent, back-end and xenhv is a new Python process, which would otherwise compile the whole
+# stack from source at every start (a third of a guest's boot). Up-to-date files are skipped.
+"$venv/bin/python" -m compileall -q -j0 harness stack backends base xenabi guests >/dev/null
 
 case "${1:-}" in
   run)  shift; exec "$venv/bin/xenpv" run "${@:-guests/default.yaml}" ;;

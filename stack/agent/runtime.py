@@ -135,9 +135,13 @@ class GuestRuntime:
         def catalog(images: dict[str, Any]) -> RegistryCatalog:
             return RegistryCatalog(registry, images=images, inbox=inbox_catalog(images))
 
-        self.drivers = boot_stack(self.vcpu, guest.memory_mib << 8, kernel=self.kernel, catalog=catalog,
-                                  seed=guest.seed, boot_options=guest.boot_options,
-                                  module_versions=self.module_versions(), bugs=guest.bugs, build=guest.build)
+        # One write of the hive for the whole boot, not one per value (83 per boot of the default guest, a
+        # third of the agent's boot time): Windows, too, writes hives back lazily, not at each RegSetValue.
+        # A STOP unwinds through the batch, so its hive is written before the dump.
+        with registry.batch():
+            self.drivers = boot_stack(self.vcpu, guest.memory_mib << 8, kernel=self.kernel, catalog=catalog,
+                                      seed=guest.seed, boot_options=guest.boot_options,
+                                      module_versions=self.module_versions(), bugs=guest.bugs, build=guest.build)
         self.pci = self.drivers.pci
         self.start_services()
 

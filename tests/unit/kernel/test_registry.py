@@ -102,3 +102,20 @@ def test_registry_access_above_passive_bugchecks() -> None:
         reg.get_dword(UNPLUG, "NICS")
     assert stop.value.code in (BugCheckCode.IRQL_NOT_LESS_OR_EQUAL, BugCheckCode.DRIVER_IRQL_NOT_LESS_OR_EQUAL)
     assert stop.value.param_notes[0] == "ZwQueryValueKey"
+
+
+def test_batch_writes_the_hive_once_and_a_bugcheck_unwinding_through_it_still_writes_it(tmp_path: Path) -> None:
+    """The agent's boot runs in one batch (stack/agent/runtime.py): nothing reaches the file until the batch
+    ends, nested batches end with the outermost, and a STOP raised inside leaves the hive of that boot on disk
+    for the dump's reader and the next boot."""
+    hive = tmp_path / "registry.json"
+    reg = Registry(hive)
+    with pytest.raises(BugCheck):
+        with reg.batch():
+            reg.set_sz(r"HKLM\SYSTEM\A", "v", "1")
+            with reg.batch():
+                reg.set_sz(r"HKLM\SYSTEM\B", "v", "2")
+            assert not hive.exists()  # the inner batch's end wrote nothing
+            raise BugCheck(BugCheckCode.INACCESSIBLE_BOOT_DEVICE, (0, 0, 0, 0), module="disk")
+    again = Registry.load(hive)
+    assert (again.get_sz(r"HKLM\SYSTEM\A", "v"), again.get_sz(r"HKLM\SYSTEM\B", "v")) == ("1", "2")
