@@ -212,3 +212,66 @@ def test_a_last_argument_without_its_nul_is_einval(core: XenstoreCore) -> None:
     d0.write("/a", "again")
     assert d0.events == []  # no watch was registered
     assert d0.ok(T.GET_PERMS, b"/a\0") == b"n0\0"
+
+
+# ---- special paths only where the request allows them, cached or not ------------------------------------
+
+def test_a_special_path_named_before_is_still_einval_where_specials_are_not_allowed(core: XenstoreCore) -> None:
+    """C xenstored core.c is_valid_nodename: a path must start with '/' or, only where the request allows
+    special nodes (WATCH, UNWATCH, GET_PERMS, SET_PERMS: get_node_canonicalized(..., allow_special)), with '@'.
+    The core remembers canonical paths per connection (core._path): a special path that GET_PERMS or WATCH
+    put there must not make READ, WRITE, MKDIR or RM of the same bytes valid on that connection."""
+    for who in (Peer(core), peer(core, GUEST)):
+        assert who.get_perms("@releaseDomain") == ["n0", "r32757"]   # allowed here, and now remembered
+        who.watch("@introduceDomain", "t")
+        for mtype, payload in ((T.READ, b"@releaseDomain\0"), (T.WRITE, b"@releaseDomain\0v"),
+                               (T.MKDIR, b"@introduceDomain\0"), (T.RM, b"@introduceDomain\0"),
+                               (T.DIRECTORY, b"@releaseDomain\0")):
+            assert who.err(mtype, payload) == "EINVAL", (who.domid, mtype, payload)
+        assert who.get_perms("@releaseDomain") == ["n0", "r32757"]   # still special where allowed
+    assert not any(p.startswith("@") for p in core.tree.nodes), "a special path became a node"
+    assert not any(c.startswith("@") for c in core.tree.nodes["/"].children)
+
+
+# ---- internal errors: every one is counted -----------------------------------------------------------
+
+def test_every_internal_error_is_counted(core: XenstoreCore) -> None:
+    """core.py's contract with the fuzzers (module docstring): each exception no rule raised is answered EIO
+    (as C xenstored core.c answers a request that failed internally) and counted, so `XS_CONTROL
+    internal-errors` says how many defects a run hit, not just whether one did."""
+    g = peer(core, GUEST)
+
+    def broken(conn: object, tx: object, payload: bytes) -> bytes:
+        raise KeyError("injected defect")
+
+    core.handlers[int(T.READ)] = broken
+    for n in (1, 2, 3):
+        assert g.err(T.READ, b"x\0") == "EIO"
+        assert core.internal_errors == n
+    assert Peer(core).ok(T.CONTROL, b"internal-errors\0") == b"3\0"
+
+
+# ---- dom0's transactions: no node quota, but a bounded snapshot ---------------------------------------
+
+def test_dom0_transactions_are_not_held_to_the_guest_snapshot_quota_but_are_bounded() -> None:
+    """Quotas apply to unprivileged domains only (C xenstored domain.c domain_is_unprivileged, quotas[]), so
+    dom0's transaction keeps its snapshot past `transaction_nodes` pre-images where a guest's is doomed to
+    EAGAIN. Its memory is still bounded: core._PRIV_PRESERVE_LIMIT, 1 Mi pre-images (xenstored/transactions.py
+    module docstring). Reaching that bound for real takes 2 Mi requests (about 20 s and hundreds of MB),
+    too slow for the unit suite, so the bound is read where the core hands it to the transaction."""
+    core = XenstoreCore(Quotas(transaction_nodes=4))
+    d0 = guest_home(core)
+    g = peer(core, GUEST)
+    for i in range(10):
+        d0.write(f"{HOME}/n{i}", "old")
+    tx0, txg = d0.tx_start(), g.tx_start()
+    assert core.tree.open_txs == {d0.conn.transactions[tx0], g.conn.transactions[txg]}
+    assert d0.conn.transactions[tx0].preserve_limit == 1 << 20
+    assert g.conn.transactions[txg].preserve_limit == 4
+    for i in range(10):  # ten nodes change under both open transactions: ten pre-images each
+        d0.write(f"{HOME}/n{i}", "new")
+    d0.write("/dom0-only", "x", tx0)
+    g.write("mine", "x", txg)
+    assert g.tx_end(txg) == "EAGAIN"   # its snapshot overflowed its quota
+    assert d0.tx_end(tx0) == "OK"      # dom0 kept all ten
+    assert d0.read("/dom0-only") == b"x"
