@@ -91,7 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
     libvirt_uri = config.getoption("--xenpv-libvirt", None)
     if libvirt_uri:
         try:
-            pass
+            check_local_uri(libvirt_uri)
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
     hosts_file = config.getoption("--xenpv-hosts", None)
