@@ -253,6 +253,30 @@ def test_the_active_pdo_reports_the_stored_active_location_information(toy) -> N
         assert IoSynchronousCallDriver(child.top, irp) == STATUS_NOT_SUPPORTED and irp.io_status.information != "Slot 4"
 
 
+
+def test_a_location_the_bus_failed_to_give_is_not_taken(toy) -> None:
+    """pdo.c PdoSetDeviceInformation takes a child's LocationInformation from driver.c DriverQueryDeviceText,
+    which reads IoStatus.Information only when the bus succeeded (`if (!NT_SUCCESS(status)) goto fail2`);
+    on failure the location is NULL and PdoQueryDeviceText passes the bus's failure up. A bus that fails
+    the query with Information left set must not lend the filter PDO that text."""
+    from xenpv.stack.drivers.pci import DEVICE_TEXT_LOCATION_INFORMATION, QueryDeviceTextParameters
+    from xenpv.stack.drivers.xenfilt.driver import _device_text
+    from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver
+    from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+
+    good, careless = _child("L1"), _child("L2")
+    good.location, careless.location = (STATUS_SUCCESS, "Slot 7"), (STATUS_UNSUCCESSFUL, "stale text")
+    t = toy({BUS_A: [good, careless]})
+    children = {c.device_id: c for c in t.bus(BUS_A).children}
+    fdo_ext = next(f.extension for f in t.xenfilt.fdos if f.extension.pdo is t.bus(BUS_A).pdo)
+    locations = {pdo.extension.device_id: pdo.extension.location for pdo in fdo_ext.children.values()}
+    assert locations == {r"TOY\L1": "Slot 7", r"TOY\L2": None}
+    with t.kernel.cpu.lock:
+        assert _device_text(children[r"TOY\L1"].top) == "Slot 7"
+        assert _device_text(children[r"TOY\L2"].top) is None
+        irp = Irp.pnp(IRP_MN_PNP.QUERY_DEVICE_TEXT, QueryDeviceTextParameters(DEVICE_TEXT_LOCATION_INFORMATION))
+        assert IoSynchronousCallDriver(children[r"TOY\L2"].top, irp) == STATUS_UNSUCCESSFUL
+
 def test_a_child_that_vanishes_while_gated_is_detached_and_deleted(toy) -> None:
     """fdo.c FdoEnumerate / pdo.c PdoDestroy: a filter PDO whose child went before the PnP manager ever saw
     it (the gate was closed) gets no REMOVE_DEVICE, so XENFILT detaches and deletes it itself."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from xenpv.stack.drivers.pci import DEVICE_TEXT_LOCATION_INFORMATION
 from xenpv.stack.kernel import (D0, D3, IRP_MJ, IRP_MN_PNP, IRP_MN_POWER, POWER_STATE_TYPE, S0, BusQueryIdType,
                           DeviceKind, DeviceObject, DeviceRelationType, DriverObject, Irp,
                           IoAttachDeviceToDeviceStack, IoCompleteRequest, IoCreateDevice, IoDeleteDevice,
@@ -26,6 +27,9 @@ class ChildSpec:
     hardware_ids: list[str]
     compatible_ids: list[str] = field(default_factory=list)
     instance_id: str = "_"
+    # (status, Information) the bus answers IRP_MN_QUERY_DEVICE_TEXT(DeviceTextLocationInformation) with;
+    # None: the query keeps STATUS_NOT_SUPPORTED. A failure may come with Information left set (a careless bus).
+    location: tuple[int, Any] | None = None
 
 
 @dataclass
@@ -90,6 +94,9 @@ class World:
                                    BusQueryIdType.BusQueryCompatibleIDs: ext.spec.compatible_ids}
             if irp.parameters.id_type in ids:
                 irp.io_status.status, irp.io_status.information = STATUS_SUCCESS, ids[irp.parameters.id_type]
+        elif (minor == IRP_MN_PNP.QUERY_DEVICE_TEXT and ext.spec.location is not None
+              and irp.parameters.text_type == DEVICE_TEXT_LOCATION_INFORMATION):
+            irp.io_status.status, irp.io_status.information = ext.spec.location
         elif minor == IRP_MN_PNP.START_DEVICE:
             irp.io_status.status = self.start_status.get(
                 ext.spec.device_id, STATUS_UNSUCCESSFUL if ext.spec.device_id in self.fail_start else STATUS_SUCCESS)
