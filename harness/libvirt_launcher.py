@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import libvirt
 
+from xenpv.base.owner import ENV as OWNER_ENV, Owner
 from xenpv.base.errors import ConfigError, LaunchFailure, MachineCrashed, WaitTimeout
 from xenpv.base.process import read_tail, wait_for
 from xenpv.base.qmp import QmpSession
@@ -58,6 +59,7 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 RAM_ID = "xenpv-ram"
 DOMAIN_LOGS = Path("/var/log/libvirt/qemu")  # a system daemon's; a private one has its own
 LIFECYCLE_EVENT = "LIBVIRT_LIFECYCLE"
+ENDED_EVENT_WAIT = 0.5  # seconds for libvirt's STOPPED event once the domain is no longer active
 DEVICE_REMOVED_EVENT = "LIBVIRT_DEVICE_REMOVED"
 NO_PLATFORM_REASON = ("libvirt's QEMU driver runs stock qemu-system-x86_64, which has no Xen platform device "
                       "(xen-pvdevice); Debian's Xen build cannot be probed by libvirt")
@@ -109,8 +111,10 @@ def qmp_socket(paths: MachinePaths) -> Path:
     return paths.run_dir / "qmp.sock"
 
 
-def domain_xml(guest: GuestDefinition, *, domain: str, binary: str, paths: MachinePaths) -> str:
-    """The libvirt domain XML of `guest` (a shape without a platform device: LibvirtMachine checks)."""
+def domain_xml(guest: GuestDefinition, *, domain: str, binary: str, paths: MachinePaths,
+               security_models: tuple[str, ...] = (), owner: Owner | None = None) -> str:
+    """The libvirt domain XML of `guest` (a shape without a platform device: LibvirtMachine checks).
+    `security_models`: the daemon's (its capabilities' <secmodel>s); `owner`: whose QEMU it is (default us)."""
     ET.register_namespace("qemu", QEMU_NS)
     root = ET.Element("domain", type="qemu")
     ET.SubElement(root, "name").text = domain
@@ -127,9 +131,19 @@ def domain_xml(guest: GuestDefinition, *, domain: str, binary: str, paths: Machi
     # libvirt adds a USB controller and a balloon unless told not to; the harness's machine has neither.
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
+    if "dac" in security_models:
+        # A daemon that runs QEMU as its own user (Debian's: libvirt-qemu): this one runs as root, as the
+        # QEMU launcher's does, since it makes its sockets and RAM file in the harness's run directory
+        # (0700, root's) and relabelling that would change what the harness owns.
+        label = ET.SubElement(root, "seclabel", type="static", model="dac", relabel="no")
+        ET.SubElement(label, "label").text = "+0:+0"
     cmdline = ET.SubElement(root, f"{{{QEMU_NS}}}commandline")
     for arg in libvirt_argv(guest, paths):
         ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
+    # libvirt gives QEMU an environment of its own: the owner's mark (base.owner) is put back, so if the
+    # harness dies without its teardown, the next run's reaper (or `xenpv clean`) finds and kills the QEMU
+    # of a daemon that outlives it, and the transient domain goes with it.
+    ET.SubElement(cmdline, f"{{{QEMU_NS}}}env", name=OWNER_ENV, value=str(owner or Owner.current()))
     return ET.tostring(root, encoding="unicode")
 
 
@@ -187,6 +201,12 @@ def open_connection(uri: str) -> libvirt.virConnect:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise LaunchFailure(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from None
+
+
+def security_models(conn: libvirt.virConnect) -> tuple[str, ...]:
+    """The security drivers the daemon confines QEMU with (its capabilities' host/secmodel/model)."""
+    host = ET.fromstring(conn.getCapabilities()).find("host")
+    return tuple(m.text or "" for m in host.iterfind("secmodel/model")) if host is not None else ()
 
 
 def daemon_answers(uri: str) -> bool:
@@ -249,13 +269,14 @@ class LibvirtMachine(Machine):
         self.domain_name = f"xenpv-{self.paths.run_dir.name}"
         try:
             self._make_images()
-            xml = domain_xml(self.guest, domain=self.domain_name, binary=self.binary, paths=self.paths)
-            (self.artifacts / "domain.xml").write_text(xml + "\n")
             self.argv = [self.binary, "(libvirt)", *libvirt_argv(self.guest, self.paths)]
             (self.artifacts / "argv.txt").write_text(shlex.join(self.argv) + "\n")
             # Made before the domain, so the STARTED event has a history to go to.
             self.qmp = QmpSession(self.name, self.paths.qmp_events)
             self._conn = open_connection(self.target.uri)
+            xml = domain_xml(self.guest, domain=self.domain_name, binary=self.binary, paths=self.paths,
+                             security_models=security_models(self._conn))
+            (self.artifacts / "domain.xml").write_text(xml + "\n")
             # Lifecycle: registered for every domain, before ours exists, or its STARTED would be missed.
             self._callbacks = [
                 self._conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
@@ -330,6 +351,11 @@ class LibvirtMachine(Machine):
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.02)
+        # libvirt sends the event after the state changed: give it a moment, so the report says why.
+        deadline = time.monotonic() + ENDED_EVENT_WAIT
+        while (self._last_lifecycle is None or self._last_lifecycle["event"] != "stopped") \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
         last = self._last_lifecycle
         why = (f"libvirt reported it {last['event']} ({last['detail']})" if last is not None
                else "libvirt no longer has it running")

@@ -76,9 +76,10 @@ class PrivateLibvirtd:
 
     @classmethod
     def start(cls, log_path: Path, timeout: float = 30.0, libvirtd: str = LIBVIRTD,
-              grace: float = STOP_GRACE) -> "PrivateLibvirtd":
+              grace: float = STOP_GRACE, qemu_conf: str = QEMU_CONF) -> "PrivateLibvirtd":
         """Start the daemon; ConfigError naming a missing program, LaunchFailure with its log's tail if it
-        does not answer within `timeout`. `grace`: how long init waits for it after SIGTERM at stop()."""
+        does not answer within `timeout`. `grace`: how long init waits for it after SIGTERM at stop();
+        `qemu_conf`: its QEMU driver's settings (QEMU_CONF: QEMU as root, unconfined)."""
         for tool in (libvirtd, UNSHARE):
             if not os.access(tool, os.X_OK):
                 raise ConfigError(f"{tool} is missing: the libvirt launcher's private daemon needs it "
@@ -88,7 +89,7 @@ class PrivateLibvirtd:
             for sub in ("etc-upper", "etc-work", "var-upper", "var-work"):
                 (run_dir / sub).mkdir()
             (run_dir / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(run_dir=run_dir))
-            (run_dir / "qemu.conf").write_text(QEMU_CONF)
+            (run_dir / "qemu.conf").write_text(qemu_conf)
             # --kill-child: if unshare dies (it gets the harness's PDEATHSIG), init and its namespace die too.
             argv = [UNSHARE, "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
                     "--kill-child", sys.executable, "-m", "xenpv.harness.libvirtd", "--init", str(run_dir),

@@ -12,6 +12,7 @@ counters do not take the emulated disk or NIC away and no XENBUS device appears.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -21,9 +22,13 @@ import libvirt
 import pytest
 
 from xenpv.base.errors import LaunchFailure, MachineCrashed
+from xenpv.base.owner import child_env
 from xenpv.base.rundir import base_dir, owned_prefix
+from xenpv.harness.cleanup import reap
 from xenpv.guests.schema import GUESTS_DIR
-from xenpv.harness.libvirt_launcher import DEVICE_REMOVED_EVENT, LIFECYCLE_EVENT, LibvirtMachine, open_connection
+from xenpv.guests.schema import load_guest
+from xenpv.harness.libvirt_launcher import (DEVICE_REMOVED_EVENT, LIFECYCLE_EVENT, LibvirtMachine, LibvirtTarget,
+                                           open_connection)
 from xenpv.harness.libvirtd import PrivateLibvirtd
 from xenpv.harness.machine import DEFAULT_QEMU, Machine
 
@@ -242,3 +247,63 @@ while True:
     status = daemon.stop()
     assert status == 1 and 0.5 <= time.monotonic() - t0 < 3, status  # init's own end, not the SIGKILL after
     assert _processes_running(marker) == []
+
+
+# A daemon configured as Debian's libvirt-daemon-system ships it: QEMU as libvirt-qemu, DAC labelling.
+DEBIAN_QEMU_CONF = 'user = "libvirt-qemu"\ngroup = "libvirt-qemu"\ncgroup_controllers = [ ]\nnamespaces = [ ]\nstdio_handler = "file"\n'
+
+
+@pytest.mark.slow
+def test_a_daemon_running_qemu_as_libvirt_qemu_runs_the_harness_machine_as_root(tmp_path) -> None:
+    """Without the DAC seclabel QEMU, as libvirt-qemu, cannot make its sockets in the harness's run directory
+    ("Failed to unlink socket .../qmp.sock: Permission denied") and the domain fails to start. (Slow: such
+    a daemon takes about 9 s before its first domain starts here, where the root-run one takes 1.)"""
+    daemon = PrivateLibvirtd.start(tmp_path / "libvirtd.log", qemu_conf=DEBIAN_QEMU_CONF)
+    try:
+        m = LibvirtMachine(load_guest(GUESTS_DIR / "no-platform.yaml"), tmp_path / "m",
+                           target=LibvirtTarget(daemon.uri, daemon.domain_logs))
+        with m:
+            assert m.qtest.endianness() == "little"
+            assert "<label>+0:+0</label>" in (tmp_path / "m" / "domain.xml").read_text()
+    finally:
+        daemon.stop()
+
+
+ORPHAN = """
+import sys, time
+from pathlib import Path
+from xenpv.guests.schema import GUESTS_DIR, load_guest
+from xenpv.harness.libvirt_launcher import LibvirtMachine, LibvirtTarget
+m = LibvirtMachine(load_guest(GUESTS_DIR / "no-platform.yaml"), Path(sys.argv[2]), target=LibvirtTarget(sys.argv[1]))
+m.launch()
+print(m.domain_name, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_qemu_of_a_run_that_died_is_reaped_and_its_domain_goes(libvirt_target, tmp_path) -> None:
+    """A run SIGKILLed with a domain up (no teardown): libvirt gave its QEMU the run's owner mark, so the
+    next run's reaper (harness.cleanup.reap, as at every session's start and in `xenpv clean`) kills that
+    QEMU, and the transient domain is gone from the daemon."""
+    errors = tmp_path / "orphan.err"
+    with open(errors, "w") as err:
+        run = subprocess.Popen([sys.executable, "-c", ORPHAN, libvirt_target.uri, str(tmp_path / "orphan")],
+                               stdout=subprocess.PIPE, stderr=err, text=True, env=child_env())
+    try:
+        name = run.stdout.readline().strip()  # the launch's own deadline bounds this
+        assert name.startswith("xenpv-"), errors.read_text()[-3000:]
+    finally:
+        run.kill()
+        run.wait()
+    conn = open_connection(libvirt_target.uri)
+    try:
+        assert conn.lookupByName(name).isActive()  # nothing of the dead run stopped it
+        reaped = reap()
+        assert run.pid in {p.owner.pid for p in reaped.processes}, reaped.lines()  # its QEMU, by its mark
+        assert any(f"-{run.pid}." in d.name for d in reaped.run_dirs), reaped.lines()
+        deadline = time.monotonic() + 5
+        while name in [d.name() for d in conn.listAllDomains()]:
+            assert time.monotonic() < deadline, f"{name} still defined 5 s after its QEMU was killed"
+            time.sleep(0.05)
+    finally:
+        conn.close()
