@@ -44,13 +44,12 @@ from urllib.parse import urlsplit
 import libvirt
 
 from xenpv.base.owner import ENV as OWNER_ENV, Owner
-from xenpv.base.errors import ConfigError, LaunchFailure, MachineCrashed, WaitTimeout
+from xenpv.base.errors import ConfigError, LaunchFailure, MachineCrashed
 from xenpv.base.process import read_tail, wait_for
 from xenpv.base.qmp import QmpSession
-from xenpv.base.rundir import make_run_dir, remove_run_dir
+from xenpv.base.rundir import make_run_dir
 from xenpv.guests.schema import GuestDefinition
 from xenpv.harness.machine import Machine, MachinePaths, device_args
-from xenpv.stack.vcpu.guestmem import GuestMemory
 
 log = logging.getLogger("harness.libvirt")
 
@@ -290,22 +289,13 @@ class LibvirtMachine(Machine):
                 self.domain, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed, None))
             log.info("%s: libvirt domain %s (id %d) at %s", self.name, self.domain_name, self.domain.ID(),
                      self.target.uri)
+            # libvirt returns once QEMU runs; QEMU makes the socket a moment after (wait=off: not waiting).
             wait_for(lambda: qmp_socket(self.paths).is_socket(), timeout=timeout, what="QEMU's QMP socket",
                      alive=self._watched())
-            self.qmp.connect(str(qmp_socket(self.paths)), timeout)
-            self._connect_qtest(timeout)
-            if self.qtest.endianness() != "little":
-                raise LaunchFailure("QEMU reports a big-endian target; the harness models x86 guests")
-            self._memory = GuestMemory(self.paths.ram, self.guest.memory_mib << 20)
-        except BaseException as exc:
-            died = self._crash_report("launching", connection_lost=True) if self.domain is not None else None
+        except BaseException:
             self.shutdown()
-            if died is not None:
-                raise died from None
-            if isinstance(exc, (TimeoutError, WaitTimeout)):
-                raise LaunchFailure(f"{self.name}: QEMU (libvirt domain {self.domain_name}) did not become ready "
-                                    f"within {timeout:.1f}s\n{read_tail(self.paths.qemu_log)}") from None
             raise
+        self._connect(str(qmp_socket(self.paths)), timeout)
         self.launch_seconds = time.monotonic() - t0
         log.info("%s ready in %.0f ms (libvirt domain %s)", self.name, self.launch_seconds * 1000, self.domain_name)
         return self
@@ -383,12 +373,7 @@ class LibvirtMachine(Machine):
 
     def shutdown(self, timeout: float = 2.0) -> int | None:
         """virDomainDestroy (the transient domain is gone with it), then what Machine.shutdown releases."""
-        if self._qtest is not None:
-            self._qtest.close()
-            self._qtest = None
-        if self._transcript is not None:
-            self._transcript.close()
-            self._transcript = None
+        self._close_qtest()
         if self.domain is not None:
             try:
                 self.domain.destroy()
@@ -412,13 +397,7 @@ class LibvirtMachine(Machine):
             qmp, self.qmp = self.qmp, None
         if qmp is not None:
             qmp.close()
-        try:
-            if self._memory is not None:
-                memory, self._memory = self._memory, None
-                memory.close()
-        finally:
-            if self._paths is not None:
-                remove_run_dir(self._paths.run_dir)
+        self._release_ram_and_run_dir()
         return None
 
 

@@ -175,9 +175,19 @@ class Machine:
             raise
         finally:
             theirs.close()
+        self._connect(ours, timeout)
+        self.launch_seconds = time.monotonic() - t0
+        log.info("%s ready in %.0f ms (pid %d)", self.name, self.launch_seconds * 1000, self.process.pid)
+        return self
+
+    def _connect(self, qmp: socket.socket | str, timeout: float) -> None:
+        """Connect the harness to the QEMU just started: QMP (a session made here unless the launcher made
+        it before QEMU started), qtest, guest RAM. If that fails, the machine is shut down and the error
+        says whether QEMU died or did not become ready."""
         try:
-            self.qmp = QmpSession(self.name, self.paths.qmp_events)
-            self.qmp.connect(ours, timeout)
+            if self.qmp is None:
+                self.qmp = QmpSession(self.name, self.paths.qmp_events)
+            self.qmp.connect(qmp, timeout)
             self._connect_qtest(timeout)
             if self.qtest.endianness() != "little":
                 raise LaunchFailure("QEMU reports a big-endian target; the harness models x86 guests")
@@ -192,9 +202,6 @@ class Machine:
                 raise LaunchFailure(f"{self.name}: QEMU did not become ready within {timeout:.1f}s\n"
                                     f"{read_tail(self.paths.qemu_log)}") from None
             raise
-        self.launch_seconds = time.monotonic() - t0
-        log.info("%s ready in %.0f ms (pid %d)", self.name, self.launch_seconds * 1000, self.process.pid)
-        return self
 
     def _connect_qtest(self, timeout: float) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -234,12 +241,7 @@ class Machine:
     def shutdown(self, timeout: float = 2.0) -> int | None:
         """Soft (QMP quit) then hard (SIGKILL to the group) stop; releases everything the machine holds."""
         status = None
-        if self._qtest is not None:
-            self._qtest.close()
-            self._qtest = None
-        if self._transcript is not None:
-            self._transcript.close()
-            self._transcript = None
+        self._close_qtest()
         if self.process is not None:
             qmp = self.qmp
 
@@ -256,6 +258,18 @@ class Machine:
         if self.qmp is not None:
             self.qmp.close()
             self.qmp = None
+        self._release_ram_and_run_dir()
+        return status
+
+    def _close_qtest(self) -> None:
+        if self._qtest is not None:
+            self._qtest.close()
+            self._qtest = None
+        if self._transcript is not None:
+            self._transcript.close()
+            self._transcript = None
+
+    def _release_ram_and_run_dir(self) -> None:
         try:
             if self._memory is not None:
                 memory, self._memory = self._memory, None
@@ -263,17 +277,11 @@ class Machine:
         finally:
             if self._paths is not None:
                 remove_run_dir(self._paths.run_dir)
-        return status
 
     def hand_over_qtest(self) -> Path:
         """Close the harness's qtest connection so the guest agent can open its own (QEMU serves one
         client at a time); the agent appends to the same transcript, which this returns."""
-        if self._qtest is not None:
-            self._qtest.close()
-            self._qtest = None
-        if self._transcript is not None:
-            self._transcript.close()
-            self._transcript = None
+        self._close_qtest()
         return self.paths.transcript
 
     def flush_logs(self) -> None:
