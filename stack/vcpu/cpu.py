@@ -45,6 +45,13 @@ class Vcpu:
             return
         {1: self.qtest.outb, 2: self.qtest.outw, 4: self.qtest.outl}[size](port, value)
 
+    def out_in(self, out_port: int, value: int, in_port: int, in_size: int) -> int:
+        """outl then a read, in one qtest round trip when neither port is xenhv's (PCI configuration)."""
+        if self._xenhv_port(out_port) or self._xenhv_port(in_port):
+            self._out(out_port, 4, value)
+            return self._in(in_port, in_size)
+        return self.qtest.out_in(out_port, value, in_port, in_size)
+
     def inb(self, port: int) -> int:
         return self._in(port, 1)
 

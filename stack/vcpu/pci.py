@@ -30,6 +30,7 @@ class PortIO(Protocol):
     def outb(self, port: int, value: int) -> None: ...
     def outw(self, port: int, value: int) -> None: ...
     def outl(self, port: int, value: int) -> None: ...
+    def out_in(self, out_port: int, value: int, in_port: int, in_size: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,7 @@ class PciBus:
         return 0x80000000 | bus << 16 | slot << 11 | function << 8 | (offset & 0xFC)
 
     def read(self, slot: int, function: int, offset: int, size: int = 4) -> int:
-        self.io.outl(CONFIG_ADDRESS, self._address(slot, function, offset))
-        port = CONFIG_DATA + (offset & 3)
-        return {1: self.io.inb, 2: self.io.inw, 4: self.io.inl}[size](port)
+        return self.io.out_in(CONFIG_ADDRESS, self._address(slot, function, offset), CONFIG_DATA + (offset & 3), size)
 
     def write(self, slot: int, function: int, offset: int, value: int, size: int = 4) -> None:
         self.io.outl(CONFIG_ADDRESS, self._address(slot, function, offset))

@@ -145,3 +145,23 @@ def test_transcript_is_in_qtest_log_format(make) -> None:
 def test_transcript_parser_rejects_foreign_lines() -> None:
     with pytest.raises(QtestError, match="line 2"):
         parse_transcript(["[R +0.1] inb 0x80", "garbage"])
+
+
+def test_out_in_is_one_write_and_both_replies_in_order(make) -> None:
+    """PCI configuration reads as one round trip (stack/vcpu/pci.py): both requests leave before the first
+    reply is read, an IRQ line between the replies is still routed, and the data is the second reply's."""
+    q, peer, log = make(["OK", "IRQ raise 5", "OK 0x12345678"], [])
+    seen: list[tuple[int, bool]] = []
+    q.on_irq = lambda n, level: seen.append((n, level))
+    assert q.out_in(0xCF8, 0x80000800, 0xCFC, 4) == 0x12345678
+    assert peer.received == ["outl 0xcf8 0x80000800", "inl 0xcfc"]
+    assert seen == [(5, True)]
+    directions = [d for d, _ in parse_transcript(log.getvalue().splitlines())]
+    assert directions == ["I", "R", "R", "S", "S", "S"]  # I: the connection opened
+
+
+def test_a_refused_first_request_still_reads_the_second_reply(make) -> None:
+    q, peer, _ = make(["ERR bad port"], ["OK 0x1"], ["OK 0x7"])
+    with pytest.raises(QtestError, match=r"QEMU refused 'outl 0xcf8 0x1': ERR bad port"):
+        q.commands(["outl 0xcf8 0x1", "inl 0xcfc"])
+    assert q.inl(0x80) == 0x7  # in step: the reply to inl 0xcfc was consumed with its request

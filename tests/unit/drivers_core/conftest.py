@@ -273,6 +273,10 @@ class FakeMachine:
     def outl(self, port: int, value: int) -> None:
         self._out(port, 4, value)
 
+    def out_in(self, out_port: int, value: int, in_port: int, in_size: int) -> int:
+        self._out(out_port, 4, value)
+        return self._in(in_port, in_size)
+
 
 @dataclass
 class FakeStore:
