@@ -36,7 +36,7 @@ import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -232,10 +232,6 @@ class _DomainWatch:
     """What waits check for a libvirt machine (Machine._watched): the domain is still active."""
 
     machine: "LibvirtMachine"
-    name: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.name = f"QEMU ({self.machine.name}, libvirt)"
 
     def check_alive(self, during: str = "") -> None:
         if (err := self.machine._crash_report(during)) is not None:
