@@ -50,10 +50,21 @@ RNG_XML = ("<rng model='virtio'><backend model='random'>/dev/urandom</backend><a
 RNG_SLOT = 0x1F
 
 
-def _libvirt_guest(tmp_path: Path, shape: str = "no-platform", extra: str = "") -> Path:
-    """The shape's YAML with `launcher: libvirt` (the agent and the run record read the file itself)."""
+# The PV drivers installed, on a machine without the platform device (a Xen guest's disk moved to KVM).
+WITH_DRIVERS = """drivers:
+  era: current
+  packages: {xenbus: 9.1.0.10, xenvif: 9.1.0.10, xennet: 9.1.0.10, xenvbd: 9.1.0.10, xeniface: 9.1.0.10}
+"""
+
+
+def _libvirt_guest(tmp_path: Path, shape: str = "no-platform", drivers: str | None = None) -> Path:
+    """The shape's YAML with `launcher: libvirt` (the agent and the run record read the file itself);
+    `drivers`: a `drivers:` block instead of the shape's (its last one)."""
+    text = (GUESTS_DIR / f"{shape}.yaml").read_text()
+    if drivers is not None:
+        text = text[:text.index("\ndrivers:") + 1] + drivers
     path = tmp_path / f"{shape}-libvirt.yaml"
-    path.write_text((GUESTS_DIR / f"{shape}.yaml").read_text() + "launcher: libvirt\n" + extra)
+    path.write_text(text + "launcher: libvirt\n")
     return path
 
 
@@ -65,8 +76,10 @@ def _pci_device_ids(machine) -> set[int]:
     return {d["id"]["device"] for bus in machine.qmp.command("query-pci") for d in bus["devices"]}
 
 
-def test_no_platform_shape_boots_through_libvirt_and_unplugs_nothing(boot_guest, libvirt_target, tmp_path) -> None:
-    g = boot_guest(_libvirt_guest(tmp_path))
+@pytest.mark.parametrize("drivers", [None, WITH_DRIVERS], ids=["no-drivers", "pv-drivers-installed"])
+def test_no_platform_shape_boots_through_libvirt_and_unplugs_nothing(boot_guest, libvirt_target, tmp_path,
+                                                                     drivers: str | None) -> None:
+    g = boot_guest(_libvirt_guest(tmp_path, drivers=drivers))
     m = g.machine
     assert isinstance(m, LibvirtMachine) and m.binary == STOCK_QEMU
     # libvirt's QEMU, paused as started and never resumed: the agent alone drives the machine, over qtest.
@@ -87,7 +100,10 @@ def test_no_platform_shape_boots_through_libvirt_and_unplugs_nothing(boot_guest,
     assert 0x8139 in _pci_device_ids(m)
     tree = c.run("devices")
     assert r"IDE\DiskQEMU_HARDDISK\0.0.0" in tree and "XENBUS" not in tree
-    assert "not running on Xen" in c.run("log 400")
+    log = c.run("log 400")
+    assert "not running on Xen" in log
+    if drivers is not None:  # installed, and still nothing of them binds: no XENBUS without its PCI device
+        assert "xenbus    9.1.0.10" in c.run("pkg list")
 
 
 def test_libvirt_lifecycle_events_reach_the_machines_event_history(guest_factory, tmp_path) -> None:
