@@ -323,3 +323,42 @@ def test_the_qemu_of_a_run_that_died_is_reaped_and_its_domain_goes(libvirt_targe
             time.sleep(0.05)
     finally:
         conn.close()
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from xenpv.guests.schema import GUESTS_DIR, load_guest
+from xenpv.harness.libvirt_launcher import LibvirtMachine, LibvirtTarget
+from xenpv.harness.libvirtd import PrivateLibvirtd
+out = Path(sys.argv[1])
+daemon = PrivateLibvirtd.start(out / "libvirtd.log")
+m = LibvirtMachine(load_guest(GUESTS_DIR / "no-platform.yaml"), out / "m",
+                   target=LibvirtTarget(daemon.uri, daemon.domain_logs))
+m.launch()
+print(daemon.run_dir, m.domain_name, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_killed_with_its_private_libvirtd_leaves_no_process(tmp_path) -> None:
+    """SIGKILL, no teardown: the daemon's unshare dies with its parent (PR_SET_PDEATHSIG), its init with
+    unshare (--kill-child), and with init every process of the PID namespace, the domain's QEMU too."""
+    errors = tmp_path / "run.err"
+    with open(errors, "w") as err:
+        run = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=err, text=True, env=child_env())
+    try:
+        line = run.stdout.readline().split()
+        assert len(line) == 2, errors.read_text()[-3000:]
+        run_dir, domain = line
+        assert _processes_running(run_dir) and _processes_running(domain)  # libvirtd's -f, QEMU's -name
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 5
+    while left := _processes_running(run_dir) + _processes_running(domain):
+        assert time.monotonic() < deadline, f"still running 5 s after the run was killed: {left}"
+        time.sleep(0.05)
+    reap()  # what the next session's start does: the dead run's directories go
+    assert not Path(run_dir).exists()
