@@ -35,6 +35,7 @@ from xenpv.base.process import read_tail
 from xenpv.base.runrecord import JOURNAL_NAME, LIFECYCLE, RunJournal, RunRecordError, Schedule, new_record
 if TYPE_CHECKING:
     from xenpv.harness.dom0 import Dom0Backends
+from xenpv.harness import forkserver
 from xenpv.harness.machine import Machine
 from xenpv.backends.host import HostServices
 from xenpv.stack.agent.console import NOT_MODELLED_MARKER, PROMPT, STOP_MARKER, TOO_SLOW_MARKER
@@ -108,8 +109,13 @@ class GuestConsole:
         self.agent_log = agent_log
         self._logfile = open(log_path, "a")
         # The agent is a session leader on its own pty; its environment names its owner (base.owner).
-        self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
-                                   logfile=self._logfile, timeout=timeout, echo=False, env=child_env())
+        # The guest model's own agent is forked from a process that has it imported (harness.forkserver).
+        if argv[1:3] == ["-m", "xenpv.stack.agent"] and forkserver.enabled():
+            self.child: pexpect.spawn | forkserver.ForkedAgent = forkserver.AgentForkServer.shared().spawn(
+                argv[3:], logfile=self._logfile, timeout=timeout)
+        else:
+            self.child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
+                                       logfile=self._logfile, timeout=timeout, echo=False, env=child_env())
 
     def wait_booted(self, timeout: float = 30.0) -> None:
         self._expect_prompt("boot", timeout)

@@ -36,6 +36,7 @@ from xenpv.base.rundir import make_artifacts_dir, make_run_dir
 from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from xenpv.harness.agent import Guest, GuestBugcheck
 from xenpv.harness.cleanup import reap, reap_stale
+from xenpv.harness.forkserver import stop_shared
 from xenpv.harness.hosts import HostLease, HostPool, HostSpec, lease_dir_default, load_hosts
 from xenpv.harness.remote import RemoteHost
 from xenpv.harness.remote_guest import RemoteGuest, Wheelhouse, install
@@ -444,6 +445,8 @@ def machine(guest_factory: Callable[..., Machine]) -> Machine:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     global _sessions
     _sessions -= 1
+    if _sessions == 0:
+        stop_shared()  # the agent fork server is the session's, not a test's leftover
     left = running()
     if left:
         names = ", ".join(f"{p.name} (pid {p.pid})" for p in left)
