@@ -28,6 +28,7 @@ from typing import Callable, TypeVar
 from xenpv.base.owner import MarkedProcess, Owner, marked_processes, proc_stat
 from xenpv.base.rundir import owner_of, remove_run_dir, run_dirs
 from xenpv.harness.netns import NetnsError, delete_namespace, list_namespaces
+from xenpv.harness.forkserver import stop_shared
 
 log = logging.getLogger("harness.cleanup")
 
@@ -123,6 +124,7 @@ def run_guarded(body: Callable[[contextlib.ExitStack], T]) -> T:
                     # the teardown; the handler sets it too, before the one Interrupted it raises.
                     guard.teardown()
         finally:
+            stop_shared()  # the agent fork server serves the whole run: it goes with the run's teardown
             left = reap(only=Owner.current())
             if left:
                 log.warning("the teardown left these behind; removed: %s", "; ".join(left.lines()))
