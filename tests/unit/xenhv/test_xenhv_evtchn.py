@@ -312,3 +312,26 @@ def test_private_page_until_shared_info_is_attached(hub: EventChannelHub, dom0: 
     info = from_bytes(SharedInfo, page[:ctypes.sizeof(SharedInfo)])
     assert info.evtchn_pending[word] >> bit & 1 and info.vcpu_info[0].evtchn_upcall_pending == 1
     assert upcalls == [1, 1]  # the guest's page starts with an upcall to look at
+
+
+def test_close_clears_exactly_the_pending_bit_of_a_port_past_the_first_word(dom0: EventChannels,
+                                                                           guest: Guest) -> None:
+    """xen/common/event_channel.c evtchn_free -> evtchn_port_clear_pending (2-level ABI: the port's bit in
+    shared_info's evtchn_pending[port / 64]): an event left pending on a closed port must not fire on what
+    is bound to that port next. Ports 64 and 129 sit in words 1 and 2, which no port below 64 reaches; the
+    rest of the page (other ports' bits, the selectors, vcpu_info) is left as it was."""
+    ports = [guest.ch.alloc_unbound(DOMID_SELF, 0) for _ in range(130)]
+    assert ports == list(range(1, 131))
+    for port in (63, 64, 129):
+        dom0.send(dom0.bind_interdomain(1, port))
+        assert guest.pending(port)
+    for port in (129, 64):
+        before = bytearray(guest.page)
+        guest.ch.close(port)
+        assert not guest.pending(port)
+        word, bit = divmod(port, EVTCHN_WORD_BITS)
+        offset = SharedInfo.evtchn_pending.offset + word * 8
+        expected = int.from_bytes(before[offset:offset + 8], "little") & ~(1 << bit)
+        before[offset:offset + 8] = expected.to_bytes(8, "little")
+        assert guest.page == before, f"closing port {port} changed more than its pending bit"
+    assert guest.pending(63)

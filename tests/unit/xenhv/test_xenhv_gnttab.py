@@ -19,6 +19,7 @@ from xenpv.xenabi.grant_table import (
     GNTST_bad_handle,
     GNTST_bad_page,
     GNTST_general_error,
+    GNTST_no_space,
     GNTST_permission_denied,
     GRANT_ENTRIES_V1_PER_FRAME,
     GTF_permit_access,
@@ -307,3 +308,55 @@ def test_a_handle_is_unmapped_only_by_the_backend_that_mapped_it(s: Setup) -> No
     assert s.flags(8) & GTF_writing
     s.hub.unmap(BACKEND, mapping.handle, "blkback")
     assert s.flags(8) == GTF_permit_access
+
+
+def test_a_table_made_without_a_limit_has_xens_default_of_64_frames() -> None:
+    """xen/common/grant_table.c opt_max_grant_frames = 64 (the gnttab_max_frames boot parameter's default):
+    a GrantTable given no max_frames grows to 64 frames and refuses the 65th, as GNTTABOP_setup_table
+    (GNTST_general_error) and as the XENMEM_add_to_physmap growth path (EINVAL)."""
+    frames_map = mmap.mmap(-1, 65 * PAGE)
+    frames = memoryview(frames_map)
+    hub = GrantTableHub()
+    hub.add(GrantTable(GUEST, lambda i: frames[i * PAGE:(i + 1) * PAGE], lambda gfn: None))
+    try:
+        assert hub.query_size(GUEST, GUEST) == (1, 64)
+        assert status_of(hub.setup_table, GUEST, GUEST, 65) == GNTST_general_error
+        table = hub.setup_table(GUEST, GUEST, 64)
+        assert hub.query_size(GUEST, GUEST) == (64, 64)
+        with pytest.raises(XenError) as info:
+            table.grow(65)
+        assert info.value.errno == XEN_EINVAL
+    finally:
+        hub.remove(GUEST)
+        frames.release()
+        frames_map.close()
+
+
+def test_a_mapper_holds_at_most_65536_mappings(s: Setup) -> None:
+    """Xen refuses a map when the mapper is out of maptrack handles (xen/common/grant_table.c map_grant_ref:
+    get_maptrack_handle fails -> GNTST_no_space; opt_max_maptrack_frames bounds them). xenhv bounds each
+    mapper at DEFAULT_MAX_MAPTRACK = 65536 handles, so a back-end that leaks mappings is refused instead of
+    growing xenhv's state without end; an unmap frees a handle for the next map. 65536 maps of one table:
+    at most 255 read-only and 255 writable pins per ref and party (xenabi.grant_pins), so 129 refs."""
+    refs = range(8, 8 + 129)
+    for ref in refs:
+        s.front.grant_access(ref, BACKEND, 3)
+    handles: list[int] = []
+    try:
+        for ref in refs:
+            for readonly in (True, False):
+                for _ in range(min(255, 65536 - len(handles))):
+                    handles.append(s.hub.map(BACKEND, GUEST, ref, readonly=readonly).handle)
+        assert len(handles) == 65536
+        # The last ref has 255 read-only pins and one writable: room for more pins, but no handle.
+        assert status_of(s.hub.map, BACKEND, GUEST, refs[-1], False) == GNTST_no_space
+        freed = handles.pop(1000)
+        s.hub.unmap(BACKEND, freed)
+        handles.append(s.hub.map(BACKEND, GUEST, refs[-1], readonly=False).handle)
+        assert handles[-1] == freed  # the one free handle
+        assert status_of(s.hub.map, BACKEND, GUEST, refs[-1], False) == GNTST_no_space
+    finally:
+        # Unmapped here, one by one: GrantTableHub.remove drops a table's mappings in time quadratic in
+        # their number (it scans the mapper's whole maptrack for each), minutes for 65536.
+        for handle in handles:
+            s.hub.unmap(BACKEND, handle)
