@@ -360,3 +360,60 @@ def test_a_mapper_holds_at_most_65536_mappings(s: Setup) -> None:
         # their number (it scans the mapper's whole maptrack for each), minutes for 65536.
         for handle in handles:
             s.hub.unmap(BACKEND, handle)
+
+
+def test_map_handles_count_from_0_and_the_lowest_free_is_reused(s: Setup) -> None:
+    """A grant handle indexes the mapper's maptrack (xen/common/grant_table.c maptrack_entry(t, handle), handles
+    0 .. maptrack_limit - 1): the first map is handle 0, and an unmapped handle is handed out again before the
+    table reaches for a new one."""
+    s.front.grant_access(8, BACKEND, 3)
+    assert [s.hub.map(BACKEND, GUEST, 8, readonly=True).handle for _ in range(4)] == [0, 1, 2, 3]
+    s.hub.unmap(BACKEND, 1)
+    s.hub.unmap(BACKEND, 2)
+    assert [s.hub.map(BACKEND, GUEST, 8, readonly=True).handle for _ in range(3)] == [1, 2, 4]
+    for handle in range(5):
+        s.hub.unmap(BACKEND, handle)
+
+
+def test_a_table_may_start_at_its_maximum_and_set_up_zero_frames() -> None:
+    """xen/common/grant_table.c: a domain may be created with max_grant_frames = 1, the frame it starts with
+    (INITIAL_NR_GRANT_FRAMES), and gnttab_setup_table with nr_frames = 0 is GNTST_okay and changes nothing (it
+    only refuses nr_frames > max_grant_frames)."""
+    frames_map = mmap.mmap(-1, 2 * PAGE)
+    frames = memoryview(frames_map)
+    hub = GrantTableHub()
+    hub.add(GrantTable(GUEST, lambda i: frames[i * PAGE:(i + 1) * PAGE], lambda gfn: None, max_frames=1))
+    try:
+        assert hub.query_size(GUEST, GUEST) == (1, 1)
+        hub.setup_table(GUEST, GUEST, 0)
+        hub.setup_table(GUEST, DOMID_SELF, 1)
+        assert hub.query_size(GUEST, GUEST) == (1, 1)
+        assert status_of(hub.setup_table, GUEST, GUEST, 2) == GNTST_general_error
+    finally:
+        hub.remove(GUEST)
+        frames.release()
+        frames_map.close()
+
+
+def test_a_table_not_told_the_ram_size_lets_no_back_end_map_frames_itself(s: Setup) -> None:
+    """The pin table tells back-ends how many of the guest's frames are RAM they may map from the guest's memory
+    file themselves (backends/grants.py: any gfn at or past ram_pages goes through xenhv). A GrantTable made
+    without ram_pages must say 0, so nothing is mapped directly on a guess."""
+    assert s.table.pins.ram_pages == 0
+
+
+def test_each_back_end_link_shares_its_own_party_until_it_is_gone(s: Setup) -> None:
+    """Back-ends pin grants themselves in the shared pin table (xenabi.grant_pins), each link as a party of its
+    own: the same link gets the same party and generation again, another link another party, and a link that
+    is gone gives its party back (revoked: generation 0) for the next link, as unshare() drops its pins."""
+    blk = s.table.share("blkback-1")
+    assert s.table.share("blkback-1") == blk
+    net = s.table.share("netback-1")
+    assert net[0] != blk[0] and net[1] != 0 and blk[1] != 0
+    assert s.table.unshare("blkback-1") == 0    # it held no pins
+    assert s.table.pins.party_generation(blk[0]) == 0
+    assert s.table.unshare("blkback-1") == 0    # already gone
+    again = s.table.share("blkback-2")
+    assert again[0] == blk[0] and again[1] != 0
+    s.table.unshare("blkback-2")
+    s.table.unshare("netback-1")
