@@ -275,3 +275,27 @@ def test_dom0_transactions_are_not_held_to_the_guest_snapshot_quota_but_are_boun
     assert g.tx_end(txg) == "EAGAIN"   # its snapshot overflowed its quota
     assert d0.tx_end(tx0) == "OK"      # dom0 kept all ten
     assert d0.read("/dom0-only") == b"x"
+
+
+# ---- node size: value, 8 bytes a permission, each child's name and NUL ------------------------------------
+
+def test_node_size_counts_the_value_8_bytes_a_permission_and_each_child_name() -> None:
+    """The node-size quota (C xenstored domain.c quotas[], reference xen-abi.md: node-size 2048 counting
+    header, permissions at 8 bytes each (struct xs_permissions), data and the children's names with their
+    NULs) applies to guests' nodes; here, exactly at the quota is accepted and one byte more is ENOSPC, for a
+    node with one permission, with three, and with children."""
+    core = XenstoreCore(Quotas(node_size=100))
+    guest_home(core)
+    g = peer(core, GUEST)
+    g.write("one", b"x" * 92)                                   # 92 + 8 * 1 = 100
+    assert g.err(T.WRITE, b"one\0" + b"x" * 93) == "ENOSPC"
+    assert g.err(T.SET_PERMS, f"one\0n{GUEST}\0r0\0r5\0".encode()) == "ENOSPC"   # 92 + 8 * 3 = 116
+    g.write("one", b"x" * 76)
+    g.set_perms("one", f"n{GUEST}", "r0", "r5")                 # 76 + 24 = 100
+    assert g.err(T.WRITE, b"one\0" + b"x" * 77) == "ENOSPC"
+    assert g.err(T.SET_PERMS, f"one\0n{GUEST}\0r0\0r5\0r6\0".encode()) == "ENOSPC"   # 76 + 32
+    g.write("dir", b"x" * 80)
+    g.write("dir/ab", "")                                       # the parent's size becomes 80 + 8 + 3 = 91
+    g.write("dir", b"x" * 89)                                   # 89 + 8 + 3 = 100
+    assert g.err(T.WRITE, b"dir\0" + b"x" * 90) == "ENOSPC"
+    assert g.read("one") == b"x" * 76 and g.read("dir") == b"x" * 89
