@@ -417,3 +417,27 @@ def test_each_back_end_link_shares_its_own_party_until_it_is_gone(s: Setup) -> N
     assert again[0] == blk[0] and again[1] != 0
     s.table.unshare("blkback-2")
     s.table.unshare("netback-1")
+
+
+def test_a_table_unmaps_only_a_handle_it_has_for_the_domain_that_mapped_it(s: Setup) -> None:
+    """xen/common/grant_table.c unmap_common: a handle the table does not have, or one another domain mapped,
+    is GNTST_bad_handle and unpins nothing (GrantTable.unmap is what GrantTableHub.remove calls per handle)."""
+    s.front.grant_access(8, BACKEND, 3)
+    mapping = s.table.map(BACKEND, 8, readonly=False)
+    assert status_of(s.table.unmap, mapping.handle + 1) == GNTST_bad_handle
+    assert status_of(s.table.unmap, mapping.handle, OTHER) == GNTST_bad_handle
+    assert s.flags(8) & (GTF_reading | GTF_writing) == GTF_reading | GTF_writing   # still mapped
+    assert s.table.unmap(mapping.handle, BACKEND).ref == 8
+    assert s.flags(8) == GTF_permit_access
+
+
+def test_ref_0_is_an_entry_like_any_other(s: Setup) -> None:
+    """Refs 0..7 are reserved for the toolstack (GNTTAB_NR_RESERVED_ENTRIES; grant_table.h GNTTAB_RESERVED_CONSOLE
+    is ref 0) but are real entries: the console ring's grant is read at ref 0; the last ref of the table is the
+    last entry, one past it is GNTST_bad_gntref."""
+    s.front.grant_access(0, BACKEND, 5, readonly=True)
+    assert (s.table.entry(0).frame, s.table.entry(0).domid) == (5, BACKEND)
+    last = s.table.nr_entries - 1
+    assert s.table.entry(last).flags == 0
+    assert status_of(s.table.entry, last + 1) == GNTST_bad_gntref
+    assert status_of(s.table.entry, -1) == GNTST_bad_gntref
