@@ -27,6 +27,7 @@ IRQL_NOT_LESS_OR_EQUAL (0xA) otherwise, with p1 = what was touched, p2 = IRQL, p
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import logging
@@ -36,7 +37,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 from xenpv.base.errors import HarnessError
 from xenpv.stack.timescale import HarnessTooSlow
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from types import FrameType
 
 log = logging.getLogger("stack.kernel.irql")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 PASSIVE_LEVEL = 0
 LOW_LEVEL = 0
@@ -467,3 +470,20 @@ def assert_max_irql(level: int, what: str, *, access: int = ACCESS_EXECUTE) -> N
 
 def assert_passive(what: str, *, access: int = ACCESS_EXECUTE) -> None:
     assert_max_irql(PASSIVE_LEVEL, what, access=access)
+
+
+def kernel_api(what: str, level: int = PASSIVE_LEVEL, *, access: int = ACCESS_EXECUTE) -> Callable[[F], F]:
+    """An API that any thread of the agent calls (driver code, a console command, a user-mode service):
+    the call runs owning the CPU — a thread that does not own it waits its turn, as a thread waits to be
+    scheduled, and then runs at PASSIVE_LEVEL — and bugchecks like Windows when its caller's IRQL is above
+    `level`. Checking the IRQL without owning the CPU read another thread's: under load, the xenagent
+    service's registry read at a reboot while xenvif's DPC held the CPU at DISPATCH_LEVEL was a false 0xD1."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            cpu = _current
+            with cpu.lock:
+                assert_max_irql(level, what, access=access)
+                return fn(*args, **kwargs)
+        return call  # type: ignore[return-value]
+    return wrap

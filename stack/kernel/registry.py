@@ -32,7 +32,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from .irql import ACCESS_READ, ACCESS_WRITE, assert_passive
+from .irql import ACCESS_READ, ACCESS_WRITE, kernel_api
 from .status import NTSTATUS
 
 log = logging.getLogger("stack.kernel.registry")
@@ -258,12 +258,12 @@ class Registry:
         if not volatile:
             self.save()
 
+    @kernel_api("RegNotifyChangeKeyValue", access=ACCESS_READ)
     def notify_change(self, path: str, callback: Callable[[], None]) -> Callable[[], None]:
         """RegNotifyChangeKeyValue(WatchSubtree=TRUE, REG_NOTIFY_CHANGE_LAST_SET, asynchronous): `callback`
         runs once, on the writer's thread, after the next value set or deleted at or under `path` (an
         existing key, else KeyNotFound); it should only signal (set an event). Returns a cancel (closing
         the key handle)."""
-        assert_passive("RegNotifyChangeKeyValue", access=ACCESS_READ)
         self._key(path)
         entry = (tuple(part.lower() for part in split_path(path)), callback)
         with self._notify_lock:
@@ -286,9 +286,9 @@ class Registry:
         for _, callback in fired:
             callback()
 
+    @kernel_api("ZwCreateKey", access=ACCESS_WRITE)
     def create_key(self, path: str, *, volatile: bool = False) -> RegistryKey:
         """ZwCreateKey, creating missing parents (parents inherit nothing; only the leaf is volatile)."""
-        assert_passive("ZwCreateKey", access=ACCESS_WRITE)
         key = self.root
         parts = split_path(path)
         created_persistent = False
@@ -307,26 +307,26 @@ class Registry:
             self.save()
         return key
 
+    @kernel_api("ZwOpenKey", access=ACCESS_READ)
     def key_exists(self, path: str) -> bool:
-        assert_passive("ZwOpenKey", access=ACCESS_READ)
         try:
             self._walk(path)
         except KeyNotFound:
             return False
         return True
 
+    @kernel_api("ZwQueryKey", access=ACCESS_READ)
     def is_volatile(self, path: str) -> bool:
-        assert_passive("ZwQueryKey", access=ACCESS_READ)
         return self._key(path).volatile
 
+    @kernel_api("ZwEnumerateKey", access=ACCESS_READ)
     def subkeys(self, path: str) -> list[str]:
         """ZwEnumerateKey: names as created, in creation order."""
-        assert_passive("ZwEnumerateKey", access=ACCESS_READ)
         return [k.name for k in self._key(path).subkeys.values()]
 
+    @kernel_api("ZwDeleteKey", access=ACCESS_WRITE)
     def delete_key(self, path: str) -> None:
         """Delete `path` and everything under it (RegDeleteTree; ZwDeleteKey needs an empty key)."""
-        assert_passive("ZwDeleteKey", access=ACCESS_WRITE)
         chain = self._walk(path)
         if len(chain) == 1:
             raise InvalidPath(path, detail="HKLM cannot be deleted")
@@ -336,9 +336,9 @@ class Registry:
 
     # -- values ---------------------------------------------------------------------------------
 
+    @kernel_api("ZwSetValueKey", access=ACCESS_WRITE)
     def set_value(self, path: str, name: str, kind: RegType, data: RegData, *, create: bool = True) -> None:
         """ZwSetValueKey. `create` makes the key first (what drivers do with ZwCreateKey + set)."""
-        assert_passive("ZwSetValueKey", access=ACCESS_WRITE)
         key = self.create_key(path) if create else self._key(path)
         key.values[name.lower()] = RegValue(name, RegType(kind), _validate(path, name, RegType(kind), data))
         self._changed(key.volatile)
@@ -356,9 +356,9 @@ class Registry:
     def set_binary(self, path: str, name: str, data: bytes) -> None:
         self.set_value(path, name, RegType.REG_BINARY, data)
 
+    @kernel_api("ZwQueryValueKey", access=ACCESS_READ)
     def query_value(self, path: str, name: str, expected: RegType | None = None) -> RegValue:
         """ZwQueryValueKey. With `expected`, a value of another type is ValueTypeMismatch."""
-        assert_passive("ZwQueryValueKey", access=ACCESS_READ)
         value = self._key(path).values.get(name.lower())
         if value is None:
             raise ValueNotFound(path, name)
@@ -375,13 +375,13 @@ class Registry:
     def get_multi_sz(self, path: str, name: str) -> list[str]:
         return list(self.query_value(path, name, RegType.REG_MULTI_SZ).data)  # type: ignore[arg-type]
 
+    @kernel_api("ZwEnumerateValueKey", access=ACCESS_READ)
     def values(self, path: str) -> list[RegValue]:
         """ZwEnumerateValueKey, in creation order."""
-        assert_passive("ZwEnumerateValueKey", access=ACCESS_READ)
         return list(self._key(path).values.values())
 
+    @kernel_api("ZwDeleteValueKey", access=ACCESS_WRITE)
     def delete_value(self, path: str, name: str) -> None:
-        assert_passive("ZwDeleteValueKey", access=ACCESS_WRITE)
         key = self._key(path)
         if key.values.pop(name.lower(), None) is None:
             raise ValueNotFound(path, name)

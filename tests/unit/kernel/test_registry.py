@@ -119,3 +119,34 @@ def test_batch_writes_the_hive_once_and_a_bugcheck_unwinding_through_it_still_wr
             raise BugCheck(BugCheckCode.INACCESSIBLE_BOOT_DEVICE, (0, 0, 0, 0), module="disk")
     again = Registry.load(hive)
     assert (again.get_sz(r"HKLM\SYSTEM\A", "v"), again.get_sz(r"HKLM\SYSTEM\B", "v")) == ("1", "2")
+
+
+def test_a_thread_without_the_cpu_waits_for_it_instead_of_taking_its_owners_irql(cpu) -> None:
+    """A console command or a user-mode service reads the registry while a DPC holds the CPU at
+    DISPATCH_LEVEL (CI, under load: xenagent's start at a reboot, a false 0xD1 'in xenvif.sys'). The read
+    is the reader's own: it waits for the CPU, then runs at PASSIVE_LEVEL."""
+    import threading
+    import time
+
+    from xenpv.stack.kernel.irql import KeLowerIrql, PASSIVE_LEVEL
+
+    reg = Registry()
+    reg.set_sz(r"HKLM\SOFTWARE\X", "v", "1")
+    raised, done = threading.Event(), threading.Event()
+
+    def dpc() -> None:
+        with cpu.lock:
+            KeRaiseIrql(DISPATCH_LEVEL)
+            raised.set()
+            time.sleep(0.3)
+            KeLowerIrql(PASSIVE_LEVEL)
+        done.set()
+
+    t = threading.Thread(target=dpc)
+    t.start()
+    try:
+        assert raised.wait(5)
+        assert reg.get_sz(r"HKLM\SOFTWARE\X", "v") == "1"
+        assert done.is_set()  # it ran only once the DPC had given the CPU back
+    finally:
+        t.join(5)
