@@ -43,8 +43,10 @@ if [ "${1:-}" = wheels ]; then
 fi
 # Reinstall only when the project's dependency list or package layout changed since the last install.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[nightly]' 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  "$venv/bin/python" -c 'import xenpv.harness, qemu.qmp, yaml, libvirt, sqlalchemy, alembic, psycopg, matplotlib, jinja2' || { echo "bootstrap: python install failed" >&2; exit 1; }
+  # nightly: the history store and report; mutation: mutmut and coverage (ci/mutation.sh, and the tests of
+  # its test selection by coverage).
+  "$venv/bin/pip" install -q --disable-pip-version-check -e '.[nightly,mutation]' 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  "$venv/bin/python" -c 'import xenpv.harness, qemu.qmp, yaml, libvirt, sqlalchemy, alembic, psycopg, matplotlib, jinja2, mutmut, coverage' || { echo "bootstrap: python install failed" >&2; exit 1; }
   touch "$stamp"
 fi
 # The C helper of xenabi/atomic.py (xenabi/_atomic_ops.c): rebuilt only when its source changed.

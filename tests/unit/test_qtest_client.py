@@ -147,17 +147,34 @@ def test_transcript_parser_rejects_foreign_lines() -> None:
         parse_transcript(["[R +0.1] inb 0x80", "garbage"])
 
 
-def test_out_in_is_one_write_and_both_replies_in_order(make) -> None:
-    """PCI configuration reads as one round trip (stack/vcpu/pci.py): both requests leave before the first
-    reply is read, an IRQ line between the replies is still routed, and the data is the second reply's."""
-    q, peer, log = make(["OK", "IRQ raise 5", "OK 0x12345678"], [])
+def test_out_in_sends_both_requests_before_it_reads_a_reply() -> None:
+    """PCI configuration reads as one round trip (stack/vcpu/pci.py): this peer answers nothing until it has
+    both requests, so a client that waited for the first reply before sending the second would time out.
+    An IRQ line between the replies is still routed, and the data is the second reply's."""
+    ours, theirs = socket.socketpair()
+    received: list[str] = []
+
+    def peer() -> None:
+        f = theirs.makefile("rwb", buffering=0)
+        received.extend(f.readline().decode().rstrip("\n") for _ in range(2))
+        f.write(b"OK\nIRQ raise 5\nOK 0x12345678\n")
+
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    log = io.StringIO()
+    q = Qtest(ours, transcript=log, timeout=2.0)
     seen: list[tuple[int, bool]] = []
     q.on_irq = lambda n, level: seen.append((n, level))
-    assert q.out_in(0xCF8, 0x80000800, 0xCFC, 4) == 0x12345678
-    assert peer.received == ["outl 0xcf8 0x80000800", "inl 0xcfc"]
-    assert seen == [(5, True)]
-    directions = [d for d, _ in parse_transcript(log.getvalue().splitlines())]
-    assert directions == ["I", "R", "R", "S", "S", "S"]  # I: the connection opened
+    try:
+        assert q.out_in(0xCF8, 0x80000800, 0xCFC, 4) == 0x12345678
+        thread.join(5)
+        assert received == ["outl 0xcf8 0x80000800", "inl 0xcfc"]
+        assert seen == [(5, True)]
+        directions = [d for d, _ in parse_transcript(log.getvalue().splitlines())]
+        assert directions == ["I", "R", "R", "S", "S", "S"]  # I: the connection opened
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_a_refused_first_request_still_reads_the_second_reply(make) -> None:
