@@ -441,3 +441,27 @@ def test_ref_0_is_an_entry_like_any_other(s: Setup) -> None:
     assert s.table.entry(last).flags == 0
     assert status_of(s.table.entry, last + 1) == GNTST_bad_gntref
     assert status_of(s.table.entry, -1) == GNTST_bad_gntref
+
+
+def test_restore_clears_stale_transfer_flags_only_on_unpinned_entries_in_the_table(s: Setup) -> None:
+    """A restored table's GTF_reading/GTF_writing bits described the source host's mappings, which died with it
+    (hypervisor.control_restore): a stale bit would make the guest's end of access fail for ever (Linux
+    grant-table.c gnttab_end_foreign_access_ref_v1 refuses while either is set). clear_transfer_flags clears
+    them on each named ref that no mapping here pins, skips refs outside the table, and counts what it cleared;
+    with no refs it does every entry."""
+    def set_busy(ref: int) -> None:
+        flags = int.from_bytes(s.frames[ref * 8:ref * 8 + 2], "little") | GTF_reading | GTF_writing
+        s.frames[ref * 8:ref * 8 + 2] = flags.to_bytes(2, "little")
+
+    for ref in (0, 9, 10, 11):
+        s.front.grant_access(ref, BACKEND, 3)
+    mapping = s.hub.map(BACKEND, GUEST, 11, readonly=False)      # pinned here: its bits are live
+    set_busy(0)
+    set_busy(9)
+    assert s.table.clear_transfer_flags([0, 9, 10, 11, s.table.nr_entries, -1]) == 2
+    assert [s.flags(ref) for ref in (0, 9, 10)] == [GTF_permit_access] * 3
+    assert s.flags(11) == GTF_permit_access | GTF_reading | GTF_writing
+    set_busy(10)
+    assert s.table.clear_transfer_flags() == 1
+    assert s.flags(10) == GTF_permit_access and s.flags(11) & GTF_writing
+    s.hub.unmap(BACKEND, mapping.handle)

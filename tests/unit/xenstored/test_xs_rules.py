@@ -299,3 +299,26 @@ def test_node_size_counts_the_value_8_bytes_a_permission_and_each_child_name() -
     g.write("dir", b"x" * 89)                                   # 89 + 8 + 3 = 100
     assert g.err(T.WRITE, b"dir\0" + b"x" * 90) == "ENOSPC"
     assert g.read("one") == b"x" * 76 and g.read("dir") == b"x" * 89
+
+
+# ---- transaction-nodes: the nodes a write would create count before it creates them ------------------------
+
+def test_a_guest_write_in_a_transaction_counts_the_parents_it_would_create() -> None:
+    """The transaction-nodes quota (C xenstored domain.c quotas[] ACC_TRANSNODES, 1024 by default; reference
+    xen-abi.md) bounds the nodes a guest's transaction holds. A write that creates missing parents needs room
+    for all of them: refused whole with ENOSPC (not half made, the transaction still usable), while a write
+    that fits goes through; dom0 is not limited."""
+    core = XenstoreCore(Quotas(transaction_nodes=4))
+    d0 = guest_home(core)
+    g = peer(core, GUEST)
+    tx = g.tx_start()
+    assert g.err(T.WRITE, b"a/b/c\0v", tx) == "ENOSPC"
+    assert g.err(T.MKDIR, b"a/b/c\0", tx) == "ENOSPC"
+    assert g.tx_end(tx) == "OK"                  # nothing was made
+    tx = g.tx_start()
+    g.write("a", "v", tx)                        # what it reads (a, its parent) and one new node: fits in 4
+    assert g.tx_end(tx) == "OK"
+    assert g.read("a") == b"v" and f"{HOME}/a/b" not in core.tree.nodes
+    tx0 = d0.tx_start()
+    d0.write(f"{HOME}/x/y/z/w", "v", tx0)
+    assert d0.tx_end(tx0) == "OK"
