@@ -73,6 +73,17 @@ def _artifacts_dir(args: argparse.Namespace) -> Path | None:
     return make_artifacts_dir(Path(args.artifacts), "--artifacts")
 
 
+def _machine(guest: GuestDefinition, artifacts: Path, qemu: str | None, cleanup: contextlib.ExitStack) -> Machine:
+    """The guest's machine as its `launcher` says: QEMU started here, or a libvirt domain (of the daemon at
+    qemu:///system, else a private libvirtd for this run, harness.libvirt_launcher)."""
+    if guest.launcher != "libvirt":
+        return Machine(guest, artifacts, binary=qemu)
+    from xenpv.harness.libvirt_launcher import LibvirtMachine, session_target
+
+    target = cleanup.enter_context(session_target(None, artifacts / "libvirtd"))
+    return LibvirtMachine(guest, artifacts, target=target, binary=qemu)
+
+
 @dataclass
 class MainJob:
     """The main job's checks on a booted guest; every failed check is recorded, printed at the end, and
@@ -194,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cleanup.callback(host.stop)
         backends = Dom0Backends.start(host, artifacts / "host")
         cleanup.callback(backends.stop)
-        machine = Machine(guest_def, artifacts, binary=args.qemu)
+        machine = _machine(guest_def, artifacts, args.qemu, cleanup)
         cleanup.callback(machine.shutdown)
         machine.launch()
         guest = Guest.boot(host, machine, backends=backends)
@@ -273,7 +284,7 @@ def cmd_pci(args: argparse.Namespace) -> int:
         artifacts = kept or make_run_dir("art")
         if kept is None:
             cleanup.callback(remove_run_dir, artifacts)
-        machine = Machine(guest_def, artifacts, binary=args.qemu)
+        machine = _machine(guest_def, artifacts, args.qemu, cleanup)
         cleanup.callback(machine.shutdown)
         machine.launch()
         bus = PciBus(machine.qtest)

@@ -362,3 +362,20 @@ def test_a_run_killed_with_its_private_libvirtd_leaves_no_process(tmp_path) -> N
         time.sleep(0.05)
     reap()  # what the next session's start does: the dead run's directories go
     assert not Path(run_dir).exists()
+
+
+def test_xenpv_run_honours_launcher_libvirt(tmp_path: Path) -> None:
+    """`xenpv run` of a `launcher: libvirt` guest boots it as a libvirt domain (its own private daemon when
+    none answers), says what the drivers found, and leaves nothing behind."""
+    import subprocess
+    import sys
+
+    guest = _libvirt_guest(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "run", str(guest), "--artifacts",
+                          str(tmp_path / "art")], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "not a Xen guest" in out.stdout
+    assert "left these behind" not in out.stderr, out.stderr[-2000:]
+    # The domain's QEMU was libvirt's: its log is libvirt's domain log, copied into the run's artifacts.
+    logs = list((tmp_path / "art").rglob("qemu.log"))
+    assert logs and any("qemu-system-x86_64" in log.read_text() for log in logs), [str(p) for p in logs]
