@@ -88,15 +88,22 @@ for g in "${selected[@]}"; do
   mkdir -p "$work/.xenpv-ns/xenpv"
   for f in harness stack backends base xenabi guests; do ln -s "../../$f" "$work/.xenpv-ns/xenpv/$f"; done
   cp "$top/ci/mutmut_config.py" "$work/mutmut_config.py"
-  [ -f "$gout/mutmut-cache" ] && cp "$gout/mutmut-cache" "$work/.mutmut-cache"
+  if [ -f "$gout/mutmut-cache" ]; then
+    # A later run keeps every killed mutant and tries each other one again (the to-do list may be done, the
+    # equivalents list may have changed).
+    cp "$gout/mutmut-cache" "$work/.mutmut-cache"
+    "$py" -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute("UPDATE Mutant SET status = '"'untested'"' WHERE status NOT IN ('"'ok_killed', 'ok_suspicious'"')"); db.commit()' "$work/.mutmut-cache"
+  fi
   export PYTHONPATH="$work/.xenpv-ns" XENPV_MUTATION_EQUIVALENT="$top/ci/mutation-equivalent.txt"
   # Few, fixed Hypothesis examples per test (the root conftest.py caps tests' own @settings too) and a 1 s
   # socket fuzz: a mutant costs seconds instead of the 81-90 s of full fuzzing (xenstored, issue 18).
   export XENPV_HYPOTHESIS_PROFILE=mutation XS_FUZZ_SECONDS=1
-  runner="$py -m pytest -p no:cacheprovider -x -q --no-header $(echo ${tests[$g]})"
+  # ci/mutation_runner.py: pytest's outcome as mutmut 2 reads it (only status 1 kills); -o timeout: a mutant
+  # that loops for ever fails its test within a minute (pytest-timeout) instead of holding the run.
+  runner="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=60 $(echo ${tests[$g]})"
   # Test selection by coverage (ci/mutmut_config.py): one run of the group's tests records which test files
   # execute each line; a mutant runs those first, and the whole list only if it survives them.
-  export XENPV_MUTATION_RUNNER="$py -m pytest -p no:cacheprovider -x -q --no-header"
+  export XENPV_MUTATION_RUNNER="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=60"
   export XENPV_MUTATION_SELECTION="$work/.mutation-select.json"
   (cd "$work" && nice -n 10 "$py" -m pytest -p no:cacheprovider -q --no-header -p pytest_cov --cov=. \
       --cov-context=test --cov-report= $(echo ${tests[$g]}) > "$gout/coverage.log" 2>&1 \

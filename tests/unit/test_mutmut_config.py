@@ -69,3 +69,36 @@ def test_selection_by_coverage_narrows_each_line_to_the_tests_that_ran_it(tmp_pa
     assert config.selected_command("backends/mod.py", 3) == "python -m pytest -x tests/b.py::test_y 'tests/a.py::test_x[p-1]'"
     assert config.selected_command("backends/mod.py", 0) is None  # import time: the whole list
     assert config.selected_command("backends/mod.py", 5) is None  # only tests/other.py ran it
+
+
+def test_the_mutation_runner_reports_every_broken_run_as_a_kill(tmp_path: Path) -> None:
+    """mutmut 2 counts only exit status 1 as a kill: ci/mutation_runner.py turns pytest's other failures (a
+    mutant that breaks an import, a crash) into 1, and leaves a pass (and an empty selection) as 0."""
+    import subprocess
+    import sys
+
+    cases = {
+        "passes.py": ("def test_ok():\n    assert True\n", 0),
+        "fails.py": ("def test_bad():\n    assert False\n", 1),
+        "breaks_import.py": ("import no_such_module_here\n\ndef test_ok():\n    pass\n", 1),  # pytest: 2
+        "crashes.py": ("import os, signal\n\ndef test_crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\n", 1),
+        "empty.py": ("X = 1\n", 0),  # pytest: 5
+    }
+    for name, (text, want) in cases.items():
+        (tmp_path / f"test_{name}").write_text(text)
+        done = subprocess.run([sys.executable, str(ROOT / "ci" / "mutation_runner.py"), "-q", "-p", "no:cacheprovider",
+                               "-p", "no:faulthandler", str(tmp_path / f"test_{name}")], capture_output=True, timeout=120,
+                              cwd=tmp_path)
+        assert done.returncode == want, (name, done.stdout[-500:])
+
+
+def test_mutmuts_own_deadline_is_moved_out_of_the_way() -> None:
+    """mutmut kills a run at 10 x its baseline and can then report it as a survivor (-9 is not 1): the
+    baseline it divides by is raised to MIN_BASELINE_SECONDS, never lowered."""
+    from types import SimpleNamespace
+
+    config = _config()
+    quick, slow = SimpleNamespace(baseline_time_elapsed=4.2), SimpleNamespace(baseline_time_elapsed=900.0)
+    config.widen_deadline(quick)
+    config.widen_deadline(slow)
+    assert (quick.baseline_time_elapsed, slow.baseline_time_elapsed) == (config.MIN_BASELINE_SECONDS, 900.0)
