@@ -453,15 +453,16 @@ def test_restore_clears_stale_transfer_flags_only_on_unpinned_entries_in_the_tab
         flags = int.from_bytes(s.frames[ref * 8:ref * 8 + 2], "little") | GTF_reading | GTF_writing
         s.frames[ref * 8:ref * 8 + 2] = flags.to_bytes(2, "little")
 
-    for ref in (0, 9, 10, 11):
+    for ref in (0, 9, 10, 11, 12):
         s.front.grant_access(ref, BACKEND, 3)
     mapping = s.hub.map(BACKEND, GUEST, 11, readonly=False)      # pinned here: its bits are live
     set_busy(0)
     set_busy(9)
-    assert s.table.clear_transfer_flags([0, 9, 10, 11, s.table.nr_entries, -1]) == 2
+    # Refs to skip come first: skipping one must not end the walk.
+    assert s.table.clear_transfer_flags([s.table.nr_entries, -1, 11, 0, 10, 9]) == 2
     assert [s.flags(ref) for ref in (0, 9, 10)] == [GTF_permit_access] * 3
     assert s.flags(11) == GTF_permit_access | GTF_reading | GTF_writing
-    set_busy(10)
+    set_busy(12)                                                  # past the pinned ref 11
     assert s.table.clear_transfer_flags() == 1
-    assert s.flags(10) == GTF_permit_access and s.flags(11) & GTF_writing
+    assert s.flags(12) == GTF_permit_access and s.flags(11) & GTF_writing
     s.hub.unmap(BACKEND, mapping.handle)
