@@ -11,7 +11,7 @@ reference windows-pv-drivers.md 0, 2, 4, 6).
   active device. PdoSetDeviceInformation decides at creation: a FORCE_(DE)ACTIVATED PDO keeps the real
   InstanceID and location; a NEUTRAL one whose DeviceID is ActiveDeviceID (stricmp) takes
   ActiveInstanceID - and if that value is missing PdoCreate fails (fail2), so the device is not
-  reported at all until a later pass creates it.
+  reported at all until a later pass creates it; so does a child whose bus answers no DeviceID (fail1).
 - Precedence (FdoEnumerate, DriverGetPrecedence): for each PDO new in this pass, the DWORD under
   `Parameters\\Precedence` named by the first of its CompatibleIDs that has one (an exact value name);
   the highest (first on a tie) is FORCE_ACTIVATED and every other new PDO FORCE_DEACTIVATED. PDOs of
@@ -259,9 +259,14 @@ class XenfiltDriver:
 
     def PdoSetDeviceInformation(self, child: DeviceObject,
                                 force: EmulatedStatus) -> tuple[str, str | None, str | None, bool] | None:
-        """(DeviceID, InstanceID, LocationInformation, Active), or None where pdo.c fails (fail2: the PDO
-        is the active device but ActiveInstanceID is missing)."""
-        device_id = str(_query_id(child, BusQueryIdType.BusQueryDeviceID) or "")
+        """(DeviceID, InstanceID, LocationInformation, Active), or None where pdo.c fails (fail1: the bus
+        answers no DeviceID; fail2: the PDO is the active device but ActiveInstanceID is missing)."""
+        answered = _query_id(child, BusQueryIdType.BusQueryDeviceID)
+        if answered is None:
+            # pdo.c PdoSetDeviceInformation: DriverQueryId(BusQueryDeviceID) failed -> fail1, no PDO.
+            self._print("PdoCreate: the bus answers no DeviceID: fail1", DbgLevel.ERROR)
+            return None
+        device_id = str(answered)
         config = self.xen.config
         if force != EmulatedStatus.NEUTRAL:
             active = force == EmulatedStatus.FORCE_ACTIVATED

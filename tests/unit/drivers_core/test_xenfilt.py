@@ -221,6 +221,24 @@ def test_a_neutral_active_pdo_reports_active_instance_id_and_fails_without_it(to
     assert t.xenfilt.emulated.EmulatedIsDevicePresent(r"TOY\Y", "STORED") == (True, EmulatedStatus.NEUTRAL)
 
 
+
+def test_a_child_whose_bus_answers_no_device_id_gets_no_filter_pdo(toy) -> None:
+    """pdo.c PdoSetDeviceInformation: a failed DriverQueryId(BusQueryDeviceID) is fail1, so PdoCreate fails:
+    no filter PDO and no emulated object for that child, which is not reported; a later pass, once the bus
+    answers, creates it."""
+    from xenpv.stack.kernel import BusQueryIdType
+
+    silent = _child("N")
+    silent.unanswered.add(BusQueryIdType.BusQueryDeviceID)
+    t = toy({BUS_A: [_child("A1"), silent]})
+    assert t.reported(BUS_A) == [r"TOY\A1"]
+    assert [d.device_id for d in t.xenfilt.emulated.devices] == [r"TOY\A1"]
+    assert any("no DeviceID: fail1" in r.text for r in t.xenfilt.xen.debug_log.records("XENFILT"))
+    silent.unanswered.clear()
+    t.rescan(BUS_A)
+    assert t.reported(BUS_A) == [r"TOY\A1", r"TOY\N"]
+    assert sorted(d.device_id for d in t.xenfilt.emulated.devices) == [r"TOY\A1", r"TOY\N"]
+
 def test_remove_device_detaches_and_deletes_the_filter_fdo(toy) -> None:
     """fdo.c FdoRemoveDevice: the IRP goes down first, then IoDetachDevice and IoDeleteDevice, and the FDO
     leaves the driver's list (so the gate no longer waits for it to enumerate)."""
@@ -276,6 +294,7 @@ def test_a_location_the_bus_failed_to_give_is_not_taken(toy) -> None:
         assert _device_text(children[r"TOY\L2"].top) is None
         irp = Irp.pnp(IRP_MN_PNP.QUERY_DEVICE_TEXT, QueryDeviceTextParameters(DEVICE_TEXT_LOCATION_INFORMATION))
         assert IoSynchronousCallDriver(children[r"TOY\L2"].top, irp) == STATUS_UNSUCCESSFUL
+
 
 def test_a_child_that_vanishes_while_gated_is_detached_and_deleted(toy) -> None:
     """fdo.c FdoEnumerate / pdo.c PdoDestroy: a filter PDO whose child went before the PnP manager ever saw

@@ -30,6 +30,7 @@ class ChildSpec:
     # (status, Information) the bus answers IRP_MN_QUERY_DEVICE_TEXT(DeviceTextLocationInformation) with;
     # None: the query keeps STATUS_NOT_SUPPORTED. A failure may come with Information left set (a careless bus).
     location: tuple[int, Any] | None = None
+    unanswered: set[int] = field(default_factory=set)  # BusQueryIdTypes the bus leaves STATUS_NOT_SUPPORTED
 
 
 @dataclass
@@ -92,7 +93,7 @@ class World:
                                    BusQueryIdType.BusQueryInstanceID: ext.spec.instance_id,
                                    BusQueryIdType.BusQueryHardwareIDs: ext.spec.hardware_ids,
                                    BusQueryIdType.BusQueryCompatibleIDs: ext.spec.compatible_ids}
-            if irp.parameters.id_type in ids:
+            if irp.parameters.id_type in ids and irp.parameters.id_type not in ext.spec.unanswered:
                 irp.io_status.status, irp.io_status.information = STATUS_SUCCESS, ids[irp.parameters.id_type]
         elif (minor == IRP_MN_PNP.QUERY_DEVICE_TEXT and ext.spec.location is not None
               and irp.parameters.text_type == DEVICE_TEXT_LOCATION_INFORMATION):
