@@ -81,3 +81,27 @@ def test_params_and_raw_image(tmp_path) -> None:
         r.close()
     with pytest.raises(ImageError):
         RawImage(tmp_path / "missing.img")
+
+
+def test_a_request_may_carry_exactly_the_maximum_of_segments() -> None:
+    """xen/include/public/io/blkif.h BLKIF_MAX_SEGMENTS_PER_REQUEST (11) is a maximum, not a bound below it:
+    Linux xen-blkback dispatch_rw_block_io refuses nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST only. Eleven segments
+    decode, twelve are refused."""
+    segments = [(20 + i, 0, 7) for i in range(11)]
+    r = decode(pack_request(BLKIF_OP_WRITE, 5, 0, segments), NATIVE, 256)
+    assert [s.gref for s in r.segments] == [20 + i for i in range(11)]
+    with pytest.raises(BadRequest, match="segments"):
+        decode(pack_request(BLKIF_OP_WRITE, 5, 0, segments, nr_segments=12), NATIVE, 256)
+
+
+def test_indirect_segments_fill_whole_pages_then_part_of_the_last() -> None:
+    """blkif.h BLKIF_OP_INDIRECT: each indirect page holds BLKIF_SEGS_PER_INDIRECT_FRAME (512) segments, in
+    order; 600 segments are one full page and 88 from the next, whatever else the last page holds."""
+    pages = []
+    for p in range(2):
+        page = bytearray(4096)
+        for i in range(512):
+            page[8 * i:8 * i + 8] = (1000 * p + i).to_bytes(4, "little") + bytes([0, 7, 0, 0])
+        pages.append(bytes(page))
+    segs = decode_indirect_segments(pages, 600, 1)
+    assert [s.gref for s in segs] == list(range(512)) + list(range(1000, 1088))
