@@ -21,7 +21,7 @@ def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ", 1)[1].startswith("Z")  # a zombie has ended
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between open and read
         return True
 
 
@@ -60,23 +60,27 @@ def mute_qtest(tmp_path: Path):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
-    yield path
+    server.settimeout(20)
+    yield server
     server.close()
 
 
-def test_an_agent_whose_harness_connection_closes_is_killed(mute_qtest: Path, tmp_path: Path) -> None:
+def test_an_agent_whose_harness_connection_closes_is_killed(mute_qtest: socket.socket, tmp_path: Path) -> None:
     server = AgentForkServer()
     try:
-        (tmp_path / "ram").write_bytes(bytes(4096))
+        with open(tmp_path / "ram", "wb") as ram:  # the guest's 128 MiB (sparse): the agent maps it, then waits on qtest
+            ram.truncate(128 << 20)
         argv = ["--guest", str(Path(__file__).resolve().parents[2] / "guests" / "default.yaml"),
-                "--qtest", str(mute_qtest), "--ram", str(tmp_path / "ram"), "--registry", str(tmp_path / "reg.json"),
+                "--qtest", mute_qtest.getsockname(), "--ram", str(tmp_path / "ram"), "--registry", str(tmp_path / "reg.json"),
                 "--dump-dir", str(tmp_path), "--transcript", str(tmp_path / "qtest.log"), "--log", str(tmp_path / "a.log")]
         with open(tmp_path / "console.log", "w") as log:
             child = server.spawn(argv, logfile=log, timeout=5)
+            waiting, _ = mute_qtest.accept()  # the agent is up, and waits on its qtest connection
             assert child.isalive()
             child._conn.close()  # the harness is gone
             wait_for(lambda: _gone(child.pid), timeout=10, what="the orphaned agent to be killed")
             os.close(child.child_fd)
+            waiting.close()
     finally:
         server.close()
     assert not server.process.alive()
