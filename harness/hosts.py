@@ -201,6 +201,15 @@ def _slot_file(spec: HostSpec, slot: int) -> str:
     return f"{_host_file(spec)}.{slot}.lease"
 
 
+def release_lock_file(fd: int) -> None:
+    """Let go of an flock'd file that names its holder: emptied first, so that a reader never takes a
+    released lock for one a live owner holds, then closed (which drops the flock)."""
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
 def _read_owner(fd: int) -> Owner | None:
     raw = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
     return Owner.parse(raw)
@@ -224,11 +233,7 @@ class HostLease:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        try:
-            # Empty first: a reader must not take a released slot for one held by a live owner.
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)  # drops the flock
+        release_lock_file(fd)
         self.pool._forget(self)
         log.info("%s slot %d released", self.spec.name, self.slot)
 

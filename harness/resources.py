@@ -16,6 +16,7 @@ from pathlib import Path
 
 from xenpv.base.errors import HarnessError
 from xenpv.base.owner import Owner
+from xenpv.harness.hosts import release_lock_file
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -53,7 +54,4 @@ class ExclusiveResource:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        try:
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
+        release_lock_file(fd)
