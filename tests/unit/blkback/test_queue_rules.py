@@ -7,6 +7,7 @@ guest-memory access is a fake xenhv that refuses a writable map of a read-only g
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
@@ -23,7 +24,7 @@ from xenpv.harness.frontends.blkfront import pack_discard, pack_indirect, pack_r
 from xenpv.xenabi.blkif import (BLKIF_NATIVE, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_READ,
                                 BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
                                 BLKIF_SECTOR_SIZE)
-from xenpv.xenabi.ring import XEN_PAGE_SIZE
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, FrontRing
 
 PAGES = 64
 DISK_SECTORS = 64          # 32 KiB
@@ -46,7 +47,7 @@ class FakeXenhv:
         if op == "gnttab_map":
             ref, readonly = kw["ref"], kw["readonly"]
             self.maps.append((ref, readonly))
-            if not 0 <= ref < PAGES or (ref in self.readonly and not readonly):
+            if not 0 <= ref < len(self.memory) // XEN_PAGE_SIZE or (ref in self.readonly and not readonly):
                 raise XenhvError(op, f"ref {ref} refused", None, -1)
             handle = next(self._handles)
             self.live[handle] = (ref, readonly)
@@ -223,3 +224,108 @@ def test_indirect_segments_stay_inside_their_page(make_disk, segment: tuple[int,
     d = make_disk()
     _put_segments(d, [(6, 0, 7), segment])
     assert d.serve(pack_indirect(BLKIF_OP_READ, 1, 0, 2, [INDIRECT_REF])) == status
+
+
+# ---- a started queue: its ring, its channel, its thread, and what stop() gives back -------------------------
+
+@dataclass
+class _Session:
+    closed: bool = False
+
+
+@dataclass
+class ChannelLink(FakeLink):
+    """FakeLink with what a started queue also uses of its DomainLink: the event channel and the session."""
+    session: _Session = field(default_factory=_Session)
+    bound: list[int] = field(default_factory=list)
+    unbound: list[int] = field(default_factory=list)
+    notified: list[int] = field(default_factory=list)
+    kick: Any = None
+
+    def bind(self, remote_port: int, callback: Any) -> int:
+        self.bound.append(remote_port)
+        self.kick = callback
+        return 33
+
+    def unbind(self, port: int) -> None:
+        self.unbound.append(port)
+
+    def notify(self, port: int) -> None:
+        self.notified.append(port)
+
+
+def test_a_started_queue_serves_its_ring_until_stopped_and_gives_everything_back(tmp_path: Path) -> None:
+    """Linux xen-blkback's ring life (xenbus.c xen_blkif_map, blkback.c xen_blkif_schedule): the ring pages are
+    mapped writable (the back-end writes responses there) and its channel bound; a thread of its own serves
+    the ring, also requests a frontend pushed without an event because RING_PUSH_REQUESTS_AND_CHECK_NOTIFY said
+    none was needed (the back-end re-arms req_event and checks again before it sleeps,
+    RING_FINAL_CHECK_FOR_REQUESTS); stop() unbinds the channel and unmaps the ring. A queue stopped before it
+    started has nothing to give back, and its thread is a daemon: it never keeps the back-end process alive."""
+    ring_ref = 10
+    ram = bytearray(PAGES * XEN_PAGE_SIZE)
+    xenhv = FakeXenhv(ram)
+    link = ChannelLink(FakeMemory(ram))
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(range(256)) * (DISK_SECTORS * BLKIF_SECTOR_SIZE // 256))
+    fatal: list[str] = []
+
+    def make() -> BlkQueue:
+        return BlkQueue("test q0", backend=cast(Any, xenhv), link=cast(Any, link), layouts=BLKIF_NATIVE,
+                        disk=DiskConfig(RawImage(path), DISK_SECTORS, False, True, MAX_INDIRECT, False),
+                        ring_grefs=[ring_ref], remote_port=7, on_fatal=fatal.append)
+
+    unstarted = make()
+    unstarted.stop()                               # never started: nothing to stop, unbind or unmap
+    unstarted.disk.image.close()
+    assert (unstarted.served, xenhv.maps, link.unbound) == (0, [], [])
+    queue = make()
+    front = FrontRing(memoryview(ram)[ring_ref * XEN_PAGE_SIZE:(ring_ref + 1) * XEN_PAGE_SIZE],
+                      BLKIF_NATIVE.request_struct, BLKIF_NATIVE.response_struct, init=True)
+    responses: list[tuple[int, int]] = []
+    try:
+        queue.start()
+        assert xenhv.maps == [(ring_ref, False)] and link.bound == [7]
+        assert queue._thread is not None and queue._thread.daemon
+        for i in range(4):
+            front.put_request_bytes(pack_request(BLKIF_OP_READ, 100 + i, 8 * i, [(20 + i, 0, 7)]))
+            if front.push_requests_and_check_notify():
+                link.kick()
+            deadline = time.monotonic() + 10
+            while not front.unconsumed_responses():
+                assert time.monotonic() < deadline, f"request {i} not answered (fatal: {fatal})"
+                time.sleep(0.001)
+            rid, _op, status = front.get_response()[:3]
+            responses.append((rid, status))
+    finally:
+        queue.stop()
+        queue.disk.image.close()
+    assert responses == [(100 + i, OK) for i in range(4)] and queue.served == 4 and fatal == []
+    image = path.read_bytes()
+    for i in range(4):
+        assert ram[(20 + i) * XEN_PAGE_SIZE:(21 + i) * XEN_PAGE_SIZE] == image[8 * i * 512:(8 * i + 8) * 512]
+    assert link.unbound == [33] and xenhv.live == {}
+
+
+def test_at_most_1056_grants_are_kept_mapped_persistently(tmp_path: Path) -> None:
+    """Linux xen-blkback blkback.c xen_blkif_max_pgrants (module parameter max_persistent_grants, default
+    1056): a queue keeps at most 1056 grants mapped persistently; a grant first used after that is mapped
+    for its request only and unmapped when it is served."""
+    pages = 1100
+    ram = bytearray(pages * XEN_PAGE_SIZE)
+    xenhv = FakeXenhv(ram)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(DISK_SECTORS * BLKIF_SECTOR_SIZE))
+    queue = BlkQueue("test q0", backend=cast(Any, xenhv), link=cast(Any, FakeLink(FakeMemory(ram))),
+                     layouts=BLKIF_NATIVE, disk=DiskConfig(RawImage(path), DISK_SECTORS, False, True, MAX_INDIRECT,
+                                                           True),
+                     ring_grefs=[], remote_port=0, on_fatal=lambda reason: pytest.fail(reason))
+    try:
+        for first in range(0, 1060, 10):    # ten one-sector segments a request, each in a grant of its own
+            raw = pack_request(BLKIF_OP_READ, first, 0, [(ref, 0, 0) for ref in range(first, first + 10)])
+            assert queue._serve(raw)[2] == OK
+        # The request that crosses the cap has its grants mapped in no particular order: 6 of its 10 stay.
+        assert len(queue._persistent) == 1056 and set(range(1050)) < set(queue._persistent) < set(range(1060))
+        assert len(xenhv.live) == 1056                 # grants 1056..1059 were unmapped after their request
+    finally:
+        queue.stop()
+        queue.disk.image.close()
