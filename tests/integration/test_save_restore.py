@@ -122,6 +122,11 @@ def test_a_backend_missing_at_restore_is_waited_for_and_connected_when_it_appear
     assert re.search(rf"^sha256 {marker}\b", out, re.M), out
 
 
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1][0]
+
+
 def test_a_write_in_flight_at_the_save_completes_exactly_once_after_the_restore(lc, io_guest, dom0: Dom0Backends,
                                                                                 tmp_path: Path) -> None:
     """blkback stopped (SIGSTOP) with the write on the ring: the guest suspends with it unanswered (blkback
@@ -150,9 +155,17 @@ def test_a_write_in_flight_at_the_save_completes_exactly_once_after_the_restore(
     blkback.signal_group(signal.SIGSTOP)
     waker = threading.Thread(target=continue_blkback_once_parked)
     try:
+        # Stopped before the write is issued: a blkback still running would answer it at once.
+        states: list[str] = []
+        wait_until_stopped = time.monotonic() + 10
+        while (state := _proc_state(blkback.pid)) != "T":
+            states.append(state)
+            assert time.monotonic() < wait_until_stopped, f"blkback {blkback.pid} never stopped: {states[-5:]}"
+            time.sleep(0.01)
         assert g.console.run(f"lifecycle background-write 0 {DATA_LBA} 9d {DATA_SECTORS}").startswith("started")
         time.sleep(0.2)
-        assert g.console.run("lifecycle background-result").startswith("in flight")
+        result = g.console.run("lifecycle background-result")
+        assert result.startswith("in flight"), (result, _proc_state(blkback.pid), blkback.pid)
         waker.start()
         g.save(tmp_path / "guest.save")
     finally:
