@@ -6,6 +6,7 @@ guest-memory access is a fake xenhv that refuses a writable map of a read-only g
 (Linux blkback's xen_vbd_translate and xen_blkbk_parse_indirect are the references)."""
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from collections.abc import Iterator
@@ -257,13 +258,13 @@ class ChannelLink(FakeLink):
 def test_a_started_queue_serves_its_ring_until_stopped_and_gives_everything_back(tmp_path: Path) -> None:
     """Linux xen-blkback's ring life (xenbus.c xen_blkif_map, blkback.c xen_blkif_schedule): the ring pages are
     mapped writable (the back-end writes responses there) and its channel bound; a thread of its own serves
-    the ring, also requests a frontend pushed without an event because RING_PUSH_REQUESTS_AND_CHECK_NOTIFY said
-    none was needed (the back-end re-arms req_event and checks again before it sleeps,
+    the ring (an event that announces nothing is harmless), also requests a frontend pushed without an event
+    because RING_PUSH_REQUESTS_AND_CHECK_NOTIFY said none was needed (the back-end re-arms req_event and checks again before it sleeps,
     RING_FINAL_CHECK_FOR_REQUESTS); stop() unbinds the channel and unmaps the ring. A queue stopped before it
     started has nothing to give back, and its thread is a daemon: it never keeps the back-end process alive."""
     ring_ref = 10
-    ram = bytearray(PAGES * XEN_PAGE_SIZE)
-    xenhv = FakeXenhv(ram)
+    ram = mmap.mmap(-1, PAGES * XEN_PAGE_SIZE)   # an mmap can be closed only once no view of it is left
+    xenhv = FakeXenhv(cast(Any, ram))
     link = ChannelLink(FakeMemory(ram))
     path = tmp_path / "disk.raw"
     path.write_bytes(bytes(range(256)) * (DISK_SECTORS * BLKIF_SECTOR_SIZE // 256))
@@ -279,13 +280,19 @@ def test_a_started_queue_serves_its_ring_until_stopped_and_gives_everything_back
     unstarted.disk.image.close()
     assert (unstarted.served, xenhv.maps, link.unbound) == (0, [], [])
     queue = make()
-    front = FrontRing(memoryview(ram)[ring_ref * XEN_PAGE_SIZE:(ring_ref + 1) * XEN_PAGE_SIZE],
-                      BLKIF_NATIVE.request_struct, BLKIF_NATIVE.response_struct, init=True)
+    front_view = memoryview(ram)[ring_ref * XEN_PAGE_SIZE:(ring_ref + 1) * XEN_PAGE_SIZE]
+    front = FrontRing(front_view, BLKIF_NATIVE.request_struct, BLKIF_NATIVE.response_struct, init=True)
     responses: list[tuple[int, int]] = []
     try:
         queue.start()
         assert xenhv.maps == [(ring_ref, False)] and link.bound == [7]
         assert queue._thread is not None and queue._thread.daemon
+        link.kick()                                # an event with nothing new on the ring is harmless
+        deadline = time.monotonic() + 10
+        while queue._kick.is_set():                # taken: the thread looks at the empty ring now
+            assert time.monotonic() < deadline, "the serving thread never took the event"
+            time.sleep(0.001)
+        time.sleep(0.05)
         for i in range(4):
             front.put_request_bytes(pack_request(BLKIF_OP_READ, 100 + i, 8 * i, [(20 + i, 0, 7)]))
             if front.push_requests_and_check_notify():
@@ -304,6 +311,11 @@ def test_a_started_queue_serves_its_ring_until_stopped_and_gives_everything_back
     for i in range(4):
         assert ram[(20 + i) * XEN_PAGE_SIZE:(21 + i) * XEN_PAGE_SIZE] == image[8 * i * 512:(8 * i + 8) * 512]
     assert link.unbound == [33] and xenhv.live == {}
+    queue.stop()                                   # again: everything was given back the first time
+    assert link.unbound == [33] and len(xenhv.maps) == 5
+    front.close()
+    front_view.release()
+    ram.close()                                    # BufferError if the queue still held a view of the ring
 
 
 def test_at_most_1056_grants_are_kept_mapped_persistently(tmp_path: Path) -> None:
