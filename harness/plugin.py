@@ -36,6 +36,7 @@ from xenpv.base.rundir import make_artifacts_dir, make_run_dir
 from xenpv.guests.schema import GUESTS_DIR, GuestDefinition, load_guest
 from xenpv.harness.agent import Guest, GuestBugcheck
 from xenpv.harness.cleanup import reap, reap_stale
+from xenpv.harness.dom0 import Dom0Backends
 from xenpv.harness.forkserver import stop_shared
 from xenpv.harness.hosts import HostLease, HostPool, HostSpec, lease_dir_default, load_hosts
 from xenpv.harness.remote import RemoteHost
@@ -400,15 +401,29 @@ class PooledGuest:
 
 
 @pytest.fixture
-def pool_guest(request: pytest.FixtureRequest, artifacts: Path,
+def pool_guest(request: pytest.FixtureRequest, artifacts: Path, guest_factory: Callable[..., Machine],
                _pool_hosts: _PoolHosts) -> Iterator[Callable[..., PooledGuest]]:
     """`pool_guest("default")` leases a slot of a --xenpv-hosts host (`host=NAME`: of that one; waiting up
-    to `lease_timeout` s for one) and boots the guest there: on `local`, as boot_guest does; on an SSH host, with this checkout
-    installed there (harness.remote_guest). A failed test gets each remote guest's artifacts copied back
-    into its own artifact directory (remote-<host>/). Leases end with the test."""
+    to `lease_timeout` s for one) and boots the guest there as `xenpv run` boots it, with dom0's blkback
+    and netback: on `local`, in this process (the session's xenhv and xenstored, back-ends of the test's
+    own); on an SSH host, with this checkout installed there (harness.remote_guest). A failed test gets
+    each remote guest's artifacts copied back into its own artifact directory (remote-<host>/). Leases
+    end with the test."""
     leases: list[HostLease] = []
     remotes: list[RemoteGuest] = []
+    locals_: list[tuple[Guest, Dom0Backends]] = []
     binary = request.config.getoption("--qemu-binary")
+
+    def boot_local(guest_def: GuestDefinition, timeout: float) -> Guest:
+        host_services: HostServices = request.getfixturevalue("host")
+        backends = Dom0Backends.start(host_services, artifacts / f"dom0-{len(locals_)}")
+        try:
+            g = Guest.boot(host_services, guest_factory(guest_def), timeout, backends=backends)
+        except BaseException:
+            backends.stop()
+            raise
+        locals_.append((g, backends))
+        return g
 
     def boot(spec: GuestSpec = "default", *, host: str | None = None, lease_timeout: float = 300.0,
              timeout: float = 30.0) -> PooledGuest:
@@ -416,7 +431,7 @@ def pool_guest(request: pytest.FixtureRequest, artifacts: Path,
         lease = _pool_hosts.pool.lease(timeout=lease_timeout, host=host)
         leases.append(lease)
         if lease.spec.is_local:
-            local = request.getfixturevalue("boot_guest")(guest_def, timeout=timeout)
+            local = boot_local(guest_def, timeout)
             return PooledGuest("local", local.console, local)
         remote, installed = _pool_hosts.connect(lease)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", lease.spec.name)
@@ -431,6 +446,11 @@ def pool_guest(request: pytest.FixtureRequest, artifacts: Path,
         for g in reversed(remotes):
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", g.host)
             g.close(fetch_into=artifacts / f"remote-{name}" if failed else None)
+        for local, backends in reversed(locals_):
+            try:
+                local.shutdown()
+            finally:
+                backends.stop()
     finally:
         for lease in leases:
             lease.release()

@@ -106,6 +106,12 @@ def test_a(pool_guest):
     t0 = time.time()
     g = pool_guest("default")
     assert "XENBUS" in g.console.run("devices")
+    # The unplug takes effect: the PV disk connects to that host's own blkback, wherever it runs.
+    assert g.console.run("reboot", timeout=60).startswith("boot 2")
+    deadline = time.monotonic() + 20
+    while "connected backend Connected" not in (listing := g.console.run("vbd list")):
+        assert time.monotonic() < deadline, listing
+        time.sleep(0.2)
     record(g.host, t0)
 
 def test_b(pool_guest):
