@@ -303,6 +303,18 @@ def test_a_started_queue_serves_its_ring_until_stopped_and_gives_everything_back
                 time.sleep(0.001)
             rid, _op, status = front.get_response()[:3]
             responses.append((rid, status))
+        # Idle: the back-end re-arms req_event for the next request (RING_FINAL_CHECK_FOR_REQUESTS) and sleeps
+        # until an event, which it takes (the kick is cleared) instead of spinning over the ring.
+        deadline = time.monotonic() + 10
+        while front.sring_req_event != 5:
+            assert time.monotonic() < deadline, f"req_event {front.sring_req_event} never re-armed to 5"
+            time.sleep(0.001)
+        link.kick()
+        while queue._kick.is_set():
+            assert time.monotonic() < deadline, "the idle serving thread never took the event"
+            time.sleep(0.001)
+        # The frontend asked once to be notified (rsp_event 1, never re-armed): exactly one notification.
+        assert link.notified == [33]
     finally:
         queue.stop()
         queue.disk.image.close()
@@ -341,3 +353,21 @@ def test_at_most_1056_grants_are_kept_mapped_persistently(tmp_path: Path) -> Non
     finally:
         queue.stop()
         queue.disk.image.close()
+
+
+def test_an_unexpected_failure_is_answered_with_an_error(make_disk) -> None:
+    """BlkQueue._serve never raises for guest input: a failure no rule names (here the image raises a
+    RuntimeError) is still answered, BLKIF_RSP_ERROR (Linux xen-blkback answers BLKIF_RSP_ERROR when a
+    request cannot be carried out), and the queue serves the next request."""
+    d = make_disk()
+
+    def broken(*args: object) -> int:
+        raise RuntimeError("injected defect")
+
+    real = d.queue.disk.image.read_into
+    d.queue.disk.image.read_into = broken  # type: ignore[method-assign]
+    try:
+        assert d.serve(pack_request(BLKIF_OP_READ, 1, 0, [(3, 0, 7)])) == ERR
+    finally:
+        d.queue.disk.image.read_into = real  # type: ignore[method-assign]
+    assert d.serve(pack_request(BLKIF_OP_READ, 2, 0, [(3, 0, 7)])) == OK
