@@ -285,8 +285,10 @@ def test_node_size_counts_the_value_8_bytes_a_permission_and_each_child_name() -
     NULs) applies to guests' nodes; here, exactly at the quota is accepted and one byte more is ENOSPC, for a
     node with one permission, with three, and with children."""
     core = XenstoreCore(Quotas(node_size=100))
-    guest_home(core)
+    d0 = guest_home(core)
     g = peer(core, GUEST)
+    d0.write(f"{HOME}/dom0", b"x" * 4000)                       # quotas bind guests only: dom0 writes and
+    d0.set_perms(f"{HOME}/dom0", "n0", f"r{GUEST}", "r5")       # sets permissions on a node of any size
     g.write("one", b"x" * 92)                                   # 92 + 8 * 1 = 100
     assert g.err(T.WRITE, b"one\0" + b"x" * 93) == "ENOSPC"
     assert g.err(T.SET_PERMS, f"one\0n{GUEST}\0r0\0r5\0".encode()) == "ENOSPC"   # 92 + 8 * 3 = 116
