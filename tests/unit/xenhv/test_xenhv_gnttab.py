@@ -466,3 +466,61 @@ def test_restore_clears_stale_transfer_flags_only_on_unpinned_entries_in_the_tab
     assert s.table.clear_transfer_flags() == 1
     assert s.flags(12) == GTF_permit_access and s.flags(11) & GTF_writing
     s.hub.unmap(BACKEND, mapping.handle)
+
+
+class _OtherDomain:
+    """A second granting domain (OTHER) with a one-frame table in the hub of `s`."""
+
+    def __init__(self, s: Setup) -> None:
+        self._map = mmap.mmap(-1, PAGE)
+        self.frame = memoryview(self._map)
+        self.ram = bytearray(RAM_PAGES * PAGE)
+        s.hub.add(GrantTable(OTHER, lambda i: self.frame, lambda gfn: memoryview(self.ram)[gfn * PAGE:(gfn + 1) * PAGE]
+                             if 0 <= gfn < RAM_PAGES else None, max_frames=1))
+        self.front = GrantTableFrontend([self.frame])
+
+    def close(self) -> None:
+        self.front.release()
+        self.frame.release()
+        self._map.close()
+
+
+def test_removing_a_domain_drops_only_the_mappings_of_its_grants(s: Setup) -> None:
+    """Domain destruction (xen/common/grant_table.c gnttab_release_mappings, and here GrantTableHub.remove):
+    every mapping other domains hold of the dead domain's grants goes, with its handle; mappings of other
+    domains' grants by the same mapper stay."""
+    other = _OtherDomain(s)
+    try:
+        s.front.grant_access(8, BACKEND, 3)
+        other.front.grant_access(8, BACKEND, 4)
+        mine = s.hub.map(BACKEND, GUEST, 8, readonly=False)
+        theirs = s.hub.map(BACKEND, OTHER, 8, readonly=False)
+        s.hub.remove(OTHER)
+        assert status_of(s.hub.unmap, BACKEND, theirs.handle) == GNTST_bad_handle
+        assert s.hub.map(BACKEND, GUEST, 8, readonly=True).handle == theirs.handle   # free again
+        s.hub.unmap(BACKEND, theirs.handle)
+        assert s.hub.unmap(BACKEND, mine.handle).ref == 8
+    finally:
+        other.close()
+
+
+def test_releasing_a_back_end_unmaps_its_grants_of_that_domain_only(s: Setup) -> None:
+    """GrantTableHub.release_owner (a back-end died or detached from one domain): exactly the mappings that
+    back-end holds of that domain's grants are unmapped; the same back-end's mappings of another domain and
+    another back-end's mappings of that domain stay."""
+    other = _OtherDomain(s)
+    try:
+        s.front.grant_access(8, BACKEND, 3)
+        s.front.grant_access(9, BACKEND, 4)
+        other.front.grant_access(8, BACKEND, 5)
+        blk = s.hub.map(BACKEND, GUEST, 8, readonly=False, owner="blk")
+        net = s.hub.map(BACKEND, GUEST, 9, readonly=False, owner="net")
+        blk_other = s.hub.map(BACKEND, OTHER, 8, readonly=False, owner="blk")
+        assert s.hub.release_owner(BACKEND, GUEST, "blk") == 1
+        assert status_of(s.hub.unmap, BACKEND, blk.handle, "blk") == GNTST_bad_handle
+        assert s.flags(8) == GTF_permit_access
+        s.hub.unmap(BACKEND, net.handle, "net")
+        s.hub.unmap(BACKEND, blk_other.handle, "blk")
+    finally:
+        s.hub.remove(OTHER)
+        other.close()
