@@ -146,3 +146,40 @@ def test_a_dead_device_model_does_not_fail_the_write() -> None:
     ports = PlatformPorts(qemu, domid=7, present=True)
     ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL)
     assert ports.unplugged_mask == U.UNPLUG_ALL and ports.record.nics == []
+
+
+@dataclass
+class _PciClasses(FakeQemu):
+    """FakeQemu whose PCI functions carry the class codes given here, as numbers (not the model's names)."""
+    pci: list[dict[str, Any]] = field(default_factory=list)
+
+    def command(self, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+        if cmd == "query-pci":
+            return [{"bus": 0, "devices": self.pci}]
+        return super().command(cmd, timeout, **args)
+
+
+def test_devices_are_told_apart_by_qemu_pci_class_codes() -> None:
+    """QEMU hw/i386/xen/xen_platform.c: pci_unplug_nics unplugs functions of class PCI_CLASS_NETWORK_ETHERNET
+    (0x0200, include/hw/pci/pci_ids.h) and nothing else; disks are unplugged when an IDE (0x0101) or SATA
+    (0x0106) controller is there, not for another storage class (SCSI, 0x0100)."""
+    for storage_class, unplugged in ((0x0101, ["hda", "hdb"]), (0x0106, ["hda", "hdb"]),
+                                     (0x0100, [])):
+        qemu = _PciClasses(pci=[{"slot": 1, "class_info": {"class": storage_class}, "qdev_id": ""}])
+        ports = PlatformPorts(qemu, domid=7, present=True)
+        ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_IDE_DISKS)
+        assert ports.record.disks == unplugged, hex(storage_class)
+    qemu = _PciClasses(pci=[{"slot": 3, "class_info": {"class": 0x0200}, "qdev_id": "nic0"},
+                            {"slot": 4, "class_info": {"class": 0x0280}, "qdev_id": "nic1"}])  # "other network"
+    ports = PlatformPorts(qemu, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    assert ports.record.nics == ["nic0"] and qemu.leaving == {"nic0"}
+
+
+def test_the_ports_start_absent_with_no_flags_set() -> None:
+    """The unplug ports exist only with a Xen platform PCI device (QEMU registers them in xen_platform.c), so
+    a PlatformPorts claims none until told the device is present; and the flags byte starts at 0 (QEMU
+    platform_fixed_ioport_reset: no ROM lock)."""
+    assert not PlatformPorts(None, domid=7).claims(U.UNPLUG_PORT_BASE)
+    ports = PlatformPorts(None, domid=7, present=True)
+    assert ports.claims(U.UNPLUG_PORT_BASE) and ports.read(U.UNPLUG_PORT_BASE, 1) == 0
