@@ -183,3 +183,18 @@ def test_the_ports_start_absent_with_no_flags_set() -> None:
     assert not PlatformPorts(None, domid=7).claims(U.UNPLUG_PORT_BASE)
     ports = PlatformPorts(None, domid=7, present=True)
     assert ports.claims(U.UNPLUG_PORT_BASE) and ports.read(U.UNPLUG_PORT_BASE, 1) == 0
+
+
+def test_the_ports_are_0x10_to_0x1f_and_the_guest_log_is_cut_into_lines() -> None:
+    """QEMU xen_platform.c: the fixed I/O ports are 0x10..0x1f (16 of them); a byte written to port 0x12 goes
+    to the guest's log, which QEMU prints a line at a time ('\\n' ends one, and a full buffer ends one too);
+    before any driver registers, product and build are unknown (None)."""
+    ports = PlatformPorts(None, domid=7, present=True)
+    assert [ports.claims(p) for p in (0x0F, 0x10, 0x1F, 0x20)] == [False, True, True, False]
+    assert (ports.product, ports.build) == (None, None)
+    for byte in b"XENBUS hello\nsecond":
+        ports.write(U.UNPLUG_PORT_LOG, 1, byte)
+    assert ports.log_lines == ["XENBUS hello"]
+    for byte in b"\n" + b"y" * (U.UNPLUG_LOG_LINE_MAX + 1):
+        ports.write(U.UNPLUG_PORT_LOG, 1, byte)
+    assert ports.log_lines == ["XENBUS hello", "second", "y" * U.UNPLUG_LOG_LINE_MAX]
