@@ -134,6 +134,9 @@ print(",".join(readable))
   rc=$?
   seconds=$(( $(date +%s) - start ))
   cp "$work/.mutmut-cache" "$gout/mutmut-cache" 2>/dev/null
+  # A mutmut killed mid-mutant (its deadline's SIGKILL) leaves that mutant in the file and the original in
+  # FILE.bak: put the original back before the report reads the sources.
+  find "$work" -name '*.py.bak' -print0 | while IFS= read -r -d '' bak; do mv -f "$bak" "${bak%.bak}"; done
   (cd "$work" && "$py" - "$g" "$gout" "$seconds" "$rc" "$target" <<'EOF'
 import json, sqlite3, sys
 from pathlib import Path
