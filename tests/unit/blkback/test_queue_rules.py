@@ -227,6 +227,34 @@ def test_indirect_segments_stay_inside_their_page(make_disk, segment: tuple[int,
     assert d.serve(pack_indirect(BLKIF_OP_READ, 1, 0, 2, [INDIRECT_REF])) == status
 
 
+
+def test_a_cached_plan_serves_only_requests_of_its_shape(make_disk) -> None:
+    """With persistent grants a checked request's plan is cached under its bytes other than id and sector
+    (BlkQueue._plan_key) and reused: it must serve only a request that would be decoded to the same transfer.
+    A request for another grant, or an indirect request whose segment page now lists other grants, gets its
+    own; the sector comes from each request."""
+    d = make_disk()
+    d.path.write_bytes(b"".join(bytes([k]) * BLKIF_SECTOR_SIZE for k in range(DISK_SECTORS)))
+
+    def page(ref: int) -> bytes:
+        return bytes(d.ram[ref * XEN_PAGE_SIZE:ref * XEN_PAGE_SIZE + BLKIF_SECTOR_SIZE])
+
+    assert d.serve(pack_request(BLKIF_OP_READ, 1, 5, [(3, 0, 0)])) == OK
+    assert page(3) == bytes([5]) * BLKIF_SECTOR_SIZE
+    assert d.serve(pack_request(BLKIF_OP_READ, 2, 9, [(4, 0, 0)])) == OK      # differs in the gref only
+    assert page(4) == bytes([9]) * BLKIF_SECTOR_SIZE and page(3) == bytes([5]) * BLKIF_SECTOR_SIZE
+    assert d.serve(pack_request(BLKIF_OP_READ, 3, 6, [(3, 0, 0)])) == OK      # the first shape, another sector:
+    assert page(3) == bytes([6]) * BLKIF_SECTOR_SIZE                          # now a plan, both grants persistent
+    assert d.serve(pack_request(BLKIF_OP_READ, 4, 10, [(4, 0, 0)])) == OK
+    assert page(4) == bytes([10]) * BLKIF_SECTOR_SIZE and page(3) == bytes([6]) * BLKIF_SECTOR_SIZE
+    _put_segments(d, [(5, 0, 0)])
+    for rid, sector in ((5, 7), (6, 11)):                                     # the second from a plan
+        assert d.serve(pack_indirect(BLKIF_OP_READ, rid, sector, 1, [INDIRECT_REF])) == OK
+        assert page(5) == bytes([sector]) * BLKIF_SECTOR_SIZE
+    _put_segments(d, [(6, 0, 0)])                                             # same request, other segments
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 7, 8, 1, [INDIRECT_REF])) == OK
+    assert page(6) == bytes([8]) * BLKIF_SECTOR_SIZE and page(5) == bytes([11]) * BLKIF_SECTOR_SIZE
+
 # ---- a started queue: its ring, its channel, its thread, and what stop() gives back -------------------------
 
 @dataclass
