@@ -39,3 +39,68 @@ def test_suspend_domain_maps_schedop_shutdowns_result(rig, machine, monkeypatch:
     assert calls == [(X.HYPERCALL_NUMBERS["sched_op"], (X.SCHEDOP_shutdown, SCRATCH))]
     op = X.SchedShutdown.from_buffer_copy(vcpu.read_phys(SCRATCH, ctypes.sizeof(X.SchedShutdown)))
     assert op.reason == X.SHUTDOWN_suspend
+
+
+# ---- FdoCreateInterfaces: each interface's provider module and what its context is built from -----------
+
+import sys  # noqa: E402
+import types  # noqa: E402
+
+from xenpv.stack.drivers.interface import Interface  # noqa: E402
+
+PACKAGE = fdo_module.__package__
+
+
+def _provider(monkeypatch: pytest.MonkeyPatch, module_name: str, cls: type) -> None:
+    """A provider module `xenpv.stack.drivers.xenbus.<module_name>` holding `cls`."""
+    module = types.ModuleType(f"{PACKAGE}.{module_name}")
+    setattr(module, cls.__name__, cls)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_an_interface_is_built_from_the_pool_and_its_own_defaults(rig, machine, monkeypatch) -> None:
+    """Each parameter of the context's class comes from the FDO's pool by name; a parameter the pool lacks
+    keeps its default; *args/**kwargs are skipped and the parameters after them still filled."""
+    class Probe(Interface):
+        NAME = "PROBE"
+
+        def __init__(self, platform, *rest, kernel, depth=7, **more) -> None:  # type: ignore[no-untyped-def]
+            super().__init__()
+            self.platform, self.kernel, self.depth, self.rest, self.more = platform, kernel, depth, rest, more
+
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    _provider(monkeypatch, "probe_iface", Probe)
+    context = fdo._create_interface("PROBE", "probe_iface", {"platform": "P", "kernel": "K", "other": "O"})
+    assert isinstance(context, Probe)
+    assert (context.platform, context.kernel, context.depth, context.rest, context.more) == ("P", "K", 7, (), {})
+
+
+def test_an_interface_whose_class_needs_what_the_fdo_lacks_is_absent(rig, machine, monkeypatch) -> None:
+    class Needy(Interface):
+        NAME = "NEEDY"
+
+        def __init__(self, platform, balloon_target) -> None:  # type: ignore[no-untyped-def]
+            super().__init__()
+
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    _provider(monkeypatch, "needy_iface", Needy)
+    assert fdo._create_interface("NEEDY", "needy_iface", {"platform": "P"}) is None
+    assert any("needs 'balloon_target'" in line for line in fdo.driver.kernel.log.tail(50))
+
+
+def test_a_missing_provider_is_absent_but_a_provider_that_fails_to_import_is_an_error(
+        rig, machine, monkeypatch, tmp_path) -> None:
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    assert fdo._create_interface("BALLOON", "no_such_provider", {}) is None  # upstream: BALLOON not built
+    assert any("no provider module" in line for line in fdo.driver.kernel.log.tail(50))
+    # A provider that exists but whose own import fails is a bug in it, not an absent interface.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = tmp_path / "xenpv_probe_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "half_built.py").write_text("import xenpv_no_such_dependency\n")
+    monkeypatch.setattr(fdo_module, "__package__", "xenpv_probe_pkg")
+    with pytest.raises(ModuleNotFoundError, match="xenpv_no_such_dependency"):
+        fdo._create_interface("HALF", "half_built", {})
+    for name in [n for n in sys.modules if n.startswith("xenpv_probe_pkg")]:
+        monkeypatch.delitem(sys.modules, name)
