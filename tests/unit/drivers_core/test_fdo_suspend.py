@@ -104,3 +104,21 @@ def test_a_missing_provider_is_absent_but_a_provider_that_fails_to_import_is_an_
         fdo._create_interface("HALF", "half_built", {})
     for name in [n for n in sys.modules if n.startswith("xenpv_probe_pkg")]:
         monkeypatch.delitem(sys.modules, name)
+
+
+# ---- FdoStop: what a boot's end leaves in xenstore ------------------------------------------------------
+
+@pytest.mark.parametrize("restart", [True, False], ids=["after-S5", "device-removed"])
+def test_a_restart_keeps_control_feature_suspend_and_a_removal_takes_it(rig, machine, restart: bool) -> None:
+    """After S5 Windows sends the FDO no D-IRP, so what __FdoD3ToD0 wrote stays in the store (the guest could
+    not create control/feature-suspend again); an FDO stopped otherwise (removed, D0 -> D3) removes it."""
+    from xenpv.stack.kernel.power import S0, S5
+
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    store = rig.platforms[-1].store
+    assert store.values.get("control/feature-suspend") == b"1"
+    fdo.system_power = S5 if restart else S0
+    fdo.FdoStop()
+    assert ("control/feature-suspend" in store.values) is restart
+    assert fdo.platform is None and rig.platforms[-1].closed
