@@ -122,3 +122,25 @@ def test_a_restart_keeps_control_feature_suspend_and_a_removal_takes_it(rig, mac
     fdo.FdoStop()
     assert ("control/feature-suspend" in store.values) is restart
     assert fdo.platform is None and rig.platforms[-1].closed
+
+
+# ---- FdoScan: a store without `device` -------------------------------------------------------------------
+
+def test_a_store_without_device_has_no_classes_but_another_error_is_not_swallowed(rig, machine,
+                                                                                   monkeypatch) -> None:
+    """fdo.c FdoScan: XENBUS_STORE(Directory, "device") failing with ENOENT (a domain with no PV devices yet)
+    is an empty list of classes; any other failure is not taken for one."""
+    from xenpv.stack.vcpu.xenstore import XenstoreError
+
+    rig.xenstore_classes = []  # FakeStore.directory("device"): ENOENT
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    assert set(fdo.children) == {"CONS", "IFACE"}  # the synthetic classes only: no VBD, no VIF
+    assert fdo.FdoScan() is False  # nothing to add, nothing to remove
+    store = rig.platforms[-1].store
+
+    def refused(path: str) -> list[str]:
+        raise XenstoreError("directory", path, "EACCES")
+
+    monkeypatch.setattr(store, "directory", refused)
+    with pytest.raises(XenstoreError, match="EACCES"):
+        fdo.FdoScan()
