@@ -197,10 +197,9 @@ class XenbusFdo:
         return self.platform.store.held()
 
     def _create_interfaces(self) -> None:
-        pool: dict[str, Any] = {"platform": self.platform, "kernel": self.driver.kernel, "fdo": self,
-                                "xen": self.driver.xen, "vcpu": self.driver.xen.vcpu,
-                                "registry": self.driver.xen.registry, "debug_log": self.driver.xen.debug_log,
-                                "suspend_domain": self._suspend_domain, "sync_capture": self._sync_capture,
+        # What the contexts' constructors ask for by name, beside the interfaces made before them.
+        pool: dict[str, Any] = {"platform": self.platform, "suspend_domain": self._suspend_domain,
+                                "sync_capture": self._sync_capture,
                                 "unplug_devices": self.driver.xen.unplug.UnplugDevices}
         for name, module_name in INTERFACE_MODULES:
             context = self._create_interface(name, module_name, pool)

@@ -144,3 +144,14 @@ def test_a_store_without_device_has_no_classes_but_another_error_is_not_swallowe
     monkeypatch.setattr(store, "directory", refused)
     with pytest.raises(XenstoreError, match="EACCES"):
         fdo.FdoScan()
+
+
+def test_the_suspend_context_gets_the_fdos_suspend_capture_and_unplug(rig, machine) -> None:
+    """SUSPEND's context is built with the FDO's own suspend hypercall, its SyncCapture (no other thread in
+    the store ring across the suspend) and xen.sys's UnplugDevices (re-issued on resume, as suspend.c does):
+    an interface built without them would suspend with the store busy and resume with the emulated devices."""
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    suspend = fdo.interfaces["SUSPEND"]
+    assert suspend.suspend_domain == fdo._suspend_domain
+    assert suspend.sync_capture == fdo._sync_capture
+    assert suspend.unplug_devices == fdo.driver.xen.unplug.UnplugDevices
