@@ -14,7 +14,7 @@ from tests.integration.sshhost import SshHost, ssh_host  # noqa: F401  (fixture)
 from xenpv.guests.schema import GUESTS_DIR
 from xenpv.harness.cleanup import reap_stale
 from xenpv.harness.hosts import HostPool
-from xenpv.harness.remote import RemoteConnectionLost, RemoteHost
+from xenpv.harness.remote import RemoteHost
 from xenpv.harness.remote_guest import RemoteGuest, RemoteGuestExited, Wheelhouse, install
 
 pytest_plugins = ["pytester"]
@@ -164,7 +164,7 @@ def test_two_hosts_run_tests_in_parallel_and_a_killed_host_fails_one_test(
                                  f"connection lost",
                                  f"xenpv: pool host {spec.host}_{spec.port} was marked bad in this run: *"])
     # The failed remote test's artifacts came back: QEMU's log and the qtest transcript of the host's run.
-    fetched = {p.name for p in art.rglob(f"*test_fails_on_purpose*/remote-*/artifacts/**/*") if p.is_file()}
+    fetched = {p.name for p in art.rglob("*test_fails_on_purpose*/remote-*/artifacts/**/*") if p.is_file()}
     assert {"qemu.log", "qtest.log"} <= fetched, sorted(art.rglob("*"))
     # Both hosts ran guests, at the same time (from lease to the test's end).
     spans = [line.split() for line in times.read_text().splitlines()]
