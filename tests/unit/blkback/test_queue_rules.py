@@ -255,6 +255,57 @@ def test_a_cached_plan_serves_only_requests_of_its_shape(make_disk) -> None:
     assert d.serve(pack_indirect(BLKIF_OP_READ, 7, 8, 1, [INDIRECT_REF])) == OK
     assert page(6) == bytes([8]) * BLKIF_SECTOR_SIZE and page(5) == bytes([11]) * BLKIF_SECTOR_SIZE
 
+
+@dataclass
+class SplitMemory(FakeMemory):
+    """Guest RAM in two vhost-user memory regions that meet at `split`: no single view may cross it."""
+    split: int = 4 * XEN_PAGE_SIZE
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        if gpa < self.split < gpa + length:
+            raise GuestMemoryError(gpa, length, "crosses two memory regions")
+        return super().view(gpa, length)
+
+
+def test_a_request_over_adjacent_pages_lands_sector_by_sector(make_disk) -> None:
+    """blkif.h: segment i moves sectors first_sect..last_sect of its granted page, in order, for consecutive
+    disk sectors. Here three segments whose pages are adjacent guest frames (page 3 from sector 4 of the page,
+    page 4 whole, page 5's first sector), in RAM whose memory regions meet between pages 3 and 4; served
+    three times (the persistent mode's third time from its plan, which merges the adjacent ranges and must
+    split them again where the regions meet), each at another disk sector."""
+    d = make_disk()
+    d.queue.link = cast(Any, FakeLink(SplitMemory(d.ram)))
+    d.path.write_bytes(b"".join(bytes([k]) * BLKIF_SECTOR_SIZE for k in range(DISK_SECTORS)))
+    segments = [(3, 4, 7), (4, 0, 7), (5, 0, 0)]
+    for rid, sector in ((1, 0), (2, 20), (3, 40)):
+        assert d.serve(pack_request(BLKIF_OP_READ, rid, sector, segments)) == OK
+        got = bytes(d.ram[3 * XEN_PAGE_SIZE + 4 * BLKIF_SECTOR_SIZE:5 * XEN_PAGE_SIZE + BLKIF_SECTOR_SIZE])
+        assert got == b"".join(bytes([sector + k]) * BLKIF_SECTOR_SIZE for k in range(13)), rid
+        assert bytes(d.ram[5 * XEN_PAGE_SIZE + BLKIF_SECTOR_SIZE:6 * XEN_PAGE_SIZE]) == bytes(7 * BLKIF_SECTOR_SIZE)
+    for rid, sector in ((4, 1), (5, 21), (6, 41)):      # pages that are not adjacent: a range each
+        assert d.serve(pack_request(BLKIF_OP_READ, rid, sector, [(7, 0, 0), (9, 1, 1), (11, 7, 7)])) == OK
+        assert [bytes(d.ram[ref * XEN_PAGE_SIZE + at:ref * XEN_PAGE_SIZE + at + BLKIF_SECTOR_SIZE])
+                for ref, at in ((7, 0), (9, 512), (11, 3584))] == [bytes([sector + k]) * BLKIF_SECTOR_SIZE
+                                                                  for k in range(3)], rid
+
+
+def test_a_barrier_writes_the_data_it_carries(make_disk) -> None:
+    """blkif.h BLKIF_OP_WRITE_BARRIER / FLUSH_DISKCACHE with segments: the data is written (between the
+    flushes), as Linux xen-blkback dispatch_rw_block_io treats it as a write with REQ_PREFLUSH | REQ_FUA."""
+    d = make_disk()
+    d.ram[3 * XEN_PAGE_SIZE:4 * XEN_PAGE_SIZE] = b"B" * XEN_PAGE_SIZE
+    assert d.serve(pack_request(BLKIF_OP_WRITE_BARRIER, 1, 8, [(3, 0, 7)])) == OK
+    assert d.image()[8 * 512:16 * 512] == b"B" * 4096
+
+
+def test_indirect_segment_pages_need_only_a_read_only_grant(make_disk) -> None:
+    """Linux xen-blkback xen_blkbk_parse_indirect maps the indirect pages read-only: a frontend may grant them
+    read-only, and the request is served."""
+    d = make_disk()
+    _put_segments(d, [(6, 0, 7)])
+    d.xenhv.readonly.add(INDIRECT_REF)
+    assert d.serve(pack_indirect(BLKIF_OP_READ, 1, 0, 1, [INDIRECT_REF])) == OK
+
 # ---- a started queue: its ring, its channel, its thread, and what stop() gives back -------------------------
 
 @dataclass
