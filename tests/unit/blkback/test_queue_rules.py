@@ -282,6 +282,10 @@ def test_a_request_over_adjacent_pages_lands_sector_by_sector(make_disk) -> None
         got = bytes(d.ram[3 * XEN_PAGE_SIZE + 4 * BLKIF_SECTOR_SIZE:5 * XEN_PAGE_SIZE + BLKIF_SECTOR_SIZE])
         assert got == b"".join(bytes([sector + k]) * BLKIF_SECTOR_SIZE for k in range(13)), rid
         assert bytes(d.ram[5 * XEN_PAGE_SIZE + BLKIF_SECTOR_SIZE:6 * XEN_PAGE_SIZE]) == bytes(7 * BLKIF_SECTOR_SIZE)
+    for rid, sector in ((7, 2), (8, 22), (9, 42)):      # adjacent pages in descending order: not one range
+        assert d.serve(pack_request(BLKIF_OP_READ, rid, sector, [(13, 0, 7), (12, 0, 7)])) == OK
+        assert bytes(d.ram[12 * XEN_PAGE_SIZE:14 * XEN_PAGE_SIZE]) == b"".join(
+            bytes([sector + k]) * BLKIF_SECTOR_SIZE for k in (8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)), rid
     for rid, sector in ((4, 1), (5, 21), (6, 41)):      # pages that are not adjacent: a range each
         assert d.serve(pack_request(BLKIF_OP_READ, rid, sector, [(7, 0, 0), (9, 1, 1), (11, 7, 7)])) == OK
         assert [bytes(d.ram[ref * XEN_PAGE_SIZE + at:ref * XEN_PAGE_SIZE + at + BLKIF_SECTOR_SIZE])
