@@ -499,9 +499,15 @@ def _resume_in_place(guest: Guest, qmp: QmpSession, domid: int) -> None:
     assert guest.toolstack is not None
     qmp.command("cont")
     guest.toolstack.resume_cancelled(domid)
-    out = guest.console.run("lifecycle status", timeout=RESUME_SECONDS)
-    if not out.startswith("running"):
-        raise LifecycleError(f"{guest.machine.name}: resumed in place but the guest says {out!r}")
+    # xenhv has answered the parked hypercall; the guest's suspend thread still has to return from it (CI,
+    # under load: one look found it "suspended" yet). It gets until RESUME_SECONDS; each look is a console
+    # command, so a guest that stopped or died meanwhile is reported as such.
+    deadline = time.monotonic() + scaled(RESUME_SECONDS)
+    while not (out := guest.console.run("lifecycle status", timeout=RESUME_SECONDS)).startswith("running"):
+        if time.monotonic() >= deadline:
+            raise LifecycleError(f"{guest.machine.name}: resumed in place but after {scaled(RESUME_SECONDS):.0f} s "
+                                 f"the guest still says {out!r}")
+        time.sleep(0.02)
 
 
 def restore(guest: Guest, path: Path) -> Timings:
