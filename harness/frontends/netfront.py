@@ -21,6 +21,9 @@ from xenpv.stack.vcpu.xenstore import XenstoreError
 from xenpv.xenabi import netif as N
 from xenpv.xenabi.ring import XEN_PAGE_SIZE, FrontRing
 from xenpv.xenabi.xenbus import XenbusState as S
+from xenpv.stack.timescale import scaled
+
+BACKEND_SECONDS = 15.0  # for netback to answer a state change (scaled)
 
 log = logging.getLogger("harness.netfront")
 
@@ -79,7 +82,10 @@ class MiniNetfront:
         except XenstoreError:
             return S.Unknown
 
-    def wait_backend(self, states: set[S], timeout: float = 5.0) -> S:
+    def wait_backend(self, states: set[S], timeout: float = BACKEND_SECONDS) -> S:
+        # Scaled as every deadline of the harness is (XENPV_TIME_SCALE): under load (CI with -n 4 beside other
+        # work) netback took more than the 5 s this used to allow to attach and connect.
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         while (st := self.backend_state()) not in states:
             if time.monotonic() > deadline:
@@ -93,7 +99,7 @@ class MiniNetfront:
         except (XenstoreError, ValueError):
             return 0
 
-    def connect(self, timeout: float = 5.0) -> None:
+    def connect(self, timeout: float = BACKEND_SECONDS) -> None:
         self.p.store.write(f"{self.path}/state", S.Initialising.wire())
         self.wait_backend({S.InitWait}, timeout)
         nq = min(self.want_queues, max(1, self._backend_int("multi-queue-max-queues")))
