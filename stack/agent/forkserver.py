@@ -127,8 +127,11 @@ def serve(path: str) -> None:
         raise SystemExit(f"forkserver: {threading.active_count()} threads after the imports; forking would copy "
                          "a process whose other threads are gone")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    # Listening before the socket has its name: the harness takes the name's existence for readiness, and a
+    # connect between bind() and listen() is refused (CI: two `xenpv run`s at once, one refused).
+    listener.bind(path + ".new")
     listener.listen(64)
+    os.rename(path + ".new", path)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
