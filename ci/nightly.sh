@@ -14,9 +14,24 @@ db=(); [ -z "${NIGHTLY_DB:-}" ] || db=(--db "$NIGHTLY_DB")
 status=0
 "$top/.venv/bin/xenpv" nightly --out "$out" "${db[@]}" || status=$?
 # Mutation testing per module group (ci/mutation.sh), optional: NIGHTLY_MUTATION=0 skips it.
+# Each group goes on from the caches of the night before (NIGHTLY_MUTATION_STATE, default
+# artifacts/mutation-state): killed mutants stay killed, the others are tried again, new ones tested; a group
+# larger than one night's minutes is finished over several nights.
 if [ "${NIGHTLY_MUTATION:-1}" != 0 ]; then
+    state=${NIGHTLY_MUTATION_STATE:-$top/artifacts/mutation-state}
+    for cache in "$state"/*/mutmut-cache; do
+        [ -f "$cache" ] || continue
+        group=$(basename "$(dirname "$cache")")
+        mkdir -p "$out/mutation/$group" && cp "$cache" "$out/mutation/$group/mutmut-cache"
+    done
     "$top/ci/mutation.sh" --out "$out/mutation" --minutes "${NIGHTLY_MUTATION_MINUTES:-90}" > "$out/mutation.log" 2>&1
-    [ $? -ne 1 ] || status=1  # 2 (a group under its target) is reported in mutation/scores.txt, not a failure
+    rc=$?
+    for cache in "$out"/mutation/*/mutmut-cache; do
+        [ -f "$cache" ] || continue
+        group=$(basename "$(dirname "$cache")")
+        mkdir -p "$state/$group" && cp "$cache" "$state/$group/mutmut-cache"
+    done
+    [ $rc -ne 1 ] || status=1  # 2 (a group under its target) is reported in mutation/scores.txt, not a failure
 fi
 "$top/.venv/bin/xenpv" report --since "${NIGHTLY_SINCE:-14d}" "${db[@]}" --out "$out/report" || status=1
 echo "nightly results in $out (status $status); the morning report: $out/report/report.html"
