@@ -7,7 +7,6 @@ rule the fork server out when a guest misbehaves.
 """
 from __future__ import annotations
 
-import array
 import atexit
 import fcntl
 import json
@@ -22,7 +21,6 @@ import sys
 import termios
 import threading
 import time
-from pathlib import Path
 
 import pexpect.fdpexpect
 
@@ -139,10 +137,9 @@ class AgentForkServer:
                                 cls._instance.process.log_tail(5))
                     cls._instance.close()
                 cls._instance = cls()
-                atexit.register(stop_shared)
             return cls._instance
 
-    def spawn(self, argv: list[str], *, logfile: object, timeout: float, cwd: Path | None = None) -> ForkedAgent:
+    def spawn(self, argv: list[str], *, logfile: object, timeout: float) -> ForkedAgent:
         """`python -m xenpv.stack.agent ARGV` as a fork of the server, on a new pty with echo off."""
         master, slave = pty.openpty()
         try:
@@ -154,8 +151,8 @@ class AgentForkServer:
             try:
                 conn.settimeout(10.0)
                 conn.connect(str(self.socket_path))
-                request = json.dumps({"argv": argv, "env": child_env(), "cwd": str(cwd or os.getcwd())}).encode()
-                conn.sendmsg([request + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [slave]))])
+                request = json.dumps({"argv": argv, "env": child_env(), "cwd": os.getcwd()}).encode()
+                socket.send_fds(conn, [request + b"\n"], [slave])
                 reply = b""
                 while not reply.endswith(b"\n"):
                     chunk = conn.recv(4096)
@@ -183,6 +180,7 @@ class AgentForkServer:
             remove_run_dir(self.run_dir)
 
 
+@atexit.register
 def stop_shared() -> None:
     """Stop this process's server (the pytest plugin does at the session's end, before it checks that
     nothing is left running); a later guest starts a new one."""

@@ -19,7 +19,6 @@ copies a consistent process. It never configures logging: each agent's main() do
 """
 from __future__ import annotations
 
-import array
 import ctypes
 import fcntl
 import json
@@ -38,23 +37,22 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, int]:
-    """One JSON line and the one fd that came with it."""
+    """One JSON line and the one fd that came with it (with its first part)."""
     data = bytearray()
-    fds = array.array("i")
+    fds: list[int] = []
     while not data.endswith(b"\n"):
-        msg, anc, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(fds.itemsize))
+        msg, got, _flags, _addr = socket.recv_fds(conn, 65536, 1)
+        fds += got
         if not msg:
-            raise ConnectionError("closed before a whole request")
+            break
         data += msg
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         if len(data) > MAX_REQUEST:
-            raise ValueError("request too long")
-    if len(fds) != 1:
+            break
+    if not data.endswith(b"\n") or len(fds) != 1:
         for fd in fds:
             os.close(fd)
-        raise ValueError(f"want one fd (the pty), got {len(fds)}")
+        raise ValueError(f"want one JSON line of at most {MAX_REQUEST} bytes and one fd (the pty), got "
+                         f"{len(data)} bytes and {len(fds)} fd(s)")
     return json.loads(data), fds[0]
 
 

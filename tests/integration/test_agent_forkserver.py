@@ -84,3 +84,22 @@ def test_an_agent_whose_harness_connection_closes_is_killed(mute_qtest: socket.s
     finally:
         server.close()
     assert not server.process.alive()
+
+
+def test_a_request_without_its_pty_is_refused_and_the_server_serves_on(tmp_path: Path) -> None:
+    """A request must carry exactly one fd, the agent's pty: without it nothing is forked, the connection is
+    closed, and the next request is served."""
+    server = AgentForkServer()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+            bad.settimeout(10)
+            bad.connect(str(server.socket_path))
+            bad.sendall(b'{"argv": ["--help"], "env": {}, "cwd": "/"}\n')
+            assert bad.recv(4096) == b""  # closed, no {"pid": ...}
+        with open(tmp_path / "console.log", "w") as log:
+            child = server.spawn(["--help"], logfile=log, timeout=10)
+            assert child.wait() == 0  # argparse's help, then exit 0
+            child.close()
+        assert "bad request: want one JSON line" in server.process.log_tail()
+    finally:
+        server.close()
