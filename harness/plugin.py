@@ -61,6 +61,7 @@ _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _artifacts_key = pytest.StashKey[Path]()
 _machines_key = pytest.StashKey[list[Machine]]()
 _session_artifacts_key = pytest.StashKey[Path]()
+_run_artifacts_key = pytest.StashKey[Path]()  # the controller's session directory: the whole run's
 _hosts_key = pytest.StashKey[list[HostSpec]]()
 _exclusive_key = pytest.StashKey[list[ExclusiveResource]]()
 _WORKERINPUT_KEY = "xenpv_session_artifacts"
@@ -105,10 +106,12 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
     if workerinput is not None and _WORKERINPUT_KEY in workerinput:
         # An xdist worker: a subdirectory of the session's directory, named after the worker.
-        config.stash[_session_artifacts_key] = Path(workerinput[_WORKERINPUT_KEY]) / workerinput["workerid"]
+        config.stash[_run_artifacts_key] = Path(workerinput[_WORKERINPUT_KEY])
+        config.stash[_session_artifacts_key] = config.stash[_run_artifacts_key] / workerinput["workerid"]
     else:
         try:
             config.stash[_session_artifacts_key] = make_artifacts_dir(_artifacts_root(config), "--xenpv-artifacts")
+            config.stash[_run_artifacts_key] = config.stash[_session_artifacts_key]
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
 
@@ -220,10 +223,15 @@ def _artifacts_root(config: pytest.Config) -> Path:
     return Path(opt) if opt else config.rootpath / "artifacts"
 
 
+def _file_name(text: str) -> str:
+    """`text` (a test id, a host name) as one safe file-name component."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
 @pytest.fixture
 def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
     """This test's artifact directory: removed when the test passes, kept (and named) when it fails."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)[-120:]
+    name = _file_name(request.node.nodeid)[-120:]
     root = session_artifacts(request.config)
     path = root / name
     for n in range(1, 1000):  # the same test twice in one session: a directory each, nothing overwritten
@@ -335,14 +343,6 @@ def boot_guest(host: HostServices, guest_factory: Callable[..., Machine]) -> Ite
     host.check_alive("after the test")
 
 
-def _bad_hosts_dir(config: pytest.Config) -> Path:
-    """Where the run's pools mark bad hosts: the controller's session directory, shared by its workers."""
-    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
-    if workerinput is not None and _WORKERINPUT_KEY in workerinput:
-        return Path(workerinput[_WORKERINPUT_KEY]) / BAD_HOSTS_DIR
-    return config.stash[_session_artifacts_key] / BAD_HOSTS_DIR
-
-
 @pytest.fixture(scope="session")
 def host_pool(pytestconfig: pytest.Config) -> Iterator[HostPool]:
     """The pool of --xenpv-hosts (this session's or xdist worker's own; leases are shared through the lease
@@ -350,7 +350,7 @@ def host_pool(pytestconfig: pytest.Config) -> Iterator[HostPool]:
     hosts = pytestconfig.stash.get(_hosts_key, None)
     if hosts is None:
         pytest.skip("no --xenpv-hosts given")
-    pool = HostPool(hosts, bad_dir=_bad_hosts_dir(pytestconfig))
+    pool = HostPool(hosts, bad_dir=pytestconfig.stash[_run_artifacts_key] / BAD_HOSTS_DIR)
     yield pool
     pool.close()
 
@@ -392,12 +392,15 @@ def _pool_hosts(host_pool: HostPool) -> Iterator[_PoolHosts]:
 
 @dataclass(eq=False)
 class PooledGuest:
-    """A guest on whichever pool host was free: `host` is its name ("local" or user@host:port), `console`
-    runs commands as a local guest's does; `guest` is the local Guest or the RemoteGuest."""
+    """A guest on whichever pool host was free: `host` is its name ("local" or user@host:port); `guest` is
+    the local Guest or the RemoteGuest, whose `console` runs commands the same way."""
 
     host: str
-    console: Any
     guest: Guest | RemoteGuest
+
+    @property
+    def console(self) -> Any:
+        return self.guest.console
 
 
 @pytest.fixture
@@ -432,20 +435,19 @@ def pool_guest(request: pytest.FixtureRequest, artifacts: Path, guest_factory: C
         leases.append(lease)
         if lease.spec.is_local:
             local = boot_local(guest_def, timeout)
-            return PooledGuest("local", local.console, local)
+            return PooledGuest("local", local)
         remote, installed = _pool_hosts.connect(lease)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", lease.spec.name)
-        g = RemoteGuest.boot(remote, installed, guest_def.path, artifacts / f"remote-{name}-console.log",
+        g = RemoteGuest.boot(remote, installed, guest_def.path,
+                             artifacts / f"remote-{_file_name(lease.spec.name)}-console.log",
                              qemu=binary)
         remotes.append(g)
-        return PooledGuest(lease.spec.name, g.console, g)
+        return PooledGuest(lease.spec.name, g)
 
     yield boot
     failed = any(r.failed for r in request.node.stash.get(_report_key, {}).values())
     try:
         for g in reversed(remotes):
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", g.host)
-            g.close(fetch_into=artifacts / f"remote-{name}" if failed else None)
+            g.close(fetch_into=artifacts / f"remote-{_file_name(g.host)}" if failed else None)
         for local, backends in reversed(locals_):
             try:
                 local.shutdown()
