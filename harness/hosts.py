@@ -210,6 +210,26 @@ def release_lock_file(fd: int) -> None:
         os.close(fd)
 
 
+def flock_within(fd: int, how: int, timeout: float, poll: float) -> bool:
+    """flock(2) `fd` (LOCK_SH or LOCK_EX), retrying every `poll` s for up to `timeout` s; False if it stayed
+    taken. Polled, not blocking: a blocking flock has no deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+
+
+def write_owner(fd: int, owner: Owner) -> None:
+    """Name `owner` in a lock file just taken (a reader finds who holds it, or whose it was)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{owner}\n".encode(), 0)
+
+
 def _read_owner(fd: int) -> Owner | None:
     raw = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
     return Owner.parse(raw)
@@ -346,17 +366,11 @@ class HostPool:
         a stale file is broken, so a breaker never unlinks a file a leaser is claiming. Every holder keeps
         it for a few system calls only; one that keeps it for seconds was stopped in the middle."""
         fd = os.open(self.lease_dir / _POOL_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + GUARD_TIMEOUT
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, how | fcntl.LOCK_NB)
-                    return fd
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise HarnessError(f"{self.lease_dir / _POOL_LOCK}: still locked after {GUARD_TIMEOUT:.0f} s "
-                                           f"(a leaser stopped while claiming a slot?)") from None
-                    time.sleep(0.005)
+            if flock_within(fd, how, GUARD_TIMEOUT, 0.005):
+                return fd
+            raise HarnessError(f"{self.lease_dir / _POOL_LOCK}: still locked after {GUARD_TIMEOUT:.0f} s "
+                               f"(a leaser stopped while claiming a slot?)")
         except BaseException:
             os.close(fd)
             raise
@@ -384,8 +398,7 @@ class HostPool:
                     if previous is not None and previous != me:
                         # Unlocked yet naming an owner: it ended without release() (killed, crashed).
                         log.info("%s slot %d taken over from %s, which is gone", spec.name, slot, previous)
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, f"{me}\n".encode(), 0)
+                    write_owner(fd, me)
             except BaseException:
                 if fd >= 0:
                     os.close(fd)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from xenpv.base.errors import HarnessError
 from xenpv.base.owner import Owner
-from xenpv.harness.hosts import release_lock_file
+from xenpv.harness.hosts import flock_within, release_lock_file, write_owner
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -34,20 +33,11 @@ class ExclusiveResource:
         lease_dir.mkdir(parents=True, exist_ok=True)
         path = lease_dir / f"{name}.exclusive"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
-                    os.close(fd)
-                    raise HarnessError(f"exclusive resource {name!r} still held by {holder} after {timeout:.0f} s "
-                                       f"({path})") from None
-                time.sleep(poll)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{Owner.current()}\n".encode(), 0)
+        if not flock_within(fd, fcntl.LOCK_EX, timeout, poll):
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise HarnessError(f"exclusive resource {name!r} still held by {holder} after {timeout:.0f} s ({path})")
+        write_owner(fd, Owner.current())
         return cls(name, path, fd)
 
     def release(self) -> None:
