@@ -216,22 +216,19 @@ def build_selection(coverage_file: Path, test_files: list[str], root: Path) -> d
         for line, contexts in data.contexts_by_lineno(measured).items():
             tests = {c.rsplit("|", 1)[0] for c in contexts if "::" in c}
             # A test given as a directory (tests/unit/xenbus_interfaces) is selected by its own file.
-            tests = {t for t in tests if _in_group(t.split("::", 1)[0], order)}
-            if tests:
-                lines[str(line)] = sorted(tests, key=lambda t: (_rank(t.split("::", 1)[0], order), t))
+            ranked = {t: rank for t in tests if (rank := _rank(t.split("::", 1)[0], order)) is not None}
+            if ranked:
+                lines[str(line)] = sorted(ranked, key=lambda t: (ranked[t], t))
         if lines:
             table[rel] = lines
     return table
 
 
-def _in_group(test_file: str, order: dict[str, int]) -> bool:
-    return test_file in order or any(test_file.startswith(t.rstrip("/") + "/") for t in order)
-
-
-def _rank(test_file: str, order: dict[str, int]) -> int:
+def _rank(test_file: str, order: dict[str, int]) -> int | None:
+    """The place of `test_file` in the group's list (a file, or a directory holding it); None: not in it."""
     if test_file in order:
         return order[test_file]
-    return min(i for t, i in order.items() if test_file.startswith(t.rstrip("/") + "/"))
+    return min((i for t, i in order.items() if test_file.startswith(t.rstrip("/") + "/")), default=None)
 
 
 @lru_cache(maxsize=1)

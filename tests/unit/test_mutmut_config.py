@@ -55,14 +55,17 @@ def test_selection_by_coverage_narrows_each_line_to_the_tests_that_ran_it(tmp_pa
     source.write_text("x = 1\n")
     data = CoverageData(basename=str(tmp_path / ".coverage"))
     for context, lines in (("", [1]), ("tests/a.py::test_x[p-1]|run", [3, 4]), ("tests/b.py::test_y|run", [4]),
-                           ("tests/b.py::test_y|setup", [5]), ("tests/other.py::test_z|run", [6])):
+                           ("tests/b.py::test_y|setup", [5]), ("tests/other.py::test_z|run", [6]),
+                           ("tests/dir/test_d.py::test_d|run", [4, 7])):
         data.set_context(context)
         data.add_lines({str(source): lines})
     data.write()
-    table = config.build_selection(tmp_path / ".coverage", ["tests/b.py", "tests/a.py"], tmp_path)
+    # A directory in the group's list (as tests/unit/xenbus_interfaces is) selects the files under it.
+    table = config.build_selection(tmp_path / ".coverage", ["tests/b.py", "tests/dir", "tests/a.py"], tmp_path)
     assert table == {"backends/mod.py": {"3": ["tests/a.py::test_x[p-1]"],
-                                         "4": ["tests/b.py::test_y", "tests/a.py::test_x[p-1]"],
-                                         "5": ["tests/b.py::test_y"]}}
+                                         "4": ["tests/b.py::test_y", "tests/dir/test_d.py::test_d",
+                                               "tests/a.py::test_x[p-1]"],
+                                         "5": ["tests/b.py::test_y"], "7": ["tests/dir/test_d.py::test_d"]}}
     (tmp_path / "select.json").write_text(config.json.dumps(table))
     monkeypatch.setenv(config.SELECTION_ENV, str(tmp_path / "select.json"))
     monkeypatch.setenv(config.RUNNER_ENV, "python -m pytest -x")
