@@ -69,7 +69,8 @@ def test_selection_by_coverage_narrows_each_line_to_the_tests_that_ran_it(tmp_pa
     (tmp_path / "select.json").write_text(config.json.dumps(table))
     monkeypatch.setenv(config.SELECTION_ENV, str(tmp_path / "select.json"))
     monkeypatch.setenv(config.RUNNER_ENV, "python -m pytest -x")
-    assert config.selected_command("backends/mod.py", 3) == "python -m pytest -x tests/b.py::test_y 'tests/a.py::test_x[p-1]'"
+    assert config.selected_command("backends/mod.py", 3) == ("python -m pytest -x tests/b.py::test_y tests/dir/test_d.py::test_d "
+                                                                "'tests/a.py::test_x[p-1]'")
     assert config.selected_command("backends/mod.py", 0) is None  # import time: the whole list
     assert config.selected_command("backends/mod.py", 5) is None  # only tests/other.py ran it
 
