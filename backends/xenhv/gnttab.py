@@ -191,14 +191,6 @@ class GrantTable:
             log.debug("dom%d: ref %d unmapped by dom%d (handle %d)", self.domid, ref, owner, handle)
             return GrantMapping(handle, self.domid, ref, gfn, readonly, owner)
 
-    def release_mapper(self, mapper: int) -> int:
-        """Drop every mapping ``mapper`` holds (the mapping domain died).  Returns how many."""
-        with self._lock:
-            handles = [h for h, (owner, _, _) in self._maps.items() if owner == mapper]
-        for handle in handles:
-            self.unmap(handle, mapper)
-        return len(handles)
-
     def mappings(self) -> list[GrantMapping]:
         with self._lock:
             return [GrantMapping(h, self.domid, ref, self.pins.pinned_gfn(ref), ro, owner)
