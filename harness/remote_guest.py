@@ -24,9 +24,11 @@ import logging
 import os
 import select
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -47,6 +49,9 @@ log = logging.getLogger("harness.remote_guest")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BOOTSTRAP = PROJECT_ROOT / "ci" / "bootstrap.sh"
+# What the distribution is made of (setup.py's FOLDERS, with its metadata files).
+DISTRIBUTION_FILES = ("pyproject.toml", "setup.py", "README.md", "harness", "stack", "backends", "base", "xenabi",
+                      "guests")
 INSTALL_TIMEOUT = 900.0  # seconds: a host without the apt packages installs them first
 BOOT_TIMEOUT = 90.0  # seconds, scaled: dom0 services, QEMU and the agent's first boot on the host
 
@@ -72,12 +77,22 @@ class Wheelhouse:
             raise HarnessError(f"{PROJECT_ROOT} is not a checkout of this project (no pyproject.toml or "
                                "ci/bootstrap.sh): pool hosts are installed from a checkout's wheels")
         into.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(into),
-                str(PROJECT_ROOT)]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise HarnessError(f"building the wheels for pool hosts took more than {timeout:.0f} s") from None
+        # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds, and two workers
+        # building in the checkout at once would share them.
+        with tempfile.TemporaryDirectory(prefix="xenpv-wheel-src-") as src:
+            for name in DISTRIBUTION_FILES:
+                source = PROJECT_ROOT / name
+                if source.is_dir():
+                    shutil.copytree(source, Path(src) / name,
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
+                else:
+                    shutil.copy2(source, Path(src) / name)
+            argv = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(into), src]
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                      stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                raise HarnessError(f"building the wheels for pool hosts took more than {timeout:.0f} s") from None
         if done.returncode != 0:
             raise HarnessError(f"building the wheels for pool hosts failed (pip wheel, status "
                                f"{done.returncode}): {done.stderr.strip()[-1000:]}")

@@ -15,7 +15,7 @@ from xenpv.guests.schema import GUESTS_DIR
 from xenpv.harness.cleanup import reap_stale
 from xenpv.harness.hosts import HostPool
 from xenpv.harness.remote import RemoteHost
-from xenpv.harness.remote_guest import RemoteGuest, RemoteGuestExited, Wheelhouse, install
+from xenpv.harness.remote_guest import PROJECT_ROOT, RemoteGuest, RemoteGuestExited, Wheelhouse, install
 
 pytest_plugins = ["pytester"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -23,7 +23,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Wheelhouse:
-    return Wheelhouse.build(tmp_path_factory.mktemp("wheels"))
+    before = {p.name for p in PROJECT_ROOT.iterdir()}
+    built = Wheelhouse.build(tmp_path_factory.mktemp("wheels"))
+    # Built from a copy: the checkout gains nothing (no build/, no egg-info of a second build).
+    assert {p.name for p in PROJECT_ROOT.iterdir()} == before
+    assert {w.name.split("-")[0] for w in built.path.glob("*.whl")} >= {"xenpv_harness", "paramiko", "pexpect"}
+    return built
 
 
 def test_guest_runs_on_a_pool_host_and_its_artifacts_come_back(ssh_host: SshHost, wheels: Wheelhouse,
