@@ -8,12 +8,17 @@ runs again; 1 means the suspend was cancelled and the domain resumed in place (a
 from __future__ import annotations
 
 import ctypes
+import sys
+import types
 from types import SimpleNamespace
 
 import pytest
 
+from xenpv.stack.drivers.interface import Interface
 from xenpv.stack.drivers.xenbus import fdo as fdo_module
+from xenpv.stack.kernel.power import S0, S5
 from xenpv.stack.kernel.status import STATUS_CANCELLED, STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+from xenpv.stack.vcpu.xenstore import XenstoreError
 from xenpv.xenabi import xen as X
 
 SCRATCH = 0x5000
@@ -42,11 +47,6 @@ def test_suspend_domain_maps_schedop_shutdowns_result(rig, machine, monkeypatch:
 
 
 # ---- FdoCreateInterfaces: each interface's provider module and what its context is built from -----------
-
-import sys  # noqa: E402
-import types  # noqa: E402
-
-from xenpv.stack.drivers.interface import Interface  # noqa: E402
 
 PACKAGE = fdo_module.__package__
 
@@ -112,8 +112,6 @@ def test_a_missing_provider_is_absent_but_a_provider_that_fails_to_import_is_an_
 def test_a_restart_keeps_control_feature_suspend_and_a_removal_takes_it(rig, machine, restart: bool) -> None:
     """After S5 Windows sends the FDO no D-IRP, so what __FdoD3ToD0 wrote stays in the store (the guest could
     not create control/feature-suspend again); an FDO stopped otherwise (removed, D0 -> D3) removes it."""
-    from xenpv.stack.kernel.power import S0, S5
-
     booted = rig.boot(machine(0x0001))
     fdo = booted.xenbus.active_fdo
     store = rig.platforms[-1].store
@@ -130,8 +128,6 @@ def test_a_store_without_device_has_no_classes_but_another_error_is_not_swallowe
                                                                                    monkeypatch) -> None:
     """fdo.c FdoScan: XENBUS_STORE(Directory, "device") failing with ENOENT (a domain with no PV devices yet)
     is an empty list of classes; any other failure is not taken for one."""
-    from xenpv.stack.vcpu.xenstore import XenstoreError
-
     rig.xenstore_classes = []  # FakeStore.directory("device"): ENOENT
     fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
     assert set(fdo.children) == {"CONS", "IFACE"}  # the synthetic classes only: no VBD, no VIF
