@@ -99,11 +99,11 @@ for g in "${selected[@]}"; do
   # socket fuzz: a mutant costs seconds instead of the 81-90 s of full fuzzing (xenstored, issue 18).
   export XENPV_HYPOTHESIS_PROFILE=mutation XS_FUZZ_SECONDS=1
   # ci/mutation_runner.py: pytest's outcome as mutmut 2 reads it (only status 1 kills); -o timeout: a mutant
-  # that loops for ever fails its test within a minute (pytest-timeout) instead of holding the run.
-  runner="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=60 $(echo ${tests[$g]})"
+  # that loops for ever fails its test within 20 s (the slowest test of any group takes about 2 s here) (pytest-timeout) instead of holding the run.
+  runner="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=20 $(echo ${tests[$g]})"
   # Test selection by coverage (ci/mutmut_config.py): one run of the group's tests records which test files
   # execute each line; a mutant runs those first, and the whole list only if it survives them.
-  export XENPV_MUTATION_RUNNER="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=60"
+  export XENPV_MUTATION_RUNNER="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=20"
   export XENPV_MUTATION_SELECTION="$work/.mutation-select.json"
   (cd "$work" && nice -n 10 "$py" -m pytest -p no:cacheprovider -q --no-header -p pytest_cov --cov=. \
       --cov-context=test --cov-report= $(echo ${tests[$g]}) > "$gout/coverage.log" 2>&1 \
