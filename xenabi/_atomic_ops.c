@@ -8,6 +8,7 @@
  * Built by ci/bootstrap.sh (python -m xenpv.xenabi.native); a plain C file with no Python headers, so one
  * .so serves every interpreter.
  */
+#include <stddef.h>
 #include <stdint.h>
 
 #define DISPATCH(width, op)                                                                            \
@@ -75,4 +76,24 @@ int xpv_test_and_set_bit(uintptr_t addr, int width, int bit)
 int xpv_test_and_clear_bit(uintptr_t addr, int width, int bit)
 {
     return (int)(xpv_fetch_and(addr, width, ~((uint64_t)1 << bit)) >> bit & 1);
+}
+
+/* Xen's evtchn_2l_set_pending on the shared_info page at `page` (xenabi/evtchn_2l.py states the rule and
+ * the offsets; this is it in one call, for the vCPU's doorbell delivery): `pending` and `mask` are the
+ * offsets of the bitmaps, `sel` and `upcall` those of the vcpu's evtchn_pending_sel and
+ * evtchn_upcall_pending. The caller has checked that `port` is below 64 * 64 and that every word lies in
+ * the page. Returns 1 when the vCPU must be interrupted (upcall_pending went from 0 to 1). */
+int xpv_evtchn_2l_set_pending(uintptr_t page, unsigned int port, size_t pending, size_t mask, size_t sel,
+                              size_t upcall)
+{
+    uintptr_t word = (uintptr_t)(port / 64) * 8;
+    int bit = (int)(port % 64);
+
+    if (xpv_test_and_set_bit(page + pending + word, 8, bit))
+        return 0;
+    if (xpv_load(page + mask + word, 8) >> bit & 1)
+        return 0;
+    if (xpv_test_and_set_bit(page + sel, 8, (int)(port / 64)))
+        return 0;
+    return !xpv_test_and_set_bit(page + upcall, 1, 0);
 }

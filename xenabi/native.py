@@ -71,7 +71,8 @@ def load_atomic_ops() -> ctypes.CDLL:
             ("xpv_fetch_and", (addr, width, u64), u64),
             ("xpv_fetch_or", (addr, width, u64), u64),
             ("xpv_test_and_set_bit", (addr, width, ctypes.c_int), ctypes.c_int),
-            ("xpv_test_and_clear_bit", (addr, width, ctypes.c_int), ctypes.c_int)):
+            ("xpv_test_and_clear_bit", (addr, width, ctypes.c_int), ctypes.c_int),
+            ("xpv_evtchn_2l_set_pending", (addr, ctypes.c_uint, addr, addr, addr, addr), ctypes.c_int)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib

@@ -6,6 +6,12 @@ SET_MEM_TABLE, and gives each event channel the back-end binds one kick/call eve
 vring index of its own ("channel index"). A guest's send to the channel sets dom0's end pending, which
 writes the kick eventfd; the back-end's write to the call eventfd is a send from dom0's end.
 
+Once the guest's vCPU has asked for the channel's doorbell (xenabi/trap.py DOORBELL), it writes the kick
+eventfd and reads the call eventfd itself, and xenhv stops watching the call eventfd. Whenever the
+channel's binding changes, xenhv revokes the doorbell through the domain's doorbell table first
+(backends/xenhv/doorbells.py); an event the back-end sent before its channel went is delivered exactly
+once, by whichever of the vCPU and xenhv reads the call eventfd first.
+
 The link's socket sits in xenhv's selector too: a back-end sends nothing unasked, so the socket turns
 readable outside a request only when the back-end closed it (it died or restarted). `on_gone` then tells
 the hypervisor, which detaches the link: its channels close and the grant mappings the back-end held are
@@ -38,9 +44,11 @@ PROTOCOL_FEATURES = ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SL
 @dataclass
 class Channel:
     port: int  # dom0's end
+    guest_port: int  # the guest's end it was bound to
     index: int
     kick: int
     call: int
+    handed_over: bool = False  # the guest's vCPU holds its doorbell: xenhv does not watch `call`
 
 
 @dataclass
@@ -116,8 +124,9 @@ class BackendLink:
             return True
         return data == b""
 
-    def bind(self, port: int) -> int:
-        """Give dom0's `port` a kick/call pair on this link; returns its channel index."""
+    def bind(self, port: int, guest_port: int) -> int:
+        """Give dom0's `port`, bound to the guest's `guest_port`, a kick/call pair on this link; returns its
+        channel index."""
         if port in self.channels:
             raise XenError(XEN_EBUSY, f"dom0 port {port} already has a channel to {self.name}")
         used = {c.index for c in self.channels.values()}
@@ -132,11 +141,27 @@ class BackendLink:
             os.close(kick)
             os.close(call)
             raise
-        ch = Channel(port, index, kick, call)
+        ch = Channel(port, guest_port, index, kick, call)
         self.channels[port] = ch
         self.dom0.set_port_notifier(port, lambda: os.eventfd_write(kick, 1))
         self.register_fd(call, lambda: self._called(ch))
+        # A vCPU that asked before the port had a back-end asks again.
+        self.domain.doorbells.revoke(guest_port)
         return index
+
+    def hand_over(self, ch: Channel) -> None:
+        """The guest's vCPU now reads `ch.call` itself (DOORBELL)."""
+        if not ch.handed_over:
+            self.unregister_fd(ch.call)
+            ch.handed_over = True
+
+    def take_back(self, guest_port: int) -> None:
+        """The guest closed `guest_port`: xenhv watches the call eventfd of its channel again (the back-end
+        may still notify until it closes its end; dom0's send then finds the port unbound)."""
+        for ch in self.channels.values():
+            if ch.guest_port == guest_port and ch.handed_over:
+                ch.handed_over = False
+                self.register_fd(ch.call, lambda ch=ch: self._called(ch))
 
     def _called(self, ch: Channel) -> None:
         if self.channels.get(ch.port) is not ch:
@@ -151,15 +176,29 @@ class BackendLink:
             log.info("%s: notify on dom0 port %d: %s", self.name, ch.port, exc)
 
     def unbind(self, port: int) -> None:
+        """End dom0 `port`'s channel; dom0's port is still open (the caller closes it next)."""
         ch = self.channels.pop(port, None)
         if ch is None:
             return
-        self.unregister_fd(ch.call)
+        if not ch.handed_over:
+            self.unregister_fd(ch.call)
         try:
             self.frontend.set_vring_enable(ch.index, False)
             self.frontend.get_vring_base(ch.index)  # stops the ring: no more notifications
         except Exception as exc:  # the back-end may be gone; the channel is ours to close regardless
             log.info("%s: stopping channel %d: %s", self.name, ch.index, exc)
+        # What the back-end sent before it stopped is delivered (unless the vCPU read it first), then the
+        # vCPU's doorbell is revoked: from here on the call eventfd can carry nothing.
+        try:
+            os.eventfd_read(ch.call)
+        except OSError:
+            pass
+        else:
+            try:
+                self.dom0.send(ch.port)
+            except XenError as exc:
+                log.info("%s: last notify on dom0 port %d: %s", self.name, ch.port, exc)
+        self.domain.doorbells.revoke(ch.guest_port)
         os.close(ch.kick)
         os.close(ch.call)
 

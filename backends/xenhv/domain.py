@@ -1,5 +1,5 @@
-"""A domain of the hypervisor model: memory and p2m, HVM params, event channels, grant table, the
-platform unplug ports, and its run state."""
+"""A domain of the hypervisor model: memory and p2m, HVM params, event channels and their doorbells, grant
+table, the platform unplug ports, and its run state."""
 from __future__ import annotations
 
 import enum
@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from xenpv.backends.xenhv.doorbells import DoorbellTable
 from xenpv.backends.xenhv.memory import DomainMemory
 from xenpv.backends.xenhv.unplug import DeviceModel, PlatformPorts
+from xenpv.xenabi.trap import SHARED_INFO_FRAME
 
 log = logging.getLogger("xenhv.domain")
 
-SHARED_INFO_FRAME = 0  # index in the domain's hypervisor-frames memfd; grant frames follow
 DEFAULT_MAX_GRANT_FRAMES = 32
 
 
@@ -40,6 +41,7 @@ class Domain:
     config: DomainConfig
     memory: DomainMemory
     platform: PlatformPorts
+    doorbells: DoorbellTable
     params: dict[int, int] = field(default_factory=dict)
     state: RunState = RunState.PAUSED
     shutdown_reason: int | None = None
@@ -55,7 +57,12 @@ class Domain:
     @classmethod
     def create(cls, config: DomainConfig, dm: DeviceModel | None) -> "Domain":
         memory = DomainMemory(config.domid, config.ram_path, config.ram_size, 1 + config.max_grant_frames)
-        return cls(config=config, memory=memory, platform=PlatformPorts(dm, config.domid))
+        try:
+            doorbells = DoorbellTable(config.domid)
+        except BaseException:
+            memory.close()
+            raise
+        return cls(config=config, memory=memory, platform=PlatformPorts(dm, config.domid), doorbells=doorbells)
 
     def grant_frame_index(self, i: int) -> int:
         return SHARED_INFO_FRAME + 1 + i
@@ -73,4 +80,5 @@ class Domain:
         if self.upcall_fd is not None:
             os.close(self.upcall_fd)
             self.upcall_fd = None
+        self.doorbells.close()
         self.memory.close()

@@ -45,6 +45,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from xenpv.xenabi import evtchn_2l
 from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.backends.xenhv.errors import XenError
 from xenpv.xenabi.event_channel import (
@@ -74,20 +75,17 @@ from xenpv.xenabi.xen import (
     XEN_ESRCH,
     XEN_LEGACY_MAX_VCPUS,
     SharedInfo,
-    VcpuInfo,
 )
 
 log = logging.getLogger("xenhv.evtchn")
 
-_WORD_BYTES = SharedInfo.evtchn_pending.size // EVTCHN_WORDS
-_PENDING = SharedInfo.evtchn_pending.offset
-_MASK = SharedInfo.evtchn_mask.offset
-_VCPU_INFO = SharedInfo.vcpu_info.offset
-_VCPU_INFO_SIZE = ctypes.sizeof(VcpuInfo)
-_PENDING_SEL = VcpuInfo.evtchn_pending_sel.offset
-_PENDING_SEL_BYTES = VcpuInfo.evtchn_pending_sel.size
-_UPCALL_PENDING = VcpuInfo.evtchn_upcall_pending.offset
-_UPCALL_PENDING_BYTES = VcpuInfo.evtchn_upcall_pending.size
+_WORD_BYTES = evtchn_2l.WORD_BYTES
+_PENDING = evtchn_2l.PENDING
+_MASK = evtchn_2l.MASK
+_PENDING_SEL = evtchn_2l.PENDING_SEL
+_PENDING_SEL_BYTES = evtchn_2l.PENDING_SEL_BYTES
+_UPCALL_PENDING = evtchn_2l.UPCALL_PENDING
+_UPCALL_PENDING_BYTES = evtchn_2l.UPCALL_PENDING_BYTES
 _SHARED_INFO_SIZE = ctypes.sizeof(SharedInfo)
 _PAGE_SIZE = 4096
 
@@ -327,13 +325,8 @@ class EventChannels:
                 raise XenError(XEN_EINVAL, f"unmask: port {port} is outside the domain's {self.max_ports} ports")
             chan = self._ports.get(port)
             vcpu = chan.vcpu if chan is not None else 0
-            word, bit = divmod(port, EVTCHN_WORD_BITS)
-            page = self._shared_info
-            if (page.test_and_clear_bit(_MASK + word * _WORD_BYTES, bit, _WORD_BYTES)
-                    and page.test_bit(_PENDING + word * _WORD_BYTES, bit, _WORD_BYTES)
-                    and not page.test_and_set_bit(self._vcpu_offset(vcpu, _PENDING_SEL), word,
-                                                  _PENDING_SEL_BYTES)):
-                self._mark_events_pending(vcpu)
+            if evtchn_2l.unmask(self._shared_info, port, vcpu):
+                self._upcall_vcpu(vcpu)
 
     # ---- for xenhv itself --------------------------------------------------------------------------------
 
@@ -373,16 +366,17 @@ class EventChannels:
                     new.fetch_or(_PENDING + word * _WORD_BYTES, _WORD_BYTES, bits)
             raised = []
             for vcpu in range(self.max_vcpus):
-                sel = old.load(self._vcpu_offset(vcpu, _PENDING_SEL), _PENDING_SEL_BYTES)
+                sel = old.load(evtchn_2l.vcpu_offset(vcpu, _PENDING_SEL), _PENDING_SEL_BYTES)
                 if sel:
-                    new.fetch_or(self._vcpu_offset(vcpu, _PENDING_SEL), _PENDING_SEL_BYTES, sel)
-                if old.test_bit(self._vcpu_offset(vcpu, _UPCALL_PENDING), 0, _UPCALL_PENDING_BYTES):
+                    new.fetch_or(evtchn_2l.vcpu_offset(vcpu, _PENDING_SEL), _PENDING_SEL_BYTES, sel)
+                if old.test_bit(evtchn_2l.vcpu_offset(vcpu, _UPCALL_PENDING), 0, _UPCALL_PENDING_BYTES):
                     raised.append(vcpu)
             self._shared_info = new
             self._private_page = False
             old.release()
             for vcpu in raised:
-                self._mark_events_pending(vcpu)
+                if evtchn_2l.mark_events_pending(new, vcpu):
+                    self._upcall_vcpu(vcpu)
 
     def is_pending(self, port: int) -> bool:
         word, bit = divmod(self._checked(port), EVTCHN_WORD_BITS)
@@ -445,30 +439,16 @@ class EventChannels:
         if not 0 <= vcpu < self.max_vcpus:
             raise XenError(XEN_ENOENT, f"{op}: vcpu {vcpu} does not exist (dom{self.domid} has {self.max_vcpus})")
 
-    @staticmethod
-    def _vcpu_offset(vcpu: int, field_offset: int) -> int:
-        return _VCPU_INFO + vcpu * _VCPU_INFO_SIZE + field_offset
-
     def _set_pending(self, port: int) -> None:
         chan = self._ports.get(port)
         if chan is not None and chan.notifier is not None:
             chan.notifier()
             return
         vcpu = chan.vcpu if chan is not None else 0
-        word, bit = divmod(port, EVTCHN_WORD_BITS)
-        page = self._shared_info
-        if page.test_and_set_bit(_PENDING + word * _WORD_BYTES, bit, _WORD_BYTES):
-            return
-        if page.test_bit(_MASK + word * _WORD_BYTES, bit, _WORD_BYTES):
-            return
-        if page.test_and_set_bit(self._vcpu_offset(vcpu, _PENDING_SEL), word, _PENDING_SEL_BYTES):
-            return
-        self._mark_events_pending(vcpu)
+        if evtchn_2l.set_pending(self._shared_info, port, vcpu):
+            self._upcall_vcpu(vcpu)
 
-    def _mark_events_pending(self, vcpu: int) -> None:
-        # Only the 0 -> 1 transition interrupts: the guest clears upcall_pending before it scans the bitmaps.
-        if self._shared_info.test_and_set_bit(self._vcpu_offset(vcpu, _UPCALL_PENDING), 0, _UPCALL_PENDING_BYTES):
-            return
+    def _upcall_vcpu(self, vcpu: int) -> None:
         if self._upcall is not None:
             self._upcall()
 

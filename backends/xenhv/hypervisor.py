@@ -15,15 +15,16 @@ from typing import Any, Callable
 
 from xenpv.backends.xenhv.backlinks import BackendLink
 from xenpv.backends.xenhv.control import FdReply
-from xenpv.backends.xenhv.domain import SHARED_INFO_FRAME, Domain, DomainConfig, RunState
+from xenpv.backends.xenhv.domain import Domain, DomainConfig, RunState
 from xenpv.backends.xenhv.errors import GrantError, XenError
-from xenpv.backends.xenhv.evtchn import EventChannelHub, EventChannels
+from xenpv.backends.xenhv.evtchn import EventChannelHub, EventChannels, PortState
 from xenpv.backends.xenhv.gnttab import GrantTable, GrantTableHub
 from xenpv.backends.xenhv.hypercall import Hypercalls, read_struct, write_struct
 from xenpv.base.qmp import QmpSession
 from xenpv.xenabi import event_channel as E
 from xenpv.xenabi import grant_table as G
 from xenpv.xenabi import xen as X
+from xenpv.xenabi.trap import DOORBELL_PORTS, SHARED_INFO_FRAME
 from xenpv.xenabi.unplug import XEN_PLATFORM_VENDOR_ID
 
 log = logging.getLogger("xenhv")
@@ -294,7 +295,7 @@ class Hypervisor:
                 raise XenError(X.XEN_ENOENT, f"back-end {backend} is not attached to dom{remote_dom}")
         port = self.dom0.bind_interdomain(remote_dom, remote_port)
         try:
-            index = link.bind(port) if link is not None else None
+            index = link.bind(port, remote_port) if link is not None else None
         except BaseException:
             self.dom0.close(port)
             raise
@@ -319,6 +320,30 @@ class Hypervisor:
 
     def control_evtchn_is_pending(self, domid: int, port: int) -> bool:
         return self.channels(self.domain(domid)).is_pending(port)
+
+    def doorbell(self, dom: Domain, port: int) -> tuple[int, int, int, list[int]]:
+        """DOORBELL (xenabi/trap.py): (result, the port's generation, its vcpu, [kick, call] dups for the
+        reply) when `port` is bound to a dom0 back-end's channel; -ENOENT if it is not, -EINVAL if it
+        is not a port."""
+        if not 0 <= port < min(DOORBELL_PORTS, self.channels(dom).max_ports):
+            return -X.XEN_EINVAL, 0, 0, []
+        generation = dom.doorbells.generation(port)
+        st = self.channels(dom).status(E.DOMID_SELF, port)
+        if st.state is PortState.INTERDOMAIN and st.remote_dom == 0 and st.remote_port is not None:
+            for link in self.links.values():
+                ch = link.channels.get(st.remote_port) if link.domain is dom else None
+                if ch is not None:
+                    link.hand_over(ch)
+                    kick = os.dup(ch.kick)
+                    try:
+                        call = os.dup(ch.call)
+                    except BaseException:
+                        os.close(kick)
+                        raise
+                    log.debug("dom%d: doorbell of port %d handed over (%s channel %d)", dom.domid, port,
+                              link.name, ch.index)
+                    return 0, generation, st.vcpu, [kick, call]
+        return -X.XEN_ENOENT, generation, 0, []
 
     # -- port I/O the vCPU routes here -----------------------------------------------------------
 
@@ -359,6 +384,10 @@ class Hypervisor:
             return 0
         elif cmd == E.EVTCHNOP_close:
             ch.close(op.port)
+            dom.doorbells.revoke(op.port)
+            for link in self.links.values():
+                if link.domain is dom:
+                    link.take_back(op.port)
             return 0
         elif cmd == E.EVTCHNOP_unmask:
             ch.unmask(op.port)

@@ -246,7 +246,8 @@ class Server:
 
     def _answer_hello(self, t: TrapConn, dom: Domain) -> None:
         flags = HELLO_PLATFORM_PORTS if dom.platform.present else 0
-        socket.send_fds(t.sock, [REPLY.pack(0, dom.memory.hv_frames * 4096, flags)], [dom.memory.frames_fd])
+        socket.send_fds(t.sock, [REPLY.pack(0, dom.memory.hv_frames * 4096, flags)],
+                        [dom.memory.frames_fd, dom.doorbells.fd])
 
     def _domain_unpaused(self, domid: int) -> None:
         dom = self.hv.domains.get(domid)
@@ -292,6 +293,9 @@ class Server:
             return
         if dom is None:
             result, v0 = -XEN_ESRCH, 0  # the domain is gone
+        elif kind == TrapKind.DOORBELL:
+            self._answer_doorbell(t, dom, a[0])
+            return
         else:
             try:
                 result, v0 = self._trap(dom, kind, a)
@@ -308,6 +312,22 @@ class Server:
                 log.info("dom%d: vCPU parked in SCHEDOP_shutdown(SHUTDOWN_suspend)", t.domid)
                 return
         t.sock.sendall(REPLY.pack(result, v0, 0))
+
+    def _answer_doorbell(self, t: TrapConn, dom: Domain, port: int) -> None:
+        fds: list[int] = []
+        try:
+            result, generation, vcpu, fds = self.hv.doorbell(dom, port)
+        except Exception as exc:
+            self.internal_errors.record(f"dom{t.domid}: DOORBELL {port:#x}", exc)
+            result, generation, vcpu = -XEN_EIO, 0, 0
+        try:
+            if fds:
+                socket.send_fds(t.sock, [REPLY.pack(result, generation, vcpu)], fds)
+            else:
+                t.sock.sendall(REPLY.pack(result, generation, vcpu))
+        finally:
+            for fd in fds:  # the vCPU has its own now
+                os.close(fd)
 
     def _trap(self, dom: Domain, kind: int, a: list[int]) -> tuple[int, int]:
         """One trap of a domain that said HELLO: (result, value) for the reply."""

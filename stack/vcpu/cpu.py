@@ -8,16 +8,23 @@ on the hotplug notification.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 
-from xenpv.stack.vcpu.guestmem import PAGE_SIZE, GuestMemory
+from xenpv.stack.vcpu.guestmem import PAGE_SIZE, GuestMemory, GuestMemoryError
 from xenpv.stack.vcpu.hypervisor import HypervisorLink
 from xenpv.stack.vcpu.qtest import Qtest
 from xenpv.stack.vcpu.relocation import Relocation
+from xenpv.xenabi import event_channel as E
 from xenpv.xenabi import unplug as unplug_abi
 from xenpv.xenabi import xen as X
 
 log = logging.getLogger("stack.vcpu")
+
+_EVENT_CHANNEL_OP = X.HYPERCALL_NUMBERS["event_channel_op"]
+# evtchn_send and evtchn_close both hold only the port.
+_PORT_ARG_SIZE = ctypes.sizeof(E.EvtchnSend)
+assert _PORT_ARG_SIZE == ctypes.sizeof(E.EvtchnClose)
 
 
 class Vcpu:
@@ -88,6 +95,18 @@ class Vcpu:
             raise RuntimeError("this vCPU has no hypervisor: not a Xen guest")
         if nr == X.HYPERCALL_NUMBERS["memory_op"]:
             self._hv_pages.clear()  # the p2m may change
+        elif nr == _EVENT_CHANNEL_OP and len(args) >= 2 and args[0] in (E.EVTCHNOP_send, E.EVTCHNOP_close):
+            # The doorbell fast path, as KVM handles an ioeventfd write without a VM exit: a send on a
+            # port bound to a back-end is an eventfd write. A close drops the port's doorbell first.
+            try:
+                port = E.EvtchnSend.from_buffer_copy(self.read_phys(args[1], _PORT_ARG_SIZE)).port
+            except GuestMemoryError:
+                port = None  # not readable guest memory: xenhv answers -EFAULT
+            if port is not None:
+                if args[0] == E.EVTCHNOP_close:
+                    self.hv.doorbells.forget(port)
+                elif self.hv.doorbells.send(port):
+                    return 0
         return self.hv.hypercall(nr, *args)
 
     def forget_hypervisor_pages(self) -> None:

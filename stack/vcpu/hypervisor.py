@@ -4,7 +4,11 @@ xenhv claims. Upcalls arrive on an eventfd the vCPU hands over in HELLO.
 A trap is a VM exit on Xen: it always returns. Here xenhv answers over a socket, so each exchange has a
 deadline (`timeout`, scaled by XENPV_TIME_SCALE); a live xenhv that does not answer in time is
 TrapTooSlow, a stack.timescale.HarnessTooSlow, and never an OSError a driver's thread would take for
-the platform going away."""
+the platform going away.
+
+Interrupts: the upcall eventfd and the call eventfds of the vCPU's doorbells (stack/vcpu/doorbells.py)
+sit in one epoll set, `interrupt_fd`; `take_interrupt()` drains it and says whether the vCPU must take its
+event channel upcall."""
 from __future__ import annotations
 
 import mmap
@@ -17,10 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xenpv.xenabi.trap import HELLO_PLATFORM_PORTS, REPLY, TRAP, TrapKind
+from xenpv.xenabi.trap import HELLO_FDS, HELLO_PLATFORM_PORTS, REPLY, SHARED_INFO_FRAME, TRAP, TrapKind
 from xenpv.base.errors import HarnessError
 from xenpv.stack.timescale import HarnessTooSlow, scaled
-from xenpv.stack.vcpu.guestmem import close_mapping, remap_shared
+from xenpv.stack.vcpu.doorbells import Doorbells
+from xenpv.stack.vcpu.guestmem import PAGE_SIZE, close_mapping, remap_shared
 
 
 class HypervisorError(HarnessError):
@@ -37,18 +42,46 @@ class HypervisorLink:
         self._lock = threading.Lock()
         self.timeout = scaled(timeout)
         self.upcall_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._interrupts = select.epoll()
         try:
-            self.sock, size, flags, self.frames_fd = self._hello(path, domid)
+            self._interrupts.register(self.upcall_fd, select.EPOLLIN)
+            self.sock, size, flags, self.frames_fd, table_fd = self._hello(path, domid)
         except BaseException:
+            self._interrupts.close()
             os.close(self.upcall_fd)
             raise
-        self.platform_ports = bool(flags & HELLO_PLATFORM_PORTS)
-        self._frames = mmap.mmap(self.frames_fd, size, mmap.MAP_SHARED)
-        self.frames = memoryview(self._frames)
+        try:
+            self.platform_ports = bool(flags & HELLO_PLATFORM_PORTS)
+            self._frames = mmap.mmap(self.frames_fd, size, mmap.MAP_SHARED)
+            self.frames = memoryview(self._frames)
+            shared_info = self.frames[SHARED_INFO_FRAME * PAGE_SIZE:(SHARED_INFO_FRAME + 1) * PAGE_SIZE]
+            self.doorbells = Doorbells(table_fd, shared_info, self._interrupts, self.doorbell)
+        finally:
+            os.close(table_fd)
 
-    def _hello(self, path: Path | str, domid: int) -> tuple[socket.socket, int, int, int]:
+    @property
+    def interrupt_fd(self) -> int:
+        """Readable when the vCPU has an interrupt to take (see take_interrupt)."""
+        return self._interrupts.fileno()
+
+    def take_interrupt(self) -> bool:
+        """Drain what made interrupt_fd readable: the upcall eventfd (xenhv raised the upcall) and the call
+        eventfds of doorbells (delivered here). True when the vCPU must run its upcall handler."""
+        upcall = False
+        for fd, _ in self._interrupts.poll(0):
+            if fd == self.upcall_fd:
+                try:
+                    os.eventfd_read(fd)
+                    upcall = True
+                except BlockingIOError:
+                    pass
+            elif self.doorbells.deliver(fd):
+                upcall = True
+        return upcall
+
+    def _hello(self, path: Path | str, domid: int) -> tuple[socket.socket, int, int, int, int]:
         """Connect to a domain's trap socket and say HELLO with this vCPU's upcall eventfd: (socket, size
-        of the frames memfd, HELLO flags, the memfd)."""
+        of the frames memfd, HELLO flags, the memfd, the doorbell table's memfd)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -66,12 +99,14 @@ class HypervisorLink:
                 socket.send_fds(sock, [TRAP.pack(TrapKind.HELLO, 0, domid, 0, 0, 0, 0, 0)], [theirs])
             finally:
                 os.close(theirs)
-            result, size, flags, fds = _reply(sock, f"HELLO for dom{domid}", self.timeout, expect_fds=1)
-            if result != 0 or len(fds) != 1:
+            result, size, flags, fds = _reply(sock, f"HELLO for dom{domid}", self.timeout,
+                                              expect_fds=len(HELLO_FDS))
+            if result != 0 or len(fds) != len(HELLO_FDS):
                 for fd in fds:
                     os.close(fd)
-                raise HypervisorError(f"xenhv refused HELLO for dom{domid}: {result}")
-            return sock, size, flags, fds[0]
+                raise HypervisorError(f"xenhv refused HELLO for dom{domid}: {result}, {len(fds)} fds "
+                                      f"({len(HELLO_FDS)} expected)")
+            return sock, size, flags, fds[0], fds[1]
         except BaseException:
             sock.close()
             raise
@@ -80,13 +115,16 @@ class HypervisorLink:
         """The vCPU now belongs to domain `domid` (trap socket `path`): HELLO there with the same upcall
         eventfd, and its hypervisor frames replace the old domain's at the same address (remap_shared), so
         the views of shared_info and the grant frames stay valid. The caller holds the trap lock."""
-        sock, size, flags, frames_fd = self._hello(path, domid)
+        sock, size, flags, frames_fd, table_fd = self._hello(path, domid)
         try:
             remap_shared(self._frames, frames_fd, size, f"dom{domid}'s hypervisor frames")
+            self.doorbells.attach_table(table_fd)  # the old domain's doorbells go with it
         except BaseException:
             os.close(frames_fd)
             sock.close()
             raise
+        finally:
+            os.close(table_fd)
         old_sock, old_fd = self.sock, self.frames_fd
         self.sock, self.frames_fd, self.domid = sock, frames_fd, domid
         self.platform_ports = bool(flags & HELLO_PLATFORM_PORTS)
@@ -175,16 +213,29 @@ class HypervisorLink:
         result, offset = self._trap(TrapKind.FRAME_OF, gfn)
         return None if result else offset
 
-    def wait_upcall(self, timeout: float) -> bool:
-        import select
+    def doorbell(self, port: int) -> tuple[int, int, int, list[int]]:
+        """DOORBELL for `port`: (result, generation, vcpu, [kick, call] or no fds)."""
+        with self._lock:
+            try:
+                self.sock.sendall(TRAP.pack(TrapKind.DOORBELL, 0, port, 0, 0, 0, 0, 0))
+            except TimeoutError:
+                raise TrapTooSlow(f"xenhv taking the DOORBELL trap for dom{self.domid}", self.timeout) from None
+            return self._reply("DOORBELL", expect_fds=2)
 
-        r, _, _ = select.select([self.upcall_fd], [], [], timeout)
-        if r:
-            os.eventfd_read(self.upcall_fd)
-            return True
-        return False
+    def wait_upcall(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for an interrupt that needs the upcall handler (take_interrupt)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            r, _, _ = select.select([self.interrupt_fd], [], [], max(remaining, 0))
+            if r and self.take_interrupt():
+                return True
+            if remaining <= 0:
+                return False
 
     def close(self) -> None:
+        self.doorbells.close()
+        self._interrupts.close()
         self.frames.release()
         close_mapping(self._frames, f"dom{self.domid}'s hypervisor frames")
         os.close(self.frames_fd)

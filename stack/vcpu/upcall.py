@@ -1,5 +1,5 @@
-"""The guest's event channel upcall: an interrupt thread that waits on the upcall eventfd xenhv writes,
-then does what a guest's 2-level handler does on the shared_info page (xen-abi.md section 8): clear
+"""The guest's event channel upcall: an interrupt thread that waits on the vCPU's interrupts (the upcall
+eventfd xenhv writes, and the call eventfds of its doorbells, which the vCPU delivers itself), then does what a guest's 2-level handler does on the shared_info page (xen-abi.md section 8): clear
 evtchn_upcall_pending, take evtchn_pending_sel with an atomic exchange, and for each selected word
 handle the pending, unmasked ports, clearing each pending bit (atomically) before calling its handler.
 
@@ -52,12 +52,10 @@ class UpcallDispatcher:
 
     def _run(self) -> None:
         while True:
-            ready, _, _ = select.select([self.link.upcall_fd, self._stop_r], [], [])
+            ready, _, _ = select.select([self.link.interrupt_fd, self._stop_r], [], [])
             if self._stop_r in ready:
                 return
-            try:
-                os.eventfd_read(self.link.upcall_fd)
-            except BlockingIOError:
+            if not self.link.take_interrupt():
                 continue
             self.upcalls += 1
             self.scan()

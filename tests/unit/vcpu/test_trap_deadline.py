@@ -12,12 +12,13 @@ import pytest
 
 from xenpv.stack.timescale import TIME_SCALE_ENV, HarnessTooSlow
 from xenpv.stack.vcpu.hypervisor import HypervisorLink, TrapTooSlow
-from xenpv.xenabi.trap import REPLY, TRAP
+from xenpv.xenabi.trap import DOORBELL_TABLE_SIZE, REPLY, TRAP
 
 
 @pytest.fixture
 def silent_xenhv(tmp_path: Path) -> Iterator[Path]:
-    """Answers HELLO (with a one-page frames memfd) and then takes traps without ever answering."""
+    """Answers HELLO (with a one-page frames memfd and a doorbell table) and then takes traps without ever
+    answering."""
     path = tmp_path / "hv-7.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -31,10 +32,12 @@ def silent_xenhv(tmp_path: Path) -> Iterator[Path]:
         _, fds, _, _ = socket.recv_fds(conn, TRAP.size, 1)
         for fd in fds:
             os.close(fd)
-        frames = os.memfd_create("frames")
+        frames, doorbells = os.memfd_create("frames"), os.memfd_create("doorbells")
         os.ftruncate(frames, 4096)
-        socket.send_fds(conn, [REPLY.pack(0, 4096, 0)], [frames])
+        os.ftruncate(doorbells, DOORBELL_TABLE_SIZE)
+        socket.send_fds(conn, [REPLY.pack(0, 4096, 0)], [frames, doorbells])
         os.close(frames)
+        os.close(doorbells)
         conn.recv(TRAP.size)  # the trap, never answered
         done.wait(10)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-import types
 
 import pytest
 
@@ -19,10 +18,24 @@ def page() -> mmap.mmap:
     return mmap.mmap(-1, 4096)
 
 
+class _Interrupts:
+    """The vCPU's interrupt source as the dispatcher uses it (HypervisorLink), reduced to its upcall eventfd."""
+
+    def __init__(self, upcall_fd: int) -> None:
+        self.interrupt_fd = upcall_fd
+
+    def take_interrupt(self) -> bool:
+        try:
+            os.eventfd_read(self.interrupt_fd)
+        except BlockingIOError:
+            return False
+        return True
+
+
 def _dispatcher(page: mmap.mmap) -> tuple[UpcallDispatcher, int, memoryview]:
     upcall_fd = os.eventfd(0, os.EFD_NONBLOCK)
     view = memoryview(page)
-    return UpcallDispatcher(types.SimpleNamespace(upcall_fd=upcall_fd), view), upcall_fd, view
+    return UpcallDispatcher(_Interrupts(upcall_fd), view), upcall_fd, view
 
 
 def _raise_port(view: memoryview, upcall_fd: int, port: int) -> None:

@@ -1,0 +1,173 @@
+"""Doorbells (xenabi/trap.py DOORBELL, stack/vcpu/doorbells.py): a guest's event channel to a dom0 back-end
+without xenhv on the path, and xenhv still in charge of bind, close and revocation.
+
+A real QEMU guest's vCPU and a back-end in this process (XenBackend over vhost-user, attached by the
+session's xenhv): the back-end's handler counts its kicks, and its notify writes the call eventfd.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.test_xenhv import SCRATCH, alloc_unbound, call, map_shared_info, pending, platform_gfn
+from xenpv.backends.xenbackend import DomainLink, XenBackend
+from xenpv.stack.vcpu.hypercalls import Hypercalls
+from xenpv.xenabi import event_channel as E
+from xenpv.xenabi import xen as X
+from xenpv.xenabi.trap import DOORBELL_PORTS
+
+pytestmark = pytest.mark.integration
+
+HC = X.HYPERCALL_NUMBERS
+
+
+class Kicks:
+    """A back-end channel's handler: counts the kicks it sees."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def __call__(self) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 5.0) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.count >= n, timeout), f"{self.count} kicks, waited for {n}"
+
+
+@pytest.fixture
+def backend(host, tmp_path) -> Iterator[XenBackend]:
+    be = XenBackend("doorbell-test", tmp_path / "be.sock", host.xenhv_socket).start()
+    yield be
+    be.stop()
+
+
+def send(vcpu, port: int) -> int:
+    return call(vcpu, HC["event_channel_op"], E.EVTCHNOP_send, E.EvtchnSend(port=port))[0]
+
+
+def guest_with_port(xen_guest_factory):
+    d = xen_guest_factory("default")
+    gfn = platform_gfn(d.vcpu)
+    map_shared_info(d.vcpu, gfn)
+    return d, gfn, alloc_unbound(d.vcpu)
+
+
+def bind(backend: XenBackend, domid: int, port: int) -> tuple[DomainLink, int, Kicks]:
+    link = backend.attach(domid)
+    kicks = Kicks()
+    index = link.bind(port, kicks)
+    kicks.wait_for(1)  # bind() runs the handler once (xenhv's bind-time event)
+    return link, index, kicks
+
+
+def test_a_send_to_a_back_end_is_an_eventfd_write_and_its_notification_is_delivered_by_the_vcpu(
+        xen_guest_factory, backend) -> None:
+    d, gfn, port = guest_with_port(xen_guest_factory)
+    link, index, kicks = bind(backend, d.domid, port)
+    bells = d.link.doorbells
+
+    for n in range(1, 4):
+        assert send(d.vcpu, port) == 0
+        kicks.wait_for(1 + n)
+    assert bells.sends == 3, "the sends went through xenhv, not the doorbell"
+
+    assert not pending(d.vcpu, gfn, port)
+    link.notify(index)
+    assert d.link.wait_upcall(5.0), "the back-end's notification raised no upcall"
+    assert pending(d.vcpu, gfn, port)
+    assert bells.deliveries == 1, "xenhv delivered the notification: the vCPU does not hold the call eventfd"
+
+
+def test_a_masked_port_is_marked_pending_without_an_upcall(xen_guest_factory, backend) -> None:
+    d, gfn, port = guest_with_port(xen_guest_factory)
+    link, index, _ = bind(backend, d.domid, port)
+    assert send(d.vcpu, port) == 0  # takes the doorbell
+    word = X.SharedInfo.evtchn_mask.offset + 8 * (port // 64)
+    d.vcpu.write_phys((gfn << 12) + word, (1 << port % 64).to_bytes(8, "little"))
+
+    link.notify(index)
+    assert not d.link.wait_upcall(0.5), "a masked port interrupted the vCPU"
+    assert pending(d.vcpu, gfn, port)
+    assert d.link.doorbells.deliveries == 1
+
+
+def test_a_port_the_guest_closed_is_not_kicked_through_its_old_doorbell(xen_guest_factory, backend) -> None:
+    d, _, port = guest_with_port(xen_guest_factory)
+    _, _, kicks = bind(backend, d.domid, port)
+    assert send(d.vcpu, port) == 0
+    kicks.wait_for(2)
+    bells = d.link.doorbells
+    generation = bells.generation(port)
+
+    assert Hypercalls(d.vcpu, SCRATCH).evtchn_close(port) is None
+    # The vCPU drops the doorbell before the close traps (its interrupt thread delivers nothing to the port
+    # after xenhv cleared it), and xenhv revokes it all the same.
+    assert not bells.holds(port)
+    assert bells.generation(port) != generation
+    assert send(d.vcpu, port) == -X.XEN_EINVAL, "a send on a closed port must be xenhv's -EINVAL"
+    with pytest.raises(AssertionError):
+        kicks.wait_for(3, timeout=0.3)
+    assert d.link.doorbells.sends == 1
+
+
+def test_a_back_end_that_unbinds_revokes_the_doorbell_and_its_last_notification_arrives(
+        xen_guest_factory, backend) -> None:
+    d, gfn, port = guest_with_port(xen_guest_factory)
+    link, index, kicks = bind(backend, d.domid, port)
+    assert send(d.vcpu, port) == 0
+    kicks.wait_for(2)
+    bells = d.link.doorbells
+
+    # The back-end notifies and unbinds before the guest's vCPU takes the interrupt: xenhv reads the
+    # notification while it revokes the doorbell, and delivers it.
+    link.notify(index)
+    link.unbind(index)
+    assert d.link.wait_upcall(5.0), "the notification sent before the unbind was lost"
+    assert pending(d.vcpu, gfn, port)
+    assert bells.deliveries == 0
+
+    # The guest's port reverts to unbound: a send is xenhv's (dropped), not a kick of the old channel.
+    assert send(d.vcpu, port) == 0
+    assert bells.sends == 1
+    with pytest.raises(AssertionError):
+        kicks.wait_for(3, timeout=0.3)
+    status = Hypercalls(d.vcpu, SCRATCH).evtchn_status(port)
+    assert status.status == E.EVTCHNSTAT_unbound
+
+
+def test_a_port_bound_after_the_guest_asked_gets_its_doorbell(xen_guest_factory, backend) -> None:
+    d, _, port = guest_with_port(xen_guest_factory)
+    bells = d.link.doorbells
+    assert send(d.vcpu, port) == 0  # unbound: xenhv drops it, and there is no doorbell yet
+    assert send(d.vcpu, port) == 0
+    assert bells.sends == 0
+
+    _, _, kicks = bind(backend, d.domid, port)
+    assert send(d.vcpu, port) == 0
+    kicks.wait_for(2)
+    assert bells.sends == 1, "the binding did not make the vCPU ask again"
+
+
+def test_doorbell_traps_name_their_errors(xen_guest_factory, backend) -> None:
+    d, _, port = guest_with_port(xen_guest_factory)
+    ipi = Hypercalls(d.vcpu, SCRATCH).op(HC["event_channel_op"], E.EVTCHNOP_bind_ipi, E.EvtchnBindIpi(vcpu=0))[1].port
+    for bad in (0, 1023, 1024, DOORBELL_PORTS, 1 << 40):
+        result, _, _, fds = d.link.doorbell(bad)
+        assert (result, fds) == (-X.XEN_EINVAL if bad >= 1024 else -X.XEN_ENOENT, []), bad
+    assert d.link.doorbell(ipi)[0] == -X.XEN_ENOENT
+    assert d.link.doorbell(port)[0] == -X.XEN_ENOENT  # unbound
+    bind(backend, d.domid, port)
+    result, generation, vcpu, fds = d.link.doorbell(port)
+    try:
+        assert (result, vcpu, len(fds)) == (0, 0, 2)
+        assert generation == d.link.doorbells.generation(port)
+    finally:
+        for fd in fds:
+            os.close(fd)
