@@ -22,9 +22,9 @@ from xenpv.xenabi import xen as X
 log = logging.getLogger("stack.vcpu")
 
 _EVENT_CHANNEL_OP = X.HYPERCALL_NUMBERS["event_channel_op"]
-# evtchn_send and evtchn_close both hold only the port.
+# evtchn_send and evtchn_close both hold only the port, a little-endian u32.
 _PORT_ARG_SIZE = ctypes.sizeof(E.EvtchnSend)
-assert _PORT_ARG_SIZE == ctypes.sizeof(E.EvtchnClose)
+assert _PORT_ARG_SIZE == ctypes.sizeof(E.EvtchnClose) == E.EvtchnSend.port.size == 4
 
 
 class Vcpu:
@@ -99,7 +99,7 @@ class Vcpu:
             # The doorbell fast path, as KVM handles an ioeventfd write without a VM exit: a send on a
             # port bound to a back-end is an eventfd write. A close drops the port's doorbell first.
             try:
-                port = E.EvtchnSend.from_buffer_copy(self.read_phys(args[1], _PORT_ARG_SIZE)).port
+                port = int.from_bytes(self.read_phys(args[1], _PORT_ARG_SIZE), "little")
             except GuestMemoryError:
                 port = None  # not readable guest memory: xenhv answers -EFAULT
             if port is not None:
@@ -129,6 +129,9 @@ class Vcpu:
         return self.memory.page(gfn)
 
     def read_phys(self, gpa: int, length: int) -> bytes:
+        off = gpa % PAGE_SIZE
+        if 0 < length <= PAGE_SIZE - off:  # within one page: every hypercall argument
+            return self.page(gpa // PAGE_SIZE)[off:off + length].tobytes()
         out = bytearray()
         while length > 0:
             off = gpa % PAGE_SIZE
@@ -139,6 +142,10 @@ class Vcpu:
         return bytes(out)
 
     def write_phys(self, gpa: int, data: bytes) -> None:
+        off = gpa % PAGE_SIZE
+        if 0 < len(data) <= PAGE_SIZE - off:
+            self.page(gpa // PAGE_SIZE)[off:off + len(data)] = data
+            return
         pos = 0
         while pos < len(data):
             off = gpa % PAGE_SIZE
