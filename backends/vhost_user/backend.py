@@ -152,7 +152,10 @@ class BackendSession:
             vr = self.vrings.get(index)
             if self.closed or vr is None or not vr.started or vr.call_fd is None:
                 return False
-            os.write(vr.call_fd, U64.pack(1))
+            try:
+                os.write(vr.call_fd, U64.pack(1))
+            except BlockingIOError:
+                pass  # the counter is saturated (the guest's vCPU holds this eventfd too): it is signalled
             return True
 
     def has_protocol_feature(self, feature: ProtocolFeature) -> bool:

@@ -171,3 +171,37 @@ def test_doorbell_traps_name_their_errors(xen_guest_factory, backend) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_guest_that_saturates_its_doorbell_eventfds_harms_only_itself(xen_guest_factory, backend, host) -> None:
+    """The vCPU holds the channel's eventfds, so a hostile guest can push their counters to the maximum:
+    the back-end's notify, the vCPU's send and xenhv's relay of a trapped send must all still work (a
+    saturated eventfd is signalled), and nobody's connection ends."""
+    d, _, port = guest_with_port(xen_guest_factory)
+    link = backend.attach(d.domid)
+    kicks, held, release = Kicks(), threading.Event(), threading.Event()
+
+    def handler() -> None:
+        kicks()
+        if kicks.count == 2:  # hold the back-end's thread: nobody reads the kick eventfd meanwhile
+            held.set()
+            release.wait(10)
+
+    index = link.bind(port, handler)
+    assert send(d.vcpu, port) == 0
+    assert held.wait(5)
+    bell = d.link.doorbells._ports[port]
+    saturated = (1 << 64) - 2  # the largest value an eventfd holds
+    try:
+        os.eventfd_write(bell.kick, saturated)
+        assert send(d.vcpu, port) == 0  # through the doorbell
+        d.vcpu.write_phys(SCRATCH, bytes(E.EvtchnSend(port=port)))
+        assert d.link.hypercall(HC["event_channel_op"], E.EVTCHNOP_send, SCRATCH) == 0  # xenhv's relay
+    finally:
+        release.set()
+    kicks.wait_for(3)
+
+    os.eventfd_write(bell.call, saturated)
+    link.notify(index)  # must not raise: that would end the back-end's connection to the domain
+    assert link.session.notify(index), "the back-end's notify failed on a saturated call eventfd"
+    host.check_alive("after a guest saturated its doorbells")
