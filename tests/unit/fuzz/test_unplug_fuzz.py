@@ -198,3 +198,77 @@ def test_the_ports_are_0x10_to_0x1f_and_the_guest_log_is_cut_into_lines() -> Non
     for byte in b"\n" + b"y" * (U.UNPLUG_LOG_LINE_MAX + 1):
         ports.write(U.UNPLUG_PORT_LOG, 1, byte)
     assert ports.log_lines == ["XENBUS hello", "second", "y" * U.UNPLUG_LOG_LINE_MAX]
+
+
+# ---- the port map, register by register (QEMU hw/i386/xen/xen_platform.c platform_fixed_ioport_*) ------
+
+def test_each_port_and_width_reads_what_qemu_serves() -> None:
+    """QEMU's fixed ioport reads: a 2-byte read of 0x10 is the magic 0x49d2 and of any other port 0xffff
+    (readw: `addr == 0 ? magic : 0xffff`); a byte read of 0x10 is the platform flags, of 0x12 the protocol
+    version 1 and of any other port 0xff (readb); a 4-byte read has no register (all ones). A driver probes
+    the magic and the version before it unplugs anything, so each must answer at its own port only."""
+    ports = PlatformPorts(None, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_PLATFORM_FLAGS, 1, U.PFFLAG_ROM_LOCK)
+    for port in range(U.UNPLUG_PORT_BASE, U.UNPLUG_PORT_BASE + U.UNPLUG_PORT_COUNT):
+        assert ports.read(port, 2) == (U.UNPLUG_MAGIC if port == U.UNPLUG_PORT_MAGIC else 0xFFFF), hex(port)
+        byte = {U.UNPLUG_PORT_PLATFORM_FLAGS: U.PFFLAG_ROM_LOCK, U.UNPLUG_PORT_VERSION: U.UNPLUG_PROTOCOL_VERSION}
+        assert ports.read(port, 1) == byte.get(port, 0xFF), hex(port)
+        assert ports.read(port, 4) == 0xFFFFFFFF, hex(port)
+
+
+def _registers(ports: PlatformPorts) -> tuple[object, ...]:
+    return ports.flags, ports.product, ports.build, ports.unplugged_mask, list(ports.log_lines)
+
+
+def test_each_write_lands_in_its_own_register_and_no_other() -> None:
+    """QEMU's fixed ioport writes: 0x10 takes the unplug mask (2 bytes), the driver's build number (4 bytes)
+    and the platform flags (1 byte, only the ROM lock bit is kept); 0x12 takes the product number (2 bytes)
+    and a log byte (1 byte); every other port and width is ignored. A write that landed in the wrong
+    register would unplug devices for a product number or take a build number for the flags."""
+    ports = PlatformPorts(None, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_BUILD, 4, 0x12345678)
+    assert _registers(ports) == (0, None, 0x12345678, 0, [])
+    ports.write(U.UNPLUG_PORT_PLATFORM_FLAGS, 1, 0xFE)          # every bit but the ROM lock
+    assert _registers(ports) == (0, None, 0x12345678, 0, [])
+    ports.write(U.UNPLUG_PORT_PLATFORM_FLAGS, 1, 0xFF)
+    assert _registers(ports) == (U.PFFLAG_ROM_LOCK, None, 0x12345678, 0, [])
+    ports.write(U.UNPLUG_PORT_PRODUCT, 2, U.PvdriversProduct.XENSERVER_WINDOWS_V7_2)
+    assert _registers(ports) == (U.PFFLAG_ROM_LOCK, 5, 0x12345678, 0, [])
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    assert _registers(ports) == (U.PFFLAG_ROM_LOCK, 5, 0x12345678, U.UNPLUG_ALL_NICS, [])
+    before = _registers(ports)
+    for port in range(U.UNPLUG_PORT_BASE, U.UNPLUG_PORT_BASE + U.UNPLUG_PORT_COUNT):
+        for size in (1, 2, 4):
+            if (port, size) in ((0x10, 1), (0x10, 2), (0x10, 4), (0x12, 1), (0x12, 2)):
+                continue
+            ports.write(port, size, 0x41 if size == 1 else 0x4141 if size == 2 else 0x41414141)
+            assert _registers(ports) == before, f"{size}-byte write to port {port:#x}"
+    ports.write(U.UNPLUG_PORT_LOG, 1, ord("\n"))  # a byte an ignored write had logged would show up here
+    assert ports.log_lines == [""]
+    assert _registers(ports)[:4] == before[:4]
+
+
+def _fresh_disks_and_nics(mask: int) -> tuple[PlatformPorts, FakeQemu]:
+    qemu = FakeQemu()
+    ports = PlatformPorts(qemu, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, mask)
+    return ports, qemu
+
+
+def test_each_mask_bit_unplugs_its_own_devices_only() -> None:
+    """xen-abi.md section 9 / QEMU platform_fixed_ioport_writew: bit 0 unplugs every IDE disk, bit 1 every
+    NIC, bit 2 (AUX) the IDE disks but the primary master; the NVMe bit and unknown bits touch neither, and
+    CD-ROMs always stay."""
+    for mask, disks, kept, nics in (
+            (U.UNPLUG_ALL_IDE_DISKS, ["hda", "hdb"], [], []),
+            (U.UNPLUG_AUX_IDE_DISKS, ["hdb"], ["hda"], []),
+            (U.UNPLUG_ALL_IDE_DISKS | U.UNPLUG_AUX_IDE_DISKS, ["hda", "hdb"], [], []),  # ALL wins over AUX
+            (U.UNPLUG_ALL_NICS, [], [], ["nic0", "nic1"]),
+            (U.UNPLUG_ALL_NICS | U.UNPLUG_AUX_IDE_DISKS, ["hdb"], ["hda"], ["nic0", "nic1"]),
+            (U.UNPLUG_NVME_DISKS, [], [], []),
+            (0xFFF0, [], [], []),
+            (0, [], [], [])):
+        ports, qemu = _fresh_disks_and_nics(mask)
+        assert (ports.record.disks, ports.record.kept, ports.record.nics) == (disks, kept, nics), hex(mask)
+        assert sorted(b.qdev for b in qemu.blks if not b.inserted) == disks, hex(mask)
+        assert qemu.leaving == set(nics), hex(mask)
