@@ -272,3 +272,79 @@ def test_each_mask_bit_unplugs_its_own_devices_only() -> None:
         assert (ports.record.disks, ports.record.kept, ports.record.nics) == (disks, kept, nics), hex(mask)
         assert sorted(b.qdev for b in qemu.blks if not b.inserted) == disks, hex(mask)
         assert qemu.leaving == set(nics), hex(mask)
+
+
+@dataclass
+class _RefusingQemu(FakeQemu):
+    """FakeQemu that refuses device_del of the NICs named here, as QEMU does for a device on a bus without
+    hotplug ("Bus 'pci.0' does not support hotplugging")."""
+    no_hotplug: set[str] = field(default_factory=set)
+
+    def command(self, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+        if cmd == "device_del" and args["id"] in self.no_hotplug:
+            raise QmpError(cmd, args, "GenericError", "Bus 'pci.0' does not support hotplugging")
+        return super().command(cmd, timeout, **args)
+
+
+def test_a_nic_that_cannot_be_unplugged_does_not_stop_the_others() -> None:
+    """QEMU pci_unplug_nics walks every function of the bus: one NIC it cannot remove (no qdev id for QMP to
+    name, already on its way out, or refused) is passed over and the NICs after it are still unplugged."""
+    nameless = _PciClasses(pci=[{"slot": 2, "class_info": {"class": PCI_CLASS_ETHERNET}},
+                                {"slot": 3, "class_info": {"class": PCI_CLASS_ETHERNET}, "qdev_id": "nic0"}])
+    ports = PlatformPorts(nameless, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    assert ports.record.nics == ["nic0"] and nameless.leaving == {"nic0"}
+
+    qemu = FakeQemu()
+    ports = PlatformPorts(qemu, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    qemu.nics["nic2"] = 5  # hot-added while nic0 and nic1 are still leaving (listed first)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    assert qemu.refused == [] and ports.record.nics == ["nic0", "nic1", "nic2"]
+    assert qemu.leaving == {"nic0", "nic1", "nic2"}
+
+    refusing = _RefusingQemu(no_hotplug={"nic0"})
+    ports = PlatformPorts(refusing, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_NICS)
+    assert ports.record.nics == ["nic1"] and refusing.leaving == {"nic1"}
+
+
+@dataclass
+class _ExactQemu(FakeQemu):
+    """FakeQemu that resolves QOM paths exactly as QEMU does (a device with an id is
+    /machine/peripheral/ID, one without is known only by its full QOM path, which query-block's "qdev" then
+    holds), lists a block backend attached to no device (no "qdev", e.g. -drive if=none) and keeps every
+    command it was sent."""
+    extra_blocks: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def command(self, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+        self.sent.append((cmd, args))
+        if cmd == "query-block":
+            return super().command(cmd, timeout, **args) + self.extra_blocks
+        if cmd == "qom-get":
+            b = next((b for b in self.blks
+                      if args["path"] == (b.qdev if b.qdev.startswith("/") else f"/machine/peripheral/{b.qdev}")), None)
+            if b is None:
+                raise QmpError(cmd, args, "DeviceNotFound", f"Device '{args['path']}' not found")
+            return {"type": b.type, "unit": b.unit, "parent_bus": f"/machine/ide/{b.bus}"}[args["property"]]
+        return super().command(cmd, timeout, **args)
+
+
+def test_disks_are_found_by_id_or_qom_path_and_drives_without_medium_or_device_are_left_alone() -> None:
+    """QEMU's query-block names a drive's device by its id, or by its QOM path when it has none; a drive
+    without a medium (an unplugged disk, an empty CD-ROM drive) or without a device (-drive if=none) is not a
+    disk to unplug: the model asks QEMU nothing about it and goes on to the next drive."""
+    qemu = _ExactQemu(blks=[Blk("ide1-cd0", "cd0", "ide-cd", "ide.1", 0, inserted=False),
+                            Blk("ide0-hd0", "/machine/unattached/device[23]", "ide-hd", "ide.0", 0),
+                            Blk("ide0-hd1", "hdb", "ide-hd", "ide.0", 1, inserted=False),
+                            Blk("ide1-hd1", "hdd", "ide-hd", "ide.1", 1)],
+                      extra_blocks=[{"device": "scratch", "inserted": {}}])
+    ports = PlatformPorts(qemu, domid=7, present=True)
+    ports.write(U.UNPLUG_PORT_MASK, 2, U.UNPLUG_ALL_IDE_DISKS)
+    assert ports.record.disks == ["/machine/unattached/device[23]", "hdd"]
+    assert [b.inserted for b in qemu.blks] == [False, False, False, False]
+    asked = [args.get("path") or args.get("command_line") for cmd, args in qemu.sent
+             if cmd in ("qom-get", "human-monitor-command")]
+    assert asked == ["/machine/unattached/device[23]", "drive_del ide0-hd0",
+                     "/machine/peripheral/hdd", "drive_del ide1-hd1"]
