@@ -298,6 +298,24 @@ class FrontRing(_SharedRing):
     def put_request(self, *values: Any) -> int:
         return self.put_request_bytes(self.request.pack(*values))
 
+    def put_requests_bytes(self, items: list[bytes | bytearray | memoryview]) -> None:
+        """Write requests into the next private slots, in order (one lock and one free-slot check for the
+        batch); visible after a push.  Nothing is written unless all of them fit."""
+        with self._lock:
+            self._check_open()
+            free = self.nr_ents - _sub(self.req_prod_pvt, self.rsp_cons)
+            if len(items) > free:
+                raise RingFullError(f"{len(items)} requests for {free} free slots")
+            view, mask, size, prod = self._view, self.nr_ents - 1, self.slot_size, self.req_prod_pvt
+            length = self.request.size
+            if any(len(data) != length for data in items):
+                raise ValueError(f"every entry must be {length} bytes")
+            for data in items:
+                offset = SRING_RING_OFFSET + (prod & mask) * size
+                view[offset:offset + length] = data
+                prod += 1
+            self.req_prod_pvt = prod & _IDX_MASK
+
     def push_requests(self) -> None:
         """RING_PUSH_REQUESTS (for callers that notify unconditionally)."""
         self._publish(_REQ_PROD, self.req_prod_pvt)
@@ -334,6 +352,18 @@ class FrontRing(_SharedRing):
 
     def get_response(self) -> tuple[Any, ...]:
         return self.response.unpack(self.get_response_bytes())
+
+    def get_responses(self) -> list[tuple[Any, ...]]:
+        """Copy out, unpack and consume every unconsumed response (one lock and one index check for the
+        batch); each slot is read once, so what the caller sees is one consistent copy."""
+        with self._lock:
+            self._check_open()
+            count = self._unconsumed_responses_locked()
+            view, mask, size, cons = self._view, self.nr_ents - 1, self.slot_size, self.rsp_cons
+            unpack_from = self.response.unpack_from
+            out = [unpack_from(view, SRING_RING_OFFSET + (i & mask) * size) for i in range(cons, cons + count)]
+            self.rsp_cons = (cons + count) & _IDX_MASK
+            return out
 
     def final_check_for_responses(self) -> bool:
         """RING_FINAL_CHECK_FOR_RESPONSES: re-arm rsp_event, then look again so no response is missed."""

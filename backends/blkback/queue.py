@@ -101,6 +101,7 @@ class BlkQueue:
         self._id_offset = self._codecs.id_offset
         self._sector_offset = self.layouts.request.sector_number.offset
         self._indirect_sector_offset = self.layouts.request_indirect.sector_number.offset
+        self._id_sector = self.layouts.request_id_sector.unpack_from
 
     @property
     def domid(self) -> int:
@@ -208,8 +209,7 @@ class BlkQueue:
             pending = ring.unconsumed_requests()
             if pending:
                 while pending and not self._stopping:
-                    ring.put_responses([self._serve(raw)
-                                        for raw in ring.get_requests_bytes(min(pending, PUSH_EVERY))])
+                    ring.put_responses(self._serve_batch(ring.get_requests_bytes(min(pending, PUSH_EVERY))))
                     if ring.push_responses_and_check_notify() and self._channel is not None:
                         self.link.notify(self._channel)
                     pending = ring.unconsumed_requests()
@@ -220,6 +220,29 @@ class BlkQueue:
                 continue
             if not ring.final_check_for_requests():
                 return
+
+    def _serve_batch(self, raws: list[bytes]) -> list[tuple[int, int, int]]:
+        """The responses to request copies, in order.  A READ or WRITE whose shape has a plan goes straight
+        to _run_plan (the calls through _serve and _plan_key, and decoding id and sector apart, were most of
+        a 4 KiB request's time in Python); everything else goes through _serve."""
+        plans, serve, run_plan, id_sector = self._plans, self._serve, self._run_plan, self._id_sector
+        i, s = self._id_offset, self._sector_offset
+        out = []
+        for raw in raws:
+            op = raw[0]
+            # The key of _plan_key for READ and WRITE: the request without id and sector.
+            plan = plans.get(raw[:i] + raw[i + 8:s] + raw[s + 8:]) if op <= BLKIF_OP_WRITE and plans else None
+            if plan is None:
+                out.append(serve(raw))
+                continue
+            rid, sector = id_sector(raw)
+            self.served += 1
+            try:
+                run_plan(plan, rid, sector)
+                out.append((rid, op, BLKIF_RSP_OKAY))
+            except Exception as exc:
+                out.append((rid, op, self._failure_status(exc, rid, op)))
+        return out
 
     def _serve(self, raw: bytes) -> tuple[int, int, int]:
         """(id, operation, status) of the response to one request copy; never raises for guest input."""
@@ -235,17 +258,21 @@ class BlkQueue:
                 request = decode(raw, codecs, self.disk.max_indirect_segments)
                 self._execute(request, key, pages)
             status = BLKIF_RSP_OKAY
-        except BadRequest as exc:
-            log.warning("dom%d %s: request refused: %s", self.domid, self.name, exc)
-            status = exc.status
-        except (XenhvError, GrantAccessError, GuestMemoryError, OSError) as exc:
-            log.warning("dom%d %s: request %#x (op %d) failed: %s", self.domid, self.name, rid, op, exc)
-            status = BLKIF_RSP_ERROR
-        except Exception:
-            log.exception("dom%d %s: request %#x (op %d) failed unexpectedly", self.domid, self.name, rid, op)
-            status = BLKIF_RSP_ERROR
+        except Exception as exc:
+            status = self._failure_status(exc, rid, op)
         self.served += 1
         return rid, op, status
+
+    def _failure_status(self, exc: Exception, rid: int, op: int) -> int:
+        """The response status of a request that raised `exc` (called in its except block), logged."""
+        if isinstance(exc, BadRequest):
+            log.warning("dom%d %s: request refused: %s", self.domid, self.name, exc)
+            return exc.status
+        if isinstance(exc, (XenhvError, GrantAccessError, GuestMemoryError, OSError)):
+            log.warning("dom%d %s: request %#x (op %d) failed: %s", self.domid, self.name, rid, op, exc)
+        else:
+            log.exception("dom%d %s: request %#x (op %d) failed unexpectedly", self.domid, self.name, rid, op)
+        return BLKIF_RSP_ERROR
 
     def _plan_key(self, raw: bytes) -> tuple[bytes | None, list[bytes] | None]:
         """The plan cache key of a READ, WRITE or INDIRECT request (None for other operations or when an

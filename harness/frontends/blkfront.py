@@ -8,6 +8,7 @@ dispatcher.  It also writes raw (possibly hostile) ring entries for the back-end
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ SECTORS_PER_PAGE = XEN_PAGE_SIZE // BLKIF_SECTOR_SIZE
 _DISCARD = struct_of(BLKIF_NATIVE.request_discard)
 _INDIRECT = struct_of(BLKIF_NATIVE.request_indirect)
 _SEGMENT = struct_of(BlkifRequestSegment)
+# Where a cached request's id and sector go (see BlkFront._encode).
+_U64 = struct.Struct("<Q")
+_ID_OFFSET = BLKIF_NATIVE.request.id.offset
+_SECTOR_OFFSET = BLKIF_NATIVE.request.sector_number.offset
+_INDIRECT_SECTOR_OFFSET = BLKIF_NATIVE.request_indirect.sector_number.offset
 
 
 
@@ -143,9 +149,9 @@ class BlkFront:
         self.queues: list[_Queue] = []
         self.slots: list[_Slot] = []
         self._next_id = 1
-        # (slot, kind, sectors) -> (operation, segments, indirect page bytes or None): the bench reuses a
-        # few shapes per slot, and building segment lists per request was most of the frontend's time.
-        self._shapes: dict[tuple[int, str, int], tuple[int, list[tuple[int, int, int]], bytes | None]] = {}
+        # (slot, kind, sectors) -> (segments, indirect page bytes or None, the packed request): the bench
+        # reuses a few shapes per slot, and building and packing requests was most of the frontend's time.
+        self._shapes: dict[tuple[int, str, int], tuple[list[tuple[int, int, int]], bytes | None, bytearray]] = {}
 
     # ---- xenbus ------------------------------------------------------------------------------------------
 
@@ -293,8 +299,7 @@ class BlkFront:
         deadline = now + (timeout or self.timeout)
         poll_until = now + self.poll
         while True:
-            for _ in range(q.ring.unconsumed_responses()):
-                out.append(q.ring.get_response())
+            out += q.ring.get_responses()
             if len(out) >= want:
                 return out
             if self.poll and time.monotonic() < poll_until:
@@ -354,19 +359,21 @@ class BlkFront:
         results: list[Result | None] = [None] * len(ops)
         free = list(range(depth))
         inflight: dict[int, tuple[int, int]] = {}  # request id -> (op index, slot)
+        q = self.queues[queue]
         i = 0
         while i < len(ops) or inflight:
-            pushed = False
-            while i < len(ops) and free:
-                slot = free.pop()
-                rid = self._next_id
-                self._next_id += 1
-                self.queues[queue].ring.put_request_bytes(self._encode(ops[i], rid, slot, copy))
-                inflight[rid] = (i, slot)
-                i += 1
-                pushed = True
-            if pushed and self.queues[queue].ring.push_requests_and_check_notify():
-                self.p.hypercalls.evtchn_send(self.queues[queue].port)
+            if i < len(ops) and free:
+                batch = []
+                while i < len(ops) and free:
+                    slot = free.pop()
+                    rid = self._next_id
+                    self._next_id += 1
+                    batch.append(self._encode(ops[i], rid, slot, copy))
+                    inflight[rid] = (i, slot)
+                    i += 1
+                q.ring.put_requests_bytes(batch)
+                if q.ring.push_requests_and_check_notify():
+                    self.p.hypercalls.evtchn_send(q.port)
             # Refill only once half the slots are back: one notification then covers a batch of requests
             # instead of a hypercall per completion.
             want = max(1, len(inflight) - depth // 2) if i < len(ops) else 1
@@ -387,7 +394,7 @@ class BlkFront:
             out += self.read_page(slot.gfns[p], n * BLKIF_SECTOR_SIZE)
         return bytes(out)
 
-    def _encode(self, op: Op, rid: int, index: int, copy: bool) -> bytes:
+    def _encode(self, op: Op, rid: int, index: int, copy: bool) -> bytes | bytearray:
         if op.kind == "discard":
             return pack_discard(rid, op.sector, op.count)
         if op.kind in ("flush", "barrier"):
@@ -398,18 +405,22 @@ class BlkFront:
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = self._shape(slot, op)
-        code, segs, indirect = shape
+        segs, indirect, request = shape
         if op.kind == "write" and copy:
             for p, (_, _, last) in enumerate(segs):
                 start = p * XEN_PAGE_SIZE
                 self.write_page(slot.gfns[p], op.data[start:start + (last + 1) * BLKIF_SECTOR_SIZE])
-        if indirect is None:
-            return pack_request(code, rid, op.sector, segs)
-        # Rewritten every time: a test may have scribbled on the slot's indirect page since.
-        self.write_page(slot.indirect_gfn, indirect)
-        return pack_indirect(code, rid, op.sector, len(segs), [slot.indirect_ref])
+        if indirect is not None:
+            # Rewritten every time: a test may have scribbled on the slot's indirect page since.
+            self.write_page(slot.indirect_gfn, indirect)
+        # The slot's request with this id and sector: the slot is in flight once at a time, and the ring
+        # copies the bytes before the slot is used again.
+        _U64.pack_into(request, _ID_OFFSET, rid)
+        _U64.pack_into(request, _INDIRECT_SECTOR_OFFSET if indirect is not None else _SECTOR_OFFSET, op.sector)
+        return request
 
-    def _shape(self, slot: _Slot, op: Op) -> tuple[int, list[tuple[int, int, int]], bytes | None]:
+    def _shape(self, slot: _Slot, op: Op) -> tuple[list[tuple[int, int, int]], bytes | None, bytearray]:
+        """(segments, indirect page bytes or None, the request with id and sector 0) of `op` in `slot`."""
         pages = -(-op.count // SECTORS_PER_PAGE)
         if pages > self.slot_pages:
             raise BlkFrontError(f"{op.count} sectors do not fit a {self.slot_pages}-page slot")
@@ -417,7 +428,8 @@ class BlkFront:
                 for p in range(pages)]
         code = BLKIF_OP_WRITE if op.kind == "write" else BLKIF_OP_READ
         if pages <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            return code, segs, None
+            return segs, None, bytearray(pack_request(code, 0, 0, segs))
         if pages > min(int(self.features.get("feature-max-indirect-segments", "0")), BLKIF_SEGS_PER_INDIRECT_FRAME):
             raise BlkFrontError(f"{pages} segments need indirect descriptors the backend does not offer")
-        return code, segs, b"".join(_SEGMENT.pack(*s) for s in segs)
+        return (segs, b"".join(_SEGMENT.pack(*s) for s in segs),
+                bytearray(pack_indirect(code, 0, 0, len(segs), [slot.indirect_ref])))

@@ -1,5 +1,6 @@
-"""xenpv.xenabi.ring's batch calls (BackRing.get_requests_bytes / put_responses) and the xchg it publishes
-indexes with, on one process's shared buffer."""
+"""xenpv.xenabi.ring's batch calls (BackRing.get_requests_bytes / put_responses, FrontRing.put_requests_bytes /
+get_responses) and the xchg it publishes indexes with, on one process's shared buffer; and blkif's structs
+of a request's id and sector alone, which serve a batch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from xenpv.xenabi.ring import BackRing, FrontRing, RingClosedError, RingFullError, ring_bytes
+from xenpv.xenabi.blkif import BLKIF_NATIVE, BLKIF_X86_32, BlkifLayouts
+from xenpv.xenabi.layout import struct_of
+from xenpv.xenabi.ring import BackRing, FrontRing, RingClosedError, RingFullError, RingOverflowError, ring_bytes
 
 REQUEST = struct.Struct("<QQ")
 RESPONSE = struct.Struct("<Qq")
@@ -66,3 +69,51 @@ def test_a_closed_ring_refuses_to_publish() -> None:
     with pytest.raises(RingClosedError):
         front.push_requests_and_check_notify()
     buffer.close()
+
+
+def test_front_batch_puts_in_order_and_takes_every_response(rings: tuple[FrontRing, BackRing]) -> None:
+    front, back = rings
+    front.put_requests_bytes([REQUEST.pack(i, 100 + i) for i in range(3)])
+    assert front.push_requests_and_check_notify()
+    assert [REQUEST.unpack(b) for b in back.get_requests_bytes(5)] == [(0, 100), (1, 101), (2, 102)]
+    assert front.get_responses() == []
+    back.put_responses([(i, -i) for i in range(3)])
+    back.push_responses()
+    assert front.get_responses() == [(0, 0), (1, -1), (2, -2)]
+    assert front.get_responses() == []  # consumed
+
+
+def test_front_batch_writes_nothing_unless_all_fit(rings: tuple[FrontRing, BackRing]) -> None:
+    front, _ = rings
+    with pytest.raises(RingFullError):
+        front.put_requests_bytes([REQUEST.pack(i, i) for i in range(front.nr_ents + 1)])
+    with pytest.raises(ValueError):
+        front.put_requests_bytes([REQUEST.pack(1, 1), b"short"])
+    assert front.free_requests() == front.nr_ents
+    front.put_requests_bytes([REQUEST.pack(i, i) for i in range(front.nr_ents)])
+    assert front.full()
+
+
+def test_front_batch_refuses_an_overflowing_rsp_prod(rings: tuple[FrontRing, BackRing]) -> None:
+    front, back = rings
+    back._index[2].exchange((front.rsp_cons + front.nr_ents + 1) & 0xFFFFFFFF)  # a hostile back end
+    with pytest.raises(RingOverflowError):
+        front.get_responses()
+
+
+def test_front_batch_after_close(rings: tuple[FrontRing, BackRing]) -> None:
+    front, _ = rings
+    front.close()
+    with pytest.raises(RingClosedError):
+        front.put_requests_bytes([])
+    with pytest.raises(RingClosedError):
+        front.get_responses()
+
+
+@pytest.mark.parametrize("layouts", [BLKIF_NATIVE, BLKIF_X86_32], ids=["native", "x86_32"])
+def test_blkif_id_sector_structs_read_the_full_layouts_fields(layouts: BlkifLayouts) -> None:
+    raw = bytes(range(256))[:layouts.request_struct.size]
+    full = layouts.request_struct.unpack(raw)
+    assert layouts.request_id_sector.unpack(raw) == full[3:5]  # operation, nr_segments, handle, id, sector
+    indirect = struct_of(layouts.request_indirect).unpack_from(raw)
+    assert layouts.indirect_id_sector.unpack_from(raw) == indirect[3:5]  # operation, op, nr_segments, id, sector
