@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from xenpv.base import eventfd
 from xenpv.backends.vhost_user.memory import GuestMemory, RegionDescriptor
 from xenpv.backends.vhost_user.messages import (
     CONFIG_HEADER,
@@ -152,10 +153,7 @@ class BackendSession:
             vr = self.vrings.get(index)
             if self.closed or vr is None or not vr.started or vr.call_fd is None:
                 return False
-            try:
-                os.write(vr.call_fd, U64.pack(1))
-            except BlockingIOError:
-                pass  # the counter is saturated (the guest's vCPU holds this eventfd too): it is signalled
+            eventfd.signal(vr.call_fd)  # the guest's vCPU may hold it too (a doorbell)
             return True
 
     def has_protocol_feature(self, feature: ProtocolFeature) -> bool:

@@ -25,6 +25,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from xenpv.base import eventfd
 from xenpv.backends.vhost_user.frontend import Region, VhostUserFrontend
 from xenpv.backends.vhost_user.messages import ProtocolFeature
 from xenpv.backends.xenhv.errors import XenError
@@ -39,15 +40,6 @@ log = logging.getLogger("xenhv.backlinks")
 
 MAX_CHANNELS = 256  # vring indexes a back-end accepts
 PROTOCOL_FEATURES = ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.CONFIG
-
-
-def _signal(fd: int) -> None:
-    """Add one to an eventfd that the guest's vCPU may hold too (a doorbell): a guest that saturated the
-    counter only made it readable for good, which is what a signal is; it must not fail xenhv's send."""
-    try:
-        os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass
 
 
 @dataclass
@@ -152,7 +144,7 @@ class BackendLink:
             raise
         ch = Channel(port, guest_port, index, kick, call)
         self.channels[port] = ch
-        self.dom0.set_port_notifier(port, lambda: _signal(kick))
+        self.dom0.set_port_notifier(port, lambda: eventfd.signal(kick))
         self.register_fd(call, lambda: self._called(ch))
         # A vCPU that asked before the port had a back-end asks again.
         self.domain.doorbells.revoke(guest_port)

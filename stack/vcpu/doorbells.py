@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from xenpv.base import eventfd
 from xenpv.xenabi import evtchn_2l
 from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.xenabi.trap import DOORBELL_GENERATION, DOORBELL_PORTS, DOORBELL_TABLE_SIZE
@@ -36,13 +37,6 @@ log = logging.getLogger("stack.vcpu.doorbells")
 
 # DOORBELL as HypervisorLink traps it: port -> (result, generation, vcpu, fds).
 AskDoorbell = Callable[[int], "tuple[int, int, int, list[int]]"]
-
-
-def _signal(fd: int) -> None:
-    try:
-        os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass  # the counter is saturated: the back-end has a kick to read already
 
 
 @dataclass
@@ -102,14 +96,14 @@ class Doorbells:
                     return False
                 asked = self._generations[port]
             else:
-                _signal(bell.kick)
+                eventfd.signal(bell.kick)
                 self.sends += 1
                 return True
         # Not under the lock: the interrupt thread delivers while this thread traps.
         bell = self._acquire(port, asked)
         if bell is None:
             return False
-        _signal(bell.kick)
+        eventfd.signal(bell.kick)
         self.sends += 1
         return True
 
