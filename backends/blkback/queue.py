@@ -4,6 +4,7 @@ every earlier request's data reached the image and was made durable."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,13 +34,13 @@ MAX_PERSISTENT_GRANTS = 1056
 PUSH_EVERY = 8
 # Transfer plans kept per queue; a frontend reusing its buffers needs about one per ring slot and size.
 MAX_PLANS = 4096
-# After a drain the ring is polled for POLL_SECONDS, every POLL_INTERVAL, before req_event is re-armed: while
-# it is not, a frontend pushing more requests sends no event (its evtchn_send trap costs more than the
-# requests it announces), and the next batch is picked up here without a wake-up.  The polls sleep in
-# between (a spin would take the CPU from the frontend on a loaded machine), and end when the queue stops
-# or the vhost-user link to the domain closes.
+# After a drain the ring is polled for POLL_SECONDS before req_event is re-armed: while it is not, a frontend
+# pushing more requests sends no event (its evtchn_send trap costs more than the requests it announces), and
+# the next batch is picked up here without a wake-up.  Between looks the thread yields the CPU (sched_yield)
+# instead of sleeping: on this VM a timed sleep of 100 us costs about 16 us of CPU and lasts about 180 us,
+# more than a whole batch, while a yield costs about 1 us and still lets a frontend on the same CPU run.
+# The polls end when the queue stops or the vhost-user link to the domain closes.
 POLL_SECONDS = 0.002
-POLL_INTERVAL = 0.0002
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,8 @@ class BlkQueue:
                     pending = ring.unconsumed_requests()
                 poll_until = time.monotonic() + POLL_SECONDS
             if time.monotonic() < poll_until and not self.link.session.closed:
-                if self._kick.wait(POLL_INTERVAL):
+                os.sched_yield()
+                if self._kick.is_set():
                     self._kick.clear()  # an event while polling: what it announces is read next
                 continue
             if not ring.final_check_for_requests():
