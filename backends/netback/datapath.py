@@ -16,7 +16,7 @@ from typing import Protocol
 from xenpv.backends.netback.tap import (VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                                   VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VnetHdr)
 from xenpv.xenabi import netif as N
-from xenpv.xenabi.ring import XEN_PAGE_SIZE, BackRing
+from xenpv.xenabi.ring import XEN_PAGE_SIZE, BackRing, RingEmptyError
 
 log = logging.getLogger("netback.datapath")
 
@@ -130,11 +130,23 @@ class TxPath:
     def poll(self) -> tuple[list[tuple[VnetHdr, bytes]], bool]:
         """Consume every available request; returns (frames, notify). Raises RingOverflowError."""
         frames: list[tuple[VnetHdr, bytes]] = []
-        while self.ring.unconsumed_requests():
-            raw = self.ring.get_request_bytes()
+        # Responses in slot order, written in one batch before the push (a ring call per slot was a
+        # large part of a small frame's time).
+        responses: list[tuple[int, int]] = []
+        while raws := self.ring.get_requests_bytes(self.ring.nr_ents):
+            self._take_all(raws, frames, responses)
+        self.ring.put_responses(responses)
+        notify = self.ring.push_responses_and_check_notify()
+        return frames, notify
+
+    def _take_all(self, raws: list[bytes], frames: list[tuple[VnetHdr, bytes]],
+                  responses: list[tuple[int, int]]) -> None:
+        """Take request copies in ring order: complete packets go to `frames`, and every slot of a finished
+        packet gets its response in `responses`."""
+        for raw in raws:
             if self._skipping:
                 req = N.NetifTxRequest.from_buffer_copy(raw)
-                self.ring.put_response(req.id, N.NETIF_RSP_ERROR)
+                responses.append((req.id, N.NETIF_RSP_ERROR))
                 self._skipping = bool(req.flags & N.NETTXF_more_data)
                 continue
             self._take(raw)
@@ -155,10 +167,7 @@ class TxPath:
                 log.warning("%s: tx packet refused: %s", self.name, pkt.error)
             else:
                 frames.append(frame)
-            for kind, rid in pkt.slots:
-                self.ring.put_response(rid, status if kind == "req" else N.NETIF_RSP_NULL)
-        notify = self.ring.push_responses_and_check_notify()
-        return frames, notify
+            responses.extend((rid, status if kind == "req" else N.NETIF_RSP_NULL) for kind, rid in pkt.slots)
 
     def _take(self, raw: bytes) -> None:
         pkt = self._pending
@@ -262,7 +271,10 @@ class RxPath:
     def deliver(self, hdr: VnetHdr, frame: bytes) -> bool:
         """Copy one frame into posted buffers (the caller checked `ready`); returns whether to notify."""
         n = self.slots_needed(frame)
-        reqs = [N.NetifRxRequest.from_buffer_copy(self.ring.get_request_bytes()) for _ in range(n)]
+        raws = self.ring.get_requests_bytes(n)
+        if len(raws) < n:  # the caller did not check `ready`
+            raise RingEmptyError(f"{len(raws)} of the {n} rx buffers a {len(frame)}-byte frame needs are posted")
+        reqs = [N.NetifRxRequest.from_buffer_copy(raw) for raw in raws]
         flags = 0
         if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             flags = N.NETRXF_csum_blank | N.NETRXF_data_validated
@@ -278,12 +290,11 @@ class RxPath:
         if error:
             self.stats.rx_errors += 1
             log.warning("%s: rx frame of %d bytes lost: %s", self.name, len(frame), error)
-            for req in reqs:
-                self.ring.put_response(req.id, 0, 0, N.NETIF_RSP_ERROR)
+            self.ring.put_responses([(req.id, 0, 0, N.NETIF_RSP_ERROR) for req in reqs])
         else:
-            for i, (req, chunk) in enumerate(zip(reqs, chunks)):
-                more = N.NETRXF_more_data if i + 1 < n else 0
-                self.ring.put_response(req.id, 0, (flags if i == 0 else 0) | more, len(chunk))
+            more = [N.NETRXF_more_data] * (n - 1) + [0]
+            self.ring.put_responses([(req.id, 0, (flags if i == 0 else 0) | more[i], len(chunk))
+                                     for i, (req, chunk) in enumerate(zip(reqs, chunks))])
             self.stats.rx_frames += 1
             self.stats.rx_bytes += len(frame)
         return self.ring.push_responses_and_check_notify()
