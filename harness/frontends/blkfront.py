@@ -354,34 +354,36 @@ class BlkFront:
     def run(self, ops: list[Op], depth: int | None = None, queue: int = 0, copy: bool = True) -> list[Result]:
         """Issue `ops` in order with up to `depth` in flight on `queue`; results in the same order.
         With copy=False the bench leaves data in the slots (no guest-side copy, as a zero-copy driver)."""
-        depth = min(depth or self.nslots, self.nslots, self.queues[queue].ring.nr_ents)
+        q = self.queues[queue]
+        ring, encode, slots = q.ring, self._encode, self.slots
+        depth = min(depth or self.nslots, self.nslots, ring.nr_ents)
         results: list[Result | None] = [None] * len(ops)
         free = list(range(depth))
         inflight: dict[int, tuple[int, int]] = {}  # request id -> (op index, slot)
-        q = self.queues[queue]
-        i = 0
-        while i < len(ops) or inflight:
-            if i < len(ops) and free:
+        n, i = len(ops), 0
+        while i < n or inflight:
+            if i < n and free:
                 batch = []
-                while i < len(ops) and free:
+                rid = self._next_id
+                while i < n and free:
                     slot = free.pop()
-                    rid = self._next_id
-                    self._next_id += 1
-                    batch.append(self._encode(ops[i], rid, slot, copy))
+                    batch.append(encode(ops[i], rid, slot, copy))
                     inflight[rid] = (i, slot)
+                    rid += 1
                     i += 1
-                q.ring.put_requests_bytes(batch)
-                if q.ring.push_requests_and_check_notify():
+                self._next_id = rid
+                ring.put_requests_bytes(batch)
+                if ring.push_requests_and_check_notify():
                     self.p.hypercalls.evtchn_send(q.port)
             # Refill only once half the slots are back: one notification then covers a batch of requests
             # instead of a hypercall per completion.
-            want = max(1, len(inflight) - depth // 2) if i < len(ops) else 1
+            want = max(1, len(inflight) - depth // 2) if i < n else 1
             for rid, _, status in self.responses(queue, want=want):
                 index, slot = inflight.pop(rid)
                 op = ops[index]
                 data = b""
-                if op.kind == "read" and status == 0 and copy:
-                    data = self._gather(self.slots[slot], op.count)
+                if copy and status == 0 and op.kind == "read":
+                    data = self._gather(slots[slot], op.count)
                 results[index] = Result(op, status, data)
                 free.append(slot)
         return [r for r in results if r is not None]
