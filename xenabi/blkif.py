@@ -142,7 +142,8 @@ _UNSIGNED_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "
 
 def fields_struct(layout: type[XenStruct], *names: str) -> struct.Struct:
     """A struct that unpacks only the unsigned scalar fields `names` (in offset order) of `layout`, with pad
-    bytes for everything in between; its size stays ``sizeof(layout)`` so it reads a whole entry."""
+    bytes for everything in between; its size stays ``sizeof(layout)`` so it reads a whole entry.  For
+    unpacking only: packing it would write zeros over every other field."""
     types = {f[0]: f[1] for f in layout._fields_}
     fmt, cursor = "<", 0
     for name in names:
@@ -176,11 +177,6 @@ class BlkifLayouts:
         """(id, sector_number) of a READ or WRITE request, skipping every other byte: a back-end serving a
         request shape it has already checked needs only these two, not the 38 fields of the whole request."""
         return fields_struct(self.request, "id", "sector_number")
-
-    @cached_property
-    def indirect_id_sector(self) -> struct.Struct:
-        """(id, sector_number) of an INDIRECT request (see request_id_sector)."""
-        return fields_struct(self.request_indirect, "id", "sector_number")
 
     def ring_size(self, order: int = 0) -> int:
         """Slots in a ring of ``1 << order`` pages (32 per page for both x86 ABIs)."""

@@ -41,6 +41,8 @@ MAX_PLANS = 4096
 # more than a whole batch, while a yield costs about 1 us and still lets a frontend on the same CPU run.
 # The polls end when the queue stops or the vhost-user link to the domain closes.
 POLL_SECONDS = 0.002
+# The operations whose planned requests _serve_batch serves without going through _serve.
+_READ_WRITE = (BLKIF_OP_READ, BLKIF_OP_WRITE)
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ class BlkQueue:
         for raw in raws:
             op = raw[0]
             # The key of _plan_key for READ and WRITE: the request without id and sector.
-            plan = plans.get(raw[:i] + raw[i + 8:s] + raw[s + 8:]) if op <= BLKIF_OP_WRITE and plans else None
+            plan = plans.get(raw[:i] + raw[i + 8:s] + raw[s + 8:]) if op in _READ_WRITE and plans else None
             if plan is None:
                 out.append(serve(raw))
                 continue
