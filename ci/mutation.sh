@@ -98,12 +98,14 @@ for g in "${selected[@]}"; do
   # Few, fixed Hypothesis examples per test (the root conftest.py caps tests' own @settings too) and a 1 s
   # socket fuzz: a mutant costs seconds instead of the 81-90 s of full fuzzing (xenstored, issue 18).
   export XENPV_HYPOTHESIS_PROFILE=mutation XS_FUZZ_SECONDS=1
-  # ci/mutation_runner.py: pytest's outcome as mutmut 2 reads it (only status 1 kills); -o timeout: a mutant
-  # that loops for ever fails its test within 20 s (the slowest test of any group takes about 2 s here) (pytest-timeout) instead of holding the run.
-  runner="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=20 $(echo ${tests[$g]})"
+  # ci/mutation_runner.py: pytest's outcome as mutmut 2 reads it (only status 1 kills). pytest-timeout ends
+  # a mutant that loops for ever within 20 s (the slowest test of any group takes about 2 s here) instead of
+  # holding the run; its thread method ends the whole pytest process, because SIGALRM's exception was caught
+  # by Hypothesis, which went on shrinking a looping stateful test for minutes (xenstored).
+  runner="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=20 -o timeout_method=thread $(echo ${tests[$g]})"
   # Test selection by coverage (ci/mutmut_config.py): one run of the group's tests records which test files
   # execute each line; a mutant runs those first, and the whole list only if it survives them.
-  export XENPV_MUTATION_RUNNER="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=20"
+  export XENPV_MUTATION_RUNNER="$py $work/ci/mutation_runner.py -p no:cacheprovider -x -q --no-header -o timeout=20 -o timeout_method=thread"
   export XENPV_MUTATION_SELECTION="$work/.mutation-select.json"
   (cd "$work" && nice -n 10 "$py" -m pytest -p no:cacheprovider -q --no-header -p pytest_cov --cov=. \
       --cov-context=test --cov-report= $(echo ${tests[$g]}) > "$gout/coverage.log" 2>&1 \

@@ -106,3 +106,31 @@ def test_mutmuts_own_deadline_is_moved_out_of_the_way() -> None:
     config.widen_deadline(quick)
     config.widen_deadline(slow)
     assert (quick.baseline_time_elapsed, slow.baseline_time_elapsed) == (config.MIN_BASELINE_SECONDS, 900.0)
+
+
+def test_a_mutant_that_loops_inside_hypothesis_ends_its_run() -> None:
+    """A mutant that makes a Hypothesis test loop for ever: pytest-timeout's SIGALRM raises inside the test,
+    Hypothesis catches that and goes on shrinking (the run hung for minutes per xenstored mutant); with the
+    options ci/mutation.sh gives its runner the whole run ends, as a kill."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    import tempfile
+
+    script = (ROOT / "ci" / "mutation.sh").read_text()
+    runner = re.search(r'export XENPV_MUTATION_RUNNER="\$py \$work/ci/mutation_runner.py ([^"]*)"', script)
+    assert runner, "ci/mutation.sh no longer sets XENPV_MUTATION_RUNNER as this test reads it"
+    with tempfile.TemporaryDirectory() as tmp:
+        test = Path(tmp) / "test_loops.py"
+        test.write_text("from hypothesis import given, settings, strategies as st\n\n"
+                        "@settings(deadline=None, max_examples=5, database=None)\n@given(st.integers())\n"
+                        "def test_loops(x):\n    while True:\n        pass\n")
+        # The script's options, with a shorter deadline than its 20 s (a later -o wins).
+        args = [*shlex.split(runner.group(1)), "-o", "timeout=2", "-p", "no:faulthandler", str(test)]
+        try:
+            done = subprocess.run([sys.executable, str(ROOT / "ci" / "mutation_runner.py"), *args],
+                                  capture_output=True, text=True, timeout=60, cwd=tmp)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("a looping Hypothesis test held the mutation runner for 60 s") from None
+    assert done.returncode == 1, done.stdout[-500:]
