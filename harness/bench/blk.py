@@ -13,8 +13,9 @@ import time
 from xenpv.harness.bench import BenchReport, benchmark
 
 DEPTH = 32
-# The frontend polls its ring this long before re-arming rsp_event and sleeping (as a polling block driver
-# does): with the backend busy, responses then arrive without an upcall per batch.
+# The frontend polls its ring this long (yielding the CPU between looks) before re-arming rsp_event and
+# waiting for an upcall (as a polling block driver does): with the backend busy, responses then arrive
+# without an upcall per batch.
 POLL_SECONDS = 0.002
 SEQ_BYTES, RAND_BYTES = 64 * 1024, 4096
 
@@ -101,8 +102,8 @@ def bench_blk(args: argparse.Namespace) -> BenchReport:
                 f = r.ratio(f"{label} {op} ratio", a, b)
                 # Issue 16's target is the 4 KiB random read at QD32; the others keep their earlier ones.
                 f.target = ">= 0.15" if (kind, op) == ("rand", "read") else ">= 0.25" if unit == "MB/s" else ""
-    r.notes.append(f"frontend: harness/blk.py in this process (persistent grants, indirect descriptors for 64 KiB, "
-                   f"polls responses {POLL_SECONDS * 1e6:.0f} us before sleeping; blkback polls its ring "
+    r.notes.append(f"frontend: harness/frontends/blkfront.py in this process (persistent grants, indirect descriptors "
+                   f"for 64 KiB, polls responses {POLL_SECONDS * 1e6:.0f} us before waiting; blkback polls its ring "
                    f"{BLKBACK_POLL_SECONDS * 1e6:.0f} us before re-arming req_event); "
                    "baseline: os.pread/os.pwrite of the same block size on the same image, page cache warm")
     return r

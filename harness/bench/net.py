@@ -182,7 +182,7 @@ def bench_net(args: argparse.Namespace) -> BenchReport:
     r.notes.append("a frame is one ICMP echo request of that size (Ethernet header included) and its reply; "
                    "frames/s counts completed round trips; xenhv control calls per frame: every control request "
                    "xenhv served during the timed run (netback's grant map/unmap, anyone's), per round trip")
-    r.notes.append("frontend: harness/netfront_test.py MiniNetfront in this process (one queue, rx-copy, "
+    r.notes.append("frontend: harness/frontends/netfront.py MiniNetfront in this process (one queue, rx-copy, "
                    "split event channels); baseline: the same frames written to another TAP of the same "
                    "namespace and the replies read back, from this process")
     return r
