@@ -112,8 +112,10 @@ def test_a_mutant_that_loops_inside_hypothesis_ends_its_run() -> None:
     """A mutant that makes a Hypothesis test loop for ever: pytest-timeout's SIGALRM raises inside the test,
     Hypothesis catches that and goes on shrinking (the run hung for minutes per xenstored mutant); with the
     options ci/mutation.sh gives its runner the whole run ends, as a kill."""
+    import os
     import re
     import shlex
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -128,9 +130,13 @@ def test_a_mutant_that_loops_inside_hypothesis_ends_its_run() -> None:
                         "def test_loops(x):\n    while True:\n        pass\n")
         # The script's options, with a shorter deadline than its 20 s (a later -o wins).
         args = [*shlex.split(runner.group(1)), "-o", "timeout=2", "-p", "no:faulthandler", str(test)]
+        # A session of its own: if the run hangs, the runner and its pytest go together.
+        run = subprocess.Popen([sys.executable, str(ROOT / "ci" / "mutation_runner.py"), *args], cwd=tmp,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            done = subprocess.run([sys.executable, str(ROOT / "ci" / "mutation_runner.py"), *args],
-                                  capture_output=True, text=True, timeout=60, cwd=tmp)
+            output, _ = run.communicate(timeout=60)
         except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
             raise AssertionError("a looping Hypothesis test held the mutation runner for 60 s") from None
-    assert done.returncode == 1, done.stdout[-500:]
+    assert run.returncode == 1, output[-500:]
