@@ -9,11 +9,22 @@ no longer exist) is no verdict: both are 0, so mutmut --rerun-all runs the whole
 """
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 import sys
 
 PASSED, NO_TESTS = 0, 5
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the runner ends, however it ends (mutmut or a deadline killing the runner
+    left its pytest spinning on a looping mutant)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 if __name__ == "__main__":
-    rc = subprocess.run([sys.executable, "-m", "pytest", *sys.argv[1:]]).returncode
+    rc = subprocess.run([sys.executable, "-m", "pytest", *sys.argv[1:]], preexec_fn=_die_with_parent).returncode
     sys.exit(0 if rc in (PASSED, NO_TESTS) else 1)

@@ -140,3 +140,37 @@ def test_a_mutant_that_loops_inside_hypothesis_ends_its_run() -> None:
             run.communicate()
             raise AssertionError("a looping Hypothesis test held the mutation runner for 60 s") from None
     assert run.returncode == 1, output[-500:]
+
+
+def test_the_runners_pytest_dies_with_the_runner(tmp_path: Path) -> None:
+    """A runner killed from outside (mutmut stopping, a deadline) takes its pytest with it: a looping mutant
+    must not keep a CPU busy after its run was given up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "test_spin.py").write_text("import os, time\n\ndef test_spin():\n"
+                                           "    open('pid', 'w').write(str(os.getpid()))\n    while True:\n"
+                                           "        time.sleep(0.01)\n")
+    runner = subprocess.Popen([sys.executable, str(ROOT / "ci" / "mutation_runner.py"), "-q", "-p", "no:cacheprovider",
+                               "-p", "no:faulthandler", str(tmp_path / "test_spin.py")], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+            assert runner.poll() is None and time.monotonic() < deadline, "the test never started"
+            time.sleep(0.05)
+        child = int((tmp_path / "pid").read_text())
+        runner.kill()
+        runner.wait(10)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the runner's pytest outlived it"
+            time.sleep(0.05)
+    finally:
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
