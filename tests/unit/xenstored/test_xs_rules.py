@@ -324,3 +324,28 @@ def test_a_guest_write_in_a_transaction_counts_the_parents_it_would_create() -> 
     tx0 = d0.tx_start()
     d0.write(f"{HOME}/x/y/z/w", "v", tx0)
     assert d0.tx_end(tx0) == "OK"
+
+
+# ---- watch events: a node the watcher cannot read is seen through a readable parent -------------------------
+
+def test_a_change_to_a_node_the_watcher_cannot_read_is_seen_through_its_readable_parent(core: XenstoreCore) -> None:
+    """C xenstored watch_permitted (xenstored_watch.c): an unprivileged watcher gets the event of a node it may
+    not read when it may read the node's parent, so WRITE and SET_PERMS events carry the parent's permissions
+    too. A node the watcher can read through neither (its parent closed as well) is not told."""
+    d0 = guest_home(core)                              # the guest owns its home
+    d0.write(f"{HOME}/secret", "")
+    d0.set_perms(f"{HOME}/secret", "n0")               # dom0's, nobody else may read it
+    d0.write(f"{HOME}/closed/inner", "")
+    d0.set_perms(f"{HOME}/closed", "n0")
+    d0.set_perms(f"{HOME}/closed/inner", "n0")
+    g = peer(core, GUEST)
+    assert g.err(T.READ, b"secret\0") == "EACCES"
+    g.watch(HOME, "home")
+    assert g.take_events() == [(HOME, "home")]
+    d0.write(f"{HOME}/secret", "v")
+    assert g.take_events() == [(f"{HOME}/secret", "home")]
+    d0.set_perms(f"{HOME}/secret", "n0", "n5")
+    assert g.take_events() == [(f"{HOME}/secret", "home")]
+    d0.write(f"{HOME}/closed/inner", "v")               # neither the node nor its parent is readable
+    d0.set_perms(f"{HOME}/closed/inner", "n0", "n5")
+    assert g.take_events() == []
