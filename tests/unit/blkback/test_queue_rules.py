@@ -454,3 +454,33 @@ def test_an_unexpected_failure_is_answered_with_an_error(make_disk) -> None:
     finally:
         d.queue.disk.image.read_into = real  # type: ignore[method-assign]
     assert d.serve(pack_request(BLKIF_OP_READ, 2, 0, [(3, 0, 7)])) == OK
+
+
+def test_a_batch_answers_each_request_as_serving_it_alone_would(make_disk, persistent: bool) -> None:
+    """BlkQueue._serve_batch, what the serving thread runs on each batch taken off the ring, answers a READ or
+    WRITE whose shape has a cached plan without going through _serve: each response must still carry the
+    request's own id and operation, the transfer use the request's own sector, the disk's bounds hold (its
+    last sector may be read, one past it is BLKIF_RSP_ERROR), and every request counts as served."""
+    d = make_disk()
+    q = d.queue
+    d.path.write_bytes(b"".join(bytes([k]) * BLKIF_SECTOR_SIZE for k in range(DISK_SECTORS)))
+    W, R = BLKIF_OP_WRITE, BLKIF_OP_READ
+
+    def page(ref: int) -> bytes:
+        return bytes(d.ram[ref * XEN_PAGE_SIZE:(ref + 1) * XEN_PAGE_SIZE])
+
+    # Each shape twice: its grant becomes persistent, then the shape gets its plan (with persistent grants).
+    warm = [pack_request(W, 1, 0, [(3, 0, 7)]), pack_request(R, 2, 0, [(4, 0, 7)])] * 2
+    assert q._serve_batch(warm) == [(1, W, OK), (2, R, OK)] * 2
+    assert len(q._plans) == (2 if persistent else 0)
+    d.ram[3 * XEN_PAGE_SIZE:4 * XEN_PAGE_SIZE] = bytes([0xA5]) * XEN_PAGE_SIZE
+    assert q._serve_batch([pack_request(W, 10, 16, [(3, 0, 7)]),
+                           pack_request(R, 11, 16, [(4, 0, 7)])]) == [(10, W, OK), (11, R, OK)]
+    assert d.image()[16 * BLKIF_SECTOR_SIZE:24 * BLKIF_SECTOR_SIZE] == bytes([0xA5]) * XEN_PAGE_SIZE
+    assert page(4) == bytes([0xA5]) * XEN_PAGE_SIZE
+    last = DISK_SECTORS - 8
+    assert q._serve_batch([pack_request(R, 12, last, [(4, 0, 7)]),
+                           pack_request(R, 13, last + 1, [(4, 0, 7)]),
+                           pack_request(W, 14, DISK_SECTORS, [(3, 0, 7)])]) == [(12, R, OK), (13, R, ERR), (14, W, ERR)]
+    assert page(4) == b"".join(bytes([k]) * BLKIF_SECTOR_SIZE for k in range(last, DISK_SECTORS))
+    assert q.served == 9 and len(q._plans) == (2 if persistent else 0)
