@@ -349,3 +349,20 @@ def test_a_change_to_a_node_the_watcher_cannot_read_is_seen_through_its_readable
     d0.write(f"{HOME}/closed/inner", "v")               # neither the node nor its parent is readable
     d0.set_perms(f"{HOME}/closed/inner", "n0", "n5")
     assert g.take_events() == []
+
+
+def test_a_committed_transaction_fires_watches_set_after_its_writes() -> None:
+    """C xenstored fires a transaction's changes when it commits (transaction.c do_transaction_end ->
+    fire_watches), against the watches that exist then: a watch registered after the write inside the
+    transaction, but before the commit, still gets the event; an aborted transaction fires nothing."""
+    core = XenstoreCore()
+    writer, watcher = Peer(core), Peer(core)
+    for commit, path in ((True, "/committed"), (False, "/aborted")):
+        tx = writer.tx_start()
+        writer.write(path, "v", tx)                  # no watch exists yet
+        writer.mkdir(path + "/dir", tx)
+        watcher.watch(path, "tok")
+        assert watcher.take_events() == [(path, "tok")]   # the initial event only
+        assert writer.tx_end(tx, commit) == "OK"
+        want = [(path, "tok"), (path + "/dir", "tok")] if commit else []
+        assert sorted(watcher.take_events()) == want
