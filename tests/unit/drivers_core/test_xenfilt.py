@@ -306,3 +306,21 @@ def test_a_child_that_vanishes_while_gated_is_detached_and_deleted(toy) -> None:
     t.world.layout[BUS_A] = [_child("A2")]
     t.rescan(BUS_A)
     assert gone not in fdo_ext.children and filter_pdo.deleted and gone.upper is None
+
+
+def test_a_child_whose_bus_answers_no_instance_id_is_emulated_with_an_empty_one(toy) -> None:
+    """pdo.c PdoSetDeviceInformation: a failed DriverQueryId(BusQueryInstanceID) leaves the PDO without an
+    InstanceID, which is no failure: the filter PDO is created and its emulated object gets an empty
+    InstanceID, so EMULATED's IsDevicePresent finds the device for the empty InstanceID (and for none), but
+    not for another one."""
+    from xenpv.stack.kernel import BusQueryIdType
+
+    nameless = _child("I")
+    nameless.unanswered.add(BusQueryIdType.BusQueryInstanceID)
+    t = toy({BUS_A: [_child("A1"), nameless]})
+    assert t.reported(BUS_A) == [r"TOY\A1", r"TOY\I"]
+    emulated = t.xenfilt.emulated
+    assert [d.instance_id for d in emulated.devices if d.device_id == r"TOY\I"] == [""]
+    assert emulated.EmulatedIsDevicePresent(r"TOY\I", "") == (True, EmulatedStatus.NEUTRAL)
+    assert emulated.EmulatedIsDevicePresent(r"TOY\I", None) == (True, EmulatedStatus.NEUTRAL)
+    assert emulated.EmulatedIsDevicePresent(r"TOY\I", "3&0&0&I") == (False, EmulatedStatus.NEUTRAL)
