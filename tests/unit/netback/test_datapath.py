@@ -319,3 +319,23 @@ def test_a_vifs_counters_start_at_zero_and_add_counter_by_counter() -> None:
     total = VifStats(**{n: 100 * (i + 1) for i, n in enumerate(names)})
     total.add(VifStats(**{n: i + 1 for i, n in enumerate(names)}))
     assert total.as_dict() == {n: 101 * (i + 1) for i, n in enumerate(names)}
+
+
+def test_l4_checksum_location_needs_a_whole_ip_header_and_reads_nothing_past_the_frame() -> None:
+    """Linux skb_checksum_setup_ipv4/_ipv6 (net/core/skbuff.c), what netback's csum_blank packets go through:
+    the frame must hold 20 bytes of IPv4 header (ihl * 4 is then taken as it is) or the 40-byte IPv6 header,
+    and the checksum field inside the frame; a shorter frame, or one of another ethertype whatever its
+    length, has no location (and is never read past its end)."""
+    def frame(ethertype: int, body: bytes) -> bytes:
+        return MAC_A + MAC_B + struct.pack("!H", ethertype) + body
+
+    ipv4_no_options = bytes([0x40, 0, 0, 0, 0, 0, 0, 0, 64, 6]) + bytes(10)    # IHL 0: nothing but the 20 bytes
+    assert l4_checksum_location(frame(0x0800, ipv4_no_options)) == (14, 16, 6)
+    assert l4_checksum_location(frame(0x0800, ipv4_no_options[:19])) is None
+    for ethertype in (0x0800, 0x86DD):
+        for length in range(0, 7):                                             # frames of 14..20 bytes
+            assert l4_checksum_location(frame(ethertype, bytes([0x45] + [6] * 10)[:length])) is None
+    ipv6_tcp = bytes([0x60, 0, 0, 0, 0, 20, 6, 64]) + bytes(32) + bytes(20)
+    assert l4_checksum_location(frame(0x86DD, ipv6_tcp)) == (54, 16, 6)
+    assert l4_checksum_location(frame(0x0806, ipv6_tcp)) is None                # ARP, however long
+    assert l4_checksum_location(frame(0x0806, bytes([0x45] + [6] * 99))) is None
