@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import time
 import types
 from types import SimpleNamespace
 
@@ -151,3 +152,26 @@ def test_the_suspend_context_gets_the_fdos_suspend_capture_and_unplug(rig, machi
     assert suspend.suspend_domain == fdo._suspend_domain
     assert suspend.sync_capture == fdo._sync_capture
     assert suspend.unplug_devices == fdo.driver.xen.unplug.UnplugDevices
+
+
+def test_the_suspend_thread_never_waits_without_a_timeout(rig, machine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """XENBUS's suspend thread waits for a control/shutdown watch event with a period (the model's
+    SUSPEND_THREAD_PERIOD), waking to see whether it was asked to stop or the processor halted: a wait
+    without a timeout is endless on Windows, and the kernel model gives the processor up after
+    WAIT_DEADLINE_SECONDS of it, so an idle guest would stop after a minute with no event at all."""
+    waits: list[float | None] = []
+    real = fdo_module.KeWaitForSingleObject
+
+    def recording(event, timeout=None):  # type: ignore[no-untyped-def]
+        if event.name == "XENBUS suspend":
+            waits.append(timeout)
+        return real(event, timeout)
+
+    monkeypatch.setattr(fdo_module, "KeWaitForSingleObject", recording)
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    deadline = time.monotonic() + 10
+    while not waits:
+        assert time.monotonic() < deadline, "the suspend thread never waited for its event"
+        time.sleep(0.01)
+    assert fdo._suspend_thread is not None and fdo._suspend_thread.is_alive()
+    assert all(t is not None and 0 < t <= 1 for t in waits), waits
