@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import dpkt
 import pytest
 
-from xenpv.backends.netback.datapath import (MAX_TX_SLOTS, GrantFault, RxPath, TxPath, VifStats,
+from xenpv.backends.netback.datapath import (MAX_TX_SLOTS, GrantFault, RxPath, TxPath, VifStats, flow_queue,
                                        l4_checksum_location)
 from xenpv.backends.netback.tap import (VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM,
                                   VIRTIO_NET_HDR_GSO_TCPV4, VnetHdr)
@@ -339,3 +339,27 @@ def test_l4_checksum_location_needs_a_whole_ip_header_and_reads_nothing_past_the
     assert l4_checksum_location(frame(0x86DD, ipv6_tcp)) == (54, 16, 6)
     assert l4_checksum_location(frame(0x0806, ipv6_tcp)) is None                # ARP, however long
     assert l4_checksum_location(frame(0x0806, bytes([0x45] + [6] * 99))) is None
+
+
+def _ipv4(src: int, frag: int, proto: int, payload: bytes) -> bytes:
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, frag, 64, proto, 0,
+                         src.to_bytes(4, "big"), bytes([10, 0, 0, 1]))
+    return MAC_A + MAC_B + struct.pack("!H", 0x0800) + header + payload
+
+
+def test_every_fragment_of_a_datagram_goes_to_the_rx_queue_of_its_flow() -> None:
+    """flow_queue spreads IPv4 frames over the rx queues by a hash of addresses and protocol (and ports when
+    the datagram is not fragmented): every fragment of one datagram reaches the same queue, down to one
+    that is nothing but its 20-byte IP header; a frame too short for an IPv4 header goes to queue 0."""
+    src = next(s for s in range(0x0A000002, 0x0A000100)
+               if flow_queue(_ipv4(s, 0x2000, 17, b"\x12\x34\x56\x78" + bytes(12)), 4) != 0)
+    first = _ipv4(src, 0x2000, 17, b"\x12\x34\x56\x78" + bytes(12))   # MF, offset 0: has the UDP ports
+    middle = _ipv4(src, 0x2000 | 2, 17, bytes(16))                  # MF, offset 16 bytes
+    last_empty = _ipv4(src, 4, 17, b"")                              # offset 32 bytes, no payload: 34 bytes
+    assert len(last_empty) == 34
+    assert flow_queue(first, 4) == flow_queue(middle, 4) == flow_queue(last_empty, 4) != 0
+    assert flow_queue(first, 1) == 0
+    # Two queues are two: flows land on both.
+    assert {flow_queue(_ipv4(s, 0, 6, bytes(20)), 2) for s in range(0x0A000002, 0x0A000012)} == {0, 1}
+    for length in range(14, 34):
+        assert flow_queue(first[:length], 4) == 0, length
