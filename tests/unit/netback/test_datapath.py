@@ -363,3 +363,32 @@ def test_every_fragment_of_a_datagram_goes_to_the_rx_queue_of_its_flow() -> None
     assert {flow_queue(_ipv4(s, 0, 6, bytes(20)), 2) for s in range(0x0A000002, 0x0A000012)} == {0, 1}
     for length in range(14, 34):
         assert flow_queue(first[:length], 4) == 0, length
+
+
+def _flow_packet(src: bytes, proto: int, sport: int, payload: bytes, ident: int) -> bytes:
+    """An unfragmented IPv4 TCP or UDP packet from `src` to 10.0.0.1 (port 80), with its header checksum."""
+    l4 = struct.pack("!HH", sport, 80) + (struct.pack("!IIBBHHH", ident, 0, 0x50, 0x10, 1024, 0, 0)
+                                           if proto == 6 else struct.pack("!HH", 8 + len(payload), 0))
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + len(payload), ident, 0x4000, 64,
+                                   proto, 0, src, bytes([10, 0, 0, 1])))
+    words = sum(struct.unpack("!10H", header))
+    while words >> 16:
+        words = (words & 0xFFFF) + (words >> 16)
+    header[10:12] = struct.pack("!H", ~words & 0xFFFF)
+    return MAC_A + MAC_B + struct.pack("!H", 0x0800) + bytes(header) + l4 + payload
+
+
+def test_every_packet_of_a_flow_goes_to_one_rx_queue_and_addresses_protocol_and_ports_spread_flows() -> None:
+    """flow_queue's key is the IPv4 addresses, the protocol and (unfragmented TCP/UDP) the ports, found after
+    the IP header by its IHL: packets of one flow differing in anything else (length, payload, IP id, and so
+    the header checksum) reach the same queue, while flows differing only in their protocol, their ports or
+    one byte of an address are spread over the queues."""
+    for proto in (6, 17):
+        queues = {flow_queue(_flow_packet(bytes([10, 1, 2, 3]), proto, 4321, bytes([n]) * (n * 7), ident), 8)
+                  for n in range(12) for ident in (1, 0x1234, 0xBEEF)}
+        assert len(queues) == 1, (proto, queues)
+    sources = [bytes([a, 1, 2, 3]) for a in range(1, 40)]
+    assert any(flow_queue(_flow_packet(s, 6, 4321, b"", 1), 8) != flow_queue(_flow_packet(s, 17, 4321, b"", 1), 8)
+               for s in sources), "the protocol is not part of the key"
+    assert len({flow_queue(_flow_packet(s, 17, 4321, b"", 1), 8) for s in sources}) > 1, "the address's first byte"
+    assert len({flow_queue(_flow_packet(sources[0], 17, port, b"", 1), 8) for port in range(1000, 1040)}) > 1
