@@ -366,3 +366,16 @@ def test_a_committed_transaction_fires_watches_set_after_its_writes() -> None:
         assert writer.tx_end(tx, commit) == "OK"
         want = [(path, "tok"), (path + "/dir", "tok")] if commit else []
         assert sorted(watcher.take_events()) == want
+
+
+def test_a_guest_reads_a_special_nodes_permissions_only_where_they_let_it_read() -> None:
+    """C xenstored do_get_perms on a special node (@introduceDomain, @releaseDomain): an unprivileged domain
+    needs READ in the node's permissions like on any node; @releaseDomain grants it to every domain
+    (DOMID_ANY) by default, @introduceDomain to none, and dom0 may change that with SET_PERMS."""
+    core = XenstoreCore()
+    d0, g = Peer(core), peer(core, GUEST)
+    assert g.get_perms("@releaseDomain") == ["n0", "r32757"]
+    assert g.err(T.GET_PERMS, b"@introduceDomain\0") == "EACCES"
+    d0.set_perms("@introduceDomain", "n0", f"r{GUEST}")
+    assert g.get_perms("@introduceDomain") == ["n0", f"r{GUEST}"]
+    assert peer(core, GUEST + 1).err(T.GET_PERMS, b"@introduceDomain\0") == "EACCES"
