@@ -175,3 +175,18 @@ def test_the_suspend_thread_never_waits_without_a_timeout(rig, machine, monkeypa
         time.sleep(0.01)
     assert fdo._suspend_thread is not None and fdo._suspend_thread.is_alive()
     assert all(t is not None and 0 < t <= 1 for t in waits), waits
+
+
+def test_one_control_shutdown_event_is_one_round_of_the_suspend_thread(rig, machine) -> None:
+    """fdo.c's suspend thread waits on Fdo->SuspendEvent, a SynchronizationEvent (auto-reset): the wait a
+    control/shutdown watch event satisfies resets it, so FdoSuspend runs with the event clear and the thread
+    then waits for the next event, instead of running FdoSuspend again and again on an event left set."""
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    still_set: list[bool] = []
+    fdo.FdoSuspend = lambda: still_set.append(fdo._suspend_event.read_state())  # type: ignore[method-assign]
+    fdo._suspend_event.set()                         # what the control/shutdown watch does
+    deadline = time.monotonic() + 10
+    while not still_set:
+        assert time.monotonic() < deadline, "the event never ran FdoSuspend"
+        time.sleep(0.005)
+    assert still_set[0] is False
