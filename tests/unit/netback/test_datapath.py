@@ -367,7 +367,8 @@ def test_every_fragment_of_a_datagram_goes_to_the_rx_queue_of_its_flow() -> None
 
 def _flow_packet(src: bytes, proto: int, sport: int, payload: bytes, ident: int) -> bytes:
     """An unfragmented IPv4 TCP or UDP packet from `src` to 10.0.0.1 (port 80), with its header checksum."""
-    l4 = struct.pack("!HH", sport, 80) + (struct.pack("!IIBBHHH", ident, 0, 0x50, 0x10, 1024, 0, 0)
+    l4 = struct.pack("!HH", sport, 80) + (struct.pack("!IIBBHHH", ident * 0x01010101 & 0xFFFFFFFF, 0, 0x50, 0x10,
+                                                       1024, 0, 0)
                                            if proto == 6 else struct.pack("!HH", 8 + len(payload), 0))
     header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4) + len(payload), ident, 0x4000, 64,
                                    proto, 0, src, bytes([10, 0, 0, 1])))
@@ -384,7 +385,7 @@ def test_every_packet_of_a_flow_goes_to_one_rx_queue_and_addresses_protocol_and_
     the header checksum) reach the same queue, while flows differing only in their protocol, their ports or
     one byte of an address are spread over the queues."""
     for proto in (6, 17):
-        queues = {flow_queue(_flow_packet(bytes([10, 1, 2, 3]), proto, 4321, bytes([n]) * (n * 7), ident), 8)
+        queues = {flow_queue(_flow_packet(bytes([10, 1, 2, 3]), proto, 4321, bytes([n]) * (n * 97), ident), 8)
                   for n in range(12) for ident in (1, 0x1234, 0xBEEF)}
         assert len(queues) == 1, (proto, queues)
     sources = [bytes([a, 1, 2, 3]) for a in range(1, 40)]
@@ -392,3 +393,23 @@ def test_every_packet_of_a_flow_goes_to_one_rx_queue_and_addresses_protocol_and_
                for s in sources), "the protocol is not part of the key"
     assert len({flow_queue(_flow_packet(s, 17, 4321, b"", 1), 8) for s in sources}) > 1, "the address's first byte"
     assert len({flow_queue(_flow_packet(sources[0], 17, port, b"", 1), 8) for port in range(1000, 1040)}) > 1
+
+
+def test_a_chain_of_exactly_the_slot_limit_is_sent() -> None:
+    """netif.h XEN_NETIF_NR_SLOTS_MIN (18): a frontend may use that many request slots for one packet, and
+    netback sends such a packet; one slot more is refused (test_chain_over_the_slot_limit_is_refused...)."""
+    shared = bytearray(XEN_PAGE_SIZE)
+    front = FrontRing(shared, N.NETIF_TX_REQUEST_STRUCT, N.NETIF_TX_RESPONSE_STRUCT, init=True)
+    grants, stats = FakeGrants(), VifStats()
+    tx = Tx(grants, front, TxPath(BackRing(shared, N.NETIF_TX_REQUEST_STRUCT, N.NETIF_TX_RESPONSE_STRUCT),
+                                  grants, stats, "test-tx"), stats)
+    frame = _udp_frame(bytes(range(40)))
+    pieces = [frame[:len(frame) - MAX_TX_SLOTS + 1]] + [frame[i:i + 1] for i in range(len(frame) - MAX_TX_SLOTS + 1,
+                                                                                        len(frame))]
+    assert len(pieces) == MAX_TX_SLOTS
+    for ref, piece in enumerate(pieces, 5):
+        _put(grants, ref, piece)
+    chain = [_req(5 + i, 0, N.NETTXF_more_data if i + 1 < MAX_TX_SLOTS else 0, i,
+                  len(frame) if i == 0 else len(pieces[i])) for i in range(MAX_TX_SLOTS)]
+    assert [f for _, f in tx.send(*chain)] == [frame]
+    assert tx.responses() == [(i, N.NETIF_RSP_OKAY) for i in range(MAX_TX_SLOTS)]
