@@ -379,3 +379,34 @@ def test_a_guest_reads_a_special_nodes_permissions_only_where_they_let_it_read()
     d0.set_perms("@introduceDomain", "n0", f"r{GUEST}")
     assert g.get_perms("@introduceDomain") == ["n0", f"r{GUEST}"]
     assert peer(core, GUEST + 1).err(T.GET_PERMS, b"@introduceDomain\0") == "EACCES"
+
+
+def test_set_perms_bounds_the_permission_count_and_guards_special_nodes() -> None:
+    """C xenstored do_set_perms: an unprivileged domain may set at most quota node_perms (5 by default)
+    permissions on its node, ENOSPC beyond; this daemon takes at most 4096 in one request, EINVAL beyond, for
+    dom0 too (a 4096-byte wire payload cannot carry that many anyway); a special node's permissions are dom0's to set (EACCES for a guest) and only the two that exist can
+    be set (ENOENT)."""
+    core = XenstoreCore()
+    d0 = guest_home(core)
+    g = peer(core, GUEST)
+    five = [f"n{GUEST}", "r1", "r2", "r4", "r5"]
+    g.write("node", "")
+    g.set_perms("node", *five)
+    assert g.get_perms("node") == five
+    assert g.err(T.SET_PERMS, ("node\0" + "\0".join(five + ["r6"]) + "\0").encode()) == "ENOSPC"
+    many = [f"n{GUEST}"] + [f"r{d}" for d in range(1, 4096)]
+    d0.set_perms(f"{HOME}/node", *many)                          # 4096: the most a request carries
+    assert len(core.tree.nodes[f"{HOME}/node"].perms) == 4096       # (too many to read back in one reply)
+    assert d0.err(T.SET_PERMS, (f"{HOME}/node\0" + "\0".join(many + ["r4097"]) + "\0").encode()) == "EINVAL"
+    assert g.err(T.SET_PERMS, b"@releaseDomain\0n0\0") == "EACCES"
+    assert d0.err(T.SET_PERMS, b"@otherDomain\0n0\0") == "ENOENT"
+
+
+def test_directory_part_takes_exactly_a_path_and_an_offset(core: XenstoreCore) -> None:
+    """C xenstored send_directory_part: get_strings(in, vec, 2) != 2 is EINVAL: a third argument is refused
+    with EINVAL like a missing one (not an internal error)."""
+    d0 = Peer(core)
+    d0.write("/dir/a", "")
+    assert d0.err(T.DIRECTORY_PART, b"/dir\0") == "EINVAL"
+    assert d0.err(T.DIRECTORY_PART, b"/dir\x000\0extra\0") == "EINVAL"
+    assert core.internal_errors == 0
