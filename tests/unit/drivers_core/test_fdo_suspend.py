@@ -190,3 +190,34 @@ def test_one_control_shutdown_event_is_one_round_of_the_suspend_thread(rig, mach
         assert time.monotonic() < deadline, "the event never ran FdoSuspend"
         time.sleep(0.005)
     assert still_set[0] is False
+
+
+def test_a_suspend_request_is_acknowledged_triggered_and_counted_once(rig, machine, monkeypatch) -> None:
+    """fdo.c FdoSuspend: in D0, control/shutdown = "suspend" is acknowledged (the key is emptied) and
+    SUSPEND.Trigger runs; the model counts each suspend (the agent reports the count). Fault injection
+    (ignore_suspend) is off by default: a booted guest answers, and another request value is left alone."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    assert not fdo.ignore_suspend and fdo.suspends == 0
+    triggered: list[int] = []
+    monkeypatch.setattr(fdo.interfaces["SUSPEND"], "SuspendTrigger", lambda: triggered.append(1))
+    monkeypatch.setattr(fdo.platform.vcpu.relocation, "report", lambda reason: None)
+    store = fdo.platform.store
+    store.write("control/shutdown", "reboot")
+    with booted.kernel.cpu.lock:
+        fdo.FdoSuspend()
+    assert (triggered, fdo.suspends, store.read("control/shutdown")) == ([], 0, b"reboot")
+    for n in (1, 2):
+        store.write("control/shutdown", "suspend")
+        with booted.kernel.cpu.lock:
+            fdo.FdoSuspend()
+        assert (len(triggered), fdo.suspends, store.read("control/shutdown")) == (n, n, b"")
+
+
+def test_the_fdos_sync_capture_is_the_platform_stores(rig, machine, monkeypatch) -> None:
+    """The model's SyncCapture (what SUSPEND holds across the suspend hypercall) is the xenstore ring's
+    capture of the FDO's platform: no other guest thread inside the store ring meanwhile."""
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    capture = object()
+    monkeypatch.setattr(fdo.platform.store, "held", lambda: capture)
+    assert fdo._sync_capture() is capture
