@@ -185,3 +185,17 @@ def test_forced_activation_of_a_legacy_device_is_active_but_not_recorded(rig, ma
     booted = rig.boot(machine(0x0001), registry)
     assert _states(booted) == {"0001": True}
     assert _active_value(registry, "ActiveDeviceID") is None
+
+
+def test_without_xenfilts_emulated_interface_the_stored_rules_alone_pick_the_active_fdo(rig, machine,
+                                                                                       monkeypatch) -> None:
+    """fdo.c FdoSetActive: EMULATED is optional (XENFILT may not be installed); without it every FDO's status is
+    NEUTRAL, so the first FDO still wins by ConfigSetActive and records the active device."""
+    import xenpv.stack.drivers.xenbus.driver as xenbus_driver
+
+    monkeypatch.setattr(xenbus_driver, "query_emulated", lambda lower, version: None)
+    registry = Registry()
+    booted = rig.boot(machine(0x0001, 0x0002), registry)
+    assert all(f.emulated is None for f in booted.xenbus.fdos)
+    assert _states(booted) == {"0001": True, "0002": False}
+    assert _active_value(registry, "ActiveDeviceID") == DEV_0001
