@@ -413,3 +413,30 @@ def test_a_chain_of_exactly_the_slot_limit_is_sent() -> None:
                   len(frame) if i == 0 else len(pieces[i])) for i in range(MAX_TX_SLOTS)]
     assert [f for _, f in tx.send(*chain)] == [frame]
     assert tx.responses() == [(i, N.NETIF_RSP_OKAY) for i in range(MAX_TX_SLOTS)]
+
+
+def test_a_bad_packet_is_refused_whole_once_its_last_slot_is_in(tx: Tx) -> None:
+    """Linux netback (xenvif_tx_err): a packet found bad on an early slot is still consumed up to its last
+    slot, and every slot of it is answered: NETIF_RSP_ERROR for its requests (NULL for extras), one tx error;
+    the fragment after the bad slot is not taken for a packet of its own. Each refused packet counts."""
+    frame = _udp_frame()
+    _put(tx.grants, 5, frame)
+    _put(tx.grants, 6, frame)
+    assert tx.send(_req(5, 0, N.NETTXF_extra_info | N.NETTXF_more_data, 1, len(frame) + 20), _extra(0x77),
+                   _req(6, 0, 0, 2, 20)) == []
+    assert tx.responses() == [(1, N.NETIF_RSP_ERROR), (0, N.NETIF_RSP_NULL), (2, N.NETIF_RSP_ERROR)]
+    assert tx.stats.tx_errors == 1
+    assert tx.send(_req(9999, 0, 0, 3, 60)) == []
+    assert tx.stats.tx_errors == 2
+
+
+def test_extras_chained_with_the_more_flag_are_all_taken_before_the_data(tx: Tx) -> None:
+    """netif.h: XEN_NETIF_EXTRA_FLAG_MORE on an extra-info slot says another extra follows; the packet's
+    data requests come only after the last one (here a multicast extra, then the GSO one)."""
+    frame = _udp_frame()
+    _put(tx.grants, 5, frame)
+    mcast = _extra(N.XEN_NETIF_EXTRA_TYPE_MCAST_ADD, more=True)
+    gso = _extra(N.XEN_NETIF_EXTRA_TYPE_GSO, gso_size=1448, gso_type=N.XEN_NETIF_GSO_TYPE_TCPV4)
+    (hdr, got), = tx.send(_req(5, 0, N.NETTXF_extra_info | N.NETTXF_csum_blank, 7, len(frame)), mcast, gso)
+    assert got == frame and (hdr.gso_type, hdr.gso_size) == (VIRTIO_NET_HDR_GSO_TCPV4, 1448)
+    assert tx.responses() == [(7, N.NETIF_RSP_OKAY), (0, N.NETIF_RSP_NULL), (0, N.NETIF_RSP_NULL)]
