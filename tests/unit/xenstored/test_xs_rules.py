@@ -410,3 +410,21 @@ def test_directory_part_takes_exactly_a_path_and_an_offset(core: XenstoreCore) -
     assert d0.err(T.DIRECTORY_PART, b"/dir\0") == "EINVAL"
     assert d0.err(T.DIRECTORY_PART, b"/dir\x000\0extra\0") == "EINVAL"
     assert core.internal_errors == 0
+
+
+def test_a_relative_watch_gets_relative_events_whatever_its_first_letter_and_specials_can_be_unwatched() -> None:
+    """C xenstored do_watch: a watch set with a relative path (not starting with '/' or '@') gets its events
+    relative to the connection's home, whatever letter the path starts with; do_unwatch takes special paths
+    (@releaseDomain) as WATCH does."""
+    core = XenstoreCore()
+    d0 = guest_home(core)
+    g = peer(core, GUEST)
+    for name in ("Xdev", "dev", "_u"):
+        g.watch(name, "t")
+        assert g.take_events() == [(name, "t")]
+        d0.write(f"{HOME}/{name}", "1")
+        assert g.take_events() == [(name, "t")]
+    g.watch("@releaseDomain", "r")
+    assert g.take_events() == [("@releaseDomain", "r")]
+    assert g.ok(T.UNWATCH, b"@releaseDomain\0r\0") == b"OK\0"
+    assert g.unwatch_err("@releaseDomain", "r") == "ENOENT"
