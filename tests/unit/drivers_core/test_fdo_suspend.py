@@ -221,3 +221,17 @@ def test_the_fdos_sync_capture_is_the_platform_stores(rig, machine, monkeypatch)
     capture = object()
     monkeypatch.setattr(fdo.platform.store, "held", lambda: capture)
     assert fdo._sync_capture() is capture
+
+
+def test_a_scan_reports_a_change_when_a_class_vanishes_as_when_one_appears(rig, machine) -> None:
+    """fdo.c FdoScan: a class gone from xenstore's device/ marks its PDO missing, and like a new class it is a
+    change the FDO reports (IoInvalidateDeviceRelations follows), so the PnP manager removes the device."""
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    assert {"VBD", "VIF"} <= set(fdo.children)
+    assert fdo.FdoScan() is False                    # nothing changed
+    store = rig.platforms[-1].store
+    store.classes.remove("vif")
+    assert fdo.FdoScan() is True and "VIF" not in fdo.children
+    assert fdo.FdoScan() is False
+    store.classes.append("vif")
+    assert fdo.FdoScan() is True and "VIF" in fdo.children
