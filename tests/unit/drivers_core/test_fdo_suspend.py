@@ -235,3 +235,54 @@ def test_a_scan_reports_a_change_when_a_class_vanishes_as_when_one_appears(rig, 
     assert fdo.FdoScan() is False
     store.classes.append("vif")
     assert fdo.FdoScan() is True and "VIF" in fdo.children
+
+
+def test_d3_gives_back_control_feature_suspend_and_d0_acquires_what_it_can(rig, machine, monkeypatch) -> None:
+    """fdo.c __FdoD0ToD3 removes control/feature-suspend (a D3 for S3/S4 or a removal; only FdoStop after S5
+    keeps it) and FdoD3ToD0 writes it again. FdoD3ToD0 acquires its interfaces in order, passing over one
+    the FDO lacks; a CONSOLE that fails to come up leaves ConsoleAcquired FALSE and D0 is reached, while any
+    other interface failing fails D0 and gives back what was acquired. A scan waits for D0 (poll does
+    nothing in D3)."""
+    from xenpv.stack.drivers.xenbus.fdo import D0, D3, FDO_HELD_INTERFACES
+    from xenpv.stack.kernel.status import STATUS_UNSUCCESSFUL
+
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    store = rig.platforms[-1].store
+    assert store.values.get("control/feature-suspend") == b"1"
+    assert fdo._held == list(FDO_HELD_INTERFACES)
+
+    def cycle(**failing: int) -> int:
+        with booted.kernel.cpu.lock:
+            fdo.FdoD0ToD3()
+            assert fdo.device_power == D3 and fdo._held == []
+            assert "control/feature-suspend" not in store.values
+            for name, status in failing.items():
+                monkeypatch.setattr(fdo.interfaces[name], "acquire", lambda status=status: status)
+            try:
+                return fdo.FdoD3ToD0()
+            finally:
+                monkeypatch.undo()
+
+    # In D3 the scan waits: a class that vanished meanwhile is not acted on.
+    with booted.kernel.cpu.lock:
+        fdo.FdoD0ToD3()
+    store.classes.remove("vif")
+    fdo._scan_event.set()
+    fdo.poll()
+    assert "VIF" in fdo.children
+    with booted.kernel.cpu.lock:
+        assert fdo.FdoD3ToD0() == STATUS_SUCCESS
+    assert fdo.device_power == D0 and store.values.get("control/feature-suspend") == b"1"
+
+    assert cycle(CONSOLE=STATUS_UNSUCCESSFUL) == STATUS_SUCCESS
+    assert fdo.device_power == D0 and fdo._held == [n for n in FDO_HELD_INTERFACES if n != "CONSOLE"]
+    assert cycle(STORE=STATUS_UNSUCCESSFUL) == STATUS_UNSUCCESSFUL
+    assert fdo._held == []
+    range_set = fdo.interfaces.pop("RANGE_SET")
+    try:
+        with booted.kernel.cpu.lock:
+            assert fdo.FdoD3ToD0() == STATUS_SUCCESS
+        assert fdo._held == [n for n in FDO_HELD_INTERFACES if n != "RANGE_SET"]
+    finally:
+        fdo.interfaces["RANGE_SET"] = range_set
