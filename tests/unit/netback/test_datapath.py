@@ -440,3 +440,26 @@ def test_extras_chained_with_the_more_flag_are_all_taken_before_the_data(tx: Tx)
     (hdr, got), = tx.send(_req(5, 0, N.NETTXF_extra_info | N.NETTXF_csum_blank, 7, len(frame)), mcast, gso)
     assert got == frame and (hdr.gso_type, hdr.gso_size) == (VIRTIO_NET_HDR_GSO_TCPV4, 1448)
     assert tx.responses() == [(7, N.NETIF_RSP_OKAY), (0, N.NETIF_RSP_NULL), (0, N.NETIF_RSP_NULL)]
+
+
+def test_the_counters_add_up_over_several_packets_and_rx_writes_at_offset_0(tx: Tx, rx: Rx) -> None:
+    """Each packet and byte counts (tx_frames/tx_bytes, rx_frames/rx_bytes, rx_errors), not only the last;
+    rx-copy writes each buffer from its start, so every response's offset is 0 (netif.h netif_rx_response);
+    a vif made with feature-sg takes a frame over several buffers."""
+    first, second = _udp_frame(b"a" * 10), _udp_frame(b"b" * 300)
+    _put(tx.grants, 5, first)
+    _put(tx.grants, 6, second)
+    assert len(tx.send(_req(5, 0, 0, 1, len(first)), _req(6, 0, 0, 2, len(second)))) == 2
+    assert (tx.stats.tx_frames, tx.stats.tx_bytes) == (2, len(first) + len(second))
+    assert rx.path.fits(b"a" * (XEN_PAGE_SIZE + 1))
+    rx.post(range(3))
+    rx.path.deliver(VnetHdr(), first)
+    rx.path.deliver(VnetHdr(), b"c" * (XEN_PAGE_SIZE + 10))
+    assert [offset for _, offset, _, _ in rx.responses()] == [0, 0, 0]
+    assert (rx.stats.rx_frames, rx.stats.rx_bytes) == (2, len(first) + XEN_PAGE_SIZE + 10)
+    for rid in (10, 11):
+        rx.front.put_request(rid, 0, 4242 + rid)                       # never granted
+    rx.front.push_requests()
+    rx.path.deliver(VnetHdr(), b"y" * 100)
+    rx.path.deliver(VnetHdr(), b"z" * 100)
+    assert rx.stats.rx_errors == 2
