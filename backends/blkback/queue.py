@@ -383,7 +383,9 @@ class BlkQueue:
             raise BadRequest(f"request {r.id:#x}: write to a read-only disk")
 
     def _check_range(self, r: Request, sector: int, count: int) -> None:
-        if sector >= self.disk.sectors or count > self.disk.sectors - sector:
+        # Linux xen_vbd_translate checks the range only of a request with sectors: a DISCARD of none is
+        # answered OKAY wherever it points.
+        if count and (sector >= self.disk.sectors or count > self.disk.sectors - sector):
             raise BadRequest(f"request {r.id:#x}: sectors {sector}+{count} beyond the disk's "
                              f"{self.disk.sectors}")
 

@@ -55,10 +55,6 @@ class VifStats:
     rx_errors: int = 0   # frames whose rx buffers were bad
     rx_drops: int = 0    # frames with no room in the rx ring (or too big without SG)
 
-    def add(self, other: "VifStats") -> None:
-        for k, v in asdict(other).items():
-            setattr(self, k, getattr(self, k) + v)
-
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 

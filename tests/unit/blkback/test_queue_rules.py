@@ -197,6 +197,17 @@ def test_discard_up_to_the_last_sector(make_disk) -> None:
     assert d.serve(pack_discard(4, 1, (1 << 64) - 1)) == ERR
 
 
+def test_a_discard_of_no_sectors_is_okay_wherever_it_points(make_disk) -> None:
+    """Linux blkback (xen_vbd_translate) range-checks only a request with sectors: a DISCARD of none, even
+    at or past the disk's end, is OKAY and touches nothing."""
+    d = make_disk()
+    before = d.image()
+    for rid, sector in enumerate((0, DISK_SECTORS - 1, DISK_SECTORS, DISK_SECTORS + 1000, (1 << 64) - 1), 5):
+        assert d.serve(pack_discard(rid, sector, 0)) == OK, sector
+    assert d.image() == before
+    assert d.serve(pack_discard(10, DISK_SECTORS, 1)) == ERR
+
+
 # ---- indirect segments -----------------------------------------------------------------------------
 
 def _put_segments(d: Disk, segments: list[tuple[int, int, int]], ref: int = INDIRECT_REF) -> None:
