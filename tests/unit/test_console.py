@@ -243,14 +243,22 @@ ConsoleShell(lambda line: f"ran {line!r}", history=Path(sys.argv[1]) if len(sys.
 
 
 def _spawn(echo: bool, *args: str) -> pexpect.spawn:
+    """The console in a pty, once its first prompt is out. Starting a process took more than 20 s once in a
+    CI-like run beside three mutation runs (nothing at all on the pty), so the first prompt may take a minute;
+    each exchange after it gets 20 s. pexpect ends a wait at once if the child dies."""
     env = {**os.environ, "TERM": "xterm"}
-    return pexpect.spawn(sys.executable, ["-c", SHELL, *args], env=env, echo=echo, encoding="utf-8", timeout=20)
+    child = pexpect.spawn(sys.executable, ["-c", SHELL, *args], env=env, echo=echo, encoding="utf-8", timeout=20)
+    try:
+        child.expect_exact(PROMPT, timeout=60)
+    except BaseException:
+        child.close(force=True)
+        raise
+    return child
 
 
 def test_a_program_driving_the_console_reads_only_the_output(tmp_path: Path) -> None:
     child = _spawn(False)
     try:
-        child.expect_exact(PROMPT)
         assert child.before == ""
         child.sendline("fault leak-ref STORE")
         child.expect_exact(PROMPT)
@@ -266,7 +274,6 @@ def test_a_person_gets_completion_history_and_ctrl_c(tmp_path: Path) -> None:
     history = tmp_path / "history"
     child = _spawn(True, str(history))
     try:
-        child.expect_exact(PROMPT)
         child.send("fau\tle\t\r")  # tab completes the command, then its subcommand
         child.expect_exact("ran 'fault leak-ref '")
         child.expect_exact(PROMPT)
