@@ -42,7 +42,7 @@ tests[xenstored]="tests/unit/xenstored/test_xs_stateful.py tests/unit/xenstored/
   tests/unit/xenstored/test_xs_qemu_node_cases.py tests/unit/xenstored/test_xs_ring.py"
 # xenhv's hypercalls, event channels (and the 2-level delivery rule the vCPU shares), grant table and unplug ports.
 paths[xenhv]="backends/xenhv/hypercall.py,backends/xenhv/evtchn.py,backends/xenhv/gnttab.py,backends/xenhv/unplug.py,xenabi/evtchn_2l.py"
-tests[xenhv]="tests/unit/xenhv/test_xenhv_server_containment.py tests/unit/xenhv/test_xenhv_evtchn.py
+tests[xenhv]="tests/unit/xenabi/test_evtchn_2l.py tests/unit/xenhv/test_xenhv_server_containment.py tests/unit/xenhv/test_xenhv_evtchn.py
   tests/unit/fuzz/test_xenhv_fuzz.py tests/unit/fuzz/test_unplug_fuzz.py tests/unit/xenhv/test_xenhv_gnttab_concurrency.py
   tests/unit/xenhv/test_xenhv_gnttab.py tests/unit/xenhv/test_xenhv_rules.py"
 # The driver model: XENFILT, XENBUS FDO/PDO, xen.sys unplug, the installer.
