@@ -33,7 +33,8 @@ paths[requests]="backends/blkback/requests.py,backends/blkback/queue.py,backends
 tests[requests]="tests/unit/blkback/test_requests.py tests/unit/blkback/test_queue_rules.py
   tests/unit/blkback/test_queue_stop.py tests/unit/netback/test_datapath.py tests/unit/netback/test_datapath_rules.py
   tests/unit/xenabi/test_xenabi_ring.py tests/unit/xenabi/test_xenabi_ring_batch.py
-  tests/unit/xenabi/test_ring_lifetime.py tests/unit/fuzz/test_blkif_fuzz.py tests/unit/fuzz/test_netif_fuzz.py"
+  tests/unit/xenabi/test_ring_lifetime.py tests/unit/xenabi/test_ring_bounds.py tests/unit/fuzz/test_blkif_fuzz.py tests/unit/fuzz/test_netif_fuzz.py
+  tests/conformance/test_xenabi_headers.py"
 # xenstored's core, permissions, quotas, transactions, paths and ring (both ends of the ring are xenabi's).
 paths[xenstored]="backends/xenstored/core.py,backends/xenstored/perms.py,backends/xenstored/quotas.py,backends/xenstored/transactions.py,backends/xenstored/tree.py,backends/xenstored/paths.py,xenabi/xs_ring.py"
 tests[xenstored]="tests/unit/xenstored/test_xs_stateful.py tests/unit/xenstored/test_xs_fuzz.py

@@ -384,8 +384,8 @@ class BlkQueue:
 
     def _check_range(self, r: Request, sector: int, count: int) -> None:
         # Linux xen_vbd_translate checks the range only of a request with sectors: a DISCARD of none is
-        # answered OKAY wherever it points.
-        if count and (sector >= self.disk.sectors or count > self.disk.sectors - sector):
+        # answered OKAY wherever it points. (A start at or past the end leaves no room for one sector.)
+        if count and count > self.disk.sectors - sector:
             raise BadRequest(f"request {r.id:#x}: sectors {sector}+{count} beyond the disk's "
                              f"{self.disk.sectors}")
 
