@@ -7,6 +7,7 @@ import threading
 import itertools
 import os
 import pty
+import signal
 import sys
 import termios
 from pathlib import Path
@@ -242,12 +243,21 @@ ConsoleShell(lambda line: f"ran {line!r}", history=Path(sys.argv[1]) if len(sys.
 """
 
 
+def _as_a_terminal_session_starts() -> None:
+    """In the child: the signal state a login session gives its shell. An ignored or blocked SIGINT survives
+    exec, and a pytest-xdist worker that ran the harness's in-process signal handling before this test may
+    hold one: the console would then never see the person's Ctrl-C (seen twice in full-suite runs)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
 def _spawn(echo: bool, *args: str) -> pexpect.spawn:
-    """The console in a pty, once its first prompt is out. Starting a process took more than 20 s once in a
-    CI-like run beside three mutation runs (nothing at all on the pty), so the first prompt may take a minute;
+    """The console in a pty, once its first prompt is out (which may take a minute on a loaded machine);
     each exchange after it gets 20 s. pexpect ends a wait at once if the child dies."""
     env = {**os.environ, "TERM": "xterm"}
-    child = pexpect.spawn(sys.executable, ["-c", SHELL, *args], env=env, echo=echo, encoding="utf-8", timeout=20)
+    child = pexpect.spawn(sys.executable, ["-c", SHELL, *args], env=env, echo=echo, encoding="utf-8", timeout=20,
+                          preexec_fn=_as_a_terminal_session_starts)
     try:
         child.expect_exact(PROMPT, timeout=60)
     except BaseException:
