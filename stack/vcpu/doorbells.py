@@ -86,26 +86,24 @@ class Doorbells:
             return port in self._ports
 
     def send(self, port: int) -> bool:
-        """EVTCHNOP_send through `port`'s doorbell; False when the port has none (the caller traps)."""
+        """EVTCHNOP_send through `port`'s doorbell; False when the port has none (the caller traps). The kick
+        is written under the lock: the interrupt thread may drop a revoked doorbell and close its fds, and a
+        write to a closed fd number could land in whatever file reused it."""
         if not 0 <= port < DOORBELL_PORTS:
             return False
-        with self._lock:
-            bell = self._current(port)
-            if bell is None:
-                if self._absent.get(port) == self._generations[port]:
+        for asked_already in (False, True):
+            with self._lock:
+                bell = self._current(port)
+                if bell is not None:
+                    eventfd.signal(bell.kick)
+                    self.sends += 1
+                    return True
+                generation = self._generations[port]
+                if asked_already or self._absent.get(port) == generation:
                     return False
-                asked = self._generations[port]
-            else:
-                eventfd.signal(bell.kick)
-                self.sends += 1
-                return True
-        # Not under the lock: the interrupt thread delivers while this thread traps.
-        bell = self._acquire(port, asked)
-        if bell is None:
-            return False
-        eventfd.signal(bell.kick)
-        self.sends += 1
-        return True
+            # Not under the lock: the interrupt thread delivers while this thread traps.
+            self._acquire(port, generation)
+        return False
 
     def forget(self, port: int) -> None:
         """The guest is closing `port`: its doorbell goes before xenhv frees the port."""
@@ -147,7 +145,9 @@ class Doorbells:
             return None
         return bell
 
-    def _acquire(self, port: int, asked: int) -> Doorbell | None:
+    def _acquire(self, port: int, asked: int) -> None:
+        """Ask xenhv for `port`'s doorbell (`asked`: its generation before asking) and keep it if it is still
+        current, or remember that there is none."""
         result, generation, vcpu, fds = self._ask(port)
         if result != 0 or len(fds) != 2:
             for fd in fds:
@@ -156,19 +156,18 @@ class Doorbells:
                 # -ENOENT comes with the generation it holds for: a later binding changes it.
                 self._absent[port] = generation if result == -XEN_ENOENT else asked
             log.debug("port %d has no doorbell: %d", port, result)
-            return None
+            return
         bell = Doorbell(port, generation, vcpu, *fds)
         with self._lock:
-            if self._generations[port] != generation or port in self._ports:
+            if self._generations[port] != generation or port in self._ports:  # revoked, or another thread won
                 os.close(bell.kick)
                 os.close(bell.call)
-                return self._ports.get(port) if self._generations[port] == generation else None
+                return
             self._ports[port] = bell
             self._by_call[bell.call] = bell
             self._epoll.register(bell.call, select.EPOLLIN)
             self._absent.pop(port, None)
         log.debug("port %d: doorbell (generation %d, vcpu %d)", port, generation, vcpu)
-        return bell
 
     def _drop(self, bell: Doorbell) -> None:
         del self._ports[bell.port]
