@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 from xenpv.xenabi.native import load_atomic_ops
@@ -169,15 +168,16 @@ class AtomicMemory:
         with self._lock:
             return bool(_OPS.xpv_test_and_clear_bit(self._bit(offset, bit, width), width, bit))
 
-    def call(self, fn: Callable[..., int], length: int, *args: int) -> int:
-        """``fn(address of byte 0, *args)`` with the buffer held: a native operation on several words of the
-        first ``length`` bytes, at offsets the caller has checked to lie within them, naturally aligned."""
+    def call(self, name: str, length: int, *args: int) -> int:
+        """The helper's function ``name`` called as ``name(address of byte 0, *args)`` with the buffer held: a
+        native operation on several words of the first ``length`` bytes, at offsets the caller has checked
+        to lie within them, naturally aligned."""
         with self._lock:
             if self._view is None:
-                raise AtomicMemoryReleasedError(f"atomic memory was released (native operation on {length} bytes)")
+                raise AtomicMemoryReleasedError(f"atomic memory was released ({name} on {length} bytes)")
             if length > self._size:
-                raise ValueError(f"a native operation on {length} bytes of a {self._size}-byte buffer")
-            return fn(self._base, *args)
+                raise ValueError(f"{name} on {length} bytes of a {self._size}-byte buffer")
+            return getattr(_OPS, name)(self._base, *args)
 
     def release(self) -> None:
         """Give the buffer export back, after any operation in progress.  Further operations raise

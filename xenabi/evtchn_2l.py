@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 
 from xenpv.xenabi.atomic import AtomicMemory
-from xenpv.xenabi.native import load_atomic_ops
 from xenpv.xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, XEN_LEGACY_MAX_VCPUS, SharedInfo, VcpuInfo
 
 WORD_BYTES = SharedInfo.evtchn_pending.size // EVTCHN_WORDS
@@ -26,8 +25,6 @@ UPCALL_PENDING_BYTES = VcpuInfo.evtchn_upcall_pending.size
 SHARED_INFO_SIZE = ctypes.sizeof(SharedInfo)
 if (WORD_BYTES, PENDING_SEL_BYTES, UPCALL_PENDING_BYTES) != (8, 8, 1):  # what _atomic_ops.c's set-pending uses
     raise ImportError(f"shared_info widths {WORD_BYTES, PENDING_SEL_BYTES, UPCALL_PENDING_BYTES} are not (8, 8, 1)")
-
-_SET_PENDING = load_atomic_ops().xpv_evtchn_2l_set_pending
 
 
 def vcpu_offset(vcpu: int, field_offset: int) -> int:
@@ -44,8 +41,8 @@ def set_pending(page: AtomicMemory, port: int, vcpu: int) -> bool:
         raise ValueError(f"port {port} is outside the 2-level ABI's {EVTCHN_WORDS * EVTCHN_WORD_BITS} ports")
     if not 0 <= vcpu < XEN_LEGACY_MAX_VCPUS:
         raise ValueError(f"vcpu {vcpu} has no vcpu_info in shared_info")
-    return bool(page.call(_SET_PENDING, SHARED_INFO_SIZE, port, PENDING, MASK, vcpu_offset(vcpu, PENDING_SEL),
-                          vcpu_offset(vcpu, UPCALL_PENDING)))
+    return bool(page.call("xpv_evtchn_2l_set_pending", SHARED_INFO_SIZE, port, PENDING, MASK,
+                          vcpu_offset(vcpu, PENDING_SEL), vcpu_offset(vcpu, UPCALL_PENDING)))
 
 
 def mark_events_pending(page: AtomicMemory, vcpu: int) -> bool:

@@ -38,7 +38,6 @@ is pending.  Hooks run with the hub lock held: they must not block.
 """
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import threading
@@ -46,6 +45,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from xenpv.xenabi import evtchn_2l
+from xenpv.xenabi.evtchn_2l import (MASK, PENDING, PENDING_SEL, PENDING_SEL_BYTES, SHARED_INFO_SIZE, UPCALL_PENDING,
+                                   UPCALL_PENDING_BYTES, WORD_BYTES, vcpu_offset)
 from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.backends.xenhv.errors import XenError
 from xenpv.xenabi.event_channel import (
@@ -74,19 +75,10 @@ from xenpv.xenabi.xen import (
     XEN_EPERM,
     XEN_ESRCH,
     XEN_LEGACY_MAX_VCPUS,
-    SharedInfo,
 )
 
 log = logging.getLogger("xenhv.evtchn")
 
-_WORD_BYTES = evtchn_2l.WORD_BYTES
-_PENDING = evtchn_2l.PENDING
-_MASK = evtchn_2l.MASK
-_PENDING_SEL = evtchn_2l.PENDING_SEL
-_PENDING_SEL_BYTES = evtchn_2l.PENDING_SEL_BYTES
-_UPCALL_PENDING = evtchn_2l.UPCALL_PENDING
-_UPCALL_PENDING_BYTES = evtchn_2l.UPCALL_PENDING_BYTES
-_SHARED_INFO_SIZE = ctypes.sizeof(SharedInfo)
 _PAGE_SIZE = 4096
 
 # Xen binds these per vcpu; every other VIRQ is global and may only be bound on vcpu 0.
@@ -326,7 +318,7 @@ class EventChannels:
             chan = self._ports.get(port)
             vcpu = chan.vcpu if chan is not None else 0
             if evtchn_2l.unmask(self._shared_info, port, vcpu):
-                self._upcall_vcpu(vcpu)
+                self._interrupt()
 
     # ---- for xenhv itself --------------------------------------------------------------------------------
 
@@ -350,8 +342,8 @@ class EventChannels:
                 raise XenError(XEN_EINVAL, f"set_port_notifier: dom{self.domid} port {port} is not open")
             chan.notifier = notifier
             word, bit = divmod(port, EVTCHN_WORD_BITS)
-            if notifier is not None and self._shared_info.test_and_clear_bit(_PENDING + word * _WORD_BYTES, bit,
-                                                                             _WORD_BYTES):
+            if notifier is not None and self._shared_info.test_and_clear_bit(PENDING + word * WORD_BYTES, bit,
+                                                                             WORD_BYTES):
                 notifier()
 
     def attach_shared_info(self, shared_info: memoryview) -> None:
@@ -361,30 +353,30 @@ class EventChannels:
                 raise ValueError(f"dom{self.domid} already has its shared_info page")
             old, new = self._shared_info, self._atomic_page(shared_info)
             for word in range(EVTCHN_WORDS):
-                bits = old.load(_PENDING + word * _WORD_BYTES, _WORD_BYTES)
+                bits = old.load(PENDING + word * WORD_BYTES, WORD_BYTES)
                 if bits:
-                    new.fetch_or(_PENDING + word * _WORD_BYTES, _WORD_BYTES, bits)
+                    new.fetch_or(PENDING + word * WORD_BYTES, WORD_BYTES, bits)
             raised = []
             for vcpu in range(self.max_vcpus):
-                sel = old.load(evtchn_2l.vcpu_offset(vcpu, _PENDING_SEL), _PENDING_SEL_BYTES)
+                sel = old.load(vcpu_offset(vcpu, PENDING_SEL), PENDING_SEL_BYTES)
                 if sel:
-                    new.fetch_or(evtchn_2l.vcpu_offset(vcpu, _PENDING_SEL), _PENDING_SEL_BYTES, sel)
-                if old.test_bit(evtchn_2l.vcpu_offset(vcpu, _UPCALL_PENDING), 0, _UPCALL_PENDING_BYTES):
+                    new.fetch_or(vcpu_offset(vcpu, PENDING_SEL), PENDING_SEL_BYTES, sel)
+                if old.test_bit(vcpu_offset(vcpu, UPCALL_PENDING), 0, UPCALL_PENDING_BYTES):
                     raised.append(vcpu)
             self._shared_info = new
             self._private_page = False
             old.release()
             for vcpu in raised:
                 if evtchn_2l.mark_events_pending(new, vcpu):
-                    self._upcall_vcpu(vcpu)
+                    self._interrupt()
 
     def is_pending(self, port: int) -> bool:
         word, bit = divmod(self._checked(port), EVTCHN_WORD_BITS)
-        return self._shared_info.test_bit(_PENDING + word * _WORD_BYTES, bit, _WORD_BYTES)
+        return self._shared_info.test_bit(PENDING + word * WORD_BYTES, bit, WORD_BYTES)
 
     def is_masked(self, port: int) -> bool:
         word, bit = divmod(self._checked(port), EVTCHN_WORD_BITS)
-        return self._shared_info.test_bit(_MASK + word * _WORD_BYTES, bit, _WORD_BYTES)
+        return self._shared_info.test_bit(MASK + word * WORD_BYTES, bit, WORD_BYTES)
 
     def open_ports(self) -> list[int]:
         with self._hub.lock:
@@ -404,8 +396,8 @@ class EventChannels:
 
     @staticmethod
     def _atomic_page(page: memoryview | bytearray) -> AtomicMemory:
-        if len(page) < _SHARED_INFO_SIZE:
-            raise ValueError(f"shared_info page has {len(page)} bytes, needs {_SHARED_INFO_SIZE}")
+        if len(page) < SHARED_INFO_SIZE:
+            raise ValueError(f"shared_info page has {len(page)} bytes, needs {SHARED_INFO_SIZE}")
         return AtomicMemory(page)
 
     def _valid(self, port: object) -> bool:
@@ -446,12 +438,13 @@ class EventChannels:
             return
         vcpu = chan.vcpu if chan is not None else 0
         if evtchn_2l.set_pending(self._shared_info, port, vcpu):
-            self._upcall_vcpu(vcpu)
+            self._interrupt()
 
-    def _upcall_vcpu(self, vcpu: int) -> None:
+    def _interrupt(self) -> None:
+        """Raise the domain's upcall (one hook for all its vCPUs: it wakes the guest's interrupt thread)."""
         if self._upcall is not None:
             self._upcall()
 
     def _clear_pending(self, port: int) -> None:
         word, bit = divmod(port, EVTCHN_WORD_BITS)
-        self._shared_info.test_and_clear_bit(_PENDING + word * _WORD_BYTES, bit, _WORD_BYTES)
+        self._shared_info.test_and_clear_bit(PENDING + word * WORD_BYTES, bit, WORD_BYTES)

@@ -1,5 +1,6 @@
 """The guest's event channel upcall: an interrupt thread that waits on the vCPU's interrupts (the upcall
-eventfd xenhv writes, and the call eventfds of its doorbells, which the vCPU delivers itself), then does what a guest's 2-level handler does on the shared_info page (xen-abi.md section 8): clear
+eventfd xenhv writes, and the call eventfds of its doorbells, which the vCPU delivers itself), then does
+what a guest's 2-level handler does on the shared_info page (xen-abi.md section 8): clear
 evtchn_upcall_pending, take evtchn_pending_sel with an atomic exchange, and for each selected word
 handle the pending, unmasked ports, clearing each pending bit (atomically) before calling its handler.
 
