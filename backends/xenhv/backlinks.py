@@ -45,7 +45,7 @@ PROTOCOL_FEATURES = ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SL
 @dataclass
 class Channel:
     port: int  # dom0's end
-    guest_port: int  # the guest's end it was bound to
+    guest_port: int  # the guest's end: the port it was bound to, then the one its doorbell went to
     index: int
     kick: int
     call: int
@@ -150,8 +150,11 @@ class BackendLink:
         self.domain.doorbells.revoke(guest_port)
         return index
 
-    def hand_over(self, ch: Channel) -> None:
-        """The guest's vCPU now reads `ch.call` itself (DOORBELL)."""
+    def hand_over(self, ch: Channel, guest_port: int) -> None:
+        """The guest's vCPU now reads `ch.call` itself (DOORBELL), for `guest_port`: the port bound to the
+        channel now, which is the one to revoke, even if the guest closed the first and bound dom0's port
+        again from another."""
+        ch.guest_port = guest_port
         if not ch.handed_over:
             self.unregister_fd(ch.call)
             ch.handed_over = True

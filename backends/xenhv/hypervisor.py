@@ -333,7 +333,7 @@ class Hypervisor:
             for link in self.links.values():
                 ch = link.channels.get(st.remote_port) if link.domain is dom else None
                 if ch is not None:
-                    link.hand_over(ch)
+                    link.hand_over(ch, port)
                     kick = os.dup(ch.kick)
                     try:
                         call = os.dup(ch.call)

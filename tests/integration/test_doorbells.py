@@ -221,3 +221,38 @@ def test_a_guest_that_saturates_its_doorbell_eventfds_harms_only_itself(xen_gues
     link.notify(index)  # must not raise: that would end the back-end's connection to the domain
     assert link.session.notify(index), "the back-end's notify failed on a saturated call eventfd"
     host.check_alive("after a guest saturated its doorbells")
+
+
+def test_a_guest_that_closes_and_binds_its_back_ends_port_again_is_notified_and_revoked_on_the_new_port(
+        xen_guest_factory, backend) -> None:
+    """Closing the guest's end leaves dom0's port unbound, and the guest may bind it again from a new port
+    (EVTCHNOP_bind_interdomain). xenhv watches the channel's call eventfd again once the old doorbell is
+    gone, so the back-end's notifications reach the new port, and the doorbell the new port takes is the
+    one revoked when the back-end unbinds."""
+    d, gfn, port = guest_with_port(xen_guest_factory)
+    link, index, sends = bind(backend, d.domid, port)
+    hc = Hypercalls(d.vcpu, SCRATCH)
+    assert send(d.vcpu, port, 1) == 0 and sends.wait_for(1)
+    hc.evtchn_close(port)
+    assert alloc_unbound(d.vcpu) == port  # the old number is taken: the new binding gets another
+
+    rc, op = hc.op(HC["event_channel_op"], E.EVTCHNOP_bind_interdomain,
+                   E.EvtchnBindInterdomain(remote_dom=0, remote_port=link.ports[index]))
+    assert rc == 0
+    again = op.local_port
+    assert again != port
+    assert d.link.wait_upcall(5.0)  # the binder's own bind-time event (xen-abi.md 8); handled as a guest
+    vcpu0 = (gfn << 12) + X.SharedInfo.vcpu_info.offset  # would: clear upcall_pending, selector, pending bit
+    d.vcpu.write_phys(vcpu0 + X.VcpuInfo.evtchn_upcall_pending.offset, b"\0")
+    d.vcpu.write_phys(vcpu0 + X.VcpuInfo.evtchn_pending_sel.offset, bytes(8))
+    d.vcpu.write_phys((gfn << 12) + X.SharedInfo.evtchn_pending.offset + 8 * (again // 64), bytes(8))
+
+    link.notify(index)
+    assert d.link.wait_upcall(5.0), "xenhv no longer relays the channel's notifications"
+    assert pending(d.vcpu, gfn, again)
+
+    assert send(d.vcpu, again, 2) == 0 and sends.wait_for(2)
+    assert d.link.doorbells.holds(again)
+    generation = d.link.doorbells.generation(again)
+    link.unbind(index)
+    assert d.link.doorbells.generation(again) != generation, "the new port's doorbell outlived the channel"
