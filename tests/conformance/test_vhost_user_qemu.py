@@ -166,7 +166,8 @@ def test_qemu_frontend_handshake_and_memory(
         # A vhost device starts only while the VM runs.
         qmp.connect(str(rundir / "qmp.sock"))
         qmp.command("cont")
-        wait_for(lambda: Request.SET_VRING_ENABLE in session.requests or Request.SET_VRING_KICK in session.requests,
+        # Wait for the handled state, not the request's arrival: a request is recorded before its handler runs.
+        wait_for(lambda: (vr := session.vrings.get(0)) is not None and vr.started and vr.kick_fd is not None,
                  timeout=10, what="QEMU starting the vhost-user device", alive=[qemu])  # fmt: skip
 
         started = names(session)[len(init) :]
