@@ -48,7 +48,7 @@ tests[xenhv]="tests/unit/xenabi/test_evtchn_2l.py tests/unit/xenhv/test_xenhv_se
   tests/unit/xenhv/test_xenhv_gnttab.py tests/unit/xenhv/test_xenhv_rules.py"
 # The driver model: XENFILT, XENBUS FDO/PDO, xen.sys unplug, the installer.
 paths[driver-model]="stack/drivers/xenfilt/driver.py,stack/drivers/xenbus/fdo.py,stack/drivers/xenbus/pdo.py,stack/drivers/xen/unplug.py,stack/install/installer.py"
-tests[driver-model]="tests/unit/install/test_installer_veto_bounds.py tests/unit/drivers_core/test_fdo_suspend.py tests/unit/drivers_core/test_query_interface.py
+tests[driver-model]="tests/unit/install/test_installer_veto_bounds.py tests/unit/drivers_core/test_fdo_suspend.py tests/unit/drivers_core/test_fdo_start_stop.py tests/unit/drivers_core/test_query_interface.py
   tests/unit/drivers_core/test_emulated.py tests/unit/drivers_core/test_set_active.py
   tests/unit/drivers_core/test_unplug.py tests/unit/drivers_core/test_pdo_ids.py tests/unit/drivers_core/test_xenfilt.py
   tests/unit/drivers_core/test_safe_mode_and_s4.py tests/unit/drivers_core/test_new_device_id.py

@@ -169,7 +169,7 @@ def run_bug(bug: SeededBug, python: str, tests: list[str], old: str | None) -> O
         start = time.monotonic()
         proc = subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-x", "-q", "--no-header",
                                "-o", "timeout=120", *tests], cwd=tree, env=env, capture_output=True, text=True)
-        tail = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))][:3]
+        tail = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED tests", "ERROR tests"))][:3]
         summary = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else [proc.stderr.strip()[-300:]]
         return Outcome(bug, proc.returncode, time.monotonic() - start, tail + summary)
 

@@ -1,0 +1,133 @@
+"""XENBUS FDO start and stop (fdo.c FdoStartDevice, __FdoD3ToD0, FdoD0ToD3, FdoSetActive): what the
+mutation run of issue 18 found no test for. Each test names the one-line change it catches."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from xenpv.stack.drivers.xenbus.fdo import D3, XenbusFdo
+from xenpv.stack.drivers.xenfilt.emulated import EmulatedStatus
+from xenpv.stack.kernel.bugcheck import BugCheck
+from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+
+
+def test_d0_watches_device_for_the_scan_and_control_shutdown_for_the_suspend_thread(rig, machine) -> None:
+    """__FdoD3ToD0: XenbusWatchAdd(NULL, "device", ScanEvent) and ("control", "shutdown", SuspendEvent);
+    a watch on any other path leaves hotplug or the toolstack's suspend request unseen."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    store = rig.platforms[-1].store
+    tokens = {path: token for path, token in store.watches}
+    assert {"device", "control/shutdown"} <= set(tokens), store.watches
+    fdo._scan_event.clear()
+    store.events.append(("device/vif/1", tokens["device"]))
+    store.pump()
+    assert fdo._scan_event.read_state()
+    rounds: list[int] = []
+    fdo.FdoSuspend = lambda: rounds.append(fdo.device_power)  # type: ignore[method-assign]
+    store.events.append(("control/shutdown", tokens["control/shutdown"]))
+    store.pump()
+    deadline = time.monotonic() + 10
+    while not rounds:
+        assert time.monotonic() < deadline, "the control/shutdown watch never woke the suspend thread"
+        time.sleep(0.005)
+
+
+def test_a_watch_or_key_d0_cannot_set_up_is_a_warning_and_one_it_can_is_not(rig, machine, monkeypatch) -> None:
+    """__FdoD3ToD0 logs each of its three store calls that fails, by status, and goes on to D0."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    log = fdo.driver.xen.debug_log
+
+    def warnings() -> list[str]:
+        return [line for line in log.tail(200) if "watch:" in line or "control/feature-suspend:" in line]
+
+    assert warnings() == []
+    store = fdo.interfaces["STORE"]
+    with booted.kernel.cpu.lock:
+        fdo._d0_to_d3()
+        monkeypatch.setattr(store, "StoreWatchAdd", lambda *args: (STATUS_UNSUCCESSFUL, None))
+        monkeypatch.setattr(store, "StorePrintf", lambda *args: STATUS_UNSUCCESSFUL)
+        fdo._d3_to_d0()
+    found = warnings()
+    assert any("device watch: STATUS_UNSUCCESSFUL" in line for line in found), found
+    assert any("control/shutdown watch: STATUS_UNSUCCESSFUL" in line for line in found), found
+    assert any("control/feature-suspend: STATUS_UNSUCCESSFUL" in line for line in found), found
+    assert fdo._scan_watch is None and fdo._suspend_watch is None
+
+
+def test_start_scans_once_d0_is_reached_and_returns_a_failed_d0(rig, machine, monkeypatch) -> None:
+    """FdoStartDevice: D3 -> D0, then the first scan, so the children exist when START_DEVICE completes;
+    a D0 that fails is START_DEVICE's status and nothing is scanned."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    fdo.FdoStop()
+    scans: list[int] = []
+    monkeypatch.setattr(fdo, "FdoScan", lambda: scans.append(fdo.device_power) or False)
+    with booted.kernel.cpu.lock:
+        assert fdo.FdoStart() == STATUS_SUCCESS
+    assert len(scans) == 1 and scans[0] != D3
+    fdo.FdoStop()
+    monkeypatch.setattr(fdo, "FdoD3ToD0", lambda: STATUS_UNSUCCESSFUL)
+    with booted.kernel.cpu.lock:
+        assert fdo.FdoStart() == STATUS_UNSUCCESSFUL
+    assert len(scans) == 1
+    fdo.FdoStop()
+
+
+def test_d3_waits_for_the_suspend_thread_to_finish_its_round(rig, machine) -> None:
+    """FdoD0ToD3 sets the suspend event and waits for the thread's round to end before the interfaces go:
+    a thread still inside FdoSuspend would use interfaces D3 has released."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    rounds: list[int] = []
+    fdo.FdoSuspend = lambda: rounds.append(fdo.device_power)  # type: ignore[method-assign]
+    with booted.kernel.cpu.lock:
+        fdo.FdoD0ToD3()
+        assert rounds == [D3], "FdoD0ToD3 returned before the suspend thread's round"
+
+
+def test_d3_after_the_suspend_thread_stopped_does_not_wait_for_it(rig, machine) -> None:
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    fdo._stop_suspend_thread()
+    assert fdo._suspend_thread is None
+    with booted.kernel.cpu.lock:
+        fdo.FdoD0ToD3()
+    assert fdo.device_power == D3
+
+
+def test_an_fdo_whose_start_failed_before_its_suspend_thread_stops_cleanly(rig, machine, monkeypatch) -> None:
+    """A new FDO has no suspend thread; FdoStop of one whose start broke off after the platform came up
+    (an interface's provider failing to import) gives the platform back without waiting for a thread."""
+    booted = rig.boot(machine(0x0001))
+    old = booted.xenbus.active_fdo
+    fdo = XenbusFdo(old.driver, old.device, old.lower, old.pdo, old.device_id, old.instance_id, old.location,
+                    old.pci_device_id, old.bus_interface, old.emulated)
+
+    def broken() -> None:
+        raise ImportError("a provider that does not import")
+
+    monkeypatch.setattr(fdo, "_create_interfaces", broken)
+    with booted.kernel.cpu.lock, pytest.raises(ImportError):
+        fdo.FdoStart()
+    assert fdo.platform is not None
+    before = set(threading.enumerate())
+    fdo.FdoStop()
+    assert fdo.platform is None and fdo._suspend_thread is None
+    assert set(threading.enumerate()) <= before
+
+
+def test_an_active_device_the_emulated_interface_says_is_absent_is_bug_present(rig, machine, monkeypatch) -> None:
+    """fdo.c FdoSetActive: BUG_ON(!Present) when XENFILT's EMULATED says the FDO's own device is not there;
+    the bugcheck's text is the expression, as the crash dump shows it."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    assert fdo.emulated is not None
+    answer = (False, EmulatedStatus.NEUTRAL) if fdo.emulated.Version >= 3 else False
+    monkeypatch.setattr(fdo.emulated, "EmulatedIsDevicePresent", lambda *args: answer)
+    with pytest.raises(BugCheck) as stop:
+        fdo.FdoSetActive()
+    assert stop.value.message == "BUG: !Present"
