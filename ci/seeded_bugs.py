@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--old-python", metavar="PY", help="an interpreter with COMMIT's dependencies")
     parser.add_argument("--old-tests", nargs="+", default=["tests/unit", "tests/conformance"],
                         help="COMMIT's tests to run (default: tests/unit tests/conformance)")
+    parser.add_argument("--old-deselect", metavar="NODEID", action="append", default=[],
+                        help="a test of COMMIT to leave out (one that fails there unchanged)")
     args = parser.parse_args(argv)
     if args.old and not args.old_python:
         parser.error("--old needs --old-python")
@@ -206,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     for bug in selected:
         try:
             now = run_bug(bug, python, list(bug.tests), None)
-            before = run_bug(bug, args.old_python, args.old_tests, args.old) if args.old else None
+            before = run_bug(bug, args.old_python,
+                                                 [*args.old_tests, *(f"--deselect={t}" for t in args.old_deselect)],
+                                                 args.old) if args.old else None
         except SeededBugError as exc:
             print(f"seeded_bugs: {exc}", file=sys.stderr)
             return 2
