@@ -131,3 +131,109 @@ def test_an_active_device_the_emulated_interface_says_is_absent_is_bug_present(r
     with pytest.raises(BugCheck) as stop:
         fdo.FdoSetActive()
     assert stop.value.message == "BUG: !Present"
+
+
+# ---- the suspend thread (fdo.c FdoSuspend's loop) --------------------------------------------------------
+
+def _rounds_of(fdo: XenbusFdo) -> list[int]:
+    rounds: list[int] = []
+    fdo.FdoSuspend = lambda: rounds.append(fdo.device_power)  # type: ignore[method-assign]
+    return rounds
+
+
+def _wait(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_the_suspend_thread_runs_a_round_per_event_and_none_while_idle(rig, machine) -> None:
+    """The thread's periodic wake-ups (SUSPEND_THREAD_PERIOD, to see a stop) are timeouts, not events: a
+    round of FdoSuspend runs only when the control/shutdown watch set the event."""
+    from xenpv.stack.drivers.xenbus.fdo import SUSPEND_THREAD_PERIOD
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    rounds = _rounds_of(fdo)
+    rig.platforms[-1].store.pump()  # xenstored fires a new watch once: that first round goes by here
+    fdo._suspend_event.set()
+    _wait(lambda: rounds, "the event never ran FdoSuspend")
+    _wait(lambda: not fdo._suspend_event.read_state(), "the event was never taken")
+    time.sleep(SUSPEND_THREAD_PERIOD)
+    rounds.clear()
+    time.sleep(3 * SUSPEND_THREAD_PERIOD)
+    assert rounds == [], "FdoSuspend ran without a control/shutdown event"
+    fdo._suspend_event.set()
+    _wait(lambda: rounds, "the event never ran FdoSuspend")
+    time.sleep(3 * SUSPEND_THREAD_PERIOD)
+    assert len(rounds) == 1
+
+
+def test_fdo_stop_returns_once_the_suspend_thread_has_ended(rig, machine) -> None:
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    thread = fdo._suspend_thread
+    assert thread is not None and thread.is_alive()
+    fdo.FdoStop()
+    assert not thread.is_alive()
+
+
+def test_a_stop_inside_a_suspend_is_reported_to_whoever_waits_for_the_resume(rig, machine) -> None:
+    """A STOP in SUSPEND.Trigger's callbacks ends the thread; the parked vCPU's relocation line hears
+    "the guest stopped: ..." instead of waiting for a resume that will not come."""
+    from xenpv.stack.kernel.bugcheck import BUG
+    fdo = rig.boot(machine(0x0001)).xenbus.active_fdo
+    reports: list[str | None] = []
+    fdo.platform.vcpu.relocation.report = reports.append
+
+    def stopping() -> None:
+        BUG("SuspendTrigger callback")
+
+    fdo.FdoSuspend = stopping  # type: ignore[method-assign]
+    fdo._suspend_event.set()
+    _wait(lambda: reports, "the relocation line never heard of the STOP")
+    assert len(reports) == 1 and reports[0] is not None
+    assert reports[0].startswith("the guest stopped: ") and "BUG: SuspendTrigger callback" in reports[0]
+
+
+def test_an_unhandled_exception_in_the_suspend_thread_is_a_stop_naming_xenbus(rig, machine) -> None:
+    """A system thread's unhandled exception stops Windows; the model's suspend thread stops the guest with
+    a BUG naming xenbus.sys and the exception, rather than silently no longer answering suspends."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    fdo.FdoSuspend = broken  # type: ignore[method-assign]
+    fdo._suspend_event.set()
+    cpu = booted.kernel.cpu
+    _wait(lambda: cpu.halted is not None, "the unhandled exception stopped nothing")
+    stop = cpu.halted
+    assert isinstance(stop, BugCheck)
+    assert stop.message == "BUG: unhandled RuntimeError in the suspend thread: boom"
+    assert stop.module == "xenbus.sys"
+
+
+def test_a_suspend_request_in_d3_is_left_for_d0(rig, machine, monkeypatch) -> None:
+    """FdoSuspend: "it is not safe to use interfaces before this point": in D3 the request stays."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    triggered: list[int] = []
+    monkeypatch.setattr(fdo.interfaces["SUSPEND"], "SuspendTrigger", lambda: triggered.append(1))
+    store = fdo.platform.store
+    with booted.kernel.cpu.lock:
+        fdo.FdoD0ToD3()
+        store.write("control/shutdown", "suspend")
+        fdo.FdoSuspend()
+    assert (triggered, fdo.suspends, store.read("control/shutdown")) == ([], 0, b"suspend")
+
+
+def test_a_control_shutdown_that_is_not_text_is_no_suspend_request(rig, machine, monkeypatch) -> None:
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    triggered: list[int] = []
+    monkeypatch.setattr(fdo.interfaces["SUSPEND"], "SuspendTrigger", lambda: triggered.append(1))
+    store = fdo.platform.store
+    store.write("control/shutdown", b"sus\xffpend")
+    with booted.kernel.cpu.lock:
+        fdo.FdoSuspend()
+    assert (triggered, store.read("control/shutdown")) == ([], b"sus\xffpend")
