@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The nightly job: `xenpv nightly` (the whole suite with JUnit on xdist workers, failures rerun once to
 # label flaky tests, every benchmark as JSON; the commit, versions and host recorded; the night stored in
-# the history database), then mutation testing, then the morning report from the history.
+# the history database), then mutation testing, then the seeded one-line bugs (ci/seeded_bugs.py), then
+# the morning report from the history.
 #   ci/nightly.sh [OUTDIR]     (default: artifacts/nightly-<date>-<time>)
 # NIGHTLY_DB: the history's database URL (default: the SQLite file artifacts/nightly-history.sqlite);
 # NIGHTLY_SINCE: how far back the report looks (default 14d).
@@ -33,6 +34,8 @@ if [ "${NIGHTLY_MUTATION:-1}" != 0 ]; then
     done
     [ $rc -ne 1 ] || status=1  # 2 (a group under its target) is reported in mutation/scores.txt, not a failure
 fi
+# The rules' hand-made one-line bugs (ci/seeded-bugs.toml): each must still fail the tests it names.
+mkdir -p "$out" && "$top/.venv/bin/python" "$top/ci/seeded_bugs.py" > "$out/seeded-bugs.log" 2>&1 || status=1
 "$top/.venv/bin/xenpv" report --since "${NIGHTLY_SINCE:-14d}" "${db[@]}" --out "$out/report" || status=1
 echo "nightly results in $out (status $status); the morning report: $out/report/report.html"
 exit $status
