@@ -428,3 +428,23 @@ def test_a_relative_watch_gets_relative_events_whatever_its_first_letter_and_spe
     assert g.take_events() == [("@releaseDomain", "r")]
     assert g.ok(T.UNWATCH, b"@releaseDomain\0r\0") == b"OK\0"
     assert g.unwatch_err("@releaseDomain", "r") == "ENOENT"
+
+
+# ---- transaction ids -----------------------------------------------------------------------------------
+
+def test_transaction_ids_count_up_wrap_past_zero_and_skip_those_in_use() -> None:
+    """A connection's transaction ids are 32-bit, never 0 (0 means "no transaction" on the wire), handed out
+    in order, and never one still open on that connection (C xenstored's transaction_start)."""
+    core = XenstoreCore(Quotas())
+    d0 = Peer(core)
+
+    def start() -> int:
+        return int(d0.ok(T.TRANSACTION_START, b"\0").rstrip(b"\0"))
+
+    assert [start(), start()] == [1, 2]
+    d0.conn.next_txid = 0xFFFFFFFE
+    assert [start(), start()] == [0xFFFFFFFE, 0xFFFFFFFF]
+    # Past 0xFFFFFFFF comes 0, which is skipped, then 1 and 2, both still open: 3.
+    assert start() == 3
+    assert start() == 4
+    assert d0.conn.next_txid == 5
