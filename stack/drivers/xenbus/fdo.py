@@ -50,7 +50,7 @@ from xenpv.stack.kernel.event import KEvent, KeWaitForSingleObject, wait_for_thr
 from xenpv.stack.kernel.irql import assert_passive, current_processor
 from xenpv.stack.kernel.power import D0, D3
 from xenpv.stack.kernel.registry import RegistryError
-from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_CANCELLED, STATUS_NOT_SUPPORTED, STATUS_SUCCESS,
+from xenpv.stack.kernel.status import (NT_SUCCESS, STATUS_CANCELLED, STATUS_SUCCESS,
                                        STATUS_UNSUCCESSFUL, status_name)
 from xenpv.stack.timescale import HarnessTooSlow
 from xenpv.stack.vcpu.relocation import parked_hypercall
@@ -561,7 +561,7 @@ def query_emulated(lower: DeviceObject, version: int) -> InterfaceTable | None:
     """Optional: a stack without XENFILT answers NOT_SUPPORTED, which is accepted."""
     irp = query_lower(lower, IRP_MN_PNP.QUERY_INTERFACE,
                       QueryInterfaceParameters(GUID_XENFILT_EMULATED_INTERFACE, 4096, version, None))
-    if irp.io_status.status == STATUS_NOT_SUPPORTED or not NT_SUCCESS(irp.io_status.status):
+    if not NT_SUCCESS(irp.io_status.status):
         return None
     return irp.parameters.interface
 

@@ -237,3 +237,24 @@ def test_a_control_shutdown_that_is_not_text_is_no_suspend_request(rig, machine,
     with booted.kernel.cpu.lock:
         fdo.FdoSuspend()
     assert (triggered, store.read("control/shutdown")) == ([], b"sus\xffpend")
+
+
+def test_a_lower_device_that_fails_a_query_gives_empty_ids_and_no_interfaces(monkeypatch) -> None:
+    """FdoCreate's queries of the PCI PDO below: a failed QUERY_ID or QUERY_DEVICE_TEXT is an empty string
+    (FdoSetActive then compares with nothing), and a failed QUERY_INTERFACE no interface, even when the
+    lower driver left one in the parameters (the EMULATED query accepts any failure: no XENFILT below)."""
+    from xenpv.stack.drivers.xenbus import fdo as fdo_module
+    from xenpv.stack.kernel import BusQueryIdType
+
+    def failing(lower, irp):  # type: ignore[no-untyped-def]
+        irp.io_status.status = STATUS_UNSUCCESSFUL
+        irp.io_status.information = "left over"
+        if hasattr(irp.parameters, "interface"):
+            irp.parameters.interface = object()
+        return STATUS_UNSUCCESSFUL
+
+    monkeypatch.setattr(fdo_module, "IoSynchronousCallDriver", failing)
+    assert fdo_module.query_id(None, BusQueryIdType.BusQueryDeviceID) == ""
+    assert fdo_module.query_location(None) == ""
+    assert fdo_module.query_bus_interface(None) is None
+    assert fdo_module.query_emulated(None, 3) is None

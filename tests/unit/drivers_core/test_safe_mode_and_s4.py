@@ -130,3 +130,78 @@ def test_d0_holds_exactly_the_fdos_own_interfaces(fdo) -> None:
     booted, fdo = fdo
     assert fdo._held == ["DEBUG", "SUSPEND", "RANGE_SET", "EVTCHN", "STORE", "CONSOLE"]
     assert all(fdo.interfaces[name].references >= 1 for name in fdo._held)
+
+
+# ---- FdoSetSystemPower: the order of the S3/S4 transitions ------------------------------------------------
+
+@pytest.fixture
+def resumes(fdo, monkeypatch) -> list[str]:
+    """What FdoS4ToS3 does to rebuild the FDO's view of a new domain, recorded in order."""
+    booted, fdo = fdo
+    calls: list[str] = []
+    monkeypatch.setattr(fdo.driver.xen.unplug, "UnplugDevices", lambda: calls.append("unplug") or 0)
+    monkeypatch.setattr(fdo.platform, "map_shared_info", lambda: calls.append("shared_info"), raising=False)
+    monkeypatch.setattr(fdo.platform, "map_grant_frames", lambda: calls.append("grant_frames"), raising=False)
+    monkeypatch.setattr(fdo.platform, "reconnect_store", lambda: calls.append("store") or 7, raising=False)
+    return calls
+
+
+def test_each_hibernation_goes_d3_checks_at_s3_and_resumes_in_the_new_domain(fdo, resumes, monkeypatch) -> None:
+    """fdo.c: down to S4 the FDO goes D3, then with its system state at S3 runs FdoS3ToS4, then records S4;
+    back to S0, FdoS4ToS3 (unplug, shared_info, grant frames, the store's new event channel) before D0.
+    Twice in a row: the first resume must leave the FDO in S0 for the second hibernation to run again."""
+    from xenpv.stack.drivers.xenbus.fdo import D0, D3
+    booted, fdo = fdo
+    checked_at: list[int] = []
+    real_check = fdo.FdoS3ToS4
+    monkeypatch.setattr(fdo, "FdoS3ToS4", lambda: (checked_at.append(fdo.system_power), real_check())[1])
+    for _ in range(2):
+        _system_power(booted, fdo, S4)
+        assert (fdo.device_power, fdo.system_power, checked_at, resumes) == (D3, S4, [S3], [])
+        _system_power(booted, fdo, S0)
+        assert resumes == ["unplug", "shared_info", "grant_frames", "store"]
+        assert (fdo.device_power, fdo.system_power) == (D0, S0)
+        assert fdo._held == ["DEBUG", "SUSPEND", "RANGE_SET", "EVTCHN", "STORE", "CONSOLE"]
+        assert any("FdoS4ToS3: platform mapped in the new domain, store port 7" in line
+                   for line in fdo.driver.xen.debug_log.tail(50))
+        checked_at.clear()
+        resumes.clear()
+
+
+def test_a_resume_from_s3_keeps_the_domain(fdo, resumes) -> None:
+    from xenpv.stack.drivers.xenbus.fdo import D0, D3
+    booted, fdo = fdo
+    _system_power(booted, fdo, S3)
+    assert (fdo.device_power, fdo.system_power) == (D3, S3)
+    _system_power(booted, fdo, S0)
+    assert (fdo.device_power, fdo.system_power, resumes) == (D0, S0, [])
+
+
+def test_an_s0_set_power_in_s0_changes_nothing(fdo, resumes, monkeypatch) -> None:
+    from xenpv.stack.drivers.xenbus.fdo import D0
+    booted, fdo = fdo
+    d3: list[int] = []
+    monkeypatch.setattr(fdo, "FdoD0ToD3", lambda *a, **k: d3.append(1))
+    _system_power(booted, fdo, S0)
+    assert (fdo.device_power, fdo.system_power, d3, resumes) == (D0, S0, [], [])
+
+
+def test_a_deeper_sleep_state_from_s3_is_recorded_without_a_resume(fdo, resumes) -> None:
+    from xenpv.stack.drivers.xenbus.fdo import D3
+    booted, fdo = fdo
+    _system_power(booted, fdo, S3)
+    _system_power(booted, fdo, S4)
+    assert (fdo.device_power, fdo.system_power, resumes) == (D3, S4, [])
+
+
+def test_s5_is_recorded_so_that_fdo_stop_keeps_the_store_keys(fdo, rig) -> None:
+    """S5 passes down with the FDO left in D0 (Windows sends it no D-IRP); FdoStop then keeps
+    control/feature-suspend, which the guest could not write again."""
+    from xenpv.stack.drivers.xenbus.fdo import D0
+    from xenpv.stack.kernel.power import S5
+    booted, fdo = fdo
+    _system_power(booted, fdo, S5)
+    assert (fdo.device_power, fdo.system_power) == (D0, S5)
+    store = rig.platforms[-1].store
+    fdo.FdoStop()
+    assert store.values.get("control/feature-suspend") == b"1"

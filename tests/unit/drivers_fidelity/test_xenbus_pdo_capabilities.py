@@ -8,12 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from xenpv.stack.drivers.xenbus.pdo import PARAMETERS, XenbusPdo
+from xenpv.stack.drivers.xenbus.pdo import XenbusPdo
 from xenpv.stack.kernel import (IRP_MN_PNP, DeviceKind, DriverObject, Irp, IoCreateDevice,
                                 QueryCapabilitiesParameters, Registry)
 from xenpv.stack.kernel.irp import DeviceCapabilities
 from xenpv.stack.kernel.irql import Processor, set_current_processor
 from xenpv.stack.kernel.status import STATUS_SUCCESS
+
+
+# The key the real driver reads, written out: the module's own constant would follow a typo in it.
+PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS\Parameters"
 
 
 @pytest.fixture(autouse=True)
