@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             old_verdict = {0: "missed by the old suite", FAILED: "caught by the old suite too"}.get(
                 before.status, f"old suite status {before.status}")
             print(f"{'':14}{args.old}: {old_verdict} ({before.output[-1] if before.output else ''})")
+            for ln in before.output[:-1]:
+                print(f"{'':14}{args.old}: {ln}")
     print(f"seeded_bugs: {len(selected) - missed} of {len(selected)} caught")
     return 1 if missed else 0
 
