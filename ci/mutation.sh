@@ -50,7 +50,7 @@ tests[xenhv]="tests/unit/xenabi/test_evtchn_2l.py tests/unit/xenhv/test_xenhv_se
 paths[driver-model]="stack/drivers/xenfilt/driver.py,stack/drivers/xenbus/fdo.py,stack/drivers/xenbus/pdo.py,stack/drivers/xen/unplug.py,stack/install/installer.py"
 tests[driver-model]="tests/unit/install/test_installer_veto_bounds.py tests/unit/drivers_core/test_fdo_suspend.py tests/unit/drivers_core/test_fdo_start_stop.py tests/unit/drivers_core/test_query_interface.py
   tests/unit/drivers_core/test_emulated.py tests/unit/drivers_core/test_set_active.py
-  tests/unit/drivers_core/test_unplug.py tests/unit/drivers_core/test_pdo_ids.py tests/unit/drivers_core/test_xenfilt.py
+  tests/unit/drivers_core/test_unplug.py tests/unit/drivers_core/test_pdo_ids.py tests/unit/drivers_core/test_xenbus_pdo.py tests/unit/drivers_core/test_xenfilt.py
   tests/unit/drivers_core/test_safe_mode_and_s4.py tests/unit/drivers_core/test_new_device_id.py
   tests/unit/drivers_core/test_supported_classes.py tests/unit/drivers_fidelity/test_xenbus_pdo_capabilities.py
   tests/unit/drivers_fidelity/test_xentouch.py tests/unit/xenbus_interfaces tests/unit/install/test_installer.py"

@@ -116,3 +116,15 @@ def test_a_vanished_class_loses_its_pdo(rig, machine) -> None:
     assert "VIF" not in fdo.children and vif.extension.missing == "device vanished"
     assert vif.deleted and not booted.nodes(r"XENBUS\VEN_XP&DEV_VIF")
     assert booted.nodes(r"XENBUS\VEN_XP&DEV_VBD")  # the others stay
+
+
+def test_hardware_ids_of_exactly_1024_bytes_are_over_the_limit(monkeypatch, checked_build) -> None:
+    """The ASSERT is strict: 1022 bytes fit, 1024 (the #define itself) do not. One revision's ID is
+    29 characters plus the vendor and the class; with XENCLASS (18 bytes), a vendor of 473 - len(class)
+    characters gives 2 * (502 + 1) + 18 = 1024 bytes."""
+    monkeypatch.setattr(pdo_module, "XENBUS_REVISIONS", _revisions(1))
+    fits = pdo_hardware_ids("X" * (472 - 3), "VBD")
+    assert multi_sz_bytes_before_final_terminator(fits) == 1022
+    with pytest.raises(BugCheck) as stop:
+        pdo_hardware_ids("X" * (473 - 3), "VBD")
+    assert stop.value.params[0] == STATUS_ASSERTION_FAILURE
