@@ -448,3 +448,120 @@ def test_transaction_ids_count_up_wrap_past_zero_and_skip_those_in_use() -> None
     assert start() == 3
     assert start() == 4
     assert d0.conn.next_txid == 5
+
+
+# ---- dom0's domain operations -----------------------------------------------------------------------------
+
+class RecordingAttacher:
+    """The core's seam to the ring transport (daemon.py's real one maps the page and binds the port):
+    records what the core asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def attach(self, domid: int, gfn: int, port: int):  # type: ignore[no-untyped-def]
+        self.calls.append(("attach", domid, gfn, port))
+        return None
+
+    def rebind(self, conn, port: int) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("rebind", conn.name, port))
+
+    def detach(self, conn) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("detach", conn.name))
+
+
+def test_introduce_takes_exactly_three_arguments_and_bounds_the_port_and_domid() -> None:
+    from xenpv.xenabi.event_channel import DOMID_FIRST_RESERVED
+    core = XenstoreCore(Quotas())
+    d0 = Peer(core)
+    assert d0.err(T.INTRODUCE, b"5\x004660\x009\x00extra\0") == "EINVAL"
+    assert d0.err(T.INTRODUCE, b"5\x004660\0") == "EINVAL"
+    assert d0.err(T.INTRODUCE, b"5\x004660\x000\0") == "EINVAL"                       # port 0
+    assert d0.err(T.INTRODUCE, b"5\x004660\x004294967296\0") == "EINVAL"              # beyond 32 bits
+    assert d0.err(T.INTRODUCE, b"%d\x004660\x009\0" % DOMID_FIRST_RESERVED) == "EINVAL"
+    assert core.domains == {}
+    d0.ok(T.INTRODUCE, b"%d\x004660\x004294967295\0" % (DOMID_FIRST_RESERVED - 1))
+    d0.ok(T.INTRODUCE, b"5\x004660\x009\0")
+    dom = core.domains[5]
+    assert (dom.domid, dom.gfn, dom.port) == (5, 4660, 9)
+
+
+def test_introduce_again_moves_the_port_and_rebinds_only_a_connected_ring() -> None:
+    attacher = RecordingAttacher()
+    core = XenstoreCore(Quotas(), attacher)
+    d0 = Peer(core)
+    d0.ok(T.INTRODUCE, b"5\x004660\x009\0")
+    assert attacher.calls == [("attach", 5, 4660, 9)]
+    d0.ok(T.INTRODUCE, b"5\x004660\x0011\0")        # no connection yet: nothing to rebind
+    assert core.domains[5].port == 11 and len(attacher.calls) == 1
+    guest = peer(core, 5)
+    core.domains[5].conn = guest.conn
+    d0.ok(T.INTRODUCE, b"5\x004660\x0012\0")
+    assert attacher.calls[1:] == [("rebind", guest.conn.name, 12)]
+    # A core without a transport (unit tests, the socket-only daemon) keeps the port and asks nothing.
+    bare = XenstoreCore(Quotas())
+    b0 = Peer(bare)
+    b0.ok(T.INTRODUCE, b"5\x004660\x009\0")
+    bare.domains[5].conn = peer(bare, 5).conn
+    b0.ok(T.INTRODUCE, b"5\x004660\x0013\0")
+    assert bare.domains[5].port == 13
+
+
+def test_release_drops_the_connection_and_detaches_it_from_the_transport() -> None:
+    for attacher in (RecordingAttacher(), None):
+        core = XenstoreCore(Quotas(), attacher)
+        d0 = Peer(core)
+        d0.ok(T.INTRODUCE, b"5\x004660\x009\0")
+        guest = peer(core, 5)
+        core.domains[5].conn = guest.conn
+        d0.ok(T.RELEASE, b"5\0")
+        assert 5 not in core.domains
+        if attacher is not None:
+            assert attacher.calls[-1] == ("detach", guest.conn.name)
+        assert d0.err(T.RELEASE, b"5\0") == "ENOENT"
+
+
+def test_is_domain_introduced_is_true_for_dom0_and_self_and_introduced_domains_only() -> None:
+    from xenpv.xenabi.event_channel import DOMID_SELF
+    core = XenstoreCore(Quotas())
+    d0 = Peer(core)
+    assert d0.ok(T.IS_DOMAIN_INTRODUCED, b"0\0") == b"T\0"
+    assert d0.ok(T.IS_DOMAIN_INTRODUCED, b"%d\0" % DOMID_SELF) == b"T\0"
+    assert d0.ok(T.IS_DOMAIN_INTRODUCED, b"1\0") == b"F\0"
+    d0.ok(T.INTRODUCE, b"1\x004660\x009\0")
+    assert d0.ok(T.IS_DOMAIN_INTRODUCED, b"1\0") == b"T\0"
+
+
+def test_resume_and_set_target_need_an_introduced_domain_and_their_own_arity() -> None:
+    core = XenstoreCore(Quotas())
+    d0 = Peer(core)
+    assert d0.err(T.RESUME, b"5\0") == "ENOENT"
+    assert d0.err(T.SET_TARGET, b"5\x006\0") == "ENOENT"
+    d0.ok(T.INTRODUCE, b"5\x004660\x009\0")
+    guest = peer(core, 5)
+    core.domains[5].conn = guest.conn
+    assert d0.err(T.SET_TARGET, b"5\x006\x007\0") == "EINVAL"
+    d0.ok(T.SET_TARGET, b"5\x006\0")
+    assert guest.conn.target == 6
+
+
+def test_get_feature_of_a_domain_is_dom0s_question_about_an_introduced_one() -> None:
+    core = XenstoreCore(Quotas())
+    d0 = Peer(core)
+    features = d0.ok(T.GET_FEATURE, b"")
+    assert d0.ok(T.GET_FEATURE, b"0\0") == features
+    assert d0.err(T.GET_FEATURE, b"5\0") == "ENOENT"
+    d0.ok(T.INTRODUCE, b"5\x004660\x009\0")
+    assert d0.ok(T.GET_FEATURE, b"5\0") == features
+    guest = peer(core, 5)
+    assert guest.ok(T.GET_FEATURE, b"") == features
+    assert guest.err(T.GET_FEATURE, b"5\0") == "EACCES"
+
+
+def test_control_knows_print_with_one_argument_and_internal_errors_with_none() -> None:
+    core = XenstoreCore(Quotas())
+    d0 = Peer(core)
+    assert d0.ok(T.CONTROL, b"print\x00hello\0") == b"OK\0"
+    assert d0.ok(T.CONTROL, b"internal-errors\0") == b"0\0"
+    for bad in (b"print\0", b"print\x00a\x00b\0", b"internal-errors\x00x\0", b"log\x00x\0", b"nosuch\0"):
+        assert d0.err(T.CONTROL, bad) == "EINVAL", bad
