@@ -98,3 +98,13 @@ def test_remove_deletes_a_missing_pdo_and_keeps_a_present_one(child) -> None:
     pdo.extension.PdoSetMissing("test")
     _pnp(booted, pdo, IRP_MN_PNP.REMOVE_DEVICE)
     assert pdo.deleted
+
+
+def test_power_irps_to_a_child_complete_successfully(child) -> None:
+    from xenpv.stack.kernel import IRP_MN_POWER, POWER_STATE_TYPE, PowerParameters
+    from xenpv.stack.kernel.power import S3
+    booted, fdo, pdo = child
+    irp = Irp.power(IRP_MN_POWER.SET_POWER, PowerParameters(POWER_STATE_TYPE.SystemPowerState, S3))
+    with booted.kernel.cpu.lock:
+        assert pdo.extension.dispatch_power(irp) == STATUS_SUCCESS
+    assert irp.completed and irp.io_status.status == STATUS_SUCCESS
