@@ -565,3 +565,21 @@ def test_control_knows_print_with_one_argument_and_internal_errors_with_none() -
     assert d0.ok(T.CONTROL, b"internal-errors\0") == b"0\0"
     for bad in (b"print\0", b"print\x00a\x00b\0", b"internal-errors\x00x\0", b"log\x00x\0", b"nosuch\0"):
         assert d0.err(T.CONTROL, bad) == "EINVAL", bad
+
+
+# ---- SET_PERMS' permission syntax (C strtol base 0 over the whole domid) -----------------------------------
+
+@pytest.mark.parametrize("raw, domid", [(b"r65535", 0xFFFF), (b"w0", 0), (b"n0x1f", 31), (b"b0X1F", 31),
+                                        (b"r010", 8), (b"r07", 7), (b"r9", 9)])
+def test_a_permission_domid_is_strtol_base_0_up_to_65535(raw: bytes, domid: int) -> None:
+    from xenpv.backends.xenstored.perms import parse_perm
+    assert parse_perm(raw).domid == domid
+
+
+@pytest.mark.parametrize("raw", [b"r65536", b"r08", b"r0x", b"r-1", b"r", b"x5", b"r5a"])
+def test_a_permission_that_strtol_would_not_read_whole_is_einval(raw: bytes) -> None:
+    from xenpv.backends.xenstored.errors import XsError
+    from xenpv.backends.xenstored.perms import parse_perm
+    with pytest.raises(XsError) as err:
+        parse_perm(raw)
+    assert err.value.errno_name == "EINVAL"
