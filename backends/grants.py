@@ -78,7 +78,6 @@ class BackendGrants:
             for fd in fds:
                 os.close(fd)
         self._party, self._generation = shared["party"], shared["generation"]
-        self._ram_pages = self._pins.ram_pages
 
     @property
     def local(self) -> bool:
@@ -99,19 +98,16 @@ class BackendGrants:
 
     # ---- pins --------------------------------------------------------------------------------------------
 
-    def _page_ok(self, gfn: int) -> bool:
-        assert self._pins is not None
-        if gfn >= self._ram_pages or self._pins.overlaid(gfn):
-            raise GrantNotLocal(f"dom{self.domid}: gfn {gfn:#x} is not guest RAM")
-        return True
-
     def pin(self, ref: int, writable: bool) -> tuple[int, int | None]:
-        """Pin ``ref``: (its frame, xenhv's handle when xenhv holds the mapping).  Pair with :meth:`unpin`."""
+        """Pin ``ref``: (its frame, xenhv's handle when xenhv holds the mapping).  Pair with :meth:`unpin`.
+
+        A pin here is one native call (xenabi.grant_pins), page check included: the frame must be guest RAM
+        that no hypervisor page covers, the RAM this link maps; any other frame is xenhv's to decide."""
         pins = self._pins
         if pins is not None:
             try:
-                return pins.pin(self._party, ref, writable, BACKEND_DOMID, mask=MAP_MASK, page_ok=self._page_ok,
-                                op="map", generation=self._generation), None
+                return pins.pin(self._party, ref, writable, BACKEND_DOMID, mask=MAP_MASK, op="map",
+                                generation=self._generation), None
             except GrantNotLocal:
                 pass  # xenhv decides
             except GrantRefused as exc:

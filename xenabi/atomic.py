@@ -38,6 +38,11 @@ _MAX = {w: (1 << 8 * w) - 1 for w in WIDTHS}
 _OPS = load_atomic_ops()
 
 
+def helper() -> ctypes.CDLL:
+    """The loaded helper, for its functions that take no buffer (xenabi.grant_pins' layout check and hook)."""
+    return _OPS
+
+
 @dataclass(frozen=True)
 class CmpxchgResult:
     """``observed`` is the value found in memory: equal to the expected value exactly when ``success``."""
@@ -178,6 +183,20 @@ class AtomicMemory:
             if length > self._size:
                 raise ValueError(f"{name} on {length} bytes of a {self._size}-byte buffer")
             return getattr(_OPS, name)(self._base, *args)
+
+    def call_with(self, name: str, length: int, other: "AtomicMemory", offset: int, width: int, *args: int) -> int:
+        """:meth:`call` over two buffers: ``name(address of byte 0, address of other's word at offset, *args)``
+        with both held (this one first: callers that nest them keep that order).  The helper works on the
+        first ``length`` bytes of this buffer and on the naturally aligned ``width`` bytes at ``offset`` of
+        ``other``."""
+        if other is self:
+            raise ValueError(f"{name}: call_with needs two different buffers")
+        with self._lock, other._lock:
+            if self._view is None:
+                raise AtomicMemoryReleasedError(f"atomic memory was released ({name} on {length} bytes)")
+            if length > self._size:
+                raise ValueError(f"{name} on {length} bytes of a {self._size}-byte buffer")
+            return getattr(_OPS, name)(self._base, other._address(offset, width), *args)
 
     def release(self) -> None:
         """Give the buffer export back, after any operation in progress.  Further operations raise

@@ -21,20 +21,30 @@ domain's, that a write pin is not on a GTF_readonly entry, and sets GTF_reading 
 compare-and-swap of flags and domid together: the guest may change them concurrently, and a changed domid
 must fail the swap rather than hand the page to another domain.  The last writer clears GTF_writing, the
 last pin GTF_reading; until then the guest's end_foreign_access sees the entry busy.
+
+Where it runs: a pin and an unpin are each one call of the native helper (``xpv_pin`` and ``xpv_unpin`` in
+xenabi/_atomic_ops.c, the only implementation of the rules above); this module states the layouts, passes
+every offset and constant to it (:class:`_NativeLayout`, once per table) and words its refusals.  The page
+check of a pin is native too when it is the table's own rule (the frame is guest RAM below ``ram_pages``
+and no hypervisor page covers it: what a back-end reaches over vhost-user); a caller with another rule
+(xenhv's p2m) passes ``page_ok``, which runs with the entry held, between ``xpv_pin`` and
+``xpv_pin_finish``.  xenhv's recovery of a gone party (:meth:`PinTable.recover_party`) is the slow path
+and stays here, reading the same word.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from xenpv.xenabi.atomic import AtomicMemory
-from xenpv.xenabi.grant_entries import (COMBO, COMBO_BYTES, DOMID_SHIFT, FLAGS, FLAGS_BYTES, FLAGS_MASK, FRAME,
-                                        FRAME_BYTES, entry_location)
+from xenpv.xenabi.atomic import AtomicMemory, helper
+from xenpv.xenabi.grant_entries import (COMBO, COMBO_BYTES, DOMID_SHIFT, ENTRY_SIZE as GRANT_ENTRY_SIZE, FLAGS,
+                                        FLAGS_BYTES, FLAGS_MASK, FRAME, FRAME_BYTES, entry_location)
 from xenpv.xenabi.grant_table import (GNTST_bad_gntref, GNTST_bad_handle, GNTST_bad_page, GNTST_eagain,
                                       GNTST_general_error, GNTST_no_space, GRANT_ENTRIES_V1_PER_FRAME,
                                       GTF_permit_access, GTF_readonly, GTF_reading, GTF_sub_page, GTF_type_mask,
@@ -51,6 +61,8 @@ XENHV_PARTY = 1
 LOCK_WAIT_SECONDS = 0.5
 # Hypervisor frames a guest can place in its physical map (shared_info and the grant frames).
 MAX_OVERLAY = 128
+# A reader retries the overlay list this many times while xenhv rewrites it, then lets xenhv decide.
+OVERLAY_ATTEMPTS = 100
 MAGIC = 0x70696E73  # "pins"
 # The highest count of one kind one party may hold on one entry (its count is a byte).
 MAX_PARTY_PINS = 0xFF
@@ -64,6 +76,8 @@ OLD_R_SHIFT, OLD_W_SHIFT = 8, 16
 TOTAL_R_SHIFT, TOTAL_W_SHIFT = 24, 44
 TOTAL_MASK = (1 << 20) - 1
 TOTALS_MASK = ~((1 << TOTAL_R_SHIFT) - 1) & ((1 << 64) - 1)
+# A party's count of one entry: readers in the low byte, writers in the high one.
+COUNT_MASK, COUNT_W_SHIFT = 0xFF, 8
 
 
 class PinTableHeader(XenStruct):
@@ -120,6 +134,94 @@ def _word(readers: int, writers: int) -> int:
     return (readers << TOTAL_R_SHIFT) | (writers << TOTAL_W_SHIFT)
 
 
+# ---- the native helper's view of a table (xenabi/_atomic_ops.c, struct xpv_pins) ------------------------
+
+class _NativeLayout(ctypes.Structure):
+    """What ``xpv_pin``/``xpv_unpin`` know of the layouts above, field for field in the order of struct
+    xpv_pins (its size is checked against the helper's at import).  Offsets of the header and of an entry
+    are from the table's first byte and the entry's; ``*_width`` are sizes in bytes."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size",
+        "party_gen", "party_gen_width", "ram_pages", "ram_pages_width",
+        "overlay_seq", "overlay_seq_width", "overlay_count", "overlay_count_width", "overlay", "overlay_width",
+        "max_overlay", "overlay_attempts",
+        "entries", "entry_size", "word", "word_width", "gfn", "gfn_width", "domid", "domid_width",
+        "counts", "count_width", "max_entries", "count_w_shift", "count_mask",
+        "holder_mask", "op_pin", "op_unpin", "op_writable", "old_r_shift", "old_w_shift", "total_r_shift",
+        "total_w_shift", "total_mask", "max_party_pins", "xenhv_party", "lock_wait_ns",
+        "combo", "combo_width", "flags", "flags_width", "frame", "frame_width", "domid_shift", "flags_mask",
+        "gtf_permit_access", "gtf_readonly", "gtf_reading", "gtf_writing", "cmpxchg_attempts")]
+
+
+if helper().xpv_pins_size() != ctypes.sizeof(_NativeLayout):
+    raise ImportError(f"xenabi/_atomic_ops.so's struct xpv_pins has {helper().xpv_pins_size()} bytes, "
+                      f"grant_pins' layout {ctypes.sizeof(_NativeLayout)}: rebuild it (python -m xenpv.xenabi.native)")
+
+
+def _element_width(struct: type[ctypes.Structure], name: str) -> int:
+    field_type = dict(struct._fields_)[name]
+    return ctypes.sizeof(getattr(field_type, "_type_", field_type))
+
+
+def _native_layout(max_entries: int) -> _NativeLayout:
+    header, entry = PinTableHeader, PinEntry
+    return _NativeLayout(
+        size=ctypes.sizeof(_NativeLayout),
+        party_gen=header.party_gen.offset, party_gen_width=_element_width(header, "party_gen"),
+        ram_pages=header.ram_pages.offset, ram_pages_width=header.ram_pages.size,
+        overlay_seq=header.overlay_seq.offset, overlay_seq_width=header.overlay_seq.size,
+        overlay_count=header.overlay_count.offset, overlay_count_width=header.overlay_count.size,
+        overlay=header.overlay.offset, overlay_width=_element_width(header, "overlay"), max_overlay=MAX_OVERLAY,
+        overlay_attempts=OVERLAY_ATTEMPTS,
+        entries=ENTRIES_OFFSET, entry_size=ENTRY_SIZE, word=entry.word.offset, word_width=entry.word.size,
+        gfn=entry.gfn.offset, gfn_width=entry.gfn.size, domid=entry.domid.offset, domid_width=entry.domid.size,
+        counts=_counts_offset(max_entries), count_width=PARTY_COUNT_BYTES, max_entries=max_entries,
+        count_w_shift=COUNT_W_SHIFT, count_mask=COUNT_MASK,
+        holder_mask=HOLDER_MASK, op_pin=OP_PIN, op_unpin=OP_UNPIN, op_writable=OP_WRITABLE,
+        old_r_shift=OLD_R_SHIFT, old_w_shift=OLD_W_SHIFT, total_r_shift=TOTAL_R_SHIFT, total_w_shift=TOTAL_W_SHIFT,
+        total_mask=TOTAL_MASK, max_party_pins=MAX_PARTY_PINS, xenhv_party=XENHV_PARTY,
+        lock_wait_ns=int(LOCK_WAIT_SECONDS * 1e9),
+        combo=COMBO, combo_width=COMBO_BYTES, flags=FLAGS, flags_width=FLAGS_BYTES, frame=FRAME,
+        frame_width=FRAME_BYTES, domid_shift=DOMID_SHIFT, flags_mask=FLAGS_MASK,
+        gtf_permit_access=GTF_permit_access, gtf_readonly=GTF_readonly, gtf_reading=GTF_reading,
+        gtf_writing=GTF_writing, cmpxchg_attempts=CMPXCHG_ATTEMPTS)
+
+
+# What a native call returns: one of these codes in the low byte, a value above it (enum xpv_pin_code).
+CODE_BITS = 8
+(PIN_OK, PIN_BUSY, PIN_REVOKED, PIN_NO_SPACE, PIN_NOT_GRANTED, PIN_READ_ONLY, PIN_CHANGING, PIN_IN_USE,
+ PIN_NOT_LOCAL, PIN_PAGE_CHECK, PIN_NO_PIN, PIN_LOST) = range(12)
+# A call's other arguments, packed in two words: `who` is the ref | the party << 32 | the mapping domain (or
+# the owner of an unpin) << 40; `how` is the mask in its low 16 bits, these flags and the generation << 32.
+_WHO_PARTY_SHIFT, _WHO_DOMAIN_SHIFT = 32, 40
+_HOW_WRITABLE = 1 << 16
+_HOW_CALLER_CHECKS_PAGE = 1 << 17
+_HOW_GENERATION_SHIFT = 32
+_FIRST_PIN = 1 << 32  # in PIN_PAGE_CHECK's value, above the frame
+
+# The points of a pin or unpin where a test's hook runs (enum xpv_pin_point): a party can die at any of them.
+AT_HELD = 1  # the entry was just taken
+AT_STATUS = 2  # before each compare-and-swap of the guest's flags and domid
+AT_SETTLE = 3  # before GTF_reading/GTF_writing are settled (a release, or a pin undone)
+AT_COUNTED = 4  # the party's count is stored, the entry not yet released
+_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_uint)
+
+
+@contextlib.contextmanager
+def native_hook(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """For tests: ``callback(point, ref)`` runs at every AT_* point of every pin and unpin of this process
+    while the block runs (one hook at a time).  It runs in the pinning thread with the pin table's and the
+    grant frame's :class:`AtomicMemory` held, so it must reach those pages through other views; an exception
+    it raises is printed and ignored (ctypes), so record what it saw instead."""
+    hook = _HOOK(callback)
+    helper().xpv_pins_set_hook(ctypes.cast(hook, ctypes.c_void_p))
+    try:
+        yield
+    finally:
+        helper().xpv_pins_set_hook(None)
+
+
 class GrantRefused(Exception):
     """A grant rule refused a pin; ``status`` is the GNTST_* code Xen would report."""
 
@@ -134,32 +236,6 @@ class GrantNotLocal(GrantRefused):
 
     def __init__(self, message: str) -> None:
         super().__init__(GNTST_bad_page, message)
-
-
-def set_status(frames: list[AtomicMemory], granter: int, ref: int, mapper: int, readonly: bool, mask: int, *,
-               check_grant: bool, op: str) -> None:
-    """Xen's ``_set_status_v1``: set GTF_reading (and GTF_writing unless ``readonly``) on ``ref`` for
-    ``mapper``, checking the entry grants it (when ``check_grant``: the first pin) and that a write pin is
-    not on a read-only grant.  ``mask`` is the flag bits that must read GTF_permit_access."""
-    mem, off = entry_location(frames, ref)
-    combo = mem.load(off + COMBO, COMBO_BYTES)
-    for _attempt in range(CMPXCHG_ATTEMPTS):
-        flags, domid = combo & FLAGS_MASK, combo >> DOMID_SHIFT
-        if check_grant and ((flags & mask) != GTF_permit_access or domid != mapper):
-            raise GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref} (flags {flags:#x}, "
-                                                    f"domid {domid}) does not grant access to dom{mapper}")
-        new_flags = flags | GTF_reading
-        if not readonly:
-            if flags & GTF_readonly:
-                raise GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref} is read-only, "
-                                                        f"dom{mapper} asked to write")
-            new_flags |= GTF_writing
-        result = mem.cmpxchg(off + COMBO, COMBO_BYTES, combo, (domid << DOMID_SHIFT) | new_flags)
-        if result.success:
-            return
-        combo = result.observed
-    raise GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref} kept changing during "
-                                            f"{CMPXCHG_ATTEMPTS} compare-and-swap attempts")
 
 
 MAP_MASK = GTF_type_mask | GTF_sub_page  # a mapping covers the whole page: sub-page grants are refused
@@ -187,10 +263,12 @@ class PinTable:
         if len(self._raw) < table_size(self.max_entries):
             raise ValueError(f"pin table of {len(self._raw)} bytes is too small for {self.max_entries} entries")
         self._counts = _counts_offset(self.max_entries)
+        self._length = table_size(self.max_entries)
+        # The native helper's view of this table, passed by address with every pin and unpin.
+        self._native = _native_layout(self.max_entries)
+        self._native_address = ctypes.addressof(self._native)
         self.frames = frames
         self.granter = granter
-        self._overlay_seen = -1
-        self._overlay: frozenset[int] = frozenset()
         self._known_entries = 0  # the table never shrinks: refs below this need no look at the header
 
     @staticmethod
@@ -238,23 +316,6 @@ class PinTable:
         self._mem.store(PinTableHeader.overlay_count.offset, 4, len(gfns))
         self._mem.store(seq, 4, self._mem.load(seq, 4) + 1)
 
-    def overlaid(self, gfn: int) -> bool:
-        """Whether a hypervisor page covers ``gfn`` (a seqlock read, cached until xenhv publishes again)."""
-        seq_off = PinTableHeader.overlay_seq.offset
-        for _attempt in range(100):
-            seq = self._mem.load(seq_off, 4)
-            if seq == self._overlay_seen:
-                return gfn in self._overlay
-            if seq & 1:
-                time.sleep(0)
-                continue
-            count = min(self._mem.load(PinTableHeader.overlay_count.offset, 4), MAX_OVERLAY)
-            gfns = frozenset(self._mem.load(PinTableHeader.overlay.offset + 8 * i, 8) for i in range(count))
-            if self._mem.load(seq_off, 4) == seq:
-                self._overlay, self._overlay_seen = gfns, seq
-                return gfn in gfns
-        return True  # xenhv kept rewriting it: let xenhv decide this one
-
     # ---- entries -----------------------------------------------------------------------------------------
 
     def _word_offset(self, ref: int) -> int:
@@ -275,7 +336,7 @@ class PinTable:
 
     def party_counts(self, party: int, ref: int) -> PartyCounts:
         value = self._mem.load(self._count_offset(party, ref), PARTY_COUNT_BYTES)
-        return PartyCounts(value & 0xFF, value >> 8)
+        return PartyCounts(value & COUNT_MASK, value >> COUNT_W_SHIFT)
 
     def _check_ref(self, ref: int, op: str) -> None:
         if isinstance(ref, int) and 0 <= ref < self._known_entries:
@@ -285,118 +346,114 @@ class PinTable:
             raise GrantRefused(GNTST_bad_gntref, f"{op}: dom{self.granter} ref {ref} is beyond "
                                                  f"{self.nr_entries} entries")
 
-    def _lock(self, holder: int, ref: int, op_bits: int, count_party: int) -> tuple[int, int]:
-        """Take entry ``ref`` for ``holder``: returns (the word before, ``count_party``'s counts then)."""
-        off = self._word_offset(ref)
-        word = self._mem.load(off, 8)
-        deadline = None
-        while True:
-            if word & HOLDER_MASK == 0:
-                counts = self._mem.load(self._count_offset(count_party, ref), PARTY_COUNT_BYTES)
-                locked = (word | holder | op_bits | (counts & 0xFF) << OLD_R_SHIFT | (counts >> 8) << OLD_W_SHIFT)
-                result = self._mem.cmpxchg(off, 8, word, locked)
-                if result.success:
-                    return word, counts
-                word = result.observed
-                continue
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + LOCK_WAIT_SECONDS
-            elif now > deadline:
-                raise GrantRefused(GNTST_eagain, f"dom{self.granter} ref {ref}: its active entry is held by "
-                                                 f"party {word & HOLDER_MASK} for more than {LOCK_WAIT_SECONDS}s")
-            time.sleep(0)
-            word = self._mem.load(off, 8)
-
-    def _unlock(self, ref: int, word: int) -> None:
-        self._mem.store(self._word_offset(ref), 8, word & TOTALS_MASK)
-
-    def _clear_flags(self, ref: int, bits: int) -> None:
-        mem, off = entry_location(self.frames, ref)
-        mem.fetch_and(off + FLAGS, FLAGS_BYTES, ~bits)
-
-    def _settle_flags(self, ref: int, readers: int, writers: int) -> None:
-        """Make the guest's GTF_reading/GTF_writing say what the totals say (after a release)."""
-        if readers + writers == 0:
-            self._clear_flags(ref, GTF_reading | GTF_writing)
-        elif writers == 0:
-            self._clear_flags(ref, GTF_writing)
-
-    def _check_party(self, party: int, generation: int, ref: int, word: int, op: str) -> None:
-        if party != XENHV_PARTY and self.party_generation(party) != generation:
-            self._unlock(ref, word)
-            raise GrantRefused(GNTST_general_error, f"{op}: party {party}'s access to dom{self.granter}'s "
-                                                    f"grants was revoked (its link was detached)")
-
     def pin(self, party: int, ref: int, writable: bool, mapper: int, *, mask: int,
-            page_ok: Callable[[int], bool], op: str, generation: int = 0) -> int:
-        """Pin ``ref`` for ``party`` (of domain ``mapper``): returns the frame pinned.  ``page_ok(gfn)`` says
-        whether the frame is a page the caller can reach; it may raise GrantNotLocal itself."""
+            page_ok: Callable[[int], bool] | None = None, op: str, generation: int = 0) -> int:
+        """Pin ``ref`` for ``party`` (of domain ``mapper``): returns the frame pinned.  Without ``page_ok``
+        the frame must be guest RAM no hypervisor page covers (the table's own rule, checked natively; a
+        frame that is not is GrantNotLocal: only xenhv can decide it).  ``page_ok(gfn)`` is another rule,
+        called with the entry held; it may raise GrantNotLocal itself."""
         self._check_ref(ref, op)
-        word, counts = self._lock(party, ref, OP_PIN | (OP_WRITABLE if writable else 0), party)
-        self._check_party(party, generation, ref, word, op)
-        set_bits = 0
+        frame, offset = entry_location(self.frames, ref)
+        who = ref | party << _WHO_PARTY_SHIFT | mapper << _WHO_DOMAIN_SHIFT
+        how = mask | generation << _HOW_GENERATION_SHIFT | (_HOW_WRITABLE if writable else 0)
+        if page_ok is not None:
+            how |= _HOW_CALLER_CHECKS_PAGE
+        result = self._mem.call_with("xpv_pin", self._length, frame, offset, GRANT_ENTRY_SIZE, self._native_address,
+                                     who, how)
+        code = result & 0xFF
+        if code == PIN_OK:
+            return result >> CODE_BITS
+        if code == PIN_PAGE_CHECK and page_ok is not None:
+            return self._check_page(party, ref, mapper, who, how, frame, offset, result >> CODE_BITS, page_ok, op)
+        raise self._refusal(result, party, ref, writable, mapper, op)
+
+    def _check_page(self, party: int, ref: int, mapper: int, who: int, how: int, frame: AtomicMemory, offset: int,
+                    value: int, page_ok: Callable[[int], bool], op: str) -> int:
+        """The caller's page check of a pin whose entry ``xpv_pin`` left held; ``xpv_pin_finish`` counts the
+        pin or undoes it."""
+        gfn = value & (_FIRST_PIN - 1)
         try:
-            readers, writers = _totals(word)
-            mine = counts >> 8 if writable else counts & 0xFF
-            if mine >= MAX_PARTY_PINS or readers + writers >= TOTAL_MASK:
-                raise GrantRefused(GNTST_no_space, f"{op}: dom{self.granter} ref {ref} has too many pins")
-            entry = ENTRIES_OFFSET + ref * ENTRY_SIZE
-            if readers + writers == 0:
-                set_status(self.frames, self.granter, ref, mapper, not writable, mask, check_grant=True, op=op)
-                set_bits = GTF_reading | (GTF_writing if writable else 0)
-                mem, off = entry_location(self.frames, ref)
-                gfn = mem.load(off + FRAME, FRAME_BYTES)
-                if not page_ok(gfn):
-                    raise GrantRefused(GNTST_bad_page, f"{op}: dom{self.granter} ref {ref} grants gfn {gfn:#x}, "
-                                                       f"which is not a page of the domain")
-                self._mem.store(entry + PinEntry.gfn.offset, 4, gfn)
-                self._mem.store(entry + PinEntry.domid.offset, 2, mapper)
-            else:
-                holder_dom = self._mem.load(entry + PinEntry.domid.offset, 2)
-                if holder_dom != mapper:
-                    raise GrantRefused(GNTST_general_error, f"{op}: dom{self.granter} ref {ref} is in use by "
-                                                            f"dom{holder_dom}, not dom{mapper}")
-                if writable and writers == 0:
-                    # Once pinned, the entry cannot have been revoked, so only the read-only bit is re-checked.
-                    set_status(self.frames, self.granter, ref, mapper, False, mask, check_grant=False, op=op)
-                    set_bits = GTF_writing
-                gfn = self._mem.load(entry + PinEntry.gfn.offset, 4)
-                if not page_ok(gfn):
-                    raise GrantNotLocal(f"{op}: dom{self.granter} ref {ref}: gfn {gfn:#x} is not RAM here")
+            ok = bool(page_ok(gfn))
         except BaseException:
-            if set_bits:
-                self._settle_flags(ref, readers, writers)
-            self._unlock(ref, word)
+            self._finish(party, ref, mapper, who, how, frame, offset, gfn, False, op)
             raise
-        counts += 0x100 if writable else 1
-        self._mem.store(self._count_offset(party, ref), PARTY_COUNT_BYTES, counts)
-        self._unlock(ref, word + (1 << (TOTAL_W_SHIFT if writable else TOTAL_R_SHIFT)))
-        return gfn
+        self._finish(party, ref, mapper, who, how, frame, offset, gfn, ok, op)
+        if ok:
+            return gfn
+        if value & _FIRST_PIN:
+            raise GrantRefused(GNTST_bad_page, f"{op}: dom{self.granter} ref {ref} grants gfn {gfn:#x}, "
+                                               f"which is not a page of the domain")
+        raise GrantNotLocal(f"{op}: dom{self.granter} ref {ref}: gfn {gfn:#x} is not RAM here")
+
+    def _finish(self, party: int, ref: int, mapper: int, who: int, how: int, frame: AtomicMemory, offset: int,
+                gfn: int, ok: bool, op: str) -> None:
+        result = self._mem.call_with("xpv_pin_finish", self._length, frame, offset, GRANT_ENTRY_SIZE,
+                                     self._native_address, who, how, gfn, ok)
+        if result & 0xFF != PIN_OK:
+            raise self._refusal(result, party, ref, bool(how & _HOW_WRITABLE), mapper, op)
 
     def unpin(self, party: int, ref: int, writable: bool, *, generation: int = 0, owner: int | None = None) -> None:
         """Drop one of ``owner``'s pins (default: ``party``'s own) on ``ref``; the last writer clears
         GTF_writing, the last pin GTF_reading."""
         self._check_ref(ref, "unpin")
         owner = party if owner is None else owner
-        word, counts = self._lock(party, ref, OP_UNPIN | (OP_WRITABLE if writable else 0), owner)
-        self._check_party(party, generation, ref, word, "unpin")
-        mine = counts >> 8 if writable else counts & 0xFF
-        if mine == 0:
-            self._unlock(ref, word)
-            raise GrantRefused(GNTST_bad_handle, f"unpin: party {owner} holds no {'write' if writable else 'read'} "
-                                                 f"pin on dom{self.granter} ref {ref}")
-        self._release(ref, word, counts, writable, owner)
+        frame, offset = entry_location(self.frames, ref)
+        result = self._mem.call_with("xpv_unpin", self._length, frame, offset, GRANT_ENTRY_SIZE, self._native_address,
+                                     ref | party << _WHO_PARTY_SHIFT | owner << _WHO_DOMAIN_SHIFT,
+                                     generation << _HOW_GENERATION_SHIFT | (_HOW_WRITABLE if writable else 0))
+        if result:
+            raise self._refusal(result, party, ref, writable, None, "unpin", owner)
 
-    def _release(self, ref: int, word: int, counts: int, writable: bool, owner: int) -> None:
-        readers, writers = _totals(word)
-        if writable:
-            writers, counts = writers - 1, counts - 0x100
-        else:
-            readers, counts = readers - 1, counts - 1
-        self._settle_flags(ref, readers, writers)
-        self._mem.store(self._count_offset(owner, ref), PARTY_COUNT_BYTES, counts)
-        self._unlock(ref, _word(readers, writers))
+    def _refusal(self, result: int, party: int, ref: int, writable: bool, mapper: int | None, op: str,
+                 owner: int | None = None) -> GrantRefused:
+        """The exception for a native call's refusal, worded as Xen's rule that refused it."""
+        code, value = result & 0xFF, result >> CODE_BITS
+        granter = self.granter
+        if code == PIN_BUSY:
+            return GrantRefused(GNTST_eagain, f"dom{granter} ref {ref}: its active entry is held by party {value} "
+                                              f"for more than {LOCK_WAIT_SECONDS}s")
+        if code == PIN_REVOKED:
+            return GrantRefused(GNTST_general_error, f"{op}: party {party}'s access to dom{granter}'s grants was "
+                                                     f"revoked (its link was detached)")
+        if code == PIN_NO_SPACE:
+            return GrantRefused(GNTST_no_space, f"{op}: dom{granter} ref {ref} has too many pins")
+        if code == PIN_NOT_GRANTED:
+            return GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref} (flags {value & FLAGS_MASK:#x}, "
+                                                     f"domid {value >> DOMID_SHIFT}) does not grant access to "
+                                                     f"dom{mapper}")
+        if code == PIN_READ_ONLY:
+            return GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref} is read-only, dom{mapper} "
+                                                     f"asked to write")
+        if code == PIN_CHANGING:
+            return GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref} kept changing during "
+                                                     f"{CMPXCHG_ATTEMPTS} compare-and-swap attempts")
+        if code == PIN_IN_USE:
+            return GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref} is in use by dom{value}, "
+                                                     f"not dom{mapper}")
+        if code == PIN_NOT_LOCAL:
+            return GrantNotLocal(f"dom{granter}: gfn {value:#x} is not guest RAM")
+        if code == PIN_NO_PIN:
+            return GrantRefused(GNTST_bad_handle, f"unpin: party {owner} holds no {'write' if writable else 'read'} "
+                                                  f"pin on dom{granter} ref {ref}")
+        if code == PIN_LOST:
+            return GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref}: party {party} lost its active "
+                                                     f"entry while checking the page (held by party {value} now)")
+        return GrantRefused(GNTST_general_error, f"{op}: dom{granter} ref {ref}: the native pin helper returned "
+                                                 f"{result:#x}")
+
+    # ---- xenhv's repair of a party that died holding an entry --------------------------------------------
+
+    def _clear_flags(self, ref: int, bits: int) -> None:
+        mem, off = entry_location(self.frames, ref)
+        mem.fetch_and(off + FLAGS, FLAGS_BYTES, ~bits)
+
+    def _settle_flags(self, ref: int, readers: int, writers: int) -> None:
+        """Make the guest's GTF_reading/GTF_writing say what the totals say (the repair's copy of the rule
+        xpv_unpin applies)."""
+        if readers + writers == 0:
+            self._clear_flags(ref, GTF_reading | GTF_writing)
+        elif writers == 0:
+            self._clear_flags(ref, GTF_writing)
 
     # ---- xenhv's bookkeeping -----------------------------------------------------------------------------
 
@@ -424,10 +481,9 @@ class PinTable:
         dropped = 0
         counts = array("H", bytes(self._raw[self._count_offset(party, 0):self._count_offset(party, limit)]))
         for ref, value in enumerate(counts):
-            for writable, n in ((False, value & 0xFF), (True, value >> 8)):
+            for writable, n in ((False, value & COUNT_MASK), (True, value >> COUNT_W_SHIFT)):
                 for _ in range(n):
-                    word, now = self._lock(XENHV_PARTY, ref, OP_UNPIN | (OP_WRITABLE if writable else 0), party)
-                    self._release(ref, word, now, writable, party)
+                    self.unpin(XENHV_PARTY, ref, writable, owner=party)
                     dropped += 1
         return dropped
 
@@ -442,12 +498,12 @@ class PinTable:
         if word & HOLDER_MASK != party:
             return
         op, writable = word & OP_MASK, bool(word & OP_WRITABLE)
-        old = ((word >> OLD_R_SHIFT) & 0xFF) | ((word >> OLD_W_SHIFT) & 0xFF) << 8
+        old = ((word >> OLD_R_SHIFT) & COUNT_MASK) | ((word >> OLD_W_SHIFT) & COUNT_MASK) << COUNT_W_SHIFT
         readers, writers = _totals(word)
-        if op == OP_UNPIN and (old >> 8 if writable else old & 0xFF):
+        if op == OP_UNPIN and (old >> COUNT_W_SHIFT if writable else old & COUNT_MASK):
             # Roll forward: the unpin had been asked for, so the pin goes.
             if writable:
-                writers, old = writers - 1, old - 0x100
+                writers, old = writers - 1, old - (1 << COUNT_W_SHIFT)
             else:
                 readers, old = readers - 1, old - 1
         # A pin in progress is undone: the totals in the word do not count it yet.

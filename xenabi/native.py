@@ -62,7 +62,7 @@ def load_atomic_ops() -> ctypes.CDLL:
                     LIBRARY.name)
         build()
     lib = ctypes.CDLL(str(LIBRARY))
-    addr, width, u64 = ctypes.c_size_t, ctypes.c_int, ctypes.c_uint64
+    addr, width, u64, u32 = ctypes.c_size_t, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32
     for name, args, result in (
             ("xpv_load", (addr, width), u64),
             ("xpv_store", (addr, width, u64), None),
@@ -72,7 +72,12 @@ def load_atomic_ops() -> ctypes.CDLL:
             ("xpv_fetch_or", (addr, width, u64), u64),
             ("xpv_test_and_set_bit", (addr, width, ctypes.c_int), ctypes.c_int),
             ("xpv_test_and_clear_bit", (addr, width, ctypes.c_int), ctypes.c_int),
-            ("xpv_evtchn_2l_set_pending", (addr, ctypes.c_uint, addr, addr, addr, addr), ctypes.c_int)):
+            ("xpv_evtchn_2l_set_pending", (addr, ctypes.c_uint, addr, addr, addr, addr), ctypes.c_int),
+            ("xpv_pins_size", (), ctypes.c_size_t),
+            ("xpv_pins_set_hook", (ctypes.c_void_p,), None),
+            ("xpv_pin", (addr, addr, addr, u64, u64), u64),
+            ("xpv_pin_finish", (addr, addr, addr, u64, u64, u32, ctypes.c_int), u64),
+            ("xpv_unpin", (addr, addr, addr, u64, u64), u64)):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result
     return lib

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import pytest
 
 from xenpv.stack.vcpu.grants import GrantTableFrontend
-from xenpv.xenabi.atomic import AtomicMemory, CmpxchgResult
-from xenpv.xenabi.grant_entries import COMBO, DOMID_SHIFT, GrantEntry
-from xenpv.xenabi.grant_pins import (COPY_MASK, MAP_MASK, XENHV_PARTY, GrantRefused, PinTable, create_table)
+from xenpv.xenabi.atomic import AtomicMemory
+from xenpv.xenabi.grant_entries import DOMID, DOMID_BYTES, DOMID_SHIFT, GrantEntry
+from xenpv.xenabi.grant_pins import (AT_SETTLE, AT_STATUS, COPY_MASK, MAP_MASK, XENHV_PARTY, GrantRefused, PinTable,
+                                     create_table, native_hook)
 from xenpv.xenabi.grant_table import (GNTST_bad_page, GNTST_general_error, GTF_permit_access, GTF_reading,
                                       GTF_sub_page, GTF_transitive, GTF_writing)
 
@@ -115,32 +116,23 @@ def test_transitive_sub_page_and_invalid_entries_are_refused(rig: Rig, flags: in
         assert rig.pin(writable=False, mask=COPY_MASK) == 7  # a copy may use a sub-page grant
 
 
-class RacingFrame(AtomicMemory):
-    """The guest rewrites the entry's domid between the pinner's check and its compare-and-swap."""
-
-    def __init__(self, buffer: bytearray, races: int) -> None:
-        super().__init__(buffer)
-        self.races = races
-
-    def cmpxchg(self, offset: int, width: int, expected: int, desired: int) -> CmpxchgResult:
-        if self.races and offset == REF * 8 + COMBO:
-            self.races -= 1
-            flags = self.load(offset, width) & 0xFFFF
-            super().store(offset, width, flags | 3 << DOMID_SHIFT)  # now granted to dom3
-        return super().cmpxchg(offset, width, expected, desired)
-
-
 def test_a_domid_changed_during_the_swap_is_not_pinned(rig: Rig) -> None:
+    """The guest rewrites the entry's domid between the pinner's check and its compare-and-swap (the
+    native pin's hook runs there; the frame's own AtomicMemory is held, so the guest writes through its
+    bytes)."""
     rig.guest.grant_access(REF, DOM0, 7)
-    racing = RacingFrame(rig.frame, races=1)
-    rig.table.frames[0] = racing
-    try:
+    races = [1]
+
+    def guest_regrants(point: int, ref: int) -> None:
+        if point == AT_STATUS and ref == REF and races[0]:
+            races[0] -= 1
+            rig.frame[REF * 8 + DOMID:REF * 8 + DOMID + DOMID_BYTES] = (3).to_bytes(DOMID_BYTES, "little")  # dom3
+
+    with native_hook(guest_regrants):
         with pytest.raises(GrantRefused, match="does not grant access to dom0"):
             rig.pin(writable=True)
-        assert rig.guest.entry(REF) == GrantEntry(GTF_permit_access, 3, 7)
-    finally:
-        rig.table.frames[0] = rig.frames[0]
-        racing.release()
+    assert races == [0], "the hook ran before the swap"
+    assert rig.guest.entry(REF) == GrantEntry(GTF_permit_access, 3, 7)
 
 
 def test_xenhvs_and_a_backends_pins_count_together(rig: Rig) -> None:
@@ -207,15 +199,13 @@ def test_a_party_that_died_in_the_middle_of_an_unpin_is_finished(rig: Rig) -> No
     rig.pin(writable=True, party=party, generation=generation)
     rig.pin(writable=False, party=XENHV_PARTY)
     died: list[tuple[bytes, bytes]] = []
-    settle = rig.table._settle_flags
 
-    def dies_before_clearing(ref: int, readers: int, writers: int) -> None:
-        died.append(rig.snapshot())
-        settle(ref, readers, writers)
+    def dies_before_clearing(point: int, ref: int) -> None:
+        if point == AT_SETTLE and ref == REF:
+            died.append(rig.snapshot())
 
-    rig.table._settle_flags = dies_before_clearing  # type: ignore[method-assign]
-    rig.table.unpin(party, REF, True, generation=generation)
-    del rig.table._settle_flags
+    with native_hook(dies_before_clearing):
+        rig.table.unpin(party, REF, True, generation=generation)
     rig.restore(died[0])
     assert rig.flags() & GTF_writing
     rig.table.recover_party(party)
