@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from xenpv.stack.vcpu.grants import GrantTableFrontend
-from xenpv.xenabi.atomic import AtomicMemory, helper
+from xenpv.xenabi.atomic import AtomicMemory, AtomicMemoryReleasedError, helper
 from xenpv.xenabi.grant_entries import COMBO, COMBO_BYTES
 from xenpv.xenabi.grant_pins import (AT_COUNTED, AT_HELD, AT_SETTLE, AT_STATUS, CMPXCHG_ATTEMPTS, ENTRIES_OFFSET,
                                      ENTRY_SIZE, HOLDER_MASK, MAP_MASK, MAX_PARTY_PINS, OP_PIN, OP_UNPIN, TOTAL_MASK,
@@ -88,6 +88,26 @@ def rig() -> Iterator[Rig]:
 
 def test_the_helpers_layout_is_the_one_grant_pins_fills() -> None:
     assert helper().xpv_pins_size() == len(bytes(_NativeLayout()))
+
+
+def test_call_with_checks_both_buffers_before_the_helper_runs(rig: Rig) -> None:
+    table, frame = AtomicMemory(bytearray(64)), AtomicMemory(bytearray(16))
+    with pytest.raises(ValueError, match="two different buffers"):
+        table.call_with("xpv_pin", 64, table, 0, 8)
+    with pytest.raises(ValueError, match="unaligned or outside"):
+        table.call_with("xpv_pin", 64, frame, 12, 8)
+    with pytest.raises(ValueError, match="xpv_pin on 128 bytes of a 64-byte buffer"):
+        table.call_with("xpv_pin", 128, frame, 0, 8)
+    frame.release()
+    with pytest.raises(AtomicMemoryReleasedError):
+        table.call_with("xpv_pin", 64, frame, 0, 8)
+    table.release()
+    with pytest.raises(AtomicMemoryReleasedError):
+        table.call_with("xpv_pin", 64, AtomicMemory(bytearray(8)), 0, 8)
+    rig.guest.grant_access(REF, DOM0, 7)
+    rig.table.release()
+    with pytest.raises(AtomicMemoryReleasedError):
+        rig.pin(False)
 
 
 # ---- each refusal, as PinTable words it -------------------------------------------------------------------
@@ -299,6 +319,8 @@ CHILD = textwrap.dedent("""
     if what == "race":
         rng = random.Random(party)
         held = []
+        print("ready", flush=True)
+        sys.stdin.read(1)  # every racer starts at once
         for _ in range(rounds):
             if held and (len(held) > 6 or rng.random() < 0.5):
                 ref, writable = held.pop(rng.randrange(len(held)))
@@ -340,7 +362,7 @@ def run_party(rig: Rig, party: int, generation: int, what: str, refs: list[int],
               die_at: int = 0) -> subprocess.Popen[str]:
     args = [rig.pins_fd, rig.frames_fd, party, generation, GUEST, PAGE, what, rounds, die_at, *refs]
     return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], pass_fds=(rig.pins_fd, rig.frames_fd),
-                            stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_two_processes_and_xenhv_pinning_the_same_entries_keep_totals_and_flags_consistent(rig: Rig) -> None:
@@ -348,10 +370,16 @@ def test_two_processes_and_xenhv_pinning_the_same_entries_keep_totals_and_flags_
     for ref in refs:
         rig.guest.grant_access(ref, DOM0, 16 + ref % 32)
     other, other_gen = rig.table.allocate_party({rig.party})  # type: ignore[misc]
-    children = [run_party(rig, rig.party, rig.generation, "race", refs, rounds=3000),
-                run_party(rig, other, other_gen, "race", refs, rounds=3000)]
+    children = [run_party(rig, rig.party, rig.generation, "race", refs, rounds=20000),
+                run_party(rig, other, other_gen, "race", refs, rounds=20000)]
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n", child.communicate(timeout=60)
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("g")
+        child.stdin.flush()
     # xenhv pins too, in this process, with its own page check.
-    for i in range(600):
+    for i in range(2000):
         ref = refs[i % len(refs)]
         rig.pin(i % 3 == 0, ref=ref, party=XENHV_PARTY, page_ok=lambda gfn: True)
         rig.unpin(i % 3 == 0, ref=ref, party=XENHV_PARTY)
