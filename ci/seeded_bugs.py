@@ -8,7 +8,7 @@ runs those tests: the bug is *caught* when pytest reports a failed test (status 
 nobody thought of (ci/mutation.sh); this list keeps the ones the issue named caught, by name.
 
 With ``--old COMMIT --old-python PY`` it also runs the old suite of COMMIT (default: its tests/unit and
-tests/conformance; ``--old-tests`` to choose) on the same bug, written as it reads in that tree
+tests/conformance; ``--old-tests PATH``, repeated, to choose) on the same bug, written as it reads in that tree
 (``old_line``/``old_file`` where the code has moved), with PY, an interpreter that has COMMIT's dependencies:
 the report then says which bugs the old suite missed.
 
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", type=Path, default=LIST, help="the list (default: ci/seeded-bugs.toml)")
     parser.add_argument("--old", metavar="COMMIT", help="also run COMMIT's suite on each bug")
     parser.add_argument("--old-python", metavar="PY", help="an interpreter with COMMIT's dependencies")
-    parser.add_argument("--old-tests", nargs="+", default=["tests/unit", "tests/conformance"],
-                        help="COMMIT's tests to run (default: tests/unit tests/conformance)")
+    parser.add_argument("--old-tests", metavar="PATH", action="append",
+                        help="a test path of COMMIT to run, repeatable (default: tests/unit and tests/conformance)")
     parser.add_argument("--old-deselect", metavar="NODEID", action="append", default=[],
                         help="a test of COMMIT to leave out (one that fails there unchanged)")
     args = parser.parse_args(argv)
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             now = run_bug(bug, python, list(bug.tests), None)
             before = run_bug(bug, args.old_python,
-                                                 [*args.old_tests, *(f"--deselect={t}" for t in args.old_deselect)],
+                                                 [*(args.old_tests or ["tests/unit", "tests/conformance"]),
+                                                  *(f"--deselect={t}" for t in args.old_deselect)],
                                                  args.old) if args.old else None
         except SeededBugError as exc:
             print(f"seeded_bugs: {exc}", file=sys.stderr)
