@@ -138,7 +138,9 @@ def copy_tree(dest: Path, commit: str | None) -> None:
 
 
 def _module(file: str, old: bool) -> str:
-    name = file.removesuffix(".py").replace("/", ".")
+    """The module the tests import for ``file``: itself, or for a native source (built at first use next
+    to it, see xenabi/native.py) the package that holds it."""
+    name = (file.removesuffix(".py") if file.endswith(".py") else file.rpartition("/")[0]).replace("/", ".")
     return name if old else f"xenpv.{name}"
 
 
