@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xenpv.stack.drivers.xen import PACKAGE_VERSION, UNPLUG_DISKS, UNPLUG_NICS, Xen
-from xenpv.stack.drivers.xen.unplug import ENUM_XENBUS, FORCE_UNPLUG_KEY, UNPLUG_KEY
+from xenpv.stack.drivers.xen import PACKAGE_VERSION, Xen
 from xenpv.stack.drivers.xenbus.unplug import GUID_XENBUS_UNPLUG_INTERFACE
 from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters, Registry, RegistryError
 from xenpv.stack.kernel.assertion import STATUS_ASSERTION_FAILURE, set_build
@@ -15,6 +14,13 @@ from xenpv.stack.kernel.pnp import CmProblem
 from xenpv.stack.kernel.status import (STATUS_INCOMPATIBLE_DRIVER_BLOCKED, STATUS_INVALID_PARAMETER,
                                        STATUS_NOT_SUPPORTED, STATUS_OBJECT_NAME_NOT_FOUND, STATUS_SUCCESS)
 from xenpv.xenabi import unplug as U
+
+# The contract, written out rather than imported from the code under test: XENBUS's unplug_interface.h
+# device types and the registry keys xen.sys and the co-installers share.
+UNPLUG_NICS, UNPLUG_DISKS = 1, 2
+UNPLUG_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Unplug"
+FORCE_UNPLUG_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\ForceUnplug"
+ENUM_XENBUS = r"HKLM\SYSTEM\CurrentControlSet\Enum\XENBUS"
 
 CONTROL_KEY = r"HKLM\SYSTEM\CurrentControlSet\Control"
 XEN_PARAMETERS = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Parameters"
@@ -75,7 +81,8 @@ def test_request_counts_up_and_down_for_the_next_boot(machine) -> None:
 
 
 @pytest.mark.parametrize("stored,status", [(None, STATUS_OBJECT_NAME_NOT_FOUND), (0, STATUS_INVALID_PARAMETER),
-                                           (0x80000000, STATUS_INVALID_PARAMETER)])
+                                           (0x80000000, STATUS_INVALID_PARAMETER),
+                                           (0xFFFFFFFF, STATUS_INVALID_PARAMETER)])
 def test_decrementing_a_missing_or_zero_counter_fails_and_writes_nothing(machine, stored, status) -> None:
     """XB src/xen/unplug.c UnplugDecrementValue: the query fails (fail1) or --Value < 0 on the LONG
     (fail2, STATUS_INVALID_PARAMETER); RegistryUpdateDwordValue is never reached."""
@@ -189,6 +196,7 @@ def test_an_unsupported_preamble_stops_a_checked_build(machine) -> None:
         set_build("free")
     assert stop.value.code == BugCheckCode.SYSTEM_THREAD_EXCEPTION_NOT_HANDLED
     assert stop.value.params[0] == STATUS_ASSERTION_FAILURE and xen.unplug.unplugged_mask == 0
+    assert stop.value.module == "xen.sys" and stop.value.message == "ASSERTION FAILED: NT_SUCCESS(status)"
 
 
 def test_outside_xen_the_modules_quiesce(machine) -> None:
@@ -266,3 +274,41 @@ def test_debug_log_levels_reach_the_xen_and_qemu_ports(machine) -> None:
     assert not any("loaded" in line for line in m.xen_console)
     assert any("loaded" in line for line in m.qemu_log)
     assert not any("VETOED" in line for line in m.qemu_log)
+
+
+@pytest.mark.parametrize("stored", [1, 3, 0x7FFFFFFF])
+def test_decrementing_a_positive_counter_writes_one_less(machine, stored: int) -> None:
+    """The LONG is positive below 0x80000000, odd or even: --Value is written back."""
+    registry = Registry()
+    xen = Xen.load(registry, DebugLog(), machine(0x0001))
+    registry.set_dword(UNPLUG_KEY, "DISKS", stored)
+    assert xen.unplug.UnplugDecrementValue(UNPLUG_DISKS) == STATUS_SUCCESS
+    assert _value(registry, UNPLUG_KEY, "DISKS") == stored - 1
+
+
+def test_a_type_nobody_requested_is_not_requested_and_a_fresh_context_is_neither_blacklisted_nor_emulated(
+        machine) -> None:
+    xen = Xen.load(Registry(), DebugLog(), machine(0x0001))
+    unplug = xen.unplug
+    unplug.requests.clear()  # as before DllInitialize's UnplugSetRequest calls
+    assert not unplug.UnplugIsRequested(UNPLUG_DISKS) and not unplug.UnplugIsRequested(UNPLUG_NICS)
+    assert (unplug.blacklisted, unplug.boot_emulated) == (False, False)
+    assert unplug.disks_mask() == U.UNPLUG_ALL_IDE_DISKS | U.UNPLUG_NVME_DISKS
+
+
+def test_outside_xen_unplug_devices_writes_nothing(machine) -> None:
+    xen = Xen.load(Registry(), DebugLog(), machine(0x0001, xen=False))
+    xen.unplug.requests[UNPLUG_DISKS] = True
+    assert xen.unplug.UnplugDevices() == 0 and xen.unplug.unplugged_mask == 0
+
+
+def test_the_unplugged_mask_keeps_what_every_unplug_wrote(machine) -> None:
+    """UnplugDevices runs at boot and again on resume from S4; what it wrote accumulates."""
+    registry = _with_children("VBD", "VIF")
+    registry.set_dword(UNPLUG_KEY, "DISKS", 1)
+    xen = Xen.load(registry, DebugLog(), machine(0x0001))
+    disks = xen.unplug.UnplugDevices()
+    assert disks and xen.unplug.unplugged_mask == disks
+    xen.unplug.requests = {UNPLUG_NICS: True}
+    nics = xen.unplug.UnplugDevices()
+    assert nics == U.UNPLUG_ALL_NICS and xen.unplug.unplugged_mask == disks | nics

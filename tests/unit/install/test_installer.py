@@ -11,12 +11,18 @@ from xenpv.guests.schema import load_guest, parse_guest
 from xenpv.stack.drivers.revision import CHILD_BINDS_XENBUS_REVISION, XENBUS_REVISIONS, XENVIF_REVISIONS
 from xenpv.stack.install import (PACKAGES, Era, Installer, InstallVetoed, PlatformPciDevice, RegistryCatalog,
                            install_from_guest, installed_version, reboot_requests)
-from xenpv.stack.install.installer import ERROR_REVISION_MISMATCH, InstallError, MONITOR_REQUEST_KEY
-from xenpv.stack.install.packages import UNPLUG_KEY, Version, child_ids, get_package
+from xenpv.stack.install.installer import InstallError
+from xenpv.stack.install.packages import Version, child_ids, get_package
 from xenpv.stack.kernel.debuglog import DebugLog
 from xenpv.stack.kernel.device import DriverObject
 from xenpv.stack.kernel.pnp import CLASS_KEY, HDC_CLASS_GUID, SYSTEM_CLASS_GUID, InMemoryCatalog, PnpManager
 from xenpv.stack.kernel.registry import Registry
+
+# The contract, written out rather than imported from the code under test: winerror.h, and the keys the
+# real co-installers and xen.sys use (a typo in the model's constants must fail here).
+ERROR_REVISION_MISMATCH = 1306
+MONITOR_REQUEST_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
+UNPLUG_KEY = r"HKLM\SYSTEM\CurrentControlSet\Services\XEN\Unplug"
 
 SERVICES = r"HKLM\SYSTEM\CurrentControlSet\Services"
 VIF_C000 = r"XENBUS\VEN_XPC000&DEV_VIF&REV_{:08X}"
