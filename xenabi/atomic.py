@@ -18,6 +18,8 @@ array made with ``from_buffer``) for as long as it may compute one: the mapping 
 the address computation and the C call, so one lock covers both, and :meth:`AtomicMemory.release` takes
 the same lock: it waits for an operation in progress, gives the export back, and every later operation
 raises :class:`AtomicMemoryReleasedError`.  Call :meth:`AtomicMemory.release` before the mapping is closed.
+A native operation on two buffers (:meth:`AtomicMemory.call_with`, a grant pin: the pin table and the grant
+frame) holds both locks, the caller's buffer first.
 
 :class:`AtomicU32` is the fast path for one word (ring indexes, published at every request): a ctypes
 word made with ``from_buffer``, which holds the export for as long as the object exists.
