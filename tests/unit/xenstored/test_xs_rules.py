@@ -583,3 +583,66 @@ def test_a_permission_that_strtol_would_not_read_whole_is_einval(raw: bytes) -> 
     with pytest.raises(XsError) as err:
         parse_perm(raw)
     assert err.value.errno_name == "EINVAL"
+
+
+# ---- quotas: C xenstored's defaults, and the node count inside a transaction ------------------------------
+
+def test_the_default_quotas_are_c_xenstoreds() -> None:
+    """domain.c quotas[] (reference xen-abi.md §1): what an unprivileged domain may use by default."""
+    q = Quotas()
+    assert (q.nodes, q.watches, q.outstanding, q.transactions, q.transaction_nodes, q.node_perms, q.path_max,
+            q.node_size) == (1000, 128, 20, 10, 1024, 5, 2048, 2048)
+
+
+def test_a_transaction_counts_the_nodes_it_removes_and_gives_away(ten_nodes: XenstoreCore) -> None:
+    """Inside a transaction the node quota sees the transaction's own changes: a removed node frees its
+    place, a node whose owner dom0 changes counts for the new owner, and a rewritten node counts once."""
+    g = peer(ten_nodes, GUEST)
+    d0 = Peer(ten_nodes)
+    for name in ("a", "b", "c"):
+        g.write(name, "")
+    assert ten_nodes.tree.count_owned(GUEST) == 4
+    txid = int(g.ok(T.TRANSACTION_START, b"\0").rstrip(b"\0"))
+    tx = g.conn.transactions[txid]
+    g.write("a", "rewritten", tx=txid)
+    assert tx.count_owned(GUEST) == 4
+    g.rm("a", tx=txid)
+    g.rm("b", tx=txid)
+    assert tx.count_owned(GUEST) == 2
+    for i in range(8):
+        g.write(f"x{i}", "", tx=txid)
+    assert tx.count_owned(GUEST) == 10
+    assert g.err(T.WRITE, b"%s/y\0" % HOME.encode(), tx=txid) == "ENOSPC"
+    # dom0 gives a guest node to dom0 inside its own transaction: one fewer for the guest there.
+    t0 = int(d0.ok(T.TRANSACTION_START, b"\0").rstrip(b"\0"))
+    d0.ok(T.SET_PERMS, f"{HOME}/c\0n0\0".encode(), tx=t0)
+    tx0 = d0.conn.transactions[t0]
+    assert (tx0.count_owned(GUEST), tx0.count_owned(0)) == (3, ten_nodes.tree.count_owned(0) + 1)
+
+
+def test_a_transaction_keeps_at_most_its_preserve_limit_of_old_nodes() -> None:
+    """Transaction.preserve: the limit is how many old nodes it keeps; the one after them dooms it."""
+    from xenpv.backends.xenstored.transactions import Transaction
+    from xenpv.backends.xenstored.tree import Tree
+    tx = Transaction(Tree(), 1, preserve_limit=2)
+    tx.preserve("/a", None)
+    tx.preserve("/b", None)
+    assert not tx.overflowed and not tx.stale and set(tx.preserved) == {"/a", "/b"}
+    tx.preserve("/c", None)
+    assert tx.overflowed and tx.stale and tx.preserved == {}
+
+
+# ---- SET_TARGET: a connection acting for its target domain ------------------------------------------------
+
+def test_a_target_gives_the_targets_access_and_no_more() -> None:
+    """perms.c: a domain with a target (a device model's stubdom) has the target's rights on a node: the
+    owner's if the target owns it, the target's entry otherwise; without a target, only its own."""
+    from xenpv.backends.xenstored.perms import Access, Perm, access_for
+    owned_by_target = (Perm(7, Access.NONE),)
+    entry_for_target = (Perm(5, Access.NONE), Perm(7, Access.READ))
+    assert access_for(owned_by_target, 9, 7) == Access.BOTH | Access.OWNER
+    assert access_for(owned_by_target, 9, 8) == Access.NONE
+    assert access_for(owned_by_target, 9, None) == Access.NONE
+    assert access_for(entry_for_target, 9, 7) == Access.READ
+    assert access_for(entry_for_target, 9, 8) == Access.NONE
+    assert access_for(entry_for_target, 9, None) == Access.NONE
