@@ -9,7 +9,9 @@ import pytest
 from xenpv.backends.xenhv.errors import GrantError, XenError
 from xenpv.backends.xenhv.gnttab import GrantTable, GrantTableHub
 from xenpv.stack.vcpu.grants import GrantTableFrontend
+from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.xenabi.event_channel import DOMID_SELF
+from xenpv.xenabi.grant_pins import AT_STATUS, native_hook
 from xenpv.xenabi.grant_table import (
     GNTCOPY_dest_gref,
     GNTCOPY_source_gref,
@@ -191,17 +193,17 @@ def test_revoke_while_mapped_is_busy_and_after_unmap_succeeds(s: Setup) -> None:
 def test_map_gives_up_on_an_entry_that_keeps_changing(s: Setup) -> None:
     s.front.grant_access(8, BACKEND, 3)
     flips = []
-    real_cmpxchg = s.table._frames[0].cmpxchg
+    guest = AtomicMemory(s.frame(0))  # the guest's own view: the table's is held while the native pin runs
 
-    def guest_races(offset: int, width: int, expected: int, desired: int):
+    def guest_races(point: int, ref: int) -> None:
         # The guest toggles GTF_PWT between Xen's read and its compare-and-swap, every time.
-        flips.append(1)
-        current = s.table._frames[0].load(offset, width)
-        s.table._frames[0].store(offset, width, current ^ (1 << 5))
-        return real_cmpxchg(offset, width, expected, desired)
+        if point == AT_STATUS and ref == 8:
+            flips.append(1)
+            guest.store(8 * 8, 4, guest.load(8 * 8, 4) ^ (1 << 5))
 
-    s.table._frames[0].cmpxchg = guest_races  # type: ignore[method-assign]
-    assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error
+    with native_hook(guest_races):
+        assert status_of(s.hub.map, BACKEND, GUEST, 8, True) == GNTST_general_error
+    guest.release()
     assert len(flips) == 5
     assert not s.flags(8) & (GTF_reading | GTF_writing)
 
