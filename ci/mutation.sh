@@ -53,7 +53,7 @@ tests[driver-model]="tests/unit/install/test_installer_veto_bounds.py tests/unit
   tests/unit/drivers_core/test_unplug.py tests/unit/drivers_core/test_pdo_ids.py tests/unit/drivers_core/test_xenbus_pdo.py tests/unit/drivers_core/test_xenfilt.py
   tests/unit/drivers_core/test_safe_mode_and_s4.py tests/unit/drivers_core/test_new_device_id.py
   tests/unit/drivers_core/test_supported_classes.py tests/unit/drivers_fidelity/test_xenbus_pdo_capabilities.py
-  tests/unit/drivers_fidelity/test_xentouch.py tests/unit/xenbus_interfaces tests/unit/install/test_installer.py tests/unit/install/test_registry_layout.py"
+  tests/unit/drivers_fidelity/test_xentouch.py tests/unit/xenbus_interfaces tests/unit/install"
 
 selected=()
 while [ $# -gt 0 ]; do

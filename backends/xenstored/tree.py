@@ -30,10 +30,6 @@ class Node:
     def copy(self) -> "Node":
         return Node(self.value, self.perms, dict(self.children), self.gen)
 
-    def size(self) -> int:
-        """What the node-size quota counts: data, permissions and child names."""
-        return len(self.value) + 8 * len(self.perms) + sum(len(c) + 1 for c in self.children)
-
 
 class Snapshot(Protocol):
     """An open transaction as the tree sees it (transactions.Transaction)."""
