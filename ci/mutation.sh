@@ -40,7 +40,8 @@ paths[xenstored]="backends/xenstored/core.py,backends/xenstored/perms.py,backend
 tests[xenstored]="tests/unit/xenstored/test_xs_stateful.py tests/unit/xenstored/test_xs_fuzz.py
   tests/unit/xenstored/test_xs_rules.py tests/unit/xenstored/test_xs_libxenstore_cases.py
   tests/unit/xenstored/test_xs_edge_cases.py tests/unit/fuzz/test_xs_ring_fuzz.py
-  tests/unit/xenstored/test_xs_qemu_node_cases.py tests/unit/xenstored/test_xs_ring.py"
+  tests/unit/xenstored/test_xs_qemu_node_cases.py tests/unit/xenstored/test_xs_ring.py
+  tests/unit/xenstored/test_xs_event_batch.py tests/unit/xenstored/test_xs_socket.py tests/unit/xenstored/test_xs_cli.py"
 # xenhv's hypercalls, event channels (and the 2-level delivery rule the vCPU shares), grant table and unplug ports.
 paths[xenhv]="backends/xenhv/hypercall.py,backends/xenhv/evtchn.py,backends/xenhv/gnttab.py,backends/xenhv/unplug.py,xenabi/evtchn_2l.py"
 tests[xenhv]="tests/unit/xenabi/test_evtchn_2l.py tests/unit/xenhv/test_xenhv_server_containment.py tests/unit/xenhv/test_xenhv_evtchn.py
