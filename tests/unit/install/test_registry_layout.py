@@ -3,7 +3,8 @@ DriverDatabase, the services, the device's Enum key) and the winerror.h codes a 
 out here, not imported, so that a typo in the installer's constants fails (issue 18's mutation run)."""
 from __future__ import annotations
 
-from xenpv.stack.install import Installer, PlatformPciDevice
+from xenpv.stack.install import Era, Installer, PlatformPciDevice
+from xenpv.stack.install.installer import filters_install
 from xenpv.stack.install import installer as installer_module
 from xenpv.stack.kernel.registry import Registry
 
@@ -50,3 +51,64 @@ def test_win32_error_codes_are_winerror_h() -> None:
     assert installer_module.WIN32_ERROR_NAMES == {2: "ERROR_FILE_NOT_FOUND", 5: "ERROR_ACCESS_DENIED",
                                                   11: "ERROR_BAD_FORMAT", 1603: "ERROR_INSTALL_FAILURE",
                                                   1306: "ERROR_REVISION_MISMATCH"}
+
+
+def test_services_are_written_as_the_inf_add_service_directives_say() -> None:
+    registry = _installed()
+    services = r"HKLM\SYSTEM\CurrentControlSet\Services"
+    assert _values(registry, rf"{services}\XENBUS") == {
+        "ImagePath": r"\SystemRoot\System32\drivers\xenbus.sys", "Type": 1, "Start": 0, "ErrorControl": 1,
+        "DisplayName": "XENBUS", "Group": "Boot Bus Extender"}
+    monitor = _values(registry, rf"{services}\xenbus_monitor")
+    assert (monitor["Type"], monitor["Start"], monitor["ErrorControl"]) == (16, 2, 1)  # own process, auto
+    assert monitor["ImagePath"] == r"%SystemRoot%\System32\xenbus_monitor_9_1_0_10.exe"
+
+
+def test_a_fresh_install_asks_for_no_reboot_and_an_upgrade_does() -> None:
+    registry = Registry()
+    installer = Installer(registry, platform=[])
+    assert not installer.install("xenbus", "9.1.0.5").reboot_required
+    assert installer.upgrade("xenbus", "9.1.0.10").reboot_required
+    monitor = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request\XENBUS"
+    assert _values(registry, monitor) == {"Reboot": 1}
+
+
+def test_removing_xenbus_takes_its_services_inf_record_and_filters() -> None:
+    """XENBUS's uninstall: the services, DriverInfFiles\\xenbus.inf and XENFILT from the System and HDC
+    class UpperFilters (other filters stay; an emptied value goes)."""
+    registry = _installed()
+    filters_install(registry)  # XENBUS's AddDevice does this at its first boot
+    classes = r"HKLM\SYSTEM\CurrentControlSet\Control\Class"
+    system, hdc = rf"{classes}\{{4d36e97d-e325-11ce-bfc1-08002be10318}}", rf"{classes}\{{4d36e96a-e325-11ce-bfc1-08002be10318}}"
+    assert _values(registry, system)["UpperFilters"] == ["XENFILT"]
+    registry.set_multi_sz(hdc, "UpperFilters", ["other", "XENFILT"])
+    Installer(registry, platform=[]).remove("xenbus")
+    assert not registry.key_exists(r"HKLM\SYSTEM\DriverDatabase\DriverInfFiles\xenbus.inf")
+    assert not registry.key_exists(r"HKLM\SYSTEM\CurrentControlSet\Services\XENBUS")
+    assert "UpperFilters" not in _values(registry, system)
+    assert _values(registry, hdc)["UpperFilters"] == ["other"]
+
+
+def test_a_child_without_its_bus_revision_is_named_with_what_the_bus_offers() -> None:
+    registry = Registry()
+    installer = Installer(registry, platform=[])
+    installer.install("xenbus", "9.1.0.10", era=Era.CURRENT)
+    (reason,) = installer.install("xenvif", "9.0.0.3", era=Era.CURRENT).unbound
+    assert reason == ("xenvif 9.0.0.3: binds XENBUS REV_09000005, which xenbus 9.1.0.10 does not offer "
+                      "(offers 0900000C, 0900000B, 0900000A, 09000009, 09000008); the PnP manager finds no "
+                      "driver for its IDs")
+    installer.remove("xenbus")
+    assert installer.unbound_children() == [
+        "xenvif 9.0.0.3: binds XENBUS REV_09000005 but no XENBUS package is installed; its devices stay "
+        "without a driver"]
+
+
+def test_a_coinstaller_era_install_needs_a_reboot_for_an_upgrade_or_a_device_it_drives() -> None:
+    """setupapi's DI_NEEDREBOOT in the co-installer era (9.1.0.1): the new images load at the next boot
+    when older ones were running or a platform device is bound to them now; a first install on a machine
+    without one asks for nothing."""
+    installer = Installer(Registry(), platform=[])
+    first = installer.install("xenbus", "9.1.0.1")
+    assert first.package.era == Era.COINSTALLER and not first.reboot_required
+    assert installer.upgrade("xenbus", "9.1.0.1").reboot_required
+    assert Installer(Registry(), platform=[PlatformPciDevice(0x0001)]).install("xenbus", "9.1.0.1").reboot_required
