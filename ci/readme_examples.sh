@@ -30,6 +30,9 @@ else
     step "$x" triage "$out/run"
 fi
 step "$x" explore --seconds 60 --seed 1
+# The nightly's seeded one-line bugs (the README's nightly section): the list, and one of them caught.
+step .venv/bin/python ci/seeded_bugs.py --list
+step .venv/bin/python ci/seeded_bugs.py xs-rm-needs-only-read
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'README examples that failed:\n'; printf '  %s\n' "${failed[@]}"; exit 1
 fi
