@@ -3,6 +3,7 @@ really be equivalent, and what it keeps must run."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -174,3 +175,22 @@ def test_the_runners_pytest_dies_with_the_runner(tmp_path: Path) -> None:
             os.killpg(runner.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _group_test_lists() -> dict[str, list[str]]:
+    script = (ROOT / "ci" / "mutation.sh").read_text()
+    return {m.group(1): m.group(2).split() for m in re.finditer(r'^tests\[([\w-]+)\]="([^"]*)"', script, re.M)}
+
+
+def test_each_group_lists_its_test_files_so_that_pytest_runs_all_of_them() -> None:
+    """pytest given a file and then the directory holding it runs only that file from the directory: a
+    group's whole list must not name a directory below an earlier entry, or every mutant survives the tests
+    the directory was meant to add (the installer's DriverDatabase keys did, until this was caught)."""
+    lists = _group_test_lists()
+    assert set(lists) == {"requests", "xenstored", "xenhv", "driver-model"}
+    for group, tests in lists.items():
+        assert len(set(tests)) == len(tests), f"{group}: a test path is listed twice"
+        for i, path in enumerate(tests):
+            assert (ROOT / path).exists(), f"{group}: {path} does not exist"
+            for earlier in tests[:i]:
+                assert not earlier.startswith(path.rstrip("/") + "/"), f"{group}: {path} holds {earlier}, listed before"
