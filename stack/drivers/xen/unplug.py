@@ -61,7 +61,7 @@ class Unplug:
     debug_log: DebugLog
     io: PortIO | None
     version: tuple[int, int, int, int]
-    boot_emulated: bool = False
+    boot_emulated: bool  # the boot option BOOT_EMULATED (xen.sys reads it at DllInitialize)
     requests: dict[int, bool] = field(default_factory=dict)
     unplugged_mask: int = 0
     blacklisted: bool = False

@@ -205,3 +205,17 @@ def test_s5_is_recorded_so_that_fdo_stop_keeps_the_store_keys(fdo, rig) -> None:
     store = rig.platforms[-1].store
     fdo.FdoStop()
     assert store.values.get("control/feature-suspend") == b"1"
+
+
+@pytest.mark.parametrize("minor, kind", [(IRP_MN_POWER.QUERY_POWER, POWER_STATE_TYPE.SystemPowerState),
+                                         (IRP_MN_POWER.SET_POWER, POWER_STATE_TYPE.DevicePowerState)],
+                         ids=["query-system", "set-device"])
+def test_only_a_system_set_power_moves_the_fdo(fdo, resumes, minor, kind) -> None:
+    """FdoDispatchPower acts on IRP_MN_SET_POWER of the system state only; a query, or a device state IRP,
+    goes down the stack and leaves the FDO where it was."""
+    from xenpv.stack.drivers.xenbus.fdo import D0
+    booted, fdo = fdo
+    irp = Irp.power(minor, PowerParameters(kind, S4))
+    with booted.kernel.cpu.lock:
+        IoCallDriver(IoGetAttachedDevice(fdo.pdo), irp)
+    assert (fdo.device_power, fdo.system_power, resumes) == (D0, S0, [])

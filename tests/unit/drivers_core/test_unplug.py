@@ -292,7 +292,7 @@ def test_a_type_nobody_requested_is_not_requested_and_a_fresh_context_is_neither
     unplug = xen.unplug
     unplug.requests.clear()  # as before DllInitialize's UnplugSetRequest calls
     assert not unplug.UnplugIsRequested(UNPLUG_DISKS) and not unplug.UnplugIsRequested(UNPLUG_NICS)
-    assert (unplug.blacklisted, unplug.boot_emulated) == (False, False)
+    assert (unplug.blacklisted, unplug.boot_emulated) == (False, False)  # no BOOT_EMULATED option here
     assert unplug.disks_mask() == U.UNPLUG_ALL_IDE_DISKS | U.UNPLUG_NVME_DISKS
 
 
