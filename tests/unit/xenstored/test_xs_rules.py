@@ -655,3 +655,39 @@ def test_directory_part_of_a_fresh_root_starts_with_a_decimal_generation() -> No
     reply = Peer(core).ok(T.DIRECTORY_PART, b"/\x000\0")
     gen, _, rest = reply.partition(b"\0")
     assert gen.isdigit(), reply
+
+
+# ---- path syntax at its bounds (core.c canonicalize, is_valid_nodename) -----------------------------------
+
+def test_path_lengths_are_refused_only_beyond_their_maximum() -> None:
+    from xenpv.backends.xenstored.errors import XsError
+    from xenpv.backends.xenstored.paths import canonicalize
+    from xenpv.xenabi.xs_wire import XENSTORE_ABS_PATH_MAX, XENSTORE_REL_PATH_MAX
+
+    def refused(raw: bytes, **kw) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            canonicalize(raw, "/h", **kw)
+        except XsError:
+            return True
+        return False
+
+    rel = b"a" * XENSTORE_REL_PATH_MAX
+    assert not refused(rel) and refused(rel + b"a")
+    special = b"@" + b"s" * (XENSTORE_REL_PATH_MAX - 1)
+    assert not refused(special, allow_special=True) and refused(special + b"s", allow_special=True)
+    absolute = b"/" + b"a" * (XENSTORE_ABS_PATH_MAX - 1)
+    assert not refused(absolute) and refused(absolute + b"a")
+    # The quota counts what follows /local/domain/N/, or the whole path elsewhere.
+    assert not refused(b"/local/domain/7/" + b"q" * 10, path_quota=10)
+    assert refused(b"/local/domain/7/" + b"q" * 11, path_quota=10)
+    assert not refused(b"/" + b"q" * 9, path_quota=10) and refused(b"/" + b"q" * 10, path_quota=10)
+    # Special paths only where the request allows them; "/" alone is the root, "/a/" a trailing slash.
+    assert refused(b"@introduceDomain") and not refused(b"@introduceDomain", allow_special=True)
+    assert not refused(b"/") and refused(b"/a/") and refused(b"ab/")
+
+
+def test_parent_and_subtree_of_paths_near_the_root() -> None:
+    from xenpv.backends.xenstored.paths import depth_below, is_at_or_below, parent_of
+    assert (parent_of("/a"), parent_of("/a/b"), parent_of("/")) == ("/", "/a", "/")
+    assert is_at_or_below("/x", "/") and is_at_or_below("/a/b", "/a") and not is_at_or_below("/ab", "/a")
+    assert (depth_below("/a/b", "/"), depth_below("/a/b/c", "/a"), depth_below("/a", "/a")) == (2, 2, 0)
