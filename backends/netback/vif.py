@@ -249,27 +249,33 @@ class Vif:
                  else [self._fe_int("event-channel", qdir)])
         handles: list[int] = []
         rings: list[BackRing] = []
+        channels: list[int] = []
+        # Until the queue is returned (and disconnect() knows it), a failure gives back here whatever this
+        # queue took: a refused bind after the rings were mapped must not leave them mapped until the
+        # domain's link closes (the frontend could not revoke its ring grants).
         try:
             for ref, req, rsp in ((tx_ref, N.NETIF_TX_REQUEST_STRUCT, N.NETIF_TX_RESPONSE_STRUCT),
                                   (rx_ref, N.NETIF_RX_REQUEST_STRUCT, N.NETIF_RX_RESPONSE_STRUCT)):
                 m = grants.map_ring(ref)
                 handles.append(m["handle"])
                 rings.append(BackRing(self.link.memory.view(m["gfn"] << 12, XEN_PAGE_SIZE), req, rsp))
+            name = f"{self.name}-q{index}"
+            q = Queue(index, TxPath(rings[0], grants, self.stats, name),
+                      RxPath(rings[1], grants, self.stats, name, sg), handles, channels)
+            # bind() runs the handler once at once, so the queue must be complete before it.
+            if split:
+                channels.append(self.link.bind(ports[0], q.tx_wake.set))
+                channels.append(self.link.bind(ports[1], lambda: self._rx_kick(q)))
+            else:
+                channels.append(self.link.bind(ports[0], lambda: (q.tx_wake.set(), self._rx_kick(q))))
         except BaseException:
+            for ch in channels:
+                self.link.unbind(ch)
             for r in rings:
                 r.close()
             for h in handles:
                 self.backend.call("gnttab_unmap", handle=h)
             raise
-        name = f"{self.name}-q{index}"
-        q = Queue(index, TxPath(rings[0], grants, self.stats, name), RxPath(rings[1], grants, self.stats, name, sg),
-                  handles, [])
-        # bind() runs the handler once at once, so the queue must be complete before it.
-        if split:
-            q.channels.append(self.link.bind(ports[0], q.tx_wake.set))
-            q.channels.append(self.link.bind(ports[1], lambda: self._rx_kick(q)))
-        else:
-            q.channels.append(self.link.bind(ports[0], lambda: (q.tx_wake.set(), self._rx_kick(q))))
         return q
 
     @staticmethod

@@ -303,3 +303,32 @@ def test_rx_requests_beyond_the_ring_disconnect_only_that_vif(net_env) -> None:
     other_ip.resolve(env.addrs[1].peer.ip)
     assert other_ip.ping(env.addrs[1].peer.ip, 1)
     env.netback.check_alive()
+
+
+def test_a_vif_whose_channel_cannot_be_bound_gives_its_rings_back(net_env) -> None:
+    """netback maps a queue's rings before it binds the queue's event channel. When the bind is refused
+    (here a port the guest allocated for another domain), the vif goes Closing and its ring mappings go
+    with it at once, not when the domain's link closes: the frontend can revoke the ring grants. (A
+    frontend that cannot is left with a leaked grant cache, which XENBUS's GnttabRelease stops the guest
+    for: `xenpv explore` found that STOP after a migration left a vif's keys pointing at another driver's
+    port.)"""
+    from xenpv.xenabi.grant_table import GTF_reading, GTF_writing
+    env = net_env()
+    nf = MiniNetfront(env.platform, 0, split=False)
+    env.fronts.append(nf)
+    store, hc = env.platform.store, env.platform.hypercalls
+    store.write(f"{nf.path}/state", XenbusState.Initialising.wire())
+    nf.wait_backend({XenbusState.InitWait})
+    q = nf._make_queue(0, False)
+    nf.queues = [q]
+    foreign = hc.evtchn_alloc_unbound(1)  # unbound, but for dom1: dom0 may not bind it
+    try:
+        for key, value in (("tx-ring-ref", q.tx_ref), ("rx-ring-ref", q.rx_ref), ("event-channel", foreign),
+                           ("request-rx-copy", 1)):
+            store.write(f"{nf.path}/{key}", str(value))
+        store.write(f"{nf.path}/state", XenbusState.Connected.wire())
+        assert nf.wait_backend({XenbusState.Connected, XenbusState.Closing}) == XenbusState.Closing
+        for ref in (q.tx_ref, q.rx_ref):
+            assert not env.platform.grants.entry(ref).flags & (GTF_reading | GTF_writing), f"ref {ref} still mapped"
+    finally:
+        hc.evtchn_close(foreign)
