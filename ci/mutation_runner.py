@@ -10,11 +10,18 @@ no longer exist) is no verdict: both are 0, so mutmut --rerun-all runs the whole
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
 
 PASSED, NO_TESTS = 0, 5
+KILLED = 1
+# A run that takes longer than this hangs (pytest-timeout ends a test that spins, but not one blocked where
+# its timer cannot reach, as a mutant that made an eventfd blocking did in xenstored's ring fuzz test): the
+# whole run is ended and the mutant counted as detected, as mutmut's own timeout would.
+DEADLINE_ENV = "XENPV_MUTATION_RUN_DEADLINE"
+DEFAULT_DEADLINE = 300.0
 
 PR_SET_PDEATHSIG = 1
 
@@ -25,6 +32,20 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def run(args: list[str], deadline: float) -> int:
+    """pytest on `args` in its own process group; the exit status mutmut should see."""
+    child = subprocess.Popen([sys.executable, "-m", "pytest", *args], preexec_fn=_die_with_parent,
+                             start_new_session=True)
+    try:
+        rc = child.wait(deadline)
+    except subprocess.TimeoutExpired:
+        # The group: pytest and whatever it started (a daemon fixture's process) go together.
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        print(f"mutation_runner: the run hung for {deadline:.0f} s: ended, counted as a kill", file=sys.stderr)
+        return KILLED
+    return PASSED if rc in (PASSED, NO_TESTS) else KILLED
+
+
 if __name__ == "__main__":
-    rc = subprocess.run([sys.executable, "-m", "pytest", *sys.argv[1:]], preexec_fn=_die_with_parent).returncode
-    sys.exit(0 if rc in (PASSED, NO_TESTS) else 1)
+    sys.exit(run(sys.argv[1:], float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE))))

@@ -194,3 +194,32 @@ def test_each_group_lists_its_test_files_so_that_pytest_runs_all_of_them() -> No
             assert (ROOT / path).exists(), f"{group}: {path} does not exist"
             for earlier in tests[:i]:
                 assert not earlier.startswith(path.rstrip("/") + "/"), f"{group}: {path} holds {earlier}, listed before"
+
+
+def test_a_run_that_hangs_where_pytest_timeout_cannot_reach_is_ended_as_a_kill(tmp_path: Path) -> None:
+    """A mutant can make a test block in a way pytest-timeout does not end (xenstored's ring fuzz test on a
+    blocking eventfd held a run for 11 minutes): the runner's own deadline ends the run, with every process
+    it started, and reports the mutant as detected."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "test_hang.py").write_text(
+        "import os, signal, subprocess, sys, time\n\n"
+        "def test_hang():\n"
+        "    helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "    open('pids', 'w').write(f'{os.getpid()} {helper.pid}')\n"
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+        "    os.read(os.eventfd(0), 8)  # blocks for good\n")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "ci" / "mutation_runner.py"), "-q", "-p", "no:cacheprovider",
+                           "-p", "no:faulthandler", str(tmp_path / "test_hang.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "XENPV_MUTATION_RUN_DEADLINE": "3"})
+    assert done.returncode == 1 and "hung for 3 s" in done.stderr, done.stderr[-500:]
+    assert time.monotonic() - start < 60
+    for pid in map(int, (tmp_path / "pids").read_text().split()):
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            assert time.monotonic() < deadline, f"process {pid} outlived the ended run"
+            time.sleep(0.05)
