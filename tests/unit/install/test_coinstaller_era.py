@@ -166,3 +166,14 @@ def test_force_activate_and_force_unplug_variants() -> None:
     Installer(plain).install("xenbus", "9.1.0.10")
     Installer(plain).install("xenvbd", "9.1.0.10")
     assert not plain.key_exists(precedence) and _value(plain, FORCE_UNPLUG_KEY, "DISKS") is None
+
+
+def test_only_the_reinstall_bit_of_config_flags_unbinds_a_child() -> None:
+    """CONFIGFLAG_REINSTALL is 0x20 (regstr.h); a child with other ConfigFlags bits (0x01,
+    CONFIGFLAG_DISABLED) is still bound, so its revision must be one the new XENBUS offers (SupportChildDrivers
+    vetoes with ERROR_FILE_NOT_FOUND, 2, as for a child without ConfigFlags)."""
+    registry = Registry()
+    _child(registry, "VEN_XP0001&DEV_VIF", r"XENBUS\VEN_XP0001&DEV_VIF&REV_0900000B", config_flags=0x01)
+    with pytest.raises(InstallVetoed) as veto:
+        Installer(registry, platform=[DEV_0001]).install("xenbus", "9.1.0.1")
+    assert veto.value.error == 2

@@ -66,3 +66,28 @@ def test_values_other_than_dwords_are_not_subscriptions() -> None:
     registry.set_sz(rf"{SERVICES}\XENBUS\Interfaces\XENTEST", "EVTCHN", "99")
     Installer(registry, platform=[PlatformPciDevice(0x0001)]).install("xenbus", BUS, era=Era.SUBSCRIBER)
     assert str(installed_version(registry, "xenbus")) == BUS
+
+
+def test_a_veto_says_who_blocks_what_in_one_line() -> None:
+    """The message setupapi's log would carry: the package, the Win32 error by name (its number when the
+    name is not known), the subscriber, its interface version and the range the new provider supports."""
+    from xenpv.stack.install.installer import InstallVetoed as Vetoed
+    _, installer = _registered("XENBUS", "EVTCHN", 5)
+    with pytest.raises(InstallVetoed) as info:
+        installer.install("xenbus", BUS, era=Era.SUBSCRIBER)
+    assert str(info.value) == ("xenbus 8.0.0.1: install vetoed (ERROR_REVISION_MISMATCH): subscriber XENTEST uses "
+                               "XENBUS EVTCHN interface version 5; xenbus 8.0.0.1 supports 1..4; upgrade XENTEST first")
+    assert info.value.package == "xenbus 8.0.0.1"
+    assert Vetoed("p", 1234, "why").error_name == "ERROR_1234"
+
+
+def test_a_dword_after_another_value_is_still_a_subscription() -> None:
+    """coinst.c walks every value of the subscriber's key: one that is not a DWORD is passed over, and the
+    DWORD after it is still checked."""
+    registry = Registry()
+    key = rf"{SERVICES}\XENBUS\Interfaces\XENTEST"
+    registry.set_sz(key, "EVTCHN", "99")
+    registry.set_dword(key, "SHARED_INFO", 9)
+    with pytest.raises(InstallVetoed) as info:
+        Installer(registry, platform=[PlatformPciDevice(0x0001)]).install("xenbus", BUS, era=Era.SUBSCRIBER)
+    assert "SHARED_INFO interface version 9" in info.value.reason

@@ -28,6 +28,7 @@ def test_the_driver_store_is_windows_driver_database() -> None:
     assert _values(registry, rf"{db}\DriverInfFiles\xenbus.inf") == {"Active": PACKAGE}
     package = _values(registry, rf"{db}\DriverPackages\{PACKAGE}")
     assert package["Version"] == "9.1.0.10" and package["Services"] == ["XEN", "XENBUS", "XENFILT", "xenbus_monitor"]
+    assert package["Era"] == "current"  # which installer rules the package follows (the model's own value)
     assert _values(registry, rf"{db}\Images\xenbus.sys") == {"Version": "9.1.0.10", "Package": PACKAGE}
     # DeviceIds: the INF rank of each ID, a hardware ID's 0x0000 for the models line's first, then
     # 0x1000 and up for the later IDs of the same line (setupapi's compatible-ID ranks).
@@ -112,3 +113,53 @@ def test_a_coinstaller_era_install_needs_a_reboot_for_an_upgrade_or_a_device_it_
     assert first.package.era == Era.COINSTALLER and not first.reboot_required
     assert installer.upgrade("xenbus", "9.1.0.1").reboot_required
     assert Installer(Registry(), platform=[PlatformPciDevice(0x0001)]).install("xenbus", "9.1.0.1").reboot_required
+
+
+def test_an_upgrade_and_a_removal_leave_no_record_of_the_old_package() -> None:
+    """The driver store keeps one package per INF: an upgrade drops the old package's DriverPackages key,
+    its DeviceIds values (a DeviceIds key left empty goes too) and its Images records; a removal drops them
+    all."""
+    registry = Registry()
+    installer = Installer(registry, platform=[PlatformPciDevice(slot=2, device_id=1)])
+    installer.install("xenbus", "9.1.0.5")
+    installer.upgrade("xenbus", "9.1.0.10")
+    db = r"HKLM\SYSTEM\DriverDatabase"
+    assert registry.subkeys(rf"{db}\DriverPackages") == [PACKAGE]
+    for device in registry.subkeys(rf"{db}\DeviceIds\PCI"):
+        assert list(_values(registry, rf"{db}\DeviceIds\PCI\{device}")) == [PACKAGE]
+    assert _values(registry, rf"{db}\Images\xenbus.sys")["Package"] == PACKAGE
+    # Another package matching one of the IDs keeps that key (and its own value) through the removal.
+    shared = rf"{db}\DeviceIds\PCI\VEN_5853&DEV_0001"
+    registry.set_dword(shared, "other.inf_amd64_1.0.0.0", 0)
+    installer.remove("xenbus")
+    assert registry.subkeys(rf"{db}\DriverPackages") == []
+    assert registry.subkeys(rf"{db}\DeviceIds\PCI") == ["VEN_5853&DEV_0001"]
+    assert _values(registry, shared) == {"other.inf_amd64_1.0.0.0": 0}
+    assert not registry.key_exists(rf"{db}\Images\xenbus.sys")
+    assert _values(registry, rf"{db}\DriverPackages") == {}
+
+
+def test_every_pending_reboot_request_is_found_and_images_are_found_by_any_name() -> None:
+    """xenbus_monitor's view: every module key with Reboot = 1 under the request key, past one without
+    the value; installed_version finds an image by module name, .sys or .exe file name."""
+    from xenpv.stack.install.installer import installed_version, reboot_requests, request_reboot
+    from xenpv.stack.install.packages import Version
+    registry = _installed()
+    requests = r"HKLM\SYSTEM\CurrentControlSet\Services\xenbus_monitor\Request"
+    registry.create_key(rf"{requests}\XENVIF")            # a module key without a request in it
+    request_reboot(registry, "XENBUS")
+    assert reboot_requests(registry) == ["XENBUS"]
+    version = Version(9, 1, 0, 10)
+    assert installed_version(registry, "XENBUS") == installed_version(registry, "xenbus.sys") == version
+    assert installed_version(registry, "xenbus_monitor_9_1_0_10.exe") == version
+    assert installed_version(registry, "nosuch") is None
+
+
+def test_removing_xenfilt_from_the_second_filter_class_when_the_first_lacks_it() -> None:
+    registry = _installed()
+    classes = r"HKLM\SYSTEM\CurrentControlSet\Control\Class"
+    system, hdc = rf"{classes}\{{4d36e97d-e325-11ce-bfc1-08002be10318}}", rf"{classes}\{{4d36e96a-e325-11ce-bfc1-08002be10318}}"
+    registry.set_multi_sz(system, "UpperFilters", ["other"])
+    registry.set_multi_sz(hdc, "UpperFilters", ["XENFILT", "more"])
+    Installer(registry, platform=[]).remove("xenbus")
+    assert (_values(registry, system)["UpperFilters"], _values(registry, hdc)["UpperFilters"]) == (["other"], ["more"])
