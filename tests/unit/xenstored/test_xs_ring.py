@@ -300,3 +300,23 @@ def test_reintroduce_restarts_the_ring(daemon_with_rings: tuple[Path, FileRingPr
     finally:
         del ring
         guest.close()
+
+
+def test_output_is_bounded_at_its_quota_and_the_count_follows_what_the_guest_takes(ring: RingPair) -> None:
+    """RingServer.send queues up to max_output_bytes for a guest that does not read its replies (a message
+    that would go past it is dropped, one that reaches it exactly is kept); what the guest takes off the
+    ring no longer counts, and a ring error drops the queue and its count."""
+    server = ring.server
+    server.max_output_bytes = 100
+    assert server.out_bytes == 0
+    server.send(b"a" * 60)
+    server.send(b"b" * 40)
+    server.send(b"c")
+    assert (len(server.out), server.out_bytes) == (2, 100)
+    ring.service()                                   # the ring has room: both go out
+    assert (len(server.out), server.out_bytes) == (0, 0)
+    server.send(b"d" * 100)
+    assert server.out_bytes == 100
+    ring.intf.req_prod = ring.intf.req_cons + XENSTORE_RING_SIZE + 1   # a malicious index
+    ring.service()
+    assert server.broken and (len(server.out), server.out_bytes) == (0, 0)
