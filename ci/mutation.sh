@@ -100,6 +100,10 @@ for g in "${selected[@]}"; do
     "$py" -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute("UPDATE Mutant SET status = '"'untested'"' WHERE status NOT IN ('"'ok_killed', 'ok_suspicious'"')"); db.commit()' "$work/.mutmut-cache"
   fi
   export PYTHONPATH="$work/.xenpv-ns" XENPV_MUTATION_EQUIVALENT="$top/ci/mutation-equivalent.txt"
+  # A mutant can break a test's own cleanup: its temporary files go into the private copy, removed with it,
+  # not into /tmp (a xenstored run left a hundred ring-fuzz directories there).
+  export TMPDIR="$work/tmp"
+  mkdir -p "$TMPDIR"
   # Few, fixed Hypothesis examples per test (the root conftest.py caps tests' own @settings too) and a 1 s
   # socket fuzz: a mutant costs seconds instead of the 81-90 s of full fuzzing (xenstored, issue 18).
   export XENPV_HYPOTHESIS_PROFILE=mutation XS_FUZZ_SECONDS=1
