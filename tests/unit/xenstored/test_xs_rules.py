@@ -650,7 +650,7 @@ def test_a_target_gives_the_targets_access_and_no_more() -> None:
 
 def test_directory_part_of_a_fresh_root_starts_with_a_decimal_generation() -> None:
     """The first field of every DIRECTORY_PART reply is the node's generation as a decimal number (libxenstore
-    compares it between chunks), the root's too before anything changed it."""
+    compares it between chunks), on a store that has seen nothing but its own start."""
     core = XenstoreCore(Quotas())
     reply = Peer(core).ok(T.DIRECTORY_PART, b"/\x000\0")
     gen, _, rest = reply.partition(b"\0")
