@@ -7,10 +7,25 @@ import time
 
 import pytest
 
+from xenpv.base.process import wait_for
 from xenpv.stack.drivers.xenbus.fdo import D3, XenbusFdo
 from xenpv.stack.drivers.xenfilt.emulated import EmulatedStatus
 from xenpv.stack.kernel.bugcheck import BugCheck
 from xenpv.stack.kernel.status import STATUS_SUCCESS, STATUS_UNSUCCESSFUL
+
+# A deadline for the suspend thread to do what a test waits for; it only matters when the test fails.
+THREAD_DEADLINE = 10.0
+
+
+def _rounds_of(fdo: XenbusFdo) -> list[int]:
+    """FdoSuspend replaced by a recorder: the device power state at each round of the suspend thread."""
+    rounds: list[int] = []
+    fdo.FdoSuspend = lambda: rounds.append(fdo.device_power)  # type: ignore[method-assign]
+    return rounds
+
+
+def _wait(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    wait_for(condition, timeout=THREAD_DEADLINE, what=what)
 
 
 def test_d0_watches_device_for_the_scan_and_control_shutdown_for_the_suspend_thread(rig, machine) -> None:
@@ -25,14 +40,10 @@ def test_d0_watches_device_for_the_scan_and_control_shutdown_for_the_suspend_thr
     store.events.append(("device/vif/1", tokens["device"]))
     store.pump()
     assert fdo._scan_event.read_state()
-    rounds: list[int] = []
-    fdo.FdoSuspend = lambda: rounds.append(fdo.device_power)  # type: ignore[method-assign]
+    rounds = _rounds_of(fdo)
     store.events.append(("control/shutdown", tokens["control/shutdown"]))
     store.pump()
-    deadline = time.monotonic() + 10
-    while not rounds:
-        assert time.monotonic() < deadline, "the control/shutdown watch never woke the suspend thread"
-        time.sleep(0.005)
+    _wait(lambda: rounds, "the control/shutdown watch to wake the suspend thread")
 
 
 def test_a_watch_or_key_d0_cannot_set_up_is_a_warning_and_one_it_can_is_not(rig, machine, monkeypatch) -> None:
@@ -82,8 +93,7 @@ def test_d3_waits_for_the_suspend_thread_to_finish_its_round(rig, machine) -> No
     a thread still inside FdoSuspend would use interfaces D3 has released."""
     booted = rig.boot(machine(0x0001))
     fdo = booted.xenbus.active_fdo
-    rounds: list[int] = []
-    fdo.FdoSuspend = lambda: rounds.append(fdo.device_power)  # type: ignore[method-assign]
+    rounds = _rounds_of(fdo)
     with booted.kernel.cpu.lock:
         # The thread runs its rounds holding the processor's lock: none starts between here and the wait
         # (a round for the boot's first watch event may have run before).
@@ -138,18 +148,6 @@ def test_an_active_device_the_emulated_interface_says_is_absent_is_bug_present(r
 
 # ---- the suspend thread (fdo.c FdoSuspend's loop) --------------------------------------------------------
 
-def _rounds_of(fdo: XenbusFdo) -> list[int]:
-    rounds: list[int] = []
-    fdo.FdoSuspend = lambda: rounds.append(fdo.device_power)  # type: ignore[method-assign]
-    return rounds
-
-
-def _wait(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
-
 
 def test_the_suspend_thread_runs_a_round_per_event_and_none_while_idle(rig, machine) -> None:
     """The thread's periodic wake-ups (SUSPEND_THREAD_PERIOD, to see a stop) are timeouts, not events: a
@@ -159,14 +157,14 @@ def test_the_suspend_thread_runs_a_round_per_event_and_none_while_idle(rig, mach
     rounds = _rounds_of(fdo)
     rig.platforms[-1].store.pump()  # xenstored fires a new watch once: that first round goes by here
     fdo._suspend_event.set()
-    _wait(lambda: rounds, "the event never ran FdoSuspend")
-    _wait(lambda: not fdo._suspend_event.read_state(), "the event was never taken")
+    _wait(lambda: rounds, "FdoSuspend to run on the event")
+    _wait(lambda: not fdo._suspend_event.read_state(), "the suspend thread to take the event")
     time.sleep(SUSPEND_THREAD_PERIOD)
     rounds.clear()
     time.sleep(3 * SUSPEND_THREAD_PERIOD)
     assert rounds == [], "FdoSuspend ran without a control/shutdown event"
     fdo._suspend_event.set()
-    _wait(lambda: rounds, "the event never ran FdoSuspend")
+    _wait(lambda: rounds, "FdoSuspend to run on the event")
     time.sleep(3 * SUSPEND_THREAD_PERIOD)
     assert len(rounds) == 1
 
@@ -192,7 +190,7 @@ def test_a_stop_inside_a_suspend_is_reported_to_whoever_waits_for_the_resume(rig
 
     fdo.FdoSuspend = stopping  # type: ignore[method-assign]
     fdo._suspend_event.set()
-    _wait(lambda: reports, "the relocation line never heard of the STOP")
+    _wait(lambda: reports, "the relocation line to hear of the STOP")
     assert len(reports) == 1 and reports[0] is not None
     assert reports[0].startswith("the guest stopped: ") and "BUG: SuspendTrigger callback" in reports[0]
 
@@ -209,7 +207,7 @@ def test_an_unhandled_exception_in_the_suspend_thread_is_a_stop_naming_xenbus(ri
     fdo.FdoSuspend = broken  # type: ignore[method-assign]
     fdo._suspend_event.set()
     cpu = booted.kernel.cpu
-    _wait(lambda: cpu.halted is not None, "the unhandled exception stopped nothing")
+    _wait(lambda: cpu.halted is not None, "the unhandled exception to stop the processor")
     stop = cpu.halted
     assert isinstance(stop, BugCheck)
     assert stop.message == "BUG: unhandled RuntimeError in the suspend thread: boom"
