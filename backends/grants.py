@@ -13,8 +13,8 @@ import contextlib
 import logging
 import mmap
 import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 from xenpv.backends.vhost_user.memory import GuestMemoryError
 from xenpv.backends.xenhv.control import XenhvError
@@ -27,6 +27,8 @@ from xenpv.xenabi.ring import XEN_PAGE_SIZE
 
 if TYPE_CHECKING:
     from xenpv.backends.xenbackend import DomainLink, XenBackend
+
+T = TypeVar("T")
 
 log = logging.getLogger("grants")
 
@@ -150,34 +152,32 @@ class BackendGrants:
             raise GrantAccessError(f"dom{self.domid} ref {ref}: gfn {gfn:#x}: {exc}") from exc
 
     # ---- copies ------------------------------------------------------------------------------------------
-    # What :meth:`page` does, written out: these are every forwarded frame's path, and a generator-based
-    # context manager costs as much as the pin itself.
+
+    def _on_page(self, ref: int, writable: bool, use: Callable[[memoryview], T]) -> T:
+        """:meth:`page` without the generator: every forwarded frame takes this path, and a generator-based
+        context manager costs as much as the pin itself."""
+        gfn, handle = self.pin(ref, writable)
+        try:
+            view = self._page_view(ref, gfn)
+            try:
+                return use(view)
+            finally:
+                view.release()
+        finally:
+            self.unpin(ref, writable, handle)
 
     def read(self, ref: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of the page ``ref`` grants (Xen's GNTTABOP_copy from a grant)."""
         _check_span(ref, offset, size)
-        gfn, handle = self.pin(ref, False)
-        try:
-            view = self._page_view(ref, gfn)
-            try:
-                return bytes(view[offset:offset + size])
-            finally:
-                view.release()
-        finally:
-            self.unpin(ref, False, handle)
+        return self._on_page(ref, False, lambda page: bytes(page[offset:offset + size]))
 
     def write(self, ref: int, offset: int, data: bytes | memoryview) -> None:
         """Copy ``data`` to ``offset`` of the page ``ref`` grants; a read-only grant is refused."""
         _check_span(ref, offset, len(data))
-        gfn, handle = self.pin(ref, True)
-        try:
-            view = self._page_view(ref, gfn)
-            try:
-                view[offset:offset + len(data)] = data
-            finally:
-                view.release()
-        finally:
-            self.unpin(ref, True, handle)
+
+        def copy(page: memoryview) -> None:
+            page[offset:offset + len(data)] = data
+        self._on_page(ref, True, copy)
 
 
 def _check_span(ref: int, offset: int, size: int) -> None:

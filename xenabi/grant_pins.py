@@ -190,6 +190,7 @@ def _native_layout(max_entries: int) -> _NativeLayout:
 
 # What a native call returns: one of these codes in the low byte, a value above it (enum xpv_pin_code).
 CODE_BITS = 8
+CODE_MASK = (1 << CODE_BITS) - 1
 (PIN_OK, PIN_BUSY, PIN_REVOKED, PIN_NO_SPACE, PIN_NOT_GRANTED, PIN_READ_ONLY, PIN_CHANGING, PIN_IN_USE,
  PIN_NOT_LOCAL, PIN_PAGE_CHECK, PIN_NO_PIN, PIN_LOST) = range(12)
 # A call's other arguments, packed in two words: `who` is the ref | the party << 32 | the mapping domain (or
@@ -360,7 +361,7 @@ class PinTable:
             how |= _HOW_CALLER_CHECKS_PAGE
         result = self._mem.call_with("xpv_pin", self._length, frame, offset, GRANT_ENTRY_SIZE, self._native_address,
                                      who, how)
-        code = result & 0xFF
+        code = result & CODE_MASK
         if code == PIN_OK:
             return result >> CODE_BITS
         if code == PIN_PAGE_CHECK and page_ok is not None:
@@ -389,7 +390,7 @@ class PinTable:
                 gfn: int, ok: bool, op: str) -> None:
         result = self._mem.call_with("xpv_pin_finish", self._length, frame, offset, GRANT_ENTRY_SIZE,
                                      self._native_address, who, how, gfn, ok)
-        if result & 0xFF != PIN_OK:
+        if result & CODE_MASK != PIN_OK:
             raise self._refusal(result, party, ref, bool(how & _HOW_WRITABLE), mapper, op)
 
     def unpin(self, party: int, ref: int, writable: bool, *, generation: int = 0, owner: int | None = None) -> None:
@@ -407,7 +408,7 @@ class PinTable:
     def _refusal(self, result: int, party: int, ref: int, writable: bool, mapper: int | None, op: str,
                  owner: int | None = None) -> GrantRefused:
         """The exception for a native call's refusal, worded as Xen's rule that refused it."""
-        code, value = result & 0xFF, result >> CODE_BITS
+        code, value = result & CODE_MASK, result >> CODE_BITS
         granter = self.granter
         if code == PIN_BUSY:
             return GrantRefused(GNTST_eagain, f"dom{granter} ref {ref}: its active entry is held by party {value} "
