@@ -126,15 +126,17 @@ def apply(tree: Path, file: str, line: str, new: str, name: str, after: str | No
 def copy_tree(dest: Path, commit: str | None) -> None:
     """Today's work tree (tracked and new files) or ``commit``'s tree into ``dest``."""
     if commit is None:
-        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=TOP, check=True,
-                               capture_output=True).stdout
-        subprocess.run(f"tar --null -T - -cf - | tar -xf - -C {dest}", shell=True, cwd=TOP, input=files,
-                       check=True)
+        # The file list goes to tar as a file: through a pipe, tar's output could fill while it is written.
+        listing = dest / ".seeded-files"
+        listing.write_bytes(subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=TOP,
+                                           check=True, capture_output=True).stdout)
+        source = subprocess.Popen(["tar", "--null", "-T", str(listing), "-cf", "-"], cwd=TOP, stdout=subprocess.PIPE)
     else:
-        archive = subprocess.Popen(["git", "archive", commit], cwd=TOP, stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-xf", "-", "-C", str(dest)], stdin=archive.stdout, check=True)
-        if archive.wait() != 0:
-            raise SeededBugError(f"git archive {commit} failed")
+        source = subprocess.Popen(["git", "archive", commit], cwd=TOP, stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-xf", "-", "-C", str(dest)], stdin=source.stdout, check=True)
+    if source.wait() != 0:
+        raise SeededBugError(f"copying {commit or 'the work tree'} failed")
+    (dest / ".seeded-files").unlink(missing_ok=True)
 
 
 def _module(file: str, old: bool) -> str:
