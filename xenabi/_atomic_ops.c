@@ -382,42 +382,62 @@ static int party_revoked(const struct xpv_pins *p, uintptr_t table, unsigned int
            xpv_load(table + p->party_gen + party * p->party_gen_width, (int)p->party_gen_width) != generation;
 }
 
+/* A call's `who` and `how` (XPV_WHO_*, XPV_HOW_*), unpacked: `domain` is the mapping domain of a pin or
+ * the owner of an unpin. */
+struct pin_args {
+    unsigned int ref, party, domain;
+    uint32_t generation;
+    int writable;
+    uint64_t mask;
+};
+
+static struct pin_args unpack(uint64_t who, uint64_t how)
+{
+    struct pin_args a = {
+        .ref = (uint32_t)who,
+        .party = (uint8_t)(who >> XPV_WHO_PARTY_SHIFT),
+        .domain = (uint16_t)(who >> XPV_WHO_DOMAIN_SHIFT),
+        .generation = (uint32_t)(how >> XPV_HOW_GENERATION_SHIFT),
+        .writable = (how & XPV_HOW_WRITABLE) != 0,
+        .mask = how & XPV_HOW_MASK,
+    };
+
+    return a;
+}
+
 /* Pin `ref` for `party` of domain `mapper` (PinTable.pin): XPV_PIN_OK and the frame, a refusal with the
  * entry left as it was, or (XPV_HOW_CALLER_CHECKS_PAGE in `how`) XPV_PIN_PAGE_CHECK with the entry held. */
 uint64_t xpv_pin(uintptr_t table, uintptr_t entry, const struct xpv_pins *p, uint64_t who, uint64_t how)
 {
     struct pin_op op;
-    unsigned int ref = (uint32_t)who, party = (uint8_t)(who >> XPV_WHO_PARTY_SHIFT);
-    unsigned int mapper = (uint16_t)(who >> XPV_WHO_DOMAIN_SHIFT);
-    uint32_t generation = (uint32_t)(how >> XPV_HOW_GENERATION_SHIFT);
-    int writable = (how & XPV_HOW_WRITABLE) != 0;
-    uint64_t mask = how & XPV_HOW_MASK, readers, writers, mine, status, gfn, set_bits, taken;
+    struct pin_args a = unpack(who, how);
+    uint64_t readers, writers, mine, status, gfn, set_bits, taken;
 
-    locate(&op, p, table, entry, ref, party);
-    taken = lock_entry(&op, party, p->op_pin | (writable ? p->op_writable : 0));
+    locate(&op, p, table, entry, a.ref, a.party);
+    taken = lock_entry(&op, a.party, p->op_pin | (a.writable ? p->op_writable : 0));
     if (taken != XPV_PIN_OK)
         return taken;
-    if (party_revoked(p, table, party, generation))
+    if (party_revoked(p, table, a.party, a.generation))
         return pin_undo(&op, 0, XPV_PIN_REVOKED);
     readers = totals_r(p, op.before);
     writers = totals_w(p, op.before);
-    mine = writable ? op.counts >> p->count_w_shift : op.counts & p->count_mask;
+    mine = a.writable ? op.counts >> p->count_w_shift : op.counts & p->count_mask;
     if (mine >= p->max_party_pins || readers + writers >= p->total_mask)
         return pin_undo(&op, 0, XPV_PIN_NO_SPACE);
-    set_bits = pin_set_bits(p, op.before, writable);
+    set_bits = pin_set_bits(p, op.before, a.writable);
     if (readers + writers == 0) {
-        status = set_status(&op, mapper, !writable, mask, 1);
+        status = set_status(&op, a.domain, !a.writable, a.mask, 1);
         if (status != XPV_PIN_OK)
             return pin_undo(&op, 0, status);
         gfn = xpv_load(entry + p->frame, (int)p->frame_width);
     } else {
         uint64_t holder_dom = xpv_load(op.pinned + p->domid, (int)p->domid_width);
 
-        if (holder_dom != mapper)
+        if (holder_dom != a.domain)
             return pin_undo(&op, 0, result(XPV_PIN_IN_USE, holder_dom));
         /* Once pinned, the entry cannot have been revoked, so only the read-only bit is re-checked. */
         if (set_bits) {
-            status = set_status(&op, mapper, 0, mask, 0);
+            status = set_status(&op, a.domain, 0, a.mask, 0);
             if (status != XPV_PIN_OK)
                 return pin_undo(&op, 0, status);
         }
@@ -427,7 +447,7 @@ uint64_t xpv_pin(uintptr_t table, uintptr_t entry, const struct xpv_pins *p, uin
         return result(XPV_PIN_PAGE_CHECK, gfn | (uint64_t)(readers + writers == 0) << 32);
     if (gfn >= xpv_load(table + p->ram_pages, (int)p->ram_pages_width) || overlaid(p, table, gfn))
         return pin_undo(&op, set_bits, result(XPV_PIN_NOT_LOCAL, gfn));
-    return pin_commit(&op, writable, mapper, gfn);
+    return pin_commit(&op, a.writable, a.domain, gfn);
 }
 
 /* The end of a pin that returned XPV_PIN_PAGE_CHECK (`who` and `how` as it had them): with `page_ok`,
@@ -436,20 +456,18 @@ uint64_t xpv_pin_finish(uintptr_t table, uintptr_t entry, const struct xpv_pins 
                         uint32_t gfn, int page_ok)
 {
     struct pin_op op;
-    unsigned int ref = (uint32_t)who, party = (uint8_t)(who >> XPV_WHO_PARTY_SHIFT);
-    unsigned int mapper = (uint16_t)(who >> XPV_WHO_DOMAIN_SHIFT);
-    int writable = (how & XPV_HOW_WRITABLE) != 0;
+    struct pin_args a = unpack(who, how);
     uint64_t word;
 
-    locate(&op, p, table, entry, ref, party);
+    locate(&op, p, table, entry, a.ref, a.party);
     word = xpv_load(op.word, (int)p->word_width);
-    if ((word & p->holder_mask) != party || (word & (p->op_pin | p->op_unpin)) != p->op_pin)
+    if ((word & p->holder_mask) != a.party || (word & (p->op_pin | p->op_unpin)) != p->op_pin)
         return result(XPV_PIN_LOST, word & p->holder_mask);
     op.before = word & ~(((uint64_t)1 << p->total_r_shift) - 1);
     op.counts = (word >> p->old_r_shift & p->count_mask) | (word >> p->old_w_shift & p->count_mask) << p->count_w_shift;
     if (!page_ok)
-        return pin_undo(&op, pin_set_bits(p, op.before, writable), XPV_PIN_OK);
-    return pin_commit(&op, writable, mapper, gfn);
+        return pin_undo(&op, pin_set_bits(p, op.before, a.writable), XPV_PIN_OK);
+    return pin_commit(&op, a.writable, a.domain, gfn);
 }
 
 /* Drop one of `owner`'s pins on `ref` (PinTable.unpin), `party` holding the entry: the last writer clears
@@ -457,23 +475,20 @@ uint64_t xpv_pin_finish(uintptr_t table, uintptr_t entry, const struct xpv_pins 
 uint64_t xpv_unpin(uintptr_t table, uintptr_t entry, const struct xpv_pins *p, uint64_t who, uint64_t how)
 {
     struct pin_op op;
-    unsigned int ref = (uint32_t)who, party = (uint8_t)(who >> XPV_WHO_PARTY_SHIFT);
-    unsigned int owner = (uint16_t)(who >> XPV_WHO_DOMAIN_SHIFT);
-    uint32_t generation = (uint32_t)(how >> XPV_HOW_GENERATION_SHIFT);
-    int writable = (how & XPV_HOW_WRITABLE) != 0;
-    uint64_t readers, writers, counts, taken, one = writable ? (uint64_t)1 << p->count_w_shift : 1;
+    struct pin_args a = unpack(who, how);
+    uint64_t readers, writers, counts, taken, one = a.writable ? (uint64_t)1 << p->count_w_shift : 1;
 
-    locate(&op, p, table, entry, ref, owner);
-    taken = lock_entry(&op, party, p->op_unpin | (writable ? p->op_writable : 0));
+    locate(&op, p, table, entry, a.ref, a.domain);
+    taken = lock_entry(&op, a.party, p->op_unpin | (a.writable ? p->op_writable : 0));
     if (taken != XPV_PIN_OK)
         return taken;
-    if (party_revoked(p, table, party, generation))
+    if (party_revoked(p, table, a.party, a.generation))
         return pin_undo(&op, 0, XPV_PIN_REVOKED);
     counts = op.counts;
-    if ((writable ? counts >> p->count_w_shift : counts & p->count_mask) == 0)
+    if ((a.writable ? counts >> p->count_w_shift : counts & p->count_mask) == 0)
         return pin_undo(&op, 0, XPV_PIN_NO_PIN);
-    readers = totals_r(p, op.before) - !writable;
-    writers = totals_w(p, op.before) - !!writable;
+    readers = totals_r(p, op.before) - !a.writable;
+    writers = totals_w(p, op.before) - !!a.writable;
     settle_flags(&op, readers, writers);
     xpv_store(op.count, (int)p->count_width, counts - one);
     at(XPV_AT_COUNTED, op.ref);
