@@ -64,18 +64,14 @@ class Blkback:
             dev, reason = self._fatal.get()
             if self.devices.get((dev.domid, dev.devid)) is dev:
                 dev.fail(reason)
-        # Replies can arrive in one read with the events after them: those sit unparsed in the client's buffer.
-        if not self.xs.events and not self.xs.buf:
-            ready, _, _ = select.select([self.xs.sock, self._wake_r], [], [], 1.0)
-            if self._wake_r in ready:
+        event = self.xs.wait_event(1.0, wake=self._wake_r)
+        if event is None:
+            if select.select([self._wake_r], [], [], 0)[0]:
                 os.read(self._wake_r, 4096)
-            if self.xs.sock not in ready:
-                return
-        if not self.xs.events:
-            self._on_event(*self.xs.read_event(timeout=5.0))
+            return
+        self._on_event(*event)
         while self.xs.events:
-            path, token = self.xs.events.popleft()
-            self._on_event(path, token)
+            self._on_event(*self.xs.events.popleft())
 
     def _on_event(self, path: str, token: str) -> None:
         if token == ROOT_TOKEN:

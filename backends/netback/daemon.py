@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import queue
-import select
 import threading
 import time
 from pathlib import Path
@@ -70,10 +69,7 @@ class Netback:
             self._scan()
             last = 0.0
             while not self._stop.is_set():
-                path = token = None
-                # XsClient reports a timeout like a lost connection, so wait for data here first.
-                if self.xs.events or select.select([self.xs.sock], [], [], 0.05)[0]:
-                    path, token = self.xs.read_event(timeout=5.0)
+                path, token = self.xs.wait_event(0.05) or (None, None)
                 if token == "backend":
                     self._backend_event(path)
                 elif token is not None and token.startswith("fe "):

@@ -188,6 +188,26 @@ class XsClient:
             self._queue_event(body)
         return self.events.popleft()
 
+    def wait_event(self, timeout: float, wake: int | None = None) -> tuple[str, str] | None:
+        """The next watch event, or None when none came within `timeout` or `wake` (an fd the caller
+        drains) became readable first.
+
+        The recv that brings a reply can bring the events that followed it too: they sit whole in the
+        buffer while the socket is no longer readable, so the buffer is looked at before the socket is
+        waited on (waiting on the socket alone leaves them there until xenstored sends something else)."""
+        if self.events:
+            return self.events.popleft()
+        if not self._message_buffered():
+            ready = select.select([self.sock] if wake is None else [self.sock, wake], [], [], timeout)[0]
+            if self.sock not in ready:
+                return None
+        return self.read_event()
+
+    def _message_buffered(self) -> bool:
+        if len(self.buf) < XSD_SOCKMSG.size:
+            return False
+        return len(self.buf) >= XSD_SOCKMSG.size + XSD_SOCKMSG.unpack_from(self.buf)[3]
+
     def transaction_start(self) -> int:
         return int(self.request(T.TRANSACTION_START, b"\0").rstrip(b"\0"))
 
