@@ -22,6 +22,7 @@ from xenpv.xenabi import xen as X
 log = logging.getLogger("stack.vcpu")
 
 _EVENT_CHANNEL_OP = X.HYPERCALL_NUMBERS["event_channel_op"]
+_MEMORY_OP = X.HYPERCALL_NUMBERS["memory_op"]
 # evtchn_send and evtchn_close both hold only the port, a little-endian u32.
 _PORT_ARG_SIZE = ctypes.sizeof(E.EvtchnSend)
 assert _PORT_ARG_SIZE == ctypes.sizeof(E.EvtchnClose) == E.EvtchnSend.port.size == 4
@@ -93,7 +94,7 @@ class Vcpu:
     def hypercall(self, nr: int, *args: int) -> int:
         if self.hv is None:
             raise RuntimeError("this vCPU has no hypervisor: not a Xen guest")
-        if nr == X.HYPERCALL_NUMBERS["memory_op"]:
+        if nr == _MEMORY_OP:
             self._hv_pages.clear()  # the p2m may change
         elif nr == _EVENT_CHANNEL_OP and len(args) >= 2 and args[0] in (E.EVTCHNOP_send, E.EVTCHNOP_close):
             # The doorbell fast path, as KVM handles an ioeventfd write without a VM exit: a send on a
@@ -108,6 +109,11 @@ class Vcpu:
                 elif self.hv.doorbells.send(port):
                     return 0
         return self.hv.hypercall(nr, *args)
+
+    def send_by_doorbell(self, port: int) -> bool:
+        """EVTCHNOP_send on `port` through its doorbell, for a caller that has the port in hand rather than in
+        guest RAM (stack/vcpu/hypercalls.py); False when the port has none and the send must trap."""
+        return self.hv is not None and self.hv.doorbells.send(port)
 
     def forget_hypervisor_pages(self) -> None:
         """The p2m is another domain's now (a restore or a power-on): where hypervisor frames sit is asked

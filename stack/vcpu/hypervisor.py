@@ -67,8 +67,12 @@ class HypervisorLink:
     def take_interrupt(self) -> bool:
         """Drain what made interrupt_fd readable: the upcall eventfd (xenhv raised the upcall) and the call
         eventfds of doorbells (delivered here). True when the vCPU must run its upcall handler."""
+        return self._take(self._interrupts.poll(0))
+
+    def _take(self, events: list[tuple[int, int]]) -> bool:
+        """take_interrupt for the (fd, events) that the interrupt epoll set reported."""
         upcall = False
-        for fd, _ in self._interrupts.poll(0):
+        for fd, _ in events:
             if fd == self.upcall_fd:
                 try:
                     os.eventfd_read(fd)
@@ -227,8 +231,8 @@ class HypervisorLink:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            r, _, _ = select.select([self.interrupt_fd], [], [], max(remaining, 0))
-            if r and self.take_interrupt():
+            # The epoll set itself, not select() on its fd and then a poll: one system call per wake-up.
+            if self._take(self._interrupts.poll(max(remaining, 0))):
                 return True
             if remaining <= 0:
                 return False

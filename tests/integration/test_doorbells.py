@@ -102,6 +102,43 @@ def test_a_send_to_a_back_end_is_an_eventfd_write_and_its_notification_is_delive
     assert bells.deliveries == 1, "xenhv delivered the notification: the vCPU does not hold the call eventfd"
 
 
+def test_a_send_the_doorbell_takes_does_not_go_through_guest_ram(xen_guest_factory, backend) -> None:
+    """Hypercalls.op hands an evtchn_send's port to the doorbell itself: nothing is written to the scratch
+    page, and the struct it returns is the send's."""
+    d, _, port = guest_with_port(xen_guest_factory)
+    _, _, sends = bind(backend, d.domid, port)
+    sentinel = b"\xa5" * 8
+    d.vcpu.write_phys(SCRATCH, sentinel)
+    d.vcpu.write_phys(MAILBOX, (1).to_bytes(4, "little"))
+    rc, out = Hypercalls(d.vcpu, SCRATCH).op(HC["event_channel_op"], E.EVTCHNOP_send, E.EvtchnSend(port=port))
+    assert (rc, type(out), out.port) == (0, E.EvtchnSend, port)
+    assert sends.wait_for(1) and d.link.doorbells.sends == 1
+    assert d.vcpu.read_phys(SCRATCH, 8) == sentinel, "the send's struct went through guest RAM"
+
+
+def test_only_an_evtchn_send_on_event_channel_op_takes_the_doorbell_from_its_struct(
+        xen_guest_factory, backend) -> None:
+    """The shortcut past guest RAM is for EVTCHNOP_send with an evtchn_send; anything else goes the long
+    way, where what counts is what guest RAM holds: another op with the same command number, another
+    command with the same layout (a close closes), a send given another op's struct (its first word, not
+    its port field, is the port)."""
+    d, _, port = guest_with_port(xen_guest_factory)
+    _, _, sends = bind(backend, d.domid, port)
+    hc = Hypercalls(d.vcpu, SCRATCH)
+    bells = d.link.doorbells
+    d.vcpu.write_phys(MAILBOX, (1).to_bytes(4, "little"))
+
+    assert hc.op(HC["hvm_op"], E.EVTCHNOP_send, E.EvtchnSend(port=port))[0] == -X.XEN_ENOSYS
+    # The first word of an evtchn_status is its domid (DOMID_SELF): a port beyond the domain's.
+    assert hc.op(HC["event_channel_op"], E.EVTCHNOP_send,
+                 E.EvtchnStatus(dom=E.DOMID_SELF, port=port))[0] == -X.XEN_EINVAL
+    assert bells.sends == 0 and not sends.wait_for(1, timeout=0.3), "the back-end was kicked"
+
+    assert hc.op(HC["event_channel_op"], E.EVTCHNOP_close, E.EvtchnSend(port=port))[0] == 0
+    assert not bells.holds(port) and bells.sends == 0
+    assert hc.evtchn_status(port).status == E.EVTCHNSTAT_closed
+
+
 def test_a_masked_port_is_marked_pending_without_an_upcall(xen_guest_factory, backend) -> None:
     d, gfn, port = guest_with_port(xen_guest_factory)
     link, index, _ = bind(backend, d.domid, port)
