@@ -27,13 +27,14 @@ _OWNER_RE = re.compile(r"(\d+)\.(\d+)")
 
 @dataclass(frozen=True)
 class ProcStat:
-    """What the reaper needs of /proc/<pid>/stat."""
+    """What the reaper (and the benchmarks' CPU figures) need of /proc/<pid>/stat."""
 
     pid: int
     state: str
     ppid: int
     pgid: int
     start: int
+    cpu_ticks: int  # utime + stime, in clock ticks: CPU the process has used
 
 
 def proc_stat(pid: int) -> ProcStat | None:
@@ -44,7 +45,8 @@ def proc_stat(pid: int) -> ProcStat | None:
         return None
     # The command name (field 2) is in parentheses and may itself hold spaces and parentheses.
     fields = raw[raw.rindex(b")") + 2:].split()
-    return ProcStat(pid, fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19]))
+    return ProcStat(pid, fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19]),
+                    int(fields[11]) + int(fields[12]))
 
 
 @dataclass(frozen=True)

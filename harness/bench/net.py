@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import os
 import select
 import subprocess
 import threading
@@ -21,6 +22,7 @@ import dpkt
 
 from xenpv.backends.netback.tap import Tap, VnetHdr
 from xenpv.harness.bench import BenchReport, benchmark
+from xenpv.harness.bench.cpu import CpuMeter
 
 FRAME_SIZES = (64, 1500)
 # Echo requests in flight at once: enough to keep both the frontend and netback busy, well below the
@@ -174,13 +176,19 @@ def bench_net(args: argparse.Namespace) -> BenchReport:
             _through_netback(nf, pv_frame, 0.2)   # warm-up: rx buffers cycled, caches hot
             _through_tap(tap, tap_frame, 0.2)
             calls = xenhv_calls()
+            cpu = CpuMeter({"netback": [nb.pid], "the frontend (this process)": [os.getpid()]}).start()
             rate, frames = _through_netback(nf, pv_frame, args.seconds)
+            cpu.stop()
             calls = xenhv_calls() - calls
             a = r.add(f"{size} B frames through netback", rate, "frames/s")
             b = r.add(f"{size} B frames via TAP from Python", _through_tap(tap, tap_frame, args.seconds), "frames/s")
             r.ratio(f"{size} B ratio", a, b).target = ">= 0.25"
             r.add(f"{size} B xenhv control calls per frame", calls / frames if frames else float("nan"), "calls",
                   "<= 0")
+            r.add(f"{size} B CPU busy during the netback run, whole machine", cpu.machine_cores,
+                  f"cores of {os.cpu_count()}")
+            for group, cores in cpu.group_cores.items():
+                r.add(f"{size} B CPU of {group}", cores, "cores")
         nb.check_alive()
     r.notes.append("a frame is one ICMP echo request of that size (Ethernet header included) and its reply; "
                    "frames/s counts completed round trips; xenhv control calls per frame: every control request "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from xenpv.base.errors import ConfigError
 from xenpv.harness.bench import BenchReport, benchmark
+from xenpv.harness.bench.cpu import CpuMeter
 from xenpv.harness.bench.net import WINDOW, _echo_frame, _through_netback
 
 FRAME_SIZE = 64
@@ -70,7 +71,7 @@ def _guest_side(dom, vif, seconds: float, start: multiprocessing.synchronize.Eve
         os._exit(0)  # the parent owns every inherited resource (machine, domain, sockets)
 
 
-def _run(n: int, seconds: float, work: Path) -> list[float]:
+def _run(n: int, seconds: float, work: Path) -> tuple[list[float], CpuMeter]:
     from xenpv.backends.host import HostServices
     from xenpv.backends.netback.launch import start_netback
     from xenpv.guests.schema import GUESTS_DIR, load_guest
@@ -110,11 +111,14 @@ def _run(n: int, seconds: float, work: Path) -> list[float]:
         cleanup.callback(_reap, children)
         for i, (proc, conn) in enumerate(children):
             _expect(conn, proc, f"guest {i} of {n}", "ready", READY_TIMEOUT)
+        cpu = CpuMeter({"netback": [netback.pid], "frontends": [proc.pid for proc, _ in children],
+                        "xenhv and xenstored": [p.pid for p in host.processes()]}).start()
         start.set()
         rates = [float(_expect(conn, proc, f"guest {i} of {n}", "rate", seconds + 30) or 0.0)
                  for i, (proc, conn) in enumerate(children)]
+        cpu.stop()
         netback.check_alive(f"after {n} guests")
-        return rates
+        return rates, cpu
 
 
 def _expect(conn: multiprocessing.connection.Connection, proc: multiprocessing.process.BaseProcess, who: str,
@@ -151,12 +155,15 @@ def bench_scale(args: argparse.Namespace) -> BenchReport:
     for n in counts:
         work = make_run_dir("scale")
         try:
-            rates = _run(n, args.seconds, work)
+            rates, cpu = _run(n, args.seconds, work)
         finally:
             remove_run_dir(work)
         total = r.add(f"{n} guest(s): aggregate", sum(rates), "frames/s")
         r.add(f"{n} guest(s): per guest, mean", sum(rates) / n, "frames/s")
         r.add(f"{n} guest(s): per guest, slowest", min(rates), "frames/s")
+        r.add(f"{n} guest(s): CPU busy, whole machine", cpu.machine_cores, f"cores of {os.cpu_count()}")
+        for group, cores in cpu.group_cores.items():
+            r.add(f"{n} guest(s): CPU of {group}", cores, "cores")
         if n == 1:
             one = total
         elif one is not None:
@@ -165,5 +172,6 @@ def bench_scale(args: argparse.Namespace) -> BenchReport:
                    "own; one xenhv, one xenstored and one netback serve them all, as one dom0 does; the peer is "
                    "the namespace's kernel answering ICMP echo on each guest's TAP")
     r.notes.append(f"this machine has {os.cpu_count()} CPU(s): every guest's frontend, QEMU, and dom0's processes "
-                   "share them")
+                   "share them; CPU figures are over the timed run, in cores (1 = one CPU busy throughout), the "
+                   "whole machine's including whatever else runs on it")
     return r
