@@ -1,7 +1,7 @@
 """The pytest plugin of xenpv-harness (registered through the pytest11 entry point).
 
 - markers: `integration` (real QEMU and dom0 processes), `conformance` (real peers: xenstore-utils,
-  libxen-dev, QEMU's vhost-user), `slow`;
+  libxen-dev, QEMU's vhost-user), `slow` (under `--dist worksteal` these start first: harness.schedule);
 - fixtures: `artifacts` (a per-test directory, kept when the test fails), `guest_factory` (launch a
   machine from a guest YAML; all are torn down after the test; `launcher: libvirt` guests, and with
   --xenpv-libvirt URI every guest without a Xen platform device, as libvirt domains of `libvirt_target`,
@@ -42,6 +42,7 @@ from xenpv.harness.hosts import HostLease, HostPool, HostSpec, lease_dir_default
 from xenpv.harness.remote import RemoteHost
 from xenpv.harness.remote_guest import RemoteGuest, Wheelhouse, install
 from xenpv.harness.resources import ExclusiveResource
+from xenpv.harness.schedule import worksteal_order
 from xenpv.harness.libvirt_launcher import LibvirtMachine, LibvirtTarget, check_local_uri, session_target
 from xenpv.harness.machine import Machine
 from xenpv.base.process import read_tail, running
@@ -51,7 +52,7 @@ from xenpv.harness.xendomain import XenDomain
 MARKERS = {
     "integration": "launches the real QEMU machine and dom0 processes",
     "conformance": "checks the harness against a real peer (xenstore-utils, libxen-dev headers, QEMU vhost-user)",
-    "slow": "takes more than a few seconds",
+    "slow": "takes more than a few seconds (under --dist worksteal it starts first: harness.schedule)",
     "exclusive": "exclusive(name): never runs at the same time as another test marked with that name, in any "
                  "xdist worker or pytest session on this machine (harness.resources)",
 }
@@ -65,6 +66,7 @@ _run_artifacts_key = pytest.StashKey[Path]()  # the controller's session directo
 _hosts_key = pytest.StashKey[list[HostSpec]]()
 _exclusive_key = pytest.StashKey[list[ExclusiveResource]]()
 _WORKERINPUT_KEY = "xenpv_session_artifacts"
+_DIST_KEY = "xenpv_dist"
 BAD_HOSTS_DIR = "bad-hosts"  # in the controller's session directory: the run's bad-host marks
 # Sessions running in this process (pytester can nest one); only the outermost sweeps at its end.
 _sessions = 0
@@ -118,8 +120,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """pytest-xdist, in the controller: tell a worker the session's artifact directory."""
+    """pytest-xdist, in the controller: tell a worker the session's artifact directory, and the scheduler
+    (a worker's own `dist` option is always "no")."""
     node.workerinput[_WORKERINPUT_KEY] = str(node.config.stash[_session_artifacts_key])
+    node.workerinput[_DIST_KEY] = node.config.getoption("dist")
 
 
 def session_artifacts(config: pytest.Config) -> Path:
@@ -156,6 +160,18 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                                     f"{mark.read_text().strip()}")
     if path is not None and path.is_dir() and any(path.iterdir()):
         terminalreporter.write_line(f"xenpv: this session's artifacts are kept in {path}")
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` deselected: the shares are of what will run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `--dist worksteal`, in each xdist worker: the `slow` tests at the front of the workers' first
+    shares (harness.schedule), so they start first instead of ending the run on one or two workers."""
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is None or workerinput.get(_DIST_KEY) != "worksteal":
+        return
+    items[:] = worksteal_order(items, int(workerinput["workercount"]),
+                               lambda item: item.get_closest_marker("slow") is not None,
+                               lambda item: item.nodeid.split("::", 1)[0])
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -13,6 +13,7 @@ from xenpv.harness.bench.scale import _counts
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # the benchmark's own run: one guest, then two
 def test_two_guests_report_aggregate_per_guest_and_the_ratio_with_its_target() -> None:
     done = subprocess.run([sys.executable, "-m", "xenpv.harness.cli", "bench", "scale", "--guests", "2",
                            "--seconds", "0.5", "--json"], capture_output=True, text=True, timeout=240)

@@ -84,6 +84,7 @@ def test_a_later_session_keeps_an_earlier_sessions_failure(pytester: pytest.Pyte
     assert {p.relative_to(first).as_posix() for p in kept} >= {"host-services/xenhv.log", "host-services/xenstored.log"}
 
 
+@pytest.mark.slow
 @pytest.mark.exclusive("nested-runs")  # each runs several guests at once itself
 def test_two_sessions_side_by_side(pytester: pytest.Pytester, tmp_path: Path) -> None:
     pytester.makepyfile(test_inner=INNER)
@@ -97,6 +98,7 @@ def test_two_sessions_side_by_side(pytester: pytest.Pytester, tmp_path: Path) ->
     assert f"xenpv: this session's artifacts are kept in {kept.parent}" in out1
 
 
+@pytest.mark.slow
 @pytest.mark.exclusive("nested-runs")  # each runs several guests at once itself
 def test_xdist_workers_keep_their_own_dom0_logs(pytester: pytest.Pytester, tmp_path: Path) -> None:
     """Two workers run the same test; it fails on gw0 and passes, later, on gw1. gw0's dom0 logs stay."""

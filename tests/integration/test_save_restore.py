@@ -203,6 +203,7 @@ def test_two_disks_and_two_nics_survive_a_migration(lc, io_guest, dom0: Dom0Back
     assert lc.references(g) == before
 
 
+@pytest.mark.slow  # a console session and three CLI runs, each a process of its own
 def test_xenpv_save_restore_and_migrate_commands_drive_a_console_session(lc, tmp_path: Path) -> None:
     """The CLI as a user runs it: `xenpv run --console` in one shell, `xenpv save|restore|migrate` in
     another; the session's guest moves to a new domain each time and its console still answers."""

@@ -155,6 +155,7 @@ def test_a_resume_in_a_new_domain_recreates_the_watch_and_syncs_the_clock(lc, io
     pvcontrol.reboot(g)  # and the re-created watch answers in the new domain
 
 
+@pytest.mark.slow  # a console session and three CLI runs, each a process of its own
 def test_xenpv_shutdown_reboot_and_hibernate_commands_drive_a_console_session(tmp_path: Path) -> None:
     import pexpect
 

@@ -35,6 +35,7 @@ def _overlap(spans: list[tuple[float, float]]) -> bool:
     return any(a0 < b1 and a1 < b0 for i, (a0, b0) in enumerate(spans) for a1, b1 in spans[i + 1:])
 
 
+@pytest.mark.slow  # an inner pytest -n 2 whose tests sleep
 def test_marked_tests_never_overlap_across_workers(pytester: pytest.Pytester, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPANS", str(tmp_path / "spans"))

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from xenpv.base.owner import proc_stat
 from xenpv.base.process import wait_for
 
@@ -86,6 +87,7 @@ def test_selection_by_coverage_narrows_each_line_to_the_tests_that_ran_it(tmp_pa
     assert config.selected_command("backends/mod.py", 5) is None  # only tests/other.py ran it
 
 
+@pytest.mark.slow  # five pytest runs, one after another
 def test_the_mutation_runner_reports_every_broken_run_as_a_kill(tmp_path: Path) -> None:
     """mutmut 2 counts only exit status 1 as a kill: ci/mutation_runner.py turns pytest's other failures (a
     mutant that breaks an import, a crash) into 1, and leaves a pass (and an empty selection) as 0."""

@@ -16,6 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 
+import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -346,7 +347,7 @@ class GuestRingFuzz(RuleBasedStateMachine):
 
 GuestRingFuzz.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                            derandomize=True)
-test_unprivileged_ring_fuzz = GuestRingFuzz.TestCase
+test_unprivileged_ring_fuzz = pytest.mark.slow(GuestRingFuzz.TestCase)  # starts first: harness.schedule
 
 
 def test_an_internal_exception_is_counted_answered_eio_and_logged(caplog) -> None:  # type: ignore[no-untyped-def]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -205,4 +206,4 @@ XenstoreMachine.TestCase.settings = settings(
     max_examples=400, stateful_step_count=50, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestXenstoreStateful = XenstoreMachine.TestCase
+TestXenstoreStateful = pytest.mark.slow(XenstoreMachine.TestCase)  # starts first: harness.schedule
