@@ -41,11 +41,11 @@ def main() -> int:
         else:
             gpa = args.gpa
 
+        def reflect() -> None:
+            if index_box:
+                link.notify(index_box[0])
+
         def on_event() -> None:
-            if args.reflect:
-                if index_box:
-                    link.notify(index_box[0])
-                return
             length = int.from_bytes(link.memory.read(gpa, 4), "little")
             if length == 0 or length > 4000:
                 return  # nothing posted yet (or the bind-time kick)
@@ -57,7 +57,7 @@ def main() -> int:
             link.notify(index_box[0])
 
         index_box: list[int] = []  # set once bound; bind() runs the handler once before it returns
-        index_box.append(link.bind(args.port, on_event))
+        index_box.append(link.bind(args.port, reflect if args.reflect else on_event))
         print(f"bound port {args.port} as channel {index_box[0]}", flush=True)
         done.wait()
         if args.grant is not None:

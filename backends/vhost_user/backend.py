@@ -153,7 +153,7 @@ class BackendSession:
         (a stopped ring must not notify)."""
         with self._lock:
             vr = self.vrings.get(index)
-            if self.closed or vr is None or not vr.started or vr.call_fd is None:
+            if self.closed_reason is not None or vr is None or not vr.started or vr.call_fd is None:
                 return False
             eventfd.signal(vr.call_fd)  # the guest's vCPU may hold it too (a doorbell)
             return True
@@ -382,17 +382,21 @@ class VhostUserBackend:
             self._dispatch(session, msg)
 
     def _guard(self, session: BackendSession, action: Callable[..., None], *args: object) -> None:
-        """Runs `action(*args)` for `session`; whatever it raises ends that session only. (Arguments rather
-        than a closure: this is every kick's path.)"""
+        """Runs `action(*args)` for `session`; whatever it raises ends that session only."""
         try:
             action(*args)
-        except VhostUserProtocolError as exc:
-            self._drop(session, f"protocol error: {exc}")
-        except VhostUserDisconnected as exc:
-            self._drop(session, str(exc), quiet=True)
-        except OSError as exc:
-            self._drop(session, f"socket or fd error: {exc}")
         except Exception as exc:
+            self._failed(session, exc)
+
+    def _failed(self, session: BackendSession, exc: Exception) -> None:
+        """What `exc`, raised by work for `session` and being handled, does: it ends that session only."""
+        if isinstance(exc, VhostUserProtocolError):
+            self._drop(session, f"protocol error: {exc}")
+        elif isinstance(exc, VhostUserDisconnected):
+            self._drop(session, str(exc), quiet=True)
+        elif isinstance(exc, OSError):
+            self._drop(session, f"socket or fd error: {exc}")
+        else:
             log.exception("%s: device logic failed", session.name)
             self._drop(session, f"internal error: {exc!r}")
 
@@ -435,8 +439,9 @@ class VhostUserBackend:
 
     # --- kicks -------------------------------------------------------------------------------
     def _on_kick(self, session: BackendSession, index: int, fd: int) -> None:
+        """Every event's path: written out rather than through _guard and the `closed` property."""
         vr = session.vrings.get(index)
-        if session.closed or vr is None or vr.kick_fd != fd:
+        if session.closed_reason is not None or vr is None or vr.kick_fd != fd:
             return  # an event for an fd replaced earlier in the same batch
         try:
             data = os.read(fd, 8)
@@ -448,7 +453,10 @@ class VhostUserBackend:
             log.warning("%s: kick fd of vring %d reached EOF; no longer watched", session.name, index)
             return
         if vr.started and vr.enabled:
-            self._guard(session, session.device.on_kick, session, index)
+            try:
+                session.device.on_kick(session, index)
+            except Exception as exc:
+                self._failed(session, exc)
 
     def _watch_kick(self, session: BackendSession, vr: Vring, fd: int) -> None:
         """Watch `fd` (ours now) as the kick of `vr`; an fd epoll cannot watch is the peer's error."""
