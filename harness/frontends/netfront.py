@@ -157,13 +157,18 @@ class MiniNetfront:
         with self._hc_lock:
             self.p.hypercalls.evtchn_send(q.ports[-1] if rx else q.ports[0])
 
-    def close(self) -> None:
-        """Tear down this frontend's side (rings, channels, grants) without touching the backend."""
+    def stop_polling(self) -> None:
+        """Stop consuming responses: no rx buffer is reposted any more (a frontend whose guest stopped
+        taking frames); `send` still reaps the tx ring."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(2.0)
             self._thread = None
+
+    def close(self) -> None:
+        """Tear down this frontend's side (rings, channels, grants) without touching the backend."""
+        self.stop_polling()
         for q in self.queues:
             for port in q.ports:
                 self.p.upcalls.unbind(port)
