@@ -51,9 +51,14 @@ def test_no_platform_boots_without_unplug(guest_factory) -> None:
 
 
 def _query(pdo, guid, version, size):
-    from xenpv.stack.kernel import IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters
-    irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(guid, size, version, None))
-    return IoSynchronousCallDriver(pdo, irp), irp.parameters.interface
+    """IRP_MN_QUERY_INTERFACE as a driver sends it: on the CPU (its kernel lock held), so the booted stack's
+    own threads (the interrupt thread's DPCs, XENBUS's suspend thread) are not running kernel code at the same
+    time, at whatever IRQL they are at (the lock is re-entrant: a DPC calling this already holds it)."""
+    from xenpv.stack.kernel import (IRP_MN_PNP, Irp, IoSynchronousCallDriver, QueryInterfaceParameters,
+                                    current_processor)
+    with current_processor().lock:
+        irp = Irp.pnp(IRP_MN_PNP.QUERY_INTERFACE, QueryInterfaceParameters(guid, size, version, None))
+        return IoSynchronousCallDriver(pdo, irp), irp.parameters.interface
 
 
 def test_child_queries_every_interface_at_every_version(xen_guest_factory) -> None:
@@ -119,7 +124,9 @@ def test_query_interface_at_dispatch_bugchecks_naming_the_module(xen_guest_facto
     try:
         pdo = booted.xenbus.active_fdo.children["VBD"]
         dpc = KeInitializeDpc(lambda *a: _query(pdo, GUID_XENBUS_UNPLUG_INTERFACE, 3, 4096), module="xenvbd.sys")
-        with pytest.raises(BugCheck) as stop:
+        # On the CPU, as a driver queues a DPC: without the lock, a thread of the booted stack that holds it
+        # (at PASSIVE_LEVEL, about to wait) would find the IRQL this DPC raised and stop in its own module.
+        with pytest.raises(BugCheck) as stop, booted.kernel.cpu.lock:
             KeInsertQueueDpc(dpc)
         assert stop.value.code == BugCheckCode.DRIVER_IRQL_NOT_LESS_OR_EQUAL
         assert booted.kernel.crash_dump(stop.value).module == "xenvbd.sys"

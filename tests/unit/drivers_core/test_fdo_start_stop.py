@@ -95,11 +95,13 @@ def test_d3_waits_for_the_suspend_thread_to_finish_its_round(rig, machine) -> No
     fdo = booted.xenbus.active_fdo
     rounds = _rounds_of(fdo)
     with booted.kernel.cpu.lock:
-        # The thread runs its rounds holding the processor's lock: none starts between here and the wait
-        # (a round for the boot's first watch event may have run before).
+        # The thread runs its rounds holding the processor's lock: none starts between here and the wait.
+        # The boot's first control/shutdown watch event may still be on its way (under load it came while
+        # D3 waited, and the thread ran a second round before this thread had the CPU back): a round more
+        # is fine, a return before any is the bug.
         rounds.clear()
         fdo.FdoD0ToD3()
-        assert rounds == [D3], "FdoD0ToD3 returned before the suspend thread's round"
+        assert rounds and set(rounds) == {D3}, f"FdoD0ToD3 returned before the suspend thread's round: {rounds}"
 
 
 def test_d3_after_the_suspend_thread_stopped_does_not_wait_for_it(rig, machine) -> None:
