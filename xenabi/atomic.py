@@ -186,6 +186,22 @@ class AtomicMemory:
                 raise ValueError(f"{name} on {length} bytes of a {self._size}-byte buffer")
             return getattr(_OPS, name)(self._base, *args)
 
+    def prepare(self, name: str, length: int, *args: int) -> "PreparedCall":
+        """:meth:`call` with its arguments fixed now: the same call, checked once, for a path that makes it
+        over and over (each event's delivery). Its arguments are converted to C once, which is most of a
+        native call's cost from Python."""
+        with self._lock:
+            if self._view is None:
+                raise AtomicMemoryReleasedError(f"atomic memory was released (preparing {name})")
+            if length > self._size:
+                raise ValueError(f"{name} on {length} bytes of a {self._size}-byte buffer")
+            function = getattr(_OPS, name)
+            if len(args) + 1 != len(function.argtypes):
+                raise TypeError(f"{name} takes {len(function.argtypes) - 1} arguments after the address, "
+                                f"{len(args)} given")
+            converted = tuple(kind(value) for kind, value in zip(function.argtypes, (self._base, *args)))
+        return PreparedCall(self, function, converted)
+
     def call_with(self, name: str, length: int, other: "AtomicMemory", offset: int, width: int, *args: int) -> int:
         """:meth:`call` over two buffers: ``name(address of byte 0, address of other's word at offset, *args)``
         with both held (this one first: callers that nest them keep that order).  The helper works on the
@@ -214,3 +230,22 @@ class AtomicMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class PreparedCall:
+    """One native call on an :class:`AtomicMemory` with its arguments already in C form (see
+    :meth:`AtomicMemory.prepare`); calling it holds the memory as :meth:`AtomicMemory.call` does, so it
+    raises :class:`AtomicMemoryReleasedError` after a release instead of touching an unmapped page."""
+
+    __slots__ = ("_memory", "_function", "_args")
+
+    def __init__(self, memory: AtomicMemory, function: Any, args: tuple) -> None:
+        self._memory, self._function, self._args = memory, function, args
+
+    def __call__(self) -> int:
+        memory = self._memory
+        with memory._lock:
+            if memory._view is None:
+                raise AtomicMemoryReleasedError(f"atomic memory was released ({self._function.__name__})")
+            return self._function(*self._args)
+

@@ -9,6 +9,7 @@ with the guest's own scan exactly as Xen's set-pending does with the guest.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 from xenpv.xenabi.atomic import AtomicMemory
 from xenpv.xenabi.xen import EVTCHN_WORD_BITS, EVTCHN_WORDS, XEN_LEGACY_MAX_VCPUS, SharedInfo, VcpuInfo
@@ -32,15 +33,28 @@ def vcpu_offset(vcpu: int, field_offset: int) -> int:
     return VCPU_INFO + vcpu * VCPU_INFO_SIZE + field_offset
 
 
+def prepare_set_pending(page: AtomicMemory, port: int, vcpu: int) -> Callable[[], int]:
+    """:func:`set_pending` of this port and vCPU made ready once (its checks and its arguments' conversion),
+    for an agent that delivers the same port's events again and again (a doorbell): call the result for
+    each event; it returns what :func:`set_pending` does, as an int."""
+    _check(port, vcpu)
+    return page.prepare("xpv_evtchn_2l_set_pending", SHARED_INFO_SIZE, port, PENDING, MASK,
+                        vcpu_offset(vcpu, PENDING_SEL), vcpu_offset(vcpu, UPCALL_PENDING))
+
+
+def _check(port: int, vcpu: int) -> None:
+    if not 0 <= port < EVTCHN_WORDS * EVTCHN_WORD_BITS:
+        raise ValueError(f"port {port} is outside the 2-level ABI's {EVTCHN_WORDS * EVTCHN_WORD_BITS} ports")
+    if not 0 <= vcpu < XEN_LEGACY_MAX_VCPUS:
+        raise ValueError(f"vcpu {vcpu} has no vcpu_info in shared_info")
+
+
 def set_pending(page: AtomicMemory, port: int, vcpu: int) -> bool:
     """Mark ``port`` pending for ``vcpu``. True when the vCPU must be interrupted: the event is new (its
     pending bit was clear), the port unmasked, its word newly selected in ``evtchn_pending_sel``, and
     ``evtchn_upcall_pending`` went from 0 to 1 (the guest clears it before it scans, so only that transition
     needs an interrupt). One native call (xenabi/_atomic_ops.c): this is every event's path."""
-    if not 0 <= port < EVTCHN_WORDS * EVTCHN_WORD_BITS:
-        raise ValueError(f"port {port} is outside the 2-level ABI's {EVTCHN_WORDS * EVTCHN_WORD_BITS} ports")
-    if not 0 <= vcpu < XEN_LEGACY_MAX_VCPUS:
-        raise ValueError(f"vcpu {vcpu} has no vcpu_info in shared_info")
+    _check(port, vcpu)
     return bool(page.call("xpv_evtchn_2l_set_pending", SHARED_INFO_SIZE, port, PENDING, MASK,
                           vcpu_offset(vcpu, PENDING_SEL), vcpu_offset(vcpu, UPCALL_PENDING)))
 

@@ -46,6 +46,7 @@ class Doorbell:
     vcpu: int
     kick: int
     call: int
+    set_pending: Callable[[], int]  # evtchn_2l.set_pending of this port and vCPU, prepared once
 
 
 class Doorbells:
@@ -127,7 +128,7 @@ class Doorbells:
             except BlockingIOError:
                 return False  # xenhv read it first (revoking), and delivers it
             self.deliveries += 1
-            return evtchn_2l.set_pending(self._page, bell.port, bell.vcpu)
+            return bool(bell.set_pending())
 
     def close(self) -> None:
         with self._lock:
@@ -157,7 +158,14 @@ class Doorbells:
                 self._absent[port] = generation if result == -XEN_ENOENT else asked
             log.debug("port %d has no doorbell: %d", port, result)
             return
-        bell = Doorbell(port, generation, vcpu, *fds)
+        try:
+            prepared = evtchn_2l.prepare_set_pending(self._page, port, vcpu)
+        except ValueError as exc:  # xenhv named a vCPU the 2-level ABI has no vcpu_info for
+            for fd in fds:
+                os.close(fd)
+            log.warning("port %d: doorbell refused: %s", port, exc)
+            return
+        bell = Doorbell(port, generation, vcpu, *fds, prepared)
         with self._lock:
             if self._generations[port] != generation or port in self._ports:  # revoked, or another thread won
                 os.close(bell.kick)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from xenpv.xenabi import atomic
+from xenpv.xenabi import atomic, evtchn_2l
 from xenpv.xenabi.atomic import AtomicMemory, AtomicMemoryReleasedError, AtomicU32
 
 if TYPE_CHECKING:  # fixtures of conftest.py
@@ -80,3 +80,25 @@ def test_memory_pins_its_mapping_until_released() -> None:
         buf.close()
     mem.release()
     buf.close()
+
+
+def test_a_prepared_call_does_what_call_does_until_the_memory_is_released() -> None:
+    m = mmap.mmap(-1, 4096)
+    page = AtomicMemory(memoryview(m))
+    args = (evtchn_2l.SHARED_INFO_SIZE, 9, evtchn_2l.PENDING, evtchn_2l.MASK,
+            evtchn_2l.vcpu_offset(0, evtchn_2l.PENDING_SEL), evtchn_2l.vcpu_offset(0, evtchn_2l.UPCALL_PENDING))
+    prepared = page.prepare("xpv_evtchn_2l_set_pending", *args)
+    assert prepared() == 1 and page.test_bit(evtchn_2l.PENDING, 9)
+    assert prepared() == page.call("xpv_evtchn_2l_set_pending", *args) == 0
+    with pytest.raises(TypeError, match="takes 5 arguments after the address, 4 given"):
+        page.prepare("xpv_evtchn_2l_set_pending", *args[:-1])
+    with pytest.raises(TypeError, match="takes 5 arguments after the address, 6 given"):
+        page.prepare("xpv_evtchn_2l_set_pending", *args, 0)
+    with pytest.raises(ValueError, match="on 4097 bytes of a 4096-byte buffer"):
+        page.prepare("xpv_evtchn_2l_set_pending", 4097, *args[1:])
+    page.release()
+    with pytest.raises(AtomicMemoryReleasedError):
+        prepared()  # not a write through the address of a page that may be unmapped
+    with pytest.raises(AtomicMemoryReleasedError):
+        page.prepare("xpv_evtchn_2l_set_pending", *args)
+    m.close()  # the prepared call holds no export: the mapping can go
