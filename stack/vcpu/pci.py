@@ -6,7 +6,7 @@ gives it an address in the PC's I/O and 32-bit MMIO windows, then enables decodi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 CONFIG_ADDRESS = 0xCF8
@@ -165,6 +165,7 @@ class PciBus:
     def assign_resources(self) -> list[PciFunction]:
         """Give every unassigned BAR an address, largest first, naturally aligned; enable decoding."""
         devices = self.enumerate()
+        placed: dict[tuple[int, int, int], int] = {}  # (slot, function, BAR index) -> the address given
         io_next, mmio_next = IO_WINDOW[0], MMIO_WINDOW[0]
         pending = sorted(((d, b) for d in devices for b in d.bars if b.address == 0),
                          key=lambda db: (db[1].kind, -db[1].size))
@@ -175,6 +176,7 @@ class PciBus:
                     raise RuntimeError(f"{dev.bdf} {bar}: the I/O window is full")
                 io_next = base + bar.size
                 self.write(dev.slot, dev.function, BAR0 + 4 * bar.index, base | 1)
+                placed[dev.slot, dev.function, bar.index] = base
             else:
                 base = _align(mmio_next, bar.size)
                 if base + bar.size > MMIO_WINDOW[1]:
@@ -183,13 +185,18 @@ class PciBus:
                 self.write(dev.slot, dev.function, BAR0 + 4 * bar.index, base & 0xFFFFFFFF)
                 if bar.is_64bit:
                     self.write(dev.slot, dev.function, BAR0 + 4 * bar.index + 4, base >> 32)
+                placed[dev.slot, dev.function, bar.index] = base
         for dev in devices:
             kinds = {b.kind for b in dev.bars}
             enable = (COMMAND_IO if "io" in kinds else 0) | (COMMAND_MEMORY if "mem" in kinds else 0)
             if enable:
                 cmd = self.read(dev.slot, dev.function, COMMAND, 2)
                 self.write(dev.slot, dev.function, COMMAND, cmd | enable, 2)
-        return self.enumerate()
+        # What was found with the addresses just written, as firmware keeps it, rather than a second
+        # enumeration: that sized every BAR again (all-ones written and read back, a qtest round trip each),
+        # a good part of a boot's port I/O.
+        return [replace(d, bars=tuple(replace(b, address=placed.get((d.slot, d.function, b.index), b.address))
+                                      for b in d.bars)) for d in devices]
 
 
 def _align(value: int, alignment: int) -> int:
