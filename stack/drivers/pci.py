@@ -113,16 +113,17 @@ class PciDriver(BusDriver):
 
     def _enumerate(self, fdo: DeviceObject) -> list[DeviceObject]:
         ext: PciFdo = fdo.extension
-        found = {(f.vendor_id, f.slot, f.function): f for f in ext.bus.enumerate()}
+        # A rescan reads IDs; only a function not seen before is read whole (its BARs sized), as the PCI
+        # driver does not size the BARs of devices it already has.
+        found = {(vendor, slot, fn) for slot, fn, vendor in ext.bus.present_functions()}
         for key in list(ext.children):
             if key not in found:
                 gone = ext.children.pop(key)
                 gone.extension.present = False
                 log.info("PCI %s is gone", gone.extension.function)
-        for key, function in found.items():
-            if key not in ext.children:
-                ext.children[key] = IoCreateDevice(fdo.driver, DeviceKind.PDO, PciPdo(function),
-                                                   name=function.bdf)
+        for key in sorted(found - ext.children.keys(), key=lambda k: (k[1], k[2])):
+            function = ext.bus.function(key[1], key[2])
+            ext.children[key] = IoCreateDevice(fdo.driver, DeviceKind.PDO, PciPdo(function), name=function.bdf)
         return list(ext.children.values())
 
     def _pdo_pnp(self, device: DeviceObject, irp: Irp) -> int:

@@ -95,9 +95,6 @@ class PciBus:
         port = CONFIG_DATA + (offset & 3)
         {1: self.io.outb, 2: self.io.outw, 4: self.io.outl}[size](port, value)
 
-    def present(self, slot: int, function: int = 0) -> bool:
-        return self.read(slot, function, VENDOR_ID, 2) != 0xFFFF
-
     def _probe_bars(self, slot: int, function: int, header_type: int) -> tuple[Bar, ...]:
         if header_type & 0x7F != 0:
             return ()  # bridges are not expected on the PC's bus 0 here
@@ -151,16 +148,23 @@ class PciBus:
             bars=self._probe_bars(slot, function, header),
         )
 
-    def enumerate(self) -> list[PciFunction]:
+    def present_functions(self) -> list[tuple[int, int, int]]:
+        """(slot, function, vendor ID) of every function on the bus, from their IDs alone: what a bus
+        driver's rescan reads to see what came and went (no BAR is sized)."""
         found = []
         for slot in range(32):
-            if not self.present(slot, 0):
+            vendor = self.read(slot, 0, VENDOR_ID, 2)
+            if vendor == 0xFFFF:
                 continue
-            multi = self.read(slot, 0, HEADER_TYPE, 1) & 0x80
-            for fn in range(8 if multi else 1):
-                if fn == 0 or self.present(slot, fn):
-                    found.append(self.function(slot, fn))
+            found.append((slot, 0, vendor))
+            if self.read(slot, 0, HEADER_TYPE, 1) & 0x80:
+                for fn in range(1, 8):
+                    if (vendor := self.read(slot, fn, VENDOR_ID, 2)) != 0xFFFF:
+                        found.append((slot, fn, vendor))
         return found
+
+    def enumerate(self) -> list[PciFunction]:
+        return [self.function(slot, fn) for slot, fn, _ in self.present_functions()]
 
     def assign_resources(self) -> list[PciFunction]:
         """Give every unassigned BAR an address, largest first, naturally aligned; enable decoding."""
