@@ -33,6 +33,16 @@ class NotAXenGuest(Exception):
     pass
 
 
+def _platform_functions(bus: PciBus) -> list[PciFunction]:
+    """The Xen platform functions with their BARs placed. Where the firmware step already placed them (every
+    boot does it first) only these functions are read, not the whole bus with every BAR sized again."""
+    functions = [bus.function(slot, fn) for slot, fn, vendor in bus.present_functions()
+                 if vendor == XEN_PLATFORM_VENDOR]
+    if any(bar.address == 0 for f in functions for bar in f.bars):
+        functions = [f for f in bus.assign_resources() if f.vendor_id == XEN_PLATFORM_VENDOR]
+    return functions
+
+
 @dataclass
 class XenPlatform:
     vcpu: Vcpu
@@ -54,7 +64,7 @@ class XenPlatform:
             raise NotAXenGuest("the vCPU has no hypervisor link")
         cleanup = contextlib.ExitStack()
         try:
-            functions = [f for f in PciBus(vcpu).assign_resources() if f.vendor_id == XEN_PLATFORM_VENDOR]
+            functions = _platform_functions(PciBus(vcpu))
             if not functions:
                 raise NotAXenGuest("no Xen platform PCI device")
             device = functions[0]
