@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import libvirt
@@ -245,7 +246,9 @@ def test_a_private_libvirtd_that_exits_is_reported_with_its_output(tmp_path) -> 
 
 def test_a_private_libvirtd_deaf_to_sigterm_is_ended_with_its_namespace(tmp_path) -> None:
     """init gives the daemon `grace` seconds after SIGTERM, then exits: the kernel kills the PID namespace."""
-    marker = f"deaf-{tmp_path.name}"
+    # Unique on the machine, not only in this session: tmp_path's last part is the same in every pytest run,
+    # and a concurrent run's deaf daemon would be counted as this one's survivor.
+    marker = f"deaf-{uuid.uuid4().hex}"
     fake = _fake_libvirtd(tmp_path, f"""dir=$(sed -n 's/^unix_sock_dir = "\\(.*\\)"/\\1/p' "$2")
 exec {sys.executable} -c '
 import signal, socket, sys, time
