@@ -14,7 +14,7 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from xenpv.backends.netback.datapath import GrantFault, RxPath, TxPath, VifStats, flow_queue
@@ -102,7 +102,6 @@ class Queue:
     rx: RxPath
     handles: list[int]
     channels: list[int]           # [tx, rx] or one shared channel
-    tx_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def tx_channel(self) -> int:
@@ -290,7 +289,7 @@ class Vif:
                 os.eventfd_write(self._wake, 1)
 
     def disconnect(self) -> None:
-        """Stop the vif's threads, then give back its rings, channels, grants, TAP and wake pipe.
+        """Stop the vif's data thread, then give back its rings, channels, grants, TAP and wake eventfd.
 
         The threads use all of those, so nothing is released until every one of them has ended: one that
         does not end in time makes this raise WaitTimeout with everything left in place (calling
@@ -399,7 +398,7 @@ class Vif:
         """The held frame onto its rx ring if buffers came, dropped if its time ran out, else still held."""
         hdr, frame, q, deadline = held
         try:
-            if q.rx.ready(frame) or (q.rx.ring.final_check_for_requests() and q.rx.ready(frame)):
+            if self._rx_ready(q, frame):
                 if q.rx.deliver(hdr, frame):
                     owed.add(q.index)
                 return None
@@ -424,16 +423,21 @@ class Vif:
                     self.stats.rx_drops += 1
                     continue
                 if not q.rx.ready(frame):
-                    # The frontend reposts buffers once it has seen the responses: tell it before waiting,
-                    # and re-arm rx req_event so its next posting notifies us (feature-rx-notify).
+                    # The frontend reposts buffers once it has seen the responses: tell it before waiting.
                     self._rx_notify(owed)
-                    if not (q.rx.ring.final_check_for_requests() and q.rx.ready(frame)):
+                    if not self._rx_ready(q, frame):
                         return hdr, frame, q, time.monotonic() + RX_WAIT
                 if q.rx.deliver(hdr, frame):
                     owed.add(q.index)
             except RingError as exc:
                 raise _QueueFault(f"rx ring: {exc}") from None
         return None
+
+    @staticmethod
+    def _rx_ready(q: Queue, frame: bytes) -> bool:
+        """Whether `q` has the rx buffers `frame` needs; if not, rx req_event is re-armed first, so the
+        frontend's next posting notifies us (it was asked to with feature-rx-notify)."""
+        return q.rx.ready(frame) or (q.rx.ring.final_check_for_requests() and q.rx.ready(frame))
 
     def _rx_notify(self, owed: set[int]) -> None:
         for index in owed:
