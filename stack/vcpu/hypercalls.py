@@ -30,14 +30,13 @@ class Hypercalls:
     def __init__(self, vcpu: Vcpu, scratch_gpa: int) -> None:
         self.vcpu = vcpu
         self.scratch = scratch_gpa
-        # Only the real vCPU has doorbells; the in-process vCPUs of unit tests take every op through RAM.
-        self._doorbell = vcpu.send_by_doorbell if isinstance(vcpu, Vcpu) else None
+        self._doorbell = vcpu.send_by_doorbell
 
     def op(self, nr: int, cmd: int, arg: S, count: int | None = None) -> tuple[int, S]:
         # The struct type is checked, not only the command: the long way the port is whatever the first
         # word in guest RAM holds, which is arg.port only for an evtchn_send.
         if (nr == _EVENT_CHANNEL_OP and cmd == E.EVTCHNOP_send and type(arg) is E.EvtchnSend
-                and self._doorbell is not None and self._doorbell(arg.port)):
+                and self._doorbell(arg.port)):
             return 0, arg  # evtchn_send has no OUT field: what the long way reads back equals what went in
         self.vcpu.write_phys(self.scratch, bytes(arg))
         args = (cmd, self.scratch) if count is None else (cmd, self.scratch, count)

@@ -359,6 +359,9 @@ class FakeVcpu:
     def write_phys(self, gpa: int, data: bytes) -> None:
         self.page(gpa >> 12)[gpa & 0xFFF:(gpa & 0xFFF) + len(data)] = data
 
+    def send_by_doorbell(self, port: int) -> bool:
+        return False  # this fake hypervisor hands out no doorbells: every send traps
+
     def hypercall(self, nr: int, cmd: int, gpa: int, *_: int) -> int:
         if nr != X.HYPERCALL_NUMBERS["event_channel_op"]:
             return -X.XEN_ENOSYS
