@@ -30,8 +30,8 @@ def process_ticks(pids: list[int]) -> int:
 
 @dataclass
 class CpuMeter:
-    """Started before a timed run and stopped after it: `cores()` of the machine and of each named group of
-    processes over that run."""
+    """Started before a timed run and stopped after it: `machine_cores` and `group_cores` (each named group
+    of processes) over that run, and its length in `seconds`."""
 
     groups: dict[str, list[int]]
     seconds: float = 0.0  # the run's length, once stopped

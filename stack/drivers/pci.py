@@ -115,15 +115,18 @@ class PciDriver(BusDriver):
         ext: PciFdo = fdo.extension
         # A rescan reads IDs; only a function not seen before is read whole (its BARs sized), as the PCI
         # driver does not size the BARs of devices it already has.
-        found = {(vendor, slot, fn) for slot, fn, vendor in ext.bus.present_functions()}
+        present = ext.bus.present_functions()
+        found = {(vendor, slot, fn) for slot, fn, vendor in present}
         for key in list(ext.children):
             if key not in found:
                 gone = ext.children.pop(key)
                 gone.extension.present = False
                 log.info("PCI %s is gone", gone.extension.function)
-        for key in sorted(found - ext.children.keys(), key=lambda k: (k[1], k[2])):
-            function = ext.bus.function(key[1], key[2])
-            ext.children[key] = IoCreateDevice(fdo.driver, DeviceKind.PDO, PciPdo(function), name=function.bdf)
+        for slot, fn, vendor in present:
+            if (vendor, slot, fn) not in ext.children:
+                function = ext.bus.function(slot, fn)
+                ext.children[vendor, slot, fn] = IoCreateDevice(fdo.driver, DeviceKind.PDO, PciPdo(function),
+                                                                name=function.bdf)
         return list(ext.children.values())
 
     def _pdo_pnp(self, device: DeviceObject, irp: Irp) -> int:
