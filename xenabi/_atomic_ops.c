@@ -405,20 +405,34 @@ static struct pin_args unpack(uint64_t who, uint64_t how)
     return a;
 }
 
+/* The start of a pin or an unpin: `op` located on the counts of `counted` (the pinning party, or the
+ * unpin's owner) and the entry taken by `a->party` for `op_bits`. XPV_PIN_OK, or the refusal with the
+ * entry given back. */
+static uint64_t begin(struct pin_op *op, const struct xpv_pins *p, uintptr_t table, uintptr_t entry,
+                      const struct pin_args *a, unsigned int counted, uint64_t op_bits)
+{
+    uint64_t taken;
+
+    locate(op, p, table, entry, a->ref, counted);
+    taken = lock_entry(op, a->party, op_bits | (a->writable ? p->op_writable : 0));
+    if (taken != XPV_PIN_OK)
+        return taken;
+    if (party_revoked(p, table, a->party, a->generation))
+        return pin_undo(op, 0, XPV_PIN_REVOKED);
+    return XPV_PIN_OK;
+}
+
 /* Pin `ref` for `party` of domain `mapper` (PinTable.pin): XPV_PIN_OK and the frame, a refusal with the
  * entry left as it was, or (XPV_HOW_CALLER_CHECKS_PAGE in `how`) XPV_PIN_PAGE_CHECK with the entry held. */
 uint64_t xpv_pin(uintptr_t table, uintptr_t entry, const struct xpv_pins *p, uint64_t who, uint64_t how)
 {
     struct pin_op op;
     struct pin_args a = unpack(who, how);
-    uint64_t readers, writers, mine, status, gfn, set_bits, taken;
+    uint64_t readers, writers, mine, status, gfn, set_bits, begun;
 
-    locate(&op, p, table, entry, a.ref, a.party);
-    taken = lock_entry(&op, a.party, p->op_pin | (a.writable ? p->op_writable : 0));
-    if (taken != XPV_PIN_OK)
-        return taken;
-    if (party_revoked(p, table, a.party, a.generation))
-        return pin_undo(&op, 0, XPV_PIN_REVOKED);
+    begun = begin(&op, p, table, entry, &a, a.party, p->op_pin);
+    if (begun != XPV_PIN_OK)
+        return begun;
     readers = totals_r(p, op.before);
     writers = totals_w(p, op.before);
     mine = a.writable ? op.counts >> p->count_w_shift : op.counts & p->count_mask;
@@ -476,14 +490,11 @@ uint64_t xpv_unpin(uintptr_t table, uintptr_t entry, const struct xpv_pins *p, u
 {
     struct pin_op op;
     struct pin_args a = unpack(who, how);
-    uint64_t readers, writers, counts, taken, one = a.writable ? (uint64_t)1 << p->count_w_shift : 1;
+    uint64_t readers, writers, counts, begun, one = a.writable ? (uint64_t)1 << p->count_w_shift : 1;
 
-    locate(&op, p, table, entry, a.ref, a.domain);
-    taken = lock_entry(&op, a.party, p->op_unpin | (a.writable ? p->op_writable : 0));
-    if (taken != XPV_PIN_OK)
-        return taken;
-    if (party_revoked(p, table, a.party, a.generation))
-        return pin_undo(&op, 0, XPV_PIN_REVOKED);
+    begun = begin(&op, p, table, entry, &a, a.domain, p->op_unpin);
+    if (begun != XPV_PIN_OK)
+        return begun;
     counts = op.counts;
     if ((a.writable ? counts >> p->count_w_shift : counts & p->count_mask) == 0)
         return pin_undo(&op, 0, XPV_PIN_NO_PIN);
