@@ -24,6 +24,15 @@ def _rounds_of(fdo: XenbusFdo) -> list[int]:
     return rounds
 
 
+def _with_trigger_recorder(rig, machine, monkeypatch):  # type: ignore[no-untyped-def]
+    """A booted active FDO whose SUSPEND.Trigger only records that it ran: (booted, fdo, the record)."""
+    booted = rig.boot(machine(0x0001))
+    fdo = booted.xenbus.active_fdo
+    triggered: list[int] = []
+    monkeypatch.setattr(fdo.interfaces["SUSPEND"], "SuspendTrigger", lambda: triggered.append(1))
+    return booted, fdo, triggered
+
+
 def _wait(condition, what: str) -> None:  # type: ignore[no-untyped-def]
     wait_for(condition, timeout=THREAD_DEADLINE, what=what)
 
@@ -218,10 +227,7 @@ def test_an_unhandled_exception_in_the_suspend_thread_is_a_stop_naming_xenbus(ri
 
 def test_a_suspend_request_in_d3_is_left_for_d0(rig, machine, monkeypatch) -> None:
     """FdoSuspend: "it is not safe to use interfaces before this point": in D3 the request stays."""
-    booted = rig.boot(machine(0x0001))
-    fdo = booted.xenbus.active_fdo
-    triggered: list[int] = []
-    monkeypatch.setattr(fdo.interfaces["SUSPEND"], "SuspendTrigger", lambda: triggered.append(1))
+    booted, fdo, triggered = _with_trigger_recorder(rig, machine, monkeypatch)
     store = fdo.platform.store
     with booted.kernel.cpu.lock:
         fdo.FdoD0ToD3()
@@ -231,10 +237,7 @@ def test_a_suspend_request_in_d3_is_left_for_d0(rig, machine, monkeypatch) -> No
 
 
 def test_a_control_shutdown_that_is_not_text_is_no_suspend_request(rig, machine, monkeypatch) -> None:
-    booted = rig.boot(machine(0x0001))
-    fdo = booted.xenbus.active_fdo
-    triggered: list[int] = []
-    monkeypatch.setattr(fdo.interfaces["SUSPEND"], "SuspendTrigger", lambda: triggered.append(1))
+    booted, fdo, triggered = _with_trigger_recorder(rig, machine, monkeypatch)
     store = fdo.platform.store
     store.write("control/shutdown", b"sus\xffpend")
     with booted.kernel.cpu.lock:
